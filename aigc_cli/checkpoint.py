@@ -1,0 +1,200 @@
+"""Checkpoints and exported artifacts: one safetensors file each, JSON metadata, atomic writes.
+
+Tensors are namespaced by what they belong to: `G.*`, `D.*`, `E.*`, `C.*` (network weights and buffers),
+`opt.G.<param index>.<name>` (optimizer state), `rng.torch` / `rng.cuda.<i>` (RNG states as uint8).
+Metadata keys (strings): aigc.format, aigc.kind (checkpoint|export), aigc.model, aigc.config (JSON),
+aigc.step, aigc.images_seen, aigc.precision, aigc.created, aigc.torch, and JSON blobs for optimizer
+param groups and the Python RNG. Loading never executes code (safetensors holds only tensors).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import Config, config_from_dict
+from .errors import UsageError
+
+FORMAT = 1
+STEP_RE = re.compile(r"step-(\d+)\.safetensors$")
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    tensors: dict[str, torch.Tensor]
+    meta: dict[str, str]
+    config: Config
+
+    @property
+    def kind(self) -> str:
+        return self.meta["aigc.kind"]
+
+    @property
+    def step(self) -> int:
+        return int(self.meta.get("aigc.step", 0))
+
+    @property
+    def images_seen(self) -> int:
+        return int(self.meta.get("aigc.images_seen", 0))
+
+    def net_state(self, name: str) -> dict[str, torch.Tensor]:
+        prefix = f"{name}."
+        return {k[len(prefix):]: v for k, v in self.tensors.items() if k.startswith(prefix)}
+
+    def load_net(self, name: str, net: torch.nn.Module) -> None:
+        state = self.net_state(name)
+        if not state:
+            raise UsageError(f"{self.path}: holds no weights for network '{name}'")
+        try:
+            net.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()
+            raise UsageError(f"{self.path}: weights do not fit the model in its config ({first[-1].strip()})") from None
+
+
+# ---- writing -----------------------------------------------------------------------------
+
+def base_meta(cfg: Config, kind: str, step: int, images_seen: int, precision: str) -> dict[str, str]:
+    return {"aigc.format": str(FORMAT), "aigc.kind": kind, "aigc.model": cfg.model.kind,
+            "aigc.config": cfg.to_json(), "aigc.step": str(step), "aigc.images_seen": str(images_seen),
+            "aigc.precision": precision, "aigc.created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "aigc.torch": torch.__version__}
+
+
+def write_atomic(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over the target, so a crash
+    or a full disk never leaves a half-written file where a good one was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        # safetensors refuses tensors that share memory or are non-contiguous: give it clean copies.
+        clean = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+        save_file(clean, tmp, metadata=meta)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    try:  # make the rename itself durable
+        dfd = os.open(path.parent, os.O_RDONLY)
+        os.fsync(dfd)
+        os.close(dfd)
+    except OSError:
+        pass
+
+
+def optimizer_tensors(name: str, opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], str]:
+    sd = opt.state_dict()
+    tensors = {}
+    for idx, state in sd["state"].items():
+        for key, value in state.items():
+            tensors[f"opt.{name}.{idx}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    return tensors, json.dumps(sd["param_groups"])
+
+
+def load_optimizer(ckpt: Checkpoint, name: str, opt: torch.optim.Optimizer) -> None:
+    groups = json.loads(ckpt.meta[f"aigc.opt.{name}.param_groups"])
+    state: dict[int, dict] = {}
+    prefix = f"opt.{name}."
+    for key, value in ckpt.tensors.items():
+        if key.startswith(prefix):
+            idx, sub = key[len(prefix):].split(".", 1)
+            state.setdefault(int(idx), {})[sub] = value
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+def rng_state() -> tuple[dict[str, torch.Tensor], str]:
+    tensors = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s
+    return tensors, json.dumps(random.getstate())
+
+
+def training_checkpoint(cfg: Config, nets: dict, opts: dict, precision, step: int, images_seen: int,
+                        extra_meta: dict[str, str] | None = None) -> tuple[dict, dict]:
+    tensors: dict[str, torch.Tensor] = {}
+    meta = base_meta(cfg, "checkpoint", step, images_seen, precision.name)
+    for name, net in nets.items():
+        tensors.update({f"{name}.{k}": v for k, v in net.state_dict().items()})
+    for name, opt in opts.items():
+        t, groups = optimizer_tensors(name, opt)
+        tensors.update(t)
+        meta[f"aigc.opt.{name}.param_groups"] = groups
+    if precision.scaler is not None:
+        meta["aigc.scaler"] = json.dumps({k: float(v) if torch.is_tensor(v) else v
+                                          for k, v in precision.scaler.state_dict().items()})
+    rng, py = rng_state()
+    tensors.update(rng)
+    meta["aigc.rng.python"] = py
+    meta.update(extra_meta or {})
+    return tensors, meta
+
+
+# ---- reading -----------------------------------------------------------------------------
+
+def resolve(path_or_run: str | os.PathLike) -> Path:
+    """A checkpoint file, or a run folder (its newest checkpoint)."""
+    p = Path(path_or_run)
+    if p.is_dir():
+        ckdir = p / "checkpoints" if (p / "checkpoints").is_dir() else p
+        if (ckdir / "last.safetensors").is_file():
+            return ckdir / "last.safetensors"
+        steps = sorted((int(m.group(1)), f) for f in ckdir.glob("step-*.safetensors") if (m := STEP_RE.search(f.name)))
+        if steps:
+            return steps[-1][1]
+        raise UsageError(f"{p}: no checkpoint found in this folder (expected checkpoints/last.safetensors)")
+    if not p.exists():
+        raise UsageError(f"{p}: no such checkpoint file or run folder")
+    return p
+
+
+def load(path_or_run: str | os.PathLike, *, device: str = "cpu") -> Checkpoint:
+    path = resolve(path_or_run)
+    try:
+        with safe_open(str(path), framework="pt", device=device) as f:
+            meta = dict(f.metadata() or {})
+            if "aigc.format" not in meta:
+                raise UsageError(f"{path}: not an aigc checkpoint (a safetensors file without aigc metadata)")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except UsageError:
+        raise
+    except Exception as e:  # safetensors raises its own error types for bad headers and truncation
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(f"{path}: not a readable safetensors checkpoint ({reason})") from None
+    if meta["aigc.format"] != str(FORMAT):
+        raise UsageError(f"{path}: checkpoint format {meta['aigc.format']!r} is not supported (this aigc reads {FORMAT})")
+    if meta.get("aigc.kind") not in ("checkpoint", "export"):
+        raise UsageError(f"{path}: unknown aigc.kind {meta.get('aigc.kind')!r}")
+    try:
+        cfg = config_from_dict(json.loads(meta.get("aigc.config", "")))
+    except (json.JSONDecodeError, UsageError) as e:
+        raise UsageError(f"{path}: its stored config is invalid ({e})") from None
+    if meta.get("aigc.model") != cfg.model.kind:
+        raise UsageError(f"{path}: aigc.model {meta.get('aigc.model')!r} does not match its config ({cfg.model.kind})")
+    for key in ("aigc.step", "aigc.images_seen"):
+        if not meta.get(key, "0").isdigit():
+            raise UsageError(f"{path}: metadata {key} is not a non-negative integer")
+    return Checkpoint(path, tensors, meta, cfg)
+
+
+def param_counts(ckpt: Checkpoint) -> dict[str, int]:
+    """Parameters per network, counted from the file (buffers such as BN running stats excluded)."""
+    from .models import build_nets
+
+    nets = build_nets(ckpt.config.model)
+    return {name: sum(p.numel() for p in net.parameters()) for name, net in nets.items() if ckpt.net_state(name)}

@@ -1,0 +1,27 @@
+"""`aigc export`: a generator-only safetensors artifact."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from .output import emit_json, handles_errors, human_console
+
+
+@handles_errors
+def export(
+    checkpoint: str = typer.Argument(..., help="Checkpoint file or run folder."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output .safetensors path."),
+    dtype: str = typer.Option("fp32", "--dtype", help="Weight dtype: fp32, fp16 or bf16."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object describing the artifact."),
+) -> None:
+    """Write the generator (a VAE's decoder) with its config; `aigc sample` and `aigc info` accept it."""
+    from .. import checkpoint as ckpt_io
+    from ..export import export_generator
+
+    result = export_generator(ckpt_io.load(checkpoint), out, dtype)
+    if json_out:
+        emit_json(result)
+    else:
+        human_console().print(f"wrote {result['out']} ({result['parameters']:,} parameters, {dtype}, {result['bytes']:,} bytes)")

@@ -1,0 +1,34 @@
+"""`aigc info`: what a checkpoint or exported artifact holds."""
+
+from __future__ import annotations
+
+import json
+
+import typer
+
+from .output import emit_json, handles_errors, human_console
+
+
+@handles_errors
+def info(
+    checkpoint: str = typer.Argument(..., help="Checkpoint file, run folder or exported .safetensors."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Print model kind, step, images seen, parameter counts, precision and config."""
+    from .. import checkpoint as ckpt_io
+
+    ck = ckpt_io.load(checkpoint)
+    result = {"path": str(ck.path), "kind": ck.kind, "model": ck.config.model.kind, "step": ck.step,
+              "images_seen": ck.images_seen, "parameters": ckpt_io.param_counts(ck),
+              "precision": ck.meta.get("aigc.precision", ""), "dtype": ck.meta.get("aigc.dtype", "fp32"),
+              "created": ck.meta.get("aigc.created", ""), "torch": ck.meta.get("aigc.torch", ""),
+              "format": int(ck.meta["aigc.format"]), "config": ck.config.to_dict()}
+    if json_out:
+        emit_json(result)
+        return
+    c = human_console()
+    c.print(f"{result['path']}: {result['kind']} of a {result['model']} (format {result['format']})")
+    c.print(f"step {result['step']}, {result['images_seen']:,} images seen, trained in {result['precision']}, "
+            f"weights {result['dtype']}, created {result['created']} with torch {result['torch']}")
+    c.print("parameters: " + ", ".join(f"{k} {v:,}" for k, v in result["parameters"].items()))
+    c.print("config: " + json.dumps(result["config"], indent=2))

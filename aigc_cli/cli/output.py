@@ -1,0 +1,94 @@
+"""Terminal output: rich for people, one JSON object on stdout for scripts, one-line errors."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import time
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from ..errors import AigcError
+
+
+def human_console(json_mode: bool = False, quiet: bool = False) -> Console:
+    """With --json, stdout carries only the JSON object, so people's output moves to stderr."""
+    return Console(stderr=json_mode, quiet=quiet, soft_wrap=True, highlight=False)
+
+
+def emit_json(obj: dict) -> None:
+    sys.stdout.write(json.dumps(obj, sort_keys=True) + "\n")
+    sys.stdout.flush()
+
+
+def fail(message: str, code: int) -> None:
+    """Errors are one plain line on stderr (no rich wrapping), then the documented exit code."""
+    sys.stderr.write(f"error: {message}\n")
+    sys.stderr.flush()
+    raise typer.Exit(code)
+
+
+def handles_errors(fn):
+    """Map expected failures to their exit codes; anything else is a bug and keeps its traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except AigcError as e:
+            fail(str(e), e.exit_code)
+        except KeyboardInterrupt:
+            fail("interrupted", 130)
+
+    return wrapper
+
+
+def _fmt(record: dict) -> str:
+    skip = {"step", "images_seen", "img_per_s", "elapsed_s"}
+    return "  ".join(f"{k} {v:.4g}" for k, v in record.items() if k not in skip and isinstance(v, (int, float)))
+
+
+class ConsoleReporter:
+    """Progress bar on a terminal; plain periodic lines in logs, batch jobs and CI."""
+
+    def __init__(self, console: Console):
+        self.console = console
+        self.progress: Progress | None = None
+        self.total = 0
+        self.t0 = time.perf_counter()
+
+    def start(self, total_steps: int, info: dict) -> None:
+        self.total, self.t0 = total_steps, time.perf_counter()
+        self.console.print(f"training {info['model']} on {info['data']} -> {info['run_dir']}  "
+                           f"({info['steps']} steps, batch {info['batch_size']}, {info['device']}, {info['precision']})")
+        if self.console.is_terminal and not self.console.quiet:
+            self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                                     TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TextColumn("eta"),
+                                     TimeRemainingColumn(), console=self.console, transient=False)
+            self.task = self.progress.add_task("train", total=total_steps, stats="")
+            self.progress.start()
+
+    def advance(self, step: int) -> None:
+        if self.progress:
+            self.progress.update(self.task, completed=step)
+
+    def log(self, record: dict) -> None:
+        stats = f"{record['img_per_s']:.0f} img/s  {_fmt(record)}"
+        if self.progress:
+            self.progress.update(self.task, stats=stats)
+            return
+        step = record["step"]
+        elapsed = time.perf_counter() - self.t0
+        eta = elapsed / step * (self.total - step)
+        self.console.print(f"step {step}/{self.total}  {stats}  eta {time.strftime('%H:%M:%S', time.gmtime(eta))}")
+
+    def note(self, text: str) -> None:
+        (self.progress.console if self.progress else self.console).print(f"warning: {text}")
+
+    def finish(self) -> None:
+        if self.progress:
+            self.progress.stop()
+            self.progress = None

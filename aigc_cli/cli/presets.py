@@ -1,0 +1,30 @@
+"""`aigc presets list|show`."""
+
+from __future__ import annotations
+
+import typer
+from rich.table import Table
+
+from ..config import load_preset, preset_names, preset_text
+from .output import handles_errors, human_console
+
+app = typer.Typer(no_args_is_help=True, help="List and show the built-in training presets.")
+
+
+@app.command("list")
+@handles_errors
+def list_presets() -> None:
+    """List the presets with their model, data and resolution."""
+    table = Table("name", "model", "data", "res", "description")
+    for name in preset_names():
+        cfg = load_preset(name)
+        table.add_row(name, cfg.model.kind, cfg.data.source, str(cfg.model.resolution), cfg.description)
+    human_console().print(table)
+
+
+@app.command("show")
+@handles_errors
+def show(name: str = typer.Argument(..., help="Preset name, as listed by `aigc presets list`.")) -> None:
+    """Print a preset's TOML."""
+    load_preset(name)  # validates it and gives the one-line error for unknown names
+    print(preset_text(name), end="")

@@ -1,0 +1,50 @@
+"""`aigc sample`: images from a checkpoint, run folder or exported generator."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .output import emit_json, handles_errors, human_console
+
+
+@handles_errors
+def sample(
+    checkpoint: str = typer.Argument(..., help="Checkpoint file, run folder (its newest checkpoint) or exported .safetensors."),
+    n: int = typer.Option(64, "--n", "-n", help="Number of images."),
+    seed: int = typer.Option(0, "--seed", help="Latent seed: the same seed gives the same images."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Grid PNG path (default: samples.png, unless --individual is given)."),
+    nrow: Optional[int] = typer.Option(None, "--nrow", help="Images per grid row (default: about sqrt(n))."),
+    individual: Optional[Path] = typer.Option(None, "--individual", help="Also write one PNG per image into this folder."),
+    batch_size: int = typer.Option(512, "--batch-size", "-b", help="Images generated per forward pass."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    precision: str = typer.Option("auto", "--precision", help="auto, bf16, fp16 or fp32."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object with the written paths."),
+) -> None:
+    """Generate images (VAE: decode prior samples) into a PNG grid and/or one PNG per image."""
+    from .. import checkpoint as ckpt_io
+    from ..errors import UsageError
+    from ..sampling import generate, generator_from, latents, save_grid, save_individual
+
+    if n < 1 or batch_size < 1 or (nrow is not None and nrow < 1):
+        raise UsageError("--n, --batch-size and --nrow must be positive")
+    if precision not in ("auto", "bf16", "fp16", "fp32"):
+        raise UsageError(f"--precision must be auto, bf16, fp16 or fp32, got '{precision}'")
+    ck = ckpt_io.load(checkpoint)
+    G, amp = generator_from(ck, device, precision)
+    images = generate(G, latents(n, ck.config.model.latent_dim, seed), amp, batch_size)
+    result = {"checkpoint": str(ck.path), "n": n, "seed": seed}
+    if out is not None or individual is None:
+        out = out or Path("samples.png")
+        save_grid(images, out, nrow or max(1, round(math.sqrt(n))))
+        result["grid"] = str(out)
+    if individual is not None:
+        save_individual(images, individual)
+        result["individual"] = str(individual)
+    if json_out:
+        emit_json(result)
+    else:
+        human_console().print(f"wrote {n} images: " + ", ".join(str(result[k]) for k in ("grid", "individual") if k in result))

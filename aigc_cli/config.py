@@ -1,0 +1,260 @@
+"""The run configuration: typed sections, preset loading, `--set` overrides and validation.
+
+A Config is built once from a preset plus command-line overrides, validated before any heavy work,
+written into the run folder as TOML and into every checkpoint as JSON, and never mutated afterwards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import tomllib
+from dataclasses import dataclass, field, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from .errors import UsageError
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    kind: str = "dcgan"  # a key of aigc_cli.models.FAMILIES
+    resolution: int = 64  # square images, pixels per side
+    channels: int = 1  # 1 (grayscale) or 3 (RGB); data is converted to this
+    latent_dim: int = 100
+    g_width: int = 64  # base width of the generator / decoder (DCGAN's ngf)
+    d_width: int = 64  # base width of the discriminator / encoder / classifier (DCGAN's ndf)
+    hidden: int = 128  # hidden units of the MLP GAN
+    num_classes: int = 0  # set from the data for models that use labels
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "shapes"  # shapes | mnist | fashion-mnist | cifar10 | a folder path
+    root: str = ""  # where torchvision datasets live (default: $AIGC_DATA_ROOT or ~/.cache/aigc/datasets)
+    download: bool = False  # allow torchvision to download a missing dataset
+    limit: int = 0  # use only the first N images (0: all)
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    gan: str = "bce"  # non-saturating BCE on logits
+    vae_beta: float = 1.0  # weight of the KL term (1: the plain ELBO)
+    recon_sigma: float = 0.1  # std of the VAE's Gaussian decoder, on the [-1, 1] pixel scale
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000
+    epochs: int = 0  # when > 0, overrides steps: this many passes over the data
+    batch_size: int = 64
+    lr_g: float = 2e-4  # generator (and VAE, classifier) learning rate
+    lr_d: float = 2e-4  # discriminator learning rate
+    beta1: float = 0.5
+    beta2: float = 0.999
+    precision: str = "auto"  # auto | bf16 | fp16 | fp32
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    seed: int = 0
+    log_every: int = 50  # steps between metrics lines
+    sample_every: int = 500  # steps between sample grids (a grid is always written at the end)
+    ckpt_every: int = 1000  # steps between checkpoints (one is always written at the end)
+    keep_checkpoints: int = 3  # step checkpoints kept besides last.safetensors
+    n_samples: int = 64  # images in the training sample grids
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str = "custom"
+    description: str = ""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    def to_toml(self) -> str:
+        lines = [f"{k} = {_toml_value(v)}" for k, v in self.to_dict().items() if not isinstance(v, dict)]
+        for section, values in self.to_dict().items():
+            if isinstance(values, dict):
+                lines += ["", f"[{section}]"] + [f"{k} = {_toml_value(v)}" for k, v in values.items()]
+        return "\n".join(lines) + "\n"
+
+    def with_overrides(self, assignments: dict[str, Any]) -> "Config":
+        """Return a copy with dotted keys (`train.lr_g`) set; values are converted and type-checked."""
+        data = self.to_dict()
+        for key, value in assignments.items():
+            section, name = _split_key(key)
+            ftype = _field_types(section)[name]
+            if section is None:
+                data[name] = _convert(key, value, ftype)
+            else:
+                data[section][name] = _convert(key, value, ftype)
+        return config_from_dict(data)
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "loss": LossConfig, "train": TrainConfig}
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    return json.dumps(str(v))  # a JSON string is a valid TOML basic string
+
+
+def _field_types(section: str | None) -> dict[str, type]:
+    cls = Config if section is None else SECTIONS[section]
+    hints = {"str": str, "int": int, "float": float, "bool": bool}
+    return {f.name: hints[f.type] for f in fields(cls) if f.type in hints}
+
+
+def all_keys() -> list[str]:
+    keys = [k for k in _field_types(None)]
+    for section in SECTIONS:
+        keys += [f"{section}.{k}" for k in _field_types(section)]
+    return keys
+
+
+def _split_key(key: str) -> tuple[str | None, str]:
+    section, _, name = key.rpartition(".")
+    section = section or None
+    if (section is not None and section not in SECTIONS) or name not in _field_types(section):
+        raise UsageError(f"unknown config key {key!r}; valid keys: {', '.join(all_keys())}")
+    return section, name
+
+
+def _convert(key: str, value: Any, ftype: type) -> Any:
+    """Convert a TOML/JSON value or a `--set` string to the field's type, or fail with a clear message."""
+    if isinstance(value, str) and ftype is not str:
+        text = value.strip()
+        if ftype is bool:
+            lowered = text.lower()
+            if lowered in ("true", "1", "yes", "on"):
+                return True
+            if lowered in ("false", "0", "no", "off"):
+                return False
+        else:
+            try:
+                return ftype(text) if ftype is float else int(text, 10)
+            except ValueError:
+                pass
+        raise UsageError(f"config key '{key}' expects {ftype.__name__}, got {value!r}")
+    if ftype is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if type(value) is not ftype:
+        raise UsageError(f"config key '{key}' expects {ftype.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Build and validate a Config from nested dicts (a preset, a checkpoint's JSON); unknown keys fail."""
+    if not isinstance(data, dict):
+        raise UsageError("config must be a table of sections")
+    top: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in SECTIONS:
+            if not isinstance(value, dict):
+                raise UsageError(f"config section '{key}' must be a table")
+            values = {}
+            for name, v in value.items():
+                _split_key(f"{key}.{name}")
+                values[name] = _convert(f"{key}.{name}", v, _field_types(key)[name])
+            top[key] = SECTIONS[key](**values)
+        else:
+            _split_key(key)
+            top[key] = _convert(key, value, _field_types(None)[key])
+    cfg = Config(**top)
+    validate(cfg)
+    return cfg
+
+
+def _need(ok: bool, message: str) -> None:
+    if not ok:
+        raise UsageError(message)
+
+
+def validate(cfg: Config) -> None:
+    """Range checks that need no data or models, so bad values fail before any heavy work."""
+    from .models import FAMILIES  # local: models import torch, config must stay light
+
+    m, t, lo = cfg.model, cfg.train, cfg.loss
+    _need(m.kind in FAMILIES, f"model.kind {m.kind!r} is unknown; choose one of: {', '.join(FAMILIES)}")
+    _need(m.channels in (1, 3), f"model.channels must be 1 or 3, got {m.channels}")
+    _need(m.resolution >= 8, f"model.resolution must be at least 8, got {m.resolution}")
+    if FAMILIES[m.kind].needs_power_of_two:
+        _need(m.resolution & (m.resolution - 1) == 0 and m.resolution >= 16,
+              f"model.resolution must be a power of two >= 16 for {m.kind}, got {m.resolution}")
+    for name in ("latent_dim", "g_width", "d_width", "hidden"):
+        _need(getattr(m, name) > 0, f"model.{name} must be positive, got {getattr(m, name)}")
+    _need(m.num_classes >= 0, "model.num_classes must be >= 0")
+    _need(lo.gan in ("bce",), f"loss.gan {lo.gan!r} is unknown; choose one of: bce")
+    _need(lo.vae_beta >= 0, "loss.vae_beta must be >= 0")
+    _need(lo.recon_sigma > 0, "loss.recon_sigma must be positive")
+    _need(cfg.data.limit >= 0, "data.limit must be >= 0")
+    _need(bool(cfg.data.source), "data.source must not be empty")
+    for name in ("steps", "batch_size", "log_every", "sample_every", "ckpt_every", "n_samples"):
+        _need(getattr(t, name) > 0, f"train.{name} must be positive, got {getattr(t, name)}")
+    _need(t.epochs >= 0, "train.epochs must be >= 0")
+    _need(t.keep_checkpoints >= 0, "train.keep_checkpoints must be >= 0")
+    for name in ("lr_g", "lr_d"):
+        _need(0 < getattr(t, name) < 1, f"train.{name} must be in (0, 1), got {getattr(t, name)}")
+    for name in ("beta1", "beta2"):
+        _need(0 <= getattr(t, name) < 1, f"train.{name} must be in [0, 1), got {getattr(t, name)}")
+    _need(t.precision in PRECISIONS, f"train.precision must be one of {', '.join(PRECISIONS)}, got {t.precision!r}")
+    _need(re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", t.device) is not None,
+          f"train.device must be auto, cpu, cuda or cuda:N, got {t.device!r}")
+
+
+# ---- presets --------------------------------------------------------------------------------
+
+def _preset_dir():
+    return resources.files("aigc_cli.presets")
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name[:-5] for p in _preset_dir().iterdir() if p.name.endswith(".toml"))
+
+
+def preset_text(name: str) -> str:
+    path = _preset_dir() / f"{name}.toml"
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or not path.is_file():
+        raise UsageError(f"unknown preset {name!r}; available: {', '.join(preset_names())}")
+    return path.read_text(encoding="utf-8")
+
+
+def parse_toml(text: str, origin: str) -> Config:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise UsageError(f"{origin}: invalid TOML: {e}") from None
+    return config_from_dict(data)
+
+
+def load_preset(name: str) -> Config:
+    """A preset by name, or a path to a TOML file of the same shape."""
+    if name.endswith(".toml") and Path(name).is_file():
+        return parse_toml(Path(name).read_text(encoding="utf-8"), name)
+    cfg = parse_toml(preset_text(name), f"preset {name}")
+    return cfg if cfg.name != "custom" else dataclasses.replace(cfg, name=name)
+
+
+def parse_assignments(items: list[str]) -> dict[str, str]:
+    """`--set key=value` strings to a dict; keys are checked here so typos fail early."""
+    out = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        key = key.strip()
+        if not eq or not key:
+            raise UsageError(f"--set expects key=value, got {item!r}")
+        _split_key(key)
+        out[key] = value
+    return out

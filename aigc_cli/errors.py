@@ -1,0 +1,27 @@
+"""Exceptions that map to the documented exit codes (see README, "Exit codes")."""
+
+
+class AigcError(Exception):
+    """Base class: an expected failure with a one-line message and an exit code."""
+
+    exit_code = 1
+
+
+class UsageError(AigcError):
+    """Bad input or usage: a file, option or value the user can fix. Exit code 2."""
+
+    exit_code = 2
+
+
+class DivergedError(AigcError):
+    """Training produced non-finite values that could not be recovered. Exit code 3."""
+
+    exit_code = 3
+
+
+class Interrupted(AigcError):
+    """Stopped by SIGINT (130) or SIGTERM (143) after saving a checkpoint."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code

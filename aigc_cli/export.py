@@ -1,0 +1,31 @@
+"""Generator-only artifacts: the G weights (a VAE's decoder) and the config, nothing needed for training."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from . import checkpoint as ckpt_io
+from .errors import UsageError
+from .models import FAMILIES
+from .training.precision import DTYPES
+
+
+def export_generator(ckpt: ckpt_io.Checkpoint, out: Path, dtype: str) -> dict:
+    if not FAMILIES[ckpt.config.model.kind].generative:
+        raise UsageError(f"{ckpt.path}: a {ckpt.config.model.kind} has no generator to export")
+    if dtype not in DTYPES:
+        raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
+    target = DTYPES[dtype]
+    # Floating weights take the requested dtype; integer buffers (BN's num_batches_tracked) stay as they are.
+    tensors = {f"G.{k}": (v.to(target) if v.is_floating_point() else v) for k, v in ckpt.net_state("G").items()}
+    if not tensors:
+        raise UsageError(f"{ckpt.path}: holds no generator weights")
+    meta = ckpt_io.base_meta(ckpt.config, "export", ckpt.step, ckpt.images_seen, ckpt.meta.get("aigc.precision", ""))
+    meta["aigc.dtype"] = dtype
+    meta["aigc.source"] = str(ckpt.path)
+    ckpt_io.write_atomic(out, tensors, meta)
+    return {"out": str(out), "dtype": dtype, "tensors": len(tensors),
+            "parameters": sum(v.numel() for v in tensors.values() if v.is_floating_point()),
+            "bytes": out.stat().st_size}

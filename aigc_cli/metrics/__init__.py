@@ -1,0 +1,1 @@
+"""Evaluation metrics for generated images (FID, KID) computed from feature arrays."""

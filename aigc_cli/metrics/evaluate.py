@@ -1,0 +1,105 @@
+"""`aigc eval`: generate images, embed them and real ones with a feature extractor, compare the two
+distributions (Fréchet distance, KID); for VAEs also score reconstructions of held-out real images."""
+
+from __future__ import annotations
+
+import torch
+
+from .. import checkpoint as ckpt_io
+from ..data import load_images
+from ..data.transforms import conform
+from ..errors import UsageError
+from ..losses import vae_terms
+from ..models import build_nets
+from ..sampling import generate, generator_from, latents
+from ..training.precision import Precision
+from .fid import fid_from_features, kid
+
+
+class ClassifierFeatures:
+    """The penultimate layer of a classifier trained by `aigc train` on the domain's labelled data."""
+
+    def __init__(self, path: str, device: torch.device, amp: Precision):
+        ck = ckpt_io.load(path)
+        if ck.config.model.kind != "classifier":
+            raise UsageError(f"--features {path}: expected a classifier checkpoint, got a {ck.config.model.kind}")
+        self.C = build_nets(ck.config.model)["C"]
+        ck.load_net("C", self.C)
+        self.C.to(device).eval()
+        self.cfg, self.device, self.amp = ck.config.model, device, amp
+        self.name = f"classifier:{ck.path}"
+
+    @torch.inference_mode()
+    def __call__(self, images: torch.Tensor, batch_size: int) -> torch.Tensor:
+        images = conform(images, self.cfg.channels, self.cfg.resolution)
+        out = []
+        for chunk in images.split(batch_size):
+            with self.amp.autocast():
+                f = self.C.features(chunk.to(self.device).float().div(127.5).sub(1))
+            out.append(f.float().cpu())
+        return torch.cat(out).double()
+
+
+def real_subset(images: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    if len(images) <= n:
+        return images
+    idx = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n]
+    return images[idx.sort().values]
+
+
+def evaluate(ckpt: ckpt_io.Checkpoint, *, data: str, root: str | None, download: bool, features: str | None,
+             n: int, batch_size: int, seed: int, device: str, precision: str, warn) -> dict:
+    if not features:
+        raise UsageError("--features CLASSIFIER_CKPT is required: train one with "
+                         "`aigc train --preset fashion-mnist-classifier` (or --set model.kind=classifier on any labelled data)")
+    G, amp = generator_from(ckpt, device, precision)
+    extractor = ClassifierFeatures(features, amp.device, amp)
+    fcfg = extractor.cfg
+    real = load_images(data, channels=fcfg.channels, resolution=fcfg.resolution, root=root, download=download,
+                       split="train", seed=seed, warn=warn)
+    real_images = real_subset(real.images, n, seed)
+    fake_images = generate(G, latents(n, ckpt.config.model.latent_dim, seed), amp, batch_size)
+    f_real = extractor(real_images, batch_size).numpy()
+    f_fake = extractor(fake_images, batch_size).numpy()
+    kid_mean, kid_std = kid(f_fake, f_real, subsets=100, subset_size=1000, seed=seed)
+    result = {
+        "checkpoint": str(ckpt.path), "model": ckpt.config.model.kind, "step": ckpt.step,
+        "metrics": {"fid": fid_from_features(f_fake, f_real), "kid": kid_mean, "kid_std": kid_std},
+        "protocol": {"extractor": extractor.name, "feature_dim": int(f_real.shape[1]),
+                     "extractor_resolution": fcfg.resolution, "extractor_channels": fcfg.channels,
+                     "n_fake": len(fake_images), "n_real": len(real_images), "real_data": real.name,
+                     "real_split": "train", "seed": seed, "precision": amp.name,
+                     "kid_subsets": 100, "kid_subset_size": min(1000, len(fake_images), len(real_images))},
+    }
+    if ckpt.config.model.kind == "vae":
+        result["metrics"].update(vae_scores(ckpt, data=data, root=root, n=n, batch_size=batch_size, seed=seed,
+                                            G=G, amp=amp, warn=warn))
+    return result
+
+
+@torch.inference_mode()
+def vae_scores(ckpt, *, data, root, n, batch_size, seed, G, amp, warn) -> dict:
+    """Reconstruction MSE (pixel scale [-1, 1], decoding the posterior mean) and a one-sample
+    estimate of the negative ELBO in nats per image, on held-out images of the data source."""
+    if not ckpt.net_state("E"):
+        return {"recon_mse": None, "neg_elbo": None}  # an exported decoder has no encoder
+    m = ckpt.config.model
+    E = build_nets(m)["E"]
+    ckpt.load_net("E", E)
+    E.to(amp.device).eval()
+    test = load_images(data, channels=m.channels, resolution=m.resolution, root=root, download=False,
+                       split="test", seed=seed, warn=warn)
+    images = real_subset(test.images, n, seed)
+    g = torch.Generator().manual_seed(seed)
+    total = {"mse": 0.0, "neg_elbo": 0.0}
+    for chunk in images.split(batch_size):
+        x = chunk.to(amp.device).float().div(127.5).sub(1)
+        with amp.autocast():
+            mu, logvar = E(x)
+            eps = torch.randn(mu.shape, generator=g).to(amp.device)
+            sampled = vae_terms(x, G(mu + eps * (0.5 * logvar).exp()), mu, logvar, ckpt.config.loss.recon_sigma)
+            mse = (x - G(mu).float()).pow(2).mean()
+        total["mse"] += float(mse) * len(chunk)
+        total["neg_elbo"] += float(sampled["neg_elbo"]) * len(chunk)
+    return {"recon_mse": total["mse"] / len(images), "neg_elbo": total["neg_elbo"] / len(images),
+            "n_heldout": len(images), "heldout_data": test.name}

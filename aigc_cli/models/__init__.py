@@ -1,0 +1,49 @@
+"""Model families: name -> builder. Networks only; objectives live in losses.py and training/steps.py.
+
+Every family returns a dict of named networks. "G" is always the image generator (a VAE's decoder):
+`G(z)` maps latents (N, latent_dim) to images (N, C, H, W) in [-1, 1]. That one convention lets
+sampling, export and eval treat GANs and VAEs alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from torch import nn
+
+from . import classifier, dcgan, mlp_gan, vae
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    objective: str  # "gan" | "vae" | "classifier": picks the training step and optimizers
+    build: Callable[..., dict[str, nn.Module]]
+    needs_labels: bool = False
+    needs_power_of_two: bool = False
+    generative: bool = True
+
+
+FAMILIES: dict[str, Family] = {
+    "mlp_gan": Family("mlp_gan", "gan", mlp_gan.build),
+    "dcgan": Family("dcgan", "gan", dcgan.build, needs_power_of_two=True),
+    "vae": Family("vae", "vae", vae.build, needs_power_of_two=True),
+    "classifier": Family("classifier", "classifier", classifier.build, needs_labels=True, generative=False),
+}
+
+
+def build_nets(model_cfg) -> dict[str, nn.Module]:
+    return FAMILIES[model_cfg.kind].build(model_cfg)
+
+
+def init_dcgan_weights(module: nn.Module) -> None:
+    """The DCGAN paper's initialisation: N(0, 0.02) for convs and linears, N(1, 0.02) for BN scales."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.normal_(m.weight, 1.0, 0.02)
+            nn.init.zeros_(m.bias)

@@ -1,0 +1,77 @@
+"""Latents, batched generation and PNG output. Same seed -> same latents -> same bytes (on the CPU)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torchvision.utils import make_grid
+
+from .checkpoint import Checkpoint
+from .errors import UsageError
+from .models import FAMILIES, build_nets
+from .training.precision import Precision, resolve_device, resolve_precision
+
+
+def latents(n: int, dim: int, seed: int) -> torch.Tensor:
+    """Drawn on the CPU from their own generator, so they do not depend on the device or global RNG."""
+    return torch.randn(n, dim, generator=torch.Generator().manual_seed(seed))
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round_().to(torch.uint8)
+
+
+@torch.inference_mode()
+def generate(G: torch.nn.Module, z: torch.Tensor, amp: Precision, batch_size: int = 512) -> torch.Tensor:
+    """uint8 images (N, C, H, W) on the CPU, generated in batches under autocast."""
+    device = next(G.parameters()).device
+    out = []
+    for chunk in z.split(batch_size):
+        with amp.autocast():
+            out.append(to_uint8(G(chunk.to(device))).cpu())
+    return torch.cat(out)
+
+
+def save_png(img: torch.Tensor, path: str | os.PathLike) -> None:
+    """A uint8 (C, H, W) tensor to a PNG, written to a temporary name then renamed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arr = img.permute(1, 2, 0).numpy()
+    pil = Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr, mode="L" if arr.shape[2] == 1 else "RGB")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        pil.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int = 8) -> None:
+    grid = make_grid(images, nrow=max(1, nrow), padding=2, pad_value=0)
+    save_png(grid[:1] if images.shape[1] == 1 else grid, path)
+
+
+def save_individual(images: torch.Tensor, folder: str | os.PathLike) -> list[Path]:
+    folder = Path(folder)
+    paths = [folder / f"{i:06d}.png" for i in range(len(images))]
+    for img, p in zip(images, paths):
+        save_png(img, p)
+    return paths
+
+
+def generator_from(ckpt: Checkpoint, device: str = "auto", precision: str = "auto"):
+    """Rebuild the generator (a VAE's decoder) from the config stored in the checkpoint."""
+    family = FAMILIES[ckpt.config.model.kind]
+    if not family.generative:
+        raise UsageError(f"{ckpt.path}: holds a {family.name}, which does not generate images")
+    dev = resolve_device(device)
+    G = build_nets(ckpt.config.model)["G"]
+    ckpt.load_net("G", G)
+    G.to(dev).eval()
+    return G, Precision(resolve_precision(precision, dev), dev)

@@ -1,0 +1,1 @@
+"""Training: the loop, one step function per objective, precision handling and resumable state."""

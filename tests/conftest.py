@@ -1,0 +1,68 @@
+"""Shared fixtures: the real `aigc` command in a subprocess, and small generated data."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+
+def aigc_command() -> list[str]:
+    exe = Path(sys.executable).with_name("aigc")
+    if exe.exists():
+        return [str(exe)]
+    found = shutil.which("aigc")
+    return [found] if found else [sys.executable, "-m", "aigc_cli"]
+
+
+class Result:
+    def __init__(self, proc: subprocess.CompletedProcess):
+        self.code, self.stdout, self.stderr = proc.returncode, proc.stdout, proc.stderr
+
+    def json(self) -> dict:
+        return json.loads(self.stdout)
+
+
+@pytest.fixture(scope="session")
+def aigc(tmp_path_factory):
+    """Run `aigc ARGS...` for real; returns exit code, stdout and stderr."""
+    home = tmp_path_factory.mktemp("home")
+    env = {**os.environ, "AIGC_DATA_ROOT": str(home / "datasets"), "CUDA_VISIBLE_DEVICES": "",
+           "NO_COLOR": "1", "COLUMNS": "200"}
+
+    def run(*args, cwd=None, timeout=300) -> Result:
+        proc = subprocess.run(aigc_command() + [str(a) for a in args], capture_output=True, text=True,
+                              env=env, cwd=cwd or home, timeout=timeout, stdin=subprocess.DEVNULL)
+        return Result(proc)
+
+    return run
+
+
+def write_image_folder(root: Path, n_per_class: int = 6, size: int = 24, classes=("cats", "dogs")) -> Path:
+    """Real PNG and JPEG files in class subfolders: RGB, grayscale and odd sizes."""
+    for c, name in enumerate(classes):
+        d = root / name
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(n_per_class):
+            colour = (40 + 80 * c, 30 * i % 255, 200 - 20 * i)
+            img = Image.new("RGB", (size + 3 * i, size), colour)
+            for x in range(0, img.width, 4):
+                img.putpixel((x, (x + i) % size), (255, 255, 255))
+            if i % 3 == 0:
+                img.convert("L").save(d / f"img{i}.png")
+            elif i % 3 == 1:
+                img.save(d / f"img{i}.jpg", quality=90)
+            else:
+                img.save(d / f"img{i}.png")
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path) -> Path:
+    return write_image_folder(tmp_path / "my images")

@@ -1,0 +1,110 @@
+"""Checkpoint files: full round trip, atomic writes, and clean errors for files that are not ours."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from aigc_cli import checkpoint as ck
+from aigc_cli.config import load_preset
+from aigc_cli.errors import UsageError
+from aigc_cli.models import build_nets
+from aigc_cli.training.precision import Precision
+from aigc_cli.training.steps import make_optimizers
+
+
+@pytest.fixture
+def saved(tmp_path):
+    cfg = load_preset("quickstart").with_overrides({"model.g_width": "8", "model.d_width": "8"})
+    torch.manual_seed(0)
+    nets = build_nets(cfg.model)
+    opts = make_optimizers("gan", nets, cfg.train)
+    for opt, net in ((opts["G"], nets["G"]), (opts["D"], nets["D"])):
+        net(torch.randn(2, cfg.model.latent_dim) if net is nets["G"] else torch.randn(2, 3, 32, 32)).sum().backward()
+        opt.step()
+    amp = Precision("fp16", torch.device("cpu"))
+    rng = torch.get_rng_state()
+    tensors, meta = ck.training_checkpoint(cfg, nets, opts, amp, 12, 768, {"aigc.extra": "1"})
+    path = tmp_path / "c.safetensors"
+    ck.write_atomic(path, tensors, meta)
+    return cfg, nets, opts, path, rng
+
+
+def test_round_trip_restores_weights_and_optimizer(saved):
+    cfg, nets, opts, path, rng = saved
+    loaded = ck.load(path)
+    assert loaded.config == cfg and loaded.step == 12 and loaded.images_seen == 768 and loaded.kind == "checkpoint"
+    fresh = build_nets(cfg.model)
+    loaded.load_net("G", fresh["G"])
+    for a, b in zip(fresh["G"].state_dict().values(), nets["G"].state_dict().values()):
+        assert torch.equal(a, b)
+    fresh_opts = make_optimizers("gan", fresh, cfg.train)
+    ck.load_optimizer(loaded, "D", fresh_opts["D"])
+    want, got = opts["D"].state_dict(), fresh_opts["D"].state_dict()
+    assert got["param_groups"] == json.loads(json.dumps(want["param_groups"]))
+    for idx, state in want["state"].items():
+        for key, value in state.items():
+            assert torch.equal(got["state"][idx][key], value)
+    assert torch.equal(loaded.tensors["rng.torch"], rng)
+    assert "scale" in json.loads(loaded.meta["aigc.scaler"])
+
+
+def test_run_folder_resolves_to_newest(tmp_path, saved):
+    path = saved[3]
+    run = tmp_path / "run" / "checkpoints"
+    run.mkdir(parents=True)
+    for step in (5, 40, 7):
+        (run / f"step-{step:07d}.safetensors").write_bytes(path.read_bytes())
+    assert ck.resolve(tmp_path / "run").name == "step-0000040.safetensors"
+    (run / "last.safetensors").write_bytes(path.read_bytes())
+    assert ck.resolve(tmp_path / "run").name == "last.safetensors"
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty", "foreign", "bad-config", "bad-format", "mismatch"])
+def test_bad_files_give_usage_errors(tmp_path, saved, damage):
+    cfg, path = saved[0], saved[3]
+    bad = tmp_path / "bad.safetensors"
+    data = path.read_bytes()
+    if damage == "truncate":
+        bad.write_bytes(data[: len(data) // 2])
+    elif damage == "garbage":
+        bad.write_bytes(os.urandom(4096))
+    elif damage == "empty":
+        bad.write_bytes(b"")
+    elif damage == "foreign":
+        save_file({"w": torch.zeros(3)}, str(bad), metadata={"format": "pt"})
+    else:
+        loaded = ck.load(path)
+        meta = dict(loaded.meta)
+        if damage == "bad-config":
+            meta["aigc.config"] = "{not json"
+        elif damage == "bad-format":
+            meta["aigc.format"] = "99"
+        tensors = dict(loaded.tensors)
+        if damage == "mismatch":
+            key = next(k for k in tensors if k.startswith("G.") and tensors[k].dim() == 4)
+            tensors[key] = torch.zeros(1, 1, 1, 1)
+        save_file(tensors, str(bad), metadata=meta)
+    with pytest.raises(UsageError) as e:
+        loaded = ck.load(bad)
+        loaded.load_net("G", build_nets(cfg.model)["G"])
+    assert "bad.safetensors" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_failed_write_keeps_previous_file(tmp_path, saved, monkeypatch):
+    path = saved[3]
+    before = path.read_bytes()
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ck, "save_file", disk_full)
+    with pytest.raises(OSError):
+        ck.write_atomic(path, {"x": torch.zeros(1)}, {"aigc.format": "1"})
+    assert path.read_bytes() == before
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left behind

@@ -1,0 +1,189 @@
+"""End to end through the real `aigc` command: train, sample, export, info, eval, on real files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from safetensors import safe_open
+
+QUICK = ["--steps", "20", "--set", "train.log_every=5", "--set", "train.sample_every=10",
+         "--set", "train.ckpt_every=10", "--set", "data.limit=512", "--set", "train.n_samples=16"]
+META_KEYS = {"aigc.format", "aigc.kind", "aigc.model", "aigc.config", "aigc.step", "aigc.images_seen",
+             "aigc.created", "aigc.torch", "aigc.precision"}
+
+
+def meta_and_keys(path: Path) -> tuple[dict, list[str]]:
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata(), list(f.keys())
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    with Image.open(path) as im:
+        assert im.format == "PNG"
+        im.load()
+        return im.size
+
+
+@pytest.fixture(scope="module")
+def gan_run(aigc, tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("runs") / "gan run"
+    r = aigc("train", "--preset", "quickstart", "--out", out, "--json", "--seed", "3", *QUICK)
+    assert r.code == 0, r.stderr
+    return out, r.json()
+
+
+@pytest.fixture(scope="module")
+def classifier_ckpt(aigc, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "clf"
+    r = aigc("train", "--preset", "shapes-classifier", "--out", out, "--steps", "30", "--json",
+             "--set", "data.limit=512")
+    assert r.code == 0, r.stderr
+    summary = r.json()
+    assert 0.0 <= summary["test_accuracy"] <= 1.0
+    return Path(summary["checkpoint"])
+
+
+def test_train_writes_the_run_folder(gan_run):
+    out, summary = gan_run
+    assert summary["steps"] == 20 and summary["images_seen"] == 20 * 64
+    assert (out / "config.toml").read_text().count("[model]") == 1
+    lines = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [rec["step"] for rec in lines] == [5, 10, 15, 20]
+    assert all(rec["img_per_s"] > 0 and "loss_d" in rec and "loss_g" in rec for rec in lines)
+    # 16 samples in a 4x4 grid of 32px images with 2px padding
+    assert png_size(out / "samples" / "step-0000020.png") == (4 * 34 + 2, 4 * 34 + 2)
+    assert (out / "samples" / "step-0000010.png").is_file()
+    ckpts = sorted(p.name for p in (out / "checkpoints").glob("*.safetensors"))
+    assert ckpts == ["last.safetensors", "step-0000010.safetensors", "step-0000020.safetensors"]
+    meta, keys = meta_and_keys(out / "checkpoints" / "last.safetensors")
+    assert META_KEYS <= set(meta)
+    assert meta["aigc.step"] == "20" and meta["aigc.kind"] == "checkpoint" and meta["aigc.model"] == "dcgan"
+    assert json.loads(meta["aigc.config"])["train"]["seed"] == 3
+    assert {k.split(".")[0] for k in keys} >= {"G", "D", "opt", "rng"}
+    assert summary["samples"].endswith("step-0000020.png")
+
+
+def test_sample_is_deterministic_per_seed(aigc, gan_run, tmp_path):
+    out, _ = gan_run
+    a, b, c = tmp_path / "a.png", tmp_path / "b.png", tmp_path / "c.png"
+    for path, seed in ((a, 7), (b, 7), (c, 8)):
+        r = aigc("sample", out, "--n", "9", "--seed", seed, "--out", path)
+        assert r.code == 0, r.stderr
+    assert a.read_bytes() == b.read_bytes()
+    assert a.read_bytes() != c.read_bytes()
+    assert png_size(a) == (3 * 34 + 2, 3 * 34 + 2)
+
+
+def test_sample_individual_and_nrow(aigc, gan_run, tmp_path):
+    out, _ = gan_run
+    r = aigc("sample", out / "checkpoints" / "step-0000010.safetensors", "--n", "5", "--nrow", "5",
+             "--individual", tmp_path / "ind", "--out", tmp_path / "g.png", "--json")
+    assert r.code == 0, r.stderr
+    files = sorted((tmp_path / "ind").glob("*.png"))
+    assert len(files) == 5 and all(png_size(f) == (32, 32) for f in files)
+    assert png_size(tmp_path / "g.png") == (5 * 34 + 2, 34 + 2)
+    assert r.json()["n"] == 5
+
+
+def test_same_command_same_seed_gives_identical_training(aigc, gan_run, tmp_path):
+    out, _ = gan_run
+    r = aigc("train", "--preset", "quickstart", "--out", tmp_path / "again", "--seed", "3", "--quiet", *QUICK)
+    assert r.code == 0, r.stderr
+    assert r.stdout == ""
+    same = (tmp_path / "again" / "samples" / "step-0000020.png").read_bytes()
+    assert same == (out / "samples" / "step-0000020.png").read_bytes()
+
+
+def test_export_sample_and_info(aigc, gan_run, tmp_path):
+    out, _ = gan_run
+    art = tmp_path / "gen.safetensors"
+    r = aigc("export", out, "--out", art, "--dtype", "fp16", "--json")
+    assert r.code == 0, r.stderr
+    meta, keys = meta_and_keys(art)
+    assert meta["aigc.kind"] == "export" and meta["aigc.dtype"] == "fp16"
+    assert META_KEYS <= set(meta)
+    assert keys and all(k.startswith("G.") for k in keys)
+    assert art.stat().st_size < (out / "checkpoints" / "last.safetensors").stat().st_size / 4
+
+    r = aigc("sample", art, "--n", "4", "--out", tmp_path / "from-export.png")
+    assert r.code == 0, r.stderr
+    assert png_size(tmp_path / "from-export.png") == (2 * 34 + 2, 2 * 34 + 2)
+
+    info_art = aigc("info", art, "--json").json()
+    assert info_art["kind"] == "export" and info_art["step"] == 20 and list(info_art["parameters"]) == ["G"]
+    info_run = aigc("info", out, "--json").json()
+    assert info_run["kind"] == "checkpoint" and info_run["images_seen"] == 20 * 64
+    assert info_run["parameters"]["G"] == info_art["parameters"]["G"] > 0
+    assert info_run["parameters"]["D"] > 0 and info_run["precision"] == "fp32"
+    assert info_run["config"]["model"]["kind"] == "dcgan"
+    human = aigc("info", out)
+    assert human.code == 0 and "dcgan" in human.stdout and "images seen" in human.stdout
+
+
+def test_eval_with_domain_classifier(aigc, gan_run, classifier_ckpt):
+    out, _ = gan_run
+    r = aigc("eval", out, "--data", "shapes", "--features", classifier_ckpt, "--n", "200", "--json")
+    assert r.code == 0, r.stderr
+    res = r.json()
+    m, p = res["metrics"], res["protocol"]
+    assert m["fid"] > 0 and abs(m["kid"]) < 1e6 and m["kid_std"] >= 0
+    assert p["n_fake"] == 200 and p["n_real"] == 200 and p["extractor"].startswith("classifier:")
+    # A classifier checkpoint is not a generator: clear error, not a traceback.
+    bad = aigc("eval", classifier_ckpt, "--features", classifier_ckpt, "--n", "10")
+    assert bad.code == 2 and "does not generate images" in bad.stderr
+
+
+def test_train_on_an_image_folder_with_spaces(aigc, image_folder, tmp_path):
+    out = tmp_path / "folder run"
+    r = aigc("train", "--preset", "folder-dcgan-64", "--data", image_folder, "--out", out, "--steps", "3",
+             "--batch-size", "4", "--set", "model.resolution=16", "--set", "model.g_width=8",
+             "--set", "model.d_width=8", "--json")
+    assert r.code == 0, r.stderr
+    assert png_size(out / "samples" / "step-0000003.png") == (8 * 18 + 2, 8 * 18 + 2)
+    r = aigc("sample", out, "--n", "1", "--out", tmp_path / "one.png")
+    assert r.code == 0 and png_size(tmp_path / "one.png") == (16, 16)  # make_grid leaves a single image unpadded
+
+
+def test_presets_list_and_show(aigc):
+    r = aigc("presets", "list")
+    assert r.code == 0
+    for name in ("quickstart", "mnist-mlp-gan", "fashion-mnist-dcgan", "fashion-mnist-vae", "cifar10-dcgan",
+                 "folder-dcgan-64", "fashion-mnist-classifier"):
+        assert name in r.stdout
+    r = aigc("presets", "show", "mnist-mlp-gan")
+    assert r.code == 0 and 'kind = "mlp_gan"' in r.stdout
+
+
+def one_line_error(r) -> str:
+    assert r.code == 2, (r.code, r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr
+    lines = [s for s in r.stderr.splitlines() if s.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("args, expect", [
+    (["train", "--preset", "quickstart", "--data", "/no/such/folder"], "/no/such/folder"),
+    (["train", "--preset", "no-such-preset"], "unknown preset 'no-such-preset'"),
+    (["train", "--preset", "quickstart", "--set", "train.bogus=1"], "unknown config key 'train.bogus'"),
+    (["train", "--preset", "quickstart", "--set", "train.batch_size=many"], "expects int"),
+    (["train", "--preset", "quickstart", "--batch-size", "0"], "train.batch_size must be positive"),
+    (["train", "--preset", "quickstart", "--precision", "fp8"], "train.precision"),
+    (["train", "--preset", "quickstart", "--data", "mnist"], "--download"),
+    (["sample", "/no/such/ckpt.safetensors"], "no such checkpoint"),
+])
+def test_bad_input_is_one_line_exit_2(aigc, args, expect):
+    assert expect in one_line_error(aigc(*args))
+
+
+def test_bad_files_are_one_line_exit_2(aigc, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert str(empty) in one_line_error(aigc("train", "--preset", "quickstart", "--data", empty))
+    text = tmp_path / "notes.safetensors"
+    text.write_text("this is not a checkpoint")
+    assert "notes.safetensors" in one_line_error(aigc("info", text))
+    assert "no checkpoint" in one_line_error(aigc("sample", empty))

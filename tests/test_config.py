@@ -1,0 +1,83 @@
+"""Config: presets load and validate, overrides are type-checked, TOML round-trips, no tracebacks."""
+
+from __future__ import annotations
+
+import tomllib
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from aigc_cli.config import Config, all_keys, config_from_dict, load_preset, parse_assignments, preset_names
+from aigc_cli.errors import UsageError
+
+REQUIRED = {"quickstart", "mnist-mlp-gan", "fashion-mnist-dcgan", "fashion-mnist-vae", "cifar10-dcgan",
+            "folder-dcgan-64", "fashion-mnist-classifier"}
+
+
+def test_required_presets_exist_and_validate():
+    assert REQUIRED <= set(preset_names())
+    for name in preset_names():
+        cfg = load_preset(name)
+        assert cfg.name == name and cfg.description
+
+
+def test_mlp_gan_preset_is_the_classic_one():
+    m = load_preset("mnist-mlp-gan")
+    assert (m.model.kind, m.model.hidden, m.train.lr_g, m.train.lr_d) == ("mlp_gan", 128, 2e-4, 2e-4)
+
+
+def test_overrides_convert_types():
+    cfg = Config().with_overrides(parse_assignments(["train.lr_g=1e-4", "train.steps=7", "data.download=yes",
+                                                     "data.source=/x y", "train.lr_d=0.001"]))
+    assert cfg.train.lr_g == 1e-4 and cfg.train.steps == 7 and cfg.data.download is True
+    assert cfg.data.source == "/x y" and isinstance(cfg.train.lr_d, float)
+
+
+@pytest.mark.parametrize("item, message", [
+    ("train.nope=1", "unknown config key"), ("nope.steps=1", "unknown config key"), ("train.steps", "key=value"),
+    ("train.steps=1.5", "expects int"), ("train.lr_g=fast", "expects float"), ("data.download=maybe", "expects bool"),
+    ("train.batch_size=-3", "must be positive"), ("model.resolution=48", "power of two"),
+    ("model.kind=gpt", "unknown"), ("model.channels=2", "1 or 3"), ("train.device=tpu", "train.device"),
+])
+def test_bad_overrides_fail_cleanly(item, message):
+    with pytest.raises(UsageError, match=message):
+        Config().with_overrides(parse_assignments([item]))
+
+
+def test_toml_round_trip():
+    cfg = load_preset("fashion-mnist-vae").with_overrides({"data.source": 'a "quoted" path\\x'})
+    assert config_from_dict(tomllib.loads(cfg.to_toml())) == cfg
+
+
+def test_preset_file_path_is_accepted(tmp_path):
+    p = tmp_path / "mine.toml"
+    p.write_text('name = "mine"\n[model]\nkind = "mlp_gan"\nresolution = 28\n')
+    assert load_preset(str(p)).model.kind == "mlp_gan"
+    p.write_text("[model\n")
+    with pytest.raises(UsageError, match="invalid TOML"):
+        load_preset(str(p))
+
+
+values = st.one_of(st.text(max_size=12), st.integers(-10**6, 10**6), st.floats(allow_nan=True), st.booleans())
+
+
+@settings(max_examples=300, deadline=None)
+@given(key=st.one_of(st.sampled_from(all_keys()), st.text(max_size=20)), value=values)
+def test_fuzzed_overrides_give_a_config_or_a_usage_error(key, value):
+    try:
+        cfg = Config().with_overrides({key: value})
+    except UsageError as e:
+        assert str(e) and "\n" not in str(e)
+    else:
+        assert isinstance(cfg, Config)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.dictionaries(st.sampled_from(["model", "train", "data", "loss", "name", "x"]),
+                       st.one_of(values, st.dictionaries(st.text(max_size=10), values, max_size=3)), max_size=4))
+def test_fuzzed_config_dicts(data):
+    try:
+        config_from_dict(data)
+    except UsageError:
+        pass

@@ -1,0 +1,370 @@
+"""Tests for aigc_cli.data: every source, channel/resolution conversion and the error paths."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import socket
+import struct
+import time
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from aigc_cli.data import BUILTIN_SOURCES, ImageData, load_images
+from aigc_cli.data import transforms
+from aigc_cli.data.idx import read_idx
+from aigc_cli.errors import UsageError
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    """Any attempt to open a connection fails the test: data loading must stay offline."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("network access attempted")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+
+
+def check_layout(data: ImageData, n: int, channels: int, resolution: int) -> None:
+    assert data.images.shape == (n, channels, resolution, resolution)
+    assert data.images.dtype == torch.uint8
+    assert data.images.is_contiguous() and data.images.device.type == "cpu"
+    if data.labels is not None:
+        assert data.labels.dtype == torch.int64 and data.labels.shape == (n,)
+        assert 0 <= int(data.labels.min()) and int(data.labels.max()) < data.num_classes
+    else:
+        assert data.num_classes == 0
+
+
+# ----------------------------------------------------------------------------- shapes
+
+
+def test_shapes_layout_labels_and_determinism():
+    a = load_images("shapes", channels=3, resolution=32, seed=1)
+    check_layout(a, 4096, 3, 32)
+    assert a.num_classes == 4 and a.name == "shapes (train, 4096 images)"
+    assert set(a.labels.tolist()) == {0, 1, 2, 3}
+    # Every image has a shape on it: some pixel differs clearly from the image's corner colour.
+    corner = a.images[:, :, :1, :1].to(torch.int16)
+    assert ((a.images.to(torch.int16) - corner).abs().amax(dim=(1, 2, 3)) > 60).all()
+    again = load_images("shapes", channels=3, resolution=32, seed=1)
+    assert torch.equal(a.images, again.images) and torch.equal(a.labels, again.labels)
+    other = load_images("shapes", channels=3, resolution=32, seed=2)
+    assert not torch.equal(a.images, other.images)
+
+
+def test_shapes_test_split_limit_and_grey():
+    train = load_images("shapes", channels=3, resolution=16, seed=0, limit=64)
+    test = load_images("shapes", channels=3, resolution=16, seed=0, split="test")
+    check_layout(test, 1024, 3, 16)
+    assert not torch.equal(train.images, test.images[:64])
+    full = load_images("shapes", channels=3, resolution=16, seed=0)
+    assert torch.equal(train.images, full.images[:64]) and torch.equal(train.labels, full.labels[:64])
+    grey = load_images("shapes", channels=1, resolution=16, seed=0, limit=64)
+    check_layout(grey, 64, 1, 16)
+    assert torch.equal(grey.images, transforms.to_channels(train.images, 1))
+
+
+def test_shapes_fast_enough():
+    start = time.perf_counter()
+    load_images("shapes", channels=3, resolution=64)
+    assert time.perf_counter() - start < 3.0  # ~0.5 s on one core; slack for busy CI machines
+
+
+# ----------------------------------------------------------------------------- transforms
+
+
+def test_channel_conversion():
+    rgb = torch.tensor([[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 255], [10, 20, 30]],
+                       dtype=torch.uint8).view(5, 3, 1, 1)
+    grey = transforms.to_channels(rgb, 1)
+    # 0.299*255=76.2, 0.587*255=149.7, 0.114*255=29.1, 0.299*10+0.587*20+0.114*30=18.15
+    assert grey.flatten().tolist() == [76, 150, 29, 255, 18]
+    back = transforms.to_channels(grey, 3)
+    assert back.shape == (5, 3, 1, 1) and back.is_contiguous()
+    assert (back == grey).all()
+    assert transforms.to_channels(rgb, 3) is rgb
+
+
+def test_resize_centre_crop_and_skip():
+    # Three 10-pixel-wide vertical bands; the shorter side already matches, so only the crop acts.
+    img = torch.zeros((2, 1, 10, 30), dtype=torch.uint8)
+    img[:, :, :, 10:20] = 128
+    img[:, :, :, 20:] = 255
+    out = transforms.resize_square(img, 10)
+    assert out.shape == (2, 1, 10, 10) and (out == 128).all()
+    tall = img.transpose(2, 3).contiguous()
+    assert (transforms.resize_square(tall, 10) == 128).all()
+    same = torch.zeros((1, 3, 8, 8), dtype=torch.uint8)
+    assert transforms.resize_square(same, 8) is same
+
+
+def test_resize_is_antialiased_and_rounded():
+    # One bright column in every 8: point-sampling bilinear would miss it, averaging gives ~32.
+    img = torch.zeros((1, 1, 64, 64), dtype=torch.uint8)
+    img[..., ::8] = 255
+    out = transforms.resize_square(img, 8)
+    assert out.shape == (1, 1, 8, 8)
+    assert 24 <= float(out.float().mean()) <= 40
+    up = transforms.resize_square(torch.full((1, 1, 3, 3), 77, dtype=torch.uint8), 7)
+    assert (up == 77).all()
+
+
+def test_resize_chunking_matches_one_pass(monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    img = torch.randint(0, 256, (7, 3, 20, 26), dtype=torch.uint8, generator=g)
+    whole = transforms.conform(img, 1, 12)
+    monkeypatch.setattr(transforms, "_CHUNK_BYTES", 1)  # one image per chunk
+    assert torch.equal(transforms.conform(img, 1, 12), whole)
+    assert whole.shape == (7, 1, 12, 12)
+
+
+@settings(max_examples=30, deadline=None)
+@given(h=st.integers(1, 40), w=st.integers(1, 40), res=st.integers(1, 24), value=st.integers(0, 255))
+def test_resize_any_shape_keeps_constant_images(h, w, res, value):
+    out = transforms.resize_square(torch.full((2, 1, h, w), value, dtype=torch.uint8), res)
+    assert out.shape == (2, 1, res, res) and out.dtype == torch.uint8
+    assert (out == value).all()
+
+
+# ----------------------------------------------------------------------------- image folders
+
+
+def save(path, img: Image.Image, **kw) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    img.save(path, **kw)
+
+
+@pytest.fixture
+def flat_folder(tmp_path):
+    d = tmp_path / "flat"
+    save(d / "a_rgb.png", Image.new("RGB", (20, 20), (255, 0, 0)))
+    save(d / "b_grey.png", Image.new("L", (20, 20), 100))
+    save(d / "c_rgba.png", Image.new("RGBA", (20, 20), (200, 100, 50, 128)))
+    pal = Image.new("P", (20, 20), 0)
+    pal.putpalette([0, 0, 255] + [0] * 765)
+    save(d / "d_palette.png", pal)
+    save(d / "e_photo.JPG", Image.new("RGB", (30, 20), (0, 200, 0)), quality=95)
+    # Three bands, 20 px each: the centre crop of the wide image is exactly the middle band.
+    bands = np.zeros((20, 60, 3), dtype=np.uint8)
+    bands[:, :20] = (255, 0, 0)
+    bands[:, 20:40] = (0, 255, 0)
+    bands[:, 40:] = (0, 0, 255)
+    save(d / "f_wide.png", Image.fromarray(bands))
+    save(d / "g_16bit.png", Image.fromarray(np.full((20, 20), 32896, dtype=np.uint16)))
+    save(d / "h_cmyk.jpg", Image.new("CMYK", (20, 20), (0, 0, 0, 0)), quality=95)
+    save(d / "sub" / "i_nested.webp", Image.new("RGB", (20, 20), (9, 9, 9)), lossless=True)
+    (d / "z_corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not a real png")
+    (d / "notes.txt").write_text("not an image")
+    (d / "._hidden.png").write_bytes(b"macOS resource fork, not an image")
+    return d
+
+
+def test_folder_decodes_modes_and_skips_corrupt(flat_folder):
+    warnings = []
+    data = load_images(str(flat_folder), channels=3, resolution=10, warn=warnings.append)
+    check_layout(data, 9, 3, 10)
+    assert data.labels is None and data.name == f"folder {flat_folder} (9 images)"
+    px = data.images[:, :, 5, 5].tolist()
+    assert px[0] == [255, 0, 0]
+    assert px[1] == [100, 100, 100]
+    assert all(abs(a - b) <= 1 for a, b in zip(px[2], [100, 50, 25]))  # alpha 128 over black
+    assert px[3] == [0, 0, 255]
+    assert all(abs(a - b) <= 3 for a, b in zip(px[4], [0, 200, 0]))  # JPEG is lossy
+    # Centre crop of the wide image: the green band. Lanczos looks a few pixels past the crop
+    # (as scaling first, then cropping would), so only the outermost columns may tint slightly.
+    wide = data.images[5].int()
+    assert (wide[:, :, 3:7] == torch.tensor([0, 255, 0]).view(3, 1, 1)).all()
+    assert wide[0].max() < 30 and wide[2].max() < 30 and wide[1].min() > 225
+    assert px[6] == [128, 128, 128]  # 32896 / 257 = 128: 16-bit scaled, not clipped to white
+    assert all(v >= 250 for v in px[7])  # CMYK all-zero ink is white
+    assert px[8] == [9, 9, 9]
+    assert len(warnings) == 2
+    assert "z_corrupt.png" in warnings[0] and "\n" not in warnings[0]
+    assert "skipped 1" in warnings[1]
+
+
+def test_folder_class_subfolders_limit_and_test_split(tmp_path):
+    d = tmp_path / "classes"
+    for name, value in (("dogs", 50), ("cats", 150), ("birds", 250)):
+        for i in range(3):
+            save(d / name / f"{i}.png", Image.new("L", (16, 16), value))
+    save(d / "cats" / "deeper" / "x.bmp", Image.new("RGB", (16, 16), (150, 150, 150)))
+    data = load_images(str(d), channels=1, resolution=8)
+    check_layout(data, 10, 1, 8)
+    assert data.num_classes == 3 and data.name.endswith("(10 images, 3 classes)")
+    # Sorted paths: birds, cats (including cats/deeper), dogs; labels follow sorted folder names.
+    assert data.labels.tolist() == [0, 0, 0, 1, 1, 1, 1, 2, 2, 2]
+    assert data.images[:, 0, 0, 0].tolist() == [250] * 3 + [150] * 4 + [50] * 3
+    test = load_images(str(d), channels=1, resolution=8, split="test")
+    assert torch.equal(test.images, data.images)
+    first = load_images(str(d), channels=1, resolution=8, limit=4)
+    assert torch.equal(first.images, data.images[:4]) and first.labels.tolist() == [0, 0, 0, 1]
+
+
+def test_folder_with_top_level_image_has_no_labels(tmp_path):
+    d = tmp_path / "mixed"
+    save(d / "a" / "1.png", Image.new("RGB", (8, 8)))
+    save(d / "top.png", Image.new("RGB", (8, 8)))
+    data = load_images(str(d), channels=3, resolution=8)
+    assert data.labels is None and data.num_classes == 0
+
+
+def test_folder_errors(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "readme.txt").write_text("no images here")
+    with pytest.raises(UsageError, match="no images"):
+        load_images(str(empty), channels=3, resolution=8)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "x.jpg").write_bytes(b"garbage")
+    with pytest.raises(UsageError, match="could be read"):
+        load_images(str(broken), channels=3, resolution=8, warn=lambda m: None)
+    with pytest.raises(UsageError, match="shapes, mnist, fashion-mnist, cifar10"):
+        load_images(str(tmp_path / "missing"), channels=3, resolution=8)
+    with pytest.raises(UsageError, match="not a folder"):
+        load_images(str(broken / "x.jpg"), channels=3, resolution=8)
+
+
+def test_default_warning_goes_to_stderr(flat_folder, capsys):
+    load_images(str(flat_folder), channels=3, resolution=8)
+    captured = capsys.readouterr()
+    assert "z_corrupt.png" in captured.err and captured.out == ""
+
+
+# ----------------------------------------------------------------------------- IDX files
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    code = {np.dtype(np.uint8): 0x08, np.dtype(np.int32): 0x0C}[array.dtype]
+    header = struct.pack(">BBBB", 0, 0, code, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    return header + array.astype(array.dtype.newbyteorder(">")).tobytes()
+
+
+def write_idx(folder, prefix: str, images: np.ndarray, labels: np.ndarray, compress=True) -> None:
+    os.makedirs(folder, exist_ok=True)
+    for kind, arr in (("images-idx3", images), ("labels-idx1", labels)):
+        path = os.path.join(folder, f"{prefix}-{kind}-ubyte")
+        if compress:
+            with gzip.open(path + ".gz", "wb") as f:
+                f.write(idx_bytes(arr))
+        else:
+            with open(path, "wb") as f:
+                f.write(idx_bytes(arr))
+
+
+@pytest.fixture
+def idx_data():
+    rng = np.random.default_rng(0)
+    return {split: (rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), rng.integers(0, 10, n).astype(np.uint8))
+            for split, n in (("train", 10), ("t10k", 6))}
+
+
+def test_idx_folder_round_trip(tmp_path, idx_data):
+    write_idx(tmp_path / "idx", "train", *idx_data["train"])
+    write_idx(tmp_path / "idx", "t10k", *idx_data["t10k"])
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        data = load_images(str(tmp_path / "idx"), channels=1, resolution=28, split=split)
+        images, labels = idx_data[prefix]
+        check_layout(data, len(images), 1, 28)
+        assert np.array_equal(data.images[:, 0].numpy(), images)
+        assert data.labels.tolist() == labels.tolist()
+        assert data.num_classes == int(labels.max()) + 1
+        assert data.name.startswith("IDX folder") and f"({split}, {len(images)} images)" in data.name
+    resized = load_images(str(tmp_path / "idx"), channels=3, resolution=32, limit=3)
+    check_layout(resized, 3, 3, 32)
+
+
+def test_idx_uncompressed_and_wider_types(tmp_path, idx_data):
+    write_idx(tmp_path, "train", *idx_data["train"], compress=False)
+    data = load_images(str(tmp_path), channels=1, resolution=28)
+    assert np.array_equal(data.images[:, 0].numpy(), idx_data["train"][0])
+    values = np.array([[-5, 70000], [1, 2**31 - 1]], dtype=np.int32)
+    (tmp_path / "ints.idx").write_bytes(idx_bytes(values))
+    parsed = read_idx(str(tmp_path / "ints.idx"))
+    assert parsed.dtype == np.int32 and np.array_equal(parsed, values)
+
+
+def test_idx_bad_files(tmp_path, idx_data):
+    images, labels = idx_data["train"]
+    good = idx_bytes(images)
+    cases = {  # file name: (contents, expected words in the message)
+        "short": (good[:-1], "truncated"),              # one byte missing
+        "long": (good + b"\0", "longer than"),          # trailing garbage
+        "header": (good[:10], "header cut short"),       # dims cut off
+        "magic": (b"\x01\x02" + good[2:], "bad magic"),
+        "empty": (b"", "bad magic"),
+    }
+    for name, (blob, words) in cases.items():
+        (tmp_path / name).write_bytes(blob)
+        with pytest.raises(UsageError, match=f"{name}.*{words}"):
+            read_idx(str(tmp_path / name))
+    # A gzip stream cut in the middle.
+    folder = tmp_path / "cut"
+    write_idx(folder, "train", images, labels)
+    gz = folder / "train-images-idx3-ubyte.gz"
+    gz.write_bytes(gz.read_bytes()[:-40])
+    with pytest.raises(UsageError, match="train-images-idx3-ubyte.gz"):
+        load_images(str(folder), channels=1, resolution=28)
+    # Label count that does not match the images.
+    folder = tmp_path / "mismatch"
+    write_idx(folder, "train", images, labels[:5])
+    with pytest.raises(UsageError, match="labels"):
+        load_images(str(folder), channels=1, resolution=28)
+    # No test split in the folder.
+    with pytest.raises(UsageError, match="t10k-images"):
+        load_images(str(tmp_path / "mismatch"), channels=1, resolution=28, split="test")
+
+
+def test_mnist_from_root_layouts(tmp_path, idx_data, monkeypatch):
+    write_idx(tmp_path / "tv" / "MNIST" / "raw", "train", *idx_data["train"])
+    data = load_images("mnist", channels=1, resolution=28, root=str(tmp_path / "tv"))
+    check_layout(data, 10, 1, 28)
+    assert data.num_classes == 10 and data.name == "mnist (train, 10 images)"
+    assert np.array_equal(data.images[:, 0].numpy(), idx_data["train"][0])
+    # Files directly in the root, found through $AIGC_DATA_ROOT when no root is passed.
+    write_idx(tmp_path / "flat", "t10k", *idx_data["t10k"])
+    monkeypatch.setenv("AIGC_DATA_ROOT", str(tmp_path / "flat"))
+    test = load_images("fashion-mnist", channels=3, resolution=14, split="test")
+    check_layout(test, 6, 3, 14)
+    assert test.name == "fashion-mnist (test, 6 images)"
+
+
+# ----------------------------------------------------------------------------- torchvision sources
+
+
+def test_missing_torchvision_datasets_fail_fast(tmp_path):
+    start = time.perf_counter()
+    with pytest.raises(UsageError) as err:
+        load_images("mnist", channels=1, resolution=28, root=str(tmp_path))
+    message = str(err.value)
+    assert str(tmp_path) in message and "--download" in message and "--data-root" in message
+    assert "\n" not in message
+    with pytest.raises(UsageError, match="apt-get install dataset-fashion-mnist"):
+        load_images("fashion-mnist", channels=1, resolution=28, root=str(tmp_path))
+    with pytest.raises(UsageError, match="cifar-10-batches-py"):
+        load_images("cifar10", channels=3, resolution=32, root=str(tmp_path))
+    (tmp_path / "cifar-10-batches-py").mkdir()  # present but empty: torchvision's check fails
+    with pytest.raises(UsageError, match="--download"):
+        load_images("cifar10", channels=3, resolution=32, root=str(tmp_path))
+    assert time.perf_counter() - start < 5.0
+
+
+def test_bad_arguments():
+    assert BUILTIN_SOURCES == ("shapes", "mnist", "fashion-mnist", "cifar10")
+    for kwargs, word in ((dict(channels=2, resolution=8), "channels"),
+                         (dict(channels=3, resolution=2), "resolution"),
+                         (dict(channels=3, resolution=8, split="val"), "split"),
+                         (dict(channels=3, resolution=8, limit=-1), "limit")):
+        with pytest.raises(UsageError, match=word):
+            load_images("shapes", **kwargs)
+    with pytest.raises(UsageError, match="folder"):
+        load_images("no-such-source", channels=3, resolution=8)
