@@ -30,15 +30,21 @@ class Result:
 
 
 @pytest.fixture(scope="session")
-def aigc(tmp_path_factory):
-    """Run `aigc ARGS...` for real; returns exit code, stdout and stderr."""
+def aigc_env(tmp_path_factory) -> dict:
+    """Environment for subprocess runs: no GPU, no colour, datasets looked up in an empty folder."""
     home = tmp_path_factory.mktemp("home")
-    env = {**os.environ, "AIGC_DATA_ROOT": str(home / "datasets"), "CUDA_VISIBLE_DEVICES": "",
-           "NO_COLOR": "1", "COLUMNS": "200"}
+    return {**os.environ, "AIGC_DATA_ROOT": str(home / "datasets"), "CUDA_VISIBLE_DEVICES": "",
+            "NO_COLOR": "1", "COLUMNS": "200", "HOME_FOR_TESTS": str(home)}
+
+
+@pytest.fixture(scope="session")
+def aigc(aigc_env):
+    """Run `aigc ARGS...` for real; returns exit code, stdout and stderr."""
 
     def run(*args, cwd=None, timeout=300) -> Result:
         proc = subprocess.run(aigc_command() + [str(a) for a in args], capture_output=True, text=True,
-                              env=env, cwd=cwd or home, timeout=timeout, stdin=subprocess.DEVNULL)
+                              env=aigc_env, cwd=cwd or aigc_env["HOME_FOR_TESTS"], timeout=timeout,
+                              stdin=subprocess.DEVNULL)
         return Result(proc)
 
     return run

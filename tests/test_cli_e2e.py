@@ -187,3 +187,23 @@ def test_bad_files_are_one_line_exit_2(aigc, tmp_path):
     text.write_text("this is not a checkpoint")
     assert "notes.safetensors" in one_line_error(aigc("info", text))
     assert "no checkpoint" in one_line_error(aigc("sample", empty))
+
+
+@pytest.mark.parametrize("kind", ["vae", "mlp_gan"])
+def test_other_families_train_sample_and_eval(aigc, classifier_ckpt, tmp_path, kind):
+    out = tmp_path / kind
+    r = aigc("train", "--preset", "quickstart", "--out", out, "--steps", "10", "--set", f"model.kind={kind}",
+             "--set", "model.g_width=16", "--set", "model.d_width=16", "--set", "data.limit=256",
+             "--set", "train.n_samples=16", "--json")
+    assert r.code == 0, r.stderr
+    assert png_size(out / "samples" / "step-0000010.png") == (4 * 34 + 2, 4 * 34 + 2)
+    if kind == "vae":  # inputs above, reconstructions below: 2 rows of 4
+        assert png_size(out / "samples" / "recon-step-0000010.png") == (4 * 34 + 2, 4 * 34 + 2)
+    r = aigc("eval", out, "--features", classifier_ckpt, "--n", "100", "--json")
+    assert r.code == 0, r.stderr
+    m = r.json()["metrics"]
+    assert m["fid"] > 0
+    if kind == "vae":
+        assert 0 < m["recon_mse"] < 4 and m["neg_elbo"] > 0 and r.json()["metrics"]["n_heldout"] == 100
+    else:
+        assert "recon_mse" not in m

@@ -18,4 +18,26 @@ app.add_typer(presets.app, name="presets")
 
 
 def main() -> None:
-    app(prog_name="aigc")
+    """Run the app, printing usage errors as one plain line (exit 2) instead of a boxed panel.
+
+    Typer has moved click inside itself across versions, so its exceptions are matched by shape
+    (exit_code + format_message) rather than imported from one place."""
+    import sys
+
+    try:
+        code = app(prog_name="aigc", standalone_mode=False)
+    except Exception as e:
+        name = type(e).__name__
+        if name == "Abort":
+            sys.stderr.write("error: aborted\n")
+            sys.exit(130)
+        if not (hasattr(e, "format_message") and hasattr(e, "exit_code")):
+            raise
+        if name == "NoArgsIsHelpError":  # a bare group (`aigc`, `aigc presets`) shows its help
+            e.show()
+            sys.exit(0)
+        ctx = getattr(e, "ctx", None)
+        hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        sys.stderr.write(f"error: {e.format_message()}{hint}\n")
+        code = e.exit_code
+    sys.exit(code if isinstance(code, int) else 0)
