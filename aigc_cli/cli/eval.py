@@ -34,9 +34,10 @@ def evaluate(
         raise UsageError(f"--precision must be auto, bf16, fp16 or fp32, got '{precision}'")
     ck = ckpt_io.load(checkpoint)
     console = human_console(json_out)
-    result = run_eval(ck, data=data or ck.config.data.source, root=data_root or ck.config.data.root or None,
-                      download=download, features=features, n=n, batch_size=batch_size, seed=seed,
-                      device=device, precision=precision, warn=lambda s: console.print(f"warning: {s}"))
+    with console.status(f"evaluating: generating {n} images and embedding them with real ones"):
+        result = run_eval(ck, data=data or ck.config.data.source, root=data_root or ck.config.data.root or None,
+                          download=download, features=features, n=n, batch_size=batch_size, seed=seed,
+                          device=device, precision=precision, warn=lambda s: console.print(f"warning: {s}"))
     if json_out:
         emit_json(result)
         return

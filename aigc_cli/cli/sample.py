@@ -35,7 +35,9 @@ def sample(
         raise UsageError(f"--precision must be auto, bf16, fp16 or fp32, got '{precision}'")
     ck = ckpt_io.load(checkpoint)
     G, amp = generator_from(ck, device, precision)
-    images = generate(G, latents(n, ck.config.model.latent_dim, seed), amp, batch_size)
+    console = human_console(json_out)
+    with console.status(f"generating {n} images"):
+        images = generate(G, latents(n, ck.config.model.latent_dim, seed), amp, batch_size)
     result = {"checkpoint": str(ck.path), "n": n, "seed": seed}
     if out is not None or individual is None:
         out = out or Path("samples.png")
@@ -47,4 +49,4 @@ def sample(
     if json_out:
         emit_json(result)
     else:
-        human_console().print(f"wrote {n} images: " + ", ".join(str(result[k]) for k in ("grid", "individual") if k in result))
+        console.print(f"wrote {n} images: " + ", ".join(str(result[k]) for k in ("grid", "individual") if k in result))
