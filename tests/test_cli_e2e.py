@@ -204,6 +204,6 @@ def test_other_families_train_sample_and_eval(aigc, classifier_ckpt, tmp_path, k
     m = r.json()["metrics"]
     assert m["fid"] > 0
     if kind == "vae":
-        assert 0 < m["recon_mse"] < 4 and m["neg_elbo"] > 0 and r.json()["metrics"]["n_heldout"] == 100
+        assert 0 < m["recon_mse"] < 4 and m["neg_elbo"] > 0 and r.json()["protocol"]["n_heldout"] == 100
     else:
         assert "recon_mse" not in m

@@ -72,8 +72,11 @@ def evaluate(ckpt: ckpt_io.Checkpoint, *, data: str, root: str | None, download:
                      "kid_subsets": 100, "kid_subset_size": min(1000, len(fake_images), len(real_images))},
     }
     if ckpt.config.model.kind == "vae":
-        result["metrics"].update(vae_scores(ckpt, data=data, root=root, n=n, batch_size=batch_size, seed=seed,
-                                            G=G, amp=amp, warn=warn))
+        scores = vae_scores(ckpt, data=data, root=root, n=n, batch_size=batch_size, seed=seed, G=G, amp=amp, warn=warn)
+        for key in ("n_heldout", "heldout_data"):  # protocol facts, not metrics
+            if key in scores:
+                result["protocol"][key] = scores.pop(key)
+        result["metrics"].update(scores)
     return result
 
 
