@@ -1,17 +1,16 @@
 """Checkpoints and exported artifacts: one safetensors file each, JSON metadata, atomic writes.
 
-Tensors are namespaced by what they belong to: `G.*`, `D.*`, `E.*`, `C.*` (network weights and buffers),
-`opt.G.<param index>.<name>` (optimizer state), `rng.torch` / `rng.cuda.<i>` (RNG states as uint8).
+Tensors are namespaced by what they belong to: `G.*`, `D.*`, `E.*`, `C.*` (network weights and buffers);
+training checkpoints add the resumable state written by training/state.py (`opt.*`, `rng.*`).
 Metadata keys (strings): aigc.format, aigc.kind (checkpoint|export), aigc.model, aigc.config (JSON),
-aigc.step, aigc.images_seen, aigc.precision, aigc.created, aigc.torch, and JSON blobs for optimizer
-param groups and the Python RNG. Loading never executes code (safetensors holds only tensors).
+aigc.step, aigc.images_seen, aigc.precision, aigc.created, aigc.torch. Loading never executes code
+(safetensors holds only tensors) and validates header, metadata and config before anything is built.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import tempfile
 import time
@@ -49,18 +48,27 @@ class Checkpoint:
         return int(self.meta.get("aigc.images_seen", 0))
 
     def net_state(self, name: str) -> dict[str, torch.Tensor]:
-        prefix = f"{name}."
-        return {k[len(prefix):]: v for k, v in self.tensors.items() if k.startswith(prefix)}
+        return net_state(self.tensors, name)
 
     def load_net(self, name: str, net: torch.nn.Module) -> None:
-        state = self.net_state(name)
-        if not state:
-            raise UsageError(f"{self.path}: holds no weights for network '{name}'")
-        try:
-            net.load_state_dict(state, strict=True)
-        except RuntimeError as e:
-            first = str(e).strip().splitlines()
-            raise UsageError(f"{self.path}: weights do not fit the model in its config ({first[-1].strip()})") from None
+        load_net(self.tensors, name, net, self.path)
+
+
+def net_state(tensors: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
+    prefix = f"{name}."
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def load_net(tensors: dict[str, torch.Tensor], name: str, net: torch.nn.Module, origin) -> None:
+    """Load one network's weights, with a one-line error naming the file when they do not fit."""
+    state = net_state(tensors, name)
+    if not state:
+        raise UsageError(f"{origin}: holds no weights for network '{name}'")
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        raise UsageError(f"{origin}: weights do not fit the model in its config ({first[-1].strip()})") from None
 
 
 # ---- writing -----------------------------------------------------------------------------
@@ -95,54 +103,6 @@ def write_atomic(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, s
         os.close(dfd)
     except OSError:
         pass
-
-
-def optimizer_tensors(name: str, opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], str]:
-    sd = opt.state_dict()
-    tensors = {}
-    for idx, state in sd["state"].items():
-        for key, value in state.items():
-            tensors[f"opt.{name}.{idx}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
-    return tensors, json.dumps(sd["param_groups"])
-
-
-def load_optimizer(ckpt: Checkpoint, name: str, opt: torch.optim.Optimizer) -> None:
-    groups = json.loads(ckpt.meta[f"aigc.opt.{name}.param_groups"])
-    state: dict[int, dict] = {}
-    prefix = f"opt.{name}."
-    for key, value in ckpt.tensors.items():
-        if key.startswith(prefix):
-            idx, sub = key[len(prefix):].split(".", 1)
-            state.setdefault(int(idx), {})[sub] = value
-    opt.load_state_dict({"state": state, "param_groups": groups})
-
-
-def rng_state() -> tuple[dict[str, torch.Tensor], str]:
-    tensors = {"rng.torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"rng.cuda.{i}"] = s
-    return tensors, json.dumps(random.getstate())
-
-
-def training_checkpoint(cfg: Config, nets: dict, opts: dict, precision, step: int, images_seen: int,
-                        extra_meta: dict[str, str] | None = None) -> tuple[dict, dict]:
-    tensors: dict[str, torch.Tensor] = {}
-    meta = base_meta(cfg, "checkpoint", step, images_seen, precision.name)
-    for name, net in nets.items():
-        tensors.update({f"{name}.{k}": v for k, v in net.state_dict().items()})
-    for name, opt in opts.items():
-        t, groups = optimizer_tensors(name, opt)
-        tensors.update(t)
-        meta[f"aigc.opt.{name}.param_groups"] = groups
-    if precision.scaler is not None:
-        meta["aigc.scaler"] = json.dumps({k: float(v) if torch.is_tensor(v) else v
-                                          for k, v in precision.scaler.state_dict().items()})
-    rng, py = rng_state()
-    tensors.update(rng)
-    meta["aigc.rng.python"] = py
-    meta.update(extra_meta or {})
-    return tensors, meta
 
 
 # ---- reading -----------------------------------------------------------------------------

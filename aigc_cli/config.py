@@ -36,6 +36,7 @@ class DataConfig:
     root: str = ""  # where torchvision datasets live (default: $AIGC_DATA_ROOT or ~/.cache/aigc/datasets)
     download: bool = False  # allow torchvision to download a missing dataset
     limit: int = 0  # use only the first N images (0: all)
+    strict: bool = False  # any unreadable image file is an error (default: skip it with a warning)
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,10 @@ class TrainConfig:
     ckpt_every: int = 1000  # steps between checkpoints (one is always written at the end)
     keep_checkpoints: int = 3  # step checkpoints kept besides last.safetensors
     n_samples: int = 64  # images in the training sample grids
+    best_metric: str = "auto"  # logged value that picks best.safetensors (auto: neg_elbo for VAEs, loss for classifiers, none for GANs)
+    max_recoveries: int = 3  # rollbacks after non-finite values before giving up with exit code 3
+    recover_lr_factor: float = 0.5  # learning rates are multiplied by this at each rollback
+    recover_to_bf16: bool = True  # at a rollback, switch fp16 to bf16 where the device supports it
 
 
 @dataclass(frozen=True)
@@ -205,6 +210,10 @@ def validate(cfg: Config) -> None:
         _need(getattr(t, name) > 0, f"train.{name} must be positive, got {getattr(t, name)}")
     _need(t.epochs >= 0, "train.epochs must be >= 0")
     _need(t.keep_checkpoints >= 0, "train.keep_checkpoints must be >= 0")
+    _need(t.max_recoveries >= 0, "train.max_recoveries must be >= 0")
+    _need(0 < t.recover_lr_factor <= 1, f"train.recover_lr_factor must be in (0, 1], got {t.recover_lr_factor}")
+    _need(re.fullmatch(r"auto|none|[A-Za-z_][A-Za-z0-9_]*", t.best_metric) is not None,
+          f"train.best_metric must be auto, none or a logged value name such as neg_elbo, got {t.best_metric!r}")
     for name in ("lr_g", "lr_d"):
         _need(0 < getattr(t, name) < 1, f"train.{name} must be in (0, 1), got {getattr(t, name)}")
     for name in ("beta1", "beta2"):

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from aigc_cli.config import Config, config_from_dict
+
 
 def aigc_command() -> list[str]:
     exe = Path(sys.executable).with_name("aigc")
@@ -72,3 +74,27 @@ def write_image_folder(root: Path, n_per_class: int = 6, size: int = 24, classes
 @pytest.fixture
 def image_folder(tmp_path) -> Path:
     return write_image_folder(tmp_path / "my images")
+
+
+class Silent:
+    """A training reporter that records what it is told instead of printing it."""
+
+    def __init__(self):
+        self.notes, self.records = [], []
+
+    def start(self, total_steps, info): self.info = info
+    def advance(self, step): pass
+    def log(self, record): self.records.append(record)
+    def note(self, text): self.notes.append(text)
+    def finish(self): pass
+
+
+def tiny(kind: str, **model) -> Config:
+    return config_from_dict({
+        "name": f"test-{kind}",
+        "model": {"kind": kind, "resolution": 16, "channels": 1, "latent_dim": 8, "g_width": 8, "d_width": 8,
+                  "hidden": 32, **model},
+        "data": {"source": "shapes", "limit": 512},
+        "train": {"steps": 20, "batch_size": 16, "log_every": 5, "sample_every": 20, "ckpt_every": 20,
+                  "n_samples": 4, "lr_g": 1e-3 if kind in ("vae", "classifier") else 2e-4},
+    })

@@ -8,12 +8,16 @@ import os
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from aigc_cli import checkpoint as ck
 from aigc_cli.config import load_preset
 from aigc_cli.errors import UsageError
 from aigc_cli.models import build_nets
+from aigc_cli.training import state
+from aigc_cli.training.batches import DeviceBatches
 from aigc_cli.training.precision import Precision
 from aigc_cli.training.steps import make_optimizers
 
@@ -29,7 +33,8 @@ def saved(tmp_path):
         opt.step()
     amp = Precision("fp16", torch.device("cpu"))
     rng = torch.get_rng_state()
-    tensors, meta = ck.training_checkpoint(cfg, nets, opts, amp, 12, 768, {"aigc.extra": "1"})
+    batches = DeviceBatches(torch.zeros(8, 3, 32, 32, dtype=torch.uint8), None, 2, torch.device("cpu"), 0)
+    tensors, meta = state.capture(cfg, nets, opts, amp, batches, 12, 768, {"aigc.extra": "1"})
     path = tmp_path / "c.safetensors"
     ck.write_atomic(path, tensors, meta)
     return cfg, nets, opts, path, rng
@@ -44,11 +49,15 @@ def test_round_trip_restores_weights_and_optimizer(saved):
     for a, b in zip(fresh["G"].state_dict().values(), nets["G"].state_dict().values()):
         assert torch.equal(a, b)
     fresh_opts = make_optimizers("gan", fresh, cfg.train)
-    ck.load_optimizer(loaded, "D", fresh_opts["D"])
+    fresh_batches = DeviceBatches(torch.zeros(8, 3, 32, 32, dtype=torch.uint8), None, 2, torch.device("cpu"), 0)
+    fresh_amp = Precision("fp16", torch.device("cpu"))
+    torch.manual_seed(123)  # restore() must put the saved RNG state back
+    assert state.restore(loaded.tensors, loaded.meta, fresh, fresh_opts, fresh_amp, fresh_batches, path) == (12, 768)
+    assert torch.equal(torch.get_rng_state(), rng)
     want, got = opts["D"].state_dict(), fresh_opts["D"].state_dict()
     assert got["param_groups"] == json.loads(json.dumps(want["param_groups"]))
-    for idx, state in want["state"].items():
-        for key, value in state.items():
+    for idx, per_param in want["state"].items():
+        for key, value in per_param.items():
             assert torch.equal(got["state"][idx][key], value)
     assert torch.equal(loaded.tensors["rng.torch"], rng)
     assert "scale" in json.loads(loaded.meta["aigc.scaler"])
@@ -108,3 +117,45 @@ def test_failed_write_keeps_previous_file(tmp_path, saved, monkeypatch):
         ck.write_atomic(path, {"x": torch.zeros(1)}, {"aigc.format": "1"})
     assert path.read_bytes() == before
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left behind
+
+
+def test_disk_full_during_training_stops_cleanly_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    from conftest import Silent, tiny
+
+    from aigc_cli.training.loop import train
+
+    real, calls = ck.save_file, {"n": 0}
+
+    def fails_second_time(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ck, "save_file", fails_second_time)
+    cfg = tiny("dcgan").with_overrides({"train.steps": "10", "train.ckpt_every": "5"})
+    with pytest.raises(UsageError) as e:
+        train(cfg, tmp_path / "r", Silent())
+    message = str(e.value)
+    assert "No space left on device" in message and "step-0000010" in message and "is intact" in message
+    assert ck.load(tmp_path / "r").step == 5
+    assert not [p for p in (tmp_path / "r" / "checkpoints").iterdir() if p.name.endswith(".tmp")]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cut=st.integers(0, 10**6), flips=st.lists(st.tuples(st.integers(0, 10**6), st.integers(1, 255)), max_size=4),
+       prefix=st.binary(max_size=64))
+def test_fuzzed_checkpoint_bytes_load_or_fail_cleanly(tmp_path, saved, cut, flips, prefix):
+    """Truncated, bit-flipped and garbage-prefixed files: a Checkpoint or a one-line UsageError."""
+    data = bytearray(saved[3].read_bytes())
+    data = data[: cut % (len(data) + 1)]
+    for pos, bits in flips:
+        if data:
+            data[pos % len(data)] ^= bits
+    bad = tmp_path / "fuzz.safetensors"
+    bad.write_bytes(bytes(prefix) + bytes(data))
+    try:
+        loaded = ck.load(bad)
+        loaded.load_net("G", build_nets(loaded.config.model)["G"])
+    except UsageError as e:
+        assert "\n" not in str(e)

@@ -8,30 +8,8 @@ import math
 import pytest
 import torch
 
-from aigc_cli.config import Config, config_from_dict
 from aigc_cli.training.loop import train
-
-
-class Silent:
-    def __init__(self):
-        self.notes, self.records = [], []
-
-    def start(self, total_steps, info): self.info = info
-    def advance(self, step): pass
-    def log(self, record): self.records.append(record)
-    def note(self, text): self.notes.append(text)
-    def finish(self): pass
-
-
-def tiny(kind: str, **model) -> Config:
-    return config_from_dict({
-        "name": f"test-{kind}",
-        "model": {"kind": kind, "resolution": 16, "channels": 1, "latent_dim": 8, "g_width": 8, "d_width": 8,
-                  "hidden": 32, **model},
-        "data": {"source": "shapes", "limit": 512},
-        "train": {"steps": 20, "batch_size": 16, "log_every": 5, "sample_every": 20, "ckpt_every": 20,
-                  "n_samples": 4, "lr_g": 1e-3 if kind in ("vae", "classifier") else 2e-4},
-    })
+from conftest import Silent, tiny
 
 
 @pytest.mark.parametrize("kind", ["mlp_gan", "dcgan", "vae", "classifier"])

@@ -1,36 +1,121 @@
-"""SIGTERM and SIGINT on a real training process: it finishes the step, saves, and exits 143 / 130."""
+"""Signals on a real training process: SIGTERM/SIGINT finish the step, save and exit 143/130; the saved
+checkpoint resumes to exactly what an uninterrupted run gives; SIGUSR1 saves and goes on (or exits 75
+with --exit-on-usr1); a second SIGINT stops at once without damaging what is on disk."""
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from aigc_cli import checkpoint as ckpt_io
 from conftest import aigc_command
+
+TINY = ["--preset", "quickstart", "--set", "train.log_every=1", "--set", "data.limit=256", "--set", "model.g_width=8",
+        "--set", "model.d_width=8", "--set", "train.n_samples=4", "--set", "train.sample_every=100000",
+        "--set", "train.ckpt_every=100000"]
+
+
+def start(aigc_env, out: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(aigc_command() + ["train", *TINY, "--out", str(out), *extra], env=aigc_env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_steps(proc: subprocess.Popen, out: Path, n: int) -> None:
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < n):
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.1)
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
-def test_signal_saves_a_checkpoint_and_exits(aigc, aigc_env, tmp_path, sig, code):
+def test_signal_saves_and_the_resume_matches_an_uninterrupted_run(aigc, aigc_env, tmp_path, sig, code):
     out = tmp_path / "run"
-    proc = subprocess.Popen(aigc_command() + ["train", "--preset", "quickstart", "--out", str(out), "--steps", "100000",
-                                              "--set", "train.log_every=1", "--set", "data.limit=256",
-                                              "--set", "model.g_width=8", "--set", "model.d_width=8"],
-                            env=aigc_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    metrics = out / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
-        assert proc.poll() is None, proc.communicate()
-        time.sleep(0.2)
+    proc = start(aigc_env, out, "--steps", "100000")
+    wait_for_steps(proc, out, 3)
     proc.send_signal(sig)
-    stdout, stderr = proc.communicate(timeout=120)
+    _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == code, stderr
-    assert "Traceback" not in stderr and "saved" in stderr
+    assert "Traceback" not in stderr and "saved" in stderr and "--resume auto" in stderr
     saved = sorted((out / "checkpoints").glob("step-*.safetensors"))
     assert len(saved) == 1 and (out / "checkpoints" / "last.safetensors").is_file()
-    step = int(saved[0].stem.split("-")[1])
-    assert 3 <= step < 100000
-    info = aigc("info", out, "--json")
-    assert info.code == 0 and info.json()["step"] == step
+    k = ckpt_io.load(saved[0]).step
+    assert 3 <= k < 100000
+    if sig == signal.SIGINT:
+        return  # the resume below is the same for both signals; once is enough for the suite's time
+
+    n = k + 4
+    r = aigc("train", *TINY, "--out", out, "--steps", n, "--resume", "auto", "--json")
+    assert r.code == 0, r.stderr
+    assert r.json()["start_step"] == k and r.json()["steps"] == n
+    r = aigc("train", *TINY, "--out", tmp_path / "whole", "--steps", n, "--json")
+    assert r.code == 0, r.stderr
+    a, b = ckpt_io.load(out), ckpt_io.load(tmp_path / "whole")
+    weights = [key for key in a.tensors if key[0] in "GD" and "." in key]
+    assert weights and all((a.tensors[key] == b.tensors[key]).all() for key in weights)
+    png = f"samples/step-{n:07d}.png"
+    assert (out / png).read_bytes() == (tmp_path / "whole" / png).read_bytes()
+
+
+def test_usr1_saves_and_continues_then_exit_on_usr1_exits_75(aigc_env, tmp_path):
+    out = tmp_path / "run"
+    proc = start(aigc_env, out, "--steps", "100000")
+    wait_for_steps(proc, out, 2)
+    proc.send_signal(signal.SIGUSR1)
+    deadline = time.time() + 60
+    while time.time() < deadline and not list((out / "checkpoints").glob("step-*.safetensors")):
+        time.sleep(0.1)
+    first = ckpt_io.load(out).step
+    wait_for_steps(proc, out, first + 3)  # still training after the save
+    assert proc.poll() is None
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and "SIGUSR1: saved" in stderr
+
+    proc = start(aigc_env, out, "--steps", "100000", "--resume", "auto", "--exit-on-usr1")
+    wait_for_steps(proc, out, ckpt_io.load(out).step + 2)
+    proc.send_signal(signal.SIGUSR1)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 75, stderr
+    assert ckpt_io.load(out).step > first
+
+
+def test_second_sigint_exits_at_once_and_leaves_valid_files(aigc_env, tmp_path):
+    out = tmp_path / "run"
+    proc = start(aigc_env, out, "--steps", "100000", "--set", "train.ckpt_every=2")
+    wait_for_steps(proc, out, 4)
+    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    files = list((out / "checkpoints").iterdir())
+    assert files and not [f for f in files if f.name.endswith(".tmp")]
+    for f in files:
+        ckpt_io.load(f)  # every file left there is a whole, valid checkpoint
+
+
+def test_divergence_exit_code_3_from_the_real_command(aigc_env, tmp_path):
+    """The real CLI with a fault injected into the GAN step (NaN loss from step 3 on)."""
+    inject = (
+        "import sys; from aigc_cli.training import steps; real = steps.STEPS['gan']\n"
+        "def poisoned(*a):\n"
+        "    out = real(*a); poisoned.n = getattr(poisoned, 'n', 0) + 1\n"
+        "    return {**out, 'loss_g': out['loss_g'] * float('nan')} if poisoned.n >= 3 else out\n"
+        "steps.STEPS['gan'] = poisoned\n"
+        "from aigc_cli.cli import main; sys.argv[0] = 'aigc'; main()\n"
+    )
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-c", inject, "train", *TINY, "--out", str(out), "--steps", "20",
+                           "--set", "train.ckpt_every=2", "--set", "train.max_recoveries=2"],
+                          env=aigc_env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 3, proc.stderr
+    lines = [s for s in proc.stderr.splitlines() if s.startswith("error:")]
+    assert len(lines) == 1 and "diverged" in lines[0] and "step-0000002.safetensors" in lines[0]
+    assert proc.stderr.count("rolled back to step 2") == 2

@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from .output import emit_json, handles_errors, human_console
+from .output import emit_json, handles_errors, human_console, warn
 
 
 @handles_errors
@@ -37,7 +37,7 @@ def evaluate(
     with console.status(f"evaluating: generating {n} images and embedding them with real ones"):
         result = run_eval(ck, data=data or ck.config.data.source, root=data_root or ck.config.data.root or None,
                           download=download, features=features, n=n, batch_size=batch_size, seed=seed,
-                          device=device, precision=precision, warn=lambda s: console.print(f"warning: {s}"))
+                          device=device, precision=precision, warn=warn)
     if json_out:
         emit_json(result)
         return

@@ -24,6 +24,10 @@ def emit_json(obj: dict) -> None:
     sys.stdout.flush()
 
 
+def warn(message: str) -> None:
+    sys.stderr.write(f"warning: {message}\n")
+
+
 def fail(message: str, code: int) -> None:
     """Errors are one plain line on stderr (no rich wrapping), then the documented exit code."""
     sys.stderr.write(f"error: {message}\n")
@@ -56,6 +60,7 @@ class ConsoleReporter:
 
     def __init__(self, console: Console):
         self.console = console
+        self.err = Console(stderr=True, quiet=console.quiet, soft_wrap=True, highlight=False)  # warnings
         self.progress: Progress | None = None
         self.total = 0
         self.t0 = time.perf_counter()
@@ -86,7 +91,11 @@ class ConsoleReporter:
         self.console.print(f"step {step}/{self.total}  {stats}  eta {time.strftime('%H:%M:%S', time.gmtime(eta))}")
 
     def note(self, text: str) -> None:
-        (self.progress.console if self.progress else self.console).print(f"warning: {text}")
+        """Warnings and events (resume, rollback, SIGUSR1 save) go to stderr, above a live progress bar."""
+        if self.progress:  # on a terminal: print above the live bar
+            self.progress.console.print(f"note: {text}")
+        else:
+            self.err.print(f"note: {text}")
 
     def finish(self) -> None:
         if self.progress:

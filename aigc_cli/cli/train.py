@@ -8,7 +8,7 @@ from typing import List, Optional
 
 import typer
 
-from .output import emit_json, handles_errors, human_console
+from .output import emit_json, handles_errors, human_console, warn
 
 
 def next_run_dir(name: str, base: Path = Path("runs")) -> Path:
@@ -17,9 +17,16 @@ def next_run_dir(name: str, base: Path = Path("runs")) -> Path:
     return base / f"{name}-{max(taken, default=0) + 1:03d}"
 
 
+def resume_run_dir(path: Path) -> Path:
+    """The run folder a checkpoint belongs to: run/checkpoints/x.safetensors -> run."""
+    if path.is_dir():
+        return path
+    return path.parent.parent if path.parent.name == "checkpoints" else path.parent
+
+
 @handles_errors
 def train(
-    preset: str = typer.Option(..., "--preset", "-p", help="Preset name (see `aigc presets list`) or a path to a TOML file."),
+    preset: Optional[str] = typer.Option(None, "--preset", "-p", help="Preset name (see `aigc presets list`) or a path to a TOML file; optional with --resume."),
     data: Optional[str] = typer.Option(None, "--data", help="Data source: shapes, mnist, fashion-mnist, cifar10, or an image/IDX folder."),
     data_root: Optional[str] = typer.Option(None, "--data-root", help="Folder holding torchvision datasets."),
     download: bool = typer.Option(False, "--download", help="Allow downloading a missing torchvision dataset."),
@@ -31,34 +38,51 @@ def train(
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed for weights, data order and latents."),
     overrides: Optional[List[str]] = typer.Option(None, "--set", help="Override any config key, e.g. --set train.lr_g=1e-4 (repeatable)."),
+    resume: Optional[str] = typer.Option(None, "--resume", help="auto: continue the run in --out from its newest valid checkpoint (or start fresh); or a checkpoint file / run folder."),
+    exit_on_usr1: bool = typer.Option(False, "--exit-on-usr1", help="On SIGUSR1 save and exit with code 75 (default: save and go on)."),
+    strict: bool = typer.Option(False, "--strict", help="Any unreadable image file is an error (default: skip it with a warning)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON summary on stdout; progress goes to stderr."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing but errors (and --json output)."),
 ) -> None:
     """Train a model from a preset; writes checkpoints, sample grids and metrics.jsonl to the run folder."""
     from ..config import load_preset, parse_assignments
     from ..errors import UsageError
+    from ..training.state import find_resume
 
-    cfg = load_preset(preset)
+    console = human_console(json_out, quiet)
     assignments = parse_assignments(overrides or [])
     flags = {"data.source": data, "data.root": data_root, "data.download": True if download else None,
-             "train.steps": steps, "train.epochs": epochs, "train.batch_size": batch_size,
-             "train.precision": precision, "train.device": device, "train.seed": seed}
+             "data.strict": True if strict else None, "train.steps": steps, "train.epochs": epochs,
+             "train.batch_size": batch_size, "train.precision": precision, "train.device": device, "train.seed": seed}
     assignments.update({k: v for k, v in flags.items() if v is not None})
+
+    if resume is not None and resume != "auto" and out is None:
+        out = resume_run_dir(Path(resume))
+    if resume == "auto" and out is None:
+        raise UsageError("--resume auto needs --out, the run folder to continue")
+    ckpt = find_resume(resume, out, warn) if resume is not None else None
+    if preset is not None:
+        cfg = load_preset(preset)
+    elif ckpt is not None:
+        cfg = ckpt.config  # resuming without a preset: the run's own config, plus any overrides
+    else:
+        raise UsageError("--preset is required (see `aigc presets list`)" +
+                         (f"; --resume auto found no checkpoint in {out}" if resume == "auto" else ""))
     cfg = cfg.with_overrides(assignments)  # validates every value before any data or model is touched
     if steps is not None and epochs is None and cfg.train.epochs:
         cfg = cfg.with_overrides({"train.epochs": 0})  # an explicit --steps wins over a preset's epochs
 
     run_dir = out if out is not None else next_run_dir(cfg.name)
-    if (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").glob("*.safetensors")):
-        raise UsageError(f"--out {run_dir}: already holds a run; choose another folder or remove it")
     if run_dir.exists() and not run_dir.is_dir():
         raise UsageError(f"--out {run_dir}: exists and is not a folder")
+    if resume is None and any((run_dir / "checkpoints").glob("*.safetensors")):
+        raise UsageError(f"--out {run_dir}: already holds a run; pass --resume auto to continue it, "
+                         "or choose another folder")
 
     from ..training.loop import train as run_training
     from .output import ConsoleReporter
 
-    console = human_console(json_out, quiet)
-    summary = run_training(cfg, run_dir, ConsoleReporter(console))
+    summary = run_training(cfg, run_dir, ConsoleReporter(console), resume=ckpt, exit_on_usr1=exit_on_usr1)
     if json_out:
         emit_json(summary)
     else:

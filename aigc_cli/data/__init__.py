@@ -1,8 +1,8 @@
 """Training images: one entry point, `load_images`, for every supported source.
 
 A source is a built-in name (see BUILTIN_SOURCES) or a folder path: a folder of raw MNIST-style
-IDX files, or a folder of image files. Built-in names win over a folder of the same name; write
-"./shapes" to mean the folder.
+IDX files, a CIFAR-10 binary folder (cifar-10-batches-bin), or a folder of image files. Built-in
+names win over a folder of the same name; write "./shapes" to mean the folder.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from aigc_cli.data import idx, torchvision_sources
+from aigc_cli.data import cifar, idx, torchvision_sources
 from aigc_cli.data.folder import load_folder
 from aigc_cli.data.shapes import draw_shapes
 from aigc_cli.data.transforms import conform
@@ -40,7 +40,7 @@ def _print_warning(message: str) -> None:
 
 def load_images(source: str, *, channels: int, resolution: int, root: str | None = None,
                 download: bool = False, split: str = "train", limit: int = 0, seed: int = 0,
-                warn: Callable[[str], None] | None = None) -> ImageData:
+                warn: Callable[[str], None] | None = None, strict: bool = False) -> ImageData:
     """Load `source` as uint8 images of `channels` x `resolution` x `resolution`.
 
     split: "train", or "test" for the held-out set. An image folder has no held-out set, so
@@ -49,7 +49,10 @@ def load_images(source: str, *, channels: int, resolution: int, root: str | None
     seed: only affects "shapes" (same seed -> identical images).
     root: where mnist / fashion-mnist / cifar10 live; default $AIGC_DATA_ROOT, else
         ~/.cache/aigc/datasets. Nothing is fetched over the network unless `download` is True.
-    warn: receives one-line warnings (default: printed to stderr).
+    warn: receives one-line warnings (default: printed to stderr). An image folder gives one per
+        file it skips (its path relative to the folder, and why), then a count of them.
+    strict: for an image folder, the first file that cannot be used raises UsageError instead of
+        being skipped with a warning.
     Raises UsageError (one line) for anything the user can fix.
     """
     warn = warn or _print_warning
@@ -85,8 +88,11 @@ def load_images(source: str, *, channels: int, resolution: int, root: str | None
             images, labels = idx.load_idx_folder(path, split)
             num_classes = int(labels.max()) + 1 if labels is not None and labels.numel() else 0
             name = f"IDX folder {path}"
+        elif cifar.is_cifar_bin_folder(path):
+            images, labels = cifar.load_cifar_bin_folder(path, split)
+            num_classes, name = cifar.NUM_CLASSES, f"CIFAR-10 folder {path}"
         else:
-            images, labels, num_classes, _ = load_folder(path, resolution, limit, warn)
+            images, labels, num_classes, _ = load_folder(path, resolution, limit, warn, strict=strict)
             name, is_plain_folder = f"folder {path}", True
 
     if limit > 0:

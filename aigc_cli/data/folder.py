@@ -1,20 +1,42 @@
-"""Images from a folder of files (png/jpg/jpeg/webp/bmp), searched recursively."""
+"""Images from a folder of files (png/jpg/jpeg/webp/bmp/gif), searched recursively.
+
+Files come from users and the internet, so each one is treated as hostile: it is decoded in
+isolation and either gives a correct image or is rejected with a one-line reason. Rejected files
+are skipped with one warning each (or stop the load with `strict`). In particular:
+  * only PNG, JPEG (and its MPO variant), WebP, BMP and GIF decoders are ever run, whatever the
+    extension says, so no other PIL plugin (e.g. EPS, which starts Ghostscript) sees our files;
+  * an image declaring more than MAX_IMAGE_PIXELS pixels is rejected from its header, before
+    any pixel memory is allocated (a "decompression bomb": a tiny file that inflates to GBs);
+  * truncated files are errors (PIL's LOAD_TRUNCATED_IMAGES is never turned on);
+  * only the first frame of an animated GIF/PNG/WebP is used.
+Nothing here changes global state (warning filters, PIL settings), so decoding in threads is safe.
+"""
 
 from __future__ import annotations
 
 import os
-from concurrent.futures import ThreadPoolExecutor
+import stat
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from aigc_cli.errors import UsageError
 
-EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-_MAX_FILE_WARNINGS = 20  # one line per bad file up to here, then only the final count
+EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
+# PIL format names we let decode a file (content decides, not the extension: a JPEG saved as
+# .png is common and fine). "JPEG" also covers MPO, the JPEG variant some cameras write.
+FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")
+# The largest image accepted, in pixels: PIL's own default limit (about 89.5 megapixels, a
+# 9459 x 9459 image, ~270 MB as RGB). Checked on the header, before decoding anything.
+MAX_IMAGE_PIXELS = 89_478_485
 _BATCH = 1024            # files decoded per round, so `limit` stops early on huge folders
+
+
+class RejectedImage(Exception):
+    """A file that is not a usable image; the message is the one-line reason."""
 
 
 def list_images(folder: str) -> list[str]:
@@ -29,10 +51,41 @@ def list_images(folder: str) -> list[str]:
     return sorted(found)
 
 
+def pixel_limit() -> int:
+    """MAX_IMAGE_PIXELS, or PIL's limit if someone lowered it: any image PIL would warn about
+    as a possible decompression bomb is rejected too (without touching warning filters)."""
+    pil = Image.MAX_IMAGE_PIXELS
+    return min(MAX_IMAGE_PIXELS, pil) if pil else MAX_IMAGE_PIXELS
+
+
+def _check_size(width: int, height: int) -> None:
+    limit = pixel_limit()
+    if width * height > limit:
+        raise RejectedImage(f"declares {width}x{height} = {width * height} pixels, over the limit of "
+                            f"{limit} (possible decompression bomb); not decoded")
+
+
+def _webp_size(head: bytes) -> tuple[int, int] | None:
+    """Canvas size from a WebP header. PIL's WebP reader allocates the canvas while opening the
+    file, so the size is checked here first; other formats allocate only in load()."""
+    if len(head) < 30 or head[:4] != b"RIFF" or head[8:12] != b"WEBP":
+        return None
+    chunk = head[12:16]
+    if chunk == b"VP8X":
+        return 1 + int.from_bytes(head[24:27], "little"), 1 + int.from_bytes(head[27:30], "little")
+    if chunk == b"VP8L" and head[20] == 0x2F:
+        bits = int.from_bytes(head[21:25], "little")
+        return 1 + (bits & 0x3FFF), 1 + ((bits >> 14) & 0x3FFF)
+    if chunk == b"VP8 " and head[23:26] == b"\x9d\x01\x2a":
+        return (int.from_bytes(head[26:28], "little") & 0x3FFF,
+                int.from_bytes(head[28:30], "little") & 0x3FFF)
+    return None
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
     """Any PIL mode as 8-bit RGB; transparency is composited on black, 16-bit is scaled down."""
-    if img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
+    if img.mode in ("P", "L", "RGB", "1") and img.info.get("transparency") is not None:
+        img = img.convert("RGBA")  # palette alpha, or a tRNS "this colour is transparent" key
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         img = img.convert("RGBA")
         background = Image.new("RGB", img.size, (0, 0, 0))
@@ -40,29 +93,91 @@ def to_rgb(img: Image.Image) -> Image.Image:
         return background
     if img.mode.startswith("I") or img.mode == "F":
         # 16/32-bit grey: PIL's own convert clips at 255 (nearly all white), so rescale instead.
-        # Integer modes are taken as 16-bit (what PNG/TIFF store); floats as 0..1 if they fit.
-        arr = np.asarray(img).astype(np.float64)
-        scale = 255.0 / 65535.0 if img.mode != "F" else 255.0 if arr.max(initial=0) <= 1.0 else 1.0
-        return Image.fromarray(np.clip(np.rint(arr * scale), 0, 255).astype(np.uint8)).convert("RGB")
-    return img.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV, RGB
+        # Integer modes are taken as 16-bit (what PNG stores); floats as 0..1 if they fit.
+        arr = np.asarray(img)
+        if img.mode == "F":
+            arr = np.nan_to_num(arr.astype(np.float32, copy=False))
+            scale = 255.0 if arr.max(initial=0) <= 1.0 else 1.0
+            grey = np.clip(np.rint(arr * scale), 0, 255).astype(np.uint8)
+        else:  # v * 255 / 65535 rounded, in integers (4 bytes a pixel, not a float64 copy)
+            grey = ((np.clip(arr, 0, 65535).astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    return img.convert("RGB")  # L, 1, P, CMYK (PIL undoes Adobe's inverted CMYK), YCbCr, HSV, RGB
 
 
 def decode(path: str, resolution: int) -> np.ndarray:
-    """One file as (resolution, resolution, 3) uint8: shorter side scaled, centre-cropped."""
-    with Image.open(path) as img:
-        # JPEG can decode at 1/2, 1/4, 1/8 scale for free; draft keeps it >= the target size.
-        img.draft("RGB", (resolution, resolution))
-        img = to_rgb(ImageOps.exif_transpose(img))
-        # fit() crops the centre to a square first, then resizes: same result as
-        # scale-then-crop, with less work.
-        img = ImageOps.fit(img, (resolution, resolution), Image.Resampling.LANCZOS)
-        return np.asarray(img, dtype=np.uint8)
+    """One file as (resolution, resolution, 3) uint8: shorter side scaled, centre-cropped.
+
+    Raises RejectedImage (or whatever PIL raises) when the file is not a usable image.
+    """
+    st = os.stat(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise RejectedImage("not a regular file")  # e.g. a FIFO, which would block open()
+    if st.st_size == 0:
+        raise RejectedImage("empty file (0 bytes)")
+    with open(path, "rb") as f:
+        size = _webp_size(f.read(30))
+        if size is not None:
+            _check_size(*size)
+        f.seek(0)
+        # Image.open reads only the header. It raises DecompressionBombError itself above twice
+        # PIL's limit; between the limits it would only warn, so the size is checked here, with
+        # our own limit, before load() allocates anything.
+        with Image.open(f, formats=FORMATS) as img:  # first frame of animations
+            _check_size(*img.size)
+            # JPEG can decode at 1/2, 1/4, 1/8 scale for free; draft keeps it >= the target size.
+            img.draft("RGB", (resolution, resolution))
+            img.load()
+            _check_size(*img.size)  # a GIF frame may extend the canvas while loading
+            try:
+                img = ImageOps.exif_transpose(img)
+            except Exception:  # noqa: BLE001 - unreadable EXIF: keep the pixels as stored
+                pass
+            img = to_rgb(img)
+            # fit() crops the centre to a square first, then resizes: same result as
+            # scale-then-crop, with less work.
+            img = ImageOps.fit(img, (resolution, resolution), Image.Resampling.LANCZOS)
+            return np.asarray(img, dtype=np.uint8)
 
 
-def load_folder(folder: str, resolution: int, limit: int,
-                warn: Callable[[str], None]) -> tuple[torch.Tensor, torch.Tensor | None, int, int]:
+def one_line(text: str) -> str:
+    """`text` with control characters (newlines in file names, ...) escaped, so that a warning
+    or error about a hostile file is always a single line."""
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+
+
+def describe_error(e: BaseException) -> str:
+    """A short, one-line reason for a decode failure."""
+    if isinstance(e, RejectedImage):
+        reason = str(e)
+    elif isinstance(e, Image.DecompressionBombError):
+        detail = str(e).split(", could be")[0]  # "Image size (N pixels) exceeds limit of M pixels"
+        reason = f"possible decompression bomb, not decoded ({detail})"
+    elif isinstance(e, UnidentifiedImageError):
+        reason = "not a PNG, JPEG, WebP, BMP or GIF image (contents not recognised)"
+    elif isinstance(e, OSError) and "truncated" in str(e):
+        reason = f"truncated image data ({e})"
+    elif isinstance(e, OSError) and e.strerror:
+        reason = e.strerror  # permission denied, I/O error, ... (the path is named elsewhere)
+    else:
+        reason = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+    return one_line(reason)
+
+
+def _try_decode(folder: str, rel: str, resolution: int) -> np.ndarray | str:
+    try:
+        return decode(os.path.join(folder, rel), resolution)
+    except Exception as e:  # noqa: BLE001 - any decoder failure means "reject this file"
+        return describe_error(e)
+
+
+def load_folder(folder: str, resolution: int, limit: int, warn: Callable[[str], None], *,
+                strict: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, int, int]:
     """Decode a folder; returns images (N, 3, R, R), labels or None, num_classes, skipped count.
 
+    Files are taken in sorted order until `limit` (0: all) decode. Each file that does not
+    decode gets one `warn` line (its path relative to `folder`, and the reason), and a final line
+    counts them; with `strict`, the first such file raises UsageError instead.
     Class folders: when every image sits inside a first-level subfolder, the label is the index
     of that subfolder's name among the sorted names; otherwise there are no labels.
     """
@@ -71,44 +186,48 @@ def load_folder(folder: str, resolution: int, limit: int,
                          "the built-in sources")
     paths = list_images(folder)
     if not paths:
-        raise UsageError(f"no images (.png/.jpg/.jpeg/.webp/.bmp) found under {folder}; "
+        raise UsageError(f"no images ({'/'.join(EXTENSIONS)}) found under {folder}; "
                          "point at a folder that holds images")
     wanted = min(limit, len(paths)) if limit > 0 else len(paths)
     # Filled in place (not stacked at the end) so peak memory is one copy of the data set.
     out = np.empty((wanted, 3, resolution, resolution), dtype=np.uint8)
     kept: list[str] = []
-    skipped = 0
+    skipped = examined = 0
+    Image.init()  # load PIL's plugins once, here, rather than racing to from the threads
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         pos = 0
         while pos < len(paths) and len(kept) < wanted:
             # Decode about as many as are still needed (with slack for bad files), not all.
             batch = paths[pos:pos + min(_BATCH, wanted - len(kept) + 16)]
             pos += len(batch)
-            for rel, result in zip(batch, pool.map(lambda p: _try_decode(folder, p, resolution), batch)):
-                if isinstance(result, np.ndarray):
-                    if len(kept) < wanted:
+            futures: list[Future] = [pool.submit(_try_decode, folder, rel, resolution) for rel in batch]
+            try:
+                for rel, future in zip(batch, futures):
+                    if len(kept) == wanted:
+                        break  # enough images: the rest of the batch is neither used nor judged
+                    result = future.result()
+                    examined += 1
+                    if isinstance(result, np.ndarray):
                         out[len(kept)] = result.transpose(2, 0, 1)
                         kept.append(rel)
-                    continue
-                skipped += 1
-                if skipped <= _MAX_FILE_WARNINGS:
-                    warn(f"skipping unreadable image {os.path.join(folder, rel)}: {result}")
+                        continue
+                    if strict:
+                        raise UsageError(f"cannot use image file {one_line(os.path.join(folder, rel))}: "
+                                         f"{result} (stopped by --strict; without it, unreadable "
+                                         "files are skipped with a warning)")
+                    skipped += 1
+                    warn(f"skipping {one_line(rel)}: {result}")
+            finally:
+                for future in futures:
+                    future.cancel()  # not-yet-started decodes, when stopping early
     if skipped:
-        more = f" (only the first {_MAX_FILE_WARNINGS} named above)" if skipped > _MAX_FILE_WARNINGS else ""
-        warn(f"skipped {skipped} unreadable image file(s) under {folder}{more}")
+        warn(f"skipped {skipped} of {examined} files under {one_line(folder)} (unreadable or not images)")
     if not kept:
-        raise UsageError(f"none of the {len(paths)} image files under {folder} could be read; "
-                         "check that they are valid images")
+        raise UsageError(f"none of the {len(paths)} image files under {one_line(folder)} could be read "
+                         f"(all {skipped} rejected, reasons above); check that they are valid images")
     images = torch.from_numpy(out[:len(kept)])
     labels, num_classes = _class_labels(kept)
     return images, labels, num_classes, skipped
-
-
-def _try_decode(folder: str, rel: str, resolution: int) -> np.ndarray | str:
-    try:
-        return decode(os.path.join(folder, rel), resolution)
-    except Exception as e:  # noqa: BLE001 - any decoder failure means "skip this file"
-        return f"{type(e).__name__}: {e}".splitlines()[0]
 
 
 def _class_labels(rel_paths: list[str]) -> tuple[torch.Tensor | None, int]:

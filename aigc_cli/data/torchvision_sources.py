@@ -1,19 +1,18 @@
 """MNIST, Fashion-MNIST and CIFAR-10 from a data root, downloaded through torchvision on request.
 
-MNIST-style sets are read from their raw IDX files by our own parser (idx.py) rather than via
-torchvision's dataset classes, because those fall back to torch.load on legacy "processed" files.
-torchvision is used for downloading them, and for CIFAR-10, whose loader checks every file's MD5
-against known values before reading it.
+Every file is read by our own numpy parsers: MNIST-style sets from their raw IDX files (idx.py),
+CIFAR-10 from its binary version (cifar.py). torchvision's dataset classes are not used to read
+anything, because they fall back to torch.load on legacy "processed" MNIST files and CIFAR10 loads
+the Python version of CIFAR-10; torchvision only downloads (URLs, mirrors and MD5 checksums).
 """
 
 from __future__ import annotations
 
 import os
 
-import numpy as np
 import torch
 
-from aigc_cli.data import idx
+from aigc_cli.data import cifar, idx
 from aigc_cli.errors import UsageError
 
 # Debian/Ubuntu's dataset-fashion-mnist package installs the raw files here.
@@ -27,8 +26,7 @@ def default_root() -> str:
 def _torchvision_class(source: str):
     from torchvision import datasets  # imported lazily: it is slow and only needed here
 
-    return {"mnist": datasets.MNIST, "fashion-mnist": datasets.FashionMNIST,
-            "cifar10": datasets.CIFAR10}[source]
+    return {"mnist": datasets.MNIST, "fashion-mnist": datasets.FashionMNIST}[source]
 
 
 def _class_name(source: str) -> str:
@@ -85,16 +83,5 @@ def _download_mnist_like(source: str, root: str) -> None:
 
 
 def load_cifar10(root: str, download: bool, split: str) -> tuple[torch.Tensor, torch.Tensor, int, str]:
-    """(N, 3, 32, 32) images, labels, 10 classes, and the folder they came from."""
-    folder = os.path.join(root, "cifar-10-batches-py")
-    if not download and not os.path.isdir(folder):
-        # Checked here so a missing data set fails fast, before torchvision is even imported.
-        raise UsageError(f"cifar10 not found (no folder {folder}); pass --download to fetch it, "
-                         "or --data-root DIR where it is")
-    try:
-        ds = _torchvision_class("cifar10")(root=root, train=(split == "train"), download=download)
-    except Exception as e:  # noqa: BLE001 - torchvision raises RuntimeError/URLError/OSError
-        action = "check the network or the folder" if download else "pass --download to fetch a fresh copy"
-        raise UsageError(f"cifar10 in {folder} could not be loaded ({str(e).splitlines()[0]}); {action}") from None
-    images = torch.from_numpy(np.ascontiguousarray(ds.data)).permute(0, 3, 1, 2).contiguous()
-    return images, torch.as_tensor(ds.targets, dtype=torch.int64), 10, folder
+    """(N, 3, 32, 32) images, labels, 10 classes, and the folder they came from (binary version)."""
+    return cifar.load_cifar10(root, download, split)

@@ -28,6 +28,10 @@ class DeviceBatches:
     def position(self) -> dict[str, int]:
         return {"epoch": self.epoch, "index": self.index}
 
+    def seek(self, epoch: int, index: int) -> None:
+        self.epoch, self.index = int(epoch), int(index)
+        self._perm = self._permutation()
+
     def next(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.index >= self.per_epoch:
             self.epoch, self.index = self.epoch + 1, 0

@@ -13,15 +13,17 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from .. import checkpoint as ckpt_io
+from ..checkpoint import Checkpoint
 from ..config import Config
 from ..data import load_images
 from ..errors import DivergedError, Interrupted, UsageError
 from ..models import FAMILIES, build_nets
 from ..sampling import generate, latents, save_grid, to_uint8
+from . import state
 from .batches import DeviceBatches
 from .precision import Precision, resolve_device, resolve_precision
-from .signals import StopFlag
+from .run_folder import RunFolder
+from .signals import USR1_EXIT_CODE, StopFlag
 from .steps import STEPS, make_optimizers
 
 
@@ -43,54 +45,31 @@ def total_steps(cfg: Config, n_images: int) -> int:
     return cfg.train.epochs * (n_images // cfg.train.batch_size) if cfg.train.epochs else cfg.train.steps
 
 
-class RunFolder:
-    """The run folder layout of DESIGN.md: config.toml, metrics.jsonl, samples/, checkpoints/."""
-
-    def __init__(self, root: Path, keep: int):
-        self.root, self.keep = Path(root), keep
-        self.samples = self.root / "samples"
-        self.checkpoints = self.root / "checkpoints"
-        for d in (self.samples, self.checkpoints):
-            d.mkdir(parents=True, exist_ok=True)
-
-    def write_config(self, cfg: Config) -> None:
-        tmp = self.root / ".config.toml.tmp"
-        tmp.write_text(cfg.to_toml(), encoding="utf-8")
-        tmp.replace(self.root / "config.toml")
-
-    def append_metrics(self, record: dict) -> None:
-        with open(self.root / "metrics.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-
-    def save_checkpoint(self, step: int, tensors: dict, meta: dict) -> Path:
-        path = self.checkpoints / f"step-{step:07d}.safetensors"
-        ckpt_io.write_atomic(path, tensors, meta)
-        last = self.checkpoints / "last.safetensors"
-        tmp = self.checkpoints / ".last.link.tmp"
-        tmp.unlink(missing_ok=True)
-        try:  # a hard link costs no second write; the rename keeps `last` valid at every instant
-            tmp.hardlink_to(path)
-            tmp.replace(last)
-        except OSError:
-            ckpt_io.write_atomic(last, tensors, meta)
-        self._prune()
-        return path
-
-    def _prune(self) -> None:
-        if self.keep <= 0:
-            return
-        steps = sorted(self.checkpoints.glob("step-*.safetensors"))
-        for old in steps[:-self.keep]:
-            old.unlink(missing_ok=True)
+def best_metric(cfg: Config) -> tuple[str | None, bool]:
+    """The logged value that picks best.safetensors, and whether higher is better."""
+    name = cfg.train.best_metric
+    if name == "auto":
+        name = {"vae": "neg_elbo", "classifier": "loss"}.get(FAMILIES[cfg.model.kind].objective, "none")
+    return (None, False) if name == "none" else (name, "acc" in name)
 
 
-def train(cfg: Config, run_dir: Path, reporter: Reporter) -> dict:
+def load_data(cfg: Config, split: str, warn):
+    return load_images(cfg.data.source, channels=cfg.model.channels, resolution=cfg.model.resolution,
+                       root=cfg.data.root or None, download=cfg.data.download and split == "train", split=split,
+                       limit=cfg.data.limit, seed=cfg.train.seed, warn=warn, strict=cfg.data.strict)
+
+
+def train(cfg: Config, run_dir: Path, reporter: Reporter, *, resume: Checkpoint | None = None,
+          exit_on_usr1: bool = False) -> dict:
+    with StopFlag() as stop:  # installed first, so a signal during set-up is not lost
+        return _train(cfg, Path(run_dir), reporter, resume, exit_on_usr1, stop)
+
+
+def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop) -> dict:
     family = FAMILIES[cfg.model.kind]
     device = resolve_device(cfg.train.device)
     amp = Precision(resolve_precision(cfg.train.precision, device), device)
-    data = load_images(cfg.data.source, channels=cfg.model.channels, resolution=cfg.model.resolution,
-                       root=cfg.data.root or None, download=cfg.data.download, split="train",
-                       limit=cfg.data.limit, seed=cfg.train.seed, warn=reporter.note)
+    data = load_data(cfg, "train", reporter.note)
     if family.needs_labels:
         if data.labels is None:
             raise UsageError(f"data '{cfg.data.source}' has no labels, which model '{family.name}' needs "
@@ -99,6 +78,9 @@ def train(cfg: Config, run_dir: Path, reporter: Reporter) -> dict:
     bs = cfg.train.batch_size
     if len(data.images) < bs:
         raise UsageError(f"data has {len(data.images)} images, fewer than --batch-size {bs}")
+    if resume is not None:
+        for change in state.check_compatible(resume.config, cfg, resume.path):
+            reporter.note(f"resuming with a changed setting: {change}")
     steps = total_steps(cfg, len(data.images))
 
     seed_everything(cfg.train.seed)
@@ -106,8 +88,16 @@ def train(cfg: Config, run_dir: Path, reporter: Reporter) -> dict:
     opts = make_optimizers(family.objective, nets, cfg.train)
     step_fn = STEPS[family.objective]
     run = RunFolder(run_dir, cfg.train.keep_checkpoints)
-    run.write_config(cfg)
     batches = DeviceBatches(data.images, data.labels, bs, device, cfg.train.seed)
+    step, images_seen = 0, 0
+    metric, higher_is_better = best_metric(cfg)
+    best_value = None
+    if resume is not None:
+        step, images_seen = state.restore(resume.tensors, resume.meta, nets, opts, amp, batches, resume.path)
+        best_value = json.loads(resume.meta.get("aigc.best_value", "null"))
+        run.trim_metrics(step)
+        reporter.note(f"resumed from {resume.path} at step {step} ({images_seen} images seen)")
+    run.write_config(cfg)
     z_fixed = latents(cfg.train.n_samples, cfg.model.latent_dim, cfg.train.seed)
     nrow = max(1, int(math.sqrt(cfg.train.n_samples)))
 
@@ -127,60 +117,110 @@ def train(cfg: Config, run_dir: Path, reporter: Reporter) -> dict:
             save_grid(torch.cat([data.images[:k], recon]), run.samples / f"recon-step-{step:07d}.png", nrow)
         G.train()
 
-    def save(step: int, images_seen: int) -> Path:
-        extra = {"aigc.data_position": json.dumps(batches.position())}
-        tensors, meta = ckpt_io.training_checkpoint(cfg, nets, opts, amp, step, images_seen, extra)
-        return run.save_checkpoint(step, tensors, meta)
+    # The rollback point for the divergence guard: the last state known to be finite, in memory.
+    good = state.capture(cfg, nets, opts, amp, batches, step, images_seen)
+    good_path: Path | None = resume.path if resume is not None else None
+    recoveries = 0
+    last_record: dict = {}
+
+    def save() -> Path:
+        nonlocal good, good_path, best_value
+        value = last_record.get(metric) if metric else None
+        is_best = value is not None and (best_value is None or (value > best_value if higher_is_better else value < best_value))
+        best_value = value if is_best else best_value
+        extra = {"aigc.best_metric": json.dumps(metric), "aigc.best_value": json.dumps(best_value)}
+        good = state.capture(cfg, nets, opts, amp, batches, step, images_seen, extra)
+        good_path = run.save_checkpoint(step, *good, best=is_best)
+        return good_path
+
+    def recover(reason: str) -> None:
+        """Roll back to the last good state, lower the learning rates (and leave fp16), or give up."""
+        nonlocal recoveries, amp, cfg, step, images_seen, sums, n_sum
+        recoveries += 1
+        where = f"the last good checkpoint is {good_path}" if good_path else "no checkpoint had been saved yet"
+        if recoveries > cfg.train.max_recoveries:
+            raise DivergedError(f"training diverged at step {step} ({reason}) and {cfg.train.max_recoveries} "
+                                f"rollbacks did not help; {where}")
+        changes = []
+        if amp.name == "fp16" and cfg.train.recover_to_bf16 and (device.type != "cuda" or torch.cuda.is_bf16_supported()):
+            amp = Precision("bf16", device)
+            cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision="bf16"))
+            changes.append("fp16 -> bf16")
+        failed_at = step
+        step, images_seen = state.restore(*good, nets, opts, amp, batches, "the in-memory rollback point")
+        for opt in opts.values():
+            for group in opt.param_groups:
+                group["lr"] *= cfg.train.recover_lr_factor
+        changes.append(f"learning rates x{cfg.train.recover_lr_factor}")
+        sums, n_sum = {}, 0
+        run.trim_metrics(step)
+        reporter.note(f"non-finite values at step {failed_at} ({reason}); rolled back to step {step}, "
+                      f"{', '.join(changes)} (rollback {recoveries} of {cfg.train.max_recoveries})")
 
     info = {"run_dir": str(run_dir), "device": str(device), "precision": amp.name, "data": data.name,
-            "model": cfg.model.kind, "steps": steps, "batch_size": bs}
+            "model": cfg.model.kind, "steps": steps, "batch_size": bs, "start_step": step}
     reporter.start(steps, info)
-    images_seen, sums, n_sum = 0, {}, 0
-    t_log, seen_log, t_start = time.perf_counter(), 0, time.perf_counter()
-    last_ckpt: Path | None = None
-    step = 0
-    with StopFlag() as stop:
-        for step in range(1, steps + 1):
-            x, y = batches.next()
-            if family.objective == "gan":
-                out = step_fn(nets, opts, amp, x, torch.randn(bs, cfg.model.latent_dim, device=device), cfg)
-            else:
-                out = step_fn(nets, opts, amp, x, y, cfg)
-            images_seen += bs
-            sums = {k: sums.get(k, 0) + v for k, v in out.items()}  # stays on the device: no sync
-            n_sum += 1
-            reporter.advance(step)
+    sums, n_sum = {}, 0
+    t_log, seen_log, t_start = time.perf_counter(), images_seen, time.perf_counter()
+    start_step = step
+    if stop.signum is not None:
+        raise Interrupted("stopped by signal before the first step; nothing to save", stop.exit_code)
+    while step < steps:
+        step += 1
+        x, y = batches.next()
+        if family.objective == "gan":
+            out = step_fn(nets, opts, amp, x, torch.randn(bs, cfg.model.latent_dim, device=device), cfg)
+        else:
+            out = step_fn(nets, opts, amp, x, y, cfg)
+        images_seen += bs
+        sums = {k: sums.get(k, 0) + v for k, v in out.items()}  # stays on the device: no sync
+        n_sum += 1
+        reporter.advance(step)
 
-            if step % cfg.train.log_every == 0 or step == steps:
-                values = torch.stack([v.float() for v in sums.values()]).div(n_sum).tolist()  # one sync
-                now = time.perf_counter()
-                record = {"step": step, "images_seen": images_seen,
-                          **{k: round(v, 6) for k, v in zip(sums, values)},
-                          "img_per_s": round((images_seen - seen_log) / max(now - t_log, 1e-9), 1),
-                          "elapsed_s": round(now - t_start, 2)}
-                run.append_metrics(record)
-                reporter.log(record)
-                if not all(math.isfinite(v) for v in values):
-                    good = f"; the last good checkpoint is {last_ckpt}" if last_ckpt else ""
-                    raise DivergedError(f"training diverged at step {step}: non-finite loss "
-                                        f"({', '.join(f'{k}={v}' for k, v in zip(sums, values))}){good}")
-                sums, n_sum, t_log, seen_log = {}, 0, now, images_seen
-            if step % cfg.train.sample_every == 0 or step == steps:
-                write_samples(step)
-            if step % cfg.train.ckpt_every == 0 or step == steps:
-                last_ckpt = save(step, images_seen)
+        if step % cfg.train.log_every == 0 or step == steps:
+            values = torch.stack([v.float() for v in sums.values()]).div(n_sum).tolist()  # one sync
+            now = time.perf_counter()
+            record = {"step": step, "images_seen": images_seen,
+                      **{k: round(v, 6) for k, v in zip(sums, values)},
+                      "img_per_s": round((images_seen - seen_log) / max(now - t_log, 1e-9), 1),
+                      "elapsed_s": round(now - t_start, 2)}
+            sums, n_sum, t_log, seen_log = {}, 0, now, images_seen
+            bad = [f"{k}={v}" for k, v in zip(record, record.values()) if isinstance(v, float) and not math.isfinite(v)]
+            if bad or not state.all_finite(nets):
+                recover(", ".join(bad) or "non-finite weights")
+                t_log, seen_log = time.perf_counter(), images_seen
+                continue
+            last_record = record
+            run.append_metrics(record)
+            reporter.log(record)
+        if step % cfg.train.sample_every == 0 or step == steps:
+            write_samples(step)
+        want_save = step % cfg.train.ckpt_every == 0 or step == steps or stop.signum is not None or stop.save_requested
+        if want_save:
+            if not state.all_finite(nets):  # never write a broken state over a good one
+                recover("non-finite weights at a checkpoint")
+                continue
+            path = save()
+            if stop.save_requested:
+                stop.save_requested = False
+                reporter.note(f"SIGUSR1: saved {path}")
+                if exit_on_usr1:
+                    reporter.finish()
+                    raise Interrupted(f"SIGUSR1 at step {step}: saved {path}; resume with --resume auto",
+                                      USR1_EXIT_CODE)
             if stop.signum is not None:
-                if last_ckpt is None or not last_ckpt.name.endswith(f"{step:07d}.safetensors"):
-                    last_ckpt = save(step, images_seen)
                 reporter.finish()
-                raise Interrupted(f"stopped by signal at step {step}; saved {last_ckpt}", stop.exit_code)
+                raise Interrupted(f"stopped by signal at step {step}; saved {path}; resume with --resume auto",
+                                  stop.exit_code)
     reporter.finish()
 
     summary = {"run_dir": str(run_dir), "steps": step, "images_seen": images_seen,
-               "checkpoint": str(last_ckpt), "seconds": round(time.perf_counter() - t_start, 2),
-               "precision": amp.name, "device": str(device)}
-    if family.generative:
+               "checkpoint": str(good_path), "seconds": round(time.perf_counter() - t_start, 2),
+               "precision": amp.name, "device": str(device), "start_step": start_step, "recoveries": recoveries}
+    if family.generative and step > start_step:
         summary["samples"] = str(run.samples / f"step-{step:07d}.png")
+    if metric and best_value is not None:
+        summary["best"] = {"metric": metric, "value": best_value, "path": str(run.checkpoints / "best.safetensors")}
     if family.objective == "classifier":
         summary["test_accuracy"] = classifier_accuracy(nets["C"], cfg, amp)
         run.append_metrics({"step": step, "test_accuracy": summary["test_accuracy"]})
@@ -189,9 +229,7 @@ def train(cfg: Config, run_dir: Path, reporter: Reporter) -> dict:
 
 @torch.inference_mode()
 def classifier_accuracy(C, cfg: Config, amp: Precision) -> float:
-    test = load_images(cfg.data.source, channels=cfg.model.channels, resolution=cfg.model.resolution,
-                       root=cfg.data.root or None, download=False, split="test", limit=cfg.data.limit,
-                       seed=cfg.train.seed, warn=lambda s: None)
+    test = load_data(cfg, "test", lambda s: None)
     C.eval()
     device = next(C.parameters()).device
     correct = 0

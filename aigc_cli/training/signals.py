@@ -1,6 +1,9 @@
-"""Signal handling in the Lightning style: a handler only sets a flag, the loop acts at a step boundary
-(finish the step, save, exit 130/143). A second SIGINT stops at once; writes are atomic, so the last
-good checkpoint survives."""
+"""Signal handling in the Lightning style: a handler only sets a flag, the loop acts at a step boundary.
+
+SIGINT / SIGTERM: finish the step, save, exit 130 / 143. A second SIGINT stops at once; checkpoint
+writes are atomic, so the last good file survives. SIGUSR1 (what SLURM sends before preemption with
+--signal=USR1@SECONDS): save and go on, or save and exit 75 with --exit-on-usr1.
+"""
 
 from __future__ import annotations
 
@@ -8,21 +11,26 @@ import signal
 import threading
 
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
+USR1_EXIT_CODE = 75  # EX_TEMPFAIL from sysexits.h: "try again later", i.e. requeue and resume
 
 
 class StopFlag:
     def __init__(self):
-        self.signum: int | None = None
+        self.signum: int | None = None  # a pending stop (SIGINT/SIGTERM)
+        self.save_requested = False  # a pending SIGUSR1
         self._old: dict[int, object] = {}
 
     def _handle(self, signum, frame):
+        if signum == signal.SIGUSR1:
+            self.save_requested = True
+            return
         if self.signum == signal.SIGINT and signum == signal.SIGINT:
             raise KeyboardInterrupt  # second Ctrl-C: the user wants out now
         self.signum = signum
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            for s in EXIT_CODES:
+            for s in (*EXIT_CODES, signal.SIGUSR1):
                 self._old[s] = signal.signal(s, self._handle)
         return self
 

@@ -1,0 +1,80 @@
+"""The run folder of DESIGN.md: config.toml, metrics.jsonl, samples/, checkpoints/ (step files, last, best)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .. import checkpoint as ckpt_io
+from ..config import Config
+from ..errors import UsageError
+
+
+class RunFolder:
+    def __init__(self, root: Path, keep: int):
+        self.root, self.keep = Path(root), keep
+        self.samples = self.root / "samples"
+        self.checkpoints = self.root / "checkpoints"
+        for d in (self.samples, self.checkpoints):
+            d.mkdir(parents=True, exist_ok=True)
+
+    def write_config(self, cfg: Config) -> None:
+        tmp = self.root / ".config.toml.tmp"
+        tmp.write_text(cfg.to_toml(), encoding="utf-8")
+        tmp.replace(self.root / "config.toml")
+
+    def append_metrics(self, record: dict) -> None:
+        with open(self.root / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def trim_metrics(self, step: int) -> None:
+        """On resume, drop lines logged after the checkpoint (and a torn last line from a crash)."""
+        path = self.root / "metrics.jsonl"
+        if not path.exists():
+            return
+        kept = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    kept.append(line)
+            except (json.JSONDecodeError, AttributeError):
+                continue
+        tmp = path.with_name(".metrics.jsonl.tmp")
+        tmp.write_text("".join(s + "\n" for s in kept), encoding="utf-8")
+        tmp.replace(path)
+
+    def _link(self, target: Path, name: str, tensors: dict, meta: dict) -> None:
+        """Point checkpoints/<name> at target: a hard link costs no second write, and the rename keeps
+        the old file valid until the new one is in place."""
+        tmp = self.checkpoints / f".{name}.link.tmp"
+        tmp.unlink(missing_ok=True)
+        try:
+            tmp.hardlink_to(target)
+            tmp.replace(self.checkpoints / name)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            ckpt_io.write_atomic(self.checkpoints / name, tensors, meta)
+
+    def save_checkpoint(self, step: int, tensors: dict, meta: dict, best: bool = False) -> Path:
+        path = self.checkpoints / f"step-{step:07d}.safetensors"
+        try:
+            ckpt_io.write_atomic(path, tensors, meta)
+            self._link(path, "last.safetensors", tensors, meta)
+            if best:
+                self._link(path, "best.safetensors", tensors, meta)
+        except OSError as e:
+            previous = self.checkpoints / "last.safetensors"
+            kept = f"; the previous checkpoint {previous} is intact" if previous.exists() else ""
+            raise UsageError(f"cannot write checkpoint {path}: {e.strerror or e}{kept}") from None
+        self._prune()
+        return path
+
+    def _prune(self) -> None:
+        if self.keep <= 0:
+            return
+        steps = sorted(self.checkpoints.glob("step-*.safetensors"))
+        for old in steps[:-self.keep]:
+            old.unlink(missing_ok=True)  # best/last are hard links: their data stays
+
+    def has_checkpoints(self) -> bool:
+        return any(self.checkpoints.glob("*.safetensors"))

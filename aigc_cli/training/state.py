@@ -1,0 +1,137 @@
+"""Everything needed to continue a run exactly: weights and buffers, optimizer state and learning
+rates, the GradScaler, RNG states (Python, NumPy, torch CPU and CUDA), the data order position and
+the step / image counters. capture() returns CPU copies, so the same object serves as an in-memory
+rollback point (divergence guard) and as the content of a checkpoint file."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import checkpoint as ckpt_io
+from ..checkpoint import Checkpoint, base_meta, load_net
+from ..config import Config
+from ..errors import UsageError
+
+
+def _optimizer(name: str, opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], str]:
+    sd = opt.state_dict()
+    tensors = {}
+    for idx, state in sd["state"].items():
+        for key, value in state.items():
+            tensors[f"opt.{name}.{idx}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    return tensors, json.dumps(sd["param_groups"])
+
+
+def _rng() -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    tensors = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    tensors["rng.numpy"] = torch.from_numpy(keys.astype(np.int64))
+    meta = {"aigc.rng.python": json.dumps(random.getstate()),
+            "aigc.rng.numpy": json.dumps([kind, int(pos), int(has_gauss), float(gauss)])}
+    return tensors, meta
+
+
+def capture(cfg, nets: dict, opts: dict, amp, batches, step: int, images_seen: int,
+            extra_meta: dict[str, str] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    tensors: dict[str, torch.Tensor] = {}
+    meta = base_meta(cfg, "checkpoint", step, images_seen, amp.name)
+    for name, net in nets.items():
+        tensors.update({f"{name}.{k}": v for k, v in net.state_dict().items()})
+    for name, opt in opts.items():
+        t, groups = _optimizer(name, opt)
+        tensors.update(t)
+        meta[f"aigc.opt.{name}.param_groups"] = groups
+    if amp.scaler is not None:
+        meta["aigc.scaler"] = json.dumps(amp.scaler.state_dict())
+    rng, rng_meta = _rng()
+    tensors.update(rng)
+    meta.update(rng_meta)
+    meta["aigc.data_position"] = json.dumps(batches.position())
+    meta.update(extra_meta or {})
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}, meta
+
+
+def restore(tensors: dict[str, torch.Tensor], meta: dict[str, str], nets: dict, opts: dict, amp, batches,
+            origin: str) -> tuple[int, int]:
+    """Put a captured state back; returns (step, images_seen). Raises UsageError if it does not fit."""
+    for name, net in nets.items():
+        load_net(tensors, name, net, origin)
+    try:
+        for name, opt in opts.items():
+            groups = json.loads(meta[f"aigc.opt.{name}.param_groups"])
+            state: dict[int, dict] = {}
+            prefix = f"opt.{name}."
+            for key, value in tensors.items():
+                if key.startswith(prefix):
+                    idx, sub = key[len(prefix):].split(".", 1)
+                    state.setdefault(int(idx), {})[sub] = value
+            opt.load_state_dict({"state": state, "param_groups": groups})
+        if amp.scaler is not None and "aigc.scaler" in meta:
+            amp.scaler.load_state_dict(json.loads(meta["aigc.scaler"]))
+        torch.set_rng_state(tensors["rng.torch"])
+        cuda = sorted(k for k in tensors if k.startswith("rng.cuda."))
+        if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all([tensors[k] for k in cuda])
+        py = json.loads(meta["aigc.rng.python"])
+        random.setstate((py[0], tuple(py[1]), py[2]))
+        kind, pos, has_gauss, gauss = json.loads(meta["aigc.rng.numpy"])
+        np.random.set_state((kind, tensors["rng.numpy"].numpy().astype(np.uint32), pos, has_gauss, gauss))
+        batches.seek(**json.loads(meta["aigc.data_position"]))
+        return int(meta["aigc.step"]), int(meta["aigc.images_seen"])
+    except (KeyError, ValueError, TypeError, RuntimeError, json.JSONDecodeError) as e:
+        raise UsageError(f"{origin}: cannot resume from it, its training state is incomplete or invalid "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+@torch.no_grad()
+def all_finite(nets: dict) -> bool:
+    """One device sync: are all weights finite? Used at log intervals and before every save."""
+    flags = [torch.isfinite(p).all() for net in nets.values() for p in net.parameters()]
+    return bool(torch.stack(flags).all())
+
+
+def find_resume(resume: str | None, run_dir: Path, warn) -> Checkpoint | None:
+    """`--resume auto`: the newest checkpoint in run_dir that loads (None when there is none);
+    `--resume PATH`: that checkpoint or run folder, which must load."""
+    if resume is None:
+        return None
+    if resume != "auto":
+        ck = ckpt_io.load(resume)
+        if ck.kind != "checkpoint":
+            raise UsageError(f"--resume {resume}: an exported generator has no training state to resume from")
+        return ck
+    folder = Path(run_dir) / "checkpoints"
+    steps = sorted(folder.glob("step-*.safetensors"), reverse=True)
+    for path in [*steps, folder / "last.safetensors"]:
+        if not path.is_file():
+            continue
+        try:
+            return ckpt_io.load(path)
+        except UsageError as e:
+            warn(f"skipping unusable checkpoint: {e}")
+    return None
+
+
+def check_compatible(old: Config, new: Config, origin) -> list[str]:
+    """Refuse changes to the architecture; return the other changed keys so the caller can say so."""
+    changed, arch = [], []
+    old_d, new_d = old.to_dict(), new.to_dict()
+    for section, values in new_d.items():
+        if not isinstance(values, dict):
+            continue
+        for key, value in values.items():
+            before = old_d.get(section, {}).get(key)
+            if before != value:
+                (arch if section == "model" else changed).append(f"{section}.{key} {before!r} -> {value!r}")
+    if arch:
+        raise UsageError(f"cannot resume from {origin}: the config changes the architecture ({', '.join(arch)}); "
+                         "drop those overrides or start a new run in another --out")
+    return changed

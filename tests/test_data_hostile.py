@@ -1,0 +1,477 @@
+"""Hostile inputs for aigc_cli.data: broken, odd and malicious image files, and CIFAR-10 binary files.
+
+Every file is generated here. Each image kind is either decoded correctly or skipped with exactly
+one warning that names it; nothing may raise anything but UsageError, hang, or allocate GBs.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import resource
+import socket
+import struct
+import time
+import warnings
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageFile
+
+from aigc_cli.data import cifar, folder, load_images
+from aigc_cli.errors import UsageError
+
+RES = 8
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    """Any attempt to open a connection fails the test: data loading must stay offline."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("network access attempted")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+
+
+# ----------------------------------------------------------------------------- file makers
+
+
+def encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def png_bomb(width: int, height: int) -> bytes:
+    """A ~100-byte 1-bit PNG that declares width x height (only a few rows of data follow)."""
+    rows = zlib.compress(b"\0" * (1 + (width + 7) // 8) * 4)
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", rows)
+            + png_chunk(b"IEND", b""))
+
+
+def jpeg_bomb(width: int, height: int) -> bytes:
+    """A small real JPEG whose frame header (SOF0) is patched to declare width x height."""
+    data = bytearray(encode(Image.new("RGB", (16, 16)), "JPEG"))
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5:sof + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
+def webp_bomb(width: int, height: int) -> bytes:
+    """A WebP (VP8X) header declaring a width x height canvas."""
+    vp8x = (b"VP8X" + struct.pack("<I", 10) + b"\0" * 4
+            + (width - 1).to_bytes(3, "little") + (height - 1).to_bytes(3, "little"))
+    return b"RIFF" + struct.pack("<I", 4 + len(vp8x)) + b"WEBP" + vp8x
+
+
+def gif_bomb() -> bytes:
+    data = bytearray(encode(Image.new("RGB", (16, 16)), "GIF"))
+    data[6:10] = struct.pack("<HH", 65535, 65535)  # logical screen size
+    return bytes(data)
+
+
+def noise(size=(32, 32), seed=0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def animated(fmt: str, **kw) -> bytes:
+    frames = [Image.new("RGB", (16, 16), c) for c in ((255, 0, 0), (0, 0, 255), (0, 255, 0))]
+    buf = io.BytesIO()
+    frames[0].save(buf, fmt, save_all=True, append_images=frames[1:], duration=100, loop=0, **kw)
+    return buf.getvalue()
+
+
+def palette_png(transparency) -> bytes:
+    """Left half palette index 0 (red), right half index 1 (green); `transparency` as PIL takes it."""
+    img = Image.new("P", (16, 16), 0)
+    img.paste(1, (8, 0, 16, 16))
+    img.putpalette([255, 0, 0, 0, 255, 0] + [0] * 762)
+    return encode(img, "PNG", **({} if transparency is None else {"transparency": transparency}))
+
+
+def la_png() -> bytes:
+    return encode(Image.new("LA", (16, 16), (200, 128)), "PNG")
+
+
+def gray16_png() -> bytes:
+    return encode(Image.fromarray(np.full((16, 16), 40000, dtype=np.uint16)), "PNG")
+
+
+def truncated(data: bytes) -> bytes:
+    return data[:len(data) // 2]
+
+
+# Kinds that decode: file name -> (bytes, expected RGB at the centre, tolerance)
+DECODED = {
+    "cmyk.jpg": (lambda: encode(Image.new("CMYK", (16, 16), (0, 255, 255, 0)), "JPEG", quality=95),
+                 (255, 0, 0), 6),  # cyan 0, magenta+yellow full ink: red (PIL stores Adobe-inverted)
+    "cmyk_white.jpg": (lambda: encode(Image.new("CMYK", (16, 16), (0, 0, 0, 0)), "JPEG", quality=95),
+                       (255, 255, 255), 4),
+    "palette.png": (lambda: palette_png(None), None, 0),             # checked by column below
+    "palette_trns_index.png": (lambda: palette_png(0), None, 0),     # index 0 fully transparent
+    "palette_trns_alpha.png": (lambda: palette_png(b"\x00\x80"), None, 0),  # per-index alpha
+    "gray16.png": (gray16_png, (156, 156, 156), 0),                  # 40000 / 257 = 155.6
+    "rgba.png": (lambda: encode(Image.new("RGBA", (16, 16), (200, 100, 50, 128)), "PNG"), (100, 50, 25), 1),
+    "la.png": (la_png, (100, 100, 100), 1),
+    "rgb_trns.png": (lambda: encode(Image.new("RGB", (16, 16), (10, 20, 30)), "PNG", transparency=(10, 20, 30)),
+                     (0, 0, 0), 0),  # tRNS colour key: the whole image is transparent -> black
+    "anim.gif": (lambda: animated("GIF"), (255, 0, 0), 0),
+    "anim.webp": (lambda: animated("WEBP", lossless=True), (255, 0, 0), 0),
+    "anim.png": (lambda: animated("PNG"), (255, 0, 0), 0),
+    "mpo.jpg": (lambda: animated("MPO"), (255, 0, 0), 3),           # camera multi-picture JPEG
+    "jpeg_named.png": (lambda: encode(Image.new("RGB", (16, 16), (0, 0, 200)), "JPEG", quality=95),
+                       (0, 0, 200), 4),  # content decides, not the extension
+    "one_bit.bmp": (lambda: encode(Image.new("1", (16, 16), 1), "BMP"), (255, 255, 255), 0),
+    "png_without_iend.png": (lambda: encode(noise(), "PNG")[:-12], None, 0),  # all pixels present
+}
+
+# Kinds that are skipped: file name -> (bytes, regex the warning's reason must match)
+SKIPPED = {
+    "corrupt.png": (lambda: b"\x89PNG\r\n\x1a\n this is not a real png", "not a PNG"),
+    "random_bytes.jpg": (lambda: np.random.default_rng(1).integers(0, 256, 4096, dtype=np.uint8).tobytes(),
+                         "not a PNG"),
+    "corrupt_idat.png": (lambda: (lambda d: d[:d.index(b"IDAT") + 100] + b"\xff" * 20
+                                  + d[d.index(b"IDAT") + 120:])(encode(noise(), "PNG")), "."),
+    "truncated.png": (lambda: truncated(encode(noise(), "PNG")), "truncated"),
+    "truncated.jpg": (lambda: truncated(encode(noise(), "JPEG", quality=90)), "truncated"),
+    "zero_bytes.png": (lambda: b"", "empty file"),
+    "text.jpg": (lambda: b"just some notes, not a picture\n" * 10, "not a PNG"),
+    "postscript.png": (lambda: b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n", "not a PNG"),
+    "tiff_inside.png": (lambda: encode(noise(), "TIFF"), "not a PNG"),
+    "bomb.png": (lambda: png_bomb(30000, 30000), "decompression bomb"),
+    "bomb_between_limits.png": (lambda: png_bomb(10000, 10000), "10000x10000.*decompression bomb"),
+    "bomb.jpg": (lambda: jpeg_bomb(30000, 30000), "decompression bomb"),
+    "bomb.webp": (lambda: webp_bomb(12000, 10000), "12000x10000.*decompression bomb"),
+    "bomb.gif": (gif_bomb, "decompression bomb"),
+}
+
+
+def write(path: Path, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def load(path: Path, **kw):
+    got: list[str] = []
+    data = load_images(str(path), channels=3, resolution=RES, warn=got.append, **kw)
+    return data, got
+
+
+def centre(data, i=0) -> list[int]:
+    return data.images[i, :, RES // 2, RES // 2].tolist()
+
+
+def close(actual, expected, tol) -> bool:
+    return all(abs(a - b) <= tol for a, b in zip(actual, expected))
+
+
+# ----------------------------------------------------------------------------- decoded kinds
+
+
+@pytest.mark.parametrize("name", sorted(DECODED))
+def test_decoded_kinds(tmp_path, name):
+    make, expected, tol = DECODED[name]
+    write(tmp_path / "d" / name, make())
+    data, got = load(tmp_path / "d")
+    assert got == [] and data.images.shape == (1, 3, RES, RES)
+    if expected is not None:
+        assert close(centre(data), expected, tol), centre(data)
+
+
+def test_palette_transparency_is_composited(tmp_path):
+    for name in ("palette.png", "palette_trns_index.png", "palette_trns_alpha.png"):
+        write(tmp_path / name / name, DECODED[name][0]())
+    columns = {}
+    for name in ("palette.png", "palette_trns_index.png", "palette_trns_alpha.png"):
+        data = load_images(str(tmp_path / name), channels=3, resolution=16)  # native size: no resampling
+        columns[name] = (data.images[0, :, 8, 2].tolist(), data.images[0, :, 8, 13].tolist())
+    assert columns["palette.png"] == ([255, 0, 0], [0, 255, 0])
+    assert columns["palette_trns_index.png"] == ([0, 0, 0], [0, 255, 0])    # index 0 transparent
+    left, right = columns["palette_trns_alpha.png"]
+    assert left == [0, 0, 0] and close(right, [0, 128, 0], 1)            # alpha 128 over black
+
+
+def test_16bit_grey_keeps_its_range(tmp_path):
+    ramp = (np.arange(64, dtype=np.uint16) * 1040).reshape(8, 8)       # 0 .. 65520
+    write(tmp_path / "g" / "ramp16.png", encode(Image.fromarray(ramp), "PNG"))
+    data = load_images(str(tmp_path / "g"), channels=1, resolution=8)
+    assert np.array_equal(data.images[0, 0].numpy(), np.rint(ramp / 257).astype(np.uint8))
+
+
+def test_png_missing_only_its_end_marker_is_exact(tmp_path):
+    img = noise((8, 8), seed=3)
+    write(tmp_path / "p" / "x.png", encode(img, "PNG")[:-12])
+    data, got = load(tmp_path / "p")
+    assert got == [] and np.array_equal(data.images[0].permute(1, 2, 0).numpy(), np.asarray(img))
+
+
+# ----------------------------------------------------------------------------- skipped kinds
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+@pytest.mark.parametrize("name", sorted(SKIPPED))
+def test_skipped_kinds(tmp_path, name):
+    make, reason = SKIPPED[name]
+    write(tmp_path / "d" / name, make())
+    write(tmp_path / "d" / "ok.png", encode(Image.new("RGB", (8, 8), (1, 2, 3)), "PNG"))
+    data, got = load(tmp_path / "d")
+    assert data.images.shape == (1, 3, RES, RES) and centre(data) == [1, 2, 3]
+    assert len(got) == 2, got
+    assert got[0].startswith(f"skipping {name}: ") and re.search(reason, got[0]), got[0]
+    assert str(tmp_path) not in got[0]  # relative path only
+    assert "skipped 1 of 2 files" in got[1]
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_bombs_are_rejected_from_the_header_fast(tmp_path):
+    for name in ("bomb.png", "bomb_between_limits.png", "bomb.jpg", "bomb.webp", "bomb.gif"):
+        write(tmp_path / "b" / name, SKIPPED[name][0]())
+        assert (tmp_path / "b" / name).stat().st_size < 2000  # small file, huge image
+    write(tmp_path / "b" / "ok.png", encode(Image.new("RGB", (8, 8)), "PNG"))
+    filters = list(warnings.filters)
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    start = time.perf_counter()
+    data, got = load(tmp_path / "b")
+    elapsed = time.perf_counter() - start
+    assert elapsed < 2.0
+    # Decoding any of them would need 100 MB - 4 GB; the peak must not move anywhere near that.
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before < 200 * 1024
+    assert data.images.shape[0] == 1 and len(got) == 6
+    assert all("decompression bomb" in line for line in got[:5])
+    assert "skipped 5 of 6 files" in got[5]
+    assert warnings.filters == filters  # no global warning filters touched (threads)
+
+
+def test_own_pixel_limit_applies_below_pils(tmp_path, monkeypatch):
+    monkeypatch.setattr(folder, "MAX_IMAGE_PIXELS", 100)
+    write(tmp_path / "d" / "big.png", encode(Image.new("RGB", (11, 10)), "PNG"))
+    write(tmp_path / "d" / "small.png", encode(Image.new("RGB", (10, 10)), "PNG"))
+    data, got = load(tmp_path / "d")
+    assert data.images.shape[0] == 1
+    assert got[0].startswith("skipping big.png: declares 11x10 = 110 pixels, over the limit of 100")
+
+
+def test_special_files_are_skipped_not_waited_on(tmp_path):
+    d = tmp_path / "d"
+    write(d / "ok.png", encode(Image.new("RGB", (8, 8)), "PNG"))
+    os.symlink(tmp_path / "nowhere.png", d / "dangling.png")
+    if hasattr(os, "mkfifo"):
+        os.mkfifo(d / "fifo.png")  # open() on a FIFO would block forever
+    data, got = load(d)
+    assert data.images.shape[0] == 1
+    assert any(line.startswith("skipping dangling.png: ") for line in got)
+    if hasattr(os, "mkfifo"):
+        assert "skipping fifo.png: not a regular file" in got
+
+
+def test_every_bad_file_gets_exactly_one_line_and_a_count(tmp_path):
+    d = tmp_path / "all"
+    for name, (make, _) in SKIPPED.items():
+        write(d / name, make())
+    for name, (make, _, _) in DECODED.items():
+        write(d / name, make())
+    for i in range(30):  # more bad files than any cap on warning lines would allow
+        write(d / "many" / f"bad{i:02d}.png", b"")
+    write(d / "bad\nname.png", b"junk")  # a newline in a file name must not split the line
+    bad = sorted(list(SKIPPED) + [f"many{os.sep}bad{i:02d}.png" for i in range(30)] + ["bad\\nname.png"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        data, got = load(d)
+    assert data.images.shape == (len(DECODED), 3, RES, RES)
+    assert len(got) == len(bad) + 1 and all("\n" not in line for line in got)
+    named = [re.match(r"skipping (.*?): ", line).group(1) for line in got[:-1]]
+    assert named == bad  # one line each, in sorted order
+    assert got[-1] == f"skipped {len(bad)} of {len(bad) + len(DECODED)} files under {d} (unreadable or not images)"
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is False
+
+
+def test_limit_stops_judging_files_once_enough_decode(tmp_path):
+    d = tmp_path / "d"
+    for i in range(5):
+        write(d / f"{i}_ok.png", encode(Image.new("L", (8, 8), i), "PNG"))
+    write(d / "9_bad.png", b"")
+    data, got = load(d, limit=3)
+    assert data.images.shape[0] == 3 and got == []
+
+
+# ----------------------------------------------------------------------------- strict and all-bad
+
+
+def test_strict_raises_on_the_first_bad_file(tmp_path):
+    d = tmp_path / "d"
+    write(d / "a_ok.png", encode(Image.new("RGB", (8, 8)), "PNG"))
+    write(d / "b_truncated.jpg", truncated(encode(noise(), "JPEG")))
+    write(d / "c_empty.png", b"")
+    got: list[str] = []
+    with pytest.raises(UsageError) as err:
+        load_images(str(d), channels=3, resolution=RES, warn=got.append, strict=True)
+    message = str(err.value)
+    assert "b_truncated.jpg" in message and "truncated" in message and "--strict" in message
+    assert "c_empty.png" not in message and "\n" not in message and got == []
+    good = tmp_path / "good"
+    write(good / "x.png", encode(Image.new("RGB", (8, 8)), "PNG"))
+    assert load_images(str(good), channels=3, resolution=RES, strict=True).images.shape[0] == 1
+
+
+def test_all_bad_folder_is_a_usage_error(tmp_path):
+    d = tmp_path / "d"
+    for name in ("a.png", "b.jpg", "c.webp"):
+        write(d / name, b"not an image")
+    got: list[str] = []
+    with pytest.raises(UsageError, match=r"none of the 3 image files .* could be read \(all 3 rejected"):
+        load_images(str(d), channels=3, resolution=RES, warn=got.append)
+    assert len(got) == 4 and "skipped 3 of 3" in got[-1]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(UsageError, match="no images"):
+        load_images(str(empty), channels=3, resolution=RES)
+
+
+def test_unicode_and_space_paths(tmp_path):
+    d = tmp_path / "my data"
+    write(d / "café ünïcode" / "🙂 cat.png", encode(Image.new("RGB", (12, 12), (10, 200, 30)), "PNG"))
+    write(d / "with space" / "a b.jpg", encode(Image.new("RGB", (12, 12), (200, 10, 30)), "JPEG", quality=95))
+    write(d / "with space" / "ünï bad.png", b"")
+    data, got = load(d)
+    assert data.images.shape[0] == 2 and data.num_classes == 2 and data.labels.tolist() == [0, 1]
+    assert centre(data, 0) == [10, 200, 30] and close(centre(data, 1), [200, 10, 30], 4)
+    assert got[0] == f"skipping with space{os.sep}ünï bad.png: empty file (0 bytes)"
+
+
+# ----------------------------------------------------------------------------- CIFAR-10 binary
+
+
+@pytest.fixture
+def small_cifar(monkeypatch):
+    """Batch files of 4 records (the real ones hold 10000): random pixels and labels."""
+    monkeypatch.setattr(cifar, "RECORDS_PER_FILE", 4)
+    rng = np.random.default_rng(7)
+    return {name: rng.integers(0, 256, (4, cifar.RECORD_BYTES), dtype=np.uint8)
+            for names in cifar.FILES.values() for name in names}
+
+
+def write_cifar(folder: Path, records: dict[str, np.ndarray]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, recs in records.items():
+        recs = recs.copy()
+        recs[:, 0] %= 10
+        (folder / name).write_bytes(recs.tobytes())
+    return folder
+
+
+def expected_cifar(records, split):
+    recs = np.concatenate([records[name] for name in cifar.FILES[split]])
+    return recs[:, 1:].reshape(-1, 3, 32, 32), (recs[:, 0] % 10).astype(np.int64)
+
+
+def test_cifar_binary_exact_pixels_and_labels(tmp_path, small_cifar):
+    write_cifar(tmp_path / "cifar-10-batches-bin", small_cifar)
+    for split, n in (("train", 20), ("test", 4)):
+        data = load_images("cifar10", channels=3, resolution=32, root=str(tmp_path), split=split)
+        images, labels = expected_cifar(small_cifar, split)
+        assert data.images.shape == (n, 3, 32, 32) and data.images.is_contiguous()
+        assert np.array_equal(data.images.numpy(), images)
+        assert data.labels.tolist() == labels.tolist() and data.num_classes == 10
+        assert data.name == f"cifar10 ({split}, {n} images)"
+    # The R plane comes first: a record whose first 1024 pixel bytes are 255 is pure red.
+    red = np.zeros((4, cifar.RECORD_BYTES), dtype=np.uint8)
+    red[:, 1:1025] = 255
+    write_cifar(tmp_path / "red" / "cifar10" / "cifar-10-batches-bin", {**small_cifar, "test_batch.bin": red})
+    data = load_images("cifar10", channels=3, resolution=16, root=str(tmp_path / "red"), split="test")
+    assert (data.images[:, 0] == 255).all() and (data.images[:, 1:] == 0).all()
+
+
+def test_cifar_binary_folder_as_source(tmp_path, small_cifar):
+    d = write_cifar(tmp_path / "anywhere" / "cifar-10-batches-bin", small_cifar)
+    data = load_images(str(d), channels=1, resolution=16, split="test", limit=3)
+    assert data.images.shape == (3, 1, 16, 16) and data.num_classes == 10
+    assert data.name == f"CIFAR-10 folder {d} (test, 3 images)"
+    full = load_images(str(d), channels=3, resolution=32)
+    assert np.array_equal(full.images.numpy(), expected_cifar(small_cifar, "train")[0])
+
+
+def test_cifar_binary_damaged_files(tmp_path, small_cifar):
+    d = write_cifar(tmp_path / "cifar-10-batches-bin", small_cifar)
+    path = d / "data_batch_3.bin"
+    good = path.read_bytes()
+    for blob, words in ((good[:-1], "truncated"), (good[:100], "truncated"), (b"", "truncated"),
+                        (good + b"\0", "longer than expected")):
+        path.write_bytes(blob)
+        with pytest.raises(UsageError, match=f"data_batch_3.bin is {words}.*--download"):
+            load_images("cifar10", channels=3, resolution=32, root=str(tmp_path))
+    bad_label = bytearray(good)
+    bad_label[cifar.RECORD_BYTES] = 10  # second record's label
+    path.write_bytes(bytes(bad_label))
+    with pytest.raises(UsageError, match="data_batch_3.bin has label 10"):
+        load_images("cifar10", channels=3, resolution=32, root=str(tmp_path))
+    path.unlink()
+    with pytest.raises(UsageError, match="lacks data_batch_3.bin"):
+        load_images("cifar10", channels=3, resolution=32, root=str(tmp_path))
+    # The test split needs only test_batch.bin.
+    assert load_images("cifar10", channels=3, resolution=32, root=str(tmp_path), split="test").images.shape[0] == 4
+
+
+def test_cifar_python_version_only_is_explained(tmp_path):
+    py = tmp_path / "cifar-10-batches-py"
+    py.mkdir()
+    (py / "data_batch_1").write_bytes(b"\x80\x04 not to be loaded")
+    with pytest.raises(UsageError) as err:
+        load_images("cifar10", channels=3, resolution=32, root=str(tmp_path))
+    message = str(err.value)
+    assert str(py) in message and "binary version" in message and "--download" in message
+    assert "cifar-10-binary.tar.gz" in message and f"into {tmp_path}" in message and "\n" not in message
+
+
+def test_cifar_download_fetches_the_binary_archive(tmp_path, small_cifar, monkeypatch):
+    calls = []
+
+    def fake_fetch(url, root, filename, md5):
+        calls.append((url, root, filename, md5))
+        write_cifar(Path(root) / "cifar-10-batches-bin", small_cifar)
+
+    monkeypatch.setattr(cifar, "_fetch", fake_fetch)
+    (tmp_path / "cifar-10-batches-py").mkdir()  # ignored: the binary version is fetched instead
+    data = load_images("cifar10", channels=3, resolution=32, root=str(tmp_path), download=True)
+    assert data.images.shape[0] == 20
+    assert calls == [("https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz", str(tmp_path),
+                      "cifar-10-binary.tar.gz", "c32a1d4ab5d03f1284b67883e8d87530")]
+    load_images("cifar10", channels=3, resolution=32, root=str(tmp_path), download=True)
+    assert len(calls) == 1  # already there: nothing fetched
+
+    def failing_fetch(url, root, filename, md5):
+        raise RuntimeError("File not found or corrupted.")
+
+    monkeypatch.setattr(cifar, "_fetch", failing_fetch)
+    with pytest.raises(UsageError, match="could not download cifar10 .*File not found or corrupted"):
+        load_images("cifar10", channels=3, resolution=32, root=str(tmp_path / "fresh"), download=True)
+
+
+def test_builtin_sources_stay_offline_without_download(tmp_path):
+    # The autouse fixture makes any connection attempt fail the test.
+    start = time.perf_counter()
+    for source in ("mnist", "cifar10"):
+        with pytest.raises(UsageError, match="--download"):
+            load_images(source, channels=1, resolution=28, root=str(tmp_path), download=False)
+    assert time.perf_counter() - start < 2.0
+
+
+def test_data_package_never_unpickles():
+    data_dir = Path(cifar.__file__).parent
+    for path in data_dir.glob("*.py"):
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if "pickle" in line:
+                assert "#" in line and line.index("#") < line.index("pickle"), f"{path}:{number}: {line}"
+            assert not re.search(r"torch\.load\(|datasets\.CIFAR10|CIFAR10\(", line), f"{path}:{number}: {line}"

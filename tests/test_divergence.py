@@ -1,0 +1,96 @@
+"""The divergence guard: injected NaNs roll back to the last good state, lower the learning rate or
+leave fp16, and after a bounded number of tries stop with exit code 3 naming the good checkpoint."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from aigc_cli.errors import DivergedError
+from aigc_cli.training import steps
+from conftest import Silent, tiny
+
+
+def inject(monkeypatch, at_call: int, *, forever: bool = False, into: str = "loss"):
+    """Poison the GAN step's output (or G's weights) from call `at_call` on (once, or forever)."""
+    real = steps.STEPS["gan"]
+    calls = {"n": 0}
+
+    def poisoned(nets, opts, amp, x, z, cfg):
+        calls["n"] += 1
+        out = real(nets, opts, amp, x, z, cfg)
+        if calls["n"] == at_call or (forever and calls["n"] >= at_call):
+            if into == "loss":
+                out = {**out, "loss_d": out["loss_d"] * float("nan")}
+            else:
+                with torch.no_grad():
+                    next(nets["G"].parameters()).fill_(float("inf"))
+        return out
+
+    monkeypatch.setitem(steps.STEPS, "gan", poisoned)
+    return calls
+
+
+def cfg(**extra):
+    base = {"train.steps": "15", "train.log_every": "5", "train.ckpt_every": "5", "train.sample_every": "100"}
+    return tiny("dcgan").with_overrides({**base, **extra})
+
+
+def read_lr(run):
+    from aigc_cli import checkpoint as ckpt_io
+
+    ck = ckpt_io.load(run / "checkpoints" / "last.safetensors")
+    return json.loads(ck.meta["aigc.opt.G.param_groups"])[0]["lr"]
+
+
+@pytest.mark.parametrize("into", ["loss", "weights"])
+def test_one_nan_rolls_back_and_training_finishes(monkeypatch, tmp_path, into):
+    inject(monkeypatch, 8, into=into)
+    rep = Silent()
+    from aigc_cli.training.loop import train
+
+    summary = train(cfg(), tmp_path / "r", rep)
+    assert summary["steps"] == 15 and summary["recoveries"] == 1
+    assert any("rolled back to step 5" in n and "x0.5" in n for n in rep.notes), rep.notes
+    assert read_lr(tmp_path / "r") == pytest.approx(2e-4 * 0.5)
+    logged = [json.loads(s)["step"] for s in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert logged == [5, 10, 15]
+    assert all(math.isfinite(r["loss_d"]) for r in rep.records if r["step"] in (10, 15))
+
+
+def test_fp16_switches_to_bf16_on_divergence(monkeypatch, tmp_path):
+    inject(monkeypatch, 8)
+    from aigc_cli.training.loop import train
+
+    rep = Silent()
+    summary = train(cfg(**{"train.precision": "fp16"}), tmp_path / "r", rep)
+    assert summary["precision"] == "bf16"
+    assert any("fp16 -> bf16" in n for n in rep.notes)
+
+
+def test_persistent_nan_gives_up_with_exit_code_3(monkeypatch, tmp_path):
+    calls = inject(monkeypatch, 8, forever=True)
+    from aigc_cli.training.loop import train
+
+    with pytest.raises(DivergedError) as e:
+        train(cfg(**{"train.max_recoveries": "2"}), tmp_path / "r", Silent())
+    assert e.value.exit_code == 3
+    message = str(e.value)
+    assert "2 rollbacks did not help" in message and "step-0000005.safetensors" in message
+    assert calls["n"] == 10 + 5 + 5  # the failing interval, then two retried ones: bounded work
+    # The good checkpoint on disk is untouched and loads.
+    from aigc_cli import checkpoint as ckpt_io
+
+    assert ckpt_io.load(tmp_path / "r").step == 5
+
+
+def test_nan_before_any_checkpoint_rolls_back_to_the_start(monkeypatch, tmp_path):
+    inject(monkeypatch, 2)
+    from aigc_cli.training.loop import train
+
+    rep = Silent()
+    train(cfg(), tmp_path / "r", rep)
+    assert any("rolled back to step 0" in n for n in rep.notes)

@@ -1,0 +1,80 @@
+"""Exact resume: K steps + resume to N equals N steps in one go, bit for bit, for a GAN and a VAE."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from aigc_cli import checkpoint as ckpt_io
+from aigc_cli.errors import UsageError
+from aigc_cli.training.loop import train
+from aigc_cli.training.state import find_resume
+from conftest import Silent, tiny
+
+
+def final_tensors(run):
+    ck = ckpt_io.load(run)
+    return {k: v for k, v in ck.tensors.items() if not k.startswith("rng.")}, ck
+
+
+def run_cfg(kind, steps):
+    # log and checkpoint intervals that do not divide the stop step, so the resume starts mid-interval
+    return tiny(kind).with_overrides({"train.steps": str(steps), "train.log_every": "4", "train.ckpt_every": "6",
+                                      "train.sample_every": "100"})
+
+
+@pytest.mark.parametrize("kind", ["dcgan", "vae"])
+def test_stop_and_resume_is_bit_identical(kind, tmp_path):
+    train(run_cfg(kind, 13), tmp_path / "whole", Silent())
+    train(run_cfg(kind, 5), tmp_path / "split", Silent())
+    rep = Silent()
+    resume = find_resume("auto", tmp_path / "split", rep.note)
+    assert resume is not None and resume.step == 5
+    summary = train(run_cfg(kind, 13), tmp_path / "split", rep, resume=resume)
+    assert summary["start_step"] == 5 and summary["steps"] == 13
+    assert any("resumed from" in n for n in rep.notes)
+
+    whole, ck_whole = final_tensors(tmp_path / "whole")
+    split, ck_split = final_tensors(tmp_path / "split")
+    assert whole.keys() == split.keys() and len(whole) > 10
+    for key in whole:
+        assert torch.equal(whole[key], split[key]), key
+    assert ck_whole.images_seen == ck_split.images_seen == 13 * 16
+    png = "samples/step-0000013.png"
+    assert (tmp_path / "whole" / png).read_bytes() == (tmp_path / "split" / png).read_bytes()
+    logged = {name: [json.loads(s)["step"] for s in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+              for name in ("whole", "split")}
+    assert logged["whole"] == [4, 8, 12, 13] and logged["split"] == [4, 5, 8, 12, 13]
+
+
+def test_architecture_change_is_refused_and_harmless_change_allowed(tmp_path):
+    train(run_cfg("dcgan", 4), tmp_path / "r", Silent())
+    resume = find_resume("auto", tmp_path / "r", print)
+    with pytest.raises(UsageError, match=r"model\.g_width 8 -> 16.*architecture|architecture.*model\.g_width 8 -> 16"):
+        train(run_cfg("dcgan", 6).with_overrides({"model.g_width": "16"}), tmp_path / "r", Silent(), resume=resume)
+    rep = Silent()
+    summary = train(run_cfg("dcgan", 6).with_overrides({"train.log_every": "3"}), tmp_path / "r", rep, resume=resume)
+    assert summary["steps"] == 6
+    assert any("train.log_every 4 -> 3" in n for n in rep.notes)
+
+
+def test_resume_auto_skips_a_damaged_newest_checkpoint(tmp_path):
+    train(run_cfg("dcgan", 12), tmp_path / "r", Silent())
+    newest = tmp_path / "r" / "checkpoints" / "step-0000012.safetensors"
+    (tmp_path / "r" / "checkpoints" / "last.safetensors").unlink()
+    newest.write_bytes(newest.read_bytes()[:1000])
+    notes = []
+    resume = find_resume("auto", tmp_path / "r", notes.append)
+    assert resume.step == 6 and any("step-0000012" in n for n in notes)
+    assert find_resume("auto", tmp_path / "empty", notes.append) is None
+
+
+def test_exported_generator_cannot_be_resumed(tmp_path):
+    from aigc_cli.export import export_generator
+
+    train(run_cfg("dcgan", 3), tmp_path / "r", Silent())
+    export_generator(ckpt_io.load(tmp_path / "r"), tmp_path / "g.safetensors", "fp32")
+    with pytest.raises(UsageError, match="no training state"):
+        find_resume(str(tmp_path / "g.safetensors"), tmp_path / "r", print)
