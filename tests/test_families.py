@@ -25,7 +25,10 @@ def test_family_trains_with_finite_losses(kind, tmp_path):
 
 def test_vae_loss_goes_down(tmp_path):
     rep = Silent()
-    train(tiny("vae"), tmp_path / "vae", rep)
+    summary = train(tiny("vae").with_overrides({"train.ckpt_every": "10"}), tmp_path / "vae", rep)
+    assert summary["best"]["metric"] == "neg_elbo"
+    best = tmp_path / "vae" / "checkpoints" / "best.safetensors"
+    assert best.read_bytes() == (tmp_path / "vae" / "checkpoints" / "step-0000020.safetensors").read_bytes()
     first, last = rep.records[0]["neg_elbo"], rep.records[-1]["neg_elbo"]
     assert last < first * 0.9, (first, last)
     assert (tmp_path / "vae" / "samples" / "recon-step-0000020.png").is_file()
