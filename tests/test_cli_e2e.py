@@ -189,6 +189,34 @@ def test_bad_files_are_one_line_exit_2(aigc, tmp_path):
     assert "no checkpoint" in one_line_error(aigc("sample", empty))
 
 
+def test_damaged_checkpoints_are_one_line_exit_2(aigc, gan_run, tmp_path):
+    data = (gan_run[0] / "checkpoints" / "last.safetensors").read_bytes()
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(data[: len(data) // 3])
+    assert "cut.safetensors" in one_line_error(aigc("sample", cut, "--out", tmp_path / "x.png"))
+    header_len = int.from_bytes(data[:8], "little")
+    tampered = bytearray(data)
+    at = data.index(b'"aigc.model":"dcgan"', 0, 8 + header_len)
+    tampered[at + 14:at + 19] = b"vae  "[:5]  # same length, so the header still parses
+    (tmp_path / "tampered.safetensors").write_bytes(bytes(tampered))
+    assert "tampered.safetensors" in one_line_error(aigc("info", tmp_path / "tampered.safetensors"))
+    assert "tampered.safetensors" in one_line_error(
+        aigc("train", "--resume", tmp_path / "tampered.safetensors", "--out", tmp_path / "r"))
+
+
+def test_bad_image_files_warn_or_fail_with_strict(aigc, image_folder, tmp_path):
+    (image_folder / "cats" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (image_folder / "cats" / "empty.jpg").write_bytes(b"")
+    args = ["train", "--preset", "folder-dcgan-64", "--data", image_folder, "--steps", "1", "--batch-size", "4",
+            "--set", "model.resolution=16", "--set", "model.g_width=8", "--set", "model.d_width=8"]
+    r = aigc(*args, "--out", tmp_path / "ok")
+    assert r.code == 0, r.stderr
+    warned = [s for s in r.stderr.splitlines() if "broken.png" in s or "empty.jpg" in s]
+    assert len(warned) == 2 and "skipped 2 of 14" in r.stderr
+    line = one_line_error(aigc(*args, "--out", tmp_path / "strict", "--strict"))
+    assert "broken.png" in line or "empty.jpg" in line
+
+
 @pytest.mark.parametrize("kind", ["vae", "mlp_gan"])
 def test_other_families_train_sample_and_eval(aigc, classifier_ckpt, tmp_path, kind):
     out = tmp_path / kind

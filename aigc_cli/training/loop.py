@@ -186,7 +186,7 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop) -> dict:
                       "elapsed_s": round(now - t_start, 2)}
             sums, n_sum, t_log, seen_log = {}, 0, now, images_seen
             bad = [f"{k}={v}" for k, v in zip(record, record.values()) if isinstance(v, float) and not math.isfinite(v)]
-            if bad or not state.all_finite(nets):
+            if bad or not state.all_finite(nets, grads=amp.scaler is None):
                 recover(", ".join(bad) or "non-finite weights")
                 t_log, seen_log = time.perf_counter(), images_seen
                 continue
@@ -197,7 +197,7 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop) -> dict:
             write_samples(step)
         want_save = step % cfg.train.ckpt_every == 0 or step == steps or stop.signum is not None or stop.save_requested
         if want_save:
-            if not state.all_finite(nets):  # never write a broken state over a good one
+            if not state.all_finite(nets, grads=amp.scaler is None):  # never write a broken state over a good one
                 recover("non-finite weights at a checkpoint")
                 continue
             path = save()

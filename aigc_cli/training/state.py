@@ -73,6 +73,14 @@ def restore(tensors: dict[str, torch.Tensor], meta: dict[str, str], nets: dict, 
                 if key.startswith(prefix):
                     idx, sub = key[len(prefix):].split(".", 1)
                     state.setdefault(int(idx), {})[sub] = value
+            params = [p for group in opt.param_groups for p in group["params"]]
+            for idx, per_param in state.items():  # a tampered file must not load mismatched moments
+                if not 0 <= idx < len(params):
+                    raise ValueError(f"optimizer {name} has state for parameter {idx} of {len(params)}")
+                for key, value in per_param.items():
+                    if value.dim() > 0 and value.shape != params[idx].shape:
+                        raise ValueError(f"opt.{name}.{idx}.{key} has shape {tuple(value.shape)}, "
+                                         f"the parameter {tuple(params[idx].shape)}")
             opt.load_state_dict({"state": state, "param_groups": groups})
         if amp.scaler is not None and "aigc.scaler" in meta:
             amp.scaler.load_state_dict(json.loads(meta["aigc.scaler"]))
@@ -92,10 +100,13 @@ def restore(tensors: dict[str, torch.Tensor], meta: dict[str, str], nets: dict, 
 
 
 @torch.no_grad()
-def all_finite(nets: dict) -> bool:
-    """One device sync: are all weights finite? Used at log intervals and before every save."""
-    flags = [torch.isfinite(p).all() for net in nets.values() for p in net.parameters()]
-    return bool(torch.stack(flags).all())
+def all_finite(nets: dict, grads: bool = True) -> bool:
+    """One device sync: are all weights, and the last step's gradients, finite? Used at log intervals
+    and before every save. Pass grads=False under fp16: there inf gradients are routine, the
+    GradScaler skips those steps and lowers its scale."""
+    tensors = [t for net in nets.values() for p in net.parameters() for t in (p, p.grad if grads else None)
+               if t is not None]
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
 
 def find_resume(resume: str | None, run_dir: Path, warn) -> Checkpoint | None:
