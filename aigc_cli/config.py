@@ -209,6 +209,7 @@ def validate(cfg: Config) -> None:
     for name in ("steps", "batch_size", "log_every", "sample_every", "ckpt_every", "n_samples"):
         _need(getattr(t, name) > 0, f"train.{name} must be positive, got {getattr(t, name)}")
     _need(t.epochs >= 0, "train.epochs must be >= 0")
+    _need(0 <= t.seed < 2**32, f"train.seed must be in [0, 2^32), got {t.seed}")
     _need(t.keep_checkpoints >= 0, "train.keep_checkpoints must be >= 0")
     _need(t.max_recoveries >= 0, "train.max_recoveries must be >= 0")
     _need(0 < t.recover_lr_factor <= 1, f"train.recover_lr_factor must be in (0, 1], got {t.recover_lr_factor}")

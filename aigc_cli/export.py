@@ -15,6 +15,8 @@ from .training.precision import DTYPES
 def export_generator(ckpt: ckpt_io.Checkpoint, out: Path, dtype: str) -> dict:
     if not FAMILIES[ckpt.config.model.kind].generative:
         raise UsageError(f"{ckpt.path}: a {ckpt.config.model.kind} has no generator to export")
+    if Path(out).is_dir():
+        raise UsageError(f"--out {out}: is a folder; give a file name such as model.safetensors")
     if dtype not in DTYPES:
         raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
     target = DTYPES[dtype]
@@ -27,5 +29,5 @@ def export_generator(ckpt: ckpt_io.Checkpoint, out: Path, dtype: str) -> dict:
     meta["aigc.source"] = str(ckpt.path)
     ckpt_io.write_atomic(out, tensors, meta)
     return {"out": str(out), "dtype": dtype, "tensors": len(tensors),
-            "parameters": sum(v.numel() for v in tensors.values() if v.is_floating_point()),
+            "parameters": ckpt_io.param_counts(ckpt)["G"],  # as `aigc info` counts them: no BN buffers
             "bytes": out.stat().st_size}

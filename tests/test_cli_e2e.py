@@ -145,6 +145,16 @@ def test_train_on_an_image_folder_with_spaces(aigc, image_folder, tmp_path):
     assert png_size(out / "samples" / "step-0000003.png") == (8 * 18 + 2, 8 * 18 + 2)
     r = aigc("sample", out, "--n", "1", "--out", tmp_path / "one.png")
     assert r.code == 0 and png_size(tmp_path / "one.png") == (16, 16)  # make_grid leaves a single image unpadded
+    # The folder's class subfolders make it a labelled source: a domain classifier for eval.
+    clf = tmp_path / "folder clf"
+    r = aigc("train", "--preset", "shapes-classifier", "--data", image_folder, "--out", clf, "--steps", "5",
+             "--batch-size", "4", "--set", "model.resolution=16", "--json")
+    assert r.code == 0, r.stderr
+    r = aigc("eval", out, "--features", clf, "--n", "12", "--json")  # --data defaults to the training folder
+    assert r.code == 0, r.stderr
+    assert r.json()["protocol"]["n_real"] == 12 and r.json()["metrics"]["fid"] >= 0
+    r = aigc("export", out, "--out", tmp_path / "folder gen.safetensors", "--json")
+    assert r.code == 0 and r.json()["parameters"] == aigc("info", out, "--json").json()["parameters"]["G"]
 
 
 def test_presets_list_and_show(aigc):
@@ -235,3 +245,23 @@ def test_other_families_train_sample_and_eval(aigc, classifier_ckpt, tmp_path, k
         assert 0 < m["recon_mse"] < 4 and m["neg_elbo"] > 0 and r.json()["protocol"]["n_heldout"] == 100
     else:
         assert "recon_mse" not in m
+
+
+@pytest.mark.parametrize("args, expect", [
+    (["train", "--preset", "quickstart", "--seed", "99999999999999999999"], "train.seed"),
+    (["train", "--preset", "quickstart", "--set", "train.steps=abc", "--steps", "1"], "expects int"),
+    (["train", "--preset", "quickstart", "--out", "/proc/no-such/run"], "/proc/no-such"),
+    (["sample", "/no/ckpt", "--seed", "-1"], "--seed"),
+    (["sample", "/no/ckpt", "--out", "grid.jpg"], ".png"),
+])
+def test_more_bad_input_is_one_line_exit_2(aigc, args, expect):
+    assert expect in one_line_error(aigc(*args))
+
+
+def test_bad_output_paths_and_devices_are_one_line_exit_2(aigc, gan_run, tmp_path):
+    out, _ = gan_run
+    assert "is a folder" in one_line_error(aigc("sample", out, "--n", "1", "--out", tmp_path))
+    assert "is a folder" in one_line_error(aigc("export", out, "--out", tmp_path))
+    (tmp_path / "file.txt").write_text("x")
+    assert "not a folder" in one_line_error(aigc("sample", out, "--n", "1", "--individual", tmp_path / "file.txt"))
+    assert "--device" in one_line_error(aigc("sample", out, "--n", "1", "--device", "tpu", "--out", tmp_path / "a.png"))

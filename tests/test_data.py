@@ -6,7 +6,6 @@ import gzip
 import os
 import socket
 import struct
-import time
 
 import numpy as np
 import pytest
@@ -70,12 +69,6 @@ def test_shapes_test_split_limit_and_grey():
     grey = load_images("shapes", channels=1, resolution=16, seed=0, limit=64)
     check_layout(grey, 64, 1, 16)
     assert torch.equal(grey.images, transforms.to_channels(train.images, 1))
-
-
-def test_shapes_fast_enough():
-    start = time.perf_counter()
-    load_images("shapes", channels=3, resolution=64)
-    assert time.perf_counter() - start < 3.0  # ~0.5 s on one core; slack for busy CI machines
 
 
 # ----------------------------------------------------------------------------- transforms
@@ -341,8 +334,7 @@ def test_mnist_from_root_layouts(tmp_path, idx_data, monkeypatch):
 # ----------------------------------------------------------------------------- torchvision sources
 
 
-def test_missing_torchvision_datasets_fail_fast(tmp_path):
-    start = time.perf_counter()
+def test_missing_torchvision_datasets_fail_without_network(tmp_path):
     with pytest.raises(UsageError) as err:
         load_images("mnist", channels=1, resolution=28, root=str(tmp_path))
     message = str(err.value)
@@ -355,7 +347,6 @@ def test_missing_torchvision_datasets_fail_fast(tmp_path):
     (tmp_path / "cifar-10-batches-py").mkdir()  # torchvision's layout: not read by aigc
     with pytest.raises(UsageError, match="--download"):
         load_images("cifar10", channels=3, resolution=32, root=str(tmp_path))
-    assert time.perf_counter() - start < 5.0
 
 
 def test_bad_arguments():

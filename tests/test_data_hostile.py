@@ -12,7 +12,6 @@ import re
 import resource
 import socket
 import struct
-import time
 import warnings
 import zlib
 from pathlib import Path
@@ -236,17 +235,14 @@ def test_skipped_kinds(tmp_path, name):
 
 
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
-def test_bombs_are_rejected_from_the_header_fast(tmp_path):
+def test_bombs_are_rejected_from_the_header(tmp_path):
     for name in ("bomb.png", "bomb_between_limits.png", "bomb.jpg", "bomb.webp", "bomb.gif"):
         write(tmp_path / "b" / name, SKIPPED[name][0]())
         assert (tmp_path / "b" / name).stat().st_size < 2000  # small file, huge image
     write(tmp_path / "b" / "ok.png", encode(Image.new("RGB", (8, 8)), "PNG"))
     filters = list(warnings.filters)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    start = time.perf_counter()
     data, got = load(tmp_path / "b")
-    elapsed = time.perf_counter() - start
-    assert elapsed < 2.0
     # Decoding any of them would need 100 MB - 4 GB; the peak must not move anywhere near that.
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before < 200 * 1024
     assert data.images.shape[0] == 1 and len(got) == 6
@@ -461,11 +457,9 @@ def test_cifar_download_fetches_the_binary_archive(tmp_path, small_cifar, monkey
 
 def test_builtin_sources_stay_offline_without_download(tmp_path):
     # The autouse fixture makes any connection attempt fail the test.
-    start = time.perf_counter()
     for source in ("mnist", "cifar10"):
         with pytest.raises(UsageError, match="--download"):
             load_images(source, channels=1, resolution=28, root=str(tmp_path), download=False)
-    assert time.perf_counter() - start < 2.0
 
 
 def test_data_package_never_unpickles():

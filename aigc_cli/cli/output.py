@@ -46,13 +46,17 @@ def handles_errors(fn):
             fail(str(e), e.exit_code)
         except KeyboardInterrupt:
             fail("interrupted", 130)
+        except OSError as e:  # a path that cannot be read or written: the user's to fix
+            where = f"{e.filename}: " if e.filename else ""
+            fail(f"{where}{e.strerror or e}", 2)
 
     return wrapper
 
 
 def _fmt(record: dict) -> str:
     skip = {"step", "images_seen", "img_per_s", "elapsed_s"}
-    return "  ".join(f"{k} {v:.4g}" for k, v in record.items() if k not in skip and isinstance(v, (int, float)))
+    return "  ".join(f"{k} {v:.4g}" for k, v in record.items()
+                     if k not in skip and not k.startswith("lr_") and isinstance(v, (int, float)))
 
 
 class ConsoleReporter:

@@ -15,7 +15,7 @@ from .output import emit_json, handles_errors, human_console
 def sample(
     checkpoint: str = typer.Argument(..., help="Checkpoint file, run folder (its newest checkpoint) or exported .safetensors."),
     n: int = typer.Option(64, "--n", "-n", help="Number of images."),
-    seed: int = typer.Option(0, "--seed", help="Latent seed: the same seed gives the same images."),
+    seed: int = typer.Option(0, "--seed", min=0, max=2**32 - 1, help="Latent seed: the same seed gives the same images."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Grid PNG path (default: samples.png, unless --individual is given)."),
     nrow: Optional[int] = typer.Option(None, "--nrow", help="Images per grid row (default: about sqrt(n))."),
     individual: Optional[Path] = typer.Option(None, "--individual", help="Also write one PNG per image into this folder."),
@@ -33,6 +33,12 @@ def sample(
         raise UsageError("--n, --batch-size and --nrow must be positive")
     if precision not in ("auto", "bf16", "fp16", "fp32"):
         raise UsageError(f"--precision must be auto, bf16, fp16 or fp32, got '{precision}'")
+    if out is not None and out.is_dir():
+        raise UsageError(f"--out {out}: is a folder; give a file name ending in .png")
+    if out is not None and out.suffix.lower() != ".png":
+        raise UsageError(f"--out {out}: sample grids are PNG files; use a name ending in .png")
+    if individual is not None and individual.exists() and not individual.is_dir():
+        raise UsageError(f"--individual {individual}: exists and is not a folder")
     ck = ckpt_io.load(checkpoint)
     G, amp = generator_from(ck, device, precision)
     console = human_console(json_out)

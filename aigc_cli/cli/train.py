@@ -46,6 +46,7 @@ def train(
 ) -> None:
     """Train a model from a preset; writes checkpoints, sample grids and metrics.jsonl to the run folder."""
     from ..config import load_preset, parse_assignments
+    from ..data import BUILTIN_SOURCES
     from ..errors import UsageError
     from ..training.state import find_resume
 
@@ -54,7 +55,7 @@ def train(
     flags = {"data.source": data, "data.root": data_root, "data.download": True if download else None,
              "data.strict": True if strict else None, "train.steps": steps, "train.epochs": epochs,
              "train.batch_size": batch_size, "train.precision": precision, "train.device": device, "train.seed": seed}
-    assignments.update({k: v for k, v in flags.items() if v is not None})
+    flags = {k: v for k, v in flags.items() if v is not None}
 
     if resume is not None and resume != "auto" and out is None:
         out = resume_run_dir(Path(resume))
@@ -68,7 +69,11 @@ def train(
     else:
         raise UsageError("--preset is required (see `aigc presets list`)" +
                          (f"; --resume auto found no checkpoint in {out}" if resume == "auto" else ""))
-    cfg = cfg.with_overrides(assignments)  # validates every value before any data or model is touched
+    # --set values are checked first even where a flag then overrides them; all before any heavy work.
+    cfg = cfg.with_overrides(assignments).with_overrides(flags)
+    if cfg.data.source not in BUILTIN_SOURCES and Path(cfg.data.source).expanduser().exists():
+        # stored absolute, so eval/resume from another working directory find the same data
+        cfg = cfg.with_overrides({"data.source": str(Path(cfg.data.source).expanduser().resolve())})
     if steps is not None and epochs is None and cfg.train.epochs:
         cfg = cfg.with_overrides({"train.epochs": 0})  # an explicit --steps wins over a preset's epochs
 

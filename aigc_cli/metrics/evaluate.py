@@ -27,6 +27,7 @@ class ClassifierFeatures:
         ck.load_net("C", self.C)
         self.C.to(device).eval()
         self.cfg, self.device, self.amp = ck.config.model, device, amp
+        self.data_source = ck.config.data.source
         self.name = f"classifier:{ck.path}"
 
     @torch.inference_mode()
@@ -54,14 +55,21 @@ def evaluate(ckpt: ckpt_io.Checkpoint, *, data: str, root: str | None, download:
                          "`aigc train --preset fashion-mnist-classifier` (or --set model.kind=classifier on any labelled data)")
     G, amp = generator_from(ckpt, device, precision)
     extractor = ClassifierFeatures(features, amp.device, amp)
-    fcfg = extractor.cfg
-    real = load_images(data, channels=fcfg.channels, resolution=fcfg.resolution, root=root, download=download,
+    fcfg, m = extractor.cfg, ckpt.config.model
+    if extractor.data_source != data:
+        warn(f"the feature classifier was trained on '{extractor.data_source}', the real data is '{data}': "
+             "distances in its feature space may mean little")
+    # Real images take the generator's channels and resolution first, so both sides then go through
+    # the same conversion to the classifier's input: a perfect generator scores near 0.
+    real = load_images(data, channels=m.channels, resolution=m.resolution, root=root, download=download,
                        split="train", seed=seed, warn=warn)
     real_images = real_subset(real.images, n, seed)
-    fake_images = generate(G, latents(n, ckpt.config.model.latent_dim, seed), amp, batch_size)
+    fake_images = generate(G, latents(n, m.latent_dim, seed), amp, batch_size)
     f_real = extractor(real_images, batch_size).numpy()
     f_fake = extractor(fake_images, batch_size).numpy()
-    kid_mean, kid_std = kid(f_fake, f_real, subsets=100, subset_size=1000, seed=seed)
+    # Subsets of at most half the samples, so their spread (kid_std) means something at small --n.
+    subset = min(1000, max(2, min(len(f_fake), len(f_real)) // 2))
+    kid_mean, kid_std = kid(f_fake, f_real, subsets=100, subset_size=subset, seed=seed)
     result = {
         "checkpoint": str(ckpt.path), "model": ckpt.config.model.kind, "step": ckpt.step,
         "metrics": {"fid": fid_from_features(f_fake, f_real), "kid": kid_mean, "kid_std": kid_std},
@@ -69,7 +77,7 @@ def evaluate(ckpt: ckpt_io.Checkpoint, *, data: str, root: str | None, download:
                      "extractor_resolution": fcfg.resolution, "extractor_channels": fcfg.channels,
                      "n_fake": len(fake_images), "n_real": len(real_images), "real_data": real.name,
                      "real_split": "train", "seed": seed, "precision": amp.name,
-                     "kid_subsets": 100, "kid_subset_size": min(1000, len(fake_images), len(real_images))},
+                     "kid_subsets": 100, "kid_subset_size": subset},
     }
     if ckpt.config.model.kind == "vae":
         scores = vae_scores(ckpt, data=data, root=root, n=n, batch_size=batch_size, seed=seed, G=G, amp=amp, warn=warn)
@@ -90,8 +98,12 @@ def vae_scores(ckpt, *, data, root, n, batch_size, seed, G, amp, warn) -> dict:
     E = build_nets(m)["E"]
     ckpt.load_net("E", E)
     E.to(amp.device).eval()
-    test = load_images(data, channels=m.channels, resolution=m.resolution, root=root, download=False,
-                       split="test", seed=seed, warn=warn)
+    try:
+        test = load_images(data, channels=m.channels, resolution=m.resolution, root=root, download=False,
+                           split="test", seed=seed, warn=warn)
+    except UsageError as e:  # e.g. an IDX folder without its t10k files: FID/KID still stand
+        warn(f"no held-out images for the VAE scores ({e})")
+        return {"recon_mse": None, "neg_elbo": None}
     images = real_subset(test.images, n, seed)
     g = torch.Generator().manual_seed(seed)
     total = {"mse": 0.0, "neg_elbo": 0.0}

@@ -182,6 +182,7 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop) -> dict:
             now = time.perf_counter()
             record = {"step": step, "images_seen": images_seen,
                       **{k: round(v, 6) for k, v in zip(sums, values)},
+                      **{f"lr_{name}": opt.param_groups[0]["lr"] for name, opt in opts.items()},
                       "img_per_s": round((images_seen - seen_log) / max(now - t_log, 1e-9), 1),
                       "elapsed_s": round(now - t_start, 2)}
             sums, n_sum, t_log, seen_log = {}, 0, now, images_seen

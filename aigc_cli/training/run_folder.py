@@ -13,10 +13,9 @@ from ..errors import UsageError
 class RunFolder:
     def __init__(self, root: Path, keep: int):
         self.root, self.keep = Path(root), keep
-        self.samples = self.root / "samples"
+        self.samples = self.root / "samples"  # made by the first grid written (classifiers write none)
         self.checkpoints = self.root / "checkpoints"
-        for d in (self.samples, self.checkpoints):
-            d.mkdir(parents=True, exist_ok=True)
+        self.checkpoints.mkdir(parents=True, exist_ok=True)
 
     def write_config(self, cfg: Config) -> None:
         tmp = self.root / ".config.toml.tmp"
