@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -98,3 +99,14 @@ def tiny(kind: str, **model) -> Config:
         "train": {"steps": 20, "batch_size": 16, "log_every": 5, "sample_every": 20, "ckpt_every": 20,
                   "n_samples": 4, "lr_g": 1e-3 if kind in ("vae", "classifier") else 2e-4},
     })
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any attempt to open a connection fails the test."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("network access attempted")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import os
-import socket
 import struct
 
 import numpy as np
@@ -20,15 +19,7 @@ from aigc_cli.data.idx import read_idx
 from aigc_cli.errors import UsageError
 
 
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch):
-    """Any attempt to open a connection fails the test: data loading must stay offline."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("network access attempted")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+pytestmark = pytest.mark.usefixtures("no_network")  # data loading must stay offline
 
 
 def check_layout(data: ImageData, n: int, channels: int, resolution: int) -> None:

@@ -10,7 +10,6 @@ import io
 import os
 import re
 import resource
-import socket
 import struct
 import warnings
 import zlib
@@ -27,15 +26,7 @@ from aigc_cli.errors import UsageError
 RES = 8
 
 
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch):
-    """Any attempt to open a connection fails the test: data loading must stay offline."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("network access attempted")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+pytestmark = pytest.mark.usefixtures("no_network")  # data loading must stay offline
 
 
 # ----------------------------------------------------------------------------- file makers
