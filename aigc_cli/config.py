@@ -28,6 +28,10 @@ class ModelConfig:
     d_width: int = 64  # base width of the discriminator / encoder / classifier (DCGAN's ndf)
     hidden: int = 128  # hidden units of the MLP GAN
     num_classes: int = 0  # set from the data for models that use labels
+    conditional: bool = False  # class-conditional: G with conditional BN, D with a projection head (VAE: labels in E and G)
+    spectral_norm: bool = False  # spectral normalisation on every D layer (SNGAN); resnet_gan always has it
+    d_norm: str = "batch"  # DCGAN discriminator normalisation: batch | layer | none (WGAN-GP wants no batch norm)
+    likelihood: str = "gaussian"  # VAE decoder distribution: gaussian | bernoulli
 
 
 @dataclass(frozen=True)
@@ -41,9 +45,12 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
-    gan: str = "bce"  # non-saturating BCE on logits
+    gan: str = "bce"  # bce (non-saturating, on logits) | hinge | wgan-gp
+    gp_weight: float = 10.0  # WGAN-GP gradient penalty weight (lambda)
+    r1_gamma: float = 0.0  # R1 penalty on real images (0: off), for bce and hinge
     vae_beta: float = 1.0  # weight of the KL term (1: the plain ELBO)
     recon_sigma: float = 0.1  # std of the VAE's Gaussian decoder, on the [-1, 1] pixel scale
+    kl_warmup: int = 0  # steps over which the KL weight rises linearly from 0 to vae_beta (0: none)
 
 
 @dataclass(frozen=True)
@@ -55,6 +62,12 @@ class TrainConfig:
     lr_d: float = 2e-4  # discriminator learning rate
     beta1: float = 0.5
     beta2: float = 0.999
+    n_critic: int = 1  # discriminator steps per generator step (WGAN-GP: 5)
+    lr_warmup: int = 0  # steps of linear learning-rate warm-up from 0
+    lr_decay: str = "none"  # none | linear | cosine: decay to 0 over the run after warm-up
+    ema_decay: float = 0.0  # EMA of the generator weights (e.g. 0.999; 0: no EMA); samples and eval use it
+    ema_start: int = 0  # step at which the EMA starts following G (before: a plain copy)
+    diffaugment: str = ""  # DiffAugment policy for D's inputs: comma list of translation, cutout, color
     precision: str = "auto"  # auto | bf16 | fp16 | fp32
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     seed: int = 0
@@ -106,6 +119,8 @@ class Config:
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "loss": LossConfig, "train": TrainConfig}
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+GAN_LOSSES = ("bce", "hinge", "wgan-gp")
+DIFFAUGMENT_OPS = ("translation", "cutout", "color")
 
 
 def _toml_value(v: Any) -> str:
@@ -201,7 +216,21 @@ def validate(cfg: Config) -> None:
     for name in ("latent_dim", "g_width", "d_width", "hidden"):
         _need(getattr(m, name) > 0, f"model.{name} must be positive, got {getattr(m, name)}")
     _need(m.num_classes >= 0, "model.num_classes must be >= 0")
-    _need(lo.gan in ("bce",), f"loss.gan {lo.gan!r} is unknown; choose one of: bce")
+    _need(lo.gan in GAN_LOSSES, f"loss.gan {lo.gan!r} is unknown; choose one of: {', '.join(GAN_LOSSES)}")
+    _need(lo.gp_weight >= 0 and lo.r1_gamma >= 0, "loss.gp_weight and loss.r1_gamma must be >= 0")
+    _need(lo.kl_warmup >= 0, "loss.kl_warmup must be >= 0")
+    _need(m.d_norm in ("batch", "layer", "none"), f"model.d_norm must be batch, layer or none, got {m.d_norm!r}")
+    _need(m.likelihood in ("gaussian", "bernoulli"), f"model.likelihood must be gaussian or bernoulli, got {m.likelihood!r}")
+    if m.conditional:
+        _need(FAMILIES[m.kind].supports_conditional, f"model.conditional is not supported for {m.kind}; "
+              f"use one of: {', '.join(k for k, f in FAMILIES.items() if f.supports_conditional)}")
+    _need(t.n_critic >= 1, "train.n_critic must be >= 1")
+    _need(t.lr_warmup >= 0, "train.lr_warmup must be >= 0")
+    _need(t.lr_decay in ("none", "linear", "cosine"), f"train.lr_decay must be none, linear or cosine, got {t.lr_decay!r}")
+    _need(0 <= t.ema_decay < 1, f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
+    _need(t.ema_start >= 0, "train.ema_start must be >= 0")
+    bad_aug = set(filter(None, t.diffaugment.split(","))) - set(DIFFAUGMENT_OPS)
+    _need(not bad_aug, f"train.diffaugment: unknown {', '.join(sorted(bad_aug))}; use a comma list of {', '.join(DIFFAUGMENT_OPS)}")
     _need(lo.vae_beta >= 0, "loss.vae_beta must be >= 0")
     _need(lo.recon_sigma > 0, "loss.recon_sigma must be positive")
     _need(cfg.data.limit >= 0, "data.limit must be >= 0")

@@ -12,7 +12,7 @@ from typing import Callable
 
 from torch import nn
 
-from . import classifier, dcgan, mlp_gan, vae
+from . import classifier, dcgan, mlp_gan, resnet_gan, vae
 
 
 @dataclass(frozen=True)
@@ -23,18 +23,24 @@ class Family:
     needs_labels: bool = False
     needs_power_of_two: bool = False
     generative: bool = True
+    supports_conditional: bool = False
 
 
 FAMILIES: dict[str, Family] = {
     "mlp_gan": Family("mlp_gan", "gan", mlp_gan.build),
-    "dcgan": Family("dcgan", "gan", dcgan.build, needs_power_of_two=True),
-    "vae": Family("vae", "vae", vae.build, needs_power_of_two=True),
+    "dcgan": Family("dcgan", "gan", dcgan.build, needs_power_of_two=True, supports_conditional=True),
+    "resnet_gan": Family("resnet_gan", "gan", resnet_gan.build, needs_power_of_two=True, supports_conditional=True),
+    "vae": Family("vae", "vae", vae.build, needs_power_of_two=True, supports_conditional=True),
     "classifier": Family("classifier", "classifier", classifier.build, needs_labels=True, generative=False),
 }
 
 
 def build_nets(model_cfg) -> dict[str, nn.Module]:
     return FAMILIES[model_cfg.kind].build(model_cfg)
+
+
+def needs_labels(model_cfg) -> bool:
+    return FAMILIES[model_cfg.kind].needs_labels or model_cfg.conditional
 
 
 def init_dcgan_weights(module: nn.Module) -> None:

@@ -1,0 +1,3 @@
+"""placeholder: being written"""
+def build(m):
+    raise NotImplementedError
