@@ -12,7 +12,7 @@ from .models import FAMILIES
 from .training.precision import DTYPES
 
 
-def export_generator(ckpt: ckpt_io.Checkpoint, out: Path, dtype: str) -> dict:
+def export_generator(ckpt: ckpt_io.Checkpoint, out: Path, dtype: str, ema: bool = True) -> dict:
     if not FAMILIES[ckpt.config.model.kind].generative:
         raise UsageError(f"{ckpt.path}: a {ckpt.config.model.kind} has no generator to export")
     if Path(out).is_dir():
@@ -21,12 +21,14 @@ def export_generator(ckpt: ckpt_io.Checkpoint, out: Path, dtype: str) -> dict:
         raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
     target = DTYPES[dtype]
     # Floating weights take the requested dtype; integer buffers (BN's num_batches_tracked) stay as they are.
-    tensors = {f"G.{k}": (v.to(target) if v.is_floating_point() else v) for k, v in ckpt.net_state("G").items()}
+    source = "G_ema" if ema and ckpt.net_state("G_ema") else "G"  # the EMA weights are the better generator
+    tensors = {f"G.{k}": (v.to(target) if v.is_floating_point() else v) for k, v in ckpt.net_state(source).items()}
     if not tensors:
         raise UsageError(f"{ckpt.path}: holds no generator weights")
     meta = ckpt_io.base_meta(ckpt.config, "export", ckpt.step, ckpt.images_seen, ckpt.meta.get("aigc.precision", ""))
     meta["aigc.dtype"] = dtype
     meta["aigc.source"] = str(ckpt.path)
+    meta["aigc.weights"] = source
     ckpt_io.write_atomic(out, tensors, meta)
     return {"out": str(out), "dtype": dtype, "tensors": len(tensors),
             "parameters": ckpt_io.param_counts(ckpt)["G"],  # as `aigc info` counts them: no BN buffers

@@ -26,14 +26,33 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def generate(G: torch.nn.Module, z: torch.Tensor, amp: Precision, batch_size: int = 512) -> torch.Tensor:
-    """uint8 images (N, C, H, W) on the CPU, generated in batches under autocast."""
+def generate(G: torch.nn.Module, z: torch.Tensor, amp: Precision, batch_size: int = 512,
+             labels: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 images (N, C, H, W) on the CPU, generated in batches under autocast; `labels` (N,) for
+    a conditional generator."""
     device = next(G.parameters()).device
     out = []
-    for chunk in z.split(batch_size):
+    for i, chunk in enumerate(z.split(batch_size)):
+        y = None if labels is None else labels[i * batch_size:(i + 1) * batch_size].to(device)
         with amp.autocast():
-            out.append(to_uint8(G(chunk.to(device))).cpu())
+            out.append(to_uint8(G(chunk.to(device), y)).cpu())
     return torch.cat(out)
+
+
+def class_labels(ckpt: Checkpoint, classes: list[int] | None, n: int) -> tuple[torch.Tensor | None, int | None]:
+    """Labels for `n` images of a conditional model, one class per grid row, and the row length.
+    classes None: every class. An unconditional model takes no classes."""
+    m = ckpt.config.model
+    if not m.conditional:
+        if classes:
+            raise UsageError(f"{ckpt.path}: --class needs a class-conditional model; this {m.kind} is unconditional")
+        return None, None
+    classes = classes if classes else list(range(m.num_classes))
+    bad = [c for c in classes if not 0 <= c < m.num_classes]
+    if bad:
+        raise UsageError(f"--class {bad[0]}: this model has classes 0..{m.num_classes - 1}")
+    per_class = max(1, n // len(classes))
+    return torch.tensor(classes).repeat_interleave(per_class), per_class
 
 
 def save_png(img: torch.Tensor, path: str | os.PathLike) -> None:
@@ -65,13 +84,14 @@ def save_individual(images: torch.Tensor, folder: str | os.PathLike) -> list[Pat
     return paths
 
 
-def generator_from(ckpt: Checkpoint, device: str = "auto", precision: str = "auto"):
-    """Rebuild the generator (a VAE's decoder) from the config stored in the checkpoint."""
+def generator_from(ckpt: Checkpoint, device: str = "auto", precision: str = "auto", ema: bool = True):
+    """Rebuild the generator (a VAE's decoder) from the config stored in the checkpoint; its EMA
+    weights when it has them (unless ema=False)."""
     family = FAMILIES[ckpt.config.model.kind]
     if not family.generative:
         raise UsageError(f"{ckpt.path}: holds a {family.name}, which does not generate images")
     dev = resolve_device(device)
     G = build_nets(ckpt.config.model)["G"]
-    ckpt.load_net("G", G)
+    ckpt.load_net("G_ema" if ema and ckpt.net_state("G_ema") else "G", G)
     G.to(dev).eval()
     return G, Precision(resolve_precision(precision, dev), dev)

@@ -19,9 +19,9 @@ def inject(monkeypatch, at_call: int, *, forever: bool = False, into: str = "los
     real = steps.STEPS["gan"]
     calls = {"n": 0}
 
-    def poisoned(nets, opts, amp, x, z, cfg):
+    def poisoned(nets, *args):
         calls["n"] += 1
-        out = real(nets, opts, amp, x, z, cfg)
+        out = real(nets, *args)
         if calls["n"] == at_call or (forever and calls["n"] >= at_call):
             if into == "loss":
                 out = {**out, "loss_d": out["loss_d"] * float("nan")}

@@ -19,7 +19,7 @@ def test_a_perfect_generator_scores_at_the_noise_floor(tmp_path, monkeypatch):
     train(tiny("dcgan").with_overrides({"train.steps": "1"}), tmp_path / "gan", Silent())
     n = 400
     perfect = load_images("shapes", channels=1, resolution=16, split="test").images[:n]  # what it should draw
-    monkeypatch.setattr(evaluate_mod, "generate", lambda G, z, amp, batch_size: perfect[: len(z)])
+    monkeypatch.setattr(evaluate_mod, "generate", lambda G, z, amp, batch_size, labels=None: perfect[: len(z)])
     result = evaluate_mod.evaluate(ckpt_io.load(tmp_path / "gan"), data="shapes", root=None, download=False,
                                    features=str(tmp_path / "clf"), n=n, batch_size=200, seed=0, device="cpu",
                                    precision="fp32", warn=print)

@@ -21,6 +21,7 @@ def evaluate(
     seed: int = typer.Option(0, "--seed", min=0, max=2**32 - 1, help="Seed for latents and the real subset."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     precision: str = typer.Option("auto", "--precision", help="auto, bf16, fp16 or fp32."),
+    no_ema: bool = typer.Option(False, "--no-ema", help="Score the raw generator weights, not their EMA."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object with metrics and protocol."),
 ) -> None:
     """Score a generative model: Fréchet distance and KID (VAE: also reconstruction MSE and negative ELBO)."""
@@ -37,7 +38,7 @@ def evaluate(
     with console.status(f"evaluating: generating {n} images and embedding them with real ones"):
         result = run_eval(ck, data=data or ck.config.data.source, root=data_root or ck.config.data.root or None,
                           download=download, features=features, n=n, batch_size=batch_size, seed=seed,
-                          device=device, precision=precision, warn=warn)
+                          device=device, precision=precision, warn=warn, ema=not no_ema)
     if json_out:
         emit_json(result)
         return

@@ -14,13 +14,14 @@ def export(
     checkpoint: str = typer.Argument(..., help="Checkpoint file or run folder."),
     out: Path = typer.Option(..., "--out", "-o", help="Output .safetensors path."),
     dtype: str = typer.Option("fp32", "--dtype", help="Weight dtype: fp32, fp16 or bf16."),
+    no_ema: bool = typer.Option(False, "--no-ema", help="Export the raw generator weights, not their EMA."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object describing the artifact."),
 ) -> None:
     """Write the generator (a VAE's decoder) with its config; `aigc sample` and `aigc info` accept it."""
     from .. import checkpoint as ckpt_io
     from ..export import export_generator
 
-    result = export_generator(ckpt_io.load(checkpoint), out, dtype)
+    result = export_generator(ckpt_io.load(checkpoint), out, dtype, ema=not no_ema)
     if json_out:
         emit_json(result)
     else:

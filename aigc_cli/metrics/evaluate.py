@@ -9,7 +9,7 @@ from .. import checkpoint as ckpt_io
 from ..data import load_images
 from ..data.transforms import conform
 from ..errors import UsageError
-from ..losses import vae_terms
+from ..losses import decoded_image, vae_terms
 from ..models import build_nets
 from ..sampling import generate, generator_from, latents
 from ..training.precision import Precision
@@ -41,19 +41,19 @@ class ClassifierFeatures:
         return torch.cat(out).double()
 
 
-def real_subset(images: torch.Tensor, n: int, seed: int) -> torch.Tensor:
-    if len(images) <= n:
-        return images
-    idx = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n]
-    return images[idx.sort().values]
+def real_indices(total: int, n: int, seed: int) -> torch.Tensor:
+    """A seeded subset of at most n indices, in order."""
+    if total <= n:
+        return torch.arange(total)
+    return torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n].sort().values
 
 
 def evaluate(ckpt: ckpt_io.Checkpoint, *, data: str, root: str | None, download: bool, features: str | None,
-             n: int, batch_size: int, seed: int, device: str, precision: str, warn) -> dict:
+             n: int, batch_size: int, seed: int, device: str, precision: str, warn, ema: bool = True) -> dict:
     if not features:
         raise UsageError("--features CLASSIFIER_CKPT is required: train one with "
                          "`aigc train --preset fashion-mnist-classifier` (or --set model.kind=classifier on any labelled data)")
-    G, amp = generator_from(ckpt, device, precision)
+    G, amp = generator_from(ckpt, device, precision, ema=ema)
     extractor = ClassifierFeatures(features, amp.device, amp)
     fcfg, m = extractor.cfg, ckpt.config.model
     if extractor.data_source != data:
@@ -63,8 +63,11 @@ def evaluate(ckpt: ckpt_io.Checkpoint, *, data: str, root: str | None, download:
     # the same conversion to the classifier's input: a perfect generator scores near 0.
     real = load_images(data, channels=m.channels, resolution=m.resolution, root=root, download=download,
                        split="train", seed=seed, warn=warn)
-    real_images = real_subset(real.images, n, seed)
-    fake_images = generate(G, latents(n, m.latent_dim, seed), amp, batch_size)
+    real_images = real.images[real_indices(len(real.images), n, seed)]
+    labels = None  # a conditional model draws classes uniformly at random
+    if m.conditional:
+        labels = torch.randint(m.num_classes, (n,), generator=torch.Generator().manual_seed(seed + 1))
+    fake_images = generate(G, latents(n, m.latent_dim, seed), amp, batch_size, labels=labels)
     f_real = extractor(real_images, batch_size).numpy()
     f_fake = extractor(fake_images, batch_size).numpy()
     # Subsets of at most half the samples, so their spread (kid_std) means something at small --n.
@@ -77,10 +80,11 @@ def evaluate(ckpt: ckpt_io.Checkpoint, *, data: str, root: str | None, download:
                      "extractor_resolution": fcfg.resolution, "extractor_channels": fcfg.channels,
                      "n_fake": len(fake_images), "n_real": len(real_images), "real_data": real.name,
                      "real_split": "train", "seed": seed, "precision": amp.name,
+                     "generator_weights": "G_ema" if ema and ckpt.net_state("G_ema") else "G",
                      "kid_subsets": 100, "kid_subset_size": subset},
     }
     if ckpt.config.model.kind == "vae":
-        scores = vae_scores(ckpt, data=data, root=root, n=n, batch_size=batch_size, seed=seed, G=G, amp=amp, warn=warn)
+        scores = vae_scores(ckpt, data=data, root=root, n=n, batch_size=batch_size, seed=seed, amp=amp, warn=warn)
         for key in ("n_heldout", "heldout_data"):  # protocol facts, not metrics
             if key in scores:
                 result["protocol"][key] = scores.pop(key)
@@ -89,31 +93,40 @@ def evaluate(ckpt: ckpt_io.Checkpoint, *, data: str, root: str | None, download:
 
 
 @torch.inference_mode()
-def vae_scores(ckpt, *, data, root, n, batch_size, seed, G, amp, warn) -> dict:
+def vae_scores(ckpt, *, data, root, n, batch_size, seed, amp, warn) -> dict:
     """Reconstruction MSE (pixel scale [-1, 1], decoding the posterior mean) and a one-sample
     estimate of the negative ELBO in nats per image, on held-out images of the data source."""
     if not ckpt.net_state("E"):
         return {"recon_mse": None, "neg_elbo": None}  # an exported decoder has no encoder
     m = ckpt.config.model
-    E = build_nets(m)["E"]
-    ckpt.load_net("E", E)
-    E.to(amp.device).eval()
+    nets = build_nets(m)
+    for name in ("E", "G"):
+        ckpt.load_net(name, nets[name])
+        nets[name].to(amp.device).eval()
+    E, G = nets["E"], nets["G"]
     try:
         test = load_images(data, channels=m.channels, resolution=m.resolution, root=root, download=False,
                            split="test", seed=seed, warn=warn)
     except UsageError as e:  # e.g. an IDX folder without its t10k files: FID/KID still stand
         warn(f"no held-out images for the VAE scores ({e})")
         return {"recon_mse": None, "neg_elbo": None}
-    images = real_subset(test.images, n, seed)
+    if m.conditional and test.labels is None:
+        warn("the held-out images have no labels, which this conditional VAE needs: no VAE scores")
+        return {"recon_mse": None, "neg_elbo": None}
+    idx = real_indices(len(test.images), n, seed)
+    images = test.images[idx]
+    labels = test.labels[idx] if m.conditional else None
     g = torch.Generator().manual_seed(seed)
     total = {"mse": 0.0, "neg_elbo": 0.0}
-    for chunk in images.split(batch_size):
+    for i, chunk in enumerate(images.split(batch_size)):
         x = chunk.to(amp.device).float().div(127.5).sub(1)
+        y = labels[i * batch_size:(i + 1) * batch_size].to(amp.device) if labels is not None else None
         with amp.autocast():
-            mu, logvar = E(x)
+            mu, logvar = E(x, y)
             eps = torch.randn(mu.shape, generator=g).to(amp.device)
-            sampled = vae_terms(x, G(mu + eps * (0.5 * logvar).exp()), mu, logvar, ckpt.config.loss.recon_sigma)
-            mse = (x - G(mu).float()).pow(2).mean()
+            sampled = vae_terms(x, G.logits(mu + eps * (0.5 * logvar).exp(), y), mu, logvar,
+                                ckpt.config.loss.recon_sigma, m.likelihood)
+            mse = (x - decoded_image(G.logits(mu, y), m.likelihood)).pow(2).mean()
         total["mse"] += float(mse) * len(chunk)
         total["neg_elbo"] += float(sampled["neg_elbo"]) * len(chunk)
     return {"recon_mse": total["mse"] / len(images), "neg_elbo": total["neg_elbo"] / len(images),

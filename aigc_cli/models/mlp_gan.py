@@ -13,7 +13,7 @@ class Generator(nn.Module):
         self.net = nn.Sequential(nn.Linear(latent_dim, hidden), nn.LeakyReLU(0.2, True),
                                  nn.Linear(hidden, channels * resolution * resolution), nn.Tanh())
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:  # unconditional: y unused
         return self.net(z).reshape(z.shape[0], *self.shape)
 
 
@@ -23,7 +23,7 @@ class Discriminator(nn.Module):
         self.net = nn.Sequential(nn.Flatten(), nn.Linear(channels * resolution * resolution, hidden),
                                  nn.LeakyReLU(0.2, True), nn.Linear(hidden, 1))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         return self.net(x).reshape(-1)
 
 

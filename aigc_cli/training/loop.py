@@ -17,14 +17,16 @@ from ..checkpoint import Checkpoint
 from ..config import Config
 from ..data import load_images
 from ..errors import DivergedError, Interrupted, UsageError
-from ..models import FAMILIES, build_nets
+from ..models import FAMILIES, build_nets, needs_labels
 from ..sampling import generate, latents, save_grid, to_uint8
 from . import state
 from .batches import DeviceBatches
 from .precision import Precision, resolve_device, resolve_precision
 from .run_folder import RunFolder
+from .ema import EMA
+from .schedule import lr_factor, set_lr
 from .signals import USR1_EXIT_CODE, StopFlag
-from .steps import STEPS, make_optimizers
+from .steps import STEPS, Aids, make_optimizers
 
 
 class Reporter(Protocol):
@@ -53,6 +55,14 @@ def best_metric(cfg: Config) -> tuple[str | None, bool]:
     return (None, False) if name == "none" else (name, "acc" in name)
 
 
+def grid_labels(cfg: Config) -> tuple[torch.Tensor | None, int]:
+    """Labels for the training grids and images per row: a conditional model gets one class per row."""
+    if not cfg.model.conditional:
+        return None, max(1, int(math.sqrt(cfg.train.n_samples)))
+    per_class = max(1, cfg.train.n_samples // cfg.model.num_classes)
+    return torch.arange(cfg.model.num_classes).repeat_interleave(per_class), per_class
+
+
 def load_data(cfg: Config, split: str, warn):
     return load_images(cfg.data.source, channels=cfg.model.channels, resolution=cfg.model.resolution,
                        root=cfg.data.root or None, download=cfg.data.download and split == "train", split=split,
@@ -70,9 +80,10 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop) -> dict:
     device = resolve_device(cfg.train.device)
     amp = Precision(resolve_precision(cfg.train.precision, device), device)
     data = load_data(cfg, "train", reporter.note)
-    if family.needs_labels:
+    if needs_labels(cfg.model):
         if data.labels is None:
-            raise UsageError(f"data '{cfg.data.source}' has no labels, which model '{family.name}' needs "
+            what = "a conditional model" if cfg.model.conditional else f"model '{family.name}'"
+            raise UsageError(f"data '{cfg.data.source}' has no labels, which {what} needs "
                              "(use a labelled source, or an image folder with one subfolder per class)")
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_classes=data.num_classes))
     bs = cfg.train.batch_size
@@ -87,6 +98,11 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop) -> dict:
     nets = {k: v.to(device).train() for k, v in build_nets(cfg.model).items()}
     opts = make_optimizers(family.objective, nets, cfg.train)
     step_fn = STEPS[family.objective]
+    aids = Aids(augment=tuple(filter(None, cfg.train.diffaugment.split(","))))
+    if family.objective == "gan" and cfg.train.ema_decay > 0:
+        aids.ema = EMA(nets["G"], cfg.train.ema_decay, cfg.train.ema_start)
+        nets["G_ema"] = aids.ema.model  # saved, restored and checked like the other networks
+    scheduled = cfg.train.lr_warmup > 0 or cfg.train.lr_decay != "none"
     run = RunFolder(run_dir, cfg.train.keep_checkpoints)
     batches = DeviceBatches(data.images, data.labels, bs, device, cfg.train.seed)
     step, images_seen = 0, 0
@@ -98,21 +114,23 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop) -> dict:
         run.trim_metrics(step)
         reporter.note(f"resumed from {resume.path} at step {step} ({images_seen} images seen)")
     run.write_config(cfg)
-    z_fixed = latents(cfg.train.n_samples, cfg.model.latent_dim, cfg.train.seed)
-    nrow = max(1, int(math.sqrt(cfg.train.n_samples)))
+    labels_fixed, nrow = grid_labels(cfg)
+    z_fixed = latents(len(labels_fixed) if labels_fixed is not None else cfg.train.n_samples,
+                      cfg.model.latent_dim, cfg.train.seed)
 
     def write_samples(step: int) -> None:
         if not family.generative:
             return
-        G = nets["G"].eval()
-        save_grid(generate(G, z_fixed, amp), run.samples / f"step-{step:07d}.png", nrow)
+        G = nets.get("G_ema", nets["G"]).eval()
+        save_grid(generate(G, z_fixed, amp, labels=labels_fixed), run.samples / f"step-{step:07d}.png", nrow)
         if family.objective == "vae":  # inputs above, their reconstructions below
             k = min(len(data.images), max(nrow, cfg.train.n_samples // 2 // nrow * nrow))
             real = data.images[:k].to(device).float().div(127.5).sub(1)
+            y = data.labels[:k].to(device) if cfg.model.conditional else None
             nets["E"].eval()
             with torch.inference_mode(), amp.autocast():
-                mu, _ = nets["E"](real)
-                recon = to_uint8(G(mu)).cpu()
+                mu, _ = nets["E"](real, y)
+                recon = to_uint8(G(mu, y)).cpu()
             nets["E"].train()
             save_grid(torch.cat([data.images[:k], recon]), run.samples / f"recon-step-{step:07d}.png", nrow)
         G.train()
@@ -151,6 +169,8 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop) -> dict:
         for opt in opts.values():
             for group in opt.param_groups:
                 group["lr"] *= cfg.train.recover_lr_factor
+                if "base_lr" in group:  # the schedule scales base_lr: lower that too
+                    group["base_lr"] *= cfg.train.recover_lr_factor
         changes.append(f"learning rates x{cfg.train.recover_lr_factor}")
         sums, n_sum = {}, 0
         run.trim_metrics(step)
@@ -165,14 +185,16 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop) -> dict:
     start_step = step
     if stop.signum is not None:
         raise Interrupted("stopped by signal before the first step; nothing to save", stop.exit_code)
+    def next_batch():
+        nonlocal images_seen
+        images_seen += bs
+        return batches.next()
+
     while step < steps:
         step += 1
-        x, y = batches.next()
-        if family.objective == "gan":
-            out = step_fn(nets, opts, amp, x, torch.randn(bs, cfg.model.latent_dim, device=device), cfg)
-        else:
-            out = step_fn(nets, opts, amp, x, y, cfg)
-        images_seen += bs
+        if scheduled:
+            set_lr(opts, lr_factor(step - 1, steps, cfg.train.lr_warmup, cfg.train.lr_decay))
+        out = step_fn(nets, opts, amp, next_batch, cfg, step, aids)
         sums = {k: sums.get(k, 0) + v for k, v in out.items()}  # stays on the device: no sync
         n_sum += 1
         reporter.advance(step)

@@ -63,6 +63,9 @@ def restore(tensors: dict[str, torch.Tensor], meta: dict[str, str], nets: dict, 
             origin: str) -> tuple[int, int]:
     """Put a captured state back; returns (step, images_seen). Raises UsageError if it does not fit."""
     for name, net in nets.items():
+        if name == "G_ema" and not ckpt_io.net_state(tensors, name):
+            net.load_state_dict(nets["G"].state_dict())  # EMA switched on at a resume: start from G
+            continue
         load_net(tensors, name, net, origin)
     try:
         for name, opt in opts.items():

@@ -1,20 +1,34 @@
-"""One training step per objective. Each returns detached loss tensors and never syncs with the
-device (no .item()): the loop reads values back only at log intervals."""
+"""One training step per objective, shared by `aigc train` and the benchmarks. Each returns detached
+loss tensors and never syncs with the device (no .item()): the loop reads values back at log intervals.
+
+A step draws its real batches through `next_batch()`, so a WGAN critic can take n_critic fresh
+batches per generator step."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from .. import losses
+from .augment import diff_augment
+from .ema import EMA
+
+
+@dataclass
+class Aids:
+    """Per-run helpers a step uses: the DiffAugment policy and the generator's EMA."""
+
+    augment: tuple[str, ...] = ()
+    ema: EMA | None = None
 
 
 def make_optimizers(objective: str, nets: dict, train_cfg) -> dict[str, torch.optim.Optimizer]:
     betas = (train_cfg.beta1, train_cfg.beta2)
-    fused = {"foreach": True}
 
     def adam(params, lr):
-        return torch.optim.Adam(params, lr=lr, betas=betas, **fused)
+        return torch.optim.Adam(params, lr=lr, betas=betas, foreach=True)
 
     if objective == "gan":
         return {"G": adam(nets["G"].parameters(), train_cfg.lr_g), "D": adam(nets["D"].parameters(), train_cfg.lr_d)}
@@ -23,37 +37,60 @@ def make_optimizers(objective: str, nets: dict, train_cfg) -> dict[str, torch.op
     return {"C": adam(nets["C"].parameters(), train_cfg.lr_g)}
 
 
-def gan_step(nets, opts, amp, x, z, cfg) -> dict[str, torch.Tensor]:
+def gan_step(nets, opts, amp, next_batch, cfg, step: int, aids: Aids) -> dict[str, torch.Tensor]:
     G, D = nets["G"], nets["D"]
-    with amp.autocast():
-        fake = G(z)
-        loss_d = losses.bce_d(D(x), D(fake.detach()))
-    opts["D"].zero_grad(set_to_none=True)
-    amp.backward(loss_d)
-    amp.step(opts["D"])
+    kind, latent, cond = cfg.loss.gan, cfg.model.latent_dim, cfg.model.conditional
+
+    def aug(t):
+        return diff_augment(t, aids.augment) if aids.augment else t
+
+    out: dict[str, torch.Tensor] = {}
+    for _ in range(cfg.train.n_critic):
+        x, y = next_batch()
+        y = y if cond else None  # conditional: fakes get the real batch's labels (its class balance)
+        z = torch.randn(x.shape[0], latent, device=x.device)
+        with amp.autocast():
+            fake = G(z, y)
+            loss_d = losses.d_loss(kind, D(aug(x), y), D(aug(fake.detach()), y))
+        total = loss_d
+        if kind == "wgan-gp":
+            out["gp"] = losses.gradient_penalty(D, x, fake, y)
+            total = total + cfg.loss.gp_weight * out["gp"]
+        elif cfg.loss.r1_gamma > 0:
+            out["r1"] = losses.r1_penalty(D, x, y)
+            total = total + 0.5 * cfg.loss.r1_gamma * out["r1"]
+        opts["D"].zero_grad(set_to_none=True)
+        amp.backward(total)
+        amp.step(opts["D"])
 
     D.requires_grad_(False)  # the G step needs gradients through D, not for D's weights
     with amp.autocast():
-        loss_g = losses.bce_g(D(fake))
+        if cfg.train.n_critic > 1:  # a fresh sample for G, as in WGAN-GP's algorithm
+            fake = G(torch.randn(x.shape[0], latent, device=x.device), y)
+        loss_g = losses.g_loss(kind, D(aug(fake), y))
     opts["G"].zero_grad(set_to_none=True)
     amp.backward(loss_g)
     amp.step(opts["G"])
     D.requires_grad_(True)
     amp.update()
-    return {"loss_d": loss_d.detach(), "loss_g": loss_g.detach()}
+    if aids.ema is not None:
+        aids.ema.update(G, step)
+    return {"loss_d": loss_d.detach(), "loss_g": loss_g.detach(), **{k: v.detach() for k, v in out.items()}}
 
 
-def vae_forward(nets, x):
-    mu, logvar = nets["E"](x)
-    z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
-    return nets["G"](z), mu, logvar
+def kl_weight(cfg, step: int) -> float:
+    warm = cfg.loss.kl_warmup
+    return cfg.loss.vae_beta * (min(1.0, step / warm) if warm else 1.0)
 
 
-def vae_step(nets, opts, amp, x, z, cfg) -> dict[str, torch.Tensor]:
+def vae_step(nets, opts, amp, next_batch, cfg, step: int, aids: Aids) -> dict[str, torch.Tensor]:
+    x, y = next_batch()
+    y = y if cfg.model.conditional else None
     with amp.autocast():
-        recon, mu, logvar = vae_forward(nets, x)
-        t = losses.vae_terms(x, recon, mu, logvar, cfg.loss.recon_sigma)
-        loss = t["nll"] + cfg.loss.vae_beta * t["kl"]
+        mu, logvar = nets["E"](x, y)
+        z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
+        t = losses.vae_terms(x, nets["G"].logits(z, y), mu, logvar, cfg.loss.recon_sigma, cfg.model.likelihood)
+        loss = t["nll"] + kl_weight(cfg, step) * t["kl"]
     opts["G"].zero_grad(set_to_none=True)
     amp.backward(loss)
     amp.step(opts["G"])
@@ -62,7 +99,8 @@ def vae_step(nets, opts, amp, x, z, cfg) -> dict[str, torch.Tensor]:
             "mse": t["mse"].detach()}
 
 
-def classifier_step(nets, opts, amp, x, y, cfg) -> dict[str, torch.Tensor]:
+def classifier_step(nets, opts, amp, next_batch, cfg, step: int, aids: Aids) -> dict[str, torch.Tensor]:
+    x, y = next_batch()
     with amp.autocast():
         logits = nets["C"](x)
         loss = F.cross_entropy(logits.float(), y)

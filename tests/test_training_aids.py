@@ -1,0 +1,342 @@
+"""DiffAugment, EMA of weights, and the learning-rate schedule (aigc_cli.training.augment/ema/schedule)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from aigc_cli.training.augment import OPS, diff_augment, parse_policy
+from aigc_cli.training.ema import EMA
+from aigc_cli.training.schedule import lr_factor, set_lr
+
+# --------------------------------------------------------------------------------------------- DiffAugment
+
+
+def _batch(n=4, c=3, size=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, c, size, size, generator=g) * 2 - 1
+
+
+def test_parse_policy():
+    assert parse_policy("translation,cutout") == ("translation", "cutout")
+    assert parse_policy("color, translation ,cutout") == ("color", "translation", "cutout")
+    assert parse_policy("") == ()
+    for bad in ("flip", "translation,zoom", "Color"):
+        with pytest.raises(ValueError):
+            parse_policy(bad)
+    with pytest.raises(ValueError):
+        diff_augment(_batch(), ("rotate",))
+
+
+def test_empty_policy_returns_same_object():
+    x = _batch()
+    assert diff_augment(x, ()) is x
+    assert diff_augment(x, parse_policy("")) is x
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("size", [8, 16, 28])
+@pytest.mark.parametrize("policy", [(op,) for op in OPS] + [OPS])
+def test_ops_keep_shape_dtype_device(policy, size, channels):
+    x = _batch(n=3, c=channels, size=size)
+    y = diff_augment(x, policy)
+    assert y.shape == x.shape and y.dtype == x.dtype and y.device == x.device
+    assert torch.isfinite(y).all()
+
+
+def test_translation_moves_a_pixel_by_at_most_an_eighth():
+    n, size = 64, 32
+    max_shift = size // 8
+    x = torch.zeros(n, 1, size, size)
+    r, c = 13, 18
+    x[:, :, r, c] = 1.0
+    torch.manual_seed(0)
+    y = diff_augment(x, ("translation",))
+    shifts = set()
+    for i in range(n):
+        nz = y[i, 0].nonzero()
+        assert nz.shape[0] == 1 and y[i, 0].sum() == 1.0  # the pixel moved, nothing else appeared
+        dr, dc = nz[0, 0].item() - r, nz[0, 1].item() - c
+        assert abs(dr) <= max_shift and abs(dc) <= max_shift
+        shifts.add((dr, dc))
+    assert len(shifts) > 5  # shifts differ per image
+
+    # A constant image: translated content is the image shifted with zero padding (never wrapped/replicated).
+    ones = torch.ones(n, 3, size, size)
+    torch.manual_seed(1)
+    y = diff_augment(ones, ("translation",))
+    for i in range(n):
+        img = y[i, 0]
+        assert torch.equal(y[i], img.expand(3, size, size))
+        rows = img.sum(1).nonzero().flatten()
+        cols = img.sum(0).nonzero().flatten()
+        h = rows.numel()
+        w = cols.numel()
+        assert h >= size - max_shift and w >= size - max_shift
+        # the ones form one contiguous block touching the opposite border; the rest is zero
+        assert rows[-1] - rows[0] + 1 == h and cols[-1] - cols[0] + 1 == w
+        assert rows[0] == 0 or rows[-1] == size - 1
+        assert cols[0] == 0 or cols[-1] == size - 1
+        assert img.sum() == h * w
+
+
+@pytest.mark.parametrize("size", [8, 16, 15])
+def test_cutout_zeros_one_half_size_square(size):
+    n = 200
+    half = int(size * 0.5 + 0.5)
+    x = torch.ones(n, 3, size, size)
+    torch.manual_seed(0)
+    y = diff_augment(x, ("cutout",))
+    full = 0
+    for i in range(n):
+        assert torch.equal(y[i], y[i, :1].expand_as(y[i]))  # the same region in every channel
+        zero = y[i, 0] == 0
+        assert set(y[i, 0].unique().tolist()) <= {0.0, 1.0}
+        rows = zero.any(1).nonzero().flatten()
+        cols = zero.any(0).nonzero().flatten()
+        # zeros form a single axis-aligned rectangle ...
+        assert zero.sum() == rows.numel() * cols.numel()
+        assert rows[-1] - rows[0] + 1 == rows.numel() and cols[-1] - cols[0] + 1 == cols.numel()
+        # ... that is the half-size square, or that square clipped at the border
+        assert 1 <= rows.numel() <= half and 1 <= cols.numel() <= half
+        if rows.numel() < half:
+            assert rows[0] == 0 or rows[-1] == size - 1
+        if cols.numel() < half:
+            assert cols[0] == 0 or cols[-1] == size - 1
+        full += int(zero.sum() == half * half)
+    assert full > 0
+
+
+def test_color_changes_values_within_reference_ranges():
+    x = _batch(n=8)
+    torch.manual_seed(0)
+    y = diff_augment(x, ("color",))
+    assert not torch.allclose(x, y)
+    # brightness alone would be a per-image constant shift; saturation/contrast make it non-constant
+    assert ((y - x).flatten(1).std(1) > 0).all()
+
+    # 1 channel: saturation is a no-op, brightness+contrast are per-image affine maps with slope in [0.5, 1.5]
+    g = _batch(n=8, c=1)
+    torch.manual_seed(0)
+    yg = diff_augment(g, ("color",))
+    for i in range(8):
+        a = torch.stack([g[i].flatten(), torch.ones(g[i].numel())], 1)
+        sol = torch.linalg.lstsq(a, yg[i].flatten().unsqueeze(1)).solution.flatten()
+        assert 0.5 - 1e-4 <= sol[0] <= 1.5 + 1e-4
+        assert torch.allclose(a @ sol, yg[i].flatten(), atol=1e-5)
+
+
+@pytest.mark.parametrize("policy", [(op,) for op in OPS] + [OPS])
+def test_gradients_flow(policy):
+    x = _batch(n=4, c=3, size=16).requires_grad_(True)
+    torch.manual_seed(0)
+    y = diff_augment(x, policy)
+    (y * torch.randn_like(y)).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0 and torch.isfinite(x.grad).all()
+
+
+def test_seeded_runs_are_reproducible():
+    x = _batch()
+    torch.manual_seed(123)
+    a = diff_augment(x, OPS)
+    torch.manual_seed(123)
+    b = diff_augment(x, OPS)
+    assert torch.equal(a, b)
+    c = diff_augment(x, OPS)
+    assert not torch.equal(a, c)
+
+    g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    torch.manual_seed(0)
+    a = diff_augment(x, OPS, generator=g1)
+    torch.manual_seed(1)  # the global RNG is not used when a generator is given
+    b = diff_augment(x, OPS, generator=g2)
+    assert torch.equal(a, b)
+
+
+def test_bf16_under_autocast():
+    x = _batch().to(torch.bfloat16).requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = diff_augment(x, OPS)
+    assert y.dtype == torch.bfloat16 and y.shape == x.shape
+    y.float().sum().backward()
+    assert x.grad is not None and x.grad.dtype == torch.bfloat16
+
+
+# --------------------------------------------------------------------------------------------- EMA
+
+
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+        self.bn = nn.BatchNorm1d(2)
+
+    def forward(self, x):
+        return self.bn(self.lin(x))
+
+
+def _fill(model: nn.Module, value: float) -> None:
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(value)
+
+
+def test_ema_closed_form():
+    model = _Net()
+    _fill(model, 0.0)
+    ema = EMA(model, decay=0.75)
+    _fill(model, 1.0)
+    k = 5
+    for step in range(k):
+        ema.update(model, step)
+    # e_k = d*e_{k-1} + (1-d)*1 with e_0 = 0  ->  e_k = 1 - d**k  (all dyadic, so exact in fp32)
+    expected = 1.0 - 0.75**k
+    for p in ema.model.parameters():
+        assert torch.equal(p, torch.full_like(p, expected))
+    # then the weights jump to 2: e_{k+j} = 2 - (2 - e_k) * d**j
+    _fill(model, 2.0)
+    for step in range(k, k + 3):
+        ema.update(model, step)
+    expected = 2.0 - (2.0 - expected) * 0.75**3
+    for p in ema.model.parameters():
+        assert torch.equal(p, torch.full_like(p, expected))
+    # the source model is untouched
+    for p in model.parameters():
+        assert torch.equal(p, torch.full_like(p, 2.0))
+
+
+def test_ema_copies_before_start():
+    model = _Net()
+    ema = EMA(model, decay=0.5, start=3)
+    for step in range(3):
+        _fill(model, float(step + 1))
+        ema.update(model, step)
+        for pe, pm in zip(ema.model.parameters(), model.parameters()):
+            assert torch.equal(pe, pm)
+    _fill(model, 5.0)
+    ema.update(model, 3)  # first averaged step: 0.5*3 + 0.5*5
+    for p in ema.model.parameters():
+        assert torch.equal(p, torch.full_like(p, 4.0))
+
+
+def test_ema_copies_buffers_and_has_no_grad():
+    model = _Net()
+    ema = EMA(model, decay=0.9)
+    assert not ema.model.training
+    assert all(not p.requires_grad for p in ema.model.parameters())
+    assert all(p.requires_grad for p in model.parameters())
+    model.train()
+    model(torch.randn(8, 3))  # updates BN running stats
+    model(torch.randn(8, 3))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ema.update(model, 10)
+    for (name, be), bm in zip(ema.model.named_buffers(), model.buffers()):
+        assert torch.equal(be, bm), name
+    assert int(ema.model.bn.num_batches_tracked) == 2
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+    assert model.training and not ema.model.training
+    # the copy is independent storage, and its state dict round-trips through self.model
+    assert all(pe.data_ptr() != pm.data_ptr() for pe, pm in zip(ema.model.parameters(), model.parameters()))
+    other = EMA(_Net(), decay=0.9)
+    other.model.load_state_dict(ema.model.state_dict())
+    for a, b in zip(other.model.state_dict().values(), ema.model.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_ema_rejects_bad_decay():
+    with pytest.raises(ValueError):
+        EMA(_Net(), decay=1.5)
+
+
+# --------------------------------------------------------------------------------------------- schedule
+
+
+def test_lr_factor_without_warmup():
+    total = 100
+    for decay in ("none", "linear", "cosine"):
+        assert lr_factor(0, total, 0, decay) == 1.0
+    assert lr_factor(50, total, 0, "none") == 1.0
+    assert lr_factor(99, total, 0, "none") == 1.0
+    assert lr_factor(50, total, 0, "linear") == pytest.approx(0.5)
+    assert lr_factor(75, total, 0, "linear") == pytest.approx(0.25)
+    assert lr_factor(99, total, 0, "linear") == pytest.approx(0.01)
+    assert lr_factor(100, total, 0, "linear") == 0.0
+    assert lr_factor(50, total, 0, "cosine") == pytest.approx(0.5)
+    assert lr_factor(25, total, 0, "cosine") == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
+    assert lr_factor(100, total, 0, "cosine") == pytest.approx(0.0, abs=1e-12)
+
+
+def test_lr_factor_with_warmup():
+    total, warmup = 110, 10
+    for decay in ("none", "linear", "cosine"):
+        assert lr_factor(0, total, warmup, decay) == pytest.approx(0.1)
+        assert lr_factor(4, total, warmup, decay) == pytest.approx(0.5)
+        assert lr_factor(9, total, warmup, decay) == 1.0
+        assert lr_factor(10, total, warmup, decay) == 1.0  # progress 0 right after the warm-up
+    assert lr_factor(60, total, warmup, "linear") == pytest.approx(0.5)
+    assert lr_factor(60, total, warmup, "cosine") == pytest.approx(0.5)
+    assert lr_factor(110, total, warmup, "linear") == 0.0
+    assert lr_factor(110, total, warmup, "cosine") == pytest.approx(0.0, abs=1e-12)
+    assert lr_factor(60, total, warmup, "none") == 1.0
+
+
+@pytest.mark.parametrize("decay", ["none", "linear", "cosine"])
+@pytest.mark.parametrize("warmup", [0, 7])
+def test_lr_factor_bounded_and_monotone(decay, warmup):
+    total = 50
+    values = [lr_factor(s, total, warmup, decay) for s in range(total + 5)]
+    assert all(0.0 <= v <= 1.0 for v in values)
+    warm, rest = values[:warmup], values[warmup:]
+    assert all(a < b for a, b in zip(warm, warm[1:]))
+    assert all(a >= b for a, b in zip(rest, rest[1:]))
+    assert all(v > 0 for v in values[:total])  # every step that runs trains with a positive rate
+
+
+def test_lr_factor_rejects_unknown_decay():
+    with pytest.raises(ValueError):
+        lr_factor(0, 10, 0, "exp")
+
+
+def _optimizers():
+    a, b = nn.Linear(2, 2), nn.Linear(2, 1)
+    return {
+        "g": torch.optim.Adam(a.parameters(), lr=2e-4, betas=(0.5, 0.999)),
+        "d": torch.optim.Adam([{"params": [b.weight], "lr": 1e-3}, {"params": [b.bias], "lr": 4e-3}]),
+    }, (a, b)
+
+
+def test_set_lr_stores_base_lr_once():
+    opts, _ = _optimizers()
+    set_lr(opts, 0.5)
+    assert [g["base_lr"] for g in opts["g"].param_groups] == [2e-4]
+    assert opts["g"].param_groups[0]["lr"] == pytest.approx(1e-4)
+    assert [g["base_lr"] for g in opts["d"].param_groups] == [1e-3, 4e-3]
+    assert [g["lr"] for g in opts["d"].param_groups] == pytest.approx([5e-4, 2e-3])
+    set_lr(opts, 0.25)  # scales the base rate, not the already-scaled one
+    assert opts["g"].param_groups[0]["base_lr"] == 2e-4
+    assert opts["g"].param_groups[0]["lr"] == pytest.approx(5e-5)
+    assert [g["lr"] for g in opts["d"].param_groups] == pytest.approx([2.5e-4, 1e-3])
+    set_lr(opts, 1.0)
+    assert opts["g"].param_groups[0]["lr"] == 2e-4
+
+
+def test_base_lr_survives_state_dict_round_trip():
+    opts, (a, _) = _optimizers()
+    set_lr(opts, 0.1)
+    a(torch.randn(3, 2)).sum().backward()
+    opts["g"].step()
+    saved = {k: o.state_dict() for k, o in opts.items()}
+
+    fresh, _ = _optimizers()
+    for k, o in fresh.items():
+        o.load_state_dict(saved[k])
+    assert [g["base_lr"] for g in fresh["d"].param_groups] == [1e-3, 4e-3]
+    assert fresh["g"].param_groups[0]["base_lr"] == 2e-4
+    assert fresh["g"].param_groups[0]["lr"] == pytest.approx(2e-5)
+    set_lr(fresh, 0.5)  # a resumed run keeps scaling the original rate
+    assert fresh["g"].param_groups[0]["lr"] == pytest.approx(1e-4)
+    assert fresh["d"].param_groups[1]["lr"] == pytest.approx(2e-3)
