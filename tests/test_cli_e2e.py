@@ -265,3 +265,23 @@ def test_bad_output_paths_and_devices_are_one_line_exit_2(aigc, gan_run, tmp_pat
     (tmp_path / "file.txt").write_text("x")
     assert "not a folder" in one_line_error(aigc("sample", out, "--n", "1", "--individual", tmp_path / "file.txt"))
     assert "--device" in one_line_error(aigc("sample", out, "--n", "1", "--device", "tpu", "--out", tmp_path / "a.png"))
+
+
+def test_conditional_sampling_by_class_and_ema(aigc, image_folder, gan_run, tmp_path):
+    out = tmp_path / "cond"
+    r = aigc("train", "--preset", "folder-cond-sngan-64", "--data", image_folder, "--out", out, "--steps", "2",
+             "--batch-size", "4", "--set", "model.resolution=16", "--set", "model.g_width=16",
+             "--set", "model.d_width=16", "--set", "train.ema_decay=0.5", "--set", "train.n_critic=1", "--json")
+    assert r.code == 0, r.stderr
+    r = aigc("sample", out, "--class", "1", "--n", "3", "--out", tmp_path / "one-class.png")
+    assert r.code == 0 and png_size(tmp_path / "one-class.png") == (3 * 18 + 2, 18 + 2)  # one row: class 1
+    r = aigc("sample", out, "--n", "6", "--out", tmp_path / "all.png")
+    assert r.code == 0 and png_size(tmp_path / "all.png") == (3 * 18 + 2, 2 * 18 + 2)  # a row per class
+    r = aigc("sample", out, "--n", "6", "--out", tmp_path / "raw.png", "--no-ema")
+    assert r.code == 0 and (tmp_path / "raw.png").read_bytes() != (tmp_path / "all.png").read_bytes()
+    assert "classes 0..1" in one_line_error(aigc("sample", out, "--class", "5"))
+    assert "unconditional" in one_line_error(aigc("sample", gan_run[0], "--class", "0"))
+    r = aigc("export", out, "--out", tmp_path / "g.safetensors", "--json")
+    assert r.code == 0
+    again = aigc("sample", tmp_path / "g.safetensors", "--n", "6", "--out", tmp_path / "exported.png")
+    assert again.code == 0 and (tmp_path / "exported.png").read_bytes() == (tmp_path / "all.png").read_bytes()

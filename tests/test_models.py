@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from aigc_cli.config import ModelConfig
-from aigc_cli.models import FAMILIES, init_dcgan_weights
+from aigc_cli.models import FAMILIES
 from aigc_cli.models.layers import ConditionalBatchNorm2d, ProjectionHead, norm2d
 from aigc_cli.models import dcgan, resnet_gan, vae
 
@@ -256,6 +256,18 @@ def test_conditional_batch_norm():
     want = plain * cbn.gain.weight[y][:, :, None, None] + cbn.bias.weight[y][:, :, None, None]
     torch.testing.assert_close(cbn(x, y), want)
     assert cbn.bn.running_mean.abs().sum() > 0  # running statistics are kept for eval mode
+
+
+def init_dcgan_weights(module: nn.Module) -> None:
+    """The reference: the DCGAN paper's initialisation as the first version of aigc wrote it."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.normal_(m.weight, 1.0, 0.02)
+            nn.init.zeros_(m.bias)
 
 
 def test_dcgan_init():

@@ -41,15 +41,3 @@ def build_nets(model_cfg) -> dict[str, nn.Module]:
 
 def needs_labels(model_cfg) -> bool:
     return FAMILIES[model_cfg.kind].needs_labels or model_cfg.conditional
-
-
-def init_dcgan_weights(module: nn.Module) -> None:
-    """The DCGAN paper's initialisation: N(0, 0.02) for convs and linears, N(1, 0.02) for BN scales."""
-    for m in module.modules():
-        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
-            nn.init.normal_(m.weight, 0.0, 0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.normal_(m.weight, 1.0, 0.02)
-            nn.init.zeros_(m.bias)

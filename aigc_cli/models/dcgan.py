@@ -78,7 +78,7 @@ class Discriminator(nn.Module):
 
 
 def init_weights(net: nn.Module) -> None:
-    """The DCGAN initialisation (models.init_dcgan_weights, module for module and draw for draw), extended to
+    """The DCGAN paper's initialisation: N(0, 0.02) for convs and linears, N(1, 0.02) for BN scales; extended to
     what that function does not know: the raw weight of a spectral-normalised layer, the projection embedding
     (N(0, 0.02) like the linears), BN without affine parameters (skipped) and conditional BN (gains 1, biases 0)."""
     for mod in net.modules():
