@@ -81,3 +81,18 @@ def test_fuzzed_config_dicts(data):
         config_from_dict(data)
     except UsageError:
         pass
+
+
+def test_zoo_presets_are_named_for_what_they_hold():
+    names = set(preset_names())
+    for data in ("fashion-mnist", "mnist", "cifar10"):
+        for model in ("wgan-gp", "sngan", "cond-sngan", "vae", "cond-vae"):
+            assert f"{data}-{model}" in names
+    for name in names:
+        cfg = load_preset(name)
+        assert ("cond" in name.split("-")) == cfg.model.conditional, name
+        if "wgan-gp" in name:
+            assert cfg.loss.gan == "wgan-gp" and cfg.train.n_critic == 5 and cfg.loss.gp_weight == 10
+            assert (cfg.train.beta1, cfg.train.beta2) == (0.0, 0.9) and cfg.model.d_norm != "batch"
+        if "sngan" in name:
+            assert cfg.model.kind == "resnet_gan" and cfg.loss.gan == "hinge"
