@@ -187,7 +187,7 @@ def _fill(model: nn.Module, value: float) -> None:
 def test_ema_closed_form():
     model = _Net()
     _fill(model, 0.0)
-    ema = EMA(model, decay=0.75)
+    ema = EMA(model, decay=0.75, warmup=False)
     _fill(model, 1.0)
     k = 5
     for step in range(k):
@@ -210,7 +210,7 @@ def test_ema_closed_form():
 
 def test_ema_copies_before_start():
     model = _Net()
-    ema = EMA(model, decay=0.5, start=3)
+    ema = EMA(model, decay=0.5, start=3, warmup=False)
     for step in range(3):
         _fill(model, float(step + 1))
         ema.update(model, step)
@@ -220,6 +220,23 @@ def test_ema_copies_before_start():
     ema.update(model, 3)  # first averaged step: 0.5*3 + 0.5*5
     for p in ema.model.parameters():
         assert torch.equal(p, torch.full_like(p, 4.0))
+
+
+def test_ema_warmup_follows_early_weights_closely():
+    model = _Net()
+    _fill(model, 0.0)
+    ema = EMA(model, decay=0.999, start=2)
+    _fill(model, 1.0)
+    ema.update(model, 2)  # k = 0: d = min(0.999, 1/10) = 0.1
+    for p in ema.model.parameters():
+        assert torch.allclose(p, torch.full_like(p, 0.9))
+    for step in range(3, 10_000):
+        ema.update(model, step)
+    assert all(torch.allclose(p, torch.ones_like(p), atol=1e-6) for p in ema.model.parameters())
+    late = EMA(model, decay=0.999, start=0)
+    _fill(late.model, 0.0)
+    late.update(model, 100_000)  # long after the warm-up: d is the configured decay
+    assert all(torch.allclose(p, torch.full_like(p, 0.001), rtol=1e-4) for p in late.model.parameters())
 
 
 def test_ema_copies_buffers_and_has_no_grad():

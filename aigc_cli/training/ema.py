@@ -12,16 +12,20 @@ class EMA:
     """Keeps ``self.model``, a frozen deep copy of ``model`` in eval mode, tracking its weights.
 
     ``update(model, step)`` copies the weights while ``step < start`` (so the average does not start
-    from the random initialisation), afterwards ``ema = decay * ema + (1 - decay) * w``. Buffers
+    from the random initialisation), afterwards ``ema = d * ema + (1 - d) * w`` with
+    ``d = min(decay, (1 + k) / (10 + k))`` at the k-th averaged update when ``warmup`` is on (as
+    TensorFlow's ExponentialMovingAverage with num_updates): without it a 0.999 average would still be
+    mostly the random initialisation a thousand steps into a run. Buffers
     (BatchNorm running statistics, counters) are always copied, never averaged. Checkpoints save and
     load ``self.model``'s state dict; ``state_dict``/``load_state_dict`` here are the same.
     """
 
-    def __init__(self, model: nn.Module, decay: float, start: int = 0):
+    def __init__(self, model: nn.Module, decay: float, start: int = 0, warmup: bool = True):
         if not 0.0 <= float(decay) <= 1.0:
             raise ValueError(f"EMA decay must be in [0, 1], got {decay}")
         self.decay = float(decay)
         self.start = int(start)
+        self.warmup = warmup
         self.model = copy.deepcopy(model)
         self.model.eval()
         self.model.requires_grad_(False)
@@ -38,8 +42,10 @@ class EMA:
             if step < self.start:
                 _copy(ema_params, params)
             else:
-                # lerp: ema + (1 - decay) * (w - ema) == decay * ema + (1 - decay) * w
-                torch._foreach_lerp_(ema_params, params, 1.0 - self.decay)
+                k = step - self.start  # the step alone decides d, so a resumed run continues exactly
+                decay = min(self.decay, (1 + k) / (10 + k)) if self.warmup else self.decay
+                # lerp: ema + (1 - d) * (w - ema) == d * ema + (1 - d) * w
+                torch._foreach_lerp_(ema_params, params, 1.0 - decay)
         if ema_buffers:
             _copy(ema_buffers, buffers)
 
