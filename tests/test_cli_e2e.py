@@ -130,6 +130,7 @@ def test_eval_with_domain_classifier(aigc, gan_run, classifier_ckpt):
     res = r.json()
     m, p = res["metrics"], res["protocol"]
     assert m["fid"] > 0 and abs(m["kid"]) < 1e6 and m["kid_std"] >= 0
+    assert 1.0 <= m["is"] <= 4.0 and 0 <= m["precision"] <= 1 and 0 <= m["recall"] <= 1  # 4 shape classes
     assert p["n_fake"] == 200 and p["n_real"] == 200 and p["extractor"].startswith("classifier:")
     # A classifier checkpoint is not a generator: clear error, not a traceback.
     bad = aigc("eval", classifier_ckpt, "--features", classifier_ckpt, "--n", "10")

@@ -14,6 +14,7 @@ from ..models import build_nets
 from ..sampling import generate, generator_from, latents
 from ..training.precision import Precision
 from .fid import fid_from_features, kid
+from .scores import inception_score, precision_recall
 
 
 class ClassifierFeatures:
@@ -31,14 +32,31 @@ class ClassifierFeatures:
         self.name = f"classifier:{ck.path}"
 
     @torch.inference_mode()
-    def __call__(self, images: torch.Tensor, batch_size: int) -> torch.Tensor:
+    def embed(self, images: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Penultimate features and class probabilities (for the Inception Score), float64 on the CPU."""
         images = conform(images, self.cfg.channels, self.cfg.resolution)
-        out = []
+        feats, probs = [], []
         for chunk in images.split(batch_size):
             with self.amp.autocast():
                 f = self.C.features(chunk.to(self.device).float().div(127.5).sub(1))
-            out.append(f.float().cpu())
-        return torch.cat(out).double()
+                logits = self.C.head(f)
+            feats.append(f.float().cpu())
+            probs.append(torch.softmax(logits.float(), 1).cpu())
+        return torch.cat(feats).double(), torch.cat(probs).double()
+
+    def __call__(self, images: torch.Tensor, batch_size: int) -> torch.Tensor:
+        return self.embed(images, batch_size)[0]
+
+
+def extra_scores(f_real, f_fake, p_fake) -> dict:
+    """Inception Score (10 splits) on the classifier's probabilities, and k=3 precision/recall on its
+    features; None where there are too few samples for them."""
+    out: dict = {"is": None, "is_std": None, "precision": None, "recall": None}
+    if len(p_fake) >= 10:
+        out["is"], out["is_std"] = inception_score(p_fake, splits=10)
+    if min(len(f_real), len(f_fake)) > 3:
+        out["precision"], out["recall"] = precision_recall(f_real, f_fake, k=3)
+    return out
 
 
 def real_indices(total: int, n: int, seed: int) -> torch.Tensor:
@@ -69,19 +87,20 @@ def evaluate(ckpt: ckpt_io.Checkpoint, *, data: str, root: str | None, download:
         labels = torch.randint(m.num_classes, (n,), generator=torch.Generator().manual_seed(seed + 1))
     fake_images = generate(G, latents(n, m.latent_dim, seed), amp, batch_size, labels=labels)
     f_real = extractor(real_images, batch_size).numpy()
-    f_fake = extractor(fake_images, batch_size).numpy()
+    f_fake, p_fake = (t.numpy() for t in extractor.embed(fake_images, batch_size))
     # Subsets of at most half the samples, so their spread (kid_std) means something at small --n.
     subset = min(1000, max(2, min(len(f_fake), len(f_real)) // 2))
     kid_mean, kid_std = kid(f_fake, f_real, subsets=100, subset_size=subset, seed=seed)
     result = {
         "checkpoint": str(ckpt.path), "model": ckpt.config.model.kind, "step": ckpt.step,
-        "metrics": {"fid": fid_from_features(f_fake, f_real), "kid": kid_mean, "kid_std": kid_std},
+        "metrics": {"fid": fid_from_features(f_fake, f_real), "kid": kid_mean, "kid_std": kid_std,
+                    **extra_scores(f_real, f_fake, p_fake)},
         "protocol": {"extractor": extractor.name, "feature_dim": int(f_real.shape[1]),
                      "extractor_resolution": fcfg.resolution, "extractor_channels": fcfg.channels,
                      "n_fake": len(fake_images), "n_real": len(real_images), "real_data": real.name,
                      "real_split": "train", "seed": seed, "precision": amp.name,
                      "generator_weights": "G_ema" if ema and ckpt.net_state("G_ema") else "G",
-                     "kid_subsets": 100, "kid_subset_size": subset},
+                     "kid_subsets": 100, "kid_subset_size": subset, "is_splits": 10, "pr_k": 3},
     }
     if ckpt.config.model.kind == "vae":
         scores = vae_scores(ckpt, data=data, root=root, n=n, batch_size=batch_size, seed=seed, amp=amp, warn=warn)
