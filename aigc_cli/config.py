@@ -225,11 +225,18 @@ def validate(cfg: Config) -> None:
         _need(FAMILIES[m.kind].supports_conditional, f"model.conditional is not supported for {m.kind}; "
               f"use one of: {', '.join(k for k, f in FAMILIES.items() if f.supports_conditional)}")
     _need(t.n_critic >= 1, "train.n_critic must be >= 1")
+    if FAMILIES[m.kind].objective != "gan":
+        for key, off in (("ema_decay", 0.0), ("diffaugment", ""), ("n_critic", 1)):
+            _need(getattr(t, key) == off, f"train.{key} applies to GANs, not to a {m.kind}")
+    _need(not (lo.gan == "wgan-gp" and lo.r1_gamma > 0), "loss.r1_gamma applies to bce and hinge; WGAN-GP has its gradient penalty")
+    _need(not (lo.gan == "wgan-gp" and m.kind == "dcgan" and m.d_norm == "batch"),
+          "loss.gan=wgan-gp needs model.d_norm=layer or none: batch norm mixes samples, so the per-sample "
+          "gradient penalty is no longer valid (Gulrajani et al. 2017)")
     _need(t.lr_warmup >= 0, "train.lr_warmup must be >= 0")
     _need(t.lr_decay in ("none", "linear", "cosine"), f"train.lr_decay must be none, linear or cosine, got {t.lr_decay!r}")
     _need(0 <= t.ema_decay < 1, f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
     _need(t.ema_start >= 0, "train.ema_start must be >= 0")
-    bad_aug = set(filter(None, t.diffaugment.split(","))) - set(DIFFAUGMENT_OPS)
+    bad_aug = {op.strip() for op in t.diffaugment.split(",") if op.strip()} - set(DIFFAUGMENT_OPS)
     _need(not bad_aug, f"train.diffaugment: unknown {', '.join(sorted(bad_aug))}; use a comma list of {', '.join(DIFFAUGMENT_OPS)}")
     _need(lo.vae_beta >= 0, "loss.vae_beta must be >= 0")
     _need(lo.recon_sigma > 0, "loss.recon_sigma must be positive")

@@ -75,8 +75,11 @@ def test_persistent_nan_gives_up_with_exit_code_3(monkeypatch, tmp_path):
     calls = inject(monkeypatch, 8, forever=True)
     from aigc_cli.training.loop import train
 
+    rep = Silent()
     with pytest.raises(DivergedError) as e:
-        train(cfg(**{"train.max_recoveries": "2"}), tmp_path / "r", Silent())
+        train(cfg(**{"train.max_recoveries": "2"}), tmp_path / "r", rep)
+    rollbacks = [n for n in rep.notes if "rolled back" in n]
+    assert "x0.5" in rollbacks[0] and "x0.25" in rollbacks[1]  # each retry lower than the last
     assert e.value.exit_code == 3
     message = str(e.value)
     assert "2 rollbacks did not help" in message and "step-0000005.safetensors" in message

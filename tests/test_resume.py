@@ -101,3 +101,14 @@ def test_exported_generator_cannot_be_resumed(tmp_path):
     export_generator(ckpt_io.load(tmp_path / "r"), tmp_path / "g.safetensors", "fp32")
     with pytest.raises(UsageError, match="no training state"):
         find_resume(str(tmp_path / "g.safetensors"), tmp_path / "r", print)
+
+
+def test_a_changed_learning_rate_on_resume_takes_effect(tmp_path):
+    train(run_cfg("dcgan", 4), tmp_path / "r", Silent())
+    resume = find_resume("auto", tmp_path / "r", print)
+    changed = run_cfg("dcgan", 6).with_overrides({"train.lr_g": "1e-5", "train.beta1": "0.0"})
+    train(changed, tmp_path / "r", Silent(), resume=resume)
+    groups = {name: json.loads(ckpt_io.load(tmp_path / "r").meta[f"aigc.opt.{name}.param_groups"])[0]
+              for name in ("G", "D")}
+    assert groups["G"]["lr"] == 1e-5 and groups["D"]["lr"] == 2e-4
+    assert groups["G"]["betas"] == [0.0, 0.999] and groups["D"]["betas"] == [0.0, 0.999]

@@ -30,6 +30,9 @@ VARIANTS = {
     "vae-bernoulli-beta": ("vae", {"model.likelihood": "bernoulli", "loss.vae_beta": "4", "loss.kl_warmup": "10"}),
     "vae-cond": ("vae", {"model.conditional": "true"}),
     "wgan-gp-bf16": ("dcgan", {"loss.gan": "wgan-gp", "model.d_norm": "layer", "train.precision": "bf16"}),
+    "sngan-fp16-ncritic": ("resnet_gan", {"loss.gan": "hinge", "train.n_critic": "3", "train.precision": "fp16"}),
+    "wgan-gp-fp16": ("dcgan", {"loss.gan": "wgan-gp", "model.d_norm": "none", "train.n_critic": "2",
+                               "train.precision": "fp16"}),
 }
 
 
@@ -61,6 +64,8 @@ def test_gradient_penalty_matches_a_direct_computation():
         return x.flatten(1) @ w
 
     assert losses.gradient_penalty(linear_critic, real, fake).item() == pytest.approx((w.norm().item() - 1) ** 2, rel=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a matmul would run in bf16 here, but not in the penalty
+        assert losses.gradient_penalty(linear_critic, real, fake).item() == pytest.approx((w.norm().item() - 1) ** 2, rel=1e-5)
 
     def square_critic(x, y=None):  # grad_x = 2 x: GP = mean((2|x_hat| - 1)^2) on the same interpolates
         return x.flatten(1).pow(2).sum(1)

@@ -17,7 +17,10 @@ def parse_classes(text: str | None) -> list[int] | None:
     if text is None:
         return None
     try:
-        return [int(c) for c in text.split(",") if c.strip()]
+        classes = [int(c) for c in text.split(",") if c.strip()]
+        if not classes:
+            raise ValueError
+        return classes
     except ValueError:
         raise UsageError(f"--class expects a class number or a comma list such as 0,2,5, got {text!r}") from None
 

@@ -63,6 +63,19 @@ def grid_labels(cfg: Config) -> tuple[torch.Tensor | None, int]:
     return torch.arange(cfg.model.num_classes).repeat_interleave(per_class), per_class
 
 
+def apply_changed_optimizer_settings(old: Config, new: Config, opts: dict) -> None:
+    """Restoring an optimizer brings back its saved learning rate and betas; a resume that changes
+    them in the config means the new values (unchanged ones keep the saved state, so resumes stay exact)."""
+    t0, t1 = old.train, new.train
+    for name, opt in opts.items():
+        lr_key = "lr_d" if name == "D" else "lr_g"
+        for group in opt.param_groups:
+            if getattr(t0, lr_key) != getattr(t1, lr_key):
+                group["lr"] = group["base_lr"] = getattr(t1, lr_key)
+            if (t0.beta1, t0.beta2) != (t1.beta1, t1.beta2):
+                group["betas"] = (t1.beta1, t1.beta2)
+
+
 def load_data(cfg: Config, split: str, warn):
     return load_images(cfg.data.source, channels=cfg.model.channels, resolution=cfg.model.resolution,
                        root=cfg.data.root or None, download=cfg.data.download and split == "train", split=split,
@@ -98,7 +111,7 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop) -> dict:
     nets = {k: v.to(device).train() for k, v in build_nets(cfg.model).items()}
     opts = make_optimizers(family.objective, nets, cfg.train)
     step_fn = STEPS[family.objective]
-    aids = Aids(augment=tuple(filter(None, cfg.train.diffaugment.split(","))))
+    aids = Aids(augment=tuple(op.strip() for op in cfg.train.diffaugment.split(",") if op.strip()))
     if family.objective == "gan" and cfg.train.ema_decay > 0:
         aids.ema = EMA(nets["G"], cfg.train.ema_decay, cfg.train.ema_start)
         nets["G_ema"] = aids.ema.model  # saved, restored and checked like the other networks
@@ -110,6 +123,7 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop) -> dict:
     best_value = None
     if resume is not None:
         step, images_seen = state.restore(resume.tensors, resume.meta, nets, opts, amp, batches, resume.path)
+        apply_changed_optimizer_settings(resume.config, cfg, opts)
         best_value = json.loads(resume.meta.get("aigc.best_value", "null"))
         run.trim_metrics(step)
         reporter.note(f"resumed from {resume.path} at step {step} ({images_seen} images seen)")
@@ -133,7 +147,7 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop) -> dict:
                 recon = to_uint8(G(mu, y)).cpu()
             nets["E"].train()
             save_grid(torch.cat([data.images[:k], recon]), run.samples / f"recon-step-{step:07d}.png", nrow)
-        G.train()
+        nets["G"].train()  # the EMA copy, if that was used, stays in eval mode
 
     # The rollback point for the divergence guard: the last state known to be finite, in memory.
     good = state.capture(cfg, nets, opts, amp, batches, step, images_seen)
@@ -166,12 +180,13 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop) -> dict:
             changes.append("fp16 -> bf16")
         failed_at = step
         step, images_seen = state.restore(*good, nets, opts, amp, batches, "the in-memory rollback point")
+        factor = cfg.train.recover_lr_factor ** recoveries  # the snapshot has the old rates: compound
         for opt in opts.values():
             for group in opt.param_groups:
-                group["lr"] *= cfg.train.recover_lr_factor
+                group["lr"] *= factor
                 if "base_lr" in group:  # the schedule scales base_lr: lower that too
-                    group["base_lr"] *= cfg.train.recover_lr_factor
-        changes.append(f"learning rates x{cfg.train.recover_lr_factor}")
+                    group["base_lr"] *= factor
+        changes.append(f"learning rates x{factor:g}")
         sums, n_sum = {}, 0
         run.trim_metrics(step)
         reporter.note(f"non-finite values at step {failed_at} ({reason}); rolled back to step {step}, "

@@ -62,6 +62,7 @@ def gan_step(nets, opts, amp, next_batch, cfg, step: int, aids: Aids) -> dict[st
         opts["D"].zero_grad(set_to_none=True)
         amp.backward(total)
         amp.step(opts["D"])
+        amp.update()  # fp16: GradScaler allows one step per optimizer between updates
 
     D.requires_grad_(False)  # the G step needs gradients through D, not for D's weights
     with amp.autocast():
