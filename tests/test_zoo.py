@@ -22,6 +22,7 @@ VARIANTS = {
     "dcgan-wgan-gp": ("dcgan", {"loss.gan": "wgan-gp", "model.d_norm": "layer", "train.n_critic": "2",
                                 "train.beta1": "0", "train.beta2": "0.9"}),
     "dcgan-r1": ("dcgan", {"loss.r1_gamma": "1.0", "model.d_norm": "none"}),
+    "dcgan-r1-diffaugment": ("dcgan", {"loss.r1_gamma": "1.0", "train.diffaugment": "translation,color"}),
     "dcgan-cond": ("dcgan", {"model.conditional": "true"}),
     "resnet-hinge": ("resnet_gan", {"loss.gan": "hinge", "train.n_critic": "2"}),
     "resnet-cond-aids": ("resnet_gan", {"loss.gan": "hinge", "model.conditional": "true", "train.ema_decay": "0.9",

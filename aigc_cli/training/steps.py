@@ -56,8 +56,8 @@ def gan_step(nets, opts, amp, next_batch, cfg, step: int, aids: Aids) -> dict[st
         if kind == "wgan-gp":
             out["gp"] = losses.gradient_penalty(D, x, fake, y)
             total = total + cfg.loss.gp_weight * out["gp"]
-        elif cfg.loss.r1_gamma > 0:
-            out["r1"] = losses.r1_penalty(D, x, y)
+        elif cfg.loss.r1_gamma > 0:  # through the augmentation, as StyleGAN2-ADA does: D's view of x
+            out["r1"] = losses.r1_penalty(lambda t, labels: D(aug(t), labels), x, y)
             total = total + 0.5 * cfg.loss.r1_gamma * out["r1"]
         opts["D"].zero_grad(set_to_none=True)
         amp.backward(total)
