@@ -120,7 +120,6 @@ class Config:
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "loss": LossConfig, "train": TrainConfig}
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 GAN_LOSSES = ("bce", "hinge", "wgan-gp")
-DIFFAUGMENT_OPS = ("translation", "cutout", "color")
 
 
 def _toml_value(v: Any) -> str:
@@ -205,6 +204,7 @@ def _need(ok: bool, message: str) -> None:
 def validate(cfg: Config) -> None:
     """Range checks that need no data or models, so bad values fail before any heavy work."""
     from .models import FAMILIES  # local: models import torch, config must stay light
+    from .training.augment import OPS as AUGMENT_OPS
 
     m, t, lo = cfg.model, cfg.train, cfg.loss
     _need(m.kind in FAMILIES, f"model.kind {m.kind!r} is unknown; choose one of: {', '.join(FAMILIES)}")
@@ -236,8 +236,8 @@ def validate(cfg: Config) -> None:
     _need(t.lr_decay in ("none", "linear", "cosine"), f"train.lr_decay must be none, linear or cosine, got {t.lr_decay!r}")
     _need(0 <= t.ema_decay < 1, f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
     _need(t.ema_start >= 0, "train.ema_start must be >= 0")
-    bad_aug = {op.strip() for op in t.diffaugment.split(",") if op.strip()} - set(DIFFAUGMENT_OPS)
-    _need(not bad_aug, f"train.diffaugment: unknown {', '.join(sorted(bad_aug))}; use a comma list of {', '.join(DIFFAUGMENT_OPS)}")
+    bad_aug = {op.strip() for op in t.diffaugment.split(",") if op.strip()} - set(AUGMENT_OPS)
+    _need(not bad_aug, f"train.diffaugment: unknown {', '.join(sorted(bad_aug))}; use a comma list of {', '.join(AUGMENT_OPS)}")
     _need(lo.vae_beta >= 0, "loss.vae_beta must be >= 0")
     _need(lo.recon_sigma > 0, "loss.recon_sigma must be positive")
     _need(cfg.data.limit >= 0, "data.limit must be >= 0")

@@ -21,6 +21,11 @@ def latents(n: int, dim: int, seed: int) -> torch.Tensor:
     return torch.randn(n, dim, generator=torch.Generator().manual_seed(seed))
 
 
+def from_uint8(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] -> float32 [-1, 1], the models' pixel scale (to_uint8 is the inverse)."""
+    return images.float().div_(127.5).sub_(1.0)
+
+
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round_().to(torch.uint8)
 

@@ -11,7 +11,7 @@ from ..data.transforms import conform
 from ..errors import UsageError
 from ..losses import decoded_image, vae_terms
 from ..models import build_nets
-from ..sampling import generate, generator_from, latents
+from ..sampling import from_uint8, generate, generator_from, latents
 from ..training.precision import Precision
 from .fid import fid_from_features, kid
 from .scores import inception_score, precision_recall
@@ -38,7 +38,7 @@ class ClassifierFeatures:
         feats, probs = [], []
         for chunk in images.split(batch_size):
             with self.amp.autocast():
-                f = self.C.features(chunk.to(self.device).float().div(127.5).sub(1))
+                f = self.C.features(from_uint8(chunk.to(self.device)))
                 logits = self.C.head(f)
             feats.append(f.float().cpu())
             probs.append(torch.softmax(logits.float(), 1).cpu())
@@ -138,7 +138,7 @@ def vae_scores(ckpt, *, data, root, n, batch_size, seed, amp, warn) -> dict:
     g = torch.Generator().manual_seed(seed)
     total = {"mse": 0.0, "neg_elbo": 0.0}
     for i, chunk in enumerate(images.split(batch_size)):
-        x = chunk.to(amp.device).float().div(127.5).sub(1)
+        x = from_uint8(chunk.to(amp.device))
         y = labels[i * batch_size:(i + 1) * batch_size].to(amp.device) if labels is not None else None
         with amp.autocast():
             mu, logvar = E(x, y)

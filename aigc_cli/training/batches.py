@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from ..sampling import from_uint8
+
 
 class DeviceBatches:
     def __init__(self, images: torch.Tensor, labels: torch.Tensor | None, batch_size: int,
@@ -38,5 +40,4 @@ class DeviceBatches:
             self._perm = self._permutation()
         idx = self._perm[self.index * self.batch_size:(self.index + 1) * self.batch_size]
         self.index += 1
-        x = self.images[idx].float().div_(127.5).sub_(1.0)  # uint8 [0, 255] -> [-1, 1]
-        return x, (self.labels[idx] if self.labels is not None else None)
+        return from_uint8(self.images[idx]), (self.labels[idx] if self.labels is not None else None)

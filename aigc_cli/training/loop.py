@@ -18,12 +18,13 @@ from ..config import Config
 from ..data import load_images
 from ..errors import DivergedError, Interrupted, UsageError
 from ..models import FAMILIES, build_nets, needs_labels
-from ..sampling import generate, latents, save_grid, to_uint8
+from ..sampling import from_uint8, generate, latents, save_grid, to_uint8
 from . import state
+from .augment import parse_policy
 from .batches import DeviceBatches
+from .ema import EMA
 from .precision import Precision, resolve_device, resolve_precision
 from .run_folder import RunFolder
-from .ema import EMA
 from .schedule import lr_factor, set_lr
 from .signals import USR1_EXIT_CODE, StopFlag
 from .steps import STEPS, Aids, make_optimizers
@@ -111,7 +112,7 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop) -> dict:
     nets = {k: v.to(device).train() for k, v in build_nets(cfg.model).items()}
     opts = make_optimizers(family.objective, nets, cfg.train)
     step_fn = STEPS[family.objective]
-    aids = Aids(augment=tuple(op.strip() for op in cfg.train.diffaugment.split(",") if op.strip()))
+    aids = Aids(augment=parse_policy(cfg.train.diffaugment))
     if family.objective == "gan" and cfg.train.ema_decay > 0:
         aids.ema = EMA(nets["G"], cfg.train.ema_decay, cfg.train.ema_start)
         nets["G_ema"] = aids.ema.model  # saved, restored and checked like the other networks
@@ -139,7 +140,7 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop) -> dict:
         save_grid(generate(G, z_fixed, amp, labels=labels_fixed), run.samples / f"step-{step:07d}.png", nrow)
         if family.objective == "vae":  # inputs above, their reconstructions below
             k = min(len(data.images), max(nrow, cfg.train.n_samples // 2 // nrow * nrow))
-            real = data.images[:k].to(device).float().div(127.5).sub(1)
+            real = from_uint8(data.images[:k].to(device))
             y = data.labels[:k].to(device) if cfg.model.conditional else None
             nets["E"].eval()
             with torch.inference_mode(), amp.autocast():
@@ -200,6 +201,7 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop) -> dict:
     start_step = step
     if stop.signum is not None:
         raise Interrupted("stopped by signal before the first step; nothing to save", stop.exit_code)
+
     def next_batch():
         nonlocal images_seen
         images_seen += bs
@@ -273,6 +275,6 @@ def classifier_accuracy(C, cfg: Config, amp: Precision) -> float:
     correct = 0
     for xs, ys in zip(test.images.split(512), test.labels.split(512)):
         with amp.autocast():
-            logits = C(xs.to(device).float().div(127.5).sub(1))
+            logits = C(from_uint8(xs.to(device)))
         correct += int((logits.argmax(1).cpu() == ys).sum())
     return round(correct / max(1, len(test.images)), 4)
