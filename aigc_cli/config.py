@@ -41,6 +41,11 @@ class DataConfig:
     download: bool = False  # allow torchvision to download a missing dataset
     limit: int = 0  # use only the first N images (0: all)
     strict: bool = False  # any unreadable image file is an error (default: skip it with a warning)
+    cache: bool = True  # keep decoded images on disk ($AIGC_CACHE_DIR, keyed by content hash) so reruns start at once
+    device_max_mb: int = 4096  # decoded data up to this size lives on the training device; larger streams through workers
+    workers: int = 4  # DataLoader worker processes for streamed (large) data
+    hflip: bool = False  # random horizontal flips, applied on the training device
+    translate: int = 0  # random shifts of up to N pixels (reflect padding), applied on the training device
 
 
 @dataclass(frozen=True)
@@ -77,6 +82,12 @@ class TrainConfig:
     keep_checkpoints: int = 3  # step checkpoints kept besides last.safetensors
     n_samples: int = 64  # images in the training sample grids
     best_metric: str = "auto"  # logged value that picks best.safetensors (auto: neg_elbo for VAEs, loss for classifiers, none for GANs)
+    eval_every: int = 0  # steps between evaluations of the (EMA) generator during training (0: never)
+    eval_metric: str = "fid"  # metric logged at each evaluation that picks best.safetensors: fid | kid | is | precision | recall
+    eval_n: int = 5000  # generated (and at most this many real) images per evaluation during training
+    eval_features: str = ""  # feature extractor for those evaluations: "" = Inception, or a classifier checkpoint path
+    cuda_graph: str = "auto"  # auto | on | off: capture the whole training step in one CUDA graph (auto: on CUDA where the step allows)
+    channels_last: str = "auto"  # auto | on | off: channels-last memory format for conv models (auto: on CUDA)
     max_recoveries: int = 3  # rollbacks after non-finite values before giving up with exit code 3
     recover_lr_factor: float = 0.5  # learning rates are multiplied by this at each rollback
     recover_to_bf16: bool = True  # at a rollback, switch fp16 to bf16 where the device supports it
@@ -120,6 +131,7 @@ class Config:
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "loss": LossConfig, "train": TrainConfig}
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 GAN_LOSSES = ("bce", "hinge", "wgan-gp")
+EVAL_METRICS = ("fid", "kid", "is", "precision", "recall")  # lower is better for fid and kid
 
 
 def _toml_value(v: Any) -> str:
@@ -255,6 +267,15 @@ def validate(cfg: Config) -> None:
         _need(0 < getattr(t, name) < 1, f"train.{name} must be in (0, 1), got {getattr(t, name)}")
     for name in ("beta1", "beta2"):
         _need(0 <= getattr(t, name) < 1, f"train.{name} must be in [0, 1), got {getattr(t, name)}")
+    _need(cfg.data.device_max_mb >= 0 and cfg.data.workers >= 0, "data.device_max_mb and data.workers must be >= 0")
+    _need(0 <= cfg.data.translate < m.resolution // 2, f"data.translate must be in [0, {m.resolution // 2}), got {cfg.data.translate}")
+    _need(t.eval_every >= 0, "train.eval_every must be >= 0")
+    _need(t.eval_metric in EVAL_METRICS, f"train.eval_metric must be one of {', '.join(EVAL_METRICS)}, got {t.eval_metric!r}")
+    _need(t.eval_n >= 10, f"train.eval_n must be at least 10, got {t.eval_n}")
+    if t.eval_every:
+        _need(FAMILIES[m.kind].generative, f"train.eval_every applies to generative models, not to a {m.kind}")
+    for name in ("cuda_graph", "channels_last"):
+        _need(getattr(t, name) in ("auto", "on", "off"), f"train.{name} must be auto, on or off, got {getattr(t, name)!r}")
     _need(t.precision in PRECISIONS, f"train.precision must be one of {', '.join(PRECISIONS)}, got {t.precision!r}")
     _need(re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", t.device) is not None,
           f"train.device must be auto, cpu, cuda or cuda:N, got {t.device!r}")
