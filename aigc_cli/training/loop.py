@@ -27,7 +27,8 @@ from .precision import Precision, resolve_device, resolve_precision
 from .run_folder import RunFolder
 from .schedule import lr_factor, set_lr
 from .signals import USR1_EXIT_CODE, StopFlag
-from .steps import STEPS, Aids, make_optimizers
+from .graph import GraphedStep, use_graph
+from .steps import STEPS, Aids, conform_optimizers, make_optimizers, optimizer_flags
 
 
 class Reporter(Protocol):
@@ -77,6 +78,12 @@ def apply_changed_optimizer_settings(old: Config, new: Config, opts: dict) -> No
                 group["betas"] = (t1.beta1, t1.beta2)
 
 
+def channels_last(cfg: Config, device: torch.device, nets: dict) -> bool:
+    """channels-last suits cuDNN's tensor-core convolutions; auto turns it on for conv models on CUDA."""
+    has_conv = any(isinstance(m, torch.nn.modules.conv._ConvNd) for net in nets.values() for m in net.modules())
+    return has_conv and (cfg.train.channels_last == "on" or cfg.train.channels_last == "auto" and device.type == "cuda")
+
+
 def load_data(cfg: Config, split: str, warn):
     return load_images(cfg.data.source, channels=cfg.model.channels, resolution=cfg.model.resolution,
                        root=cfg.data.root or None, download=cfg.data.download and split == "train", split=split,
@@ -109,14 +116,23 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop) -> dict:
     steps = total_steps(cfg, len(data.images))
 
     seed_everything(cfg.train.seed)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest kernels once
     nets = {k: v.to(device).train() for k, v in build_nets(cfg.model).items()}
-    opts = make_optimizers(family.objective, nets, cfg.train)
-    step_fn = STEPS[family.objective]
+    memory_format = torch.channels_last if channels_last(cfg, device, nets) else torch.contiguous_format
+    for net in nets.values():
+        net.to(memory_format=memory_format)
+    scheduled = cfg.train.lr_warmup > 0 or cfg.train.lr_decay != "none"
+    graphed = use_graph(cfg, amp, device, scheduled, reporter.note)
+    flags = optimizer_flags(device, capturable=graphed)
+    opts = make_optimizers(family.objective, nets, cfg.train, flags)
     aids = Aids(augment=parse_policy(cfg.train.diffaugment))
     if family.objective == "gan" and cfg.train.ema_decay > 0:
         aids.ema = EMA(nets["G"], cfg.train.ema_decay, cfg.train.ema_start)
         nets["G_ema"] = aids.ema.model  # saved, restored and checked like the other networks
-    scheduled = cfg.train.lr_warmup > 0 or cfg.train.lr_decay != "none"
+    step_fn = STEPS[family.objective]
+    if graphed:
+        step_fn = GraphedStep(step_fn, nets, opts, amp, cfg, aids)
     run = RunFolder(run_dir, cfg.train.keep_checkpoints)
     batches = DeviceBatches(data.images, data.labels, bs, device, cfg.train.seed)
     step, images_seen = 0, 0
@@ -124,6 +140,7 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop) -> dict:
     best_value = None
     if resume is not None:
         step, images_seen = state.restore(resume.tensors, resume.meta, nets, opts, amp, batches, resume.path)
+        conform_optimizers(opts, flags)
         apply_changed_optimizer_settings(resume.config, cfg, opts)
         best_value = json.loads(resume.meta.get("aigc.best_value", "null"))
         run.trim_metrics(step)
@@ -181,6 +198,9 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop) -> dict:
             changes.append("fp16 -> bf16")
         failed_at = step
         step, images_seen = state.restore(*good, nets, opts, amp, batches, "the in-memory rollback point")
+        conform_optimizers(opts, flags)
+        if graphed:
+            step_fn.reset()  # new optimizer state tensors and learning rates: capture again
         factor = cfg.train.recover_lr_factor ** recoveries  # the snapshot has the old rates: compound
         for opt in opts.values():
             for group in opt.param_groups:
@@ -205,7 +225,8 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop) -> dict:
     def next_batch():
         nonlocal images_seen
         images_seen += bs
-        return batches.next()
+        x, y = batches.next()
+        return x.contiguous(memory_format=memory_format), y
 
     while step < steps:
         step += 1
@@ -224,6 +245,8 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop) -> dict:
                       **{f"lr_{name}": opt.param_groups[0]["lr"] for name, opt in opts.items()},
                       "img_per_s": round((images_seen - seen_log) / max(now - t_log, 1e-9), 1),
                       "elapsed_s": round(now - t_start, 2)}
+            if device.type == "cuda":
+                record["gpu_mem_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
             sums, n_sum, t_log, seen_log = {}, 0, now, images_seen
             bad = [f"{k}={v}" for k, v in zip(record, record.values()) if isinstance(v, float) and not math.isfinite(v)]
             if bad or not state.all_finite(nets, grads=amp.scaler is None):

@@ -46,11 +46,12 @@ class Precision:
         self.device = device
         self.dtype = DTYPES[name]
         self.scaler = torch.amp.GradScaler(device.type) if name == "fp16" else None
+        self.graph_safe = False  # set while a CUDA graph is captured: autocast's cast cache must be off
 
     def autocast(self):
         if self.name == "fp32":
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
+        return torch.autocast(self.device.type, dtype=self.dtype, cache_enabled=not self.graph_safe)
 
     def backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler else loss).backward()

@@ -24,11 +24,34 @@ class Aids:
     ema: EMA | None = None
 
 
-def make_optimizers(objective: str, nets: dict, train_cfg) -> dict[str, torch.optim.Optimizer]:
+def optimizer_flags(device: torch.device, capturable: bool) -> dict[str, bool]:
+    """Fused Adam on CUDA (one kernel for all parameters), foreach elsewhere; capturable when the
+    step is captured in a CUDA graph (the step counter then lives on the device)."""
+    if device.type == "cuda":
+        return {"fused": True, "foreach": False, "capturable": capturable}
+    return {"fused": False, "foreach": True, "capturable": False}
+
+
+def conform_optimizers(opts: dict, flags: dict[str, bool]) -> None:
+    """A restored optimizer takes its group settings from the file (fused, capturable, ... of the run
+    that saved it); put this run's back, and its step counters where they then must live."""
+    for opt in opts.values():
+        for group in opt.param_groups:
+            group.update(flags)
+            for p in group["params"]:
+                st = opt.state.get(p, {})
+                if "step" in st and torch.is_tensor(st["step"]):
+                    on_device = flags["fused"] or flags["capturable"]
+                    st["step"] = st["step"].to(p.device if on_device else "cpu", torch.float32)
+
+
+def make_optimizers(objective: str, nets: dict, train_cfg, flags: dict[str, bool] | None = None
+                    ) -> dict[str, torch.optim.Optimizer]:
     betas = (train_cfg.beta1, train_cfg.beta2)
+    flags = flags or {"foreach": True}
 
     def adam(params, lr):
-        return torch.optim.Adam(params, lr=lr, betas=betas, foreach=True)
+        return torch.optim.Adam(params, lr=lr, betas=betas, **flags)
 
     if objective == "gan":
         return {"G": adam(nets["G"].parameters(), train_cfg.lr_g), "D": adam(nets["D"].parameters(), train_cfg.lr_d)}
