@@ -272,6 +272,9 @@ def validate(cfg: Config) -> None:
     _need(t.eval_every >= 0, "train.eval_every must be >= 0")
     _need(t.eval_metric in EVAL_METRICS, f"train.eval_metric must be one of {', '.join(EVAL_METRICS)}, got {t.eval_metric!r}")
     _need(t.eval_n >= 10, f"train.eval_n must be at least 10, got {t.eval_n}")
+    if t.best_metric in EVAL_METRICS:
+        _need(t.eval_every > 0 and t.best_metric == t.eval_metric,
+              f"train.best_metric={t.best_metric} needs train.eval_every > 0 and train.eval_metric={t.best_metric}")
     if t.eval_every:
         _need(FAMILIES[m.kind].generative, f"train.eval_every applies to generative models, not to a {m.kind}")
     for name in ("cuda_graph", "channels_last"):

@@ -54,7 +54,7 @@ def handles_errors(fn):
 
 
 def _fmt(record: dict) -> str:
-    skip = {"step", "images_seen", "img_per_s", "elapsed_s"}
+    skip = {"step", "images_seen", "img_per_s", "elapsed_s", "eval"}
     return "  ".join(f"{k} {v:.4g}" for k, v in record.items()
                      if k not in skip and not k.startswith("lr_") and isinstance(v, (int, float)))
 
@@ -85,6 +85,10 @@ class ConsoleReporter:
             self.progress.update(self.task, completed=step)
 
     def log(self, record: dict) -> None:
+        if record.get("eval"):  # an evaluation during training: its own line, also under a progress bar
+            (self.progress.console if self.progress else self.console).print(
+                f"eval at step {record['step']}/{self.total}  {_fmt(record)}")
+            return
         stats = f"{record['img_per_s']:.0f} img/s  {_fmt(record)}"
         if self.progress:
             self.progress.update(self.task, stats=stats)

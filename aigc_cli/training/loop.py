@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..checkpoint import Checkpoint
-from ..config import Config
+from ..config import EVAL_METRICS, Config
 from ..data import load_images
 from ..errors import DivergedError, Interrupted, UsageError
 from ..models import FAMILIES, build_nets, needs_labels
@@ -50,11 +50,17 @@ def total_steps(cfg: Config, n_images: int) -> int:
 
 
 def best_metric(cfg: Config) -> tuple[str | None, bool]:
-    """The logged value that picks best.safetensors, and whether higher is better."""
+    """The logged value that picks best.safetensors, and whether higher is better. With evaluation
+    during training, a generative model's best is by its eval metric (DCGAN's FID is known to get
+    worse late in training: users need the best weights, not the last)."""
     name = cfg.train.best_metric
     if name == "auto":
-        name = {"vae": "neg_elbo", "classifier": "loss"}.get(FAMILIES[cfg.model.kind].objective, "none")
-    return (None, False) if name == "none" else (name, "acc" in name)
+        if cfg.train.eval_every and FAMILIES[cfg.model.kind].generative:
+            name = cfg.train.eval_metric
+        else:
+            name = {"vae": "neg_elbo", "classifier": "loss"}.get(FAMILIES[cfg.model.kind].objective, "none")
+    higher = "acc" in name or name in ("is", "precision", "recall")
+    return (None, False) if name == "none" else (name, higher)
 
 
 def grid_labels(cfg: Config) -> tuple[torch.Tensor | None, int]:
@@ -138,6 +144,11 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop) -> dict:
     step, images_seen = 0, 0
     metric, higher_is_better = best_metric(cfg)
     best_value = None
+    evaluator = None
+    if cfg.train.eval_every:  # built before training, so missing Inception weights fail at once
+        from ..metrics.evaluate import TrainingEvaluator
+        evaluator = TrainingEvaluator(cfg, device, amp, reporter.note)
+    metric_from_eval = evaluator is not None and metric in EVAL_METRICS
     if resume is not None:
         step, images_seen = state.restore(resume.tensors, resume.meta, nets, opts, amp, batches, resume.path)
         conform_optimizers(opts, flags)
@@ -167,15 +178,24 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop) -> dict:
             save_grid(torch.cat([data.images[:k], recon]), run.samples / f"recon-step-{step:07d}.png", nrow)
         nets["G"].train()  # the EMA copy, if that was used, stays in eval mode
 
+    def evaluate_now() -> dict:
+        G = nets.get("G_ema", nets["G"]).eval()
+        try:
+            return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in evaluator(G, step).items()}
+        finally:
+            nets["G"].train()  # the EMA copy, if that was used, stays in eval mode
+
     # The rollback point for the divergence guard: the last state known to be finite, in memory.
     good = state.capture(cfg, nets, opts, amp, batches, step, images_seen)
     good_path: Path | None = resume.path if resume is not None else None
     recoveries = 0
     last_record: dict = {}
 
-    def save() -> Path:
+    def save(eval_value: float | None = None) -> Path:
+        """A checkpoint; best.safetensors too when it beats the best so far by the metric. An eval
+        metric counts only at the evaluation that measured these weights."""
         nonlocal good, good_path, best_value
-        value = last_record.get(metric) if metric else None
+        value = eval_value if metric_from_eval else last_record.get(metric) if metric else None
         is_best = value is not None and (best_value is None or (value > best_value if higher_is_better else value < best_value))
         best_value = value if is_best else best_value
         extra = {"aigc.best_metric": json.dumps(metric), "aigc.best_value": json.dumps(best_value)}
@@ -258,12 +278,25 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop) -> dict:
             reporter.log(record)
         if step % cfg.train.sample_every == 0 or step == steps:
             write_samples(step)
+        path = None  # the checkpoint written at this step, if any
+        if evaluator is not None and (step % cfg.train.eval_every == 0 or step == steps):
+            scores = evaluate_now()
+            run.append_metrics({"step": step, "images_seen": images_seen, **scores})
+            reporter.log({"step": step, "images_seen": images_seen, **scores, "eval": True})
+            value = scores.get(metric) if metric_from_eval else None
+            if value is not None and (best_value is None or (value > best_value if higher_is_better else value < best_value)):
+                if not state.all_finite(nets, grads=amp.scaler is None):
+                    recover("non-finite weights at an evaluation")
+                    continue
+                path = save(value)
+                reporter.note(f"new best {metric} {value:.5g} at step {step}: {path.parent / 'best.safetensors'}")
         want_save = step % cfg.train.ckpt_every == 0 or step == steps or stop.signum is not None or stop.save_requested
         if want_save:
-            if not state.all_finite(nets, grads=amp.scaler is None):  # never write a broken state over a good one
-                recover("non-finite weights at a checkpoint")
-                continue
-            path = save()
+            if path is None:
+                if not state.all_finite(nets, grads=amp.scaler is None):  # never write a broken state over a good one
+                    recover("non-finite weights at a checkpoint")
+                    continue
+                path = save()
             if stop.save_requested:
                 stop.save_requested = False
                 reporter.note(f"SIGUSR1: saved {path}")
