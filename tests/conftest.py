@@ -36,8 +36,17 @@ class Result:
 def aigc_env(tmp_path_factory) -> dict:
     """Environment for subprocess runs: no GPU, no colour, datasets looked up in an empty folder."""
     home = tmp_path_factory.mktemp("home")
-    return {**os.environ, "AIGC_DATA_ROOT": str(home / "datasets"), "CUDA_VISIBLE_DEVICES": "",
-            "NO_COLOR": "1", "COLUMNS": "200", "HOME_FOR_TESTS": str(home)}
+    return {**os.environ, "AIGC_DATA_ROOT": str(home / "datasets"), "AIGC_CACHE_DIR": str(home / "cache"),
+            "CUDA_VISIBLE_DEVICES": "", "NO_COLOR": "1", "COLUMNS": "200", "HOME_FOR_TESTS": str(home)}
+
+
+@pytest.fixture(autouse=True)
+def private_cache_dir(tmp_path_factory, monkeypatch) -> Path:
+    """Every in-process test gets its own empty cache folder: tests never write into the real
+    ~/.cache/aigc, and one test's decoded-image cache cannot satisfy another test's load."""
+    path = tmp_path_factory.mktemp("cache")
+    monkeypatch.setenv("AIGC_CACHE_DIR", str(path))
+    return path
 
 
 @pytest.fixture(scope="session")

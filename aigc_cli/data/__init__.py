@@ -14,8 +14,11 @@ from typing import Callable
 
 import torch
 
+from aigc_cli.data import cache as decoded_cache
 from aigc_cli.data import cifar, idx, torchvision_sources
-from aigc_cli.data.folder import load_folder
+from aigc_cli.data.folder import list_images, load_folder, pixel_limit
+from aigc_cli.data.lazy import LazyFolder
+from aigc_cli.data.shapes import CLASSES as SHAPE_CLASSES
 from aigc_cli.data.shapes import draw_shapes
 from aigc_cli.data.transforms import conform
 from aigc_cli.errors import UsageError
@@ -23,10 +26,24 @@ from aigc_cli.errors import UsageError
 
 @dataclass
 class ImageData:
-    images: torch.Tensor         # uint8 (N, C, H, W), contiguous, CPU
+    # uint8 (N, C, H, W), contiguous, CPU; a LazyFolder (decoded on demand, same len / shape /
+    # [:k] slicing) when load_images was asked for lazy data and the folder is large.
+    images: torch.Tensor | LazyFolder
     labels: torch.Tensor | None  # int64 (N,), or None when the source has no labels
     num_classes: int             # 0 when unlabelled
     name: str                    # short description, e.g. "fashion-mnist (train, 60000 images)"
+    class_names: tuple[str, ...] = ()  # class folder names of an image folder, shapes' kinds; else ()
+    cached: bool = False         # True when read from the decoded-image cache instead of decoded
+
+    @property
+    def lazy(self) -> bool:
+        return isinstance(self.images, LazyFolder)
+
+    @property
+    def nbytes(self) -> int:
+        """Size of the decoded images in bytes (computed from the shape for lazy data)."""
+        n, c, h, w = self.images.shape
+        return n * c * h * w
 
 
 BUILTIN_SOURCES = ("shapes", "mnist", "fashion-mnist", "cifar10")
@@ -40,7 +57,8 @@ def _print_warning(message: str) -> None:
 
 def load_images(source: str, *, channels: int, resolution: int, root: str | None = None,
                 download: bool = False, split: str = "train", limit: int = 0, seed: int = 0,
-                warn: Callable[[str], None] | None = None, strict: bool = False) -> ImageData:
+                warn: Callable[[str], None] | None = None, strict: bool = False, cache: bool = True,
+                lazy_above_mb: float | None = None) -> ImageData:
     """Load `source` as uint8 images of `channels` x `resolution` x `resolution`.
 
     split: "train", or "test" for the held-out set. An image folder has no held-out set, so
@@ -53,6 +71,12 @@ def load_images(source: str, *, channels: int, resolution: int, root: str | None
         file it skips (its path relative to the folder, and why), then a count of them.
     strict: for an image folder, the first file that cannot be used raises UsageError instead of
         being skipped with a warning.
+    cache: keep the converted images of an image folder (or of IDX / CIFAR-10 data that needed
+        converting) in $AIGC_CACHE_DIR/decoded, keyed by the files' names, sizes and mtimes and the
+        conversion, and read them from there next time (see cache.py). Its warnings are replayed.
+    lazy_above_mb: when given and `source` is an image folder whose decoded images would take more
+        than this many MB, nothing is decoded now: `images` is a LazyFolder that decodes on demand
+        (for streaming through DataLoader workers). Other sources always load into memory.
     Raises UsageError (one line) for anything the user can fix.
     """
     warn = warn or _print_warning
@@ -65,18 +89,18 @@ def load_images(source: str, *, channels: int, resolution: int, root: str | None
     if limit < 0:
         raise UsageError(f"limit must be 0 (all images) or a positive count, got {limit}")
 
-    labels: torch.Tensor | None
-    is_plain_folder = False  # an image folder: no split of its own, labels from class folders
-    if source == "shapes":
+    if source == "shapes":  # generated faster than a cache could be read: never cached
         images, labels = draw_shapes(split, resolution, seed, limit)
-        num_classes, name = 4, "shapes"
-    elif source in ("mnist", "fashion-mnist", "cifar10"):
+        return ImageData(images=conform(images, channels, resolution), labels=labels, num_classes=4,
+                         name=f"shapes ({split}, {images.shape[0]} images)", class_names=SHAPE_CLASSES)
+
+    # Find the files first (downloading if allowed), so the cache key can be made before reading them.
+    if source in ("mnist", "fashion-mnist", "cifar10"):
         data_root = os.path.expanduser(root) if root else torchvision_sources.default_root()
         if source == "cifar10":
-            images, labels, num_classes, _ = torchvision_sources.load_cifar10(data_root, download, split)
+            kind, path = "cifar", cifar.find_cifar10(data_root, download)
         else:
-            images, labels, num_classes, _ = torchvision_sources.load_mnist_like(
-                source, data_root, bool(root), download, split)
+            kind, path = "idx", torchvision_sources.find_mnist_like(source, data_root, bool(root), download)
         name = source
     else:
         path = os.path.expanduser(source)
@@ -85,25 +109,90 @@ def load_images(source: str, *, channels: int, resolution: int, root: str | None
             raise UsageError(f"data source {source!r} {what}; use one of {', '.join(BUILTIN_SOURCES)} "
                              "or the path of a folder of images")
         if idx.is_idx_folder(path):
+            kind, name = "idx", f"IDX folder {path}"
+        elif cifar.is_cifar_bin_folder(path):
+            kind, name = "cifar", f"CIFAR-10 folder {path}"
+        else:
+            kind, name = "folder", f"folder {path}"
+
+    if kind == "folder":
+        files = list_images(path)
+        if lazy_above_mb is not None and files:
+            wanted = files[:limit] if limit > 0 else files
+            if len(wanted) * channels * resolution * resolution > lazy_above_mb * 2**20:
+                return _lazy_folder(path, wanted, channels, resolution, name, warn)
+        # A folder has no split of its own: "test" is the same images, so both share one entry.
+        params = {"kind": kind, "channels": channels, "resolution": resolution, "limit": limit,
+                  "pixel_limit": pixel_limit()}
+    else:
+        files = idx.split_files(path, split) if kind == "idx" else cifar.split_files(split)
+        params = {"kind": kind, "channels": channels, "resolution": resolution, "limit": limit, "split": split,
+                  "source": source if source in BUILTIN_SOURCES else ""}
+
+    key = decoded_cache.make_key(path, files, params) if cache else None
+    if key is not None:
+        hit = decoded_cache.load(key, warn)
+        # --strict must stop on a bad file that an earlier, lenient run skipped: decode again.
+        if hit is not None and not (strict and hit.info["warnings"]):
+            for line in hit.info["warnings"]:
+                warn(line)
+            return ImageData(images=hit.images, labels=hit.labels,
+                             num_classes=int(hit.info["num_classes"]) if hit.labels is not None else 0,
+                             name=hit.info["name"], class_names=tuple(hit.info.get("class_names", ())),
+                             cached=True)
+
+    warnings: list[str] = []
+
+    def record(line: str) -> None:
+        warnings.append(line)
+        warn(line)
+
+    class_names: tuple[str, ...] = ()
+    if kind == "folder":
+        images, labels, class_names, _ = load_folder(path, resolution, limit, record, strict=strict)
+        num_classes = len(class_names)
+    elif kind == "idx":
+        if source in ("mnist", "fashion-mnist"):
+            images, labels = torchvision_sources.load_mnist_from(source, path, split)
+            num_classes = 10
+        else:
             images, labels = idx.load_idx_folder(path, split)
             num_classes = int(labels.max()) + 1 if labels is not None and labels.numel() else 0
-            name = f"IDX folder {path}"
-        elif cifar.is_cifar_bin_folder(path):
-            images, labels = cifar.load_cifar_bin_folder(path, split)
-            num_classes, name = cifar.NUM_CLASSES, f"CIFAR-10 folder {path}"
-        else:
-            images, labels, num_classes, _ = load_folder(path, resolution, limit, warn, strict=strict)
-            name, is_plain_folder = f"folder {path}", True
+    else:
+        images, labels = cifar.load_cifar_bin_folder(path, split)
+        num_classes = cifar.NUM_CLASSES
 
     if limit > 0:
         images = images[:limit]
         labels = labels[:limit].contiguous() if labels is not None else None
+    needs_conversion = tuple(images.shape[1:]) != (channels, resolution, resolution)
     images = conform(images, channels, resolution)
     details = [f"{images.shape[0]} images"]
-    if is_plain_folder:
+    if kind == "folder":
         if labels is not None:
             details.append(f"{num_classes} classes")
     else:
         details.insert(0, split)
-    return ImageData(images=images, labels=labels, num_classes=num_classes if labels is not None else 0,
-                     name=f"{name} ({', '.join(details)})")
+    data = ImageData(images=images, labels=labels, num_classes=num_classes if labels is not None else 0,
+                     name=f"{name} ({', '.join(details)})", class_names=class_names)
+    # IDX and CIFAR-10 files parse about as fast as a cache entry reads: only their conversion
+    # (e.g. 28 -> 64 pixels for every MNIST image) is worth keeping. Decoding a folder always is.
+    if key is not None and (kind == "folder" or needs_conversion):
+        info = {"num_classes": data.num_classes, "class_names": list(class_names), "name": data.name,
+                "warnings": warnings}
+        decoded_cache.store(key, decoded_cache.Entry(data.images, data.labels, info), warn)
+    return data
+
+
+def _lazy_folder(path: str, files: list[str], channels: int, resolution: int, name: str,
+                 warn: Callable[[str], None]) -> ImageData:
+    usable = LazyFolder.usable(path, files, warn)
+    if not usable:
+        raise UsageError(f"none of the {len(files)} image files under {path} could be read "
+                         "(reasons above); check that they are valid images")
+    lazy = LazyFolder(path, usable, channels, resolution)
+    details = [f"{len(usable)} images"]
+    if lazy.labels is not None:
+        details.append(f"{lazy.num_classes} classes")
+    return ImageData(images=lazy, labels=lazy.labels, num_classes=lazy.num_classes,
+                     name=f"{name} ({', '.join(details)}, decoded on demand)", class_names=lazy.class_names)

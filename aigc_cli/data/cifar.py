@@ -83,6 +83,18 @@ def candidates(root: str) -> list[str]:
 
 def load_cifar10(root: str, download: bool, split: str) -> tuple[torch.Tensor, torch.Tensor, int, str]:
     """(N, 3, 32, 32) images, labels, 10 classes, and the folder they came from."""
+    found = find_cifar10(root, download)
+    images, labels = load_cifar_bin_folder(found, split)
+    return images, labels, NUM_CLASSES, found
+
+
+def split_files(split: str) -> list[str]:
+    """The batch files that make up `split`, relative to the folder."""
+    return list(FILES[split])
+
+
+def find_cifar10(root: str, download: bool) -> str:
+    """The batches-bin folder under `root`, downloading the archive first when allowed and missing."""
     folders = candidates(root)
     found = next((f for f in folders if is_cifar_bin_folder(f)), None)
     if found is None and download:
@@ -98,8 +110,7 @@ def load_cifar10(root: str, download: bool, split: str) -> tuple[torch.Tensor, t
                              f"{ARCHIVE} (from {URL}) into {root}")
         raise UsageError(f"cifar10 not found (no {FOLDER_NAME} in {', '.join(folders[:2])}); pass --download "
                          f"to fetch it, or --data-root DIR where {ARCHIVE} is unpacked")
-    images, labels = load_cifar_bin_folder(found, split)
-    return images, labels, NUM_CLASSES, found
+    return found
 
 
 def _fetch(url: str, root: str, filename: str, md5: str) -> None:

@@ -172,8 +172,8 @@ def _try_decode(folder: str, rel: str, resolution: int) -> np.ndarray | str:
 
 
 def load_folder(folder: str, resolution: int, limit: int, warn: Callable[[str], None], *,
-                strict: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, int, int]:
-    """Decode a folder; returns images (N, 3, R, R), labels or None, num_classes, skipped count.
+                strict: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, tuple[str, ...], int]:
+    """Decode a folder; returns images (N, 3, R, R), labels or None, class names, skipped count.
 
     Files are taken in sorted order until `limit` (0: all) decode. Each file that does not
     decode gets one `warn` line (its path relative to `folder`, and the reason), and a final line
@@ -226,14 +226,16 @@ def load_folder(folder: str, resolution: int, limit: int, warn: Callable[[str], 
         raise UsageError(f"none of the {len(paths)} image files under {one_line(folder)} could be read "
                          f"(all {skipped} rejected, reasons above); check that they are valid images")
     images = torch.from_numpy(out[:len(kept)])
-    labels, num_classes = _class_labels(kept)
-    return images, labels, num_classes, skipped
+    labels, classes = class_labels(kept)
+    return images, labels, classes, skipped
 
 
-def _class_labels(rel_paths: list[str]) -> tuple[torch.Tensor | None, int]:
+def class_labels(rel_paths: list[str]) -> tuple[torch.Tensor | None, tuple[str, ...]]:
+    """Labels from first-level subfolders (indices into their sorted names), and those names;
+    (None, ()) when any image sits directly in the folder."""
     parts = [p.split(os.sep) for p in rel_paths]
     if any(len(p) < 2 for p in parts):
-        return None, 0
+        return None, ()
     classes = sorted({p[0] for p in parts})
     index = {name: i for i, name in enumerate(classes)}
-    return torch.tensor([index[p[0]] for p in parts], dtype=torch.int64), len(classes)
+    return torch.tensor([index[p[0]] for p in parts], dtype=torch.int64), tuple(classes)

@@ -68,6 +68,12 @@ def _find(folder: str, split: str, kind: str) -> str | None:
     return None
 
 
+def split_files(folder: str, split: str) -> list[str]:
+    """The files `load_idx_folder(folder, split)` reads, relative to `folder` (for cache keys)."""
+    found = (_find(folder, split, kind) for kind in ("images", "labels"))
+    return [os.path.basename(p) for p in found if p is not None]
+
+
 def is_idx_folder(folder: str) -> bool:
     """True when `folder` directly holds MNIST-style image files for either split."""
     return os.path.isdir(folder) and any(_find(folder, s, "images") for s in _PREFIX)

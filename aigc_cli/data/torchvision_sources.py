@@ -45,9 +45,8 @@ def idx_candidates(source: str, root: str, root_given: bool) -> list[str]:
     return folders
 
 
-def load_mnist_like(source: str, root: str, root_given: bool, download: bool,
-                    split: str) -> tuple[torch.Tensor, torch.Tensor | None, int, str]:
-    """(N, 1, 28, 28) images, labels, 10 classes, and the folder they came from."""
+def find_mnist_like(source: str, root: str, root_given: bool, download: bool) -> str:
+    """The folder holding `source`'s IDX files, downloading them first when allowed and missing."""
     folders = idx_candidates(source, root, root_given)
     found = next((f for f in folders if idx.is_idx_folder(f)), None)
     if found is None and download:
@@ -57,9 +56,22 @@ def load_mnist_like(source: str, root: str, root_given: bool, download: bool,
         hint = ", or `apt-get install dataset-fashion-mnist`" if source == "fashion-mnist" else ""
         raise UsageError(f"{source} not found (looked in {', '.join(folders)}); pass --download to "
                          f"fetch it, or --data-root DIR where it is{hint}")
+    return found
+
+
+def load_mnist_from(source: str, found: str, split: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(N, 1, 28, 28) images and labels of `source` from the IDX folder `found`."""
     images, labels = idx.load_idx_folder(found, split)
     if labels is not None and labels.numel() and int(labels.max()) >= 10:
         raise UsageError(f"labels in {found} go beyond the 10 {source} classes; is it another data set?")
+    return images, labels
+
+
+def load_mnist_like(source: str, root: str, root_given: bool, download: bool,
+                    split: str) -> tuple[torch.Tensor, torch.Tensor | None, int, str]:
+    """(N, 1, 28, 28) images, labels, 10 classes, and the folder they came from."""
+    found = find_mnist_like(source, root, root_given, download)
+    images, labels = load_mnist_from(source, found, split)
     return images, labels, 10, found
 
 

@@ -1,31 +1,115 @@
-"""Mini-batches from a uint8 image tensor kept on the training device.
+"""Mini-batches for training: from a uint8 tensor kept on the training device (DeviceBatches), or
+streamed to it (StreamBatches, streaming.py) when the decoded data is larger than
+data.device_max_mb. `make_batches` picks one.
 
-The order is a fresh permutation per epoch drawn from (seed, epoch) alone, so the position
-(epoch, index) is all a checkpoint needs to continue the exact same sequence later.
+The order is a fresh permutation per epoch drawn from (seed, epoch) alone, and the optional flips
+and shifts of a batch from (seed, epoch, index) alone, so the position (epoch, index) is all a
+checkpoint needs to continue the exact same sequence later, and both kinds give the same batches.
+
+`next()` never waits for the device: the per-epoch permutation is made on the CPU once per epoch
+and copied asynchronously; gathering, augmenting and converting a batch are device kernels.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..sampling import from_uint8
+_MASK64 = (1 << 64) - 1
+
+
+def permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The order of epoch `epoch` (CPU int64); the same for every kind of batches."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g)
+
+
+def _mix(*values: int) -> int:
+    """A well-spread 63-bit seed from several integers (splitmix64 finaliser over each)."""
+    h = 0x9E3779B97F4A7C15
+    for v in values:
+        h = (h ^ (v & _MASK64)) * 0xBF58476D1CE4E5B9 & _MASK64
+        h = (h ^ (h >> 31)) * 0x94D049BB133111EB & _MASK64
+        h ^= h >> 29
+    return h >> 1
+
+
+class Augment:
+    """Random horizontal flips and reflect-padded shifts of up to `translate` pixels, applied as one
+    gather on the device. The random draws come from a generator on the device reseeded from
+    (seed, epoch, index) for every batch: no host round trip, no shared RNG state to save, and the
+    same batch position always gets the same flips and shifts (exact resume, stream == device)."""
+
+    def __init__(self, seed: int, hflip: bool, translate: int, device: torch.device):
+        self.seed, self.hflip, self.translate = seed, bool(hflip), int(translate)
+        self.active = self.hflip or self.translate > 0
+        self.device = device
+        self._gen = torch.Generator(device=device) if self.active else None
+
+    def coords(self, epoch: int, index: int, b: int, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Source row (B, H) and column (B, W) of every output pixel of batch (epoch, index)."""
+        g = self._gen.manual_seed(_mix(self.seed, epoch, index, 0xA11C))
+        t = self.translate
+        shift = torch.randint(-t, t + 1, (b, 2), generator=g, device=self.device)
+        flip = torch.randint(0, 2, (b, 1), generator=g, device=self.device).bool() if self.hflip else None
+        rows = _reflect(torch.arange(h, device=self.device) - shift[:, :1], h)
+        cols = _reflect(torch.arange(w, device=self.device) - shift[:, 1:], w)
+        if flip is not None:
+            cols = torch.where(flip, (w - 1) - cols, cols)
+        return rows, cols
+
+
+def _reflect(i: torch.Tensor, size: int) -> torch.Tensor:
+    """Index i in [-size+1, 2*size-2] mapped into [0, size) by mirroring at the edges without
+    repeating the edge pixel: F.pad's "reflect" mode (-1 -> 1, size -> size-2)."""
+    i = i.abs()
+    return (size - 1) - ((size - 1) - i).abs()
+
+
+def gather(images: torch.Tensor, idx: torch.Tensor | None, coords: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    """uint8 batch: images[idx] (idx None: all of `images`), flipped / shifted per `coords`."""
+    if coords is None:
+        return images if idx is None else images.index_select(0, idx)
+    rows, cols = coords
+    b, c = rows.shape[0], images.shape[1]
+    bi = (torch.arange(b, device=images.device) if idx is None else idx).view(b, 1, 1, 1)
+    ch = torch.arange(c, device=images.device).view(1, c, 1, 1)
+    # One indexing kernel does the batch gather, the flip and the shift together.
+    return images[bi, ch, rows.view(b, 1, -1, 1), cols.view(b, 1, 1, -1)]
+
+
+def to_float(images: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """uint8 [0, 255] -> float32 [-1, 1] in two kernels and one allocation; the same values as
+    sampling.from_uint8 (divide by 127.5, then subtract 1, in float32)."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.empty(images.shape, dtype=torch.float32, device=images.device, memory_format=fmt)
+    torch.div(images, 127.5, out=x)
+    return x.sub_(1.0)
 
 
 class DeviceBatches:
+    kind = "device"
+
     def __init__(self, images: torch.Tensor, labels: torch.Tensor | None, batch_size: int,
-                 device: torch.device, seed: int):
+                 device: torch.device, seed: int, *, hflip: bool = False, translate: int = 0,
+                 channels_last: bool = False):
+        device = torch.device(device)
         self.images = images.to(device)
         self.labels = labels.to(device) if labels is not None else None
         self.batch_size = batch_size
         self.seed = seed
+        self.device = device
+        self.channels_last = channels_last
+        self.augment = Augment(seed, hflip, translate, device)
         self.epoch = 0
         self.index = 0  # next batch within the epoch
         self.per_epoch = len(images) // batch_size  # the last partial batch is dropped
         self._perm = self._permutation()
 
     def _permutation(self) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return torch.randperm(len(self.images), generator=g).to(self.images.device)
+        perm = permutation(len(self.images), self.seed, self.epoch)
+        if self.device.type == "cuda":  # pinned + non_blocking: the copy does not sync the stream
+            return perm.pin_memory().to(self.device, non_blocking=True)
+        return perm.to(self.device)
 
     def position(self) -> dict[str, int]:
         return {"epoch": self.epoch, "index": self.index}
@@ -39,5 +123,52 @@ class DeviceBatches:
             self.epoch, self.index = self.epoch + 1, 0
             self._perm = self._permutation()
         idx = self._perm[self.index * self.batch_size:(self.index + 1) * self.batch_size]
+        coords = None
+        if self.augment.active:
+            _, _, h, w = self.images.shape
+            coords = self.augment.coords(self.epoch, self.index, len(idx), h, w)
         self.index += 1
-        return from_uint8(self.images[idx]), (self.labels[idx] if self.labels is not None else None)
+        x = to_float(gather(self.images, idx, coords), self.channels_last)
+        return x, (self.labels.index_select(0, idx) if self.labels is not None else None)
+
+    def close(self) -> None:
+        """Nothing to release (StreamBatches stops its workers here)."""
+
+
+def _size(nbytes: int) -> str:
+    if nbytes >= 2**30:
+        return f"{nbytes / 2**30:.1f} GB"
+    return f"{nbytes / 2**20:.0f} MB" if nbytes >= 100 * 2**20 else f"{nbytes / 2**20:.1f} MB"
+
+
+def make_batches(data, cfg, device: torch.device, *, channels_last: bool = False, note=None):
+    """DeviceBatches when the decoded data (an ImageData) fits in cfg.data.device_max_mb and is in
+    memory, else StreamBatches; `note` (if given) gets one line saying which, and any warning about
+    files that failed to decode while streaming. The chosen object's `description` is that line."""
+    from ..data.lazy import HostImages
+    from .streaming import StreamBatches
+
+    device = torch.device(device)
+    d, t = cfg.data, cfg.train
+    n, size = len(data.images), _size(data.nbytes)
+    aug = {"hflip": d.hflip, "translate": d.translate, "channels_last": channels_last}
+    if not data.lazy and data.nbytes <= d.device_max_mb * 2**20:
+        batches = DeviceBatches(data.images, data.labels, t.batch_size, device, t.seed, **aug)
+        text = f"data: {n} images, {size}, kept on {device}"
+    else:
+        why = f"over data.device_max_mb={d.device_max_mb}"
+        if data.lazy:
+            source, workers = data.images, d.workers
+            how = f"decoded from disk by {workers} worker{'s' * (workers != 1)}" if workers else "decoded from disk in this process"
+        else:
+            # Already-decoded arrays (IDX, CIFAR-10) are gathered in this process straight into
+            # pinned memory: that is a memcpy, cheaper than shipping batches from worker processes.
+            source, workers = HostImages(data.images, data.labels, pin=device.type == "cuda"), 0
+            how = "streamed from CPU memory"
+        batches = StreamBatches(source, t.batch_size, device, t.seed, workers=workers, warn=note,
+                                strict=d.strict, **aug)
+        text = f"data: {n} images, {size} decoded, {how} ({why})"
+    batches.description = text
+    if note is not None:
+        note(text)
+    return batches

@@ -1,0 +1,146 @@
+"""On-disk cache of decoded data sets, so a rerun on the same files starts at once.
+
+One safetensors file per (source files, conversion) pair under $AIGC_CACHE_DIR/decoded (default
+~/.cache/aigc/decoded): tensors "images" (uint8 N,C,H,W) and, when labelled, "labels" (int64 N),
+with the rest (class count and names, display name, the warnings the decode printed) as JSON in
+the metadata. The file name is a SHA-256 over the source's file list with sizes and modification
+times plus the conversion parameters, so it costs only a stat per file to compute: changing,
+adding or removing a file changes the key, and the stale entry is simply never read again.
+
+The cache is an optimisation only: a damaged entry is ignored with a warning and rebuilt, and a
+cache folder that cannot be written gives one warning and the run goes on without it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+
+# Bump whenever decoding or conversion changes what a given file turns into, so that entries
+# written by an older aigc are not reused.
+FORMAT = 1
+# A file modified this close to (or after) the moment it was listed could be modified again within
+# the same timestamp tick (file systems keep mtimes at jiffy, not nanosecond, resolution) without
+# its size or mtime changing; such listings are not cached ("racy git" problem, same remedy).
+RACY_NS = 2_000_000_000
+_META_KEY = "aigc.decoded"
+
+
+def cache_root() -> str:
+    """$AIGC_CACHE_DIR, else ~/.cache/aigc; decoded data sets go in its "decoded" folder."""
+    return os.environ.get("AIGC_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "aigc")
+
+
+def decoded_dir() -> str:
+    return os.path.join(cache_root(), "decoded")
+
+
+@dataclass
+class Key:
+    digest: str      # hex SHA-256, the entry's file name
+    cacheable: bool  # False when a file is too fresh to trust its mtime (see RACY_NS)
+
+
+def make_key(folder: str, rel_paths: Iterable[str], params: dict) -> Key:
+    """Key for the files `rel_paths` under `folder` converted with `params` (JSON-able).
+
+    Each file is stat()ed (never opened: a FIFO or a dangling link costs nothing here). A file that
+    cannot be stat()ed is part of the key as such, so its later appearance changes the key too.
+    """
+    now = time.time_ns()
+    h = hashlib.sha256(json.dumps({"format": FORMAT, "folder": os.path.abspath(folder), **params},
+                                  sort_keys=True).encode())
+    fresh = False
+    for rel in rel_paths:
+        try:
+            st = os.stat(os.path.join(folder, rel))
+            entry = f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
+            fresh = fresh or st.st_mtime_ns > now - RACY_NS
+        except OSError as e:
+            entry = f"error:{e.errno}"
+        # Separators that cannot occur in a path component keep distinct lists distinct.
+        h.update(rel.encode("utf-8", "surrogateescape") + b"\0" + entry.encode() + b"\n")
+    return Key(h.hexdigest(), not fresh)
+
+
+@dataclass
+class Entry:
+    images: torch.Tensor
+    labels: torch.Tensor | None
+    info: dict  # num_classes, class_names, name, warnings
+
+
+def _path(key: Key) -> str:
+    return os.path.join(decoded_dir(), f"{key.digest}.safetensors")
+
+
+def load(key: Key, warn: Callable[[str], None]) -> Entry | None:
+    """The entry for `key`, or None when there is none or it is unusable (then with a warning)."""
+    path = _path(key)
+    if not key.cacheable or not os.path.isfile(path):
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+            info = json.loads(meta[_META_KEY])
+            if info.get("key") != key.digest or info.get("format") != FORMAT:
+                raise ValueError("its metadata does not match its name")
+            images = f.get_tensor("images")
+            labels = f.get_tensor("labels") if "labels" in f.keys() else None
+        if images.dtype != torch.uint8 or images.dim() != 4:
+            raise ValueError(f"images are {images.dtype} {tuple(images.shape)}, expected uint8 (N, C, H, W)")
+        if labels is not None and (labels.dtype != torch.int64 or labels.shape != images.shape[:1]):
+            raise ValueError(f"labels are {labels.dtype} {tuple(labels.shape)}, expected int64 ({images.shape[0]},)")
+        if not isinstance(info.get("warnings"), list) or not isinstance(info.get("name"), str):
+            raise ValueError("its metadata lacks the name or warnings")
+    except Exception as e:  # noqa: BLE001 - a damaged cache file of any kind is rebuilt, never fatal
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        warn(f"ignoring damaged decoded-image cache file {path} ({reason}); decoding again")
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        return None
+    return Entry(images.contiguous(), labels, info)
+
+
+def store(key: Key, entry: Entry, warn: Callable[[str], None]) -> None:
+    """Write `entry` for `key` atomically (temporary file, then rename); failures only warn."""
+    if not key.cacheable:
+        return
+    from safetensors.torch import save_file
+
+    folder = decoded_dir()
+    tensors = {"images": entry.images.contiguous()}
+    if entry.labels is not None:
+        tensors["labels"] = entry.labels.contiguous()
+    meta = {_META_KEY: json.dumps({**entry.info, "key": key.digest, "format": FORMAT})}
+    tmp = None
+    try:
+        os.makedirs(folder, exist_ok=True)
+        # A unique temporary name in the same folder: a concurrent run writing the same entry
+        # cannot clobber it half-written, and os.replace is atomic within one file system.
+        fd, tmp = tempfile.mkstemp(prefix=f".{key.digest[:16]}.", suffix=".tmp", dir=folder)
+        os.close(fd)
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, _path(key))
+        tmp = None
+    except Exception as e:  # noqa: BLE001 - read-only home, full disk, ...: run without the cache
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else (str(e) or type(e).__name__)
+        warn(f"cannot write the decoded-image cache in {folder} ({reason.splitlines()[0]}); "
+             "continuing without it (set AIGC_CACHE_DIR to a writable folder, or data.cache=false)")
+    finally:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass

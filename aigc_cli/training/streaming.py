@@ -1,0 +1,132 @@
+"""Batches streamed to the training device, for data larger than data.device_max_mb.
+
+Same interface and same batches as DeviceBatches (batches.py): the per-epoch permutation decides
+which images form batch (epoch, index), the flips / shifts are drawn on the device from
+(seed, epoch, index), and the conversion to float happens on the device. What differs is where the
+uint8 images come from: a source's `fetch(indices)` (data/lazy.py), run by DataLoader worker
+processes for an image folder (decoding is the slow part) or in this process for data already in
+memory. A sampler that starts at any (epoch, index) makes seek(), and so resume, exact.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ..errors import UsageError
+from .batches import Augment, gather, permutation, to_float
+
+PREFETCH = 4  # batches each worker decodes ahead
+
+
+class EpochBatchSampler(Sampler):
+    """Index lists of `batch_size`, epoch after epoch without end, from position `start`; the
+    last partial batch of each epoch is dropped, as DeviceBatches does."""
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.per_epoch = n // batch_size
+        self.start = (0, 0)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        epoch, index = self.start
+        while True:
+            perm = permutation(self.n, self.seed, epoch)
+            for i in range(index, self.per_epoch):
+                yield perm[i * self.batch_size:(i + 1) * self.batch_size].tolist()
+            epoch, index = epoch + 1, 0
+
+
+class _Batches(Dataset):
+    """Adapts a source to the DataLoader: the sampler hands over whole index lists."""
+
+    def __init__(self, source):
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, indices):
+        return self.source.fetch(indices)
+
+
+def _as_is(batch):
+    return batch  # the source already returns tensors; the default collate would copy them
+
+
+class StreamBatches:
+    kind = "stream"
+
+    def __init__(self, source, batch_size: int, device: torch.device, seed: int, *, workers: int = 0,
+                 hflip: bool = False, translate: int = 0, channels_last: bool = False,
+                 warn: Callable[[str], None] | None = None, strict: bool = False):
+        self.source = source
+        self.batch_size, self.seed = batch_size, seed
+        self.device = torch.device(device)
+        self.channels_last = channels_last
+        self.augment = Augment(seed, hflip, translate, self.device)
+        self.warn, self.strict = warn, strict
+        self.epoch, self.index = 0, 0
+        self.per_epoch = len(source) // batch_size
+        self.sampler = EpochBatchSampler(len(source), batch_size, seed)
+        self.workers = workers
+        self._loader = None
+        if workers > 0:
+            # Worker processes cannot hand over pinned memory, so on CUDA the DataLoader's pinning
+            # thread copies each batch into pinned memory; the copy to the device is then async.
+            self._loader = DataLoader(_Batches(source), batch_size=None, sampler=self.sampler,
+                                      num_workers=workers, collate_fn=_as_is, persistent_workers=True,
+                                      prefetch_factor=PREFETCH, pin_memory=self.device.type == "cuda")
+        self._it: Iterator | None = None
+        self._reported: set[str] = set()
+
+    def position(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def seek(self, epoch: int, index: int) -> None:
+        self.epoch, self.index = int(epoch), int(index)
+        self._it = None  # batches already prefetched from the old position are dropped
+
+    def _fetch_all(self) -> Iterator:
+        return (self.source.fetch(ix) for ix in self.sampler)
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.index >= self.per_epoch:
+            self.epoch, self.index = self.epoch + 1, 0
+        if self._it is None:
+            self.sampler.start = (self.epoch, self.index)
+            self._it = iter(self._loader) if self._loader is not None else self._fetch_all()
+        images, labels, failures = next(self._it)
+        self._report(failures)
+        if images is None:
+            raise UsageError(f"none of the {len(self.source)} image files could be decoded "
+                             f"({failures[0][0]}: {failures[0][1]}); check that they are valid images")
+        epoch, index = self.epoch, self.index
+        self.index += 1
+        cuda = self.device.type == "cuda"
+        images = images.to(self.device, non_blocking=cuda and images.is_pinned())
+        coords = None
+        if self.augment.active:
+            _, _, h, w = images.shape
+            coords = self.augment.coords(epoch, index, len(images), h, w)
+        x = to_float(gather(images, None, coords), self.channels_last)
+        y = labels.to(self.device, non_blocking=cuda and labels.is_pinned()) if labels is not None else None
+        return x, y
+
+    def _report(self, failures) -> None:
+        for rel, reason, substitute in failures:
+            if self.strict:
+                raise UsageError(f"cannot use image file {rel}: {reason} (stopped by --strict; without it, "
+                                 "an unreadable file is replaced by the next readable one with a warning)")
+            if rel not in self._reported:  # once per file, although it comes up every epoch
+                self._reported.add(rel)
+                if self.warn is not None:
+                    self.warn(f"skipping {rel}: {reason}; {substitute} is used in its place")
+
+    def close(self) -> None:
+        """Stop the worker processes now (dropping the last reference to the DataLoader and its
+        iterator shuts them down; they also stop when this object is garbage collected)."""
+        self._it = None
+        self._loader = None
