@@ -1,35 +1,135 @@
-"""aigc eval's pipeline: real and generated images must reach the feature extractor the same way."""
+"""aigc eval's pipeline: real and generated images reach the feature extractor the same way; only the
+requested metrics are computed; VAE bits/dim; the in-process evaluator used during training."""
 
 from __future__ import annotations
 
+import math
+
+import pytest
 import torch
 
 from aigc_cli import checkpoint as ckpt_io
 from aigc_cli.data import load_images
+from aigc_cli.errors import UsageError
 from aigc_cli.metrics import evaluate as evaluate_mod
 from aigc_cli.metrics.fid import fid_from_features
+from aigc_cli.models import build_nets
 from aigc_cli.training.loop import train
 from aigc_cli.training.precision import Precision
 from conftest import Silent, tiny
 
+CPU = torch.device("cpu")
 
-def test_a_perfect_generator_scores_at_the_noise_floor(tmp_path, monkeypatch):
+
+class Counting:
+    """Wraps an extractor and counts the images it is asked to embed."""
+
+    def __init__(self, inner):
+        self.inner, self.images = inner, 0
+        self.name, self.protocol = inner.name, inner.protocol
+
+    def embed(self, images, batch_size):
+        self.images += len(images)
+        return self.inner.embed(images, batch_size)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval-runs")
+    train(tiny("classifier", channels=3, resolution=32).with_overrides({"train.steps": "40"}), root / "clf", Silent())
+    train(tiny("dcgan").with_overrides({"train.steps": "1"}), root / "gan", Silent())
+    return root
+
+
+def test_a_perfect_generator_scores_at_the_noise_floor(runs, tmp_path, monkeypatch):
     # An RGB 32px classifier scores a grayscale 16px generator: both sides need converting.
-    train(tiny("classifier", channels=3, resolution=32).with_overrides({"train.steps": "40"}), tmp_path / "clf", Silent())
-    train(tiny("dcgan").with_overrides({"train.steps": "1"}), tmp_path / "gan", Silent())
     n = 400
     perfect = load_images("shapes", channels=1, resolution=16, split="test").images[:n]  # what it should draw
-    monkeypatch.setattr(evaluate_mod, "generate", lambda G, z, amp, batch_size, labels=None: perfect[: len(z)])
-    result = evaluate_mod.evaluate(ckpt_io.load(tmp_path / "gan"), data="shapes", root=None, download=False,
-                                   features=str(tmp_path / "clf"), n=n, batch_size=200, seed=0, device="cpu",
-                                   precision="fp32", warn=print)
+    drawn = []
+
+    def fake_generate(G, z, amp, batch_size, labels=None):  # called once per batch of the eval loop
+        start = sum(drawn)
+        drawn.append(len(z))
+        return perfect[start:start + len(z)]
+
+    monkeypatch.setattr(evaluate_mod, "generate", fake_generate)
+    result = evaluate_mod.evaluate(ckpt_io.load(runs / "gan"), data="shapes", root=None, download=False,
+                                   features=str(runs / "clf"), n=n, batch_size=150, seed=0, device="cpu",
+                                   precision="fp32", warn=print, stats_dir=tmp_path)
+    assert drawn == [150, 150, 100]  # generated batch by batch, never all at once
     fid_perfect = result["metrics"]["fid"]
 
     # The noise floor: two different real sets, each in the classifier's own input format.
-    extract = evaluate_mod.ClassifierFeatures(str(tmp_path / "clf"), torch.device("cpu"),
-                                              Precision("fp32", torch.device("cpu")))
+    extract = evaluate_mod.ClassifierFeatures(str(runs / "clf"), CPU, Precision("fp32", CPU))
     a = load_images("shapes", channels=3, resolution=32, split="train").images[:n]
     b = load_images("shapes", channels=3, resolution=32, split="test").images[:n]
     floor = fid_from_features(extract(a, 200).numpy(), extract(b, 200).numpy())
     assert fid_perfect < 2 * floor, (fid_perfect, floor)
-    assert result["protocol"]["kid_subset_size"] == n // 2 and result["metrics"]["kid_std"] > 0
+    p = result["protocol"]
+    assert p["kid_subset_size"] == n // 2 and result["metrics"]["kid_std"] > 0
+    assert p["reference"] == "computed" and p["n_real"] == n and p["n_fake"] == n
+    assert p["real_shape"] == [1, 16, 16] and p["extractor"].startswith("classifier:")
+
+
+def test_only_the_requested_metrics_are_computed(runs, tmp_path):
+    ck = ckpt_io.load(runs / "gan")
+    extractor = Counting(evaluate_mod.ClassifierFeatures(str(runs / "clf"), CPU, "fp32"))
+    args = dict(data="shapes", root=None, download=False, features=None, n=30, batch_size=16, seed=0,
+                device="cpu", precision="fp32", warn=print, stats_dir=tmp_path)
+    only_is = evaluate_mod.evaluate(ck, metrics=["is"], extractor=extractor, **args)
+    assert set(only_is["metrics"]) == {"is", "is_std"}
+    assert extractor.images == 30  # the generated images only: IS needs no real data
+    assert "n_real" not in only_is["protocol"] and not list(tmp_path.iterdir())
+    fid = evaluate_mod.evaluate(ck, metrics=["fid"], extractor=extractor, **args)
+    assert set(fid["metrics"]) == {"fid"} and fid["protocol"]["n_real"] == 30
+    with pytest.raises(UsageError, match="applies to VAEs"):
+        evaluate_mod.evaluate(ck, metrics=["bpd"], extractor=extractor, **args)
+    with pytest.raises(UsageError, match="unknown metric 'fidd'"):
+        evaluate_mod.parse_metrics("fid,fidd")
+    assert evaluate_mod.parse_metrics(" FID, kid ,fid") == ["fid", "kid"]
+
+
+@pytest.mark.parametrize("likelihood", ["gaussian", "bernoulli"])
+def test_vae_bits_per_dim_follow_from_the_negative_elbo(tmp_path, likelihood):
+    cfg = tiny("vae", likelihood=likelihood).with_overrides({"train.steps": "3"})
+    train(cfg, tmp_path / "vae", Silent())
+    ck = ckpt_io.load(tmp_path / "vae")
+    # No --features and no Inception weights: the VAE scores need no extractor, so none is opened.
+    r = evaluate_mod.evaluate(ck, data="shapes", root=None, download=False, features=None, n=40, batch_size=16,
+                              seed=0, device="cpu", precision="fp32", warn=print, stats_dir=tmp_path / "stats",
+                              metrics=["neg_elbo", "bpd"])
+    m = r["metrics"]
+    assert set(m) == {"neg_elbo", "bpd"} and m["neg_elbo"] > 0 and r["protocol"]["n_heldout"] == 40
+    if likelihood == "gaussian":
+        d = 1 * 16 * 16
+        # -log p(u) on the 8-bit scale = -log p(x) on [-1, 1] + D ln 127.5, then nats -> bits, per dim
+        assert m["bpd"] == pytest.approx((m["neg_elbo"] + d * math.log(127.5)) / (d * math.log(2)), rel=1e-12)
+        assert m["bpd"] > 0 and "ln(127.5)" in r["protocol"]["bpd_formula"]
+    else:
+        assert m["bpd"] is None and "not a density" in r["protocol"]["bpd_formula"]
+
+
+def test_the_training_evaluator_is_deterministic_and_leaves_g_as_it_was(runs, tmp_path, monkeypatch):
+    cfg = tiny("dcgan").with_overrides({"train.eval_every": "10", "train.eval_n": "40",
+                                        "train.eval_features": str(runs / "clf")})
+    amp = Precision("fp32", CPU)
+    monkeypatch.setenv("AIGC_CACHE_DIR", str(tmp_path / "cache"))
+    ev = evaluate_mod.TrainingEvaluator(cfg, CPU, amp, print)
+    assert ev.reference.source == "computed" and len(ev.reference.features) == 40
+    G = build_nets(cfg.model)["G"]
+    ckpt_io.load(runs / "gan").load_net("G", G)
+    G.train()
+    first, second = ev(G, 10), ev(G, 20)
+    assert set(first) == {"fid"} and first == second and first["fid"] > 0
+    assert G.training  # put back in training mode
+    again = evaluate_mod.TrainingEvaluator(cfg, CPU, amp, print)
+    assert again.reference.source == "cache hit" and again(G, 30) == first
+    is_only = evaluate_mod.TrainingEvaluator(cfg.with_overrides({"train.eval_metric": "is"}), CPU, amp, print)
+    assert is_only.reference is None and set(is_only(G, 1)) == {"is"}
+
+
+def test_the_training_evaluator_fails_at_construction_without_inception_weights(tmp_path, monkeypatch):
+    monkeypatch.setenv("AIGC_INCEPTION_WEIGHTS", str(tmp_path / "missing.pth"))
+    cfg = tiny("dcgan").with_overrides({"train.eval_every": "10", "train.eval_n": "40"})
+    with pytest.raises(UsageError, match="missing.pth"):
+        evaluate_mod.TrainingEvaluator(cfg, CPU, Precision("fp32", CPU), print)

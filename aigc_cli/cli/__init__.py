@@ -12,6 +12,8 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
 app.command("train")(train.train)
 app.command("sample")(sample.sample)
 app.command("eval")(eval_cmd.evaluate)
+# `aigc eval stats ...` (eval's positional CHECKPOINT leaves no room for a subcommand): main() rewrites it.
+app.command("eval-stats", hidden=True)(eval_cmd.stats)
 app.command("export")(export.export)
 app.command("info")(info.info)
 app.add_typer(presets.app, name="presets")
@@ -24,8 +26,11 @@ def main() -> None:
     (exit_code + format_message) rather than imported from one place."""
     import sys
 
+    args = sys.argv[1:]
+    if args[:2] == ["eval", "stats"]:  # a checkpoint or run folder called "stats" is ./stats
+        args = ["eval-stats", *args[2:]]
     try:
-        code = app(prog_name="aigc", standalone_mode=False)
+        code = app(args=args, prog_name="aigc", standalone_mode=False)
     except Exception as e:
         name = type(e).__name__
         if name == "Abort":

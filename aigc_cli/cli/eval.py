@@ -1,4 +1,6 @@
-"""`aigc eval`: FID and KID against real data in a domain classifier's feature space (+ VAE scores)."""
+"""`aigc eval`: FID, KID, IS and precision/recall of a checkpoint (or a folder of generated images)
+against real data, in Inception's or a domain classifier's feature space (+ VAE scores); and
+`aigc eval stats`, which writes real data's reference statistics to an npz."""
 
 from __future__ import annotations
 
@@ -8,43 +10,127 @@ import typer
 
 from .output import emit_json, handles_errors, human_console, warn
 
+METRICS_HELP = ("Comma list of fid, kid, is, precision, recall (VAE: also recon_mse, neg_elbo, bpd); "
+                "only these are computed (default: all that apply).")
+WEIGHTS_HELP = ("Inception weights (.safetensors/.pth state dict) for the default extractor "
+                "(default: $AIGC_INCEPTION_WEIGHTS, else the copy --download-weights puts in the cache).")
+FEATURES_HELP = ("Classifier checkpoint (or run folder) whose penultimate layer gives the features, "
+                 "instead of Inception.")
+STATS_DIR_HELP = "Cache of real-data reference statistics (default: $AIGC_CACHE_DIR/stats, AIGC_CACHE_DIR defaulting to ~/.cache/aigc)."
 
-@handles_errors
-def evaluate(
-    checkpoint: str = typer.Argument(..., help="Checkpoint file, run folder or exported generator."),
-    data: Optional[str] = typer.Option(None, "--data", help="Real data source (default: the one it was trained on)."),
-    data_root: Optional[str] = typer.Option(None, "--data-root", help="Folder holding torchvision datasets."),
-    download: bool = typer.Option(False, "--download", help="Allow downloading a missing torchvision dataset."),
-    features: Optional[str] = typer.Option(None, "--features", help="Classifier checkpoint (or run folder) whose penultimate layer gives the features; required for now."),
-    n: int = typer.Option(10000, "--n", "-n", help="Generated images (and at most this many real ones)."),
-    batch_size: int = typer.Option(256, "--batch-size", "-b", help="Images per forward pass."),
-    seed: int = typer.Option(0, "--seed", min=0, max=2**32 - 1, help="Seed for latents and the real subset."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-    precision: str = typer.Option("auto", "--precision", help="auto, bf16, fp16 or fp32."),
-    no_ema: bool = typer.Option(False, "--no-ema", help="Score the raw generator weights, not their EMA."),
-    json_out: bool = typer.Option(False, "--json", help="Print one JSON object with metrics and protocol."),
-) -> None:
-    """Score a generative model: Fréchet distance and KID (VAE: also reconstruction MSE and negative ELBO)."""
-    from .. import checkpoint as ckpt_io
+
+def _check_common(n: int, batch_size: int, precision: str) -> None:
     from ..errors import UsageError
-    from ..metrics.evaluate import evaluate as run_eval
 
     if n < 2 or batch_size < 1:
         raise UsageError("--n must be at least 2 and --batch-size positive")
     if precision not in ("auto", "bf16", "fp16", "fp32"):
         raise UsageError(f"--precision must be auto, bf16, fp16 or fp32, got '{precision}'")
-    ck = ckpt_io.load(checkpoint)
+
+
+@handles_errors
+def evaluate(
+    checkpoint: Optional[str] = typer.Argument(None, help="Checkpoint file, run folder or exported generator (omit with --fake)."),
+    data: Optional[str] = typer.Option(None, "--data", help="Real data source (default: the one it was trained on; required with --fake unless --ref is given)."),
+    data_root: Optional[str] = typer.Option(None, "--data-root", help="Folder holding torchvision datasets."),
+    download: bool = typer.Option(False, "--download", help="Allow downloading a missing torchvision dataset."),
+    features: Optional[str] = typer.Option(None, "--features", help=FEATURES_HELP),
+    metrics: Optional[str] = typer.Option(None, "--metrics", help=METRICS_HELP),
+    n: int = typer.Option(10000, "--n", "-n", help="Generated images (and at most this many real ones)."),
+    batch_size: int = typer.Option(256, "--batch-size", "-b", help="Images per forward pass."),
+    seed: int = typer.Option(0, "--seed", min=0, max=2**32 - 1, help="Seed for latents and the real subset."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    precision: str = typer.Option("auto", "--precision", help="auto, bf16, fp16 or fp32 (auto: the generator in bf16 on a GPU that has it, the extractor in fp32)."),
+    inception_weights: Optional[str] = typer.Option(None, "--inception-weights", help=WEIGHTS_HELP),
+    download_weights: bool = typer.Option(False, "--download-weights", help="Download the pytorch-fid Inception weights into the cache first (checked against their sha256)."),
+    stats_dir: Optional[str] = typer.Option(None, "--stats-dir", help=STATS_DIR_HELP),
+    ref: Optional[str] = typer.Option(None, "--ref", help="Precomputed reference statistics (.npz from `aigc eval stats`, or pytorch-fid's with only mu and sigma: FID only) instead of real data."),
+    fake: Optional[str] = typer.Option(None, "--fake", help="Score this folder of generated images (from any tool) instead of a checkpoint."),
+    save_fakes: Optional[str] = typer.Option(None, "--save-fakes", help="Also write the generated images as PNGs into this folder."),
+    no_ema: bool = typer.Option(False, "--no-ema", help="Score the raw generator weights, not their EMA."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object with metrics and protocol."),
+) -> None:
+    """Score a generative model: FID, KID, IS, precision/recall (VAE: also reconstruction MSE, negative
+    ELBO, bits/dim). `aigc eval stats --data SOURCE --out ref.npz` precomputes reference statistics."""
+    from .. import checkpoint as ckpt_io
+    from ..errors import UsageError
+    from ..metrics.evaluate import evaluate as run_eval
+    from ..metrics.evaluate import evaluate_folder, parse_metrics
+
+    if checkpoint and fake:
+        raise UsageError("give either a CHECKPOINT or --fake DIR, not both")
+    if not checkpoint and not fake:
+        raise UsageError("nothing to score: give a CHECKPOINT (or run folder), or --fake DIR with --data SOURCE")
+    if fake and save_fakes:
+        raise UsageError("--save-fakes applies to a checkpoint; --fake images are files already")
+    _check_common(n, batch_size, precision)
+    asked = parse_metrics(metrics)
     console = human_console(json_out)
-    with console.status(f"evaluating: generating {n} images and embedding them with real ones"):
-        result = run_eval(ck, data=data or ck.config.data.source, root=data_root or ck.config.data.root or None,
-                          download=download, features=features, n=n, batch_size=batch_size, seed=seed,
-                          device=device, precision=precision, warn=warn, ema=not no_ema)
+    common = dict(features=features, n=n, batch_size=batch_size, seed=seed, device=device, precision=precision,
+                  warn=warn, metrics=asked, inception_weights=inception_weights,
+                  stats_dir=stats_dir or "default", ref=ref, download_weights=download_weights)
+    if fake:
+        with console.status(f"evaluating the images in {fake}"):
+            result = evaluate_folder(fake, data=data, root=data_root, download=download, **common)
+        title = f"{result['fake_folder']}"
+    else:
+        ck = ckpt_io.load(checkpoint)
+        with console.status(f"evaluating: generating {n} images and embedding them"):
+            result = run_eval(ck, data=data or ck.config.data.source,
+                              root=data_root or ck.config.data.root or None, download=download, ema=not no_ema,
+                              save_fakes=save_fakes, **common)
+        title = f"{result['checkpoint']} (step {result['step']})"
     if json_out:
         emit_json(result)
         return
     p = result["protocol"]
-    console.print(f"{result['checkpoint']} (step {result['step']}) vs {p['real_data']}: "
-                  f"{p['n_fake']} generated, {p['n_real']} real, features {p['extractor']}")
+    against = f" vs {p.get('real_data', p.get('reference', ''))}" if "reference" in p else ""
+    console.print(f"{title}{against}: {p['n_fake']} generated"
+                  + (f", {p['n_real']} real ({p['reference']})" if "n_real" in p else "")
+                  + (f", features {p['extractor']}" if "extractor" in p else ""))
     for k, v in result["metrics"].items():
-        if isinstance(v, float):
-            console.print(f"  {k:<10} {v:.6g}")
+        console.print(f"  {k:<10} {v:.6g}" if isinstance(v, float) else f"  {k:<10} n/a")
+
+
+@handles_errors
+def stats(
+    data: str = typer.Option(..., "--data", help="Real data source: a built-in name or a folder (images, IDX, CIFAR-10 binary)."),
+    out: str = typer.Option(..., "--out", "-o", help="The .npz to write (mu, sigma, features, protocol); `aigc eval --ref` reads it."),
+    n: int = typer.Option(10000, "--n", "-n", help="At most this many real images (a seeded subset)."),
+    features: Optional[str] = typer.Option(None, "--features", help=FEATURES_HELP),
+    inception_weights: Optional[str] = typer.Option(None, "--inception-weights", help=WEIGHTS_HELP),
+    download_weights: bool = typer.Option(False, "--download-weights", help="Download the pytorch-fid Inception weights into the cache first."),
+    resolution: Optional[int] = typer.Option(None, "--resolution", min=4, max=4096, help="Conform the images to this square size first, as a model of that resolution sees them (default: their own size)."),
+    channels: Optional[int] = typer.Option(None, "--channels", min=1, max=3, help="Conform the images to 1 (grey) or 3 (RGB) channels first (default: their own)."),
+    split: str = typer.Option("train", "--split", help="train or test."),
+    data_root: Optional[str] = typer.Option(None, "--data-root", help="Folder holding torchvision datasets."),
+    download: bool = typer.Option(False, "--download", help="Allow downloading a missing torchvision dataset."),
+    batch_size: int = typer.Option(256, "--batch-size", "-b", help="Images per forward pass."),
+    seed: int = typer.Option(0, "--seed", min=0, max=2**32 - 1, help="Seed for the real subset."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    precision: str = typer.Option("auto", "--precision", help="auto (fp32), bf16, fp16 or fp32 for the extractor."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object: the file written and its protocol."),
+) -> None:
+    """Write reference statistics of real data (for `aigc eval --ref`)."""
+    from ..errors import UsageError
+    from ..metrics.evaluate import write_stats
+
+    _check_common(n, batch_size, precision)
+    if channels == 2:
+        raise UsageError("--channels must be 1 (grey) or 3 (RGB), got 2")
+    if split not in ("train", "test"):
+        raise UsageError(f"--split must be train or test, got {split!r}")
+    console = human_console(json_out)
+    with console.status(f"embedding up to {n} images of {data}"):
+        result = write_stats(data, out, root=data_root, download=download, features=features, n=n,
+                             batch_size=batch_size, seed=seed, device=device, precision=precision, warn=warn,
+                             split=split, resolution=resolution, channels=channels,
+                             inception_weights=inception_weights, download_weights=download_weights)
+    if json_out:
+        emit_json(result)
+        return
+    p = result["protocol"]
+    console.print(f"wrote {result['out']}: {p['n_real']} images of {p['real_data']}, "
+                  f"{result['feature_dim']} features from {p.get('extractor')}")
+    for k in sorted(p):
+        console.print(f"  {k}: {p[k]}")

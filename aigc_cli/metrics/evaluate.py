@@ -1,122 +1,334 @@
-"""`aigc eval`: generate images, embed them and real ones with a feature extractor, compare the two
-distributions (Fréchet distance, KID); for VAEs also score reconstructions of held-out real images."""
+"""`aigc eval`: generate images (or read a folder of them), embed them with a feature extractor
+(Inception by default, or a domain classifier), and compare them with real data's reference
+statistics (FID, KID, precision/recall; IS needs only the generated side); for VAEs also score
+reconstructions of held-out real images and report bits per dimension.
+
+Generation and embedding share one batch loop: a batch is generated, embedded, and only its
+features (and, for IS, class probabilities) are kept, so --n 50000 never holds 50k images."""
 
 from __future__ import annotations
 
+import math
+import os
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
 import torch
 
 from .. import checkpoint as ckpt_io
 from ..data import load_images
-from ..data.transforms import conform
 from ..errors import UsageError
 from ..losses import decoded_image, vae_terms
 from ..models import build_nets
-from ..sampling import from_uint8, generate, generator_from, latents
-from ..training.precision import Precision
-from .fid import fid_from_features, kid
+from ..sampling import from_uint8, generate, generator_from, latents, save_png
+from ..training.precision import Precision, resolve_device
+from .extractors import ClassifierFeatures, extractor_precision, make_extractor  # noqa: F401 (re-export)
+from .fid import frechet_distance, kid
+from .reference import (FeatureStats, Reference, data_identity, default_stats_dir, load_npz, load_real,
+                        load_folder_native, real_indices, reference_for)
 from .scores import inception_score, precision_recall
 
+GAN_METRICS = ("fid", "kid", "is", "precision", "recall")
+VAE_METRICS = ("recon_mse", "neg_elbo", "bpd")
+METRICS = GAN_METRICS + VAE_METRICS
+NEEDS_REAL = ("fid", "kid", "precision", "recall")
+NEEDS_REAL_FEATURES = ("kid", "precision", "recall")
+IS_SPLITS, PR_K, KID_SUBSETS = 10, 3, 100
 
-class ClassifierFeatures:
-    """The penultimate layer of a classifier trained by `aigc train` on the domain's labelled data."""
 
-    def __init__(self, path: str, device: torch.device, amp: Precision):
-        ck = ckpt_io.load(path)
-        if ck.config.model.kind != "classifier":
-            raise UsageError(f"--features {path}: expected a classifier checkpoint, got a {ck.config.model.kind}")
-        self.C = build_nets(ck.config.model)["C"]
-        ck.load_net("C", self.C)
-        self.C.to(device).eval()
-        self.cfg, self.device, self.amp = ck.config.model, device, amp
-        self.data_source = ck.config.data.source
-        self.name = f"classifier:{ck.path}"
+def parse_metrics(text: str | None) -> list[str] | None:
+    """`--metrics fid,kid,...` -> list (None: the default set). Unknown names are a UsageError."""
+    if text is None or not text.strip():
+        return None
+    names = [s.strip().lower() for s in text.split(",") if s.strip()]
+    bad = [s for s in names if s not in METRICS]
+    if bad:
+        raise UsageError(f"--metrics: unknown metric {bad[0]!r}; choose from {', '.join(METRICS)}")
+    return list(dict.fromkeys(names))
+
+
+def choose_metrics(asked: list[str] | None, *, vae_possible: bool, vae_reason: str,
+                   real_features: bool, ref_note: str = "") -> list[str]:
+    """The metrics to compute: the ones asked (checked), or all that apply."""
+    if asked is None:
+        out = [m for m in GAN_METRICS if real_features or m not in NEEDS_REAL_FEATURES]
+        return out + (list(VAE_METRICS) if vae_possible else [])
+    vae = [m for m in asked if m in VAE_METRICS]
+    if vae and not vae_possible:
+        raise UsageError(f"--metrics {vae[0]}: {vae_reason}")
+    need = [m for m in asked if m in NEEDS_REAL_FEATURES]
+    if need and not real_features:
+        raise UsageError(f"--metrics {need[0]}: {ref_note or 'the reference has no features'}; "
+                         "with only mu and sigma, FID (and IS) can be computed")
+    return asked
+
+
+def score(metrics: list[str], *, fake: FeatureStats, probs: np.ndarray | None, ref: Reference | None,
+          seed: int) -> tuple[dict, dict]:
+    """The requested metrics from the generated side's features/probabilities and the reference;
+    returns (metrics, protocol facts)."""
+    out: dict = {}
+    proto: dict = {}
+    if "fid" in metrics:
+        mu, sigma = fake.mu_sigma()
+        if mu.shape != ref.mu.shape:
+            raise UsageError(f"the reference statistics have {ref.mu.shape[0]} features, the extractor gives "
+                             f"{mu.shape[0]}: they were computed with another extractor")
+        out["fid"] = frechet_distance(mu, sigma, ref.mu, ref.sigma)
+    f_fake = fake.features()
+    if "kid" in metrics:
+        f_real = ref.features
+        subset = min(1000, max(2, min(len(f_fake), len(f_real)) // 2))
+        out["kid"], out["kid_std"] = kid(f_fake, f_real, subsets=KID_SUBSETS, subset_size=subset, seed=seed)
+        proto.update(kid_subsets=KID_SUBSETS, kid_subset_size=subset)
+    if "is" in metrics:
+        if len(probs) >= IS_SPLITS:
+            out["is"], out["is_std"] = inception_score(probs, splits=IS_SPLITS)
+        else:
+            out["is"] = out["is_std"] = None
+        proto["is_splits"] = IS_SPLITS
+    if "precision" in metrics or "recall" in metrics:
+        pr = (None, None)
+        if min(len(f_fake), len(ref.features)) > PR_K:
+            pr = precision_recall(ref.features, f_fake, k=PR_K)
+        for name, value in zip(("precision", "recall"), pr):
+            if name in metrics:
+                out[name] = value
+        proto["pr_k"] = PR_K
+    return out, proto
+
+
+class FakeEmbedder:
+    """Accumulates the generated side batch by batch: feature statistics (plus the features when
+    KID/PR need them) and class probabilities when IS needs them."""
+
+    def __init__(self, extractor, metrics: list[str], save_dir: str | os.PathLike | None = None):
+        self.extractor = extractor
+        self.stats = FeatureStats(keep=any(m in metrics for m in NEEDS_REAL_FEATURES))
+        self.want_probs = "is" in metrics
+        self.want_feats = any(m in metrics for m in NEEDS_REAL)
+        self.probs: list[np.ndarray] = []
+        self.save_dir = Path(save_dir) if save_dir else None
+        self.count = 0
 
     @torch.inference_mode()
-    def embed(self, images: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Penultimate features and class probabilities (for the Inception Score), float64 on the CPU."""
-        images = conform(images, self.cfg.channels, self.cfg.resolution)
-        feats, probs = [], []
-        for chunk in images.split(batch_size):
-            with self.amp.autocast():
-                f = self.C.features(from_uint8(chunk.to(self.device)))
-                logits = self.C.head(f)
-            feats.append(f.float().cpu())
-            probs.append(torch.softmax(logits.float(), 1).cpu())
-        return torch.cat(feats).double(), torch.cat(probs).double()
+    def add(self, images: torch.Tensor, batch_size: int) -> None:
+        if self.save_dir is not None:
+            for i, img in enumerate(images):
+                save_png(img, self.save_dir / f"{self.count + i:06d}.png")
+        self.count += len(images)
+        if not (self.want_feats or self.want_probs):
+            return
+        f, p = self.extractor.embed(images, batch_size)
+        if self.want_feats:
+            self.stats.add(f)
+        if self.want_probs:
+            self.probs.append(np.asarray(p, dtype=np.float64))
 
-    def __call__(self, images: torch.Tensor, batch_size: int) -> torch.Tensor:
-        return self.embed(images, batch_size)[0]
-
-
-def extra_scores(f_real, f_fake, p_fake) -> dict:
-    """Inception Score (10 splits) on the classifier's probabilities, and k=3 precision/recall on its
-    features; None where there are too few samples for them."""
-    out: dict = {"is": None, "is_std": None, "precision": None, "recall": None}
-    if len(p_fake) >= 10:
-        out["is"], out["is_std"] = inception_score(p_fake, splits=10)
-    if min(len(f_real), len(f_fake)) > 3:
-        out["precision"], out["recall"] = precision_recall(f_real, f_fake, k=3)
-    return out
+    def all_probs(self) -> np.ndarray | None:
+        return np.concatenate(self.probs) if self.probs else None
 
 
-def real_indices(total: int, n: int, seed: int) -> torch.Tensor:
-    """A seeded subset of at most n indices, in order."""
-    if total <= n:
-        return torch.arange(total)
-    return torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n].sort().values
+def check_reference_matches(ref: Reference, extractor, warn) -> None:
+    """A reference from a file must come from the same extractor (its features mean nothing otherwise)."""
+    p = ref.protocol
+    ours = extractor.protocol
+    if "weights_sha256" in p and p["weights_sha256"] != ours.get("weights_sha256"):
+        raise UsageError(f"the reference ({ref.source}) was computed with {p.get('extractor', 'another extractor')} "
+                         f"(weights sha256 {str(p['weights_sha256'])[:12]}...), not with {ours.get('extractor')} "
+                         f"({str(ours.get('weights_sha256'))[:12]}...): recompute it with `aigc eval stats`")
+    dim = ours.get("feature_dim")
+    if dim is not None and ref.mu.shape[0] != dim:
+        raise UsageError(f"the reference ({ref.source}) has {ref.mu.shape[0]} features, {ours.get('extractor')} "
+                         f"gives {dim}: it was computed with another extractor")
+    if not p:
+        warn(f"the reference ({ref.source}) does not say how it was computed (a pytorch-fid file?): "
+             "FID is only comparable if it used the same Inception weights and resizing")
+
+
+def open_extractor(features, inception_weights, device, precision, download_weights: bool = False):
+    if download_weights and not features:
+        from .weights import download_weights as fetch  # noqa: PLC0415
+
+        path = fetch(inception_weights) if inception_weights else fetch()
+        inception_weights = str(path)
+    return make_extractor(features, inception_weights, device, precision)
 
 
 def evaluate(ckpt: ckpt_io.Checkpoint, *, data: str, root: str | None, download: bool, features: str | None,
-             n: int, batch_size: int, seed: int, device: str, precision: str, warn, ema: bool = True) -> dict:
-    if not features:
-        raise UsageError("--features CLASSIFIER_CKPT is required: train one with "
-                         "`aigc train --preset fashion-mnist-classifier` (or --set model.kind=classifier on any labelled data)")
+             n: int, batch_size: int, seed: int, device: str, precision: str, warn, ema: bool = True,
+             metrics: list[str] | None = None, inception_weights: str | None = None,
+             stats_dir: str | os.PathLike | None = "default", ref: str | None = None,
+             save_fakes: str | None = None, download_weights: bool = False, extractor=None) -> dict:
+    """Score a checkpoint. metrics None: all that apply. stats_dir "default": $AIGC_CACHE_DIR/stats;
+    None: no cache. ref: a statistics npz used instead of real data."""
     G, amp = generator_from(ckpt, device, precision, ema=ema)
-    extractor = ClassifierFeatures(features, amp.device, amp)
-    fcfg, m = extractor.cfg, ckpt.config.model
-    if extractor.data_source != data:
+    m = ckpt.config.model
+    has_encoder = bool(ckpt.net_state("E"))
+    vae_possible = m.kind == "vae" and has_encoder
+    vae_reason = ("an exported VAE decoder has no encoder: pass the training checkpoint or run folder"
+                  if m.kind == "vae" else f"applies to VAEs, not to a {m.kind}")
+    reference = load_npz(ref) if ref else None
+    chosen = choose_metrics(metrics, vae_possible=vae_possible, vae_reason=vae_reason,
+                            real_features=reference is None or reference.features is not None,
+                            ref_note=f"--ref {ref} holds only mu and sigma (no features)")
+    if extractor is None and any(x in chosen for x in GAN_METRICS):
+        extractor = open_extractor(features, inception_weights, amp.device, precision, download_weights)
+    if isinstance(extractor, ClassifierFeatures) and extractor.data_source != data and reference is None:
         warn(f"the feature classifier was trained on '{extractor.data_source}', the real data is '{data}': "
              "distances in its feature space may mean little")
-    # Real images take the generator's channels and resolution first, so both sides then go through
-    # the same conversion to the classifier's input: a perfect generator scores near 0.
-    real = load_images(data, channels=m.channels, resolution=m.resolution, root=root, download=download,
-                       split="train", seed=seed, warn=warn)
-    real_images = real.images[real_indices(len(real.images), n, seed)]
-    labels = None  # a conditional model draws classes uniformly at random
-    if m.conditional:
-        labels = torch.randint(m.num_classes, (n,), generator=torch.Generator().manual_seed(seed + 1))
-    fake_images = generate(G, latents(n, m.latent_dim, seed), amp, batch_size, labels=labels)
-    f_real = extractor(real_images, batch_size).numpy()
-    f_fake, p_fake = (t.numpy() for t in extractor.embed(fake_images, batch_size))
-    # Subsets of at most half the samples, so their spread (kid_std) means something at small --n.
-    subset = min(1000, max(2, min(len(f_fake), len(f_real)) // 2))
-    kid_mean, kid_std = kid(f_fake, f_real, subsets=100, subset_size=subset, seed=seed)
-    result = {
-        "checkpoint": str(ckpt.path), "model": ckpt.config.model.kind, "step": ckpt.step,
-        "metrics": {"fid": fid_from_features(f_fake, f_real), "kid": kid_mean, "kid_std": kid_std,
-                    **extra_scores(f_real, f_fake, p_fake)},
-        "protocol": {"extractor": extractor.name, "feature_dim": int(f_real.shape[1]),
-                     "extractor_resolution": fcfg.resolution, "extractor_channels": fcfg.channels,
-                     "n_fake": len(fake_images), "n_real": len(real_images), "real_data": real.name,
-                     "real_split": "train", "seed": seed, "precision": amp.name,
+    protocol: dict = {}
+    if extractor is not None:
+        protocol.update(extractor.protocol)
+        protocol["extractor_precision"] = extractor.protocol.get("precision")
+    protocol.update({"n_fake": n, "seed": seed, "precision": amp.name,
                      "generator_weights": "G_ema" if ema and ckpt.net_state("G_ema") else "G",
-                     "kid_subsets": 100, "kid_subset_size": subset, "is_splits": 10, "pr_k": 3},
-    }
-    if ckpt.config.model.kind == "vae":
+                     "generated_shape": [m.channels, m.resolution, m.resolution]})
+    if any(x in chosen for x in NEEDS_REAL):
+        if reference is None:
+            # Real images take the generator's channels and resolution first, so both sides then go
+            # through the same conversion to the extractor's input: a perfect generator scores near 0.
+            real, name = load_real(data, root=root, download=download, split="train", seed=seed, warn=warn,
+                                   strict=ckpt.config.data.strict, channels=m.channels, resolution=m.resolution)
+            real = real[real_indices(len(real), n, seed)]
+            reference = reference_for(real, extractor=extractor, data=data_identity(data), data_name=name,
+                                      split="train", seed=seed, batch_size=batch_size,
+                                      stats_dir=_stats_dir(stats_dir), warn=warn)
+        else:
+            check_reference_matches(reference, extractor, warn)
+            shape = reference.protocol.get("real_shape")
+            if shape and list(shape) != protocol["generated_shape"]:
+                warn(f"the reference images were {'x'.join(map(str, shape))}, the generator draws "
+                     f"{'x'.join(map(str, protocol['generated_shape']))}: the two sides reach the extractor "
+                     "through different resizing")
+        protocol.update(_reference_protocol(reference))
+    fake = FakeEmbedder(extractor, chosen, save_fakes)
+    if any(x in chosen for x in GAN_METRICS) or save_fakes:
+        labels = None  # a conditional model draws classes uniformly at random
+        if m.conditional:
+            labels = torch.randint(m.num_classes, (n,), generator=torch.Generator().manual_seed(seed + 1))
+        for i, z in enumerate(latents(n, m.latent_dim, seed).split(batch_size)):
+            y = None if labels is None else labels[i * batch_size:(i + 1) * batch_size]
+            fake.add(generate(G, z, amp, batch_size, labels=y), batch_size)
+    values, extra = score(chosen, fake=fake.stats, probs=fake.all_probs(), ref=reference, seed=seed)
+    protocol.update(extra)
+    if save_fakes:
+        protocol["saved_fakes"] = str(save_fakes)
+    result = {"checkpoint": str(ckpt.path), "model": m.kind, "step": ckpt.step,
+              "metrics": values, "protocol": protocol}
+    if any(x in chosen for x in VAE_METRICS):
         scores = vae_scores(ckpt, data=data, root=root, n=n, batch_size=batch_size, seed=seed, amp=amp, warn=warn)
-        for key in ("n_heldout", "heldout_data"):  # protocol facts, not metrics
+        for key in ("n_heldout", "heldout_data", "bpd_formula"):  # protocol facts, not metrics
             if key in scores:
-                result["protocol"][key] = scores.pop(key)
-        result["metrics"].update(scores)
+                protocol[key] = scores.pop(key)
+        result["metrics"].update({k: v for k, v in scores.items() if k in chosen})
     return result
+
+
+def evaluate_folder(fake_dir: str, *, data: str | None, root: str | None, download: bool, features: str | None,
+                    n: int, batch_size: int, seed: int, device: str, precision: str, warn,
+                    metrics: list[str] | None = None, inception_weights: str | None = None,
+                    stats_dir: str | os.PathLike | None = "default", ref: str | None = None,
+                    download_weights: bool = False, strict: bool = False, extractor=None) -> dict:
+    """Score a folder of generated images (from any tool) against real data or a reference file.
+    Both folders are read at their images' own size (the extractor resizes, as pytorch-fid does)."""
+    dev = resolve_device(device)
+    reference = load_npz(ref) if ref else None
+    chosen = choose_metrics(metrics, vae_possible=False,
+                            vae_reason="needs a VAE checkpoint; --fake scores images only",
+                            real_features=reference is None or reference.features is not None,
+                            ref_note=f"--ref {ref} holds only mu and sigma (no features)")
+    needs_real = any(x in chosen for x in NEEDS_REAL)
+    if needs_real and reference is None and not data:
+        raise UsageError("--fake DIR needs --data SOURCE (or --ref FILE) for the real side")
+    fakes = load_folder_native(os.path.expanduser(fake_dir), warn=warn, strict=strict, what="--fake folder")
+    fakes = fakes[real_indices(len(fakes), n, seed)]
+    if extractor is None:
+        extractor = open_extractor(features, inception_weights, dev, precision, download_weights)
+    protocol: dict = {**extractor.protocol, "extractor_precision": extractor.protocol.get("precision"),
+                      "fake_folder": str(fake_dir), "n_fake": len(fakes), "seed": seed,
+                      "precision": extractor_precision(precision),
+                      "generated_shape": list(fakes.shape[1:])}
+    if needs_real:
+        if reference is None:
+            real, name = load_real(data, root=root, download=download, split="train", seed=seed, warn=warn,
+                                   strict=strict, native_resolution=fakes.shape[3])
+            real = real[real_indices(len(real), n, seed)]
+            reference = reference_for(real, extractor=extractor, data=data_identity(data), data_name=name,
+                                      split="train", seed=seed, batch_size=batch_size,
+                                      stats_dir=_stats_dir(stats_dir), warn=warn)
+        else:
+            check_reference_matches(reference, extractor, warn)
+        protocol.update(_reference_protocol(reference))
+    fake = FakeEmbedder(extractor, chosen)
+    for chunk in fakes.split(batch_size):
+        fake.add(chunk, batch_size)
+    values, extra = score(chosen, fake=fake.stats, probs=fake.all_probs(), ref=reference, seed=seed)
+    protocol.update(extra)
+    return {"fake_folder": str(fake_dir), "metrics": values, "protocol": protocol}
+
+
+def write_stats(data: str, out: str, *, root: str | None, download: bool, features: str | None, n: int,
+                batch_size: int, seed: int, device: str, precision: str, warn, split: str = "train",
+                resolution: int | None = None, channels: int | None = None, inception_weights: str | None = None,
+                download_weights: bool = False, strict: bool = False, extractor=None) -> dict:
+    """`aigc eval stats`: reference statistics of real data written to `out` (an npz for --ref)."""
+    if not str(out).endswith(".npz"):
+        raise UsageError(f"--out {out}: the statistics file name must end in .npz")
+    dev = resolve_device(device)
+    if extractor is None:
+        extractor = open_extractor(features, inception_weights, dev, precision, download_weights)
+    real, name = load_real(data, root=root, download=download, split=split, seed=seed, warn=warn, strict=strict,
+                           channels=channels, resolution=resolution)
+    real = real[real_indices(len(real), n, seed)]
+    reference = reference_for(real, extractor=extractor, data=data_identity(data), data_name=name, split=split,
+                              seed=seed, batch_size=batch_size, stats_dir=None, warn=warn)
+    from .reference import save_npz  # noqa: PLC0415
+
+    path = save_npz(out, reference)
+    return {"out": str(path), "feature_dim": int(reference.mu.shape[0]), "protocol": reference.protocol}
+
+
+def _stats_dir(stats_dir):
+    if stats_dir == "default":
+        return default_stats_dir()
+    return Path(os.path.expanduser(str(stats_dir))) if stats_dir else None
+
+
+def _reference_protocol(ref: Reference) -> dict:
+    p = ref.protocol
+    keep = ("real_data", "real_split", "real_shape", "n_real", "cache_key", "cache_file")
+    out = {k: p[k] for k in keep if k in p}
+    out["reference"] = ref.source
+    if ref.n is not None:
+        out["n_real"] = int(ref.n)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# VAE scores
+
+
+def bits_per_dim(neg_elbo: float, dims: int) -> float:
+    """Bits per dimension of 8-bit data from a negative ELBO in nats per image on the [-1, 1] scale.
+
+    x = u / 127.5 - 1 maps 8-bit values u to [-1, 1], so a density on u is the density on x divided by
+    127.5 per dimension: -log p(u) = -log p(x) + D ln 127.5. Then bpd = (neg_elbo + D ln 127.5) / (D ln 2)."""
+    return (neg_elbo + dims * math.log(127.5)) / (dims * math.log(2.0))
+
+
+BPD_FORMULA = "bpd = (neg_elbo + D*ln(127.5)) / (D*ln(2)), D = C*H*W (density on the 8-bit scale, no dequantisation noise)"
 
 
 @torch.inference_mode()
 def vae_scores(ckpt, *, data, root, n, batch_size, seed, amp, warn) -> dict:
-    """Reconstruction MSE (pixel scale [-1, 1], decoding the posterior mean) and a one-sample
-    estimate of the negative ELBO in nats per image, on held-out images of the data source."""
+    """Reconstruction MSE (pixel scale [-1, 1], decoding the posterior mean), a one-sample estimate of
+    the negative ELBO in nats per image, and bits per dimension (Gaussian decoder only), on held-out
+    images of the data source."""
+    none = {"recon_mse": None, "neg_elbo": None, "bpd": None}
     if not ckpt.net_state("E"):
-        return {"recon_mse": None, "neg_elbo": None}  # an exported decoder has no encoder
+        return none  # an exported decoder has no encoder
     m = ckpt.config.model
     nets = build_nets(m)
     for name in ("E", "G"):
@@ -128,10 +340,10 @@ def vae_scores(ckpt, *, data, root, n, batch_size, seed, amp, warn) -> dict:
                            split="test", seed=seed, warn=warn)
     except UsageError as e:  # e.g. an IDX folder without its t10k files: FID/KID still stand
         warn(f"no held-out images for the VAE scores ({e})")
-        return {"recon_mse": None, "neg_elbo": None}
+        return none
     if m.conditional and test.labels is None:
         warn("the held-out images have no labels, which this conditional VAE needs: no VAE scores")
-        return {"recon_mse": None, "neg_elbo": None}
+        return none
     idx = real_indices(len(test.images), n, seed)
     images = test.images[idx]
     labels = test.labels[idx] if m.conditional else None
@@ -148,5 +360,73 @@ def vae_scores(ckpt, *, data, root, n, batch_size, seed, amp, warn) -> dict:
             mse = (x - decoded_image(G.logits(mu, y), m.likelihood)).pow(2).mean()
         total["mse"] += float(mse) * len(chunk)
         total["neg_elbo"] += float(sampled["neg_elbo"]) * len(chunk)
-    return {"recon_mse": total["mse"] / len(images), "neg_elbo": total["neg_elbo"] / len(images),
-            "n_heldout": len(images), "heldout_data": test.name}
+    neg_elbo = total["neg_elbo"] / len(images)
+    dims = m.channels * m.resolution * m.resolution
+    if m.likelihood == "gaussian":
+        bpd, formula = bits_per_dim(neg_elbo, dims), BPD_FORMULA
+    else:
+        bpd, formula = None, ("none: a Bernoulli decoder's likelihood is not a density on 8-bit pixels "
+                              "(it treats intensities in [0, 1] as probabilities)")
+    return {"recon_mse": total["mse"] / len(images), "neg_elbo": neg_elbo, "bpd": bpd,
+            "n_heldout": len(images), "heldout_data": test.name, "bpd_formula": formula}
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluation during training
+
+
+class TrainingEvaluator:
+    """In-process evaluation for the training loop: one metric (cfg.train.eval_metric) on
+    cfg.train.eval_n generated images against the training data (train split, conformed to the
+    model's channels and resolution), with reference statistics from the cache.
+
+    The extractor is cfg.train.eval_features (a classifier checkpoint) or Inception ("") with weights
+    from $AIGC_INCEPTION_WEIGHTS or the cache; missing weights raise UsageError here, at construction.
+    `images` may pass the uint8 training images already in memory (saves loading them again)."""
+
+    def __init__(self, cfg, device: torch.device, amp: Precision, warn: Callable[[str], None],
+                 images: torch.Tensor | None = None, stats_dir: str | os.PathLike | None = "default",
+                 batch_size: int | None = None):
+        t, m = cfg.train, cfg.model
+        self.metric, self.n, self.seed = t.eval_metric, t.eval_n, t.seed
+        if self.metric not in GAN_METRICS:
+            raise UsageError(f"train.eval_metric must be one of {', '.join(GAN_METRICS)}, got {self.metric!r}")
+        self.metrics = [self.metric]
+        self.amp, self.device = amp, torch.device(device)
+        self.batch_size = batch_size or min(256, max(1, t.batch_size))
+        self.cfg = cfg
+        prec = t.precision if t.precision != "auto" else "fp32"
+        self.extractor = make_extractor(t.eval_features or None, None, self.device, prec)
+        self.reference = None
+        if self.metric in NEEDS_REAL:
+            if images is None:
+                images, name = load_real(cfg.data.source, root=cfg.data.root or None, download=False,
+                                         split="train", seed=t.seed, warn=warn, strict=cfg.data.strict,
+                                         channels=m.channels, resolution=m.resolution, limit=cfg.data.limit)
+            else:
+                from ..data.transforms import conform  # noqa: PLC0415
+
+                images, name = conform(images.cpu(), m.channels, m.resolution), cfg.data.source
+            images = images[real_indices(len(images), self.n, t.seed)]
+            self.reference = reference_for(images, extractor=self.extractor, data=data_identity(cfg.data.source),
+                                           data_name=name, split="train", seed=t.seed,
+                                           batch_size=self.batch_size, stats_dir=_stats_dir(stats_dir), warn=warn)
+        self.z = latents(self.n, m.latent_dim, t.seed)
+        self.labels = None
+        if m.conditional:
+            self.labels = torch.randint(m.num_classes, (self.n,), generator=torch.Generator().manual_seed(t.seed + 1))
+
+    def __call__(self, G: torch.nn.Module, step: int) -> dict[str, float]:
+        was_training = G.training
+        G.eval()
+        try:
+            fake = FakeEmbedder(self.extractor, self.metrics)
+            bs = self.batch_size
+            for i, z in enumerate(self.z.split(bs)):
+                y = None if self.labels is None else self.labels[i * bs:(i + 1) * bs]
+                fake.add(generate(G, z, self.amp, bs, labels=y), bs)
+            values, _ = score(self.metrics, fake=fake.stats, probs=fake.all_probs(), ref=self.reference,
+                              seed=self.seed)
+        finally:
+            G.train(was_training)
+        return {self.metric: values[self.metric]}

@@ -1,0 +1,100 @@
+"""Feature extractors for `aigc eval`: Inception (the default, as pytorch-fid) or the penultimate layer
+of a domain classifier trained with `aigc train`. Each has `.name`, a `.protocol` dict (what a result
+or a cached reference statistic depends on) and `.embed(images_uint8, batch_size) -> (features, probs)`,
+float64 on the CPU."""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+from .. import checkpoint as ckpt_io
+from ..data.transforms import conform
+from ..errors import UsageError
+from ..models import build_nets
+from ..sampling import from_uint8
+from ..training.precision import Precision
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def extractor_precision(precision: str | Precision) -> str:
+    """The extractor's precision: `auto` means fp32, so reference statistics and published numbers
+    (computed in fp32) stay comparable; an explicit bf16/fp16 is honoured."""
+    name = precision.name if isinstance(precision, Precision) else precision
+    return "fp32" if name in ("auto", "", None) else name
+
+
+def state_sha256(state: dict[str, torch.Tensor]) -> str:
+    """A content hash of a state dict: names, dtypes, shapes and bytes, in sorted order."""
+    h = hashlib.sha256()
+    for key in sorted(state):
+        t = state[key].detach().cpu().contiguous().reshape(-1)
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+class ClassifierFeatures:
+    """The penultimate layer of a classifier trained by `aigc train` on the domain's labelled data."""
+
+    def __init__(self, path: str, device: torch.device, amp: Precision | str):
+        ck = ckpt_io.load(path)
+        if ck.config.model.kind != "classifier":
+            raise UsageError(f"--features {path}: expected a classifier checkpoint, got a {ck.config.model.kind}")
+        if isinstance(amp, str):
+            amp = Precision(extractor_precision(amp), torch.device(device))
+        self.C = build_nets(ck.config.model)["C"]
+        ck.load_net("C", self.C)
+        self.C.to(device).eval()
+        self.cfg, self.device, self.amp = ck.config.model, torch.device(device), amp
+        self.data_source = ck.config.data.source
+        self.name = f"classifier:{ck.path}"
+        self.protocol = {
+            "extractor": self.name,
+            "weights_sha256": state_sha256(ck.net_state("C")),
+            "resize": f"conformed to the classifier's input ({self.cfg.channels}x{self.cfg.resolution}x"
+                      f"{self.cfg.resolution}, antialiased bilinear, centre crop)",
+            "input": "uint8 -> [-1, 1]",
+            "feature_dim": self.C.head.in_features,
+            "num_classes": self.C.head.out_features,
+            "precision": amp.name,
+            "extractor_resolution": self.cfg.resolution,
+            "extractor_channels": self.cfg.channels,
+        }
+
+    @torch.inference_mode()
+    def embed(self, images: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Penultimate features and class probabilities (for the Inception Score), float64 on the CPU."""
+        feats, probs = [], []
+        for chunk in images.split(max(1, batch_size)):
+            chunk = conform(chunk.cpu(), self.cfg.channels, self.cfg.resolution)
+            with self.amp.autocast():
+                f = self.C.features(from_uint8(chunk.to(self.device)))
+                logits = self.C.head(f)
+            feats.append(f.float().cpu())
+            probs.append(torch.softmax(logits.float(), 1).cpu())
+        return torch.cat(feats).double(), torch.cat(probs).double()
+
+    def __call__(self, images: torch.Tensor, batch_size: int) -> torch.Tensor:
+        return self.embed(images, batch_size)[0]
+
+
+def make_extractor(features: str | None, inception_weights: str | None, device: torch.device | str,
+                   precision: str | Precision = "fp32"):
+    """features None or "": Inception (pool3 features, 1008-way probabilities), with the weights from
+    `inception_weights`, else $AIGC_INCEPTION_WEIGHTS or the cache (see metrics/weights.py); missing
+    weights are a UsageError here, before any work. Otherwise a classifier checkpoint or run folder."""
+    device = torch.device(device)
+    prec = extractor_precision(precision)
+    if prec not in PRECISIONS:
+        raise UsageError(f"precision must be one of {', '.join(PRECISIONS)}, got {prec!r}")
+    if features:
+        if inception_weights:
+            raise UsageError("--inception-weights applies to the Inception extractor; "
+                             "it cannot be combined with --features CLASSIFIER_CKPT")
+        return ClassifierFeatures(features, device, Precision(prec, device))
+    from .inception import InceptionFeatures  # noqa: PLC0415 - heavy, and only this path needs it
+
+    return InceptionFeatures(inception_weights, device, prec)

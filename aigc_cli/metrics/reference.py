@@ -1,0 +1,407 @@
+"""Real-data reference statistics for FID/KID/precision-recall, and their cache.
+
+A reference is the mean and covariance (float64) of the real images' features plus the features
+themselves (float32, for KID and precision/recall). It is cached in the stats dir
+($AIGC_CACHE_DIR/stats, AIGC_CACHE_DIR defaulting to ~/.cache/aigc) as `<key>.npz`, where the key
+hashes everything the numbers depend on: the data source, the bytes of the uint8 images actually used
+(after subsetting and conversion), their shape, the sample count, seed and split, and the extractor's
+protocol (its weights' hash, resize, precision ...). Change any of them and the key changes.
+
+The npz files (ours, `aigc eval stats --out`, or pytorch-fid's) hold `mu` and `sigma` (pytorch-fid's
+names), and ours also `features` and `protocol` (a JSON string). They are read with
+allow_pickle=False: a file that needs pickle is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import zipfile
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..errors import UsageError
+
+CACHE_FORMAT = 1
+
+
+# --------------------------------------------------------------------------------------------------
+# Feature statistics, accumulated batch by batch
+
+
+class FeatureStats:
+    """Running mean and covariance (float64) of features arriving in batches, without holding them
+    all (keep=True also keeps them, as float32, for KID and precision/recall).
+
+    Sums are taken around a shift (the first batch's mean), so the covariance does not lose digits
+    to cancellation when the features' mean is large next to their spread."""
+
+    def __init__(self, keep: bool):
+        self.keep, self.n = keep, 0
+        self.shift = self.s1 = self.s2 = None
+        self.kept: list[np.ndarray] = []
+
+    def add(self, feats) -> None:
+        f = np.asarray(feats.numpy() if hasattr(feats, "numpy") else feats, dtype=np.float64)
+        if f.ndim != 2 or not len(f):
+            return
+        if not np.isfinite(f).all():
+            raise UsageError("the feature extractor produced NaN or infinite values (try --precision fp32)")
+        if self.shift is None:
+            self.shift = f.mean(0)
+            self.s1, self.s2 = np.zeros(f.shape[1]), np.zeros((f.shape[1], f.shape[1]))
+        c = f - self.shift
+        self.s1 += c.sum(0)
+        self.s2 += c.T @ c
+        self.n += len(f)
+        if self.keep:
+            self.kept.append(f.astype(np.float32))
+
+    def mu_sigma(self) -> tuple[np.ndarray, np.ndarray]:
+        if self.n < 2:
+            raise UsageError(f"need at least 2 images for feature statistics, got {self.n}")
+        m = self.s1 / self.n
+        sigma = (self.s2 - self.n * np.outer(m, m)) / (self.n - 1)
+        return self.shift + m, (sigma + sigma.T) / 2
+
+    def features(self) -> np.ndarray | None:
+        return np.concatenate(self.kept) if self.keep and self.kept else None
+
+
+# --------------------------------------------------------------------------------------------------
+# Reference statistics and their npz files
+
+
+@dataclass
+class Reference:
+    mu: np.ndarray                 # (D,) float64
+    sigma: np.ndarray              # (D, D) float64
+    features: np.ndarray | None    # (N, D) float32, or None (a pytorch-fid file has only mu and sigma)
+    protocol: dict = field(default_factory=dict)
+    source: str = "computed"       # "computed", "cache hit" or "file PATH"
+
+    @property
+    def n(self) -> int | None:
+        if self.features is not None:
+            return len(self.features)
+        return self.protocol.get("n_real")
+
+
+def save_npz(path: str | os.PathLike, ref: Reference) -> Path:
+    """Write atomically: a temporary file in the same folder, fsynced, then renamed over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {"mu": ref.mu.astype(np.float64), "sigma": ref.sigma.astype(np.float64),
+              "protocol": np.array(json.dumps(ref.protocol, sort_keys=True))}
+    if ref.features is not None:
+        arrays["features"] = ref.features.astype(np.float32)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_npz(path: str | os.PathLike, what: str = "--ref") -> Reference:
+    """Our npz or a pytorch-fid one (`mu`, `sigma` only). Anything else is a one-line UsageError."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise UsageError(f"{what} {path}: no such file")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if not hasattr(z, "files"):
+                raise UsageError(f"{what} {path}: a single .npy array, expected an .npz with 'mu' and 'sigma'")
+            missing = [k for k in ("mu", "sigma") if k not in z.files]
+            if missing:
+                raise UsageError(f"{what} {path}: no {' or '.join(repr(k) for k in missing)} array in it "
+                                 f"(has: {', '.join(z.files) or 'nothing'}); expected reference statistics")
+            mu, sigma = np.asarray(z["mu"], np.float64), np.asarray(z["sigma"], np.float64)
+            features = np.asarray(z["features"], np.float32) if "features" in z.files else None
+            protocol = json.loads(str(z["protocol"])) if "protocol" in z.files else {}
+    except UsageError:
+        raise
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError, json.JSONDecodeError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UsageError(f"{what} {path}: not a readable statistics .npz ({reason})") from None
+    d = mu.shape[0] if mu.ndim == 1 else -1
+    if d < 1 or sigma.shape != (d, d):
+        raise UsageError(f"{what} {path}: 'mu' must be (D,) and 'sigma' (D, D), got {mu.shape} and {sigma.shape}")
+    if features is not None and (features.ndim != 2 or features.shape[1] != d or len(features) < 2):
+        raise UsageError(f"{what} {path}: 'features' must be (N >= 2, {d}), got {features.shape}")
+    for name, a in (("mu", mu), ("sigma", sigma), ("features", features)):
+        if a is not None and not np.isfinite(a).all():
+            raise UsageError(f"{what} {path}: '{name}' holds NaN or infinite values")
+    if not isinstance(protocol, dict):
+        raise UsageError(f"{what} {path}: 'protocol' is not a JSON object")
+    return Reference(mu, sigma, features, protocol, source=f"file {path}")
+
+
+# --------------------------------------------------------------------------------------------------
+# The cache
+
+
+def default_stats_dir() -> Path:
+    base = os.environ.get("AIGC_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "aigc")
+    return Path(base) / "stats"
+
+
+def content_sha256(images: torch.Tensor) -> str:
+    """sha256 of a uint8 (N, C, H, W) tensor: its shape, then its bytes."""
+    t = images.detach().cpu().contiguous()
+    h = hashlib.sha256(f"{t.dtype}|{tuple(t.shape)}|".encode())
+    flat = t.reshape(-1)
+    step = 64 * 1024 * 1024
+    for start in range(0, flat.numel(), step):
+        h.update(flat[start:start + step].numpy().tobytes())
+    return h.hexdigest()
+
+
+# Protocol entries that name files rather than what the numbers depend on (the weights' hash does).
+_PATH_KEYS = {"extractor", "checkpoint", "weights", "weights_file", "weights_path", "weights file"}
+
+
+def cache_key(*, data: str, split: str, seed: int, n: int, shape, content: str, extractor_protocol: dict) -> str:
+    ext = {k: v for k, v in extractor_protocol.items() if k not in _PATH_KEYS}
+    ext["kind"] = str(extractor_protocol.get("extractor", "")).split(":")[0]
+    blob = json.dumps({"format": CACHE_FORMAT, "data": data, "split": split, "seed": seed, "n": n,
+                       "shape": list(shape), "content_sha256": content, "extractor": ext}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+@torch.inference_mode()
+def embed_all(extractor, images: torch.Tensor, batch_size: int, keep: bool = True) -> FeatureStats:
+    acc = FeatureStats(keep=keep)
+    for chunk in images.split(max(1, batch_size)):
+        acc.add(extractor.embed(chunk, batch_size)[0])
+    return acc
+
+
+def compute_reference(extractor, images: torch.Tensor, batch_size: int, protocol: dict) -> Reference:
+    acc = embed_all(extractor, images, batch_size)
+    mu, sigma = acc.mu_sigma()
+    return Reference(mu, sigma, acc.features(), protocol, source="computed")
+
+
+def reference_for(images: torch.Tensor, *, extractor, data: str, data_name: str, split: str, seed: int,
+                  batch_size: int, stats_dir: str | os.PathLike | None, warn: Callable[[str], None]) -> Reference:
+    """Reference statistics of `images` (uint8, already subset and converted): from the cache when an
+    entry with the same key exists, else computed and stored there. stats_dir None: no cache."""
+    content = content_sha256(images)
+    shape = tuple(images.shape[1:])
+    key = cache_key(data=data, split=split, seed=seed, n=len(images), shape=shape, content=content,
+                    extractor_protocol=extractor.protocol)
+    protocol = {"cache_key": key, "real_data": data_name, "real_source": data, "real_split": split,
+                "n_real": len(images), "seed": seed, "real_shape": list(shape), "real_content_sha256": content,
+                **{f"extractor_{k}" if k in ("precision",) else k: v for k, v in extractor.protocol.items()}}
+    path = Path(stats_dir) / f"{key[:40]}.npz" if stats_dir else None
+    if path is not None and path.is_file():
+        try:
+            ref = load_npz(path, "cached statistics")
+            if ref.protocol.get("cache_key") == key and ref.features is not None:
+                ref.source = "cache hit"
+                ref.protocol = {**protocol, **{k: v for k, v in ref.protocol.items() if k == "cache_key"}}
+                return ref
+        except UsageError as e:
+            warn(f"ignoring a damaged cache entry ({e}); recomputing it")
+    ref = compute_reference(extractor, images, batch_size, protocol)
+    if path is not None:
+        try:
+            save_npz(path, ref)
+            ref.protocol["cache_file"] = str(path)
+        except OSError as e:
+            warn(f"could not write the statistics cache {path} ({e.strerror or e}); continuing without it")
+    return ref
+
+
+# --------------------------------------------------------------------------------------------------
+# Real images at their own size (for Inception, which resizes inside the network, as pytorch-fid)
+
+NATIVE = {"mnist": (1, 28), "fashion-mnist": (1, 28), "cifar10": (3, 32)}
+
+
+def most_common_size(sizes: list[tuple[int, int]]) -> tuple[int, int]:
+    """The most frequent (width, height); ties go to the larger area, then the first seen."""
+    counts = Counter(sizes)
+    best = max(counts.values())
+    tied = [s for s in dict.fromkeys(sizes) if counts[s] == best]
+    return max(tied, key=lambda s: s[0] * s[1])
+
+
+def _header_size(path: str) -> tuple[int, int]:
+    """(width, height) as displayed (EXIF rotation applied), from the header only."""
+    from PIL import Image
+
+    from ..data import folder
+
+    with open(path, "rb") as f:
+        size = folder._webp_size(f.read(30))
+        if size is not None:
+            folder._check_size(*size)
+        f.seek(0)
+        with Image.open(f, formats=folder.FORMATS) as img:
+            folder._check_size(*img.size)
+            w, h = img.size
+            try:
+                orientation = img.getexif().get(0x0112)
+            except Exception:  # noqa: BLE001 - unreadable EXIF: as stored
+                orientation = None
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+
+
+def _decode_native(path: str, size: tuple[int, int]) -> np.ndarray:
+    """One file as (height, width, 3) uint8 at `size` (its own size unless it differs: then scaled
+    and centre-cropped to it), with folder.decode's safeguards (formats, pixel limit, first frame)."""
+    from PIL import Image, ImageOps
+
+    from ..data import folder
+
+    st = os.stat(path)
+    if st.st_size == 0:
+        raise folder.RejectedImage("empty file (0 bytes)")
+    with open(path, "rb") as f:
+        webp = folder._webp_size(f.read(30))
+        if webp is not None:
+            folder._check_size(*webp)
+        f.seek(0)
+        with Image.open(f, formats=folder.FORMATS) as img:
+            folder._check_size(*img.size)
+            img.load()
+            folder._check_size(*img.size)
+            try:
+                img = ImageOps.exif_transpose(img)
+            except Exception:  # noqa: BLE001
+                pass
+            img = folder.to_rgb(img)
+            if img.size != size:
+                img = ImageOps.fit(img, size, Image.Resampling.LANCZOS)
+            return np.asarray(img, dtype=np.uint8)
+
+
+def load_folder_native(path: str, *, warn: Callable[[str], None], strict: bool = False,
+                       what: str = "image folder") -> torch.Tensor:
+    """All images of a folder (recursive, sorted) as uint8 (N, 3, H, W) at their own size; when sizes
+    differ, each is conformed (scaled, centre-cropped) to the most common one, with a warning."""
+    from ..data import folder
+
+    if not os.path.isdir(path):
+        raise UsageError(f"{what} {path} does not exist or is not a folder")
+    rels = folder.list_images(path)
+    if not rels:
+        raise UsageError(f"{what} {path}: no images ({'/'.join(folder.EXTENSIONS)}) found in it")
+
+    def reject(rel: str, e: BaseException) -> None:
+        reason = folder.describe_error(e)
+        if strict:
+            raise UsageError(f"cannot use image file {folder.one_line(os.path.join(path, rel))}: {reason}")
+        warn(f"skipping {folder.one_line(rel)}: {reason}")
+
+    def header(rel):
+        try:
+            return _header_size(os.path.join(path, rel))
+        except Exception as e:  # noqa: BLE001
+            return e
+
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        heads = list(pool.map(header, rels))
+        good = []
+        for rel, h in zip(rels, heads):
+            if isinstance(h, BaseException):
+                reject(rel, h)
+            else:
+                good.append((rel, h))
+        if not good:
+            raise UsageError(f"{what} {path}: none of its {len(rels)} image files could be read")
+        size = most_common_size([h for _, h in good])
+        off = sum(h != size for _, h in good)
+        if off:
+            warn(f"{what} {path}: {off} of {len(good)} images are not {size[0]}x{size[1]} (the most common "
+                 "size); they are scaled and centre-cropped to it")
+
+        def decode(item):
+            try:
+                return _decode_native(os.path.join(path, item[0]), size)
+            except Exception as e:  # noqa: BLE001
+                return e
+
+        out = np.empty((len(good), 3, size[1], size[0]), dtype=np.uint8)
+        kept = 0
+        for (rel, _), arr in zip(good, pool.map(decode, good)):
+            if isinstance(arr, BaseException):
+                reject(rel, arr)
+                continue
+            out[kept] = arr.transpose(2, 0, 1)
+            kept += 1
+    if not kept:
+        raise UsageError(f"{what} {path}: none of its {len(rels)} image files could be read")
+    return torch.from_numpy(out[:kept])
+
+
+def load_real(source: str, *, root: str | None, download: bool, split: str, seed: int,
+              warn: Callable[[str], None], strict: bool = False, channels: int | None = None,
+              resolution: int | None = None, native_resolution: int = 32, limit: int = 0) -> tuple[torch.Tensor, str]:
+    """Images of a data source as uint8 (N, C, H, W) and a description. With channels and resolution,
+    exactly as training sees them (data.load_images). Without, at the source's own size: an image
+    folder at its images' size (RGB), MNIST-like 1x28x28, CIFAR-10 3x32x32, `shapes` drawn at
+    `native_resolution`; a given channels or resolution alone is then applied on top. limit > 0: only
+    the source's first `limit` images (data.limit)."""
+    from ..data import cifar, idx, load_images
+    from ..data.transforms import resize_square, to_channels
+
+    if channels is not None and resolution is not None:
+        data = load_images(source, channels=channels, resolution=resolution, root=root, download=download,
+                           split=split, seed=seed, warn=warn, strict=strict, limit=limit)
+        return data.images, data.name
+    if source in NATIVE or source == "shapes":
+        c, r = NATIVE.get(source, (3, native_resolution))
+        data = load_images(source, channels=c, resolution=r, root=root, download=download, split=split,
+                           seed=seed, warn=warn, strict=strict, limit=limit)
+        images, name = data.images, data.name
+    else:
+        path = os.path.expanduser(source)
+        if not os.path.isdir(path):
+            raise UsageError(f"data source {source!r} is not a built-in source or an existing folder")
+        if idx.is_idx_folder(path):
+            images, name = idx.load_idx_folder(path, split)[0], f"IDX folder {path} ({split})"
+        elif cifar.is_cifar_bin_folder(path):
+            images, name = cifar.load_cifar_bin_folder(path, split)[0], f"CIFAR-10 folder {path} ({split})"
+        else:
+            images = load_folder_native(path, warn=warn, strict=strict, what="data folder")
+            name = f"folder {path}"
+        if limit > 0:
+            images = images[:limit]
+        name = f"{name} ({len(images)} images, {images.shape[3]}x{images.shape[2]})"
+    if resolution is not None:
+        images = resize_square(images, resolution)
+    if channels is not None:
+        images = to_channels(images, channels)
+    return images.contiguous(), name
+
+
+def real_indices(total: int, n: int, seed: int) -> torch.Tensor:
+    """A seeded subset of at most n indices, in order."""
+    if total <= n:
+        return torch.arange(total)
+    return torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n].sort().values
+
+
+def data_identity(source: str) -> str:
+    """What names a data source in a cache key: a built-in name, or a folder's real path."""
+    from ..data import BUILTIN_SOURCES
+
+    if source in BUILTIN_SOURCES:
+        return source
+    return os.path.realpath(os.path.expanduser(source))
