@@ -1,0 +1,271 @@
+"""Training batches: device-side flips and shifts, the uint8 -> float conversion, streaming
+(lazy folder, in-memory arrays, DataLoader workers) giving exactly the device-resident batches,
+and seek / resume."""
+
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from aigc_cli.config import DataConfig, TrainConfig
+from aigc_cli.data import load_images
+from aigc_cli.data.lazy import HostImages, LazyFolder
+from aigc_cli.errors import UsageError
+from aigc_cli.sampling import from_uint8
+from aigc_cli.training.batches import DeviceBatches, _reflect, make_batches, permutation, to_float
+from aigc_cli.training.streaming import StreamBatches
+
+CPU = torch.device("cpu")
+RES = 8
+
+
+def noise_images(n: int, c: int = 3, res: int = RES, seed: int = 0) -> torch.Tensor:
+    return torch.from_numpy(np.random.default_rng(seed).integers(0, 256, (n, c, res, res), dtype=np.uint8))
+
+
+def cfg(**data):
+    """What make_batches reads: the data and train sections (built directly: no model needed)."""
+    train = {k: data.pop(k) for k in ("batch_size", "seed") if k in data}
+    return SimpleNamespace(data=DataConfig(**data), train=TrainConfig(**{"batch_size": 6, **train}))
+
+
+@pytest.fixture(scope="module")
+def noise_folder(tmp_path_factory):
+    """40 PNGs of RGB noise at the training resolution (decoding is exact), in two class folders."""
+    root = tmp_path_factory.mktemp("noise")
+    images = noise_images(40, seed=1).permute(0, 2, 3, 1).numpy()
+    for i, img in enumerate(images):
+        d = root / ("a" if i % 3 else "b")
+        d.mkdir(exist_ok=True)
+        Image.fromarray(img).save(d / f"{i:02d}.png")
+    return root
+
+
+def source_rows(images, batch_size, seed, epoch, index):
+    return images[permutation(len(images), seed, epoch)[index * batch_size:(index + 1) * batch_size]]
+
+
+# ----------------------------------------------------------------------------- conversion
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_conversion_matches_from_uint8_and_layout(channels_last):
+    u8 = torch.arange(256, dtype=torch.uint8).view(4, 1, 8, 8)  # every byte value once
+    u8 = torch.cat([u8, u8.flip(0), u8.flip(3)], dim=1)
+    x = to_float(u8, channels_last)
+    assert torch.equal(x, from_uint8(u8)) and x.dtype == torch.float32
+    assert x.min() == -1 and x.max() == 1
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    assert x.is_contiguous(memory_format=fmt)
+    b = DeviceBatches(noise_images(12), None, 4, CPU, 0, channels_last=channels_last)
+    assert b.next()[0].is_contiguous(memory_format=fmt)
+
+
+def test_plain_batches_are_the_seeded_permutation():
+    images, labels = noise_images(20), torch.arange(20)
+    b = DeviceBatches(images, labels, 6, CPU, 3)
+    for epoch in range(2):
+        for index in range(3):  # 20 // 6 = 3 batches; the 2 left over are dropped
+            x, y = b.next()
+            rows = permutation(20, 3, epoch)[index * 6:(index + 1) * 6]
+            assert torch.equal(x, from_uint8(images[rows])) and torch.equal(y, rows)
+    assert b.position() == {"epoch": 1, "index": 3}
+
+
+# ----------------------------------------------------------------------------- flips and shifts
+
+
+def test_reflect_is_f_pad_reflect():
+    for size in (2, 5, 8):
+        line = torch.arange(size, dtype=torch.float32).view(1, 1, size)
+        padded = F.pad(line, (size - 1, size - 1), mode="reflect").flatten().long()
+        assert torch.equal(_reflect(torch.arange(-(size - 1), 2 * size - 1), size), padded)
+
+
+def test_hflip_mirrors_about_half_of_the_source_rows():
+    images = noise_images(64)
+    b = DeviceBatches(images, None, 16, CPU, 5, hflip=True)
+    flipped = 0
+    for index in range(4):
+        x = b.next()[0]
+        src = from_uint8(source_rows(images, 16, 5, 0, index))
+        for out, s in zip(x, src):
+            same, mirror = torch.equal(out, s), torch.equal(out, s.flip(-1))
+            assert same != mirror  # each image is exactly its source row or that row's mirror
+            flipped += mirror
+    assert 16 <= flipped <= 48  # 64 fair coins
+
+
+def test_translate_keeps_shape_and_shifts_by_at_most_n():
+    n_max, images = 2, noise_images(48)
+    b = DeviceBatches(images, None, 16, CPU, 7, translate=n_max)
+    padded = F.pad(images.float(), (n_max,) * 4, mode="reflect")
+    seen = set()
+    for index in range(3):
+        x = b.next()[0]
+        assert x.shape == (16, 3, RES, RES)
+        rows = permutation(48, 7, 0)[index * 16:(index + 1) * 16]
+        for out, r in zip(x, rows):
+            # out[i, j] = src[reflect(i - dy), reflect(j - dx)]: a window of the reflect-padded source
+            match = [(dy, dx) for dy in range(-n_max, n_max + 1) for dx in range(-n_max, n_max + 1)
+                     if torch.equal(out, from_uint8(padded[r, :, n_max - dy:n_max - dy + RES,
+                                                           n_max - dx:n_max - dx + RES].to(torch.uint8)))]
+            assert len(match) == 1, match
+            seen.add(match[0])
+    assert len(seen) >= 8  # the shifts vary, in both directions
+
+
+def test_augmentation_depends_only_on_the_batch_position():
+    images = noise_images(30)
+    a = DeviceBatches(images, None, 5, CPU, 1, hflip=True, translate=3)
+    first = [a.next()[0] for _ in range(9)]  # into the second epoch
+    torch.manual_seed(123)  # the global RNG plays no part
+    b = DeviceBatches(images, None, 5, CPU, 1, hflip=True, translate=3)
+    b.seek(0, 4)
+    assert all(torch.equal(b.next()[0], x) for x in first[4:])
+    assert not torch.equal(first[0], first[6])  # a different position gets different draws
+
+
+# ----------------------------------------------------------------------------- streaming
+
+
+def device_and_stream(folder, workers, **aug):
+    eager = load_images(str(folder), channels=3, resolution=RES, cache=False)
+    lazy = load_images(str(folder), channels=3, resolution=RES, cache=False, lazy_above_mb=0)
+    assert lazy.lazy and not eager.lazy and lazy.nbytes == eager.nbytes
+    assert torch.equal(lazy.labels, eager.labels) and lazy.class_names == eager.class_names == ("a", "b")
+    notes = []
+    dev = make_batches(eager, cfg(workers=workers, **aug), CPU, note=notes.append)
+    stream = make_batches(lazy, cfg(workers=workers, device_max_mb=0, **aug), CPU, note=notes.append)
+    assert isinstance(dev, DeviceBatches) and isinstance(stream, StreamBatches)
+    assert notes[0] == "data: 40 images, 0.0 MB, kept on cpu"
+    assert "decoded from disk" in notes[1] and "over data.device_max_mb=0" in notes[1]
+    return dev, stream
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_streamed_folder_equals_device_batches_and_seeks(noise_folder, workers):
+    dev, stream = device_and_stream(noise_folder, workers, hflip=True, translate=2)
+    # 40 // 6 = 6 batches per epoch: run well into the third epoch
+    got = []
+    for _ in range(15):
+        (xd, yd), (xs, ys) = dev.next(), stream.next()
+        assert torch.equal(xd, xs) and torch.equal(yd, ys)
+        got.append(xs)
+    assert stream.position() == dev.position() == {"epoch": 2, "index": 3}
+    # Seek back while the workers have batches prefetched: those are dropped, the order is exact.
+    stream.seek(0, 5)
+    for x in got[5:9]:
+        assert torch.equal(stream.next()[0], x)
+    # A fresh object resumed at a saved position continues the same sequence (what resume does).
+    again = make_batches(load_images(str(noise_folder), channels=3, resolution=RES, cache=False, lazy_above_mb=0),
+                         cfg(workers=workers, device_max_mb=0, hflip=True, translate=2), CPU)
+    again.seek(**{"epoch": 1, "index": 6})  # the end of epoch 1: the next batch is epoch 2's first
+    assert torch.equal(again.next()[0], got[12]) and again.position() == {"epoch": 2, "index": 1}
+    stream.close()
+    again.close()
+
+
+def test_in_memory_data_over_the_limit_streams_from_host_memory():
+    images, labels = noise_images(50, c=1), torch.arange(50) % 7
+    data = SimpleNamespace(images=images, labels=labels, lazy=False, nbytes=images.numel())
+    notes = []
+    stream = make_batches(data, cfg(device_max_mb=0, translate=1, hflip=True, seed=4), CPU, note=notes.append)
+    dev = DeviceBatches(images, labels, 6, CPU, 4, translate=1, hflip=True)
+    assert isinstance(stream, StreamBatches) and isinstance(stream.source, HostImages)
+    assert notes == ["data: 50 images, 0.0 MB decoded, streamed from CPU memory (over data.device_max_mb=0)"]
+    for _ in range(10):
+        (xd, yd), (xs, ys) = dev.next(), stream.next()
+        assert torch.equal(xd, xs) and torch.equal(yd, ys)
+
+
+def test_lazy_folder_reads_like_a_tensor(noise_folder):
+    eager = load_images(str(noise_folder), channels=1, resolution=RES, cache=False)
+    lazy = load_images(str(noise_folder), channels=1, resolution=RES, cache=False, lazy_above_mb=0, limit=30)
+    assert lazy.name.endswith("(30 images, 2 classes, decoded on demand)")
+    assert len(lazy.images) == 30 and lazy.images.shape == (30, 1, RES, RES)
+    assert torch.equal(lazy.images[:7], eager.images[:7])  # same luma conversion as the eager path
+    assert torch.equal(lazy.images[29], eager.images[29])
+    assert torch.equal(torch.cat(list(lazy.images.split(8))), eager.images[:30])
+    big = load_images(str(noise_folder), channels=3, resolution=RES, cache=False, lazy_above_mb=1)
+    assert not big.lazy  # 40 * 192 bytes is under 1 MB: decoded now
+
+
+def test_a_file_that_fails_in_a_worker_is_replaced_once_warned_and_strict_stops(tmp_path):
+    d = tmp_path / "d"
+    d.mkdir()
+    images = noise_images(8, seed=2).permute(0, 2, 3, 1).numpy()
+    for i, img in enumerate(images):
+        Image.fromarray(img).save(d / f"{i}.png")
+    (d / "3.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")  # passes the up-front stat checks
+    (d / "9.png").write_bytes(b"")  # dropped up front
+    os.mkfifo(d / "8.png")  # dropped up front too: never opened, so nothing blocks
+    warnings = []
+    data = load_images(str(d), channels=3, resolution=RES, cache=False, lazy_above_mb=0, warn=warnings.append)
+    assert warnings == ["skipping 8.png: not a regular file", "skipping 9.png: empty file (0 bytes)"]
+    assert len(data.images) == 8
+    stream = StreamBatches(data.images, 8, CPU, 0, workers=2, warn=warnings.append)
+    for _ in range(3):  # three epochs, one warning
+        x = stream.next()[0]
+        assert x.shape == (8, 3, RES, RES)
+    stream.close()
+    assert warnings[2:] == [f"skipping 3.png: not a PNG, JPEG, WebP, BMP or GIF image (contents not recognised); "
+                            "4.png is used in its place"]
+    # The replacement is the next file in sorted order, so the content is fixed by the seed.
+    assert torch.equal(data.images[3], data.images[4])
+    strict = StreamBatches(data.images, 8, CPU, 0, workers=0, strict=True)
+    with pytest.raises(UsageError, match=r"cannot use image file 3\.png: .*--strict"):
+        strict.next()
+
+
+def test_a_folder_where_nothing_decodes_is_a_usage_error(tmp_path):
+    d = tmp_path / "d"
+    d.mkdir()
+    for name in ("a.png", "b.png"):
+        (d / name).write_bytes(b"junk")
+    data = load_images(str(d), channels=3, resolution=RES, cache=False, lazy_above_mb=0, warn=lambda s: None)
+    with pytest.raises(UsageError, match="none of the 2 image files could be decoded"):
+        StreamBatches(data.images, 2, CPU, 0).next()
+
+
+# ----------------------------------------------------------------------------- exact resume
+
+
+def test_resume_with_flips_and_shifts_is_bit_identical(tmp_path, monkeypatch):
+    """K steps + resume == N steps in one go, with flips and shifts on and the data streamed (the
+    device-resident kind shares the augmentation and the seek, tested above)."""
+    device_max_mb = "0"
+    from aigc_cli import checkpoint as ckpt_io
+    from aigc_cli.errors import Interrupted
+    from aigc_cli.training import loop
+    from aigc_cli.training.state import find_resume
+    from test_resume import StopsAt, run_cfg
+    from conftest import Silent
+
+    cfg = run_cfg("dcgan", 7, {"data.hflip": "true", "data.translate": "3", "data.device_max_mb": device_max_mb,
+                               "data.workers": "0"})
+    current = {"cfg": cfg}
+    if "make_batches" not in vars(loop):  # until loop.py builds its batches with make_batches
+        monkeypatch.setattr(loop, "DeviceBatches", lambda images, labels, *a: make_batches(
+            SimpleNamespace(images=images, labels=labels, lazy=False, nbytes=images.numel()), current["cfg"], CPU))
+    loop.train(cfg, tmp_path / "whole", Silent())
+    with pytest.raises(Interrupted):
+        loop.train(cfg, tmp_path / "split", StopsAt(3))
+    resume = find_resume("auto", tmp_path / "split", print)
+    assert resume.step == 3
+    loop.train(cfg, tmp_path / "split", Silent(), resume=resume)
+    whole, split = (ckpt_io.load(tmp_path / name).tensors for name in ("whole", "split"))
+    assert whole.keys() == split.keys()
+    for key in whole:
+        assert torch.equal(whole[key], split[key]), key
+    # and the flips and shifts did change what D saw: the same run without them ends elsewhere
+    current["cfg"] = plain = run_cfg("dcgan", 7, {"data.device_max_mb": device_max_mb, "data.workers": "0"})
+    loop.train(plain, tmp_path / "plain", Silent())
+    other = ckpt_io.load(tmp_path / "plain").tensors
+    assert any(not torch.equal(other[k], whole[k]) for k in whole if k.startswith("D."))

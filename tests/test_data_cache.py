@@ -1,0 +1,192 @@
+"""The decoded-image cache: a rerun reads instead of decoding; any change to the files or the
+conversion misses; damaged entries are rebuilt; an unwritable cache only warns; cache=False."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from aigc_cli.data import cache, folder, idx, load_images
+from aigc_cli.errors import UsageError
+
+pytestmark = pytest.mark.usefixtures("no_network")
+
+RES = 8
+OLD = time.time() - 3600  # files written an hour ago: not "racy" (see cache.RACY_NS)
+
+
+def age(path, when=OLD):
+    for p in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        os.utime(p, (when, when))
+
+
+@pytest.fixture
+def photos(tmp_path):
+    d = tmp_path / "photos"
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        sub = d / ("cats" if i < 4 else "dogs")
+        sub.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)).save(sub / f"{i}.png")
+    (d / "cats" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not a png")
+    age(d)
+    return d
+
+
+@pytest.fixture
+def decodes(monkeypatch):
+    """Counts calls of the folder decoder."""
+    calls = []
+    real = folder.decode
+
+    def counting(path, resolution):
+        calls.append(os.path.basename(path))
+        return real(path, resolution)
+
+    monkeypatch.setattr(folder, "decode", counting)
+    return calls
+
+
+def entries():
+    d = cache.decoded_dir()
+    return sorted(os.listdir(d)) if os.path.isdir(d) else []
+
+
+def load(path, **kw):
+    warnings = []
+    data = load_images(str(path), channels=kw.pop("channels", 3), resolution=RES, warn=warnings.append, **kw)
+    return data, warnings
+
+
+def test_second_load_reads_the_cache_and_replays_warnings(photos, monkeypatch, private_cache_dir):
+    first, warned = load(photos)
+    assert not first.cached and len(entries()) == 1
+    assert entries()[0].endswith(".safetensors") and cache.decoded_dir().startswith(str(private_cache_dir))
+    assert len(warned) == 2 and "broken.png" in warned[0] and "skipped 1 of 7" in warned[1]
+
+    def no_decoding(path, resolution):
+        raise AssertionError("decoded although cached")
+
+    monkeypatch.setattr(folder, "decode", no_decoding)
+    second, warned_again = load(photos)
+    assert second.cached and warned_again == warned
+    assert torch.equal(second.images, first.images) and torch.equal(second.labels, first.labels)
+    assert (second.name, second.num_classes, second.class_names) == (first.name, 2, ("cats", "dogs"))
+    assert second.images.dtype == torch.uint8 and second.images.is_contiguous()
+    # "test" of a folder is the same images: it shares the entry
+    assert load(photos, split="test")[0].cached
+
+
+def test_changed_added_removed_file_or_other_conversion_misses(photos, decodes):
+    load(photos)
+    assert len(decodes) == 7
+    changes = {
+        "changed": lambda: (Image.new("RGB", (12, 10), (1, 2, 3)).save(photos / "dogs" / "5.png"),
+                            age(photos / "dogs" / "5.png", OLD + 10)),
+        "added": lambda: (Image.new("RGB", (9, 9), (7, 7, 7)).save(photos / "dogs" / "6.png"), age(photos)),
+        "removed": lambda: (photos / "cats" / "0.png").unlink(),
+    }
+    for what, change in changes.items():
+        decodes.clear()
+        change()
+        data, _ = load(photos)
+        assert not data.cached and decodes, what
+        assert load(photos)[0].cached, what  # and the new state is cached in turn
+    assert len(data.images) == 6 and data.images[-1, :, 0, 0].tolist() == [7, 7, 7]
+    for other in ({"channels": 1}, {"limit": 3}):
+        assert not load(photos, **other)[0].cached, other
+    assert len(entries()) == 6
+
+
+def test_damaged_entry_is_ignored_with_a_warning_and_rebuilt(photos):
+    good, _ = load(photos)
+    (name,) = entries()
+    path = os.path.join(cache.decoded_dir(), name)
+    whole = open(path, "rb").read()
+    for damage in (whole[:len(whole) // 2], b"not safetensors at all", b""):
+        with open(path, "wb") as f:
+            f.write(damage)
+        data, warned = load(photos)
+        assert not data.cached and torch.equal(data.images, good.images)
+        assert warned[0].startswith(f"ignoring damaged decoded-image cache file {path} (")
+        assert "\n" not in warned[0]
+        assert load(photos)[0].cached  # rebuilt
+
+
+def test_entry_with_wrong_contents_is_rebuilt(photos):
+    load(photos)
+    (name,) = entries()
+    from safetensors.torch import save_file
+
+    # a well-formed file under the right name whose metadata belongs to another entry
+    save_file({"images": torch.zeros(1, 3, RES, RES, dtype=torch.uint8)},
+              os.path.join(cache.decoded_dir(), name), metadata={"aigc.decoded": '{"key": "other"}'})
+    data, warned = load(photos)
+    assert not data.cached and len(data.images) == 6 and "does not match" in warned[0]
+
+
+def test_cache_false_neither_reads_nor_writes(photos, decodes):
+    load(photos, cache=False)
+    assert entries() == []
+    load(photos)
+    decodes.clear()
+    assert not load(photos, cache=False)[0].cached and len(decodes) == 7
+
+
+def test_unwritable_cache_folder_only_warns(photos, monkeypatch, tmp_path):
+    blocker = tmp_path / "a file"
+    blocker.write_text("the cache folder cannot be created under a file")
+    monkeypatch.setenv("AIGC_CACHE_DIR", str(blocker))
+    data, warned = load(photos)
+    assert len(data.images) == 6 and not data.cached
+    assert warned[-1].startswith(f"cannot write the decoded-image cache in {blocker}") and "\n" not in warned[-1]
+
+
+def test_files_modified_just_now_are_not_cached(photos):
+    Image.new("RGB", (8, 8)).save(photos / "dogs" / "new.png")  # mtime: now
+    load(photos)
+    assert entries() == []
+    age(photos)
+    load(photos)
+    assert len(entries()) == 1
+
+
+def test_strict_does_not_trust_an_entry_with_skipped_files(photos):
+    load(photos)
+    with pytest.raises(UsageError, match="broken.png"):
+        load(photos, strict=True)
+
+
+def idx_folder(path, n=5):
+    path.mkdir()
+    rng = np.random.default_rng(3)
+    for kind, arr in (("images-idx3", rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)),
+                      ("labels-idx1", np.arange(n, dtype=np.uint8))):
+        header = struct.pack(">BBBB", 0, 0, 8, arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape)
+        with gzip.open(path / f"train-{kind}-ubyte.gz", "wb") as f:
+            f.write(header + arr.tobytes())
+    age(path)
+    return path
+
+
+def test_idx_is_cached_only_when_converted(tmp_path, monkeypatch):
+    d = idx_folder(tmp_path / "idx")
+    plain = load_images(str(d), channels=1, resolution=28)
+    assert entries() == [] and not plain.cached  # reading the files is as fast as a cache would be
+    big = load_images(str(d), channels=3, resolution=32)
+    assert len(entries()) == 1
+
+    def no_parsing(path):
+        raise AssertionError("parsed although cached")
+
+    monkeypatch.setattr(idx, "read_idx", no_parsing)
+    again = load_images(str(d), channels=3, resolution=32)
+    assert again.cached and torch.equal(again.images, big.images) and again.labels.tolist() == [0, 1, 2, 3, 4]
+    assert again.name == big.name == f"IDX folder {d} (train, 5 images)"
