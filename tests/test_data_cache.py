@@ -82,6 +82,10 @@ def test_second_load_reads_the_cache_and_replays_warnings(photos, monkeypatch, p
     assert second.images.dtype == torch.uint8 and second.images.is_contiguous()
     # "test" of a folder is the same images: it shares the entry
     assert load(photos, split="test")[0].cached
+    # The images were read into memory, not mapped: another process truncating or replacing the
+    # entry now cannot touch them (a mapped file would kill this process with SIGBUS here).
+    open(os.path.join(cache.decoded_dir(), entries()[0]), "wb").close()
+    assert torch.equal(second.images, first.images) and torch.equal(second.labels, first.labels)
 
 
 def test_changed_added_removed_file_or_other_conversion_misses(photos, decodes):

@@ -81,21 +81,54 @@ def _path(key: Key) -> str:
     return os.path.join(decoded_dir(), f"{key.digest}.safetensors")
 
 
+def _read(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a safetensors file, read whole into memory.
+
+    safetensors' own loader maps the file into memory; a cache entry replaced or truncated by
+    another process while training runs would then kill this one with SIGBUS. One read() into a
+    buffer that the tensors then share costs no more than the copy out of a mapping would.
+    """
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        buf = bytearray(size)
+        if f.readinto(buf) != size:
+            raise ValueError("the file changed while it was read")
+    n = int.from_bytes(buf[:8], "little") if size >= 8 else -1
+    if not 0 < n <= size - 8:
+        raise ValueError("truncated or not a safetensors file")
+    header = json.loads(bytes(buf[8:8 + n]))
+    meta = header.pop("__metadata__", None) or {}
+    base, tensors = 8 + n, {}
+    for name, spec in header.items():
+        dtype = _DTYPES[spec["dtype"]]
+        start, end = (int(v) for v in spec["data_offsets"])
+        shape = [int(d) for d in spec["shape"]]
+        count = 1
+        for d in shape:
+            count *= d
+        if not 0 <= start <= end <= size - base or end - start != count * dtype.itemsize or count == 0:
+            raise ValueError(f"tensor {name!r} does not fit the file (truncated?)")
+        if dtype == torch.uint8:  # a view of the buffer: no copy
+            tensors[name] = torch.frombuffer(buf, dtype=dtype, count=count, offset=base + start).view(shape)
+        else:  # a small, freshly allocated (so aligned) copy
+            tensors[name] = torch.frombuffer(bytearray(buf[base + start:base + end]), dtype=dtype).view(shape)
+    return tensors, meta
+
+
+_DTYPES = {"U8": torch.uint8, "I64": torch.int64}
+
+
 def load(key: Key, warn: Callable[[str], None]) -> Entry | None:
     """The entry for `key`, or None when there is none or it is unusable (then with a warning)."""
     path = _path(key)
     if not key.cacheable or not os.path.isfile(path):
         return None
-    from safetensors import safe_open
-
     try:
-        with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
-            info = json.loads(meta[_META_KEY])
-            if info.get("key") != key.digest or info.get("format") != FORMAT:
-                raise ValueError("its metadata does not match its name")
-            images = f.get_tensor("images")
-            labels = f.get_tensor("labels") if "labels" in f.keys() else None
+        tensors, meta = _read(path)
+        info = json.loads(meta[_META_KEY])
+        if info.get("key") != key.digest or info.get("format") != FORMAT:
+            raise ValueError("its metadata does not match its name")
+        images, labels = tensors["images"], tensors.get("labels")
         if images.dtype != torch.uint8 or images.dim() != 4:
             raise ValueError(f"images are {images.dtype} {tuple(images.shape)}, expected uint8 (N, C, H, W)")
         if labels is not None and (labels.dtype != torch.int64 or labels.shape != images.shape[:1]):
@@ -110,7 +143,7 @@ def load(key: Key, warn: Callable[[str], None]) -> Entry | None:
         except OSError:
             pass
         return None
-    return Entry(images.contiguous(), labels, info)
+    return Entry(images, labels, info)
 
 
 def store(key: Key, entry: Entry, warn: Callable[[str], None]) -> None:
