@@ -42,7 +42,7 @@ def main() -> None:
             e.show()
             sys.exit(0)
         ctx = getattr(e, "ctx", None)
-        hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        hint = f" (see '{ctx.command_path.replace('eval-stats', 'eval stats')} --help')" if ctx is not None else ""
         sys.stderr.write(f"error: {e.format_message()}{hint}\n")
         code = e.exit_code
     sys.exit(code if isinstance(code, int) else 0)

@@ -1,0 +1,112 @@
+"""`aigc eval --fake DIR`: a folder of images from any tool scored against real data, read at the images'
+own size; Inception as the default extractor (random weights of the right layout, as the suite cannot
+download the real ones); bad input is one `error:` line with exit code 2."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from aigc_cli.cli import main
+from aigc_cli.training.loop import train
+from conftest import Silent, tiny, write_image_folder
+
+
+@pytest.fixture(scope="module")
+def clf(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fake-clf") / "clf"
+    train(tiny("classifier", channels=3).with_overrides({"train.steps": "5"}), out, Silent())
+    return out
+
+
+def write_pngs(folder, sizes, seed):
+    """Real PNG files of random blocks, one per (width, height)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i, (w, h) in enumerate(sizes):
+        blocks = rng.integers(0, 256, size=(4, 4, 3), dtype=np.uint8)
+        Image.fromarray(blocks).resize((w, h), Image.Resampling.NEAREST).save(folder / f"{i:03d}.png")
+    return folder
+
+
+def run_cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
+    monkeypatch.setattr(sys, "argv", ["aigc", *map(str, args)])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    captured = capsys.readouterr()
+    return exit_info.value.code, captured.out, captured.err
+
+
+def test_fake_folder_against_real_folders_for_real(aigc, clf, tmp_path):
+    a = write_image_folder(tmp_path / "set a", n_per_class=6, size=20)
+    b = write_pngs(tmp_path / "set b", [(20, 20)] * 12, seed=1)
+    common = ["--features", clf, "--n", 100, "--stats-dir", tmp_path / "stats", "--json"]
+    same = aigc("eval", "--fake", a, "--data", a, *common)
+    assert same.code == 0, same.stderr
+    res = same.json()
+    assert res["metrics"]["fid"] == pytest.approx(0, abs=1e-6)
+    assert res["metrics"]["precision"] == res["metrics"]["recall"] == 1.0
+    p = res["protocol"]
+    assert p["n_fake"] == p["n_real"] == 12 and p["fake_folder"] == str(a) and p["reference"] == "computed"
+    assert "most common size" in same.stderr  # its images have six widths: conformed, with a warning
+    other = aigc("eval", "--fake", b, "--data", a, *common)
+    assert other.code == 0, other.stderr
+    assert other.json()["metrics"]["fid"] > 1e-3 and other.json()["protocol"]["reference"] == "cache hit"
+    assert other.json()["metrics"]["kid"] > 10 * abs(res["metrics"]["kid"])  # unbiased: near 0 for the same set
+
+
+def test_inception_is_the_default_extractor_at_the_images_own_size(tmp_path, monkeypatch, capsys):
+    from aigc_cli.metrics.inception import FIDInceptionV3
+
+    torch.manual_seed(0)
+    weights = tmp_path / "random-inception.pth"
+    torch.save(FIDInceptionV3().state_dict(), weights)  # the right layout; not the published hash
+    monkeypatch.setenv("AIGC_UNVERIFIED_INCEPTION_WEIGHTS_FOR_TESTS", "1")
+    fakes = write_pngs(tmp_path / "fakes", [(20, 12)] * 9 + [(30, 30)], seed=2)
+    reals = write_pngs(tmp_path / "reals", [(20, 12)] * 2, seed=3)
+    code, out, err = run_cli(monkeypatch, capsys, "eval", "--fake", fakes, "--data", reals, "--inception-weights",
+                             weights, "--metrics", "fid,is", "--n", 10, "--stats-dir", tmp_path / "stats", "--json")
+    assert code == 0, err
+    res = json.loads(out)
+    assert set(res["metrics"]) == {"fid", "is", "is_std"} and res["metrics"]["fid"] >= 0
+    assert res["metrics"]["is"] >= 1.0 - 1e-9  # IS is at least 1; 10 splits of one image each
+    p = res["protocol"]
+    assert p["extractor"].startswith("inception-v3-fid") and p["feature_dim"] == 2048 and p["n_real"] == 2
+    assert p["weights_verified"] is False and p["generated_shape"] == [3, 12, 20] == p["real_shape"]
+    assert "1 of 10 images are not 20x12" in err
+    # Missing weights: a one-line error before any work.
+    monkeypatch.setenv("AIGC_INCEPTION_WEIGHTS", str(tmp_path / "nowhere.pth"))
+    code, _, err = run_cli(monkeypatch, capsys, "eval", "--fake", fakes, "--data", reals)
+    assert code == 2 and err.count("error: ") == 1 and "nowhere.pth" in err
+
+
+@pytest.mark.parametrize("args, expect", [
+    (["eval", "--fake", "{missing}", "--data", "{real}"], "does not exist"),
+    (["eval", "--fake", "{empty}", "--data", "{real}"], "no images"),
+    (["eval", "--fake", "{real}", "--data", "{missing}"], "not a built-in source or an existing folder"),
+    (["eval", "--fake", "{real}"], "needs --data SOURCE"),
+    (["eval", "{real}", "--fake", "{real}", "--data", "{real}"], "not both"),
+    (["eval", "--data", "{real}"], "nothing to score"),
+    (["eval", "--fake", "{real}", "--data", "{real}", "--metrics", "fid,fdi"], "unknown metric 'fdi'"),
+    (["eval", "--fake", "{real}", "--data", "{real}", "--metrics", "bpd"], "needs a VAE checkpoint"),
+    (["eval", "--fake", "{real}", "--data", "{real}", "--save-fakes", "{empty}"], "--save-fakes"),
+    (["eval", "stats", "--data", "{real}", "--out", "{empty}/ref.txt"], "must end in .npz"),
+    (["eval", "stats", "--data", "{missing}", "--out", "{empty}/ref.npz"], "not a built-in source"),
+])
+def test_bad_input_is_one_error_line_with_exit_2(clf, tmp_path, monkeypatch, capsys, args, expect):
+    real = write_pngs(tmp_path / "real", [(16, 16)] * 4, seed=3)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no images here")
+    paths = {"missing": tmp_path / "missing", "empty": tmp_path / "empty", "real": real}
+    argv = [a.format(**paths) for a in args] + ["--features", clf]
+    if args[1] != "stats":
+        argv += ["--stats-dir", tmp_path / "stats"]
+    code, out, err = run_cli(monkeypatch, capsys, *argv)
+    errors = [s for s in err.splitlines() if s.startswith("error: ")]
+    assert code == 2 and len(errors) == 1 and "Traceback" not in err and out == "", (code, err)
+    assert expect in errors[0]

@@ -1,0 +1,209 @@
+"""Reference statistics: the numbers of a whole eval run against independent computations on the same
+features, the cache (reused, invalidated), `aigc eval stats` files and pytorch-fid-style files for --ref."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from PIL import Image
+
+from aigc_cli import checkpoint as ckpt_io
+from aigc_cli.cli import main
+from aigc_cli.data import load_images
+from aigc_cli.metrics import evaluate as evaluate_mod
+from aigc_cli.metrics.fid import kid
+from aigc_cli.metrics.reference import FeatureStats, load_npz, real_indices
+from aigc_cli.training.loop import train
+from conftest import Silent, tiny, write_image_folder
+
+CPU = torch.device("cpu")
+
+
+class Counting:
+    """Wraps an extractor and counts the images it is asked to embed."""
+
+    def __init__(self, inner):
+        self.inner, self.images = inner, 0
+        self.name, self.protocol = inner.name, inner.protocol
+
+    def embed(self, images, batch_size):
+        self.images += len(images)
+        return self.inner.embed(images, batch_size)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ref-runs")
+    train(tiny("classifier", channels=3).with_overrides({"train.steps": "5"}), root / "clf", Silent())
+    train(tiny("dcgan").with_overrides({"train.steps": "2"}), root / "gan", Silent())
+    return root
+
+
+def run_cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
+    """`aigc ARGS` in this process, through the same main() as the console script."""
+    monkeypatch.setattr(sys, "argv", ["aigc", *map(str, args)])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    captured = capsys.readouterr()
+    return exit_info.value.code, captured.out, captured.err
+
+
+def one_error_line(code: int, err: str) -> str:
+    lines = [s for s in err.splitlines() if s.strip()]
+    errors = [s for s in lines if s.startswith("error: ")]
+    assert code == 2 and len(errors) == 1 and "Traceback" not in err, (code, err)
+    return errors[0]
+
+
+def sqrtm_fid(x, y):
+    """pytorch-fid's formula with scipy.linalg.sqrtm, on float64 features."""
+    mu1, mu2 = x.mean(0), y.mean(0)
+    s1, s2 = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
+    covmean = scipy.linalg.sqrtm(s1 @ s2).real
+    return float((mu1 - mu2) @ (mu1 - mu2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+
+
+def naive_is(p, splits):
+    out = []
+    for part in np.array_split(p, splits):
+        py = part.mean(0)
+        out.append(np.exp(np.mean([sum(a * np.log(a / b) for a, b in zip(row, py) if a > 0) for row in part])))
+    return float(np.mean(out)), float(np.std(out))
+
+
+def naive_pr(real, fake, k):
+    def kth(x, i):
+        return sorted(np.linalg.norm(x[i] - x[j]) for j in range(len(x)) if j != i)[k - 1]
+    rr, fr = [kth(real, i) for i in range(len(real))], [kth(fake, i) for i in range(len(fake))]
+    precision = np.mean([any(np.linalg.norm(f - r) <= rr[j] for j, r in enumerate(real)) for f in fake])
+    recall = np.mean([any(np.linalg.norm(r - f) <= fr[j] for j, f in enumerate(fake)) for r in real])
+    return float(precision), float(recall)
+
+
+def test_feature_stats_in_batches_equal_numpy_on_all_features():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 6)) @ rng.normal(size=(6, 6)) + 1000.0  # a large mean next to the spread
+    acc = FeatureStats(keep=True)
+    for part in np.array_split(x, 7):
+        acc.add(part)
+    mu, sigma = acc.mu_sigma()
+    np.testing.assert_allclose(mu, x.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(sigma, np.cov(x, rowvar=False, ddof=1), rtol=1e-9, atol=1e-9)
+    assert acc.features().dtype == np.float32 and acc.features().shape == x.shape
+
+
+@pytest.mark.filterwarnings("ignore:Matrix is singular")  # 60 samples of 128 features: a singular covariance
+def test_every_metric_of_a_run_equals_an_independent_computation(runs, tmp_path):
+    n, seed = 60, 3
+    r = evaluate_mod.evaluate(ckpt_io.load(runs / "gan"), data="shapes", root=None, download=False,
+                              features=str(runs / "clf"), n=n, batch_size=25, seed=seed, device="cpu",
+                              precision="fp32", warn=print, stats_dir=tmp_path / "stats",
+                              save_fakes=str(tmp_path / "fakes"))
+    m, p = r["metrics"], r["protocol"]
+    assert set(m) == {"fid", "kid", "kid_std", "is", "is_std", "precision", "recall"}
+    # The same images, embedded again from scratch: the saved PNGs and the seeded real subset.
+    files = sorted((tmp_path / "fakes").glob("*.png"))
+    assert len(files) == n
+    fakes = torch.from_numpy(np.stack([np.asarray(Image.open(f)) for f in files]))[:, None]  # grey (N, 1, H, W)
+    reals = load_images("shapes", channels=1, resolution=16, split="train", seed=seed).images
+    reals = reals[real_indices(len(reals), n, seed)]
+    clf = evaluate_mod.ClassifierFeatures(str(runs / "clf"), CPU, "fp32")
+    f_fake, p_fake = (t.numpy() for t in clf.embed(fakes, 7))
+    f_real = clf(reals, 7).numpy()
+    assert m["fid"] == pytest.approx(sqrtm_fid(f_fake, f_real), rel=1e-5)
+    # KID and precision/recall run on the float32 features kept for them (as cached).
+    f32, r32 = f_fake.astype(np.float32), f_real.astype(np.float32)
+    assert (m["kid"], m["kid_std"]) == pytest.approx(kid(f32, r32, subsets=100, subset_size=n // 2, seed=seed),
+                                                     rel=1e-6, abs=1e-9)
+    assert (m["is"], m["is_std"]) == pytest.approx(naive_is(p_fake, 10), rel=1e-6)
+    assert (m["precision"], m["recall"]) == pytest.approx(naive_pr(r32.astype(np.float64), f32.astype(np.float64), 3))
+    assert p["kid_subsets"] == 100 and p["is_splits"] == 10 and p["pr_k"] == 3 and p["saved_fakes"]
+
+
+def test_the_cache_is_reused_and_invalidated_by_a_changed_file(runs, tmp_path):
+    folder = write_image_folder(tmp_path / "real", n_per_class=5, size=20)
+    fakes = write_image_folder(tmp_path / "fake", n_per_class=4, size=20, classes=("a",))
+    extractor = Counting(evaluate_mod.ClassifierFeatures(str(runs / "clf"), CPU, "fp32"))
+
+    def run():
+        before = extractor.images
+        r = evaluate_mod.evaluate_folder(str(fakes), data=str(folder), root=None, download=False, features=None,
+                                         n=100, batch_size=4, seed=0, device="cpu", precision="fp32",
+                                         warn=lambda s: None, metrics=["fid", "kid"], stats_dir=tmp_path / "stats",
+                                         extractor=extractor)
+        return r, extractor.images - before
+
+    first, embedded = run()
+    assert first["protocol"]["reference"] == "computed" and embedded == 10 + 4
+    second, embedded = run()
+    assert second["protocol"]["reference"] == "cache hit" and embedded == 4  # no real image embedded
+    assert second["metrics"] == first["metrics"]
+    assert len(list((tmp_path / "stats").glob("*.npz"))) == 1
+    with Image.open(folder / "cats" / "img2.png") as im:  # one file of the real folder changes
+        im.rotate(90).save(folder / "cats" / "img2.png")
+    third, embedded = run()
+    assert third["protocol"]["reference"] == "computed" and embedded == 14
+    assert third["protocol"]["cache_key"] != first["protocol"]["cache_key"]
+    assert third["metrics"]["fid"] != first["metrics"]["fid"]
+
+
+def test_eval_stats_writes_a_file_that_ref_accepts_and_pytorch_fid_files_work_for_fid(
+        runs, tmp_path, monkeypatch, capsys):
+    stats = tmp_path / "stats"
+    ref = tmp_path / "ref stats.npz"
+    code, out, err = run_cli(monkeypatch, capsys, "eval", "stats", "--data", "shapes", "--resolution", 16,
+                             "--channels", 1, "--features", runs / "clf", "--n", 50, "--out", ref, "--json")
+    assert code == 0, err
+    written = json.loads(out)
+    with np.load(ref, allow_pickle=False) as z:
+        assert sorted(z.files) == ["features", "mu", "protocol", "sigma"]
+        assert z["mu"].dtype == np.float64 and z["features"].dtype == np.float32 and z["features"].shape == (50, 128)
+        assert json.loads(str(z["protocol"]))["real_shape"] == [1, 16, 16] == written["protocol"]["real_shape"]
+
+    common = ["--features", runs / "clf", "--n", 50, "--stats-dir", stats, "--json"]
+    code, out, err = run_cli(monkeypatch, capsys, "eval", runs / "gan", "--data", "shapes", *common)
+    assert code == 0, err
+    from_data = json.loads(out)
+    code, out, err = run_cli(monkeypatch, capsys, "eval", runs / "gan", "--ref", ref, *common)
+    assert code == 0, err
+    from_ref = json.loads(out)
+    assert from_ref["protocol"]["reference"] == f"file {ref}"
+    assert from_ref["metrics"] == from_data["metrics"]  # the same real images, the same numbers
+
+    # pytorch-fid's format: only mu and sigma. FID (and IS) work; KID and precision/recall cannot.
+    pfid = tmp_path / "pfid.npz"
+    full = load_npz(ref)
+    np.savez(pfid, mu=full.mu, sigma=full.sigma)
+    code, out, err = run_cli(monkeypatch, capsys, "eval", runs / "gan", "--ref", pfid, *common)
+    assert code == 0, err
+    only = json.loads(out)
+    assert set(only["metrics"]) == {"fid", "is", "is_std"}
+    assert only["metrics"]["fid"] == pytest.approx(from_data["metrics"]["fid"], rel=1e-12)
+    assert "does not say how it was computed" in err
+    line = one_error_line(*run_cli(monkeypatch, capsys, "eval", runs / "gan", "--ref", pfid, "--metrics", "fid,kid",
+                                   *common)[::2])
+    assert "only mu and sigma" in line and "kid" in line
+
+
+@pytest.mark.parametrize("content, expect", [
+    (b"not a zip at all", "not a readable statistics .npz"),
+    (None, "no 'sigma'"),
+    ("object", "not a readable statistics .npz"),
+])
+def test_bad_reference_files_are_one_line_errors(runs, tmp_path, monkeypatch, capsys, content, expect):
+    bad = tmp_path / "bad.npz"
+    if content is None:
+        np.savez(bad, mu=np.zeros(128))
+    elif content == "object":  # an array that needs pickle to load: refused, never unpickled
+        np.savez(bad, mu=np.array([{"a": 1}], dtype=object), sigma=np.eye(2))
+    else:
+        bad.write_bytes(content)
+    code, _, err = run_cli(monkeypatch, capsys, "eval", runs / "gan", "--ref", bad, "--features", runs / "clf",
+                           "--n", 10, "--stats-dir", tmp_path / "stats")
+    line = one_error_line(code, err)
+    assert expect in line and "bad.npz" in line
