@@ -37,25 +37,37 @@ class Augment:
     """Random horizontal flips and reflect-padded shifts of up to `translate` pixels, applied as one
     gather on the device. The random draws come from a generator on the device reseeded from
     (seed, epoch, index) for every batch: no host round trip, no shared RNG state to save, and the
-    same batch position always gets the same flips and shifts (exact resume, stream == device)."""
+    same batch position always gets the same flips and shifts (exact resume, stream == device).
+
+    Every (flip, dy, dx) combination's source rows and columns are tabulated once, so a batch costs
+    three small kernels (one draw, two table lookups) before the gather: drawing one combination
+    uniformly is the same as drawing flip, dy and dx independently and uniformly."""
 
     def __init__(self, seed: int, hflip: bool, translate: int, device: torch.device):
         self.seed, self.hflip, self.translate = seed, bool(hflip), int(translate)
         self.active = self.hflip or self.translate > 0
         self.device = device
         self._gen = torch.Generator(device=device) if self.active else None
+        self._tables: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _table(self, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if (h, w) not in self._tables:
+            t = self.translate
+            shifts = torch.arange(-t, t + 1)
+            flips = torch.tensor([0, 1] if self.hflip else [0])
+            f, dy, dx = (v.flatten() for v in torch.meshgrid(flips, shifts, shifts, indexing="ij"))
+            rows = _reflect(torch.arange(h) - dy[:, None], h)
+            cols = _reflect(torch.arange(w) - dx[:, None], w)
+            cols = torch.where(f[:, None].bool(), (w - 1) - cols, cols)
+            self._tables[(h, w)] = rows.to(self.device), cols.to(self.device)
+        return self._tables[(h, w)]
 
     def coords(self, epoch: int, index: int, b: int, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Source row (B, H) and column (B, W) of every output pixel of batch (epoch, index)."""
+        rows, cols = self._table(h, w)
         g = self._gen.manual_seed(_mix(self.seed, epoch, index, 0xA11C))
-        t = self.translate
-        shift = torch.randint(-t, t + 1, (b, 2), generator=g, device=self.device)
-        flip = torch.randint(0, 2, (b, 1), generator=g, device=self.device).bool() if self.hflip else None
-        rows = _reflect(torch.arange(h, device=self.device) - shift[:, :1], h)
-        cols = _reflect(torch.arange(w, device=self.device) - shift[:, 1:], w)
-        if flip is not None:
-            cols = torch.where(flip, (w - 1) - cols, cols)
-        return rows, cols
+        k = torch.randint(0, len(rows), (b,), generator=g, device=self.device)
+        return rows.index_select(0, k), cols.index_select(0, k)
 
 
 def _reflect(i: torch.Tensor, size: int) -> torch.Tensor:
