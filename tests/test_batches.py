@@ -222,6 +222,12 @@ def test_a_file_that_fails_in_a_worker_is_replaced_once_warned_and_strict_stops(
     strict = StreamBatches(data.images, 8, CPU, 0, workers=0, strict=True)
     with pytest.raises(UsageError, match=r"cannot use image file 3\.png: .*--strict"):
         strict.next()
+    with pytest.raises(UsageError, match=r"cannot use image file 8\.png: not a regular file \(stopped by --strict"):
+        load_images(str(d), channels=3, resolution=RES, cache=False, lazy_above_mb=0, strict=True)
+    with pytest.raises(UsageError, match="fewer than the batch size 9"):
+        StreamBatches(data.images, 9, CPU, 0)
+    with pytest.raises(UsageError, match="fewer than the batch size 9"):
+        DeviceBatches(noise_images(8), None, 9, CPU, 0)
 
 
 def test_a_folder_where_nothing_decodes_is_a_usage_error(tmp_path):

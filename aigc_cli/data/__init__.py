@@ -120,7 +120,7 @@ def load_images(source: str, *, channels: int, resolution: int, root: str | None
         if lazy_above_mb is not None and files:
             wanted = files[:limit] if limit > 0 else files
             if len(wanted) * channels * resolution * resolution > lazy_above_mb * 2**20:
-                return _lazy_folder(path, wanted, channels, resolution, name, warn)
+                return _lazy_folder(path, wanted, channels, resolution, name, warn, strict)
         # A folder has no split of its own: "test" is the same images, so both share one entry.
         params = {"kind": kind, "channels": channels, "resolution": resolution, "limit": limit,
                   "pixel_limit": pixel_limit()}
@@ -185,8 +185,12 @@ def load_images(source: str, *, channels: int, resolution: int, root: str | None
 
 
 def _lazy_folder(path: str, files: list[str], channels: int, resolution: int, name: str,
-                 warn: Callable[[str], None]) -> ImageData:
-    usable = LazyFolder.usable(path, files, warn)
+                 warn: Callable[[str], None], strict: bool) -> ImageData:
+    def refuse(line: str) -> None:
+        raise UsageError(f"cannot use image file {line.removeprefix('skipping ')} (stopped by --strict; "
+                         "without it, unreadable files are skipped with a warning)")
+
+    usable = LazyFolder.usable(path, files, refuse if strict else warn)
     if not usable:
         raise UsageError(f"none of the {len(files)} image files under {path} could be read "
                          "(reasons above); check that they are valid images")

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import UsageError
+
 _MASK64 = (1 << 64) - 1
 
 
@@ -115,6 +117,8 @@ class DeviceBatches:
         self.epoch = 0
         self.index = 0  # next batch within the epoch
         self.per_epoch = len(images) // batch_size  # the last partial batch is dropped
+        if self.per_epoch == 0:  # would never yield a batch
+            raise UsageError(f"data has {len(images)} images, fewer than the batch size {batch_size}")
         self._perm = self._permutation()
 
     def _permutation(self) -> torch.Tensor:

@@ -69,7 +69,9 @@ class StreamBatches:
         self.augment = Augment(seed, hflip, translate, self.device)
         self.warn, self.strict = warn, strict
         self.epoch, self.index = 0, 0
-        self.per_epoch = len(source) // batch_size
+        self.per_epoch = len(source) // batch_size  # the last partial batch is dropped
+        if self.per_epoch == 0:  # the sampler would cycle through empty epochs for ever
+            raise UsageError(f"data has {len(source)} images, fewer than the batch size {batch_size}")
         self.sampler = EpochBatchSampler(len(source), batch_size, seed)
         self.workers = workers
         self._loader = None
