@@ -12,8 +12,10 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
 app.command("train")(train.train)
 app.command("sample")(sample.sample)
 app.command("eval")(eval_cmd.evaluate)
-# `aigc eval stats ...` (eval's positional CHECKPOINT leaves no room for a subcommand): main() rewrites it.
-app.command("eval-stats", hidden=True)(eval_cmd.stats)
+# `aigc eval stats ...`: eval's positional CHECKPOINT leaves no room for a subcommand, so main() sends
+# those arguments to this one-command app instead.
+eval_stats_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+eval_stats_app.command()(eval_cmd.stats)
 app.command("export")(export.export)
 app.command("info")(info.info)
 app.add_typer(presets.app, name="presets")
@@ -27,10 +29,11 @@ def main() -> None:
     import sys
 
     args = sys.argv[1:]
+    target, prog = app, "aigc"
     if args[:2] == ["eval", "stats"]:  # a checkpoint or run folder called "stats" is ./stats
-        args = ["eval-stats", *args[2:]]
+        target, prog, args = eval_stats_app, "aigc eval stats", args[2:]
     try:
-        code = app(args=args, prog_name="aigc", standalone_mode=False)
+        code = target(args=args, prog_name=prog, standalone_mode=False)
     except Exception as e:
         name = type(e).__name__
         if name == "Abort":
@@ -42,7 +45,7 @@ def main() -> None:
             e.show()
             sys.exit(0)
         ctx = getattr(e, "ctx", None)
-        hint = f" (see '{ctx.command_path.replace('eval-stats', 'eval stats')} --help')" if ctx is not None else ""
+        hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
         sys.stderr.write(f"error: {e.format_message()}{hint}\n")
         code = e.exit_code
     sys.exit(code if isinstance(code, int) else 0)

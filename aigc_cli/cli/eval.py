@@ -12,8 +12,8 @@ from .output import emit_json, handles_errors, human_console, warn
 
 METRICS_HELP = ("Comma list of fid, kid, is, precision, recall (VAE: also recon_mse, neg_elbo, bpd); "
                 "only these are computed (default: all that apply).")
-WEIGHTS_HELP = ("Inception weights (.safetensors/.pth state dict) for the default extractor "
-                "(default: $AIGC_INCEPTION_WEIGHTS, else the copy --download-weights puts in the cache).")
+WEIGHTS_HELP = ("pytorch-fid's Inception weights file (pt_inception-2015-12-05-6726825d.pth) for the default "
+                "extractor (default: $AIGC_INCEPTION_WEIGHTS, else the torch hub cache, where --download-weights puts it).")
 FEATURES_HELP = ("Classifier checkpoint (or run folder) whose penultimate layer gives the features, "
                  "instead of Inception.")
 STATS_DIR_HELP = "Cache of real-data reference statistics (default: $AIGC_CACHE_DIR/stats, AIGC_CACHE_DIR defaulting to ~/.cache/aigc)."

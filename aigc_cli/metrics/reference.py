@@ -212,8 +212,7 @@ def reference_for(images: torch.Tensor, *, extractor, data: str, data_name: str,
         try:
             ref = load_npz(path, "cached statistics")
             if ref.protocol.get("cache_key") == key and ref.features is not None:
-                ref.source = "cache hit"
-                ref.protocol = {**protocol, **{k: v for k, v in ref.protocol.items() if k == "cache_key"}}
+                ref.source, ref.protocol = "cache hit", {**protocol, "cache_file": str(path)}
                 return ref
         except UsageError as e:
             warn(f"ignoring a damaged cache entry ({e}); recomputing it")
