@@ -287,7 +287,10 @@ def validate(cfg: Config) -> None:
 # ---- presets --------------------------------------------------------------------------------
 
 def _preset_dir():
-    return resources.files("aigc_cli.presets")
+    try:
+        return resources.files("aigc_cli.presets")  # installed: presets/ is packaged as aigc_cli.presets
+    except ModuleNotFoundError:  # run from a checkout with PYTHONPATH=. (no install)
+        return Path(__file__).resolve().parent.parent / "presets"
 
 
 def preset_names() -> list[str]:

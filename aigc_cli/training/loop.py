@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -21,7 +22,7 @@ from ..models import FAMILIES, build_nets, needs_labels
 from ..sampling import from_uint8, generate, latents, save_grid, to_uint8
 from . import state
 from .augment import parse_policy
-from .batches import DeviceBatches
+from .batches import make_batches
 from .ema import EMA
 from .precision import Precision, resolve_device, resolve_precision
 from .run_folder import RunFolder
@@ -91,18 +92,20 @@ def channels_last(cfg: Config, device: torch.device, nets: dict) -> bool:
 
 
 def load_data(cfg: Config, split: str, warn):
+    """A training folder larger than data.device_max_mb comes back lazy (decoded on demand, streamed)."""
     return load_images(cfg.data.source, channels=cfg.model.channels, resolution=cfg.model.resolution,
                        root=cfg.data.root or None, download=cfg.data.download and split == "train", split=split,
-                       limit=cfg.data.limit, seed=cfg.train.seed, warn=warn, strict=cfg.data.strict)
+                       limit=cfg.data.limit, seed=cfg.train.seed, warn=warn, strict=cfg.data.strict,
+                       cache=cfg.data.cache, lazy_above_mb=cfg.data.device_max_mb if split == "train" else None)
 
 
 def train(cfg: Config, run_dir: Path, reporter: Reporter, *, resume: Checkpoint | None = None,
           exit_on_usr1: bool = False) -> dict:
-    with StopFlag() as stop:  # installed first, so a signal during set-up is not lost
-        return _train(cfg, Path(run_dir), reporter, resume, exit_on_usr1, stop)
+    with StopFlag() as stop, contextlib.ExitStack() as cleanup:  # StopFlag first: no signal lost in set-up
+        return _train(cfg, Path(run_dir), reporter, resume, exit_on_usr1, stop, cleanup)
 
 
-def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop) -> dict:
+def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup) -> dict:
     family = FAMILIES[cfg.model.kind]
     device = resolve_device(cfg.train.device)
     amp = Precision(resolve_precision(cfg.train.precision, device), device)
@@ -140,14 +143,17 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop) -> dict:
     if graphed:
         step_fn = GraphedStep(step_fn, nets, opts, amp, cfg, aids)
     run = RunFolder(run_dir, cfg.train.keep_checkpoints)
-    batches = DeviceBatches(data.images, data.labels, bs, device, cfg.train.seed)
+    batches = make_batches(data, cfg, device, channels_last=memory_format == torch.channels_last)
+    cleanup.callback(batches.close)  # stops streaming workers on any exit, errors and signals included
+    if data.lazy or "kept on" not in batches.description:
+        reporter.note(batches.description)
     step, images_seen = 0, 0
     metric, higher_is_better = best_metric(cfg)
     best_value = None
     evaluator = None
     if cfg.train.eval_every:  # built before training, so missing Inception weights fail at once
         from ..metrics.evaluate import TrainingEvaluator
-        evaluator = TrainingEvaluator(cfg, device, amp, reporter.note)
+        evaluator = TrainingEvaluator(cfg, device, amp, reporter.note, images=None if data.lazy else data.images)
     metric_from_eval = evaluator is not None and metric in EVAL_METRICS
     if resume is not None:
         step, images_seen = state.restore(resume.tensors, resume.meta, nets, opts, amp, batches, resume.path)
@@ -245,8 +251,7 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop) -> dict:
     def next_batch():
         nonlocal images_seen
         images_seen += bs
-        x, y = batches.next()
-        return x.contiguous(memory_format=memory_format), y
+        return batches.next()  # in the model's memory format already
 
     while step < steps:
         step += 1

@@ -1,0 +1,133 @@
+"""One short script for a lent GPU: checks the CUDA-graph step against the eager one, then times
+training, sampling and Inception feature extraction. Each part runs in its own try block with its
+own time budget and appends its result to OUT/gpu_check.json as it goes, so a run cut short still
+reports what it measured.
+
+    PYTHONPATH=. python benchmarks/gpu_check.py --data .devdata/fashion-mnist --out $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+RESULTS: dict = {}
+
+
+def record(out: Path, name: str, value) -> None:
+    RESULTS[name] = value
+    (out / "gpu_check.json").write_text(json.dumps(RESULTS, indent=1))
+    print(f"== {name}: {json.dumps(value)[:2000]}", flush=True)
+
+
+def part(out: Path, name: str, fn, *args) -> None:
+    t0 = time.perf_counter()
+    try:
+        value = fn(*args)
+    except Exception as e:  # a failed part must not stop the others
+        value = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-1500:]}
+    if isinstance(value, dict):
+        value["seconds"] = round(time.perf_counter() - t0, 1)
+    record(out, name, value)
+
+
+def graph_equivalence(data_dir: str) -> dict:
+    """Eager vs captured step, same seed, fp32 with TF32 off: the per-step losses of the two."""
+    from aigc_cli.config import load_preset
+    from aigc_cli.training.loop import train
+    from conftest import Silent
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    out = {}
+    for precision in ("fp32", "bf16"):
+        runs = {}
+        for graph in ("off", "on"):
+            cfg = load_preset("fashion-mnist-dcgan").with_overrides({
+                "data.source": data_dir, "data.limit": 4096, "train.epochs": 0, "train.steps": 12, "train.log_every": 1,
+                "train.sample_every": 1000, "train.ckpt_every": 1000, "train.precision": precision,
+                "train.cuda_graph": graph, "train.batch_size": 64, "train.device": "cuda"})
+            rep = Silent()
+            train(cfg, Path(f"/tmp/graph-eq-{precision}-{graph}"), rep)
+            runs[graph] = [(r["loss_d"], r["loss_g"]) for r in rep.records]
+            runs[graph + "_notes"] = rep.notes
+        diffs = [max(abs(a - b) / max(abs(a), 1e-6) for a, b in zip(e, g)) for e, g in zip(runs["off"], runs["on"])]
+        out[precision] = {"max_rel_diff_per_step": [round(d, 6) for d in diffs], "eager": runs["off"],
+                          "graph": runs["on"], "notes": runs["on_notes"]}
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    return out
+
+
+def aigc_train_speed(data_dir: str, batch: int, graph: str, steps: int) -> dict:
+    from aigc_cli.config import load_preset
+    from aigc_cli.training.loop import train
+    from conftest import Silent
+
+    cfg = load_preset("fashion-mnist-dcgan").with_overrides({
+        "data.source": data_dir, "train.epochs": 0, "train.steps": steps, "train.log_every": max(10, steps // 10),
+        "train.sample_every": 10**6, "train.ckpt_every": 10**6, "train.batch_size": batch,
+        "train.cuda_graph": graph, "train.device": "cuda"})
+    rep = Silent()
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    summary = train(cfg, Path(f"/tmp/speed-{batch}-{graph}"), rep)
+    rates = sorted(r["img_per_s"] for r in rep.records[1:])
+    return {"batch": batch, "graph": graph, "img_per_s_median": rates[len(rates) // 2] if rates else None,
+            "img_per_s_all": [r["img_per_s"] for r in rep.records], "wall_s": round(time.perf_counter() - t0, 1),
+            "precision": summary["precision"], "peak_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+            "notes": rep.notes}
+
+
+def run_cmd(cmd: list[str], timeout: int) -> dict:
+    t0 = time.perf_counter()
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                           env={**os.environ, "PYTHONPATH": str(ROOT)})
+        return {"rc": p.returncode, "stdout": p.stdout[-3000:], "stderr": p.stderr[-2000:],
+                "wall_s": round(time.perf_counter() - t0, 1)}
+    except subprocess.TimeoutExpired as e:
+        return {"rc": "timeout", "stdout": (e.stdout or b"")[-3000:].decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")[-3000:]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--data", required=True, help="Fashion-MNIST IDX folder")
+    ap.add_argument("--out", required=True, help="folder for gpu_check.json and logs")
+    ap.add_argument("--parts", default="all", help="comma list of parts to run (default all)")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    want = lambda p: args.parts == "all" or p in args.parts.split(",")  # noqa: E731
+    record(out, "device", {"name": torch.cuda.get_device_name(), "torch": torch.__version__})
+
+    if want("equivalence"):
+        part(out, "graph_equivalence", graph_equivalence, args.data)
+    if want("train"):
+        for batch in (64, 128, 256, 1024):
+            steps = {64: 600, 128: 500, 256: 300, 1024: 120}[batch]
+            for graph in ("auto", "off"):
+                part(out, f"aigc_train_b{batch}_graph_{graph}", aigc_train_speed, args.data, batch, graph, steps)
+    for name, extra in EXTRA_PARTS:
+        if want(name):
+            part(out, name, extra, args, out)
+    print(json.dumps({k: (v.get("img_per_s_median") if isinstance(v, dict) and "img_per_s_median" in v else None)
+                      for k, v in RESULTS.items()}, indent=1))
+
+
+EXTRA_PARTS: list = []  # (name, fn(args, out)) filled in below as the other parts land
+
+if __name__ == "__main__":
+    main()

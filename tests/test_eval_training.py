@@ -1,0 +1,99 @@
+"""Evaluation during training: train.eval_every scores the (EMA) generator, logs the metric to
+metrics.jsonl and keeps best.safetensors at the evaluation that measured the best value."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from aigc_cli import checkpoint as ckpt_io
+from aigc_cli.training.loop import train
+from conftest import Silent, tiny
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory):
+    root = tmp_path_factory.mktemp("clf")
+    train(tiny("classifier").with_overrides({"train.steps": "30"}), root / "clf", Silent())
+    return root / "clf"
+
+
+def run_with_eval(tmp_path, classifier, metric: str, **extra):
+    cfg = tiny("dcgan").with_overrides({
+        "train.steps": "20", "train.eval_every": "5", "train.eval_n": "48", "train.eval_metric": metric,
+        "train.eval_features": str(classifier), "train.ckpt_every": "20", "train.keep_checkpoints": "1",
+        "train.ema_decay": "0.9", **extra})
+    rep = Silent()
+    summary = train(cfg, tmp_path / "run", rep)
+    lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = {r["step"]: r[metric] for r in lines if metric in r}
+    return summary, rep, evals
+
+
+def test_best_checkpoint_is_the_best_real_fid(tmp_path, classifier):
+    summary, rep, evals = run_with_eval(tmp_path, classifier, "fid")
+    assert sorted(evals) == [5, 10, 15, 20]
+    assert len(set(evals.values())) > 1  # the generator changed between evaluations
+    best_step = min(evals, key=evals.get)
+    best = ckpt_io.load(tmp_path / "run" / "checkpoints" / "best.safetensors")
+    assert best.step == best_step and summary["best"]["value"] == pytest.approx(evals[best_step])
+
+
+# Scripted values, so the best is neither the first nor the last evaluation, in both directions.
+SCRIPTED = {"fid": ({5: 9.0, 10: 4.0, 15: 6.0, 20: 5.0}, 10), "is": ({5: 1.5, 10: 2.0, 15: 3.5, 20: 2.5}, 15)}
+
+
+@pytest.mark.parametrize("metric", list(SCRIPTED))
+def test_best_checkpoint_is_the_best_evaluation(tmp_path, classifier, metric, monkeypatch):
+    values, best_step = SCRIPTED[metric]
+    from aigc_cli.metrics.evaluate import TrainingEvaluator
+    monkeypatch.setattr(TrainingEvaluator, "__call__", lambda self, G, step: {metric: values[step]})
+    summary, rep, evals = run_with_eval(tmp_path, classifier, metric)
+    assert evals == values
+    best = ckpt_io.load(tmp_path / "run" / "checkpoints" / "best.safetensors")
+    assert best.step == best_step
+    assert json.loads(best.meta["aigc.best_value"]) == pytest.approx(evals[best_step])
+    assert summary["best"]["metric"] == metric and summary["best"]["value"] == pytest.approx(evals[best_step])
+    # Every new best was announced, and the console saw each evaluation.
+    assert any(f"new best {metric}" in n for n in rep.notes)
+    assert [r["step"] for r in rep.records if r.get("eval")] == [5, 10, 15, 20]
+    # keep_checkpoints=1 prunes old step files, but best.safetensors stays a loadable file.
+    assert (tmp_path / "run" / "checkpoints" / "last.safetensors").is_file()
+
+
+def test_resume_keeps_the_best_value(tmp_path, classifier):
+    run_with_eval(tmp_path, classifier, "fid")
+    best_before = ckpt_io.load(tmp_path / "run" / "checkpoints" / "best.safetensors")
+    cfg = tiny("dcgan").with_overrides({
+        "train.steps": "25", "train.eval_every": "5", "train.eval_n": "48", "train.eval_features": str(classifier),
+        "train.ckpt_every": "20", "train.keep_checkpoints": "1", "train.ema_decay": "0.9"})
+    last = ckpt_io.load(tmp_path / "run" / "checkpoints" / "last.safetensors")
+    summary = train(cfg, tmp_path / "run", Silent(), resume=last)
+    lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    fids = {r["step"]: r["fid"] for r in lines if "fid" in r}
+    assert sorted(fids) == [5, 10, 15, 20, 25]
+    best = ckpt_io.load(tmp_path / "run" / "checkpoints" / "best.safetensors")
+    expected = min(fids, key=fids.get)
+    assert best.step == expected and summary["best"]["value"] == pytest.approx(fids[expected])
+    if expected != 25:  # the resumed run compared against the restored best, not against nothing
+        assert best.step == best_before.step
+
+
+def test_cli_prints_evaluations(aigc, tmp_path, classifier):
+    r = aigc("train", "--preset", "quickstart", "--out", tmp_path / "run", "--steps", "6",
+             "--set", "train.eval_every=3", "--set", "train.eval_n=32", "--set", f"train.eval_features={classifier}",
+             "--set", "model.channels=1", "--set", "model.resolution=16", "--set", "data.limit=256",
+             "--set", "model.g_width=8", "--set", "model.d_width=8", "--batch-size", "16")
+    assert r.code == 0, r.stderr
+    assert "eval at step 3/6" in r.stdout and "eval at step 6/6" in r.stdout and "fid" in r.stdout
+    assert "new best fid" in r.stderr
+    assert (tmp_path / "run" / "checkpoints" / "best.safetensors").is_file()
+
+
+def test_eval_metric_must_match_best_metric():
+    from aigc_cli.errors import UsageError
+    with pytest.raises(UsageError, match="eval_every"):
+        tiny("dcgan").with_overrides({"train.best_metric": "fid"})
+    with pytest.raises(UsageError, match="generative"):
+        tiny("classifier").with_overrides({"train.eval_every": "5"})
