@@ -119,3 +119,26 @@ def no_network(monkeypatch):
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(socket, "create_connection", refuse)
     monkeypatch.setattr(socket, "getaddrinfo", refuse)
+
+
+class Counting:
+    """Wraps an extractor and counts the images it is asked to embed."""
+
+    def __init__(self, inner):
+        self.inner, self.images = inner, 0
+        self.name, self.protocol = inner.name, inner.protocol
+
+    def embed(self, images, batch_size):
+        self.images += len(images)
+        return self.inner.embed(images, batch_size)
+
+
+def run_cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
+    """`aigc ARGS` in this process, through the same main() as the console script (fast: no subprocess)."""
+    from aigc_cli.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["aigc", *map(str, args)])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    captured = capsys.readouterr()
+    return exit_info.value.code, captured.out, captured.err

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image, ImageFile
 
 from aigc_cli.data import cifar, folder, load_images

@@ -16,21 +16,9 @@ from aigc_cli.metrics.fid import fid_from_features
 from aigc_cli.models import build_nets
 from aigc_cli.training.loop import train
 from aigc_cli.training.precision import Precision
-from conftest import Silent, tiny
+from conftest import Counting, Silent, tiny
 
 CPU = torch.device("cpu")
-
-
-class Counting:
-    """Wraps an extractor and counts the images it is asked to embed."""
-
-    def __init__(self, inner):
-        self.inner, self.images = inner, 0
-        self.name, self.protocol = inner.name, inner.protocol
-
-    def embed(self, images, batch_size):
-        self.images += len(images)
-        return self.inner.embed(images, batch_size)
 
 
 @pytest.fixture(scope="module")

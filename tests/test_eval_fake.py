@@ -5,16 +5,14 @@ download the real ones); bad input is one `error:` line with exit code 2."""
 from __future__ import annotations
 
 import json
-import sys
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from aigc_cli.cli import main
 from aigc_cli.training.loop import train
-from conftest import Silent, tiny, write_image_folder
+from conftest import Silent, run_cli, tiny, write_image_folder
 
 
 @pytest.fixture(scope="module")
@@ -32,14 +30,6 @@ def write_pngs(folder, sizes, seed):
         blocks = rng.integers(0, 256, size=(4, 4, 3), dtype=np.uint8)
         Image.fromarray(blocks).resize((w, h), Image.Resampling.NEAREST).save(folder / f"{i:03d}.png")
     return folder
-
-
-def run_cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["aigc", *map(str, args)])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    captured = capsys.readouterr()
-    return exit_info.value.code, captured.out, captured.err
 
 
 def test_fake_folder_against_real_folders_for_real(aigc, clf, tmp_path):

@@ -4,7 +4,6 @@ features, the cache (reused, invalidated), `aigc eval stats` files and pytorch-f
 from __future__ import annotations
 
 import json
-import sys
 
 import numpy as np
 import pytest
@@ -13,27 +12,14 @@ import torch
 from PIL import Image
 
 from aigc_cli import checkpoint as ckpt_io
-from aigc_cli.cli import main
 from aigc_cli.data import load_images
 from aigc_cli.metrics import evaluate as evaluate_mod
 from aigc_cli.metrics.fid import kid
 from aigc_cli.metrics.reference import FeatureStats, load_npz, real_indices
 from aigc_cli.training.loop import train
-from conftest import Silent, tiny, write_image_folder
+from conftest import Counting, Silent, run_cli, tiny, write_image_folder
 
 CPU = torch.device("cpu")
-
-
-class Counting:
-    """Wraps an extractor and counts the images it is asked to embed."""
-
-    def __init__(self, inner):
-        self.inner, self.images = inner, 0
-        self.name, self.protocol = inner.name, inner.protocol
-
-    def embed(self, images, batch_size):
-        self.images += len(images)
-        return self.inner.embed(images, batch_size)
 
 
 @pytest.fixture(scope="module")
@@ -42,15 +28,6 @@ def runs(tmp_path_factory):
     train(tiny("classifier", channels=3).with_overrides({"train.steps": "5"}), root / "clf", Silent())
     train(tiny("dcgan").with_overrides({"train.steps": "2"}), root / "gan", Silent())
     return root
-
-
-def run_cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
-    """`aigc ARGS` in this process, through the same main() as the console script."""
-    monkeypatch.setattr(sys, "argv", ["aigc", *map(str, args)])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    captured = capsys.readouterr()
-    return exit_info.value.code, captured.out, captured.err
 
 
 def one_error_line(code: int, err: str) -> str:

@@ -6,7 +6,6 @@ import json
 import math
 
 import pytest
-import torch
 
 from aigc_cli.training.loop import train
 from conftest import Silent, tiny

@@ -4,7 +4,6 @@ with --exit-on-usr1); a second SIGINT stops at once without damaging what is on 
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import sys

@@ -25,8 +25,9 @@ from ..sampling import from_uint8, generate, generator_from, latents, save_png
 from ..training.precision import Precision, resolve_device
 from .extractors import ClassifierFeatures, extractor_precision, make_extractor  # noqa: F401 (re-export)
 from .fid import frechet_distance, kid
+from ..data.native import load_folder_native
 from .reference import (FeatureStats, Reference, data_identity, default_stats_dir, load_npz, load_real,
-                        load_folder_native, real_indices, reference_for)
+                        real_indices, reference_for)
 from .scores import inception_score, precision_recall
 
 GAN_METRICS = ("fid", "kid", "is", "precision", "recall")

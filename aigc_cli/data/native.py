@@ -1,0 +1,126 @@
+"""Image folders read at their images' own size, for evaluation: pytorch-fid feeds images at native size
+and resizes inside the network, so `aigc eval --fake DIR` and a `--data` folder scored with Inception do
+the same. Training data, converted to the model's format, comes from `load_images` instead."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from ..errors import UsageError
+from . import folder
+
+
+def most_common_size(sizes: list[tuple[int, int]]) -> tuple[int, int]:
+    """The most frequent (width, height); ties go to the larger area, then the first seen."""
+    counts = Counter(sizes)
+    best = max(counts.values())
+    tied = [s for s in dict.fromkeys(sizes) if counts[s] == best]
+    return max(tied, key=lambda s: s[0] * s[1])
+
+
+@contextlib.contextmanager
+def _open_checked(path: str):
+    """PIL image of a file, opened with folder.decode's safeguards: allowed formats only, and the
+    pixel limit checked from the header (WebP's too) before anything is decoded."""
+    with open(path, "rb") as f:
+        size = folder._webp_size(f.read(30))
+        if size is not None:
+            folder._check_size(*size)
+        f.seek(0)
+        with Image.open(f, formats=folder.FORMATS) as img:
+            folder._check_size(*img.size)
+            yield img
+
+
+def _header_size(path: str) -> tuple[int, int]:
+    """(width, height) as displayed (EXIF rotation applied), from the header only."""
+    with _open_checked(path) as img:
+        w, h = img.size
+        try:
+            orientation = img.getexif().get(0x0112)
+        except Exception:  # noqa: BLE001 - unreadable EXIF: as stored
+            orientation = None
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+
+
+def _decode_native(path: str, size: tuple[int, int]) -> np.ndarray:
+    """One file as (height, width, 3) uint8 at `size` (its own size unless it differs: then scaled
+    and centre-cropped to it), with folder.decode's safeguards (formats, pixel limit, first frame)."""
+    if os.stat(path).st_size == 0:
+        raise folder.RejectedImage("empty file (0 bytes)")
+    with _open_checked(path) as img:
+        img.load()
+        folder._check_size(*img.size)
+        try:
+            img = ImageOps.exif_transpose(img)
+        except Exception:  # noqa: BLE001
+            pass
+        img = folder.to_rgb(img)
+        if img.size != size:
+            img = ImageOps.fit(img, size, Image.Resampling.LANCZOS)
+        return np.asarray(img, dtype=np.uint8)
+
+
+def load_folder_native(path: str, *, warn: Callable[[str], None], strict: bool = False,
+                       what: str = "image folder") -> torch.Tensor:
+    """All images of a folder (recursive, sorted) as uint8 (N, 3, H, W) at their own size; when sizes
+    differ, each is conformed (scaled, centre-cropped) to the most common one, with a warning."""
+    if not os.path.isdir(path):
+        raise UsageError(f"{what} {path} does not exist or is not a folder")
+    rels = folder.list_images(path)
+    if not rels:
+        raise UsageError(f"{what} {path}: no images ({'/'.join(folder.EXTENSIONS)}) found in it")
+
+    def reject(rel: str, e: BaseException) -> None:
+        reason = folder.describe_error(e)
+        if strict:
+            raise UsageError(f"cannot use image file {folder.one_line(os.path.join(path, rel))}: {reason}")
+        warn(f"skipping {folder.one_line(rel)}: {reason}")
+
+    def header(rel):
+        try:
+            return _header_size(os.path.join(path, rel))
+        except Exception as e:  # noqa: BLE001
+            return e
+
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        heads = list(pool.map(header, rels))
+        good = []
+        for rel, h in zip(rels, heads):
+            if isinstance(h, BaseException):
+                reject(rel, h)
+            else:
+                good.append((rel, h))
+        if not good:
+            raise UsageError(f"{what} {path}: none of its {len(rels)} image files could be read")
+        size = most_common_size([h for _, h in good])
+        off = sum(h != size for _, h in good)
+        if off:
+            warn(f"{what} {path}: {off} of {len(good)} images are not {size[0]}x{size[1]} (the most common "
+                 "size); they are scaled and centre-cropped to it")
+
+        def decode(item):
+            try:
+                return _decode_native(os.path.join(path, item[0]), size)
+            except Exception as e:  # noqa: BLE001
+                return e
+
+        out = np.empty((len(good), 3, size[1], size[0]), dtype=np.uint8)
+        kept = 0
+        for (rel, _), arr in zip(good, pool.map(decode, good)):
+            if isinstance(arr, BaseException):
+                reject(rel, arr)
+                continue
+            out[kept] = arr.transpose(2, 0, 1)
+            kept += 1
+    if not kept:
+        raise UsageError(f"{what} {path}: none of its {len(rels)} image files could be read")
+    return torch.from_numpy(out[:kept])
