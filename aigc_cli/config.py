@@ -87,7 +87,7 @@ class TrainConfig:
     eval_n: int = 5000  # generated (and at most this many real) images per evaluation during training
     eval_features: str = ""  # feature extractor for those evaluations: "" = Inception, or a classifier checkpoint path
     cuda_graph: str = "auto"  # auto | on | off: capture the whole training step in one CUDA graph (auto: on CUDA where the step allows)
-    channels_last: str = "auto"  # auto | on | off: channels-last memory format for conv models (auto: on CUDA)
+    channels_last: str = "auto"  # auto | on | off: channels-last memory format for conv models (auto: on CUDA and CPU)
     max_recoveries: int = 3  # rollbacks after non-finite values before giving up with exit code 3
     recover_lr_factor: float = 0.5  # learning rates are multiplied by this at each rollback
     recover_to_bf16: bool = True  # at a rollback, switch fp16 to bf16 where the device supports it

