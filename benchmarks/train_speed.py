@@ -73,7 +73,7 @@ def peak_memory(device) -> dict:
     import torch
 
     if device.type == "cuda":
-        return {"peak_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1),
+        return {"peak_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1),
                 "peak_kind": "torch.cuda.max_memory_allocated"}
     # Linux reports ru_maxrss in KiB. Not RUSAGE_CHILDREN: `import torch` itself runs a short-lived child.
     return {"peak_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
@@ -125,7 +125,7 @@ def run_reference(a) -> dict:
     device = resolve_device(a.device)
     if device.type == "cuda":
         device = torch.device("cuda", device.index or 0)
-        torch.cuda.reset_peak_memory_stats(device)
+        torch.cuda.reset_peak_memory_stats()
 
     dataset = dset.FashionMNIST(root=a.root, train=True, download=False,
                                 transform=transforms.Compose([
@@ -262,7 +262,7 @@ def run_aigc(a) -> dict:
         torch.set_num_threads(a.threads)
     device = resolve_device(a.device)
     if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+        torch.cuda.reset_peak_memory_stats()
     total = a.warmup + a.steps
     cfg = load_preset("fashion-mnist-dcgan").with_overrides({
         "data.source": a.raw, "train.epochs": 0, "train.steps": total, "train.batch_size": a.batch,
