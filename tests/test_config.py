@@ -97,3 +97,15 @@ def test_zoo_presets_are_named_for_what_they_hold():
             assert (cfg.train.beta1, cfg.train.beta2) == (0.0, 0.9) and cfg.model.d_norm != "batch"
         if "sngan" in name:
             assert cfg.model.kind == "resnet_gan" and cfg.loss.gan == "hinge"
+
+
+def test_presets_are_found_from_a_checkout_without_install(monkeypatch):
+    """PYTHONPATH=. (no pip install) has no aigc_cli.presets package: the repo's presets/ folder is used."""
+    import aigc_cli.config as config_mod
+
+    def missing(name):
+        raise ModuleNotFoundError(f"No module named {name!r}")
+
+    monkeypatch.setattr(config_mod.resources, "files", missing)
+    assert "quickstart" in config_mod.preset_names()
+    assert config_mod.load_preset("quickstart").name == "quickstart"
