@@ -97,3 +97,28 @@ def test_eval_metric_must_match_best_metric():
         tiny("dcgan").with_overrides({"train.best_metric": "fid"})
     with pytest.raises(UsageError, match="generative"):
         tiny("classifier").with_overrides({"train.eval_every": "5"})
+
+
+def test_missing_inception_weights_fail_before_anything_is_written(tmp_path, monkeypatch):
+    from aigc_cli.errors import UsageError
+    monkeypatch.setenv("AIGC_INCEPTION_WEIGHTS", str(tmp_path / "missing.pth"))
+    cfg = tiny("dcgan").with_overrides({"train.eval_every": "5", "train.eval_n": "16"})
+    with pytest.raises(UsageError, match="missing.pth"):
+        train(cfg, tmp_path / "run", Silent())
+    assert not (tmp_path / "run").exists()
+
+
+def test_images_per_second_leave_evaluation_time_out(tmp_path, classifier, monkeypatch):
+    import time
+    from aigc_cli.metrics.evaluate import TrainingEvaluator
+
+    def slow(self, G, step):
+        time.sleep(1.0)
+        return {"fid": 1.0}
+
+    monkeypatch.setattr(TrainingEvaluator, "__call__", slow)
+    _, rep, _ = run_with_eval(tmp_path, classifier, "fid", **{"train.log_every": "5"})
+    # 5 steps of a 16-image batch take well under a second here; with the 1 s evaluation counted, a
+    # log interval could not exceed 80 img/s.
+    rates = [r["img_per_s"] for r in rep.records if not r.get("eval")]
+    assert len(rates) == 4 and min(rates[1:]) > 80, rates

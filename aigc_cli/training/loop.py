@@ -144,6 +144,10 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup) -> dict:
     step_fn = STEPS[family.objective]
     if graphed:
         step_fn = GraphedStep(step_fn, nets, opts, amp, cfg, aids)
+    evaluator = None
+    if cfg.train.eval_every:  # built before the run folder: missing Inception weights fail at once, leaving nothing
+        from ..metrics.evaluate import TrainingEvaluator
+        evaluator = TrainingEvaluator(cfg, device, amp, reporter.note, images=None if data.lazy else data.images)
     run = RunFolder(run_dir, cfg.train.keep_checkpoints)
     batches = make_batches(data, cfg, device, channels_last=memory_format == torch.channels_last)
     cleanup.callback(batches.close)  # stops streaming workers on any exit, errors and signals included
@@ -152,10 +156,6 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup) -> dict:
     step, images_seen = 0, 0
     metric, higher_is_better = best_metric(cfg)
     best_value = None
-    evaluator = None
-    if cfg.train.eval_every:  # built before training, so missing Inception weights fail at once
-        from ..metrics.evaluate import TrainingEvaluator
-        evaluator = TrainingEvaluator(cfg, device, amp, reporter.note, images=None if data.lazy else data.images)
     metric_from_eval = evaluator is not None and metric in EVAL_METRICS
     if resume is not None:
         step, images_seen = state.restore(resume.tensors, resume.meta, nets, opts, amp, batches, resume.path)
@@ -287,7 +287,9 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup) -> dict:
             write_samples(step)
         path = None  # the checkpoint written at this step, if any
         if evaluator is not None and (step % cfg.train.eval_every == 0 or step == steps):
+            t_eval = time.perf_counter()
             scores = evaluate_now()
+            t_log += time.perf_counter() - t_eval  # images/s counts training, not evaluation
             run.append_metrics({"step": step, "images_seen": images_seen, **scores})
             reporter.log({"step": step, "images_seen": images_seen, **scores, "eval": True})
             value = scores.get(metric) if metric_from_eval else None
