@@ -15,6 +15,7 @@ softmax of the pool features times the fc weights, without the fc bias: torch-fi
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 
 import torch
@@ -273,7 +274,7 @@ class InceptionFeatures:
         self.net = load_network(self.weights, self.device)
         self.protocol = {
             "extractor": "inception-v3-fid (pytorch-fid layout)",
-            "weights": W.WEIGHTS_FILENAME,
+            "weights": os.path.basename(self.weights.path),  # the file used; its hash says which weights
             "weights_sha256": self.weights.sha256,
             "weights_verified": self.weights.verified,
             "resize": f"bilinear to {INPUT_SIZE}x{INPUT_SIZE}, align_corners=False",
