@@ -57,6 +57,7 @@ def test_inception_is_the_default_extractor_at_the_images_own_size(tmp_path, mon
     weights = tmp_path / "random-inception.pth"
     torch.save(random_state_dict(), weights)  # the right layout; not the published hash
     monkeypatch.setenv("AIGC_UNVERIFIED_INCEPTION_WEIGHTS_FOR_TESTS", "1")
+    monkeypatch.setenv("AIGC_INCEPTION_WEIGHTS", str(weights))
     fetched = []
     monkeypatch.setattr(W, "download_weights", lambda dest=None: fetched.append(dest) or weights)
     fakes = write_pngs(tmp_path / "fakes", [(20, 12)] * 4 + [(30, 30)], seed=2)  # Inception costs ~0.1 s an image
@@ -64,7 +65,7 @@ def test_inception_is_the_default_extractor_at_the_images_own_size(tmp_path, mon
     code, out, err = run_cli(monkeypatch, capsys, "eval", "--fake", fakes, "--data", reals, "--download-weights",
                              "--metrics", "fid,is", "--n", 5, "--stats-dir", tmp_path / "stats", "--json")
     assert code == 0, err
-    assert fetched == [None]  # --download-weights fetched (here: pretended to) before anything else
+    assert fetched == [weights]  # --download-weights fetched (pretended) to $AIGC_INCEPTION_WEIGHTS first
     res = json.loads(out)
     assert set(res["metrics"]) == {"fid", "is", "is_std"} and res["metrics"]["fid"] > 0
     assert res["metrics"]["is"] is None  # fewer images than IS's 10 splits: reported as unavailable

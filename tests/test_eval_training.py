@@ -122,3 +122,44 @@ def test_images_per_second_leave_evaluation_time_out(tmp_path, classifier, monke
     # log interval could not exceed 80 img/s.
     rates = [r["img_per_s"] for r in rep.records if not r.get("eval")]
     assert len(rates) == 4 and min(rates[1:]) > 80, rates
+
+
+def test_resume_with_another_eval_metric_starts_the_best_afresh(tmp_path, classifier, monkeypatch):
+    from aigc_cli.metrics.evaluate import TrainingEvaluator
+    values = {"fid": {5: 9.0, 10: 4.0, 15: 6.0, 20: 5.0}, "is": {25: 1.5, 30: 2.0}}
+    monkeypatch.setattr(TrainingEvaluator, "__call__", lambda self, G, step: {self.metric: values[self.metric][step]})
+    run_with_eval(tmp_path, classifier, "fid")
+    cfg = tiny("dcgan").with_overrides({
+        "train.steps": "30", "train.eval_every": "5", "train.eval_n": "48", "train.eval_metric": "is",
+        "train.eval_features": str(classifier), "train.ckpt_every": "20", "train.ema_decay": "0.9"})
+    rep = Silent()
+    summary = train(cfg, tmp_path / "run", rep, resume=ckpt_io.load(tmp_path / "run" / "checkpoints" / "last.safetensors"))
+    assert any("chosen by fid" in n and "from now on by is" in n for n in rep.notes), rep.notes
+    best = ckpt_io.load(tmp_path / "run" / "checkpoints" / "best.safetensors")
+    assert summary["best"] == {"metric": "is", "value": 2.0, "path": str(tmp_path / "run" / "checkpoints" / "best.safetensors")}
+    assert best.step == 30  # IS 2.0 beat IS 1.5; FID 4.0 from before was not compared with them
+
+
+def test_lazy_training_data_decodes_only_the_evaluation_images(tmp_path, classifier, monkeypatch):
+    """A folder streamed because it is large: the evaluator picks eval_n of its images, it does not
+    decode (and cache) the whole folder."""
+    import numpy as np
+    from PIL import Image
+    from aigc_cli.data import folder as folder_mod
+
+    src = tmp_path / "pngs"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        Image.fromarray(rng.integers(0, 255, (16, 16), dtype=np.uint8)).save(src / f"{i:03d}.png")
+    decoded = []
+    original = folder_mod.decode
+    monkeypatch.setattr(folder_mod, "decode", lambda path, *a, **k: decoded.append(path) or original(path, *a, **k))
+    cfg = tiny("dcgan").with_overrides({
+        "data.source": str(src), "data.limit": "0", "data.device_max_mb": "0", "data.workers": "0",
+        "train.steps": "2", "train.eval_every": "2", "train.eval_n": "12", "train.eval_features": str(classifier)})
+    summary = train(cfg, tmp_path / "run", Silent())
+    assert summary["steps"] == 2
+    # The lazy folder decodes through its own reference to decode(); this patched one counts only the
+    # eager whole-folder load that must not happen.
+    assert decoded == []

@@ -160,3 +160,37 @@ def test_restored_optimizer_takes_this_runs_flags():
     step = fresh["G"].state[group["params"][0]]["step"]
     assert step.device.type == "cpu" and step.dtype == torch.float32
     fresh["G"].step()  # and it still steps
+
+
+def test_a_failed_capture_falls_back_to_eager_with_a_note(monkeypatch):
+    """Simulated on the CPU: capture raises (as for an op that syncs with the host); the step that was
+    being captured runs eagerly, one note says why, and every later step stays eager and exact."""
+    import aigc_cli.training.graph as graph_mod
+
+    cfg = CASES["vae"][0]
+    n = WARMUP + 4
+    eager_losses, eager_state = run_steps(cfg, optimised=False, n=n)
+
+    notes = []
+
+    class FailingCapture(GraphedStep):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs, note=notes.append)
+            self.capture = True  # pretend CUDA is here
+
+        def _eager(self, x, y, step):
+            return self._run(x, y, step)
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(graph_mod.torch.cuda, "CUDAGraph", lambda: object())
+    monkeypatch.setattr(graph_mod.torch.cuda, "graph", refuse)
+    monkeypatch.setattr(graph_mod.torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setitem(globals(), "GraphedStep", FailingCapture)
+    losses, state = run_steps(cfg, optimised=True, n=n)
+    assert len(notes) == 1 and "capture failed" in notes[0] and "eagerly" in notes[0]
+    assert losses == eager_losses
+    for name in eager_state:
+        for k, v in eager_state[name].items():
+            assert torch.equal(state[name][k], v), f"{name}.{k}"

@@ -80,6 +80,9 @@ def score(metrics: list[str], *, fake: FeatureStats, probs: np.ndarray | None, r
     f_fake = fake.features()
     if "kid" in metrics:
         f_real = ref.features
+        if min(len(f_fake), len(f_real)) < 2:
+            raise UsageError(f"KID needs at least 2 images on each side, got {len(f_fake)} generated and "
+                             f"{len(f_real)} real")
         subset = min(1000, max(2, min(len(f_fake), len(f_real)) // 2))
         out["kid"], out["kid_std"] = kid(f_fake, f_real, subsets=KID_SUBSETS, subset_size=subset, seed=seed)
         proto.update(kid_subsets=KID_SUBSETS, kid_subset_size=subset)
@@ -150,10 +153,10 @@ def check_reference_matches(ref: Reference, extractor, warn) -> None:
 
 def open_extractor(features, inception_weights, device, precision, download_weights: bool = False):
     if download_weights and not features:
-        from .weights import download_weights as fetch  # noqa: PLC0415
+        from .weights import ensure_weights  # noqa: PLC0415
 
-        path = fetch(inception_weights) if inception_weights else fetch()
-        inception_weights = str(path)
+        # to where the file is looked for: --inception-weights, $AIGC_INCEPTION_WEIGHTS, else the hub cache
+        inception_weights = str(ensure_weights(inception_weights, download=True))
     return make_extractor(features, inception_weights, device, precision)
 
 
@@ -404,11 +407,13 @@ class TrainingEvaluator:
                 images, name = load_real(cfg.data.source, root=cfg.data.root or None, download=False,
                                          split="train", seed=t.seed, warn=warn, strict=cfg.data.strict,
                                          channels=m.channels, resolution=m.resolution, limit=cfg.data.limit)
-            else:
+                images = images[real_indices(len(images), self.n, t.seed)]
+            else:  # the training images, in memory or a lazy folder: only the n picked are decoded
                 from ..data.transforms import conform  # noqa: PLC0415
 
-                images, name = conform(images.cpu(), m.channels, m.resolution), cfg.data.source
-            images = images[real_indices(len(images), self.n, t.seed)]
+                idx = real_indices(len(images), self.n, t.seed)
+                picked = images[idx] if torch.is_tensor(images) else images[idx.tolist()]
+                images, name = conform(picked.cpu(), m.channels, m.resolution), cfg.data.source
             self.reference = reference_for(images, extractor=self.extractor, data=data_identity(cfg.data.source),
                                            data_name=name, split="train", seed=t.seed,
                                            batch_size=self.batch_size, stats_dir=_stats_dir(stats_dir), warn=warn)

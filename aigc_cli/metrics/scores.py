@@ -23,21 +23,28 @@ def inception_score(probs, splits: int = 10) -> tuple[float, float]:
     return float(np.mean(scores)), float(np.std(scores))
 
 
-def _pairwise(a: np.ndarray, b: np.ndarray, chunk: int = 1024) -> np.ndarray:
-    """Euclidean distances, chunked so 10k x 10k stays within memory."""
+def _distance_blocks(a: np.ndarray, b: np.ndarray, chunk: int = 512):
+    """(first row, Euclidean distances of a[rows] to all of b), a block of rows at a time: at 50k x 50k
+    the whole matrix would be 20 GB; a block is chunk x len(b)."""
     b2 = (b * b).sum(1)
-    rows = []
     for i in range(0, len(a), chunk):
         x = a[i:i + chunk]
         d2 = (x * x).sum(1)[:, None] - 2 * x @ b.T + b2[None, :]
-        rows.append(np.sqrt(np.maximum(d2, 0.0)))
-    return np.concatenate(rows)
+        yield i, np.sqrt(np.maximum(d2, 0.0))
 
 
 def _radii(x: np.ndarray, k: int) -> np.ndarray:
     """Distance of each sample to its k-th nearest neighbour in the same set (itself excluded)."""
-    d = _pairwise(x, x)
-    return np.partition(d, k, axis=1)[:, k]  # column 0 is the sample itself (distance 0)
+    out = np.empty(len(x))
+    for i, d in _distance_blocks(x, x):
+        out[i:i + len(d)] = np.partition(d, k, axis=1)[:, k]  # column 0 is the sample itself (distance 0)
+    return out
+
+
+def _share_inside(points: np.ndarray, centres: np.ndarray, radii: np.ndarray) -> float:
+    """The share of points inside at least one ball (centre, radius)."""
+    inside = sum(int((d <= radii[None, :]).any(1).sum()) for _, d in _distance_blocks(points, centres))
+    return inside / len(points)
 
 
 def precision_recall(real, fake, k: int = 3) -> tuple[float, float]:
@@ -47,9 +54,6 @@ def precision_recall(real, fake, k: int = 3) -> tuple[float, float]:
     if k < 1 or k >= min(len(r), len(f)):
         raise ValueError(f"k must be in [1, {min(len(r), len(f)) - 1}] for these sample counts, got {k}")
     r_rad, f_rad = _radii(r, k), _radii(f, k)
-    d = _pairwise(f, r)  # (fake, real)
-    precision = (d <= r_rad[None, :]).any(1).mean()
-    recall = (d.T <= f_rad[None, :]).any(1).mean()
-    return float(precision), float(recall)
+    return _share_inside(f, r, r_rad), _share_inside(r, f, f_rad)
 
 

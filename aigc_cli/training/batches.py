@@ -185,6 +185,6 @@ def make_batches(data, cfg, device: torch.device, *, channels_last: bool = False
                                 strict=d.strict, **aug)
         text = f"data: {n} images, {size} decoded, {how} ({why})"
     batches.description = text
-    if note is not None:
+    if note is not None and "kept on" not in text:  # the usual case goes without saying; streaming is news
         note(text)
     return batches

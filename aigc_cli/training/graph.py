@@ -53,8 +53,10 @@ def use_graph(cfg, amp, device: torch.device, scheduled: bool, note) -> bool:
 
 
 class GraphedStep:
-    def __init__(self, step_fn, nets: dict, opts: dict, amp, cfg, aids: Aids, capture: bool = True):
+    def __init__(self, step_fn, nets: dict, opts: dict, amp, cfg, aids: Aids, capture: bool = True, note=None):
         self.step_fn, self.nets, self.opts, self.amp, self.cfg = step_fn, nets, opts, amp, cfg
+        self.note = note or (lambda text: None)
+        self.failed = False  # a capture failed once: eager from then on
         self.ema = aids.ema
         self.aids = Aids(augment=aids.augment, ema=None)  # EMA runs outside the graph
         self.capture = capture and torch.cuda.is_available()
@@ -71,7 +73,7 @@ class GraphedStep:
         self.amp, self.cfg = amp, cfg  # a rollback may have replaced them (then reset() was called too)
         x, y = next_batch()
         self.calls += 1
-        if self.calls <= WARMUP:
+        if self.calls <= WARMUP or self.failed:
             out = self._eager(x, y, step)
         elif self.static_in is None:
             out = self._capture(x, y, step)
@@ -112,6 +114,13 @@ class GraphedStep:
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
                 self.static_out = self._run(*self.static_in, step)
+        except Exception as e:  # an op that cannot be captured (a host sync, say): carry on eagerly
+            # Capture records without running, so nothing of this step happened yet: run it eagerly.
+            self.failed, self.graph, self.static_in, self.static_out = True, None, None, None
+            torch.cuda.synchronize()
+            self.note(f"CUDA graph capture failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                      "the training step runs eagerly from here on")
+            return self._eager(x, y, step)
         finally:
             self.amp.graph_safe = False
         self.graph.replay()  # capture records without running: this is the step itself

@@ -143,16 +143,14 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup) -> dict:
         nets["G_ema"] = aids.ema.model  # saved, restored and checked like the other networks
     step_fn = STEPS[family.objective]
     if graphed:
-        step_fn = GraphedStep(step_fn, nets, opts, amp, cfg, aids)
+        step_fn = GraphedStep(step_fn, nets, opts, amp, cfg, aids, note=reporter.note)
     evaluator = None
     if cfg.train.eval_every:  # built before the run folder: missing Inception weights fail at once, leaving nothing
         from ..metrics.evaluate import TrainingEvaluator
-        evaluator = TrainingEvaluator(cfg, device, amp, reporter.note, images=None if data.lazy else data.images)
+        evaluator = TrainingEvaluator(cfg, device, amp, reporter.note, images=data.images)
     run = RunFolder(run_dir, cfg.train.keep_checkpoints)
-    batches = make_batches(data, cfg, device, channels_last=memory_format == torch.channels_last)
+    batches = make_batches(data, cfg, device, channels_last=memory_format == torch.channels_last, note=reporter.note)
     cleanup.callback(batches.close)  # stops streaming workers on any exit, errors and signals included
-    if data.lazy or "kept on" not in batches.description:
-        reporter.note(batches.description)
     step, images_seen = 0, 0
     metric, higher_is_better = best_metric(cfg)
     best_value = None
@@ -162,6 +160,10 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup) -> dict:
         conform_optimizers(opts, flags)
         apply_changed_optimizer_settings(resume.config, cfg, opts)
         best_value = json.loads(resume.meta.get("aigc.best_value", "null"))
+        if json.loads(resume.meta.get("aigc.best_metric", "null")) != metric and best_value is not None:
+            reporter.note(f"best.safetensors was chosen by {json.loads(resume.meta['aigc.best_metric'])}; "
+                          f"from now on by {metric}, starting afresh")
+            best_value = None
         run.trim_metrics(step)
         reporter.note(f"resumed from {resume.path} at step {step} ({images_seen} images seen)")
     run.write_config(cfg)
@@ -199,12 +201,15 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup) -> dict:
     recoveries = 0
     last_record: dict = {}
 
+    def beats_best(value) -> bool:
+        return value is not None and (best_value is None or (value > best_value if higher_is_better else value < best_value))
+
     def save(eval_value: float | None = None) -> Path:
         """A checkpoint; best.safetensors too when it beats the best so far by the metric. An eval
         metric counts only at the evaluation that measured these weights."""
         nonlocal good, good_path, best_value
         value = eval_value if metric_from_eval else last_record.get(metric) if metric else None
-        is_best = value is not None and (best_value is None or (value > best_value if higher_is_better else value < best_value))
+        is_best = beats_best(value)
         best_value = value if is_best else best_value
         extra = {"aigc.best_metric": json.dumps(metric), "aigc.best_value": json.dumps(best_value)}
         good = state.capture(cfg, nets, opts, amp, batches, step, images_seen, extra)
@@ -286,14 +291,15 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup) -> dict:
         if step % cfg.train.sample_every == 0 or step == steps:
             write_samples(step)
         path = None  # the checkpoint written at this step, if any
-        if evaluator is not None and (step % cfg.train.eval_every == 0 or step == steps):
+        # A pending signal skips the evaluation: the save it asks for must fit in the job's grace period.
+        if evaluator is not None and (step % cfg.train.eval_every == 0 or step == steps) and stop.signum is None:
             t_eval = time.perf_counter()
             scores = evaluate_now()
             t_log += time.perf_counter() - t_eval  # images/s counts training, not evaluation
             run.append_metrics({"step": step, "images_seen": images_seen, **scores})
             reporter.log({"step": step, "images_seen": images_seen, **scores, "eval": True})
             value = scores.get(metric) if metric_from_eval else None
-            if value is not None and (best_value is None or (value > best_value if higher_is_better else value < best_value)):
+            if beats_best(value):
                 if not state.all_finite(nets, grads=amp.scaler is None):
                     recover("non-finite weights at an evaluation")
                     continue

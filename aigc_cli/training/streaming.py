@@ -80,7 +80,10 @@ class StreamBatches:
             # thread copies each batch into pinned memory; the copy to the device is then async.
             self._loader = DataLoader(_Batches(source), batch_size=None, sampler=self.sampler,
                                       num_workers=workers, collate_fn=_as_is, persistent_workers=True,
-                                      prefetch_factor=PREFETCH, pin_memory=self.device.type == "cuda")
+                                      prefetch_factor=PREFETCH, pin_memory=self.device.type == "cuda",
+                                      # its own generator: starting the workers would otherwise draw from
+                                      # the global one, at another step in a resumed run than in the original
+                                      generator=torch.Generator().manual_seed(seed))
         self._it: Iterator | None = None
         self._reported: set[str] = set()
 
