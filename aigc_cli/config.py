@@ -43,7 +43,7 @@ class DataConfig:
     strict: bool = False  # any unreadable image file is an error (default: skip it with a warning)
     cache: bool = True  # keep decoded images on disk ($AIGC_CACHE_DIR, keyed by content hash) so reruns start at once
     device_max_mb: int = 4096  # decoded data up to this size lives on the training device; larger streams through workers
-    workers: int = 4  # DataLoader worker processes for streamed (large) data
+    workers: int = -1  # DataLoader worker processes for streamed (large) data; -1: one per CPU core but one, at most 16
     hflip: bool = False  # random horizontal flips, applied on the training device
     translate: int = 0  # random shifts of up to N pixels (reflect padding), applied on the training device
 
@@ -267,7 +267,8 @@ def validate(cfg: Config) -> None:
         _need(0 < getattr(t, name) < 1, f"train.{name} must be in (0, 1), got {getattr(t, name)}")
     for name in ("beta1", "beta2"):
         _need(0 <= getattr(t, name) < 1, f"train.{name} must be in [0, 1), got {getattr(t, name)}")
-    _need(cfg.data.device_max_mb >= 0 and cfg.data.workers >= 0, "data.device_max_mb and data.workers must be >= 0")
+    _need(cfg.data.device_max_mb >= 0, "data.device_max_mb must be >= 0")
+    _need(cfg.data.workers >= -1, f"data.workers must be -1 (auto) or >= 0, got {cfg.data.workers}")
     _need(0 <= cfg.data.translate < m.resolution // 2, f"data.translate must be in [0, {m.resolution // 2}), got {cfg.data.translate}")
     _need(t.eval_every >= 0, "train.eval_every must be >= 0")
     _need(t.eval_metric in EVAL_METRICS, f"train.eval_metric must be one of {', '.join(EVAL_METRICS)}, got {t.eval_metric!r}")
