@@ -3,13 +3,18 @@ training, sampling and Inception feature extraction. Each part runs in its own t
 own time budget and appends its result to OUT/gpu_check.json as it goes, so a run cut short still
 reports what it measured.
 
-    PYTHONPATH=. python benchmarks/gpu_check.py --data .devdata/fashion-mnist --out $OUT
+    PYTHONPATH=. python benchmarks/gpu_check.py --data .devdata/fashion-mnist --out $OUT [--parts equivalence,train,...]
+
+Parts: equivalence, train, rollback, resume, fid_agreement (needs pytorch-fid), sample. All of them take
+about 5 minutes on an H200; a machine there starts bare, so carry the Fashion-MNIST files (and a
+pytorch-fid wheel) with the call.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -127,7 +132,74 @@ def main() -> None:
                       for k, v in RESULTS.items()}, indent=1))
 
 
-EXTRA_PARTS: list = []  # (name, fn(args, out)) filled in below as the other parts land
+def _dcgan(data_dir: str, device: str, steps: int, **extra):
+    from aigc_cli.config import load_preset
+
+    return load_preset("fashion-mnist-dcgan").with_overrides({
+        "data.source": data_dir, "data.limit": 4096, "train.epochs": 0, "train.steps": steps, "train.log_every": 10,
+        "train.sample_every": 10**6, "train.ckpt_every": 10, "train.batch_size": 64, "train.device": device, **extra})
+
+
+def rollback_under_graph(args, out, device: str = "cuda") -> dict:
+    """Poison G's weights in place after step 15 (outside the graph, so the replays carry the NaN on): the
+    guard must roll back to step 10, re-capture, and finish with finite weights."""
+    from aigc_cli.training.loop import train
+    from conftest import Silent
+
+    class Poison(Silent):
+        def advance(self, step):
+            if step == 15 and not getattr(self, "done", False):
+                self.done = True
+                with torch.no_grad():
+                    next(self.nets["G"].parameters()).fill_(float("inf"))
+
+    rep = Poison()
+    import aigc_cli.training.loop as loop_mod
+    real_build = loop_mod.build_nets
+
+    def keep(model_cfg):  # hand the reporter the networks it poisons
+        nets = real_build(model_cfg)
+        rep.nets = nets
+        return nets
+
+    loop_mod.build_nets = keep
+    try:
+        summary = train(_dcgan(args.data, device, 40), Path("/tmp/gpu-rollback"), rep)
+    finally:
+        loop_mod.build_nets = real_build
+    return {"recoveries": summary["recoveries"], "steps": summary["steps"], "notes": rep.notes,
+            "losses": [(r["step"], r["loss_d"], r["loss_g"]) for r in rep.records],
+            "ok": summary["recoveries"] == 1 and all(map(math.isfinite, [r["loss_d"] for r in rep.records[-2:]]))}
+
+
+def resume_under_graph(args, out, device: str = "cuda") -> dict:
+    """A checkpoint written by a graphed run resumes in a graphed run (capturable Adam state restored)."""
+    from aigc_cli import checkpoint as ckpt_io
+    from aigc_cli.training.loop import train
+    from conftest import Silent
+
+    run = Path("/tmp/gpu-resume")
+    train(_dcgan(args.data, device, 20), run, Silent())
+    rep = Silent()
+    summary = train(_dcgan(args.data, device, 40), run, rep, resume=ckpt_io.load(run / "checkpoints" / "last.safetensors"))
+    return {"start_step": summary["start_step"], "steps": summary["steps"], "notes": rep.notes,
+            "losses": [(r["step"], r["loss_d"], r["loss_g"]) for r in rep.records],
+            "ok": summary["start_step"] == 20 and all(math.isfinite(r["loss_d"]) for r in rep.records)}
+
+
+def fid_agreement(args, out) -> dict:
+    return run_cmd([sys.executable, "benchmarks/fid_agreement.py", "--make-folders", "/tmp/fa", "--data", args.data,
+                    "--n", "5000", "--random-weights"], timeout=240)
+
+
+def sample_speed(args, out) -> dict:
+    return run_cmd([sys.executable, "benchmarks/sample_speed.py", "--device", "cuda", "--n", "50000", "--data", args.data,
+                    "--batch-size", "4096", "--repeats", "2"], timeout=240)
+
+
+# (name, fn(args, out)); --parts picks by name
+EXTRA_PARTS: list = [("rollback", rollback_under_graph), ("resume", resume_under_graph),
+                     ("fid_agreement", fid_agreement), ("sample", sample_speed)]
 
 if __name__ == "__main__":
     main()
