@@ -103,6 +103,14 @@ def score(metrics: list[str], *, fake: FeatureStats, probs: np.ndarray | None, r
     return out, proto
 
 
+def seeded_inputs(model_cfg, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Latents for n images, and for a conditional model classes drawn uniformly at random."""
+    labels = None
+    if model_cfg.conditional:
+        labels = torch.randint(model_cfg.num_classes, (n,), generator=torch.Generator().manual_seed(seed + 1))
+    return latents(n, model_cfg.latent_dim, seed), labels
+
+
 class FakeEmbedder:
     """Accumulates the generated side batch by batch: feature statistics (plus the features when
     KID/PR need them) and class probabilities when IS needs them."""
@@ -129,6 +137,12 @@ class FakeEmbedder:
             self.stats.add(f)
         if self.want_probs:
             self.probs.append(np.asarray(p, dtype=np.float64))
+
+    def add_generated(self, G, z: torch.Tensor, labels: torch.Tensor | None, amp, batch_size: int) -> None:
+        """Generate and embed batch by batch: no more than one batch of images exists at a time."""
+        for i, chunk in enumerate(z.split(batch_size)):
+            y = None if labels is None else labels[i * batch_size:(i + 1) * batch_size]
+            self.add(generate(G, chunk, amp, batch_size, labels=y), batch_size)
 
     def all_probs(self) -> np.ndarray | None:
         return np.concatenate(self.probs) if self.probs else None
@@ -193,12 +207,9 @@ def evaluate(ckpt: ckpt_io.Checkpoint, *, data: str, root: str | None, download:
         if reference is None:
             # Real images take the generator's channels and resolution first, so both sides then go
             # through the same conversion to the extractor's input: a perfect generator scores near 0.
-            real, name = load_real(data, root=root, download=download, split="train", seed=seed, warn=warn,
-                                   strict=ckpt.config.data.strict, channels=m.channels, resolution=m.resolution)
-            real = real[real_indices(len(real), n, seed)]
-            reference = reference_for(real, extractor=extractor, data=data_identity(data), data_name=name,
-                                      split="train", seed=seed, batch_size=batch_size,
-                                      stats_dir=_stats_dir(stats_dir), warn=warn)
+            reference = real_reference(data, extractor=extractor, n=n, seed=seed, batch_size=batch_size,
+                                       stats_dir=_stats_dir(stats_dir), warn=warn, root=root, download=download,
+                                       strict=ckpt.config.data.strict, channels=m.channels, resolution=m.resolution)
         else:
             check_reference_matches(reference, extractor, warn)
             shape = reference.protocol.get("real_shape")
@@ -209,12 +220,7 @@ def evaluate(ckpt: ckpt_io.Checkpoint, *, data: str, root: str | None, download:
         protocol.update(_reference_protocol(reference))
     fake = FakeEmbedder(extractor, chosen, save_fakes)
     if any(x in chosen for x in GAN_METRICS) or save_fakes:
-        labels = None  # a conditional model draws classes uniformly at random
-        if m.conditional:
-            labels = torch.randint(m.num_classes, (n,), generator=torch.Generator().manual_seed(seed + 1))
-        for i, z in enumerate(latents(n, m.latent_dim, seed).split(batch_size)):
-            y = None if labels is None else labels[i * batch_size:(i + 1) * batch_size]
-            fake.add(generate(G, z, amp, batch_size, labels=y), batch_size)
+        fake.add_generated(G, *seeded_inputs(m, n, seed), amp, batch_size)
     values, extra = score(chosen, fake=fake.stats, probs=fake.all_probs(), ref=reference, seed=seed)
     protocol.update(extra)
     if save_fakes:
@@ -256,12 +262,9 @@ def evaluate_folder(fake_dir: str, *, data: str | None, root: str | None, downlo
                       "generated_shape": list(fakes.shape[1:])}
     if needs_real:
         if reference is None:
-            real, name = load_real(data, root=root, download=download, split="train", seed=seed, warn=warn,
-                                   strict=strict, native_resolution=fakes.shape[3])
-            real = real[real_indices(len(real), n, seed)]
-            reference = reference_for(real, extractor=extractor, data=data_identity(data), data_name=name,
-                                      split="train", seed=seed, batch_size=batch_size,
-                                      stats_dir=_stats_dir(stats_dir), warn=warn)
+            reference = real_reference(data, extractor=extractor, n=n, seed=seed, batch_size=batch_size,
+                                       stats_dir=_stats_dir(stats_dir), warn=warn, root=root, download=download,
+                                       strict=strict, native_resolution=fakes.shape[3])
         else:
             check_reference_matches(reference, extractor, warn)
         protocol.update(_reference_protocol(reference))
@@ -283,15 +286,23 @@ def write_stats(data: str, out: str, *, root: str | None, download: bool, featur
     dev = resolve_device(device)
     if extractor is None:
         extractor = open_extractor(features, inception_weights, dev, precision, download_weights)
-    real, name = load_real(data, root=root, download=download, split=split, seed=seed, warn=warn, strict=strict,
-                           channels=channels, resolution=resolution)
-    real = real[real_indices(len(real), n, seed)]
-    reference = reference_for(real, extractor=extractor, data=data_identity(data), data_name=name, split=split,
-                              seed=seed, batch_size=batch_size, stats_dir=None, warn=warn)
+    reference = real_reference(data, extractor=extractor, n=n, seed=seed, batch_size=batch_size, stats_dir=None,
+                               warn=warn, split=split, root=root, download=download, strict=strict,
+                               channels=channels, resolution=resolution)
     from .reference import save_npz  # noqa: PLC0415
 
     path = save_npz(out, reference)
     return {"out": str(path), "feature_dim": int(reference.mu.shape[0]), "protocol": reference.protocol}
+
+
+def real_reference(data: str, *, extractor, n: int, seed: int, batch_size: int, stats_dir, warn,
+                   split: str = "train", **load) -> Reference:
+    """Reference statistics of a seeded subset of at most n real images of `data` (cached in stats_dir
+    when given); `load` goes to load_real (root, download, strict, channels/resolution, ...)."""
+    real, name = load_real(data, split=split, seed=seed, warn=warn, **load)
+    real = real[real_indices(len(real), n, seed)]
+    return reference_for(real, extractor=extractor, data=data_identity(data), data_name=name, split=split,
+                         seed=seed, batch_size=batch_size, stats_dir=stats_dir, warn=warn)
 
 
 def _stats_dir(stats_dir):
@@ -399,38 +410,32 @@ class TrainingEvaluator:
         self.amp, self.device = amp, torch.device(device)
         self.batch_size = batch_size or min(256, max(1, t.batch_size))
         self.cfg = cfg
-        prec = t.precision if t.precision != "auto" else "fp32"
-        self.extractor = make_extractor(t.eval_features or None, None, self.device, prec)
+        self.extractor = make_extractor(t.eval_features or None, None, self.device, extractor_precision(t.precision))
         self.reference = None
         if self.metric in NEEDS_REAL:
+            common = dict(extractor=self.extractor, n=self.n, seed=t.seed, batch_size=self.batch_size,
+                          stats_dir=_stats_dir(stats_dir), warn=warn)
             if images is None:
-                images, name = load_real(cfg.data.source, root=cfg.data.root or None, download=False,
-                                         split="train", seed=t.seed, warn=warn, strict=cfg.data.strict,
-                                         channels=m.channels, resolution=m.resolution, limit=cfg.data.limit)
-                images = images[real_indices(len(images), self.n, t.seed)]
+                self.reference = real_reference(cfg.data.source, **common, root=cfg.data.root or None,
+                                                download=False, strict=cfg.data.strict, channels=m.channels,
+                                                resolution=m.resolution, limit=cfg.data.limit)
             else:  # the training images, in memory or a lazy folder: only the n picked are decoded
                 from ..data.transforms import conform  # noqa: PLC0415
 
                 idx = real_indices(len(images), self.n, t.seed)
                 picked = images[idx] if torch.is_tensor(images) else images[idx.tolist()]
-                images, name = conform(picked.cpu(), m.channels, m.resolution), cfg.data.source
-            self.reference = reference_for(images, extractor=self.extractor, data=data_identity(cfg.data.source),
-                                           data_name=name, split="train", seed=t.seed,
-                                           batch_size=self.batch_size, stats_dir=_stats_dir(stats_dir), warn=warn)
-        self.z = latents(self.n, m.latent_dim, t.seed)
-        self.labels = None
-        if m.conditional:
-            self.labels = torch.randint(m.num_classes, (self.n,), generator=torch.Generator().manual_seed(t.seed + 1))
+                self.reference = reference_for(conform(picked.cpu(), m.channels, m.resolution),
+                                               extractor=self.extractor, data=data_identity(cfg.data.source),
+                                               data_name=cfg.data.source, split="train", seed=t.seed,
+                                               batch_size=self.batch_size, stats_dir=common["stats_dir"], warn=warn)
+        self.z, self.labels = seeded_inputs(m, self.n, t.seed)
 
     def __call__(self, G: torch.nn.Module, step: int) -> dict[str, float]:
         was_training = G.training
         G.eval()
         try:
             fake = FakeEmbedder(self.extractor, self.metrics)
-            bs = self.batch_size
-            for i, z in enumerate(self.z.split(bs)):
-                y = None if self.labels is None else self.labels[i * bs:(i + 1) * bs]
-                fake.add(generate(G, z, self.amp, bs, labels=y), bs)
+            fake.add_generated(G, self.z, self.labels, self.amp, self.batch_size)
             values, _ = score(self.metrics, fake=fake.stats, probs=fake.all_probs(), ref=self.reference,
                               seed=self.seed)
         finally:
