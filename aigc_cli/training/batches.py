@@ -161,8 +161,8 @@ def _size(nbytes: int) -> str:
 
 def make_batches(data, cfg, device: torch.device, *, channels_last: bool = False, note=None):
     """DeviceBatches when the decoded data (an ImageData) fits in cfg.data.device_max_mb and is in
-    memory, else StreamBatches; `note` (if given) gets one line saying which, and any warning about
-    files that failed to decode while streaming. The chosen object's `description` is that line."""
+    memory, else StreamBatches; `note` (if given) gets a line when the data is streamed, and any warning
+    about files that failed to decode while streaming. The chosen object's `description` says which."""
     from ..data.lazy import HostImages
     from .streaming import StreamBatches
 
@@ -189,7 +189,7 @@ def make_batches(data, cfg, device: torch.device, *, channels_last: bool = False
         batches = StreamBatches(source, t.batch_size, device, t.seed, workers=workers, warn=note,
                                 strict=d.strict, **aug)
         text = f"data: {n} images, {size} decoded, {how} ({why})"
+        if note is not None:  # the usual case (kept on the device) goes without saying; streaming is news
+            note(text)
     batches.description = text
-    if note is not None and "kept on" not in text:  # the usual case goes without saying; streaming is news
-        note(text)
     return batches

@@ -24,11 +24,11 @@ from . import state
 from .augment import parse_policy
 from .batches import make_batches
 from .ema import EMA
+from .graph import GraphedStep, use_graph
 from .precision import Precision, resolve_device, resolve_precision
 from .run_folder import RunFolder
 from .schedule import lr_factor, set_lr
 from .signals import USR1_EXIT_CODE, StopFlag
-from .graph import GraphedStep, use_graph
 from .steps import STEPS, Aids, conform_optimizers, make_optimizers, optimizer_flags
 
 
@@ -188,12 +188,9 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup) -> dict:
             save_grid(torch.cat([data.images[:k], recon]), run.samples / f"recon-step-{step:07d}.png", nrow)
         nets["G"].train()  # the EMA copy, if that was used, stays in eval mode
 
-    def evaluate_now() -> dict:
-        G = nets.get("G_ema", nets["G"]).eval()
-        try:
-            return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in evaluator(G, step).items()}
-        finally:
-            nets["G"].train()  # the EMA copy, if that was used, stays in eval mode
+    def evaluate_now() -> dict:  # the evaluator puts G in eval mode and back
+        scores = evaluator(nets.get("G_ema", nets["G"]), step)
+        return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in scores.items()}
 
     # The rollback point for the divergence guard: the last state known to be finite, in memory.
     good = state.capture(cfg, nets, opts, amp, batches, step, images_seen)
