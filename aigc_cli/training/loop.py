@@ -24,6 +24,7 @@ from . import state
 from .augment import parse_policy
 from .batches import make_batches
 from .ema import EMA
+from .fusion import fuse_norm_act
 from .graph import GraphedStep, use_graph
 from .precision import Precision, resolve_device, resolve_precision
 from .run_folder import RunFolder
@@ -133,6 +134,9 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup) -> dict:
     memory_format = torch.channels_last if channels_last(cfg, device, nets) else torch.contiguous_format
     for net in nets.values():
         net.to(memory_format=memory_format)
+    if cfg.train.fuse_norm_act == "on":
+        fused = sum(fuse_norm_act(net) for net in nets.values())
+        reporter.note(f"fused {fused} BatchNorm + activation pairs with torch.compile; the first steps compile them")
     scheduled = cfg.train.lr_warmup > 0 or cfg.train.lr_decay != "none"
     graphed = use_graph(cfg, amp, device, scheduled, reporter.note)
     flags = optimizer_flags(device, capturable=graphed)

@@ -1,0 +1,135 @@
+"""train.fuse_norm_act: BatchNorm + activation pairs compiled together compute what the eager pair
+computes (outputs, gradients, running statistics), keep the state_dict, and train the same run.
+
+Most tests use dynamo's "aot_eager" backend, which traces and runs the same captured graph without
+generating code (seconds, not minutes, on 2 cores); one test compiles a layer with inductor for real."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from aigc_cli.errors import UsageError
+from aigc_cli.models import build_nets
+from aigc_cli.training import fusion
+from aigc_cli.training.fusion import BatchNormAct2d, fuse_norm_act
+from aigc_cli.training.loop import train
+
+from conftest import Silent, tiny
+
+
+@pytest.fixture
+def aot_eager(monkeypatch):
+    monkeypatch.setattr(fusion, "BACKEND", "aot_eager")
+    fusion.reset()
+    yield
+    fusion.reset()
+
+
+def _grads(net):
+    return {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+
+
+def test_fused_dcgan_matches_eager_forward_backward_and_running_stats(aot_eager):
+    torch.manual_seed(0)
+    nets = build_nets(tiny("dcgan", resolution=32).model)
+    for name, net in nets.items():
+        plain = net.train()
+        fused = copy.deepcopy(plain)
+        n = fuse_norm_act(fused)
+        assert n == sum(isinstance(m, nn.BatchNorm2d) for m in plain.modules()) > 0
+        assert sum(isinstance(m, BatchNormAct2d) for m in fused.modules()) == n
+        assert list(fused.state_dict()) == list(plain.state_dict())
+        x = torch.randn(6, 8) if name == "G" else torch.randn(6, 1, 32, 32)
+        for _ in range(2):  # twice: the running averages move on from updated values
+            outs = []
+            for net_ in (plain, fused):
+                net_.zero_grad(set_to_none=True)
+                out = net_(x)
+                (out.float() ** 2).mean().backward()
+                outs.append(out.detach())
+            torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-6)
+            g0, g1 = _grads(plain), _grads(fused)
+            assert g0.keys() == g1.keys() and g0
+            for k in g0:
+                torch.testing.assert_close(g1[k], g0[k], rtol=1e-4, atol=1e-6)
+        for k, v in plain.state_dict().items():  # running_mean/var and num_batches_tracked
+            torch.testing.assert_close(fused.state_dict()[k], v, rtol=1e-5, atol=1e-6)
+        plain.eval(), fused.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(fused(x), plain(x))
+
+
+def test_leaves_conditional_bn_and_unpaired_layers_alone():
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Tanh(), nn.BatchNorm2d(4), nn.LeakyReLU(0.1),
+                        nn.ReLU(), nn.BatchNorm2d(4, momentum=None), nn.ReLU())
+    assert fuse_norm_act(net) == 2
+    assert type(net[1]) is nn.BatchNorm2d and type(net[2]) is nn.Tanh  # Tanh is not fused
+    assert type(net[3]) is BatchNormAct2d and net[3].slope == pytest.approx(0.1) and type(net[4]) is nn.Identity
+    assert type(net[5]) is nn.ReLU
+    assert type(net[6]) is BatchNormAct2d and net[6].slope == 0.0
+    cond = build_nets(tiny("dcgan", conditional=True, num_classes=4).model)["G"]
+    assert fuse_norm_act(cond) == 0  # ConditionalBatchNorm2d takes labels: not a plain pair
+
+
+def test_cumulative_average_bn_runs_eagerly_and_matches(aot_eager):
+    plain = nn.Sequential(nn.BatchNorm2d(3, momentum=None), nn.ReLU())
+    fused = copy.deepcopy(plain)
+    fuse_norm_act(fused)
+    x = torch.randn(4, 3, 5, 5)
+    for _ in range(3):
+        torch.testing.assert_close(fused(x), plain(x))
+    torch.testing.assert_close(fused[0].running_var, plain[0].running_var)
+
+
+def test_inductor_compiles_a_pair_that_matches_eager():
+    """The real backend: a generated C++ kernel on the CPU (Triton on CUDA) for one channels-last layer."""
+    fmt = torch.channels_last
+    fusion.reset()
+    try:
+        torch.manual_seed(1)
+        plain = nn.Sequential(nn.BatchNorm2d(8), nn.LeakyReLU(0.2)).to(memory_format=fmt)
+        fused = copy.deepcopy(plain)
+        fuse_norm_act(fused)
+        x0 = torch.randn(4, 8, 6, 6).contiguous(memory_format=fmt)
+        grads, outs = [], []
+        for net in (plain, fused):
+            x = x0.clone().requires_grad_(True)
+            out = net(x)
+            (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+            outs.append(out)
+            grads.append((x.grad, net[0].weight.grad, net[0].bias.grad))
+        torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+        for a, b in zip(grads[0], grads[1]):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(fused[0].running_mean, plain[0].running_mean)
+        torch.testing.assert_close(fused[0].running_var, plain[0].running_var)
+    finally:
+        fusion.reset()
+
+
+def test_training_with_fusion_matches_and_saves_plain_checkpoints(tmp_path, aot_eager):
+    runs = {}
+    for setting in ("off", "on"):
+        cfg = tiny("dcgan").with_overrides({"train.steps": 6, "train.log_every": 1, "train.fuse_norm_act": setting,
+                                            "train.ema_decay": 0.9})
+        rep = Silent()
+        train(cfg, tmp_path / setting, rep)
+        runs[setting] = rep
+    assert any(n.startswith("fused ") and "BatchNorm + activation pairs" in n for n in runs["on"].notes)
+    for a, b in zip(runs["off"].records, runs["on"].records, strict=True):
+        assert b["loss_d"] == pytest.approx(a["loss_d"], rel=1e-3, abs=1e-4)
+        assert b["loss_g"] == pytest.approx(a["loss_g"], rel=1e-3, abs=1e-4)
+    from aigc_cli import checkpoint as ckpt_io
+
+    off = ckpt_io.load(tmp_path / "off" / "checkpoints" / "last.safetensors").tensors
+    on = ckpt_io.load(tmp_path / "on" / "checkpoints" / "last.safetensors").tensors
+    assert off.keys() == on.keys()
+
+
+def test_bad_setting_is_a_usage_error():
+    with pytest.raises(UsageError, match="fuse_norm_act must be on or off"):
+        tiny("dcgan").with_overrides({"train.fuse_norm_act": "auto"})
