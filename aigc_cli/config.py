@@ -250,7 +250,7 @@ def validate(cfg: Config) -> None:
     _need(0 <= t.ema_decay < 1, f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
     _need(t.ema_start >= 0, "train.ema_start must be >= 0")
     bad_aug = {op.strip() for op in t.diffaugment.split(",") if op.strip()} - set(AUGMENT_OPS)
-    _need(not bad_aug, f"train.diffaugment: unknown {', '.join(sorted(bad_aug))}; use a comma list of {', '.join(AUGMENT_OPS)}")
+    _need(not bad_aug, f"train.diffaugment: unknown {', '.join(map(repr, sorted(bad_aug)))}; use a comma list of {', '.join(AUGMENT_OPS)}")
     _need(lo.vae_beta >= 0, "loss.vae_beta must be >= 0")
     _need(lo.recon_sigma > 0, "loss.recon_sigma must be positive")
     _need(cfg.data.limit >= 0, "data.limit must be >= 0")

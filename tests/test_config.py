@@ -39,7 +39,7 @@ def test_overrides_convert_types():
     ("train.steps=1.5", "expects int"), ("train.lr_g=fast", "expects float"), ("data.download=maybe", "expects bool"),
     ("train.batch_size=-3", "must be positive"), ("model.resolution=48", "power of two"),
     ("model.kind=gpt", "unknown"), ("model.channels=2", "1 or 3"), ("train.device=tpu", "train.device"),
-    ("loss.gan=wgan-gp", "d_norm"), ("train.diffaugment=flip", "unknown flip"),
+    ("loss.gan=wgan-gp", "d_norm"), ("train.diffaugment=flip", "unknown 'flip'"),
 ])
 def test_bad_overrides_fail_cleanly(item, message):
     with pytest.raises(UsageError, match=message):
