@@ -5,9 +5,11 @@ reports what it measured.
 
     PYTHONPATH=. python benchmarks/gpu_check.py --data .devdata/fashion-mnist --out $OUT [--parts equivalence,train,...]
 
-Parts: equivalence, train, rollback, resume, fid_agreement (needs pytorch-fid), sample. All of them take
-about 5 minutes on an H200; a machine there starts bare, so carry the Fashion-MNIST files (and a
-pytorch-fid wheel) with the call.
+Parts: equivalence, train, fusion (train.fuse_norm_act on/off at batch 1024 and 256), profile (GPU
+time per kernel family of an eager step at batch 1024), rollback, resume, fid_agreement (needs
+pytorch-fid), sample. All of them take about 8 minutes on an H200; a machine there starts bare, so
+carry the Fashion-MNIST files (and a pytorch-fid wheel) with the call. `--device cpu --steps-scale 0.03`
+smoke-tests the fusion and profile parts here (about 3 minutes on 2 cores).
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 RESULTS: dict = {}
+STEPS_SCALE = 1.0
+DEVICE = "cuda"  # --device cpu: a smoke test of the parts that allow it, on a machine without a GPU
 
 
 def record(out: Path, name: str, value) -> None:
@@ -76,23 +80,26 @@ def graph_equivalence(data_dir: str) -> dict:
     return out
 
 
-def aigc_train_speed(data_dir: str, batch: int, graph: str, steps: int) -> dict:
+def aigc_train_speed(data_dir: str, batch: int, graph: str, steps: int, fuse: str = "off") -> dict:
     from aigc_cli.config import load_preset
     from aigc_cli.training.loop import train
     from conftest import Silent
 
     cfg = load_preset("fashion-mnist-dcgan").with_overrides({
-        "data.source": data_dir, "train.epochs": 0, "train.steps": steps, "train.log_every": max(10, steps // 10),
+        "data.source": data_dir, "train.epochs": 0, "train.steps": max(4, int(steps * STEPS_SCALE)),
+        "train.log_every": max(2, int(steps * STEPS_SCALE) // 10),
         "train.sample_every": 10**6, "train.ckpt_every": 10**6, "train.batch_size": batch,
-        "train.cuda_graph": graph, "train.device": "cuda"})
+        "train.cuda_graph": graph, "train.device": DEVICE, "train.fuse_norm_act": fuse})
     rep = Silent()
-    torch.cuda.reset_peak_memory_stats()
+    if DEVICE == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     summary = train(cfg, Path(f"/tmp/speed-{batch}-{graph}"), rep)
     rates = sorted(r["img_per_s"] for r in rep.records[1:])
-    return {"batch": batch, "graph": graph, "img_per_s_median": rates[len(rates) // 2] if rates else None,
+    return {"batch": batch, "graph": graph, "fuse": fuse, "img_per_s_median": rates[len(rates) // 2] if rates else None,
             "img_per_s_all": [r["img_per_s"] for r in rep.records], "wall_s": round(time.perf_counter() - t0, 1),
-            "precision": summary["precision"], "peak_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+            "precision": summary["precision"],
+            "peak_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if DEVICE == "cuda" else None,
             "notes": rep.notes}
 
 
@@ -112,11 +119,15 @@ def main() -> None:
     ap.add_argument("--data", required=True, help="Fashion-MNIST IDX folder")
     ap.add_argument("--out", required=True, help="folder for gpu_check.json and logs")
     ap.add_argument("--parts", default="all", help="comma list of parts to run (default all)")
+    ap.add_argument("--device", default="cuda", help="cpu: smoke-test the fusion and profile parts without a GPU")
+    ap.add_argument("--steps-scale", type=float, default=1.0, help="multiply the step counts (smoke tests: 0.05)")
     args = ap.parse_args()
+    global DEVICE, STEPS_SCALE
+    DEVICE, STEPS_SCALE = args.device, args.steps_scale
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     want = lambda p: args.parts == "all" or p in args.parts.split(",")  # noqa: E731
-    record(out, "device", {"name": torch.cuda.get_device_name(), "torch": torch.__version__})
+    record(out, "device", {"name": torch.cuda.get_device_name() if DEVICE == "cuda" else DEVICE, "torch": torch.__version__})
 
     if want("equivalence"):
         part(out, "graph_equivalence", graph_equivalence, args.data)
@@ -192,13 +203,63 @@ def fid_agreement(args, out) -> dict:
                     "--n", "5000", "--random-weights"], timeout=240)
 
 
+def fusion_speed(args, out) -> dict:
+    """train.fuse_norm_act on/off at the compute-bound batch sizes, graphed (the 100k img/s goal is at 1024)."""
+    res = {}
+    for batch, steps in ((1024, 150), (256, 300)):
+        for fuse in ("on", "off"):
+            r = aigc_train_speed(args.data, batch, "auto", steps, fuse)
+            res[f"b{batch}_fuse_{fuse}"] = {k: r[k] for k in ("img_per_s_median", "wall_s", "peak_gb", "notes")}
+    return res
+
+
+def kernel_profile(args, out) -> dict:
+    """Where the GPU time of an eager step goes at batch 1024 (eager: a replayed graph hides its kernels),
+    by kernel family, with and without fusion: what any further speed-up can still win."""
+    from aigc_cli.training.loop import train
+    from conftest import Silent
+
+    families = [("conv", ("conv", "cudnn", "xmma", "implicit", "gemm", "sm90", "sm80", "dgrad", "wgrad", "fprop")),
+                ("batch_norm", ("batch_norm", "bn_", "welford")), ("fused (triton)", ("triton",)),
+                ("activation", ("leaky", "relu", "threshold", "tanh")), ("adam", ("adam",)),
+                ("copy/cast", ("copy", "cast", "convert", "to_copy")), ("reduce", ("reduce",))]
+    res = {}
+    activity = torch.profiler.ProfilerActivity.CUDA if DEVICE == "cuda" else torch.profiler.ProfilerActivity.CPU
+    for fuse in ("off", "on"):
+        cfg = _dcgan(args.data, DEVICE, 25, **{"train.batch_size": 1024 if DEVICE == "cuda" else 64, "data.limit": 0,
+                                               "train.cuda_graph": "off", "train.fuse_norm_act": fuse,
+                                               "train.log_every": 25})
+        rep = Silent()
+        with torch.profiler.profile(activities=[activity]) as prof:
+            train(cfg, Path(f"/tmp/profile-{fuse}"), rep)
+            if DEVICE == "cuda":
+                torch.cuda.synchronize()
+        totals: dict[str, float] = {}
+        kernels = []
+        for ev in prof.key_averages():
+            t = (getattr(ev, "self_device_time_total", None) or getattr(ev, "self_cuda_time_total", 0)
+                 if DEVICE == "cuda" else ev.self_cpu_time_total)
+            if not t:
+                continue
+            name = ev.key.lower()
+            fam = next((f for f, keys in families if any(k in name for k in keys)), "other")
+            totals[fam] = totals.get(fam, 0.0) + t / 1e3
+            kernels.append((round(t / 1e3, 1), ev.count, ev.key[:120]))
+        total = sum(totals.values())
+        res[f"fuse_{fuse}"] = {"ms_per_step_by_family": {k: round(v / 25, 3) for k, v in sorted(totals.items())},
+                               "ms_per_step": round(total / 25, 3), "top_kernels_ms_total": sorted(kernels)[::-1][:25],
+                               "notes": rep.notes}
+    return res
+
+
 def sample_speed(args, out) -> dict:
     return run_cmd([sys.executable, "benchmarks/sample_speed.py", "--device", "cuda", "--n", "50000", "--data", args.data,
                     "--batch-size", "4096", "--repeats", "2"], timeout=240)
 
 
 # (name, fn(args, out)); --parts picks by name
-EXTRA_PARTS: list = [("rollback", rollback_under_graph), ("resume", resume_under_graph),
+EXTRA_PARTS: list = [("fusion", fusion_speed), ("profile", kernel_profile),
+                     ("rollback", rollback_under_graph), ("resume", resume_under_graph),
                      ("fid_agreement", fid_agreement), ("sample", sample_speed)]
 
 if __name__ == "__main__":
