@@ -162,6 +162,60 @@ def test_files_modified_just_now_are_not_cached(photos):
     assert len(entries()) == 1
 
 
+@pytest.fixture
+def hashes(monkeypatch):
+    """Counts the files whose bytes the cache key reads."""
+    calls = []
+    real = cache.file_digest
+
+    def counting(path):
+        calls.append(os.path.basename(path))
+        return real(path)
+
+    monkeypatch.setattr(cache, "file_digest", counting)
+    return calls
+
+
+def test_unchanged_folder_is_looked_up_without_reading_a_file(photos, hashes):
+    load(photos)
+    assert len(hashes) == 7  # first sight: every file is read once for its hash
+    hashes.clear()
+    assert load(photos)[0].cached and hashes == []  # the index: one stat per file
+
+
+def test_copied_or_touched_files_still_find_the_entry(photos, decodes, hashes, tmp_path):
+    import shutil
+
+    first, warned = load(photos)
+    elsewhere = tmp_path / "scratch" / "copy of photos"
+    shutil.copytree(photos, elsewhere, copy_function=shutil.copyfile)  # new inodes and mtimes
+    age(elsewhere, OLD + 50)
+    decodes.clear(), hashes.clear()
+    copy, warned_copy = load(elsewhere)
+    assert copy.cached and decodes == [] and len(hashes) == 7 and len(entries()) == 1
+    assert torch.equal(copy.images, first.images) and torch.equal(copy.labels, first.labels)
+    assert copy.name == f"folder {elsewhere} (6 images, 2 classes)"  # this folder, not the first one
+    assert warned_copy[0] == warned[0] and warned_copy[1] == f"skipped 1 of 7 files under {elsewhere} (unreadable or not images)"
+    age(photos, OLD + 100)  # `touch`: same bytes
+    decodes.clear()
+    assert load(photos)[0].cached and decodes == []
+
+
+def test_damaged_index_falls_back_to_hashing(photos, decodes):
+    load(photos)
+    for name in os.listdir(cache.index_dir()):
+        with open(os.path.join(cache.index_dir(), name), "w") as f:
+            f.write("not a digest")
+    decodes.clear()
+    assert load(photos)[0].cached and decodes == []
+
+
+def test_fifo_in_a_folder_is_never_opened_for_its_hash(photos):
+    os.mkfifo(photos / "cats" / "pipe.png")
+    assert cache.file_digest(str(photos / "cats" / "pipe.png")) == "not-a-file"  # returns: did not block
+    assert cache.file_digest(str(photos / "cats" / "absent.png")).startswith("error:")
+
+
 def test_strict_does_not_trust_an_entry_with_skipped_files(photos):
     load(photos)
     with pytest.raises(UsageError, match="broken.png"):

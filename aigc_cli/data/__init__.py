@@ -16,7 +16,7 @@ import torch
 
 from aigc_cli.data import cache as decoded_cache
 from aigc_cli.data import cifar, idx, torchvision_sources
-from aigc_cli.data.folder import list_images, load_folder, pixel_limit
+from aigc_cli.data.folder import list_images, load_folder, one_line, pixel_limit
 from aigc_cli.data.lazy import LazyFolder
 from aigc_cli.data.shapes import CLASSES as SHAPE_CLASSES
 from aigc_cli.data.shapes import draw_shapes
@@ -72,7 +72,7 @@ def load_images(source: str, *, channels: int, resolution: int, root: str | None
     strict: for an image folder, the first file that cannot be used raises UsageError instead of
         being skipped with a warning.
     cache: keep the converted images of an image folder (or of IDX / CIFAR-10 data that needed
-        converting) in $AIGC_CACHE_DIR/decoded, keyed by the files' names, sizes and mtimes and the
+        converting) in $AIGC_CACHE_DIR/decoded, keyed by the files' names and contents and the
         conversion, and read them from there next time (see cache.py). Its warnings are replayed.
     lazy_above_mb: when given and `source` is an image folder whose decoded images would take more
         than this many MB, nothing is decoded now: `images` is a LazyFolder that decodes on demand
@@ -134,11 +134,13 @@ def load_images(source: str, *, channels: int, resolution: int, root: str | None
         hit = decoded_cache.load(key, warn)
         # --strict must stop on a bad file that an earlier, lenient run skipped: decode again.
         if hit is not None and not (strict and hit.info["warnings"]):
+            # The entry may come from a copy of these files elsewhere: name this folder, not that one.
+            then, now = hit.info.get("folder", ""), one_line(path)
             for line in hit.info["warnings"]:
-                warn(line)
+                warn(line.replace(then, now) if then else line)
             return ImageData(images=hit.images, labels=hit.labels,
                              num_classes=int(hit.info["num_classes"]) if hit.labels is not None else 0,
-                             name=hit.info["name"], class_names=tuple(hit.info.get("class_names", ())),
+                             name=f"{name} ({hit.info['details']})", class_names=tuple(hit.info.get("class_names", ())),
                              cached=True)
 
     warnings: list[str] = []
@@ -179,7 +181,7 @@ def load_images(source: str, *, channels: int, resolution: int, root: str | None
     # (e.g. 28 -> 64 pixels for every MNIST image) is worth keeping. Decoding a folder always is.
     if key is not None and (kind == "folder" or needs_conversion):
         info = {"num_classes": data.num_classes, "class_names": list(class_names), "name": data.name,
-                "warnings": warnings}
+                "details": ", ".join(details), "folder": one_line(path), "warnings": warnings}
         decoded_cache.store(key, decoded_cache.Entry(data.images, data.labels, info), warn)
     return data
 

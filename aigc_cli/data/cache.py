@@ -1,11 +1,16 @@
 """On-disk cache of decoded data sets, so a rerun on the same files starts at once.
 
-One safetensors file per (source files, conversion) pair under $AIGC_CACHE_DIR/decoded (default
+One safetensors file per (file contents, conversion) pair under $AIGC_CACHE_DIR/decoded (default
 ~/.cache/aigc/decoded): tensors "images" (uint8 N,C,H,W) and, when labelled, "labels" (int64 N),
-with the rest (class count and names, display name, the warnings the decode printed) as JSON in
-the metadata. The file name is a SHA-256 over the source's file list with sizes and modification
-times plus the conversion parameters, so it costs only a stat per file to compute: changing,
-adding or removing a file changes the key, and the stale entry is simply never read again.
+with the rest (class count and names, the description, the warnings the decode printed) as JSON in
+the metadata. The file name is a SHA-256 over the files' relative names and the SHA-256 of their bytes,
+plus the conversion parameters: changing, adding or removing a file changes the key, and the stale
+entry is simply never read again, while a copy of the same files elsewhere (a job's local scratch
+disk, say) or files merely touched still find it.
+
+Hashing reads every file, which decoding would do anyway but a warm start should not: a small index
+($AIGC_CACHE_DIR/decoded-index) maps a listing (the folder, each file's name, size, mtime and inode, as
+git's index does) to the content key, so an unchanged folder costs one stat per file.
 
 The cache is an optimisation only: a damaged entry is ignored with a warning and rebuilt, and a
 cache folder that cannot be written gives one warning and the run goes on without it.
@@ -16,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import tempfile
 import time
 from dataclasses import dataclass
@@ -25,7 +31,7 @@ import torch
 
 # Bump whenever decoding or conversion changes what a given file turns into, so that entries
 # written by an older aigc are not reused.
-FORMAT = 1
+FORMAT = 2
 # A file modified this close to (or after) the moment it was listed could be modified again within
 # the same timestamp tick (file systems keep mtimes at jiffy, not nanosecond, resolution) without
 # its size or mtime changing; such listings are not cached ("racy git" problem, same remedy).
@@ -42,18 +48,43 @@ def decoded_dir() -> str:
     return os.path.join(cache_root(), "decoded")
 
 
+def index_dir() -> str:
+    return os.path.join(cache_root(), "decoded-index")
+
+
 @dataclass
 class Key:
-    digest: str      # hex SHA-256, the entry's file name
+    digest: str      # hex SHA-256 of the contents and conversion: the entry's file name
     cacheable: bool  # False when a file is too fresh to trust its mtime (see RACY_NS)
 
 
-def make_key(folder: str, rel_paths: Iterable[str], params: dict) -> Key:
-    """Key for the files `rel_paths` under `folder` converted with `params` (JSON-able).
+def _record(h, rel: str, entry: str) -> None:
+    # Separators that cannot occur in a path component keep distinct lists distinct.
+    h.update(rel.encode("utf-8", "surrogateescape") + b"\0" + entry.encode() + b"\n")
 
-    Each file is stat()ed (never opened: a FIFO or a dangling link costs nothing here). A file that
-    cannot be stat()ed is part of the key as such, so its later appearance changes the key too.
-    """
+
+def file_digest(path: str) -> str:
+    """SHA-256 of a regular file's bytes; anything else (a FIFO, a device, a missing file or a
+    dangling link) is named for what it is and never read, so it cannot block or hang."""
+    try:
+        # O_NONBLOCK: a file swapped for a FIFO after listing must not block the open.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as e:
+        return f"error:{e.errno}"
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return "not-a-file"
+        h = hashlib.sha256()
+        try:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+        except OSError as e:
+            return f"error:{e.errno}"
+        return h.hexdigest()
+
+
+def _listing(folder: str, rel_paths: list[str], params: dict) -> tuple[str, bool]:
+    """(digest of the folder's stat listing, whether any file is too fresh to trust it)."""
     now = time.time_ns()
     h = hashlib.sha256(json.dumps({"format": FORMAT, "folder": os.path.abspath(folder), **params},
                                   sort_keys=True).encode())
@@ -65,16 +96,62 @@ def make_key(folder: str, rel_paths: Iterable[str], params: dict) -> Key:
             fresh = fresh or st.st_mtime_ns > now - RACY_NS
         except OSError as e:
             entry = f"error:{e.errno}"
-        # Separators that cannot occur in a path component keep distinct lists distinct.
-        h.update(rel.encode("utf-8", "surrogateescape") + b"\0" + entry.encode() + b"\n")
-    return Key(h.hexdigest(), not fresh)
+        _record(h, rel, entry)
+    return h.hexdigest(), fresh
+
+
+def make_key(folder: str, rel_paths: Iterable[str], params: dict) -> Key:
+    """Key for the files `rel_paths` under `folder` converted with `params` (JSON-able).
+
+    An unchanged listing reads its key from the index (one stat per file); otherwise every file is
+    hashed (regular files only) and the index remembers the result. A file that cannot be read is
+    part of the key as such, so its later appearance changes the key too.
+    """
+    rel_paths = list(rel_paths)
+    listing, fresh = _listing(folder, rel_paths, params)
+    index = os.path.join(index_dir(), listing)
+    if not fresh:
+        try:
+            with open(index, encoding="ascii") as f:
+                digest = f.read(65)
+            if len(digest) == 64 and all(c in "0123456789abcdef" for c in digest):
+                return Key(digest, True)
+        except (OSError, UnicodeDecodeError):
+            pass
+    h = hashlib.sha256(json.dumps({"format": FORMAT, **params}, sort_keys=True).encode())
+    for rel in rel_paths:
+        _record(h, rel, file_digest(os.path.join(folder, rel)))
+    key = Key(h.hexdigest(), not fresh)
+    if key.cacheable:
+        _write_atomic(index, key.digest.encode())
+    return key
+
+
+def _write_atomic(path: str, data: bytes) -> bool:
+    """Write `data` to `path` by a temporary file and a rename; False (and nothing left) on failure."""
+    folder = os.path.dirname(path)
+    tmp = None
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)[:16]}.", suffix=".tmp", dir=folder)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+        return True
+    except OSError:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+        return False
 
 
 @dataclass
 class Entry:
     images: torch.Tensor
     labels: torch.Tensor | None
-    info: dict  # num_classes, class_names, name, warnings
+    info: dict  # num_classes, class_names, name, details, folder, warnings
 
 
 def _path(key: Key) -> str:
@@ -133,8 +210,8 @@ def load(key: Key, warn: Callable[[str], None]) -> Entry | None:
             raise ValueError(f"images are {images.dtype} {tuple(images.shape)}, expected uint8 (N, C, H, W)")
         if labels is not None and (labels.dtype != torch.int64 or labels.shape != images.shape[:1]):
             raise ValueError(f"labels are {labels.dtype} {tuple(labels.shape)}, expected int64 ({images.shape[0]},)")
-        if not isinstance(info.get("warnings"), list) or not isinstance(info.get("name"), str):
-            raise ValueError("its metadata lacks the name or warnings")
+        if not all(isinstance(info.get(k), t) for k, t in (("warnings", list), ("details", str), ("folder", str))):
+            raise ValueError("its metadata lacks the description, folder or warnings")
     except Exception as e:  # noqa: BLE001 - a damaged cache file of any kind is rebuilt, never fatal
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         warn(f"ignoring damaged decoded-image cache file {path} ({reason}); decoding again")
