@@ -33,15 +33,16 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
 
 @torch.inference_mode()
 def generate(G: torch.nn.Module, z: torch.Tensor, amp: Precision, batch_size: int = 512,
-             labels: torch.Tensor | None = None) -> torch.Tensor:
-    """uint8 images (N, C, H, W) on the CPU, generated in batches under autocast; `labels` (N,) for
-    a conditional generator."""
+             labels: torch.Tensor | None = None, to_cpu: bool = True) -> torch.Tensor:
+    """uint8 images (N, C, H, W) on the CPU (to_cpu=False: on G's device), generated in batches under
+    autocast; `labels` (N,) for a conditional generator."""
     device = next(G.parameters()).device
     out = []
     for i, chunk in enumerate(z.split(batch_size)):
         y = None if labels is None else labels[i * batch_size:(i + 1) * batch_size].to(device)
         with amp.autocast():
-            out.append(to_uint8(G(chunk.to(device), y)).cpu())
+            img = to_uint8(G(chunk.to(device), y))
+        out.append(img.cpu() if to_cpu else img)
     return torch.cat(out)
 
 

@@ -6,10 +6,10 @@ reports what it measured.
     PYTHONPATH=. python benchmarks/gpu_check.py --data .devdata/fashion-mnist --out $OUT [--parts equivalence,train,...]
 
 Parts: equivalence, train, fusion (train.fuse_norm_act on/off at batch 1024 and 256), profile (GPU
-time per kernel family of an eager step at batch 1024), rollback, resume, fid_agreement (needs
-pytorch-fid), sample. All of them take about 8 minutes on an H200; a machine there starts bare, so
-carry the Fashion-MNIST files (and a pytorch-fid wheel) with the call. `--device cpu --steps-scale 0.03`
-smoke-tests the fusion and profile parts here (about 3 minutes on 2 cores).
+time per kernel family of an eager step at batch 1024), rollback, resume, eval (`aigc eval` wall
+times), fid_agreement (needs pytorch-fid), sample. All of them take about 10 minutes on an H200; a
+machine there starts bare, so carry the Fashion-MNIST files (and a pytorch-fid wheel) with the call.
+`--device cpu --steps-scale 0.03` smoke-tests the fusion, profile and eval parts here (minutes).
 """
 
 from __future__ import annotations
@@ -103,11 +103,11 @@ def aigc_train_speed(data_dir: str, batch: int, graph: str, steps: int, fuse: st
             "notes": rep.notes}
 
 
-def run_cmd(cmd: list[str], timeout: int) -> dict:
+def run_cmd(cmd: list[str], timeout: int, env: dict | None = None) -> dict:
     t0 = time.perf_counter()
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-                           env={**os.environ, "PYTHONPATH": str(ROOT)})
+                           env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
         return {"rc": p.returncode, "stdout": p.stdout[-3000:], "stderr": p.stderr[-2000:],
                 "wall_s": round(time.perf_counter() - t0, 1)}
     except subprocess.TimeoutExpired as e:
@@ -252,6 +252,32 @@ def kernel_profile(args, out) -> dict:
     return res
 
 
+def eval_speed(args, out) -> dict:
+    """`aigc eval` of a short DCGAN run: FID+IS at 10k (real statistics computed, then a cache hit) and
+    all metrics at 10k, with random Inception weights in the real layout (timing only)."""
+    import tempfile
+
+    from aigc_cli.training.loop import train
+    from conftest import Silent
+    from test_inception import random_state_dict
+
+    run = Path("/tmp/gpu-eval-run")
+    train(_dcgan(args.data, DEVICE, 20, **{"data.limit": 0}), run, Silent())
+    weights = Path(tempfile.mkdtemp()) / "random-inception.pth"
+    torch.save(random_state_dict(), weights)
+    env = {"AIGC_UNVERIFIED_INCEPTION_WEIGHTS_FOR_TESTS": "1", "AIGC_CACHE_DIR": tempfile.mkdtemp()}
+    n = "10000" if DEVICE == "cuda" else "20"
+    base = [sys.executable, "-m", "aigc_cli", "eval", str(run), "--data", args.data, "--n", n,
+            "--inception-weights", str(weights), "--json", "--device", DEVICE]
+    res = {}
+    for name, extra in (("fid_is_cold", ["--metrics", "fid,is"]), ("fid_is_cached", ["--metrics", "fid,is"]),
+                        ("all_cached", []), ("fid_bf16_cached", ["--metrics", "fid", "--precision", "bf16"])):
+        r = run_cmd(base + extra, timeout=300, env=env)
+        res[name] = {"rc": r.get("rc"), "wall_s": r.get("wall_s"), "stdout": r.get("stdout", "")[:400],
+                     "stderr": r.get("stderr", "")[-600:]}
+    return res
+
+
 def sample_speed(args, out) -> dict:
     return run_cmd([sys.executable, "benchmarks/sample_speed.py", "--device", "cuda", "--n", "50000", "--data", args.data,
                     "--batch-size", "4096", "--repeats", "2"], timeout=240)
@@ -259,7 +285,7 @@ def sample_speed(args, out) -> dict:
 
 # (name, fn(args, out)); --parts picks by name
 EXTRA_PARTS: list = [("fusion", fusion_speed), ("profile", kernel_profile),
-                     ("rollback", rollback_under_graph), ("resume", resume_under_graph),
+                     ("rollback", rollback_under_graph), ("resume", resume_under_graph), ("eval", eval_speed),
                      ("fid_agreement", fid_agreement), ("sample", sample_speed)]
 
 if __name__ == "__main__":

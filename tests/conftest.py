@@ -128,9 +128,9 @@ class Counting:
         self.inner, self.images = inner, 0
         self.name, self.protocol = inner.name, inner.protocol
 
-    def embed(self, images, batch_size):
+    def embed(self, images, batch_size, on_device=False):
         self.images += len(images)
-        return self.inner.embed(images, batch_size)
+        return self.inner.embed(images, batch_size, on_device=on_device)
 
 
 def run_cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:

@@ -35,7 +35,7 @@ def test_a_perfect_generator_scores_at_the_noise_floor(runs, tmp_path, monkeypat
     perfect = load_images("shapes", channels=1, resolution=16, split="test").images[:n]  # what it should draw
     drawn = []
 
-    def fake_generate(G, z, amp, batch_size, labels=None):  # called once per batch of the eval loop
+    def fake_generate(G, z, amp, batch_size, labels=None, to_cpu=True):  # called once per batch of the eval loop
         start = sum(drawn)
         drawn.append(len(z))
         return perfect[start:start + len(z)]

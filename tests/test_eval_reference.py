@@ -13,6 +13,7 @@ from PIL import Image
 
 from aigc_cli import checkpoint as ckpt_io
 from aigc_cli.data import load_images
+from aigc_cli.errors import UsageError
 from aigc_cli.metrics import evaluate as evaluate_mod
 from aigc_cli.metrics.fid import kid
 from aigc_cli.metrics.reference import FeatureStats, load_npz, real_indices
@@ -72,6 +73,23 @@ def test_feature_stats_in_batches_equal_numpy_on_all_features():
     np.testing.assert_allclose(mu, x.mean(0), rtol=1e-12)
     np.testing.assert_allclose(sigma, np.cov(x, rowvar=False, ddof=1), rtol=1e-9, atol=1e-9)
     assert acc.features().dtype == np.float32 and acc.features().shape == x.shape
+    # float32 tensors, as extractors hand them over on their device, are summed in float64 too
+    acc32 = FeatureStats(keep=False)
+    for part in torch.from_numpy(x.astype(np.float32)).split(40):
+        acc32.add(part)
+    np.testing.assert_allclose(acc32.mu_sigma()[1], np.cov(x.astype(np.float32).astype(np.float64), rowvar=False),
+                               rtol=1e-9, atol=1e-9)
+    assert acc32.features() is None
+
+
+def test_non_finite_features_are_a_usage_error_when_read():
+    acc = FeatureStats(keep=True)
+    acc.add(torch.ones(3, 4))
+    acc.add(torch.tensor([[0.0, float("nan"), 1.0, 2.0]]))  # no sync per batch: noticed at the end
+    acc.add(torch.zeros(2, 4))
+    for read in (acc.mu_sigma, acc.features):
+        with pytest.raises(UsageError, match="NaN or infinite"):
+            read()
 
 
 @pytest.mark.filterwarnings("ignore:Matrix is singular")  # 60 samples of 128 features: a singular covariance

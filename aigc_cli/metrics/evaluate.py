@@ -120,32 +120,33 @@ class FakeEmbedder:
         self.stats = FeatureStats(keep=any(m in metrics for m in NEEDS_REAL_FEATURES))
         self.want_probs = "is" in metrics
         self.want_feats = any(m in metrics for m in NEEDS_REAL)
-        self.probs: list[np.ndarray] = []
+        self.probs: list[torch.Tensor] = []
         self.save_dir = Path(save_dir) if save_dir else None
         self.count = 0
 
     @torch.inference_mode()
     def add(self, images: torch.Tensor, batch_size: int) -> None:
         if self.save_dir is not None:
-            for i, img in enumerate(images):
+            for i, img in enumerate(images.cpu()):
                 save_png(img, self.save_dir / f"{self.count + i:06d}.png")
         self.count += len(images)
         if not (self.want_feats or self.want_probs):
             return
-        f, p = self.extractor.embed(images, batch_size)
+        f, p = self.extractor.embed(images, batch_size, on_device=True)
         if self.want_feats:
             self.stats.add(f)
         if self.want_probs:
-            self.probs.append(np.asarray(p, dtype=np.float64))
+            self.probs.append(p)
 
     def add_generated(self, G, z: torch.Tensor, labels: torch.Tensor | None, amp, batch_size: int) -> None:
         """Generate and embed batch by batch: no more than one batch of images exists at a time."""
         for i, chunk in enumerate(z.split(batch_size)):
             y = None if labels is None else labels[i * batch_size:(i + 1) * batch_size]
-            self.add(generate(G, chunk, amp, batch_size, labels=y), batch_size)
+            # Left on the device: the extractor takes them from there, with no round trip through the host.
+            self.add(generate(G, chunk, amp, batch_size, labels=y, to_cpu=False), batch_size)
 
     def all_probs(self) -> np.ndarray | None:
-        return np.concatenate(self.probs) if self.probs else None
+        return torch.cat(self.probs).cpu().double().numpy() if self.probs else None
 
 
 def check_reference_matches(ref: Reference, extractor, warn) -> None:

@@ -65,17 +65,20 @@ class ClassifierFeatures:
         }
 
     @torch.inference_mode()
-    def embed(self, images: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Penultimate features and class probabilities (for the Inception Score), float64 on the CPU."""
+    def embed(self, images: torch.Tensor, batch_size: int, on_device: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Penultimate features and class probabilities (for the Inception Score), float64 on the CPU
+        (on_device: float32 on the classifier's device)."""
         feats, probs = [], []
         for chunk in images.split(max(1, batch_size)):
             chunk = conform(chunk.cpu(), self.cfg.channels, self.cfg.resolution)
             with self.amp.autocast():
                 f = self.C.features(from_uint8(chunk.to(self.device)))
                 logits = self.C.head(f)
-            feats.append(f.float().cpu())
-            probs.append(torch.softmax(logits.float(), 1).cpu())
-        return torch.cat(feats).double(), torch.cat(probs).double()
+            feats.append(f.float())
+            probs.append(torch.softmax(logits.float(), 1))
+        if on_device:
+            return torch.cat(feats), torch.cat(probs)
+        return torch.cat(feats).cpu().double(), torch.cat(probs).cpu().double()
 
     def __call__(self, images: torch.Tensor, batch_size: int) -> torch.Tensor:
         return self.embed(images, batch_size)[0]

@@ -291,9 +291,10 @@ class InceptionFeatures:
         return torch.autocast(self.device.type, dtype=PRECISIONS[self.precision])
 
     @torch.inference_mode()
-    def embed(self, images: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def embed(self, images: torch.Tensor, batch_size: int, on_device: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 images (N, 1 or 3, H, W) -> (features float64 (N, 2048), probs float64 (N, 1008)),
-        both on the CPU. Chunks of `batch_size` go to the device as uint8 and are converted there."""
+        both on the CPU. Chunks of `batch_size` go to the device as uint8 and are converted there.
+        on_device: float32 results left on the extractor's device (no copy back, no wait for it)."""
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3):
             raise ValueError(f"expected uint8 images (N, 1 or 3, H, W), got {images.dtype} {tuple(images.shape)}")
         feats, probs = [], []
@@ -304,11 +305,13 @@ class InceptionFeatures:
                     pool = self.net(x)
                 pool = pool.float()
                 logits = self.net.logits(pool)  # fp32, outside autocast
-                feats.append(pool.cpu())
-                probs.append(torch.softmax(logits, 1).cpu())
+                feats.append(pool)
+                probs.append(torch.softmax(logits, 1))
         if not feats:
             return torch.zeros(0, FEATURE_DIM, dtype=torch.float64), torch.zeros(0, NUM_CLASSES, dtype=torch.float64)
-        return torch.cat(feats).double(), torch.cat(probs).double()
+        if on_device:
+            return torch.cat(feats), torch.cat(probs)
+        return torch.cat(feats).cpu().double(), torch.cat(probs).cpu().double()
 
     def __call__(self, images: torch.Tensor, batch_size: int) -> torch.Tensor:
         return self.embed(images, batch_size)[0]

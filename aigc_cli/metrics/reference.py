@@ -40,39 +40,52 @@ class FeatureStats:
     """Running mean and covariance (float64) of features arriving in batches, without holding them
     all (keep=True also keeps them, as float32, for KID and precision/recall).
 
-    Sums are taken around a shift (the first batch's mean), so the covariance does not lose digits
-    to cancellation when the features' mean is large next to their spread."""
+    The sums live where the features arrive (on a GPU: float64 there, no copy back per batch and no
+    host sync until the end), and are taken around a shift (the first batch's mean), so the
+    covariance does not lose digits to cancellation when the features' mean is large next to their
+    spread. Non-finite features are reported when the statistics are read."""
 
     def __init__(self, keep: bool):
         self.keep, self.n = keep, 0
-        self.shift = self.s1 = self.s2 = None
-        self.kept: list[np.ndarray] = []
+        self.shift = self.s1 = self.s2 = self.finite = None
+        self.kept: list[torch.Tensor] = []
 
+    @torch.inference_mode()
     def add(self, feats) -> None:
-        f = np.asarray(feats.numpy() if hasattr(feats, "numpy") else feats, dtype=np.float64)
+        f = torch.as_tensor(feats)
         if f.ndim != 2 or not len(f):
             return
-        if not np.isfinite(f).all():
-            raise UsageError("the feature extractor produced NaN or infinite values (try --precision fp32)")
+        f64 = f.double()
         if self.shift is None:
-            self.shift = f.mean(0)
-            self.s1, self.s2 = np.zeros(f.shape[1]), np.zeros((f.shape[1], f.shape[1]))
-        c = f - self.shift
+            self.shift = f64.mean(0)
+            self.s1 = torch.zeros_like(self.shift)
+            self.s2 = torch.zeros(f.shape[1], f.shape[1], dtype=torch.float64, device=f.device)
+            self.finite = torch.ones((), dtype=torch.bool, device=f.device)
+        self.finite &= torch.isfinite(f64).all()  # read at the end: no sync here
+        c = f64 - self.shift
         self.s1 += c.sum(0)
-        self.s2 += c.T @ c
+        self.s2.addmm_(c.T, c)
         self.n += len(f)
         if self.keep:
-            self.kept.append(f.astype(np.float32))
+            self.kept.append(f.float())
+
+    def _check(self) -> None:
+        if self.finite is not None and not bool(self.finite):
+            raise UsageError("the feature extractor produced NaN or infinite values (try --precision fp32)")
 
     def mu_sigma(self) -> tuple[np.ndarray, np.ndarray]:
         if self.n < 2:
             raise UsageError(f"need at least 2 images for feature statistics, got {self.n}")
+        self._check()
         m = self.s1 / self.n
-        sigma = (self.s2 - self.n * np.outer(m, m)) / (self.n - 1)
-        return self.shift + m, (sigma + sigma.T) / 2
+        sigma = (self.s2 - self.n * torch.outer(m, m)) / (self.n - 1)
+        return (self.shift + m).cpu().numpy(), ((sigma + sigma.T) / 2).cpu().numpy()
 
     def features(self) -> np.ndarray | None:
-        return np.concatenate(self.kept) if self.keep and self.kept else None
+        if not (self.keep and self.kept):
+            return None
+        self._check()
+        return torch.cat(self.kept).cpu().numpy()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -185,7 +198,7 @@ def cache_key(*, data: str, split: str, seed: int, n: int, shape, content: str, 
 def embed_all(extractor, images: torch.Tensor, batch_size: int, keep: bool = True) -> FeatureStats:
     acc = FeatureStats(keep=keep)
     for chunk in images.split(max(1, batch_size)):
-        acc.add(extractor.embed(chunk, batch_size)[0])
+        acc.add(extractor.embed(chunk, batch_size, on_device=True)[0])
     return acc
 
 
