@@ -65,10 +65,17 @@ def test_fp16_switches_to_bf16_on_divergence(monkeypatch, tmp_path):
     inject(monkeypatch, 8)
     from aigc_cli.training.loop import train
 
+    from aigc_cli.metrics.evaluate import TrainingEvaluator
+
+    seen = []  # the precision each evaluation during training generated with
+    monkeypatch.setattr(TrainingEvaluator, "__init__", lambda self, *a, **k: setattr(self, "metric", "fid"))
+    monkeypatch.setattr(TrainingEvaluator, "__call__", lambda self, G, step, amp=None: seen.append((step, amp.name))
+                        or {"fid": 1.0 / step})
     rep = Silent()
-    summary = train(cfg(**{"train.precision": "fp16"}), tmp_path / "r", rep)
+    summary = train(cfg(**{"train.precision": "fp16", "train.eval_every": "5"}), tmp_path / "r", rep)
     assert summary["precision"] == "bf16"
     assert any("fp16 -> bf16" in n for n in rep.notes)
+    assert seen[0] == (5, "fp16") and seen[-1] == (15, "bf16")  # not the fp16 it was built with
 
 
 def test_persistent_nan_gives_up_with_exit_code_3(monkeypatch, tmp_path):

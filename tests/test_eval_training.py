@@ -48,7 +48,7 @@ SCRIPTED = {"fid": ({5: 9.0, 10: 4.0, 15: 6.0, 20: 5.0}, 10), "is": ({5: 1.5, 10
 def test_best_checkpoint_is_the_best_evaluation(tmp_path, classifier, metric, monkeypatch):
     values, best_step = SCRIPTED[metric]
     from aigc_cli.metrics.evaluate import TrainingEvaluator
-    monkeypatch.setattr(TrainingEvaluator, "__call__", lambda self, G, step: {metric: values[step]})
+    monkeypatch.setattr(TrainingEvaluator, "__call__", lambda self, G, step, amp=None: {metric: values[step]})
     summary, rep, evals = run_with_eval(tmp_path, classifier, metric)
     assert evals == values
     best = ckpt_io.load(tmp_path / "run" / "checkpoints" / "best.safetensors")
@@ -103,16 +103,22 @@ def test_missing_inception_weights_fail_before_anything_is_written(tmp_path, mon
     from aigc_cli.errors import UsageError
     monkeypatch.setenv("AIGC_INCEPTION_WEIGHTS", str(tmp_path / "missing.pth"))
     cfg = tiny("dcgan").with_overrides({"train.eval_every": "5", "train.eval_n": "16"})
-    with pytest.raises(UsageError, match="missing.pth"):
+    with pytest.raises(UsageError, match="missing.pth") as e:
         train(cfg, tmp_path / "run", Silent())
+    assert str(e.value).startswith("evaluation during training (train.eval_every=5): ")
     assert not (tmp_path / "run").exists()
+    # a checkpoint that is not a classifier is named by the setting that gave it
+    gan = tmp_path / "gan"
+    train(tiny("dcgan").with_overrides({"train.steps": 2}), gan, Silent())
+    with pytest.raises(UsageError, match=f"train.eval_features {gan}: expected a classifier checkpoint"):
+        train(cfg.with_overrides({"train.eval_features": str(gan)}), tmp_path / "run", Silent())
 
 
 def test_images_per_second_leave_evaluation_time_out(tmp_path, classifier, monkeypatch):
     import time
     from aigc_cli.metrics.evaluate import TrainingEvaluator
 
-    def slow(self, G, step):
+    def slow(self, G, step, amp=None):
         time.sleep(1.0)
         return {"fid": 1.0}
 
@@ -127,7 +133,7 @@ def test_images_per_second_leave_evaluation_time_out(tmp_path, classifier, monke
 def test_resume_with_another_eval_metric_starts_the_best_afresh(tmp_path, classifier, monkeypatch):
     from aigc_cli.metrics.evaluate import TrainingEvaluator
     values = {"fid": {5: 9.0, 10: 4.0, 15: 6.0, 20: 5.0}, "is": {25: 1.5, 30: 2.0}}
-    monkeypatch.setattr(TrainingEvaluator, "__call__", lambda self, G, step: {self.metric: values[self.metric][step]})
+    monkeypatch.setattr(TrainingEvaluator, "__call__", lambda self, G, step, amp=None: {self.metric: values[self.metric][step]})
     run_with_eval(tmp_path, classifier, "fid")
     cfg = tiny("dcgan").with_overrides({
         "train.steps": "30", "train.eval_every": "5", "train.eval_n": "48", "train.eval_metric": "is",

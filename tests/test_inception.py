@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import math
 import urllib.error
 import urllib.request
@@ -420,3 +421,27 @@ def test_precision_runs_under_autocast_and_is_recorded(monkeypatch, unverified_o
                                 (torch.float32, (1, 3, 299, 299), autocast, torch.bfloat16)]
     with pytest.raises(ValueError):
         inc.InceptionFeatures(None, torch.device("cpu"), precision="int8")
+
+
+def test_eval_download_weights_alone_fetches_them(tmp_path, monkeypatch, capsys):
+    """The missing-weights message says to run `aigc eval --download-weights`: alone, it only fetches."""
+    from conftest import run_cli
+
+    data = b"pretend weights" * 50
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.delenv(W.ENV_PATH, raising=False)
+    monkeypatch.setattr(W, "WEIGHTS_SHA256", hashlib.sha256(data).hexdigest())
+
+    def offline(*a, **k):
+        raise urllib.error.URLError(OSError(-3, "Temporary failure in name resolution"))
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    code, out, err = run_cli(monkeypatch, capsys, "eval", "--download-weights")
+    assert code == 2 and "could not download" in err and len(err.strip().splitlines()) == 1
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: _Response(data))
+    code, out, err = run_cli(monkeypatch, capsys, "eval", "--download-weights")
+    assert code == 0, err
+    assert W.hub_cache_path().read_bytes() == data and "Inception weights ready" in out and "checked" in out
+    code, out, _ = run_cli(monkeypatch, capsys, "eval", "--download-weights", "--json")
+    assert code == 0 and json.loads(out) == {"inception_weights": str(W.hub_cache_path()),
+                                             "sha256": W.WEIGHTS_SHA256, "verified": True}

@@ -59,6 +59,17 @@ def evaluate(
 
     if checkpoint and fake:
         raise UsageError("give either a CHECKPOINT or --fake DIR, not both")
+    if download_weights and not checkpoint and not fake:  # fetch only (the missing-weights error says to)
+        from ..metrics.weights import ensure_weights, verified_weights
+
+        path = ensure_weights(inception_weights, download=True)
+        info = verified_weights(path)
+        if json_out:
+            emit_json({"inception_weights": str(path), "sha256": info.sha256, "verified": info.verified})
+        else:
+            human_console(False).print(f"Inception weights ready: {path} (SHA-256 {info.sha256[:12]}..., "
+                                      + ("checked)" if info.verified else "NOT checked: test override)"))
+        return
     if not checkpoint and not fake:
         raise UsageError("nothing to score: give a CHECKPOINT (or run folder), or --fake DIR with --data SOURCE")
     if fake and save_fakes:

@@ -411,7 +411,11 @@ class TrainingEvaluator:
         self.amp, self.device = amp, torch.device(device)
         self.batch_size = batch_size or min(256, max(1, t.batch_size))
         self.cfg = cfg
-        self.extractor = make_extractor(t.eval_features or None, None, self.device, extractor_precision(t.precision))
+        try:
+            self.extractor = make_extractor(t.eval_features or None, None, self.device,
+                                            extractor_precision(t.precision), option="train.eval_features")
+        except UsageError as e:  # its advice names `aigc eval`'s flags: say which setting led here
+            raise UsageError(f"evaluation during training (train.eval_every={t.eval_every}): {e}") from None
         self.reference = None
         if self.metric in NEEDS_REAL:
             common = dict(extractor=self.extractor, n=self.n, seed=t.seed, batch_size=self.batch_size,
@@ -431,12 +435,13 @@ class TrainingEvaluator:
                                                batch_size=self.batch_size, stats_dir=common["stats_dir"], warn=warn)
         self.z, self.labels = seeded_inputs(m, self.n, t.seed)
 
-    def __call__(self, G: torch.nn.Module, step: int) -> dict[str, float]:
+    def __call__(self, G: torch.nn.Module, step: int, amp: Precision | None = None) -> dict[str, float]:
+        """Scores of G now; `amp` is the run's current precision (a rollback may have left fp16)."""
         was_training = G.training
         G.eval()
         try:
             fake = FakeEmbedder(self.extractor, self.metrics)
-            fake.add_generated(G, self.z, self.labels, self.amp, self.batch_size)
+            fake.add_generated(G, self.z, self.labels, amp or self.amp, self.batch_size)
             values, _ = score(self.metrics, fake=fake.stats, probs=fake.all_probs(), ref=self.reference,
                               seed=self.seed)
         finally:

@@ -39,10 +39,10 @@ def state_sha256(state: dict[str, torch.Tensor]) -> str:
 class ClassifierFeatures:
     """The penultimate layer of a classifier trained by `aigc train` on the domain's labelled data."""
 
-    def __init__(self, path: str, device: torch.device, amp: Precision | str):
+    def __init__(self, path: str, device: torch.device, amp: Precision | str, option: str = "--features"):
         ck = ckpt_io.load(path)
         if ck.config.model.kind != "classifier":
-            raise UsageError(f"--features {path}: expected a classifier checkpoint, got a {ck.config.model.kind}")
+            raise UsageError(f"{option} {path}: expected a classifier checkpoint, got a {ck.config.model.kind}")
         if isinstance(amp, str):
             amp = Precision(extractor_precision(amp), torch.device(device))
         self.C = build_nets(ck.config.model)["C"]
@@ -85,7 +85,7 @@ class ClassifierFeatures:
 
 
 def make_extractor(features: str | None, inception_weights: str | None, device: torch.device | str,
-                   precision: str | Precision = "fp32"):
+                   precision: str | Precision = "fp32", option: str = "--features"):
     """features None or "": Inception (pool3 features, 1008-way probabilities), with the weights from
     `inception_weights`, else $AIGC_INCEPTION_WEIGHTS or the cache (see metrics/weights.py); missing
     weights are a UsageError here, before any work. Otherwise a classifier checkpoint or run folder."""
@@ -97,7 +97,7 @@ def make_extractor(features: str | None, inception_weights: str | None, device: 
         if inception_weights:
             raise UsageError("--inception-weights applies to the Inception extractor; "
                              "it cannot be combined with --features CLASSIFIER_CKPT")
-        return ClassifierFeatures(features, device, Precision(prec, device))
+        return ClassifierFeatures(features, device, Precision(prec, device), option)
     from .inception import InceptionFeatures  # noqa: PLC0415 - heavy, and only this path needs it
 
     return InceptionFeatures(inception_weights, device, prec)

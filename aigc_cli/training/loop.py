@@ -193,7 +193,7 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup) -> dict:
         nets["G"].train()  # the EMA copy, if that was used, stays in eval mode
 
     def evaluate_now() -> dict:  # the evaluator puts G in eval mode and back
-        scores = evaluator(nets.get("G_ema", nets["G"]), step)
+        scores = evaluator(nets.get("G_ema", nets["G"]), step, amp)
         return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in scores.items()}
 
     # The rollback point for the divergence guard: the last state known to be finite, in memory.
