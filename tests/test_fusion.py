@@ -133,3 +133,22 @@ def test_training_with_fusion_matches_and_saves_plain_checkpoints(tmp_path, aot_
 def test_bad_setting_is_a_usage_error():
     with pytest.raises(UsageError, match="fuse_norm_act must be on or off"):
         tiny("dcgan").with_overrides({"train.fuse_norm_act": "auto"})
+
+
+def test_a_compile_failure_trains_on_unfused_with_one_note(tmp_path, monkeypatch):
+    def broken_backend(gm, example_inputs):
+        raise RuntimeError("no C++ compiler found\nsecond line")
+
+    monkeypatch.setattr(fusion, "BACKEND", broken_backend)
+    fusion.reset()
+    try:
+        cfg = tiny("dcgan").with_overrides({"train.steps": 4, "train.log_every": 1, "train.fuse_norm_act": "on"})
+        rep = Silent()
+        train(cfg, tmp_path / "fused", rep)
+        failed = [n for n in rep.notes if n.startswith("fusing BatchNorm + activation failed")]
+        assert len(failed) == 1 and "no C++ compiler found" in failed[0] and "second line" not in failed[0]
+        off = Silent()
+        train(cfg.with_overrides({"train.fuse_norm_act": "off"}), tmp_path / "plain", off)
+        assert [r["loss_d"] for r in rep.records] == pytest.approx([r["loss_d"] for r in off.records], rel=1e-5)
+    finally:
+        fusion.reset()

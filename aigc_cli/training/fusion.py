@@ -27,6 +27,7 @@ RECOMPILE_LIMIT = 64
 BACKEND = "inductor"  # tests swap in "aot_eager" to check the wiring without a C++/Triton compile
 
 _compiled = None
+_failed: str | None = None  # why compiling failed once: every fused module runs eagerly from then on
 
 
 def _norm_act(x, weight, bias, running_mean, running_var, momentum: float, eps: float, slope: float):
@@ -47,23 +48,41 @@ def _kernel():
 
 
 def reset() -> None:
-    """Forget the compiled function (tests that change BACKEND)."""
-    global _compiled
-    _compiled = None
+    """Forget the compiled function and any failure (tests that change BACKEND)."""
+    global _compiled, _failed
+    _compiled = _failed = None
+_failed: str | None = None  # why compiling failed once: every fused module runs eagerly from then on
 
 
 class BatchNormAct2d(nn.BatchNorm2d):
     """BatchNorm2d followed by ReLU (slope 0) or LeakyReLU(slope), fused when training."""
 
     slope: float = 0.0
+    note = staticmethod(lambda text: None)  # where a compile failure is reported (the run's notes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training and self.track_running_stats and self.momentum is not None):
-            y = super().forward(x)
-            return F.leaky_relu(y, self.slope) if self.slope else F.relu(y)
-        self.num_batches_tracked.add_(1)  # as nn.BatchNorm2d does; outside the compiled region
-        return _kernel()(x, self.weight, self.bias, self.running_mean, self.running_var,
-                         float(self.momentum), float(self.eps), float(self.slope))
+        global _failed
+        if self.training and self.track_running_stats and self.momentum is not None and _failed is None:
+            try:
+                y = _kernel()(x, self.weight, self.bias, self.running_mean, self.running_var,
+                              float(self.momentum), float(self.eps), float(self.slope))
+            except Exception as e:  # noqa: BLE001 - no compiler, a backend bug ...: train on, unfused
+                # Nothing was updated yet (a failed compile never ran); a genuine runtime error
+                # (out of memory, say) comes back from the eager path below.
+                _failed = _describe(e)
+                self.note(f"fusing BatchNorm + activation failed ({_failed}); they run unfused from here on")
+            else:
+                self.num_batches_tracked.add_(1)  # as nn.BatchNorm2d does; outside the compiled region
+                return y
+        y = super().forward(x)
+        return F.leaky_relu(y, self.slope) if self.slope else F.relu(y)
+
+
+def _describe(e: BaseException) -> str:
+    """One line for a compile failure: dynamo wraps the backend's own error, which says more."""
+    inner = getattr(e, "inner_exception", None) or e.__cause__ or e
+    text = str(inner).strip()
+    return f"{type(inner).__name__}: {text.splitlines()[0][:200]}" if text else type(inner).__name__
 
 
 def _slope(act: nn.Module) -> float | None:
@@ -74,10 +93,10 @@ def _slope(act: nn.Module) -> float | None:
     return None
 
 
-def fuse_norm_act(net: nn.Module) -> int:
+def fuse_norm_act(net: nn.Module, note=None) -> int:
     """Fuse every plain BatchNorm2d directly followed by a ReLU or LeakyReLU inside a Sequential or
     ModuleList of `net`; returns how many pairs were fused. Conditional BatchNorm, spectral norm and
-    other layers are left as they are."""
+    other layers are left as they are. `note(text)` hears of a compile failure (then: eager)."""
     count = 0
     for container in list(net.modules()):
         if not isinstance(container, (nn.Sequential, nn.ModuleList)):
@@ -89,6 +108,8 @@ def fuse_norm_act(net: nn.Module) -> int:
             if type(bn) is nn.BatchNorm2d and slope is not None:
                 bn.__class__ = BatchNormAct2d  # same parameters and buffers: state_dict unchanged
                 bn.slope = slope
+                if note is not None:
+                    bn.note = note
                 container[i + 1] = nn.Identity()
                 count += 1
     return count

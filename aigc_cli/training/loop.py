@@ -135,7 +135,7 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup) -> dict:
     for net in nets.values():
         net.to(memory_format=memory_format)
     if cfg.train.fuse_norm_act == "on":
-        fused = sum(fuse_norm_act(net) for net in nets.values())
+        fused = sum(fuse_norm_act(net, reporter.note) for net in nets.values())
         reporter.note(f"fused {fused} BatchNorm + activation pairs with torch.compile; the first steps compile them")
     scheduled = cfg.train.lr_warmup > 0 or cfg.train.lr_decay != "none"
     graphed = use_graph(cfg, amp, device, scheduled, reporter.note)
