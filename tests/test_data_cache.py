@@ -201,6 +201,52 @@ def test_copied_or_touched_files_still_find_the_entry(photos, decodes, hashes, t
     assert load(photos)[0].cached and decodes == []
 
 
+def test_replayed_warnings_change_only_the_folder_in_the_summary(tmp_path, monkeypatch, photos):
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(photos, tmp_path / "a")  # relative names that also occur inside file names
+    age(tmp_path / "a")
+    _, first = load("a")
+    shutil.copytree(tmp_path / "a", tmp_path / "c")
+    age(tmp_path / "c", OLD + 5)
+    copy, replayed = load("c")
+    assert copy.cached
+    assert replayed == [first[0], "skipped 1 of 7 files under c (unreadable or not images)"]
+    assert first[0] == "skipping cats/broken.png: " + first[0].split(": ", 1)[1]
+
+
+def test_fresh_copy_reads_the_entry_but_writes_nothing(photos, decodes, tmp_path):
+    import shutil
+
+    load(photos)
+    before = (entries(), sorted(os.listdir(cache.index_dir())))
+    shutil.copytree(photos, tmp_path / "fresh", copy_function=shutil.copyfile)  # mtimes: now
+    decodes.clear()
+    assert load(tmp_path / "fresh")[0].cached and decodes == []
+    assert (entries(), sorted(os.listdir(cache.index_dir()))) == before
+
+
+def test_a_file_changed_while_decoding_is_not_stored(photos, monkeypatch):
+    real = folder.decode
+    changed = []
+
+    def racing(path, resolution):
+        if not changed:  # another process rewrites a file after it was hashed, before the entry is written
+            target = photos / "dogs" / "5.png"
+            Image.new("RGB", (12, 10), (9, 9, 9)).save(target)
+            age(target, OLD + 20)
+            changed.append(target)
+        return real(path, resolution)
+
+    monkeypatch.setattr(folder, "decode", racing)
+    load(photos)
+    assert changed and entries() == []
+    monkeypatch.setattr(folder, "decode", real)
+    load(photos)  # a quiet second run stores it
+    assert len(entries()) == 1
+
+
 def test_damaged_index_falls_back_to_hashing(photos, decodes):
     load(photos)
     for name in os.listdir(cache.index_dir()):

@@ -135,20 +135,49 @@ def test_bad_setting_is_a_usage_error():
         tiny("dcgan").with_overrides({"train.fuse_norm_act": "auto"})
 
 
-def test_a_compile_failure_trains_on_unfused_with_one_note(tmp_path, monkeypatch):
-    def broken_backend(gm, example_inputs):
-        raise RuntimeError("no C++ compiler found\nsecond line")
+def _broken_forward(gm, example_inputs):
+    raise RuntimeError("no C++ compiler found\nsecond line")
 
-    monkeypatch.setattr(fusion, "BACKEND", broken_backend)
+
+def _broken_backward():
+    """A backend whose forward compiles and whose backward compiler fails: AOTAutograd compiles the
+    backward lazily, at the first .backward(), unless the module makes it compile earlier."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._dynamo.backends.debugging import boxed_nop
+
+    def bad(gm, example_inputs):
+        raise RuntimeError("backward compiler broke")
+
+    return aot_autograd(fw_compiler=boxed_nop, bw_compiler=bad)
+
+
+@pytest.mark.parametrize("backend, message", [(_broken_forward, "no C++ compiler found"),
+                                              (_broken_backward(), "backward compiler broke")])
+def test_a_compile_failure_trains_on_unfused_with_one_note(tmp_path, monkeypatch, backend, message):
+    monkeypatch.setattr(fusion, "BACKEND", backend)
     fusion.reset()
     try:
         cfg = tiny("dcgan").with_overrides({"train.steps": 4, "train.log_every": 1, "train.fuse_norm_act": "on"})
         rep = Silent()
         train(cfg, tmp_path / "fused", rep)
         failed = [n for n in rep.notes if n.startswith("fusing BatchNorm + activation failed")]
-        assert len(failed) == 1 and "no C++ compiler found" in failed[0] and "second line" not in failed[0]
+        assert len(failed) == 1 and message in failed[0] and "second line" not in failed[0]
         off = Silent()
         train(cfg.with_overrides({"train.fuse_norm_act": "off"}), tmp_path / "plain", off)
         assert [r["loss_d"] for r in rep.records] == pytest.approx([r["loss_d"] for r in off.records], rel=1e-5)
     finally:
         fusion.reset()
+
+
+def test_fused_generator_with_ema_and_a_reporter_that_cannot_be_copied(tmp_path, aot_eager):
+    """The EMA deep-copies G; the fused modules must not drag the run's reporter (consoles, locks) along."""
+    import threading
+
+    class Locked(Silent):
+        def __init__(self):
+            super().__init__()
+            self.lock = threading.RLock()  # as rich's Console holds: deepcopy fails on it
+
+    cfg = tiny("dcgan").with_overrides({"train.steps": 3, "train.fuse_norm_act": "on", "train.ema_decay": 0.99})
+    summary = train(cfg, tmp_path / "ema", Locked())
+    assert summary["steps"] == 3

@@ -135,9 +135,10 @@ def load_images(source: str, *, channels: int, resolution: int, root: str | None
         # --strict must stop on a bad file that an earlier, lenient run skipped: decode again.
         if hit is not None and not (strict and hit.info["warnings"]):
             # The entry may come from a copy of these files elsewhere: name this folder, not that one.
-            then, now = hit.info.get("folder", ""), one_line(path)
+            then, now = f" under {hit.info['folder']} (", f" under {one_line(path)} ("
             for line in hit.info["warnings"]:
-                warn(line.replace(then, now) if then else line)
+                # Only the summary line names the folder; per-file lines name files relative to it.
+                warn(line.replace(then, now, 1) if line.startswith("skipped ") else line)
             return ImageData(images=hit.images, labels=hit.labels,
                              num_classes=int(hit.info["num_classes"]) if hit.labels is not None else 0,
                              name=f"{name} ({hit.info['details']})", class_names=tuple(hit.info.get("class_names", ())),

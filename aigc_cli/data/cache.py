@@ -55,7 +55,9 @@ def index_dir() -> str:
 @dataclass
 class Key:
     digest: str      # hex SHA-256 of the contents and conversion: the entry's file name
-    cacheable: bool  # False when a file is too fresh to trust its mtime (see RACY_NS)
+    cacheable: bool  # False when a file is too fresh to trust its mtime (see RACY_NS): read, never write
+    listing: str = ""  # the stat listing the digest was made from: store() checks it is unchanged
+    recheck: tuple = ()  # (folder, rel_paths, params) to make that listing again
 
 
 def _record(h, rel: str, entry: str) -> None:
@@ -109,20 +111,23 @@ def make_key(folder: str, rel_paths: Iterable[str], params: dict) -> Key:
     """
     rel_paths = list(rel_paths)
     listing, fresh = _listing(folder, rel_paths, params)
+    recheck = (folder, rel_paths, params)
     index = os.path.join(index_dir(), listing)
     if not fresh:
         try:
             with open(index, encoding="ascii") as f:
                 digest = f.read(65)
             if len(digest) == 64 and all(c in "0123456789abcdef" for c in digest):
-                return Key(digest, True)
+                return Key(digest, True, listing, recheck)
         except (OSError, UnicodeDecodeError):
             pass
     h = hashlib.sha256(json.dumps({"format": FORMAT, **params}, sort_keys=True).encode())
     for rel in rel_paths:
         _record(h, rel, file_digest(os.path.join(folder, rel)))
-    key = Key(h.hexdigest(), not fresh)
-    if key.cacheable:
+    # Files this fresh may change again within their mtime tick: an entry keyed by the bytes just read
+    # may be read (it is what those bytes decode to) but neither it nor the index is written now.
+    key = Key(h.hexdigest(), not fresh, listing, recheck)
+    if key.cacheable and _listing(folder, rel_paths, params)[0] == listing:  # unchanged while hashed
         _write_atomic(index, key.digest.encode())
     return key
 
@@ -198,7 +203,7 @@ _DTYPES = {"U8": torch.uint8, "I64": torch.int64}
 def load(key: Key, warn: Callable[[str], None]) -> Entry | None:
     """The entry for `key`, or None when there is none or it is unusable (then with a warning)."""
     path = _path(key)
-    if not key.cacheable or not os.path.isfile(path):
+    if not os.path.isfile(path):
         return None
     try:
         tensors, meta = _read(path)
@@ -226,6 +231,9 @@ def load(key: Key, warn: Callable[[str], None]) -> Entry | None:
 def store(key: Key, entry: Entry, warn: Callable[[str], None]) -> None:
     """Write `entry` for `key` atomically (temporary file, then rename); failures only warn."""
     if not key.cacheable:
+        return
+    if key.recheck and _listing(*key.recheck)[0] != key.listing:
+        # A file changed between hashing and decoding: what was decoded may not be what the key says.
         return
     from safetensors.torch import save_file
 

@@ -28,6 +28,9 @@ BACKEND = "inductor"  # tests swap in "aot_eager" to check the wiring without a 
 
 _compiled = None
 _failed: str | None = None  # why compiling failed once: every fused module runs eagerly from then on
+# Where that failure is reported (the run's notes). Module-level, not on the modules: an EMA deep copy
+# of the generator would otherwise try to copy the reporter (consoles, locks) with it.
+_note = None
 
 
 def _norm_act(x, weight, bias, running_mean, running_var, momentum: float, eps: float, slope: float):
@@ -49,33 +52,53 @@ def _kernel():
 
 def reset() -> None:
     """Forget the compiled function and any failure (tests that change BACKEND)."""
-    global _compiled, _failed
-    _compiled = _failed = None
-_failed: str | None = None  # why compiling failed once: every fused module runs eagerly from then on
+    global _compiled, _failed, _note
+    _compiled = _failed = _note = None
 
 
 class BatchNormAct2d(nn.BatchNorm2d):
     """BatchNorm2d followed by ReLU (slope 0) or LeakyReLU(slope), fused when training."""
 
     slope: float = 0.0
-    note = staticmethod(lambda text: None)  # where a compile failure is reported (the run's notes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         global _failed
         if self.training and self.track_running_stats and self.momentum is not None and _failed is None:
+            args = (self.weight, self.bias, self.running_mean, self.running_var,
+                    float(self.momentum), float(self.eps), float(self.slope))
             try:
-                y = _kernel()(x, self.weight, self.bias, self.running_mean, self.running_var,
-                              float(self.momentum), float(self.eps), float(self.slope))
+                self._compile_backward_now(x, args)
+                y = _kernel()(x, *args)
             except Exception as e:  # noqa: BLE001 - no compiler, a backend bug ...: train on, unfused
                 # Nothing was updated yet (a failed compile never ran); a genuine runtime error
                 # (out of memory, say) comes back from the eager path below.
                 _failed = _describe(e)
-                self.note(f"fusing BatchNorm + activation failed ({_failed}); they run unfused from here on")
+                if _note is not None:
+                    _note(f"fusing BatchNorm + activation failed ({_failed}); they run unfused from here on")
             else:
                 self.num_batches_tracked.add_(1)  # as nn.BatchNorm2d does; outside the compiled region
                 return y
         y = super().forward(x)
         return F.leaky_relu(y, self.slope) if self.slope else F.relu(y)
+
+    def _compile_backward_now(self, x: torch.Tensor, args: tuple) -> None:
+        """AOTAutograd compiles a graph's backward lazily, at its first .backward(), where a failure
+        could no longer fall back. So the first call with each kind of input runs once on copies
+        (running statistics untouched) with a backward, inside forward's try; the real call then
+        reuses both compiled halves."""
+        w = self.weight
+        kind = (tuple(x.shape), x.stride(), x.dtype, x.requires_grad, w is not None and w.requires_grad,
+                torch.is_grad_enabled())
+        seen = self.__dict__.setdefault("_compiled_kinds", set())
+        if kind in seen:
+            return
+        xs = x.detach().clone().requires_grad_(x.requires_grad)
+        ws = [None if t is None else t.detach().clone().requires_grad_(t.requires_grad) for t in args[:2]]
+        y = _kernel()(xs, *ws, args[2].clone(), args[3].clone(), *args[4:])
+        needs = [t for t in (xs, *ws) if t is not None and t.requires_grad]
+        if needs and y.requires_grad:
+            torch.autograd.grad(y.float().sum(), needs)
+        seen.add(kind)
 
 
 def _describe(e: BaseException) -> str:
@@ -97,6 +120,11 @@ def fuse_norm_act(net: nn.Module, note=None) -> int:
     """Fuse every plain BatchNorm2d directly followed by a ReLU or LeakyReLU inside a Sequential or
     ModuleList of `net`; returns how many pairs were fused. Conditional BatchNorm, spectral norm and
     other layers are left as they are. `note(text)` hears of a compile failure (then: eager)."""
+    global _note
+    if note is not None:
+        _note = note
+        if _failed is not None:
+            note(f"fusing BatchNorm + activation failed earlier in this process ({_failed}); they run unfused")
     count = 0
     for container in list(net.modules()):
         if not isinstance(container, (nn.Sequential, nn.ModuleList)):
@@ -108,8 +136,6 @@ def fuse_norm_act(net: nn.Module, note=None) -> int:
             if type(bn) is nn.BatchNorm2d and slope is not None:
                 bn.__class__ = BatchNormAct2d  # same parameters and buffers: state_dict unchanged
                 bn.slope = slope
-                if note is not None:
-                    bn.note = note
                 container[i + 1] = nn.Identity()
                 count += 1
     return count

@@ -98,8 +98,15 @@ class GraphedStep:
             return self._run(x, y, step)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            out = self._run(x, y, step)
+        # Warm up as the capture will run: with autocast's cast cache off. Compiled regions
+        # (train.fuse_norm_act) are guarded on that setting; a different one would recompile them
+        # inside the capture, where compiling cannot work.
+        self.amp.graph_safe = not self.failed
+        try:
+            with torch.cuda.stream(side):
+                out = self._run(x, y, step)
+        finally:
+            self.amp.graph_safe = False
         torch.cuda.current_stream().wait_stream(side)
         return out
 
