@@ -125,10 +125,10 @@ def test_the_cache_is_reused_and_invalidated_by_a_changed_file(runs, tmp_path):
     fakes = write_image_folder(tmp_path / "fake", n_per_class=4, size=20, classes=("a",))
     extractor = Counting(evaluate_mod.ClassifierFeatures(str(runs / "clf"), CPU, "fp32"))
 
-    def run():
+    def run(data=folder, seed=0):
         before = extractor.images
-        r = evaluate_mod.evaluate_folder(str(fakes), data=str(folder), root=None, download=False, features=None,
-                                         n=100, batch_size=4, seed=0, device="cpu", precision="fp32",
+        r = evaluate_mod.evaluate_folder(str(fakes), data=str(data), root=None, download=False, features=None,
+                                         n=100, batch_size=4, seed=seed, device="cpu", precision="fp32",
                                          warn=lambda s: None, metrics=["fid", "kid"], stats_dir=tmp_path / "stats",
                                          extractor=extractor)
         return r, extractor.images - before
@@ -139,6 +139,13 @@ def test_the_cache_is_reused_and_invalidated_by_a_changed_file(runs, tmp_path):
     assert second["protocol"]["reference"] == "cache hit" and embedded == 4  # no real image embedded
     assert second["metrics"] == first["metrics"]
     assert len(list((tmp_path / "stats").glob("*.npz"))) == 1
+    # The same images picked with another seed (n covers them all) from a copy elsewhere: the same entry
+    import shutil
+
+    copy = shutil.copytree(folder, tmp_path / "elsewhere" / "real copy")
+    moved, embedded = run(copy, seed=7)
+    assert moved["protocol"]["reference"] == "cache hit" and embedded == 4
+    assert moved["protocol"]["real_data"].startswith(f"folder {copy}")  # described as this run's data
     with Image.open(folder / "cats" / "img2.png") as im:  # one file of the real folder changes
         im.rotate(90).save(folder / "cats" / "img2.png")
     third, embedded = run()

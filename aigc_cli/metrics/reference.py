@@ -3,9 +3,9 @@
 A reference is the mean and covariance (float64) of the real images' features plus the features
 themselves (float32, for KID and precision/recall). It is cached in the stats dir
 ($AIGC_CACHE_DIR/stats, AIGC_CACHE_DIR defaulting to ~/.cache/aigc) as `<key>.npz`, where the key
-hashes everything the numbers depend on: the data source, the bytes of the uint8 images actually used
-(after subsetting and conversion), their shape, the sample count, seed and split, and the extractor's
-protocol (its weights' hash, resize, precision ...). Change any of them and the key changes.
+hashes everything the numbers depend on: the bytes of the uint8 images actually used, in order (after
+subsetting and conversion, so the sample count, seed and split are in it), their shape, and the
+extractor's protocol (its weights' hash, resize, precision ...). Change any of them and the key changes.
 
 The npz files (ours, `aigc eval stats --out`, or pytorch-fid's) hold `mu` and `sigma` (pytorch-fid's
 names), and ours also `features` and `protocol` (a JSON string). They are read with
@@ -29,7 +29,7 @@ import torch
 from ..data.native import load_folder_native
 from ..errors import UsageError
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 
 
 # --------------------------------------------------------------------------------------------------
@@ -186,11 +186,14 @@ def content_sha256(images: torch.Tensor) -> str:
 _PATH_KEYS = {"extractor", "checkpoint", "weights", "weights_file", "weights_path", "weights file"}
 
 
-def cache_key(*, data: str, split: str, seed: int, n: int, shape, content: str, extractor_protocol: dict) -> str:
+def cache_key(*, shape, content: str, extractor_protocol: dict) -> str:
+    """What the statistics depend on and nothing else: the uint8 images used, in order (their count
+    and the source, split and seed that picked them are in that hash), and the extractor. Another
+    seed that picks the same images, or the same files in another folder, finds the same entry."""
     ext = {k: v for k, v in extractor_protocol.items() if k not in _PATH_KEYS}
     ext["kind"] = str(extractor_protocol.get("extractor", "")).split(":")[0]
-    blob = json.dumps({"format": CACHE_FORMAT, "data": data, "split": split, "seed": seed, "n": n,
-                       "shape": list(shape), "content_sha256": content, "extractor": ext}, sort_keys=True)
+    blob = json.dumps({"format": CACHE_FORMAT, "shape": list(shape), "content_sha256": content, "extractor": ext},
+                      sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -214,8 +217,7 @@ def reference_for(images: torch.Tensor, *, extractor, data: str, data_name: str,
     entry with the same key exists, else computed and stored there. stats_dir None: no cache."""
     content = content_sha256(images)
     shape = tuple(images.shape[1:])
-    key = cache_key(data=data, split=split, seed=seed, n=len(images), shape=shape, content=content,
-                    extractor_protocol=extractor.protocol)
+    key = cache_key(shape=shape, content=content, extractor_protocol=extractor.protocol)
     protocol = {"cache_key": key, "real_data": data_name, "real_source": data, "real_split": split,
                 "n_real": len(images), "seed": seed, "real_shape": list(shape), "real_content_sha256": content,
                 **{f"extractor_{k}" if k in ("precision",) else k: v for k, v in extractor.protocol.items()}}
