@@ -181,3 +181,48 @@ def test_fused_generator_with_ema_and_a_reporter_that_cannot_be_copied(tmp_path,
     cfg = tiny("dcgan").with_overrides({"train.steps": 3, "train.fuse_norm_act": "on", "train.ema_decay": 0.99})
     summary = train(cfg, tmp_path / "ema", Locked())
     assert summary["steps"] == 3
+
+
+def test_nothing_is_compiled_again_when_the_graph_is_captured(monkeypatch, aot_eager):
+    """The capture must replay what warm-up compiled: a recompile there (a guard that differs, such as
+    autocast's cast cache) cannot work inside a CUDA graph. Simulated on the CPU under bf16 autocast,
+    counting the graphs dynamo compiles."""
+    import contextlib
+
+    import aigc_cli.training.graph as graph_mod
+    from torch._dynamo.utils import counters
+
+    from aigc_cli.training.graph import WARMUP, GraphedStep
+    from aigc_cli.training.precision import Precision
+    from aigc_cli.training.steps import STEPS, Aids, make_optimizers
+
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
+    class Graph:
+        def replay(self):
+            pass
+
+    monkeypatch.setattr(graph_mod.torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(graph_mod.torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(graph_mod.torch.cuda, "current_stream", lambda: Stream())
+    monkeypatch.setattr(graph_mod.torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(graph_mod.torch.cuda, "graph", lambda g: contextlib.nullcontext())
+    cfg = tiny("dcgan")
+    torch.manual_seed(0)
+    nets = {k: v.train().to(memory_format=torch.channels_last) for k, v in build_nets(cfg.model).items()}
+    assert sum(fuse_norm_act(net) for net in nets.values()) > 0
+    amp = Precision("bf16", torch.device("cpu"))
+    opts = make_optimizers("gan", nets, cfg.train)
+    graphed = GraphedStep(STEPS["gan"], nets, opts, amp, cfg, Aids())
+    graphed.capture = True  # pretend CUDA is here
+    batch = (torch.rand(16, 1, 16, 16).mul(2).sub(1).contiguous(memory_format=torch.channels_last), None)
+    counters.clear()
+    for step in range(1, WARMUP + 1):
+        graphed(nets, opts, amp, lambda: batch, cfg, step, Aids())
+    compiled = counters["stats"]["unique_graphs"]
+    assert compiled > 0
+    graphed(nets, opts, amp, lambda: batch, cfg, WARMUP + 1, Aids())  # the capture
+    assert graphed.static_in is not None and not graphed.failed
+    assert counters["stats"]["unique_graphs"] == compiled
