@@ -247,6 +247,22 @@ def test_a_file_changed_while_decoding_is_not_stored(photos, monkeypatch):
     assert len(entries()) == 1
 
 
+def test_a_file_added_after_the_key_was_made_is_not_stored(photos, monkeypatch):
+    """The decoder lists the folder again: a file that appeared in between would be decoded into an
+    entry whose key does not cover it (and would come back after that file was deleted)."""
+    real = cache.make_key
+
+    def then_add(*args, **kwargs):
+        key = real(*args, **kwargs)
+        Image.new("RGB", (12, 10), (9, 9, 9)).save(photos / "dogs" / "7.png")
+        age(photos)
+        return key
+
+    monkeypatch.setattr(cache, "make_key", then_add)
+    data, _ = load(photos)
+    assert len(data.images) == 7 and entries() == []
+
+
 def test_damaged_index_falls_back_to_hashing(photos, decodes):
     load(photos)
     for name in os.listdir(cache.index_dir()):

@@ -63,6 +63,20 @@ def test_fused_dcgan_matches_eager_forward_backward_and_running_stats(aot_eager)
             torch.testing.assert_close(fused(x), plain(x))
 
 
+def test_the_probe_compiles_the_graph_the_real_call_uses(aot_eager):
+    """The first call of each kind compiles forward and backward once, on copies of x and the running
+    statistics; the real call and every later one reuse that graph."""
+    from torch._dynamo.utils import counters
+
+    net = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.LeakyReLU(0.2))
+    fuse_norm_act(net)
+    counters.clear()
+    for _ in range(3):
+        net(torch.randn(5, 2, 6, 6)).sum().backward()
+    assert counters["stats"]["unique_graphs"] == 1
+    assert int(net[1].num_batches_tracked) == 3  # the probe left the statistics alone
+
+
 def test_leaves_conditional_bn_and_unpaired_layers_alone():
     net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Tanh(), nn.BatchNorm2d(4), nn.LeakyReLU(0.1),
                         nn.ReLU(), nn.BatchNorm2d(4, momentum=None), nn.ReLU())

@@ -180,7 +180,8 @@ def load_images(source: str, *, channels: int, resolution: int, root: str | None
                      name=f"{name} ({', '.join(details)})", class_names=class_names)
     # IDX and CIFAR-10 files parse about as fast as a cache entry reads: only their conversion
     # (e.g. 28 -> 64 pixels for every MNIST image) is worth keeping. Decoding a folder always is.
-    if key is not None and (kind == "folder" or needs_conversion):
+    # A file added while decoding was decoded too, but is not in the key: such an entry is not stored.
+    if key is not None and (kind == "folder" and list_images(path) == files or kind != "folder" and needs_conversion):
         info = {"num_classes": data.num_classes, "class_names": list(class_names), "name": data.name,
                 "details": ", ".join(details), "folder": one_line(path), "warnings": warnings}
         decoded_cache.store(key, decoded_cache.Entry(data.images, data.labels, info), warn)

@@ -88,14 +88,16 @@ class BatchNormAct2d(nn.BatchNorm2d):
         reuses both compiled halves."""
         w = self.weight
         kind = (tuple(x.shape), x.stride(), x.dtype, x.requires_grad, w is not None and w.requires_grad,
-                torch.is_grad_enabled())
+                torch.is_grad_enabled(), torch.is_autocast_enabled(x.device.type),
+                torch.get_autocast_dtype(x.device.type), torch.is_autocast_cache_enabled())
         seen = self.__dict__.setdefault("_compiled_kinds", set())
         if kind in seen:
             return
+        # The parameters themselves (guards check their type, so copies would compile another graph;
+        # autograd.grad leaves their .grad alone); a copy of x and of the running statistics.
         xs = x.detach().clone().requires_grad_(x.requires_grad)
-        ws = [None if t is None else t.detach().clone().requires_grad_(t.requires_grad) for t in args[:2]]
-        y = _kernel()(xs, *ws, args[2].clone(), args[3].clone(), *args[4:])
-        needs = [t for t in (xs, *ws) if t is not None and t.requires_grad]
+        y = _kernel()(xs, *args[:2], args[2].clone(), args[3].clone(), *args[4:])
+        needs = [t for t in (xs, *args[:2]) if t is not None and t.requires_grad]
         if needs and y.requires_grad:
             torch.autograd.grad(y.float().sum(), needs)
         seen.add(kind)
@@ -116,15 +118,19 @@ def _slope(act: nn.Module) -> float | None:
     return None
 
 
-def fuse_norm_act(net: nn.Module, note=None) -> int:
+def report_to(note) -> None:
+    """Where a compile failure is reported (a run's notes; None: nowhere, so a finished run's reporter
+    is not kept alive). A failure from earlier in this process is reported at once."""
+    global _note
+    _note = note
+    if note is not None and _failed is not None:
+        note(f"fusing BatchNorm + activation failed earlier in this process ({_failed}); they run unfused")
+
+
+def fuse_norm_act(net: nn.Module) -> int:
     """Fuse every plain BatchNorm2d directly followed by a ReLU or LeakyReLU inside a Sequential or
     ModuleList of `net`; returns how many pairs were fused. Conditional BatchNorm, spectral norm and
-    other layers are left as they are. `note(text)` hears of a compile failure (then: eager)."""
-    global _note
-    if note is not None:
-        _note = note
-        if _failed is not None:
-            note(f"fusing BatchNorm + activation failed earlier in this process ({_failed}); they run unfused")
+    other layers are left as they are."""
     count = 0
     for container in list(net.modules()):
         if not isinstance(container, (nn.Sequential, nn.ModuleList)):

@@ -20,11 +20,10 @@ from ..data import load_images
 from ..errors import DivergedError, Interrupted, UsageError
 from ..models import FAMILIES, build_nets, needs_labels
 from ..sampling import from_uint8, generate, latents, save_grid, to_uint8
-from . import state
+from . import fusion, state
 from .augment import parse_policy
 from .batches import make_batches
 from .ema import EMA
-from .fusion import fuse_norm_act
 from .graph import GraphedStep, use_graph
 from .precision import Precision, resolve_device, resolve_precision
 from .run_folder import RunFolder
@@ -135,7 +134,9 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup) -> dict:
     for net in nets.values():
         net.to(memory_format=memory_format)
     if cfg.train.fuse_norm_act == "on":
-        fused = sum(fuse_norm_act(net, reporter.note) for net in nets.values())
+        fusion.report_to(reporter.note)
+        cleanup.callback(fusion.report_to, None)
+        fused = sum(fusion.fuse_norm_act(net) for net in nets.values())
         reporter.note(f"fused {fused} BatchNorm + activation pairs with torch.compile; the first steps compile them")
     scheduled = cfg.train.lr_warmup > 0 or cfg.train.lr_decay != "none"
     graphed = use_graph(cfg, amp, device, scheduled, reporter.note)
