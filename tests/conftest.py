@@ -133,6 +133,31 @@ class Counting:
         return self.inner.embed(images, batch_size, on_device=on_device)
 
 
+@pytest.fixture
+def simulated_capture(monkeypatch):
+    """CUDA streams and graphs stood in for on the CPU: GraphedStep's warm-up and capture run their
+    Python as on a GPU (the "capture" runs the step once, replays do nothing). Set `.capture = True`
+    on the GraphedStep to take that path."""
+    import contextlib
+
+    import aigc_cli.training.graph as graph_mod
+
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
+    class Graph:
+        def replay(self):
+            pass
+
+    cuda = graph_mod.torch.cuda
+    monkeypatch.setattr(cuda, "Stream", Stream)
+    monkeypatch.setattr(cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(cuda, "current_stream", lambda: Stream())
+    monkeypatch.setattr(cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(cuda, "graph", lambda g: contextlib.nullcontext())
+
+
 def run_cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
     """`aigc ARGS` in this process, through the same main() as the console script (fast: no subprocess)."""
     from aigc_cli.cli import main

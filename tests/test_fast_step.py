@@ -196,33 +196,16 @@ def test_a_failed_capture_falls_back_to_eager_with_a_note(monkeypatch):
             assert torch.equal(state[name][k], v), f"{name}.{k}"
 
 
-def test_warm_up_runs_with_the_capture_s_autocast_cache_setting(monkeypatch):
+def test_warm_up_runs_with_the_capture_s_autocast_cache_setting(simulated_capture):
     """Simulated on the CPU: compiled regions (train.fuse_norm_act) are guarded on autocast's cache
     setting, so the eager warm-up steps must run with the cache off, as the capture does, or they
     would be compiled again inside the capture."""
-    import contextlib
-
-    import aigc_cli.training.graph as graph_mod
-
     seen = []
 
     def step_fn(nets, opts, amp, next_batch, cfg, step, aids):
         seen.append(amp.graph_safe)
         return {}
 
-    class Stream:
-        def wait_stream(self, other):
-            pass
-
-    class Graph:
-        def replay(self):
-            pass
-
-    monkeypatch.setattr(graph_mod.torch.cuda, "Stream", Stream)
-    monkeypatch.setattr(graph_mod.torch.cuda, "stream", lambda s: contextlib.nullcontext())
-    monkeypatch.setattr(graph_mod.torch.cuda, "current_stream", lambda: Stream())
-    monkeypatch.setattr(graph_mod.torch.cuda, "CUDAGraph", Graph)
-    monkeypatch.setattr(graph_mod.torch.cuda, "graph", lambda g: contextlib.nullcontext())
     amp = Precision("bf16", CPU)
     graphed = GraphedStep(step_fn, {}, {}, amp, tiny("dcgan"), Aids())
     graphed.capture = True  # pretend CUDA is here

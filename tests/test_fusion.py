@@ -197,32 +197,16 @@ def test_fused_generator_with_ema_and_a_reporter_that_cannot_be_copied(tmp_path,
     assert summary["steps"] == 3
 
 
-def test_nothing_is_compiled_again_when_the_graph_is_captured(monkeypatch, aot_eager):
+def test_nothing_is_compiled_again_when_the_graph_is_captured(simulated_capture, aot_eager):
     """The capture must replay what warm-up compiled: a recompile there (a guard that differs, such as
     autocast's cast cache) cannot work inside a CUDA graph. Simulated on the CPU under bf16 autocast,
     counting the graphs dynamo compiles."""
-    import contextlib
-
-    import aigc_cli.training.graph as graph_mod
     from torch._dynamo.utils import counters
 
     from aigc_cli.training.graph import WARMUP, GraphedStep
     from aigc_cli.training.precision import Precision
     from aigc_cli.training.steps import STEPS, Aids, make_optimizers
 
-    class Stream:
-        def wait_stream(self, other):
-            pass
-
-    class Graph:
-        def replay(self):
-            pass
-
-    monkeypatch.setattr(graph_mod.torch.cuda, "Stream", Stream)
-    monkeypatch.setattr(graph_mod.torch.cuda, "stream", lambda s: contextlib.nullcontext())
-    monkeypatch.setattr(graph_mod.torch.cuda, "current_stream", lambda: Stream())
-    monkeypatch.setattr(graph_mod.torch.cuda, "CUDAGraph", Graph)
-    monkeypatch.setattr(graph_mod.torch.cuda, "graph", lambda g: contextlib.nullcontext())
     cfg = tiny("dcgan")
     torch.manual_seed(0)
     nets = {k: v.train().to(memory_format=torch.channels_last) for k, v in build_nets(cfg.model).items()}

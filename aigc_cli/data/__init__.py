@@ -129,7 +129,8 @@ def load_images(source: str, *, channels: int, resolution: int, root: str | None
         params = {"kind": kind, "channels": channels, "resolution": resolution, "limit": limit, "split": split,
                   "source": source if source in BUILTIN_SOURCES else ""}
 
-    key = decoded_cache.make_key(path, files, params) if cache else None
+    relist = (lambda: list_images(path)) if kind == "folder" else None
+    key = decoded_cache.make_key(path, files, params, relist) if cache else None
     if key is not None:
         hit = decoded_cache.load(key, warn)
         # --strict must stop on a bad file that an earlier, lenient run skipped: decode again.
@@ -180,8 +181,7 @@ def load_images(source: str, *, channels: int, resolution: int, root: str | None
                      name=f"{name} ({', '.join(details)})", class_names=class_names)
     # IDX and CIFAR-10 files parse about as fast as a cache entry reads: only their conversion
     # (e.g. 28 -> 64 pixels for every MNIST image) is worth keeping. Decoding a folder always is.
-    # A file added while decoding was decoded too, but is not in the key: such an entry is not stored.
-    if key is not None and (kind == "folder" and list_images(path) == files or kind != "folder" and needs_conversion):
+    if key is not None and (kind == "folder" or needs_conversion):
         info = {"num_classes": data.num_classes, "class_names": list(class_names), "name": data.name,
                 "details": ", ".join(details), "folder": one_line(path), "warnings": warnings}
         decoded_cache.store(key, decoded_cache.Entry(data.images, data.labels, info), warn)

@@ -56,8 +56,9 @@ def index_dir() -> str:
 class Key:
     digest: str      # hex SHA-256 of the contents and conversion: the entry's file name
     cacheable: bool  # False when a file is too fresh to trust its mtime (see RACY_NS): read, never write
-    listing: str = ""  # the stat listing the digest was made from: store() checks it is unchanged
-    recheck: tuple = ()  # (folder, rel_paths, params) to make that listing again
+    # True while the source is still the files the digest was made from (same names, sizes, mtimes):
+    # store() writes nothing when a file changed, or appeared, while the entry was being decoded.
+    unchanged: Callable[[], bool] = lambda: True
 
 
 def _record(h, rel: str, entry: str) -> None:
@@ -102,8 +103,10 @@ def _listing(folder: str, rel_paths: list[str], params: dict) -> tuple[str, bool
     return h.hexdigest(), fresh
 
 
-def make_key(folder: str, rel_paths: Iterable[str], params: dict) -> Key:
-    """Key for the files `rel_paths` under `folder` converted with `params` (JSON-able).
+def make_key(folder: str, rel_paths: Iterable[str], params: dict,
+             relist: Callable[[], list[str]] | None = None) -> Key:
+    """Key for the files `rel_paths` under `folder` converted with `params` (JSON-able); `relist`
+    lists the source again (a folder: its image files now), so that a file added later is noticed.
 
     An unchanged listing reads its key from the index (one stat per file); otherwise every file is
     hashed (regular files only) and the index remembers the result. A file that cannot be read is
@@ -111,14 +114,17 @@ def make_key(folder: str, rel_paths: Iterable[str], params: dict) -> Key:
     """
     rel_paths = list(rel_paths)
     listing, fresh = _listing(folder, rel_paths, params)
-    recheck = (folder, rel_paths, params)
+
+    def unchanged() -> bool:
+        return (relist is None or list(relist()) == rel_paths) and _listing(folder, rel_paths, params)[0] == listing
+
     index = os.path.join(index_dir(), listing)
     if not fresh:
         try:
             with open(index, encoding="ascii") as f:
                 digest = f.read(65)
             if len(digest) == 64 and all(c in "0123456789abcdef" for c in digest):
-                return Key(digest, True, listing, recheck)
+                return Key(digest, True, unchanged)
         except (OSError, UnicodeDecodeError):
             pass
     h = hashlib.sha256(json.dumps({"format": FORMAT, **params}, sort_keys=True).encode())
@@ -126,8 +132,8 @@ def make_key(folder: str, rel_paths: Iterable[str], params: dict) -> Key:
         _record(h, rel, file_digest(os.path.join(folder, rel)))
     # Files this fresh may change again within their mtime tick: an entry keyed by the bytes just read
     # may be read (it is what those bytes decode to) but neither it nor the index is written now.
-    key = Key(h.hexdigest(), not fresh, listing, recheck)
-    if key.cacheable and _listing(folder, rel_paths, params)[0] == listing:  # unchanged while hashed
+    key = Key(h.hexdigest(), not fresh, unchanged)
+    if key.cacheable and unchanged():  # nothing changed while it was hashed
         _write_atomic(index, key.digest.encode())
     return key
 
@@ -230,10 +236,7 @@ def load(key: Key, warn: Callable[[str], None]) -> Entry | None:
 
 def store(key: Key, entry: Entry, warn: Callable[[str], None]) -> None:
     """Write `entry` for `key` atomically (temporary file, then rename); failures only warn."""
-    if not key.cacheable:
-        return
-    if key.recheck and _listing(*key.recheck)[0] != key.listing:
-        # A file changed between hashing and decoding: what was decoded may not be what the key says.
+    if not key.cacheable or not key.unchanged():  # what was decoded may not be what the key says
         return
     from safetensors.torch import save_file
 
