@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from safetensors.torch import save_file
 
 from .config import Config, config_from_dict
 from .errors import UsageError
+from .files import atomic_write
 
 FORMAT = 1
 STEP_RE = re.compile(r"step-(\d+)\.safetensors$")
@@ -83,26 +83,10 @@ def base_meta(cfg: Config, kind: str, step: int, images_seen: int, precision: st
 def write_atomic(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
     """Write to a temporary file in the same folder, fsync, then rename over the target, so a crash
     or a full disk never leaves a half-written file where a good one was."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        # safetensors refuses tensors that share memory or are non-contiguous: give it clean copies.
-        clean = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    # safetensors refuses tensors that share memory or are non-contiguous: give it clean copies.
+    clean = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    with atomic_write(path) as tmp:
         save_file(clean, tmp, metadata=meta)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable
-        dfd = os.open(path.parent, os.O_RDONLY)
-        os.fsync(dfd)
-        os.close(dfd)
-    except OSError:
-        pass
 
 
 # ---- reading -----------------------------------------------------------------------------
@@ -144,12 +128,24 @@ def load(path_or_run: str | os.PathLike, *, device: str = "cpu") -> Checkpoint:
         cfg = config_from_dict(json.loads(meta.get("aigc.config", "")))
     except (json.JSONDecodeError, UsageError) as e:
         raise UsageError(f"{path}: its stored config is invalid ({e})") from None
+    if cfg.model.conditional and cfg.model.num_classes < 1:  # training sets it from the data: never 0
+        raise UsageError(f"{path}: its stored config is invalid (a conditional model with model.num_classes "
+                         f"{cfg.model.num_classes})")
     if meta.get("aigc.model") != cfg.model.kind:
         raise UsageError(f"{path}: aigc.model {meta.get('aigc.model')!r} does not match its config ({cfg.model.kind})")
     for key in ("aigc.step", "aigc.images_seen"):
         if not meta.get(key, "0").isdigit():
             raise UsageError(f"{path}: metadata {key} is not a non-negative integer")
     return Checkpoint(path, tensors, meta, cfg)
+
+
+def read_meta(path: str | os.PathLike) -> dict[str, str] | None:
+    """The metadata of a safetensors file without reading its tensors; None if it is not one."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception:  # noqa: BLE001 - any unreadable or foreign file
+        return None
 
 
 def param_counts(ckpt: Checkpoint) -> dict[str, int]:

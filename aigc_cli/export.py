@@ -15,8 +15,13 @@ from .training.precision import DTYPES
 def export_generator(ckpt: ckpt_io.Checkpoint, out: Path, dtype: str, ema: bool = True) -> dict:
     if not FAMILIES[ckpt.config.model.kind].generative:
         raise UsageError(f"{ckpt.path}: a {ckpt.config.model.kind} has no generator to export")
-    if Path(out).is_dir():
+    out = Path(out)
+    if out.is_dir():
         raise UsageError(f"--out {out}: is a folder; give a file name such as model.safetensors")
+    if out.suffix.lower() != ".safetensors":
+        raise UsageError(f"--out {out}: exports are safetensors files (`aigc sample` and `aigc info` read "
+                         "them); use a name ending in .safetensors")
+    _refuse_training_checkpoint(out)
     if dtype not in DTYPES:
         raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
     target = DTYPES[dtype]
@@ -27,9 +32,18 @@ def export_generator(ckpt: ckpt_io.Checkpoint, out: Path, dtype: str, ema: bool 
         raise UsageError(f"{ckpt.path}: holds no generator weights")
     meta = ckpt_io.base_meta(ckpt.config, "export", ckpt.step, ckpt.images_seen, ckpt.meta.get("aigc.precision", ""))
     meta["aigc.dtype"] = dtype
-    meta["aigc.source"] = str(ckpt.path)
+    meta["aigc.source"] = str(Path(ckpt.path).resolve())
     meta["aigc.weights"] = source
     ckpt_io.write_atomic(out, tensors, meta)
     return {"out": str(out), "dtype": dtype, "tensors": len(tensors),
             "parameters": ckpt_io.param_counts(ckpt)["G"],  # as `aigc info` counts them: no BN buffers
             "bytes": out.stat().st_size}
+
+
+def _refuse_training_checkpoint(out: Path) -> None:
+    """An export holds the generator only: written over a training checkpoint (the source itself, say)
+    it would silently take the discriminator, optimizers and resume state with it."""
+    meta = ckpt_io.read_meta(out) if out.is_file() else None
+    if meta and meta.get("aigc.format") and meta.get("aigc.kind") != "export":
+        raise UsageError(f"--out {out}: holds a training checkpoint, which an export would replace "
+                         "(losing what resuming needs); choose another file name")

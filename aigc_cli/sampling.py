@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
-import tempfile
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import torch
 from PIL import Image
@@ -13,6 +14,7 @@ from torchvision.utils import make_grid
 
 from .checkpoint import Checkpoint
 from .errors import UsageError
+from .files import atomic_write
 from .models import FAMILIES, build_nets
 from .training.precision import Precision, resolve_device, resolve_precision
 
@@ -20,6 +22,24 @@ from .training.precision import Precision, resolve_device, resolve_precision
 def latents(n: int, dim: int, seed: int) -> torch.Tensor:
     """Drawn on the CPU from their own generator, so they do not depend on the device or global RNG."""
     return torch.randn(n, dim, generator=torch.Generator().manual_seed(seed))
+
+
+def latent_batches(n: int, dim: int, seed: int, batch_size: int) -> Iterator[torch.Tensor]:
+    """The rows of latents(n, dim, seed), the same values, about `batch_size` rows at a time, so that
+    n need not fit in memory at once. torch's CPU normal_ draws blocks of 16 values: pieces of a
+    multiple of 16 values draw exactly what one call would; a last piece under 16 values would be
+    drawn another way, so it joins the piece before it (tests/test_sampling.py checks all this)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = max(1, batch_size)
+    while rows * dim % 16:
+        rows += 1
+    done = 0
+    while done < n:
+        k = min(rows, n - done)
+        if (n - done - k) * dim < 16:
+            k = n - done
+        yield torch.randn(k, dim, generator=g)
+        done += k
 
 
 def from_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -64,18 +84,24 @@ def class_labels(ckpt: Checkpoint, classes: list[int] | None, n: int) -> tuple[t
 
 def save_png(img: torch.Tensor, path: str | os.PathLike) -> None:
     """A uint8 (C, H, W) tensor to a PNG, written to a temporary name then renamed."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     arr = img.permute(1, 2, 0).numpy()
     pil = Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr, mode="L" if arr.shape[2] == 1 else "RGB")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
+    # Not fsynced: a grid is cheap to make again, and --individual writes thousands of files.
+    with atomic_write(path, ".png", durable=False) as tmp:
         pil.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+
+# A grid is one PNG held whole in memory: 2**28 pixels (16k x 16k) is already more than image viewers
+# open comfortably; more images than that go one file each (--individual).
+GRID_MAX_PIXELS = 1 << 28
+
+
+def check_grid_size(n: int, nrow: int, resolution: int) -> None:
+    cell = resolution + 2  # make_grid's padding
+    w, h = min(n, nrow) * cell + 2, -(-n // nrow) * cell + 2
+    if w * h > GRID_MAX_PIXELS:
+        raise UsageError(f"--n {n}: a grid of {n} images would be {w}x{h} pixels; write them one PNG each "
+                         "with --individual DIR (and no --out)")
 
 
 def save_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int = 8) -> None:
@@ -83,16 +109,28 @@ def save_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int = 8) -> N
     save_png(grid[:1] if images.shape[1] == 1 else grid, path)
 
 
-def save_individual(images: torch.Tensor, folder: str | os.PathLike, workers: int | None = None) -> list[Path]:
-    """One PNG per image, encoded on a thread pool: PIL's zlib compression releases the GIL, so PNG
-    encoding (the cost of sampling to files) scales with the cores."""
+def save_individual(batches: Iterable[torch.Tensor], folder: str | os.PathLike, workers: int | None = None) -> int:
+    """One PNG per image (000000.png, 000001.png, ...) from batches of uint8 images, encoded on a
+    thread pool: PIL's zlib compression releases the GIL, so encoding scales with the cores and runs
+    while the next batch is generated. At most two batches wait, which bounds memory for any n.
+    Returns the number written."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    paths = [folder / f"{i:06d}.png" for i in range(len(images))]
-    with ThreadPoolExecutor(max_workers=workers or min(32, os.cpu_count() or 1)) as pool:
-        for _ in pool.map(save_png, images, paths):  # re-raises the first error
-            pass
-    return paths
+    count, waiting = 0, deque()
+    pool = ThreadPoolExecutor(max_workers=workers or min(32, os.cpu_count() or 1))
+    try:
+        for images in batches:
+            waiting.append([pool.submit(save_png, img, folder / f"{count + i:06d}.png") for i, img in enumerate(images)])
+            count += len(images)
+            while len(waiting) > 2:
+                for f in waiting.popleft():
+                    f.result()  # re-raises the first error
+        for fs in waiting:
+            for f in fs:
+                f.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    return count
 
 
 def generator_from(ckpt: Checkpoint, device: str = "auto", precision: str = "auto", ema: bool = True):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -58,6 +60,10 @@ def test_train_writes_the_run_folder(gan_run):
     assert (out / "samples" / "step-0000010.png").is_file()
     ckpts = sorted(p.name for p in (out / "checkpoints").glob("*.safetensors"))
     assert ckpts == ["last.safetensors", "step-0000010.safetensors", "step-0000020.safetensors"]
+    mask = os.umask(0)
+    os.umask(mask)
+    for f in ("config.toml", "metrics.jsonl", "samples/step-0000020.png", "checkpoints/last.safetensors"):
+        assert stat.S_IMODE((out / f).stat().st_mode) == 0o666 & ~mask, f  # as any tool's files: not owner-only
     meta, keys = meta_and_keys(out / "checkpoints" / "last.safetensors")
     assert META_KEYS <= set(meta)
     assert meta["aigc.step"] == "20" and meta["aigc.kind"] == "checkpoint" and meta["aigc.model"] == "dcgan"

@@ -196,6 +196,7 @@ def test_eval_stats_writes_a_file_that_ref_accepts_and_pytorch_fid_files_work_fo
     (b"not a zip at all", "not a readable statistics .npz"),
     (None, "no 'sigma'"),
     ("object", "not a readable statistics .npz"),
+    ("npy", "a single .npy array"),  # np.load returns the array itself: no context manager
 ])
 def test_bad_reference_files_are_one_line_errors(runs, tmp_path, monkeypatch, capsys, content, expect):
     bad = tmp_path / "bad.npz"
@@ -203,6 +204,9 @@ def test_bad_reference_files_are_one_line_errors(runs, tmp_path, monkeypatch, ca
         np.savez(bad, mu=np.zeros(128))
     elif content == "object":  # an array that needs pickle to load: refused, never unpickled
         np.savez(bad, mu=np.array([{"a": 1}], dtype=object), sigma=np.eye(2))
+    elif content == "npy":
+        with open(bad, "wb") as f:
+            np.save(f, np.zeros(3))
     else:
         bad.write_bytes(content)
     code, _, err = run_cli(monkeypatch, capsys, "eval", runs / "gan", "--ref", bad, "--features", runs / "clf",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import sys
 import time
 
@@ -12,6 +11,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ..errors import AigcError
+from ..files import json_line
 
 
 def human_console(json_mode: bool = False, quiet: bool = False) -> Console:
@@ -20,7 +20,7 @@ def human_console(json_mode: bool = False, quiet: bool = False) -> Console:
 
 
 def emit_json(obj: dict) -> None:
-    sys.stdout.write(json.dumps(obj, sort_keys=True) + "\n")
+    sys.stdout.write(json_line(obj, sort_keys=True) + "\n")
     sys.stdout.flush()
 
 
@@ -49,8 +49,24 @@ def handles_errors(fn):
         except OSError as e:  # a path that cannot be read or written: the user's to fix
             where = f"{e.filename}: " if e.filename else ""
             fail(f"{where}{e.strerror or e}", 2)
+        except (MemoryError, RuntimeError) as e:
+            if not _out_of_memory(e):
+                raise
+            fail(f"out of memory ({_first_line(e)}); use a smaller --batch-size, or fewer images (--n)", 2)
 
     return wrapper
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """Host or GPU memory exhausted: torch.OutOfMemoryError (a RuntimeError), the CPU allocator's
+    RuntimeError, or Python's MemoryError. Told apart without importing torch here."""
+    return (isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError"
+            or "can't allocate memory" in str(e) or "out of memory" in str(e).lower())
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0][:200] if text else type(e).__name__)
 
 
 def _fmt(record: dict) -> str:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from .output import emit_json, handles_errors, human_console
+from .output import emit_json, handles_errors, human_console, warn
 
 
 def parse_classes(text: str | None) -> list[int] | None:
@@ -41,9 +42,12 @@ def sample(
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object with the written paths."),
 ) -> None:
     """Generate images (VAE: decode prior samples) into a PNG grid and/or one PNG per image."""
+    import torch
+
     from .. import checkpoint as ckpt_io
     from ..errors import UsageError
-    from ..sampling import class_labels, generate, generator_from, latents, save_grid, save_individual
+    from ..sampling import (check_grid_size, class_labels, generate, generator_from, latent_batches, save_grid,
+                            save_individual)
 
     if n < 1 or batch_size < 1 or (nrow is not None and nrow < 1):
         raise UsageError("--n, --batch-size and --nrow must be positive")
@@ -57,22 +61,55 @@ def sample(
         raise UsageError(f"--individual {individual}: exists and is not a folder")
     ck = ckpt_io.load(checkpoint)
     wanted = parse_classes(classes)
-    G, amp = generator_from(ck, device, precision, ema=not no_ema)
     labels, per_row = class_labels(ck, wanted, n)
-    n = len(labels) if labels is not None else n
-    nrow = nrow or per_row
-    console = human_console(json_out)
-    with console.status(f"generating {n} images"):
-        images = generate(G, latents(n, ck.config.model.latent_dim, seed), amp, batch_size, labels=labels)
-    result = {"checkpoint": str(ck.path), "n": n, "seed": seed}
-    if out is not None or individual is None:
+    if labels is not None and len(labels) != n:
+        warn(f"--n {n} with {len(labels) // per_row} classes: {per_row} image{'s' if per_row > 1 else ''} "
+             f"per class, {len(labels)} in all")
+        n = len(labels)
+    write_grid = out is not None or individual is None
+    if write_grid:
         out = out or Path("samples.png")
-        save_grid(images, out, nrow or max(1, round(math.sqrt(n))))
-        result["grid"] = str(out)
-    if individual is not None:
-        save_individual(images, individual)
-        result["individual"] = str(individual)
+        nrow = nrow or per_row or max(1, round(math.sqrt(n)))
+        check_grid_size(n, nrow, ck.config.model.resolution)
+    G, amp = generator_from(ck, device, precision, ema=not no_ema)
+    dim = ck.config.model.latent_dim
+
+    def batches():  # for any n: never more than a few batches of latents or images in memory
+        start = 0
+        for z in latent_batches(n, dim, seed, batch_size):
+            y = None if labels is None else labels[start:start + len(z)]
+            start += len(z)
+            yield generate(G, z, amp, batch_size, labels=y)
+
+    console = human_console(json_out)
+    result = {"checkpoint": str(ck.path), "n": n, "seed": seed}
+    before = _pngs(individual)
+    with console.status(f"generating {n} images"):
+        if write_grid:
+            images = torch.cat(list(batches()))
+            save_grid(images, out, nrow)
+            result["grid"] = str(out)
+        if individual is not None:
+            save_individual([images] if write_grid else batches(), individual)
+            result["individual"] = str(individual)
+    stale = [name for name in before if not _written(name, n)]
+    if stale:  # a later `aigc eval --fake DIR` would score them too
+        warn(f"--individual {individual}: also holds {len(stale)} PNG file{'s' if len(stale) > 1 else ''} "
+             "this command did not write (from an earlier run?)")
     if json_out:
         emit_json(result)
     else:
         console.print(f"wrote {n} images: " + ", ".join(str(result[k]) for k in ("grid", "individual") if k in result))
+
+
+def _pngs(folder: Path | None) -> set[str]:
+    try:
+        return {e.name for e in os.scandir(folder) if e.name.endswith(".png")} if folder is not None else set()
+    except OSError:  # not there yet
+        return set()
+
+
+def _written(name: str, n: int) -> bool:
+    """Whether save_individual wrote `name` (000000.png ... for n images)."""
+    stem = name[:-4]
+    return stem.isdigit() and int(stem) < n and name == f"{int(stem):06d}.png"

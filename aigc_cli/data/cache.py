@@ -22,12 +22,13 @@ import hashlib
 import json
 import os
 import stat
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
+
+from ..files import atomic_write
 
 # Bump whenever decoding or conversion changes what a given file turns into, so that entries
 # written by an older aigc are not reused.
@@ -140,21 +141,11 @@ def make_key(folder: str, rel_paths: Iterable[str], params: dict,
 
 def _write_atomic(path: str, data: bytes) -> bool:
     """Write `data` to `path` by a temporary file and a rename; False (and nothing left) on failure."""
-    folder = os.path.dirname(path)
-    tmp = None
     try:
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)[:16]}.", suffix=".tmp", dir=folder)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
+        with atomic_write(path, durable=False) as tmp:
+            tmp.write_bytes(data)
         return True
     except OSError:
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
         return False
 
 
@@ -245,23 +236,13 @@ def store(key: Key, entry: Entry, warn: Callable[[str], None]) -> None:
     if entry.labels is not None:
         tensors["labels"] = entry.labels.contiguous()
     meta = {_META_KEY: json.dumps({**entry.info, "key": key.digest, "format": FORMAT})}
-    tmp = None
     try:
-        os.makedirs(folder, exist_ok=True)
-        # A unique temporary name in the same folder: a concurrent run writing the same entry
-        # cannot clobber it half-written, and os.replace is atomic within one file system.
-        fd, tmp = tempfile.mkstemp(prefix=f".{key.digest[:16]}.", suffix=".tmp", dir=folder)
-        os.close(fd)
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, _path(key))
-        tmp = None
+        # A unique temporary name in the same folder: a concurrent run writing the same entry cannot
+        # clobber it half-written, and the rename is atomic within one file system. Not fsynced: a
+        # cache entry lost in a crash is decoded again.
+        with atomic_write(_path(key), durable=False) as tmp:
+            save_file(tensors, tmp, metadata=meta)
     except Exception as e:  # noqa: BLE001 - read-only home, full disk, ...: run without the cache
         reason = e.strerror if isinstance(e, OSError) and e.strerror else (str(e) or type(e).__name__)
         warn(f"cannot write the decoded-image cache in {folder} ({reason.splitlines()[0]}); "
              "continuing without it (set AIGC_CACHE_DIR to a writable folder, or data.cache=false)")
-    finally:
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass

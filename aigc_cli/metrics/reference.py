@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ import torch
 
 from ..data.native import load_folder_native
 from ..errors import UsageError
+from ..files import atomic_write
 
 CACHE_FORMAT = 2
 
@@ -109,22 +109,12 @@ class Reference:
 
 def save_npz(path: str | os.PathLike, ref: Reference) -> Path:
     """Write atomically: a temporary file in the same folder, fsynced, then renamed over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {"mu": ref.mu.astype(np.float64), "sigma": ref.sigma.astype(np.float64),
               "protocol": np.array(json.dumps(ref.protocol, sort_keys=True))}
     if ref.features is not None:
         arrays["features"] = ref.features.astype(np.float32)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
     return path
 
 
@@ -134,9 +124,10 @@ def load_npz(path: str | os.PathLike, what: str = "--ref") -> Reference:
     if not path.is_file():
         raise UsageError(f"{what} {path}: no such file")
     try:
-        with np.load(path, allow_pickle=False) as z:
-            if not hasattr(z, "files"):
-                raise UsageError(f"{what} {path}: a single .npy array, expected an .npz with 'mu' and 'sigma'")
+        z = np.load(path, allow_pickle=False)
+        if not hasattr(z, "files"):  # a plain array (.npy bytes, whatever the name): no context manager
+            raise UsageError(f"{what} {path}: a single .npy array, expected an .npz with 'mu' and 'sigma'")
+        with z:
             missing = [k for k in ("mu", "sigma") if k not in z.files]
             if missing:
                 raise UsageError(f"{what} {path}: no {' or '.join(repr(k) for k in missing)} array in it "

@@ -15,7 +15,6 @@ import hashlib
 import http.client
 import os
 import re
-import tempfile
 import threading
 import urllib.error
 import urllib.request
@@ -26,6 +25,7 @@ from typing import Mapping
 import torch
 
 from ..errors import UsageError
+from ..files import atomic_write
 
 WEIGHTS_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{WEIGHTS_FILENAME}"
@@ -214,15 +214,9 @@ def download_weights(dest: str | os.PathLike | None = None, *, url: str = WEIGHT
         dest = dest / WEIGHTS_FILENAME
     if dest.is_file() and file_sha256(dest) == WEIGHTS_SHA256:
         return dest
-    try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-    except OSError as e:
-        raise UsageError(f"cannot write the Inception weights to {dest.parent}: {e.strerror or e}") from None
-    tmp = Path(tmp_name)
     h, done = hashlib.sha256(), 0
     try:
-        with os.fdopen(fd, "wb") as out:
+        with atomic_write(dest, ".part") as tmp, open(tmp, "wb") as out:
             try:
                 resp = urllib.request.urlopen(url, timeout=timeout)
             except _NET_ERRORS as e:  # offline, DNS, refused, HTTP error status
@@ -237,25 +231,17 @@ def download_weights(dest: str | os.PathLike | None = None, *, url: str = WEIGHT
                         raise _download_error(url, dest, e) from None
                     if not block:
                         break
-                    try:
-                        out.write(block)
-                    except OSError as e:
-                        raise UsageError(f"cannot write the Inception weights to {tmp}: "
-                                         f"{e.strerror or e}") from None
+                    out.write(block)
                     h.update(block)
                     done += len(block)
                     if report:
                         report(done, total)
-            out.flush()
-            os.fsync(out.fileno())
-        digest = h.hexdigest()
-        if digest != WEIGHTS_SHA256:
-            raise UsageError(f"the download from {url} ({done} bytes) has SHA-256 {digest}, expected "
-                             f"{WEIGHTS_SHA256}; nothing was written to {dest}")
-        os.replace(tmp, dest)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+            digest = h.hexdigest()
+            if digest != WEIGHTS_SHA256:
+                raise UsageError(f"the download from {url} ({done} bytes) has SHA-256 {digest}, expected "
+                                 f"{WEIGHTS_SHA256}; nothing was written to {dest}")
+    except OSError as e:  # the network's errors became UsageErrors above: this is the disk
+        raise UsageError(f"cannot write the Inception weights to {dest}: {e.strerror or e}") from None
     return dest
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from .. import checkpoint as ckpt_io
 from ..config import Config
 from ..errors import UsageError
+from ..files import atomic_write, json_line
 
 
 class RunFolder:
@@ -18,13 +19,12 @@ class RunFolder:
         self.checkpoints.mkdir(parents=True, exist_ok=True)
 
     def write_config(self, cfg: Config) -> None:
-        tmp = self.root / ".config.toml.tmp"
-        tmp.write_text(cfg.to_toml(), encoding="utf-8")
-        tmp.replace(self.root / "config.toml")
+        with atomic_write(self.root / "config.toml") as tmp:
+            tmp.write_text(cfg.to_toml(), encoding="utf-8")
 
     def append_metrics(self, record: dict) -> None:
         with open(self.root / "metrics.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json_line(record) + "\n")
 
     def trim_metrics(self, step: int) -> None:
         """On resume, drop lines logged after the checkpoint (and a torn last line from a crash)."""
@@ -38,9 +38,8 @@ class RunFolder:
                     kept.append(line)
             except (json.JSONDecodeError, AttributeError):
                 continue
-        tmp = path.with_name(".metrics.jsonl.tmp")
-        tmp.write_text("".join(s + "\n" for s in kept), encoding="utf-8")
-        tmp.replace(path)
+        with atomic_write(path) as tmp:
+            tmp.write_text("".join(s + "\n" for s in kept), encoding="utf-8")
 
     def _link(self, target: Path, name: str, tensors: dict, meta: dict) -> None:
         """Point checkpoints/<name> at target: a hard link costs no second write, and the rename keeps

@@ -1,0 +1,89 @@
+"""Writing files safely: atomic replacement (checkpoints, PNGs, statistics, caches) and strict JSON."""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import secrets
+import stat
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+
+def _make_parent(path: Path) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:  # some folder on the way is a file: say which, not "File exists"
+        for p in (path.parent, *path.parent.parents):
+            if p.exists() and not p.is_dir():
+                raise NotADirectoryError(errno.ENOTDIR, "is a file, not a folder", str(p)) from None
+        raise
+
+
+@contextmanager
+def atomic_write(path: str | os.PathLike, suffix: str = ".tmp", *, durable: bool = True) -> Iterator[Path]:
+    """Yield a new temporary path in `path`'s folder to write; when the block ends without an error the
+    file is renamed over `path` (fsynced first, and the rename made durable, unless durable=False), else
+    removed. So `path` is always either its old self or complete, also after a crash or a full disk.
+
+    The file gets the mode open() would give `path`: 0o666 less the umask (mkstemp's 0o600, or
+    safetensors' own, would leave every grid and checkpoint unreadable to the user's group). Errors before the
+    rename name `path`, not the temporary name."""
+    path = Path(path)
+    _make_parent(path)
+    while True:
+        tmp = path.parent / f".{path.name[:80]}.{secrets.token_hex(4)}{suffix}"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            mode = stat.S_IMODE(os.fstat(fd).st_mode)
+            os.close(fd)
+            break
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, str(path)) from None
+    try:
+        yield tmp
+        if stat.S_IMODE(os.stat(tmp).st_mode) != mode:  # a writer that made its own file (safetensors: 0o600)
+            os.chmod(tmp, mode)
+        if durable:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.filename in (str(tmp), tmp):
+            raise OSError(e.errno, e.strerror, str(path)) from None
+        raise
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if durable:
+        try:  # the rename itself
+            dfd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        except OSError:
+            pass
+
+
+def finite_or_none(obj):
+    """NaN and infinities become None (JSON null), recursively: `json` would write NaN, which strict
+    parsers (jq, JavaScript, most other languages) reject."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_none(v) for v in obj]
+    return obj
+
+
+def json_line(obj, **kwargs) -> str:
+    """One line of strict JSON (non-finite numbers as null)."""
+    return json.dumps(finite_or_none(obj), allow_nan=False, **kwargs)

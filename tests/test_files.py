@@ -1,0 +1,89 @@
+"""Atomic writes (the umask is respected, errors name the target, nothing is left behind), strict JSON,
+and the one-line errors for running out of memory."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+import pytest
+import typer
+
+from aigc_cli.cli.output import handles_errors
+from aigc_cli.files import atomic_write, json_line
+
+
+@pytest.fixture
+def umask():
+    old = os.umask(0o022)
+    yield lambda m: os.umask(m)
+    os.umask(old)
+
+
+def mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_files_get_the_mode_open_would_give_them(tmp_path, umask):
+    for mask, expected in ((0o022, 0o644), (0o027, 0o640), (0o077, 0o600)):
+        umask(mask)
+        target = tmp_path / f"m{mask:o}.bin"
+        with atomic_write(target) as tmp:
+            tmp.write_bytes(b"x")
+        assert mode(target) == expected
+        with atomic_write(target, durable=False) as tmp:  # replacing keeps to the umask too
+            tmp.unlink()  # as safetensors' save_file does: a file of its own, owner-only
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT, 0o600))
+            tmp.write_bytes(b"y")
+        assert mode(target) == expected and target.read_bytes() == b"y"
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
+    target = tmp_path / "keep.txt"
+    target.write_text("old")
+    with pytest.raises(ValueError):
+        with atomic_write(target) as tmp:
+            tmp.write_text("half")
+            raise ValueError("disk full, say")
+    assert target.read_text() == "old" and os.listdir(tmp_path) == ["keep.txt"]
+
+
+def test_errors_name_the_target_not_the_temporary(tmp_path):
+    with pytest.raises(OSError) as e:
+        with atomic_write("/proc/x.png"):
+            pass
+    assert e.value.filename == "/proc/x.png"
+    (tmp_path / "a.png").write_text("a file")
+    with pytest.raises(NotADirectoryError) as e:
+        with atomic_write(tmp_path / "a.png" / "x.png"):
+            pass
+    assert e.value.filename == str(tmp_path / "a.png") and e.value.strerror == "is a file, not a folder"
+
+
+def test_json_has_no_nan():
+    line = json_line({"bpd": float("nan"), "fid": 3.5, "xs": [float("inf"), 1], "inner": {"k": float("-inf")}})
+    assert json.loads(line) == {"bpd": None, "fid": 3.5, "xs": [None, 1], "inner": {"k": None}}
+    assert "NaN" not in line and "Infinity" not in line
+
+
+@pytest.mark.parametrize("error", [RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 256 GB"),
+                                   MemoryError(), RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")])
+def test_running_out_of_memory_is_one_line_exit_2(capsys, error):
+    @handles_errors
+    def command():
+        raise error
+
+    with pytest.raises(typer.Exit) as e:
+        command()
+    err = capsys.readouterr().err
+    assert e.value.exit_code == 2 and err.count("\n") == 1 and err.startswith("error: out of memory") and "--batch-size" in err
+
+
+def test_other_runtime_errors_stay_bugs():
+    @handles_errors
+    def command():
+        raise RuntimeError("shape mismatch")
+
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        command()

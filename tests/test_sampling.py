@@ -1,0 +1,106 @@
+"""`aigc sample` at any size: latents drawn in pieces equal one draw, streamed --individual output,
+grid limits, notices; `aigc export` refusals. In-process CLI runs (run_cli) for speed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import Silent, run_cli, tiny
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from aigc_cli import checkpoint as ckpt_io
+from aigc_cli.sampling import latent_batches, latents, save_individual
+from aigc_cli.training.loop import train
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 300), dim=st.integers(1, 40), batch=st.integers(1, 70), seed=st.integers(0, 2**32 - 1))
+def test_latents_drawn_in_pieces_equal_one_draw(n, dim, batch, seed):
+    pieces = list(latent_batches(n, dim, seed, batch))
+    assert torch.equal(torch.cat(pieces), latents(n, dim, seed))
+    assert all(len(p) <= max(batch, 16) + 16 for p in pieces[:-1])  # about batch rows each: bounded memory
+
+
+def test_individual_files_streamed_from_batches_equal_one_batch(tmp_path):
+    images = torch.randint(0, 256, (10, 1, 8, 8), dtype=torch.uint8)
+    assert save_individual(images.split(3), tmp_path / "a", workers=2) == 10
+    assert save_individual([images], tmp_path / "b") == 10
+    names = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert names == [f"{i:06d}.png" for i in range(10)]
+    assert all((tmp_path / "a" / s).read_bytes() == (tmp_path / "b" / s).read_bytes() for s in names)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("sampling")
+    out = {}
+    for name, model in (("gan", {}), ("cond", {"conditional": True})):
+        cfg = tiny("dcgan", **model).with_overrides({"train.steps": 2, "train.ckpt_every": 2, "train.sample_every": 2})
+        train(cfg, root / name, Silent())
+        out[name] = root / name
+    return out
+
+
+def test_individual_only_streams_the_same_images_as_the_grid_path(monkeypatch, capsys, runs, tmp_path):
+    code, _, err = run_cli(monkeypatch, capsys, "sample", runs["gan"], "--n", "37", "--batch-size", "5",
+                           "--individual", tmp_path / "each")
+    assert code == 0, err
+    code, _, err = run_cli(monkeypatch, capsys, "sample", runs["gan"], "--n", "37", "--out", tmp_path / "g.png",
+                           "--individual", tmp_path / "both")
+    assert code == 0, err
+    assert not (tmp_path / "samples.png").exists()  # --individual alone writes no grid
+    names = sorted(p.name for p in (tmp_path / "each").iterdir())
+    assert len(names) == 37
+    assert all((tmp_path / "each" / s).read_bytes() == (tmp_path / "both" / s).read_bytes() for s in names)
+
+    # Fewer images into the same folder: the files left from before are pointed out, not scored silently.
+    code, _, err = run_cli(monkeypatch, capsys, "sample", runs["gan"], "--n", "30", "--individual", tmp_path / "each")
+    assert code == 0 and "also holds 7 PNG files this command did not write" in err, err
+
+
+def test_a_grid_too_large_to_hold_is_one_line_exit_2_before_generating(monkeypatch, capsys, runs, tmp_path):
+    code, _, err = run_cli(monkeypatch, capsys, "sample", runs["gan"], "--n", "1000000000", "--out", tmp_path / "x.png")
+    assert code == 2 and err.count("\n") == 1 and "--individual" in err and "pixels" in err, err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_conditional_n_rounded_to_whole_rows_says_so(monkeypatch, capsys, runs, tmp_path):
+    k = ckpt_io.load(runs["cond"]).config.model.num_classes
+    assert k >= 2
+    code, out, err = run_cli(monkeypatch, capsys, "sample", runs["cond"], "--n", str(k + 1), "--json",
+                             "--out", tmp_path / "c.png")
+    assert code == 0, err
+    assert f"--n {k + 1} with {k} classes: 1 image per class, {k} in all" in err
+
+
+def test_a_stored_conditional_config_without_classes_is_refused(runs, tmp_path):
+    ck = ckpt_io.load(runs["cond"])
+    cfg = ck.config.with_overrides({"model.num_classes": 0})
+    meta = {**ck.meta, "aigc.config": cfg.to_json()}
+    ckpt_io.write_atomic(tmp_path / "bad.safetensors", ck.tensors, meta)
+    with pytest.raises(Exception, match="conditional model with model.num_classes 0"):
+        ckpt_io.load(tmp_path / "bad.safetensors")
+
+
+def test_export_refuses_other_formats_and_training_checkpoints(monkeypatch, capsys, runs, tmp_path):
+    code, _, err = run_cli(monkeypatch, capsys, "export", runs["gan"], "--out", tmp_path / "g.onnx")
+    assert code == 2 and ".safetensors" in err and not (tmp_path / "g.onnx").exists()
+    last = runs["gan"] / "checkpoints" / "last.safetensors"
+    before = last.read_bytes()
+    code, _, err = run_cli(monkeypatch, capsys, "export", runs["gan"], "--out", last)
+    assert code == 2 and "holds a training checkpoint" in err and last.read_bytes() == before
+    for _ in range(2):  # an earlier export is replaced, as asked
+        code, _, err = run_cli(monkeypatch, capsys, "export", runs["gan"], "--out", tmp_path / "g.safetensors")
+        assert code == 0, err
+    assert ckpt_io.load(tmp_path / "g.safetensors").meta["aigc.source"] == str(last.resolve())
+
+
+def test_unwritable_outputs_are_named_as_the_user_typed_them(monkeypatch, capsys, runs, tmp_path):
+    (tmp_path / "a.png").write_text("a file")
+    code, _, err = run_cli(monkeypatch, capsys, "sample", runs["gan"], "--n", "2", "--out", tmp_path / "a.png" / "x.png")
+    assert code == 2 and err == f"error: {tmp_path / 'a.png'}: is a file, not a folder\n"
+    code, _, err = run_cli(monkeypatch, capsys, "sample", runs["gan"], "--n", "2", "--out", "/proc/x.png")
+    assert code == 2 and err.startswith("error: /proc/x.png: ") and err.count("\n") == 1, err
