@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import stat
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
 from PIL import Image
+from conftest import aigc_command
 from safetensors import safe_open
 
 QUICK = ["--steps", "20", "--set", "train.log_every=5", "--set", "train.sample_every=10",
@@ -292,3 +296,17 @@ def test_conditional_sampling_by_class_and_ema(aigc, image_folder, gan_run, tmp_
     assert r.code == 0
     again = aigc("sample", tmp_path / "g.safetensors", "--n", "6", "--out", tmp_path / "exported.png")
     assert again.code == 0 and (tmp_path / "exported.png").read_bytes() == (tmp_path / "all.png").read_bytes()
+
+
+def test_sigterm_during_sample_leaves_no_temporary_files(aigc_env, gan_run, tmp_path):
+    each = tmp_path / "each"
+    proc = subprocess.Popen([*aigc_command(), "sample", gan_run[0], "--n", "500000", "--individual", each],
+                            env=aigc_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (each.is_dir() and len(os.listdir(each)) >= 50):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and err == "error: terminated (SIGTERM)\n", err
+    names = os.listdir(each)
+    assert len(names) >= 50 and not [s for s in names if s.startswith(".")]  # whole PNGs only

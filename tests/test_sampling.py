@@ -59,6 +59,9 @@ def test_individual_only_streams_the_same_images_as_the_grid_path(monkeypatch, c
     # Fewer images into the same folder: the files left from before are pointed out, not scored silently.
     code, _, err = run_cli(monkeypatch, capsys, "sample", runs["gan"], "--n", "30", "--individual", tmp_path / "each")
     assert code == 0 and "also holds 7 PNG files this command did not write" in err, err
+    code, out, err = run_cli(monkeypatch, capsys, "sample", runs["gan"], "--n", "30", "--individual", tmp_path / "each",
+                             "--quiet")
+    assert (code, out, err) == (0, "", "")
 
 
 def test_a_grid_too_large_to_hold_is_one_line_exit_2_before_generating(monkeypatch, capsys, runs, tmp_path):
@@ -92,9 +95,9 @@ def test_export_refuses_other_formats_and_training_checkpoints(monkeypatch, caps
     before = last.read_bytes()
     code, _, err = run_cli(monkeypatch, capsys, "export", runs["gan"], "--out", last)
     assert code == 2 and "holds a training checkpoint" in err and last.read_bytes() == before
-    for _ in range(2):  # an earlier export is replaced, as asked
-        code, _, err = run_cli(monkeypatch, capsys, "export", runs["gan"], "--out", tmp_path / "g.safetensors")
-        assert code == 0, err
+    for quiet in ([], ["-q"]):  # an earlier export is replaced, as asked
+        code, out, err = run_cli(monkeypatch, capsys, "export", runs["gan"], "--out", tmp_path / "g.safetensors", *quiet)
+        assert code == 0 and ("wrote" in out) != bool(quiet) and not err, err
     assert ckpt_io.load(tmp_path / "g.safetensors").meta["aigc.source"] == str(last.resolve())
 
 

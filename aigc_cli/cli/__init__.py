@@ -29,6 +29,7 @@ def main() -> None:
     import sys
 
     args = sys.argv[1:]
+    _help_width()
     target, prog = app, "aigc"
     if args[:2] == ["eval", "stats"]:  # a checkpoint or run folder called "stats" is ./stats
         target, prog, args = eval_stats_app, "aigc eval stats", args[2:]
@@ -49,3 +50,17 @@ def main() -> None:
         sys.stderr.write(f"error: {e.format_message()}{hint}\n")
         code = e.exit_code
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _help_width() -> None:
+    """Help piped to a file or a pager would be laid out 80 columns wide, where the help column of
+    `aigc eval` is too narrow for a file name or an environment variable and rich cuts them with an
+    ellipsis. Lay it out 100 wide there, unless the user set a width (COLUMNS, TERMINAL_WIDTH)."""
+    import os
+    import sys
+
+    if not sys.stdout.isatty() and not (os.environ.get("COLUMNS") or os.environ.get("TERMINAL_WIDTH")):
+        import typer.rich_utils
+
+        if getattr(typer.rich_utils, "MAX_WIDTH", 0) is None:
+            typer.rich_utils.MAX_WIDTH = 100

@@ -8,12 +8,15 @@ from typing import Optional
 
 import typer
 
-from .output import emit_json, handles_errors, human_console, warn
+from .output import QUIET_HELP, emit_json, handles_errors, human_console, sigterm_interrupts, warner
 
 METRICS_HELP = ("Comma list of fid, kid, is, precision, recall (VAE: also recon_mse, neg_elbo, bpd); "
                 "only these are computed (default: all that apply).")
-WEIGHTS_HELP = ("pytorch-fid's Inception weights file (pt_inception-2015-12-05-6726825d.pth) for the default "
-                "extractor (default: $AIGC_INCEPTION_WEIGHTS, else the torch hub cache, where --download-weights puts it).")
+# No word here is longer than the help column is wide when the output is not a terminal (80 columns):
+# rich would cut it with an ellipsis.
+WEIGHTS_HELP = ("pytorch-fid's Inception weights file, for the default extractor (default: the file named "
+                "by the environment variable AIGC_INCEPTION_WEIGHTS, else the torch hub cache, where "
+                "--download-weights puts it).")
 FEATURES_HELP = ("Classifier checkpoint (or run folder) whose penultimate layer gives the features, "
                  "instead of Inception.")
 STATS_DIR_HELP = "Cache of real-data reference statistics (default: $AIGC_CACHE_DIR/stats, AIGC_CACHE_DIR defaulting to ~/.cache/aigc)."
@@ -29,6 +32,7 @@ def _check_common(n: int, batch_size: int, precision: str) -> None:
 
 
 @handles_errors
+@sigterm_interrupts
 def evaluate(
     checkpoint: Optional[str] = typer.Argument(None, help="Checkpoint file, run folder or exported generator (omit with --fake)."),
     data: Optional[str] = typer.Option(None, "--data", help="Real data source (default: the one it was trained on; required with --fake unless --ref is given)."),
@@ -49,6 +53,7 @@ def evaluate(
     save_fakes: Optional[str] = typer.Option(None, "--save-fakes", help="Also write the generated images as PNGs into this folder."),
     no_ema: bool = typer.Option(False, "--no-ema", help="Score the raw generator weights, not their EMA."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object with metrics and protocol."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
 ) -> None:
     """Score a generative model: FID, KID, IS, precision/recall (VAE: also reconstruction MSE, negative
     ELBO, bits/dim). `aigc eval stats --data SOURCE --out ref.npz` precomputes reference statistics."""
@@ -67,7 +72,7 @@ def evaluate(
         if json_out:
             emit_json({"inception_weights": str(path), "sha256": info.sha256, "verified": info.verified})
         else:
-            human_console(False).print(f"Inception weights ready: {path} (SHA-256 {info.sha256[:12]}..., "
+            human_console(False, quiet).print(f"Inception weights ready: {path} (SHA-256 {info.sha256[:12]}..., "
                                       + ("checked)" if info.verified else "NOT checked: test override)"))
         return
     if not checkpoint and not fake:
@@ -76,9 +81,9 @@ def evaluate(
         raise UsageError("--save-fakes applies to a checkpoint; --fake images are files already")
     _check_common(n, batch_size, precision)
     asked = parse_metrics(metrics)
-    console = human_console(json_out)
+    console = human_console(json_out, quiet)
     common = dict(features=features, n=n, batch_size=batch_size, seed=seed, device=device, precision=precision,
-                  warn=warn, metrics=asked, inception_weights=inception_weights,
+                  warn=warner(quiet), metrics=asked, inception_weights=inception_weights,
                   stats_dir=stats_dir or "default", ref=ref, download_weights=download_weights)
     if fake:
         with console.status(f"evaluating the images in {fake}"):
@@ -104,6 +109,7 @@ def evaluate(
 
 
 @handles_errors
+@sigterm_interrupts
 def stats(
     data: str = typer.Option(..., "--data", help="Real data source: a built-in name or a folder (images, IDX, CIFAR-10 binary)."),
     out: str = typer.Option(..., "--out", "-o", help="The .npz to write (mu, sigma, features, protocol); `aigc eval --ref` reads it."),
@@ -121,6 +127,7 @@ def stats(
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     precision: str = typer.Option("auto", "--precision", help="auto (fp32), bf16, fp16 or fp32 for the extractor."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object: the file written and its protocol."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
 ) -> None:
     """Write reference statistics of real data (for `aigc eval --ref`)."""
     from ..errors import UsageError
@@ -131,10 +138,10 @@ def stats(
         raise UsageError("--channels must be 1 (grey) or 3 (RGB), got 2")
     if split not in ("train", "test"):
         raise UsageError(f"--split must be train or test, got {split!r}")
-    console = human_console(json_out)
+    console = human_console(json_out, quiet)
     with console.status(f"embedding up to {n} images of {data}"):
         result = write_stats(data, out, root=data_root, download=download, features=features, n=n,
-                             batch_size=batch_size, seed=seed, device=device, precision=precision, warn=warn,
+                             batch_size=batch_size, seed=seed, device=device, precision=precision, warn=warner(quiet),
                              split=split, resolution=resolution, channels=channels,
                              inception_weights=inception_weights, download_weights=download_weights)
     if json_out:

@@ -6,16 +6,18 @@ from pathlib import Path
 
 import typer
 
-from .output import emit_json, handles_errors, human_console
+from .output import QUIET_HELP, emit_json, handles_errors, human_console, sigterm_interrupts
 
 
 @handles_errors
+@sigterm_interrupts
 def export(
     checkpoint: str = typer.Argument(..., help="Checkpoint file or run folder."),
     out: Path = typer.Option(..., "--out", "-o", help="Output .safetensors path."),
     dtype: str = typer.Option("fp32", "--dtype", help="Weight dtype: fp32, fp16 or bf16."),
     no_ema: bool = typer.Option(False, "--no-ema", help="Export the raw generator weights, not their EMA."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object describing the artifact."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
 ) -> None:
     """Write the generator (a VAE's decoder) with its config; `aigc sample` and `aigc info` accept it."""
     from .. import checkpoint as ckpt_io
@@ -25,4 +27,4 @@ def export(
     if json_out:
         emit_json(result)
     else:
-        human_console().print(f"wrote {result['out']} ({result['parameters']:,} parameters, {dtype}, {result['bytes']:,} bytes)")
+        human_console(quiet=quiet).print(f"wrote {result['out']} ({result['parameters']:,} parameters, {dtype}, {result['bytes']:,} bytes)")

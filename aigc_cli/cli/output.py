@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from ..errors import AigcError
+from ..errors import AigcError, Interrupted
 from ..files import json_line
 
 
@@ -26,6 +26,14 @@ def emit_json(obj: dict) -> None:
 
 def warn(message: str) -> None:
     sys.stderr.write(f"warning: {message}\n")
+
+
+QUIET_HELP = "Print nothing but errors (and --json output)."
+
+
+def warner(quiet: bool):
+    """warn, or with --quiet a function that says nothing."""
+    return (lambda message: None) if quiet else warn
 
 
 def fail(message: str, code: int) -> None:
@@ -53,6 +61,32 @@ def handles_errors(fn):
             if not _out_of_memory(e):
                 raise
             fail(f"out of memory ({_first_line(e)}); use a smaller --batch-size, or fewer images (--n)", 2)
+
+    return wrapper
+
+
+def sigterm_interrupts(fn):
+    """SIGTERM (a batch system's kill, `timeout`) raised as an exception in the main thread, as Ctrl-C
+    is: files being written are removed, not left behind under temporary names, and the exit code is
+    143. Not for `train`, whose own handler saves a checkpoint first (and whose DataLoader workers must
+    not inherit a handler that raises)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        import signal
+
+        def on_term(signum, frame):
+            raise Interrupted("terminated (SIGTERM)", 143)
+
+        try:
+            old = signal.signal(signal.SIGTERM, on_term)
+        except ValueError:  # not the main thread (tests calling the command directly)
+            old = None
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            if old is not None:
+                signal.signal(signal.SIGTERM, old)
 
     return wrapper
 

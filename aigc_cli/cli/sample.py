@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from .output import emit_json, handles_errors, human_console, warn
+from .output import QUIET_HELP, emit_json, handles_errors, human_console, sigterm_interrupts, warner
 
 
 def parse_classes(text: str | None) -> list[int] | None:
@@ -27,6 +27,7 @@ def parse_classes(text: str | None) -> list[int] | None:
 
 
 @handles_errors
+@sigterm_interrupts
 def sample(
     checkpoint: str = typer.Argument(..., help="Checkpoint file, run folder (its newest checkpoint) or exported .safetensors."),
     n: int = typer.Option(64, "--n", "-n", help="Number of images."),
@@ -40,6 +41,7 @@ def sample(
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     precision: str = typer.Option("auto", "--precision", help="auto, bf16, fp16 or fp32."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object with the written paths."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
 ) -> None:
     """Generate images (VAE: decode prior samples) into a PNG grid and/or one PNG per image."""
     import torch
@@ -59,6 +61,7 @@ def sample(
         raise UsageError(f"--out {out}: sample grids are PNG files; use a name ending in .png")
     if individual is not None and individual.exists() and not individual.is_dir():
         raise UsageError(f"--individual {individual}: exists and is not a folder")
+    warn = warner(quiet)
     ck = ckpt_io.load(checkpoint)
     wanted = parse_classes(classes)
     labels, per_row = class_labels(ck, wanted, n)
@@ -81,7 +84,7 @@ def sample(
             start += len(z)
             yield generate(G, z, amp, batch_size, labels=y)
 
-    console = human_console(json_out)
+    console = human_console(json_out, quiet)
     result = {"checkpoint": str(ck.path), "n": n, "seed": seed}
     before = _pngs(individual)
     with console.status(f"generating {n} images"):

@@ -8,7 +8,7 @@ from typing import List, Optional
 
 import typer
 
-from .output import emit_json, handles_errors, human_console, warn
+from .output import QUIET_HELP, emit_json, handles_errors, human_console, warn
 
 
 def next_run_dir(name: str, base: Path = Path("runs")) -> Path:
@@ -42,7 +42,7 @@ def train(
     exit_on_usr1: bool = typer.Option(False, "--exit-on-usr1", help="On SIGUSR1 save and exit with code 75 (default: save and go on)."),
     strict: bool = typer.Option(False, "--strict", help="Any unreadable image file is an error (default: skip it with a warning)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON summary on stdout; progress goes to stderr."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing but errors (and --json output)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
 ) -> None:
     """Train a model from a preset; writes checkpoints, sample grids and metrics.jsonl to the run folder."""
     from ..config import load_preset, parse_assignments

@@ -1,0 +1,56 @@
+"""Every command and option says what it does, and `--help` piped to a file or pager is whole."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+import typer
+
+from conftest import aigc_command
+
+from aigc_cli.cli import app, eval_stats_app
+
+
+def commands():
+    """(path, click command) for every command, `aigc eval stats` included."""
+    root = typer.main.get_command(app)
+    out = []
+
+    def walk(cmd, path):
+        subs = getattr(cmd, "commands", None)
+        if subs:
+            for name, sub in subs.items():
+                walk(sub, [*path, name])
+        else:
+            out.append((path, cmd))
+
+    walk(root, [])
+    out.append((["eval", "stats"], typer.main.get_command(eval_stats_app)))
+    return out
+
+
+COMMANDS = commands()
+
+
+def test_every_command_and_option_has_help():
+    assert {" ".join(p) for p, _ in COMMANDS} >= {"train", "sample", "eval", "eval stats", "export", "info",
+                                                  "presets list", "presets show"}
+    for path, cmd in COMMANDS:
+        assert (cmd.help or "").strip(), path
+        for param in cmd.params:
+            if param.name != "help":
+                assert len((getattr(param, "help", None) or "").strip()) > 10, (path, param.name)
+
+
+@pytest.mark.parametrize("path", [p for p, _ in COMMANDS], ids=" ".join)
+def test_piped_help_is_whole(aigc_env, path):
+    env = {k: v for k, v in aigc_env.items() if k not in ("COLUMNS", "TERMINAL_WIDTH")}  # rich's default: 80
+    r = subprocess.run([*aigc_command(), *path, "--help"], capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "…" not in r.stdout  # rich cuts a word longer than the help column with an ellipsis
+    cmd = dict((tuple(p), c) for p, c in COMMANDS)[tuple(path)]
+    for param in cmd.params:
+        for opt in getattr(param, "opts", []):
+            if opt.startswith("--"):
+                assert opt in r.stdout, (path, opt)
