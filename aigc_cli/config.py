@@ -315,9 +315,13 @@ def parse_toml(text: str, origin: str) -> Config:
     return config_from_dict(data)
 
 
+def is_preset_file(name: str) -> bool:
+    return name.endswith(".toml") and Path(name).is_file()
+
+
 def load_preset(name: str) -> Config:
     """A preset by name, or a path to a TOML file of the same shape."""
-    if name.endswith(".toml") and Path(name).is_file():
+    if is_preset_file(name):
         return parse_toml(Path(name).read_text(encoding="utf-8"), name)
     cfg = parse_toml(preset_text(name), f"preset {name}")
     return cfg if cfg.name != "custom" else dataclasses.replace(cfg, name=name)

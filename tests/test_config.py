@@ -5,10 +5,12 @@ from __future__ import annotations
 import tomllib
 
 import pytest
+from conftest import run_cli
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aigc_cli.config import Config, all_keys, config_from_dict, load_preset, parse_assignments, preset_names
+from aigc_cli.config import (Config, all_keys, config_from_dict, load_preset, parse_assignments, preset_names,
+                             preset_text)
 from aigc_cli.errors import UsageError
 
 REQUIRED = {"quickstart", "mnist-mlp-gan", "fashion-mnist-dcgan", "fashion-mnist-vae", "cifar10-dcgan",
@@ -109,3 +111,15 @@ def test_presets_are_found_from_a_checkout_without_install(monkeypatch):
     monkeypatch.setattr(config_mod.resources, "files", missing)
     assert "quickstart" in config_mod.preset_names()
     assert config_mod.load_preset("quickstart").name == "quickstart"
+
+
+
+def test_presets_show_takes_a_toml_file_as_train_does(monkeypatch, capsys, tmp_path):
+    good = tmp_path / "mine.toml"
+    good.write_text(preset_text("quickstart"))
+    code, out, err = run_cli(monkeypatch, capsys, "presets", "show", good)
+    assert code == 0 and out == good.read_text()
+    bad = tmp_path / "bad.toml"
+    bad.write_text(good.read_text().replace("[train]", "[train]\nbogus = 1", 1))
+    code, out, err = run_cli(monkeypatch, capsys, "presets", "show", bad)
+    assert code == 2 and err.count("\n") == 1 and "train.bogus" in err and out == "", err

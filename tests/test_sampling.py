@@ -3,6 +3,7 @@ grid limits, notices; `aigc export` refusals. In-process CLI runs (run_cli) for 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -99,6 +100,12 @@ def test_export_refuses_other_formats_and_training_checkpoints(monkeypatch, caps
         code, out, err = run_cli(monkeypatch, capsys, "export", runs["gan"], "--out", tmp_path / "g.safetensors", *quiet)
         assert code == 0 and ("wrote" in out) != bool(quiet) and not err, err
     assert ckpt_io.load(tmp_path / "g.safetensors").meta["aigc.source"] == str(last.resolve())
+    code, out, err = run_cli(monkeypatch, capsys, "info", tmp_path / "g.safetensors", "--json")
+    info = json.loads(out)
+    assert code == 0 and info["source"] == str(last.resolve())
+    assert info["weights"] == ("G_ema" if ckpt_io.load(last).net_state("G_ema") else "G")
+    code, out, err = run_cli(monkeypatch, capsys, "info", last, "--json")
+    assert code == 0 and "weights" not in json.loads(out)  # a training checkpoint holds them all
 
 
 def test_unwritable_outputs_are_named_as_the_user_typed_them(monkeypatch, capsys, runs, tmp_path):

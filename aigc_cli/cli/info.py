@@ -23,6 +23,8 @@ def info(
               "precision": ck.meta.get("aigc.precision", ""), "dtype": ck.meta.get("aigc.dtype", "fp32"),
               "created": ck.meta.get("aigc.created", ""), "torch": ck.meta.get("aigc.torch", ""),
               "format": int(ck.meta["aigc.format"]), "config": ck.config.to_dict()}
+    if ck.kind == "export":  # which weights it holds, and where from
+        result.update(weights=ck.meta.get("aigc.weights", "G"), source=ck.meta.get("aigc.source", ""))
     if json_out:
         emit_json(result)
         return
@@ -30,5 +32,8 @@ def info(
     c.print(f"{result['path']}: {result['kind']} of a {result['model']} (format {result['format']})")
     c.print(f"step {result['step']}, {result['images_seen']:,} images seen, trained in {result['precision']}, "
             f"weights {result['dtype']}, created {result['created']} with torch {result['torch']}")
+    if "weights" in result:
+        c.print(f"exported {'the EMA generator' if result['weights'] == 'G_ema' else 'the raw generator'} "
+                f"from {result['source'] or 'an unrecorded checkpoint'}")
     c.print("parameters: " + ", ".join(f"{k} {v:,}" for k, v in result["parameters"].items()))
     c.print("config: " + json.dumps(result["config"], indent=2))

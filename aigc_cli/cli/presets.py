@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 from rich.table import Table
 
-from ..config import load_preset, preset_names, preset_text
+from ..config import is_preset_file, load_preset, preset_names, preset_text
 from .output import handles_errors, human_console
 
 app = typer.Typer(no_args_is_help=True, help="List and show the built-in training presets.")
@@ -24,7 +26,8 @@ def list_presets() -> None:
 
 @app.command("show")
 @handles_errors
-def show(name: str = typer.Argument(..., help="Preset name, as listed by `aigc presets list`.")) -> None:
-    """Print a preset's TOML."""
+def show(name: str = typer.Argument(..., help="Preset name, as listed by `aigc presets list`, or a TOML file "
+                                                "(as `aigc train --preset` takes it).")) -> None:
+    """Print a preset's TOML (a file: once it is checked as `aigc train` would check it)."""
     load_preset(name)  # validates it and gives the one-line error for unknown names
-    print(preset_text(name), end="")
+    print(preset_text(name) if not is_preset_file(name) else Path(name).read_text(encoding="utf-8"), end="")
