@@ -14,15 +14,17 @@ from aigc_cli.training import steps
 from conftest import Silent, tiny
 
 
-def inject(monkeypatch, at_call: int, *, forever: bool = False, into: str = "loss"):
-    """Poison the GAN step's output (or G's weights) from call `at_call` on (once, or forever)."""
+def inject(monkeypatch, at_call: int | tuple[int, ...], *, forever: bool = False, into: str = "loss"):
+    """Poison the GAN step's output (or G's weights) at call `at_call` (or each of several), or from
+    there on (forever)."""
     real = steps.STEPS["gan"]
     calls = {"n": 0}
+    at = (at_call,) if isinstance(at_call, int) else at_call
 
     def poisoned(nets, *args):
         calls["n"] += 1
         out = real(nets, *args)
-        if calls["n"] == at_call or (forever and calls["n"] >= at_call):
+        if calls["n"] in at or (forever and calls["n"] >= at[0]):
             if into == "loss":
                 out = {**out, "loss_d": out["loss_d"] * float("nan")}
             else:
@@ -59,6 +61,19 @@ def test_one_nan_rolls_back_and_training_finishes(monkeypatch, tmp_path, into):
     logged = [json.loads(s)["step"] for s in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert logged == [5, 10, 15]
     assert all(math.isfinite(r["loss_d"]) for r in rep.records if r["step"] in (10, 15))
+
+
+def test_each_rollback_halves_the_starting_rates_once_even_from_a_checkpoint_saved_after_one(monkeypatch, tmp_path):
+    # Call 8 (step 8) fails: back to step 5, rates x0.5; steps 6-15 again (checkpoints 10 and 15 hold the
+    # halved rates). Call 23 (step 18) fails: back to step 15, rates x0.25 of the start, not x0.5 of x0.5 of x0.5.
+    inject(monkeypatch, (8, 23))
+    rep = Silent()
+    from aigc_cli.training.loop import train
+
+    summary = train(cfg(**{"train.steps": "25"}), tmp_path / "r", rep)
+    rollbacks = [n for n in rep.notes if "rolled back" in n]
+    assert summary["recoveries"] == 2 and "to step 15" in rollbacks[1] and "x0.25" in rollbacks[1], rollbacks
+    assert read_lr(tmp_path / "r") == pytest.approx(2e-4 * 0.25)
 
 
 def test_fp16_switches_to_bf16_on_divergence(monkeypatch, tmp_path):

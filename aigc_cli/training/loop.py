@@ -201,6 +201,9 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup) -> dict:
     good = state.capture(cfg, nets, opts, amp, batches, step, images_seen)
     good_path: Path | None = resume.path if resume is not None else None
     recoveries = 0
+    # Learning rates now, and in `good`, relative to this process's starting rates: a rollback sets
+    # them to recover_lr_factor ** recoveries of those, whatever rates the snapshot it restores holds.
+    lr_scale = good_scale = 1.0
     last_record: dict = {}
 
     def beats_best(value) -> bool:
@@ -209,18 +212,19 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup) -> dict:
     def save(eval_value: float | None = None) -> Path:
         """A checkpoint; best.safetensors too when it beats the best so far by the metric. An eval
         metric counts only at the evaluation that measured these weights."""
-        nonlocal good, good_path, best_value
+        nonlocal good, good_path, best_value, good_scale
         value = eval_value if metric_from_eval else last_record.get(metric) if metric else None
         is_best = beats_best(value)
         best_value = value if is_best else best_value
         extra = {"aigc.best_metric": json.dumps(metric), "aigc.best_value": json.dumps(best_value)}
         good = state.capture(cfg, nets, opts, amp, batches, step, images_seen, extra)
+        good_scale = lr_scale
         good_path = run.save_checkpoint(step, *good, best=is_best)
         return good_path
 
     def recover(reason: str) -> None:
         """Roll back to the last good state, lower the learning rates (and leave fp16), or give up."""
-        nonlocal recoveries, amp, cfg, step, images_seen, sums, n_sum
+        nonlocal recoveries, amp, cfg, step, images_seen, sums, n_sum, lr_scale
         recoveries += 1
         where = f"the last good checkpoint is {good_path}" if good_path else "no checkpoint had been saved yet"
         if recoveries > cfg.train.max_recoveries:
@@ -236,13 +240,14 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup) -> dict:
         conform_optimizers(opts, flags)
         if graphed:
             step_fn.reset()  # new optimizer state tensors and learning rates: capture again
-        factor = cfg.train.recover_lr_factor ** recoveries  # the snapshot has the old rates: compound
+        lr_scale = cfg.train.recover_lr_factor ** recoveries
+        adjust = lr_scale / good_scale  # a snapshot saved after an earlier rollback holds lowered rates
         for opt in opts.values():
             for group in opt.param_groups:
-                group["lr"] *= factor
+                group["lr"] *= adjust
                 if "base_lr" in group:  # the schedule scales base_lr: lower that too
-                    group["base_lr"] *= factor
-        changes.append(f"learning rates x{factor:g}")
+                    group["base_lr"] *= adjust
+        changes.append(f"learning rates x{lr_scale:g}")
         sums, n_sum = {}, 0
         run.trim_metrics(step)
         reporter.note(f"non-finite values at step {failed_at} ({reason}); rolled back to step {step}, "
