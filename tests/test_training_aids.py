@@ -357,3 +357,18 @@ def test_base_lr_survives_state_dict_round_trip():
     set_lr(fresh, 0.5)  # a resumed run keeps scaling the original rate
     assert fresh["g"].param_groups[0]["lr"] == pytest.approx(1e-4)
     assert fresh["d"].param_groups[1]["lr"] == pytest.approx(2e-3)
+
+
+def test_epochs_count_real_images_shown_whatever_n_critic():
+    from conftest import tiny
+
+    from aigc_cli.training.loop import total_steps
+
+    one_pass = {"train.epochs": "1", "train.batch_size": "16"}
+    assert total_steps(tiny("dcgan").with_overrides(one_pass), 160) == 10
+    wgan = tiny("dcgan").with_overrides({**one_pass, "loss.gan": "wgan-gp", "model.d_norm": "layer",
+                                             "train.n_critic": "5"})
+    assert total_steps(wgan, 160) == 2  # 2 steps x 5 critic batches x 16 = the 160 images once
+    assert total_steps(wgan.with_overrides({"train.epochs": "3"}), 160) == 6
+    assert total_steps(tiny("vae").with_overrides(one_pass), 160) == 10
+    assert total_steps(wgan, 40) == 1  # less than one step's worth: still one step

@@ -47,7 +47,12 @@ def seed_everything(seed: int) -> None:
 
 
 def total_steps(cfg: Config, n_images: int) -> int:
-    return cfg.train.epochs * (n_images // cfg.train.batch_size) if cfg.train.epochs else cfg.train.steps
+    """train.steps, or for train.epochs the steps that show the data that many times: a GAN step with
+    n_critic critic steps draws n_critic real batches."""
+    if not cfg.train.epochs:
+        return cfg.train.steps
+    per_step = cfg.train.batch_size * cfg.train.n_critic  # n_critic is 1 for all but GANs (config checks)
+    return max(1, cfg.train.epochs * (n_images // per_step))
 
 
 def best_metric(cfg: Config) -> tuple[str | None, bool]:
