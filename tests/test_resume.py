@@ -112,3 +112,54 @@ def test_a_changed_learning_rate_on_resume_takes_effect(tmp_path):
               for name in ("G", "D")}
     assert groups["G"]["lr"] == 1e-5 and groups["D"]["lr"] == 2e-4
     assert groups["G"]["betas"] == [0.0, 0.999] and groups["D"]["betas"] == [0.0, 0.999]
+
+
+def ckpt_names(run):
+    return sorted(p.name for p in (run / "checkpoints").glob("*.safetensors"))
+
+
+def test_resuming_from_an_earlier_checkpoint_of_the_run_starts_a_branch_and_keeps_the_rest(tmp_path):
+    run = tmp_path / "r"
+    base = {"train.ckpt_every": "5", "train.log_every": "5", "train.sample_every": "100", "train.keep_checkpoints": "3"}
+    train(tiny("dcgan").with_overrides({**base, "train.steps": "20"}), run, Silent())
+    assert ckpt_names(run) == ["last.safetensors", "step-0000010.safetensors", "step-0000015.safetensors",
+                               "step-0000020.safetensors"]
+    rep = Silent()
+    train(tiny("dcgan").with_overrides({**base, "train.steps": "15", "train.lr_g": "1e-4"}), run, rep,
+          resume=ckpt_io.load(run / "checkpoints" / "step-0000010.safetensors"))
+    aside = run / "checkpoints" / "after-step-0000010"
+    assert any(str(aside) in n for n in rep.notes), rep.notes
+    # The resume source is not pruned; the abandoned branch is set aside whole, with its metrics lines.
+    assert ckpt_names(run) == ["last.safetensors", "step-0000010.safetensors", "step-0000015.safetensors"]
+    assert sorted(p.name for p in aside.iterdir()) == ["last.safetensors", "metrics.jsonl", "step-0000015.safetensors",
+                                                       "step-0000020.safetensors"]
+    assert [json.loads(s)["step"] for s in (aside / "metrics.jsonl").read_text().splitlines()] == [15, 20]
+    assert [json.loads(s)["step"] for s in (run / "metrics.jsonl").read_text().splitlines()] == [5, 10, 15]
+    found = find_resume("auto", run, warn=lambda m: None)
+    assert found.step == 15 and json.loads(found.meta["aigc.opt.G.param_groups"])[0]["lr"] == 1e-4  # the new branch
+    rep = Silent()
+    summary = train(tiny("dcgan").with_overrides({**base, "train.steps": "12"}), run, rep, resume=found)
+    assert summary["steps"] == 15 and any("nothing to train" in n for n in rep.notes), rep.notes
+
+
+def test_a_fresh_start_drops_metrics_left_by_a_run_killed_before_its_first_checkpoint(tmp_path):
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 2, "loss_d": 1}\n{"step": 400, "loss_d": 1}\n{"junk": 1}\n')
+    train(tiny("dcgan").with_overrides({"train.steps": "10", "train.log_every": "5"}), run, Silent())
+    assert [json.loads(s)["step"] for s in (run / "metrics.jsonl").read_text().splitlines()] == [5, 10]
+
+
+def test_resuming_another_runs_checkpoint_into_an_existing_run_is_refused(monkeypatch, capsys, tmp_path):
+    from conftest import run_cli
+
+    for name in ("a", "b"):
+        train(tiny("dcgan").with_overrides({"train.steps": "5", "train.ckpt_every": "5"}), tmp_path / name, Silent())
+    before = {p: p.read_bytes() for p in (tmp_path / "a").rglob("*") if p.is_file()}
+    code, _, err = run_cli(monkeypatch, capsys, "train", "--resume", tmp_path / "b", "--out", tmp_path / "a",
+                           "--steps", "8")
+    assert code == 2 and "another one" in err and err.count("\n") == 1, err
+    assert {p: p.read_bytes() for p in (tmp_path / "a").rglob("*") if p.is_file()} == before
+    code, _, err = run_cli(monkeypatch, capsys, "train", "--resume", tmp_path / "b", "--out", tmp_path / "c",
+                           "--steps", "8", "--quiet")
+    assert code == 0 and ckpt_io.load(tmp_path / "c").step == 8, err  # into a new folder: a fork, allowed

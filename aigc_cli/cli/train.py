@@ -80,9 +80,13 @@ def train(
     run_dir = out if out is not None else next_run_dir(cfg.name)
     if run_dir.exists() and not run_dir.is_dir():
         raise UsageError(f"--out {run_dir}: exists and is not a folder")
-    if resume is None and any((run_dir / "checkpoints").glob("*.safetensors")):
+    holds_run = any((run_dir / "checkpoints").glob("*.safetensors"))
+    if resume is None and holds_run:
         raise UsageError(f"--out {run_dir}: already holds a run; pass --resume auto to continue it, "
                          "or choose another folder")
+    if ckpt is not None and holds_run and ckpt.path.resolve().parent != (run_dir / "checkpoints").resolve():
+        raise UsageError(f"--out {run_dir}: already holds a run, and --resume {resume} is a checkpoint of another "
+                         "one; continue that in a new --out (or in its own run folder)")
 
     from ..training.loop import train as run_training
     from .output import ConsoleReporter

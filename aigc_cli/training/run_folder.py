@@ -26,20 +26,48 @@ class RunFolder:
         with open(self.root / "metrics.jsonl", "a", encoding="utf-8") as f:
             f.write(json_line(record) + "\n")
 
-    def trim_metrics(self, step: int) -> None:
-        """On resume, drop lines logged after the checkpoint (and a torn last line from a crash)."""
+    def trim_metrics(self, step: int) -> list[str]:
+        """Keep the lines logged up to `step` (on resume or rollback: what the restored state had
+        seen; 0 for a fresh start), dropping later ones, torn lines from a crash and lines that are
+        not aigc records. Returns the dropped lines that were records."""
         path = self.root / "metrics.jsonl"
         if not path.exists():
-            return
-        kept = []
+            return []
+        kept, dropped = [], []
         for line in path.read_text(encoding="utf-8").splitlines():
             try:
-                if json.loads(line).get("step", 0) <= step:
-                    kept.append(line)
+                record_step = json.loads(line).get("step")
             except (json.JSONDecodeError, AttributeError):
                 continue
+            if isinstance(record_step, int):
+                (kept if record_step <= step else dropped).append(line)
         with atomic_write(path) as tmp:
             tmp.write_text("".join(s + "\n" for s in kept), encoding="utf-8")
+        return dropped
+
+    def set_aside_after(self, step: int, dropped_metrics: list[str]) -> Path | None:
+        """A resume from an earlier checkpoint of this run starts a new branch at `step`: the later
+        checkpoints (and last/best when they hold a later step) move to checkpoints/after-step-N/
+        with the metrics lines they had, so that `--resume auto`, pruning and best.safetensors
+        follow the new branch and nothing is deleted. Returns that folder, or None."""
+        later = [p for p in self.checkpoints.glob("step-*.safetensors")
+                 if (m := ckpt_io.STEP_RE.search(p.name)) and int(m.group(1)) > step]
+        for name in ("last.safetensors", "best.safetensors"):
+            meta = ckpt_io.read_meta(self.checkpoints / name) or {}
+            if meta.get("aigc.step", "").isdigit() and int(meta["aigc.step"]) > step:
+                later.append(self.checkpoints / name)
+        if not later:
+            return None
+        aside, k = self.checkpoints / f"after-step-{step:07d}", 1
+        while aside.exists():
+            k += 1
+            aside = self.checkpoints / f"after-step-{step:07d}-{k}"
+        aside.mkdir()
+        for path in later:
+            path.rename(aside / path.name)
+        if dropped_metrics:
+            (aside / "metrics.jsonl").write_text("".join(s + "\n" for s in dropped_metrics), encoding="utf-8")
+        return aside
 
     def _link(self, target: Path, name: str, tensors: dict, meta: dict) -> None:
         """Point checkpoints/<name> at target: a hard link costs no second write, and the rename keeps
