@@ -9,6 +9,7 @@ aigc.step, aigc.images_seen, aigc.precision, aigc.created, aigc.torch. Loading n
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -86,7 +87,14 @@ def write_atomic(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, s
     # safetensors refuses tensors that share memory or are non-contiguous: give it clean copies.
     clean = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     with atomic_write(path) as tmp:
-        save_file(clean, tmp, metadata=meta)
+        try:
+            save_file(clean, tmp, metadata=meta)
+        except Exception as e:  # safetensors' own error type for I/O failures: a full disk, a quota, ...
+            if type(e).__name__ != "SafetensorError":
+                raise
+            found = re.search(r"os error (\d+)", str(e))
+            code = int(found.group(1)) if found else errno.EIO
+            raise OSError(code, os.strerror(code), str(path)) from None
 
 
 # ---- reading -----------------------------------------------------------------------------

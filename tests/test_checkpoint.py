@@ -159,3 +159,27 @@ def test_fuzzed_checkpoint_bytes_load_or_fail_cleanly(tmp_path, saved, cut, flip
         loaded.load_net("G", build_nets(loaded.config.model)["G"])
     except UsageError as e:
         assert "\n" not in str(e)
+
+
+def test_a_checkpoint_that_does_not_fit_is_one_usage_error_and_the_previous_one_stays(tmp_path):
+    import resource
+
+    from conftest import Silent, tiny
+
+    from aigc_cli.errors import UsageError
+    from aigc_cli.training.loop import train
+
+    cfg = tiny("dcgan").with_overrides({"train.steps": "4", "train.ckpt_every": "2", "train.sample_every": "100"})
+    train(cfg, tmp_path / "r", Silent())
+    size = (tmp_path / "r" / "checkpoints" / "last.safetensors").stat().st_size
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size // 2, hard))  # writes past it fail with EFBIG, as on a full disk
+    try:
+        with pytest.raises(UsageError, match="cannot write checkpoint .*step-0000006.safetensors: File too large; "
+                                             "the previous checkpoint .* is intact"):
+            train(cfg.with_overrides({"train.steps": "6"}), tmp_path / "r", Silent(),
+                  resume=ck.load(tmp_path / "r" / "checkpoints" / "last.safetensors"))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert ck.load(tmp_path / "r").step == 4
+    assert not [p for p in (tmp_path / "r" / "checkpoints").iterdir() if p.name.startswith(".")]
