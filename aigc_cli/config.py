@@ -303,6 +303,8 @@ def preset_names() -> list[str]:
 def preset_text(name: str) -> str:
     path = _preset_dir() / f"{name}.toml"
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or not path.is_file():
+        if name.endswith(".toml") or "/" in name:
+            raise UsageError(f"{name}: no such preset file")
         raise UsageError(f"unknown preset {name!r}; available: {', '.join(preset_names())}")
     return path.read_text(encoding="utf-8")
 

@@ -123,3 +123,17 @@ def test_presets_show_takes_a_toml_file_as_train_does(monkeypatch, capsys, tmp_p
     bad.write_text(good.read_text().replace("[train]", "[train]\nbogus = 1", 1))
     code, out, err = run_cli(monkeypatch, capsys, "presets", "show", bad)
     assert code == 2 and err.count("\n") == 1 and "train.bogus" in err and out == "", err
+
+
+@pytest.mark.parametrize("args, expect", [
+    (["--set", "name=/tmp/x"], "cannot name a folder under runs/"),
+    (["--set", "name=../escaped"], "cannot name a folder under runs/"),
+    (["--set", "name=exp[1]"], "cannot name a folder under runs/"),
+    (["--preset", "no/such.toml"], "no/such.toml: no such preset file"),
+])
+def test_run_names_and_preset_files_that_cannot_work_are_one_line_errors(monkeypatch, capsys, tmp_path, args, expect):
+    monkeypatch.chdir(tmp_path)
+    preset = [] if "--preset" in args else ["--preset", "quickstart"]
+    code, out, err = run_cli(monkeypatch, capsys, "train", *preset, *args)
+    assert code == 2 and err.count("\n") == 1 and expect in err, err
+    assert not any(tmp_path.iterdir())  # nothing written anywhere

@@ -372,3 +372,19 @@ def test_epochs_count_real_images_shown_whatever_n_critic():
     assert total_steps(wgan.with_overrides({"train.epochs": "3"}), 160) == 6
     assert total_steps(tiny("vae").with_overrides(one_pass), 160) == 10
     assert total_steps(wgan, 40) == 1  # less than one step's worth: still one step
+
+
+def test_a_best_metric_the_run_does_not_log_is_pointed_out(tmp_path):
+    from conftest import Silent, tiny
+
+    from aigc_cli.training.loop import train
+
+    rep = Silent()
+    train(tiny("dcgan").with_overrides({"train.steps": "10", "train.log_every": "5", "train.best_metric": "loss_dd"}),
+          tmp_path / "r", rep)
+    said = [n for n in rep.notes if "train.best_metric=loss_dd" in n]
+    assert len(said) == 1 and "loss_d" in said[0] and not (tmp_path / "r" / "checkpoints" / "best.safetensors").exists()
+    rep = Silent()
+    train(tiny("dcgan").with_overrides({"train.steps": "10", "train.log_every": "5", "train.best_metric": "loss_d"}),
+          tmp_path / "ok", rep)
+    assert not [n for n in rep.notes if "best_metric" in n] and (tmp_path / "ok" / "checkpoints" / "best.safetensors").exists()

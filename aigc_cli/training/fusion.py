@@ -41,8 +41,12 @@ def _norm_act(x, weight, bias, running_mean, running_var, momentum: float, eps: 
 def _kernel():
     global _compiled
     if _compiled is None:
+        import logging
+
         import torch._dynamo
 
+        if not torch.cuda.is_available():  # a CUDA build of torch on a CPU-only machine: an irrelevant warning
+            logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
         cfg = torch._dynamo.config
         name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
         setattr(cfg, name, max(getattr(cfg, name), RECOMPILE_LIMIT))

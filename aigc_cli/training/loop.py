@@ -142,7 +142,9 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup) -> dict:
         fusion.report_to(reporter.note)
         cleanup.callback(fusion.report_to, None)
         fused = sum(fusion.fuse_norm_act(net) for net in nets.values())
-        reporter.note(f"fused {fused} BatchNorm + activation pairs with torch.compile; the first steps compile them")
+        reporter.note(f"fused {fused} BatchNorm + activation pairs with torch.compile; the first steps compile them"
+                      if fused else f"train.fuse_norm_act=on: {cfg.model.kind} has no plain BatchNorm + ReLU/LeakyReLU "
+                      "pairs to fuse, so it changes nothing")
     scheduled = cfg.train.lr_warmup > 0 or cfg.train.lr_decay != "none"
     graphed = use_graph(cfg, amp, device, scheduled, reporter.note)
     flags = optimizer_flags(device, capturable=graphed)
@@ -304,6 +306,10 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup) -> dict:
                 recover(", ".join(bad) or "non-finite weights")
                 t_log, seen_log = time.perf_counter(), images_seen
                 continue
+            if metric and not metric_from_eval and metric not in record and not last_record:  # once
+                logged = ", ".join(k for k, v in record.items() if isinstance(v, float) and k != "elapsed_s")
+                reporter.note(f"train.best_metric={metric} is not a value this run logs ({logged}): "
+                              "no best.safetensors will be written")
             last_record = record
             run.append_metrics(record)
             reporter.log(record)
