@@ -48,6 +48,15 @@ class Checkpoint:
     def images_seen(self) -> int:
         return int(self.meta.get("aigc.images_seen", 0))
 
+    @property
+    def class_names(self) -> list[str]:
+        """The training data's class names, index by index (empty when it had none, or an older file)."""
+        try:
+            names = json.loads(self.meta.get("aigc.class_names", "[]"))
+        except json.JSONDecodeError:
+            return []
+        return [str(n) for n in names] if isinstance(names, list) else []
+
     def net_state(self, name: str) -> dict[str, torch.Tensor]:
         return net_state(self.tensors, name)
 

@@ -34,6 +34,8 @@ def export_generator(ckpt: ckpt_io.Checkpoint, out: Path, dtype: str, ema: bool 
     meta["aigc.dtype"] = dtype
     meta["aigc.source"] = str(Path(ckpt.path).resolve())
     meta["aigc.weights"] = source
+    if "aigc.class_names" in ckpt.meta:
+        meta["aigc.class_names"] = ckpt.meta["aigc.class_names"]
     ckpt_io.write_atomic(out, tensors, meta)
     return {"out": str(out), "dtype": dtype, "tensors": len(tensors),
             "parameters": ckpt_io.param_counts(ckpt)["G"],  # as `aigc info` counts them: no BN buffers

@@ -290,7 +290,7 @@ def test_conditional_sampling_by_class_and_ema(aigc, image_folder, gan_run, tmp_
     assert r.code == 0 and png_size(tmp_path / "all.png") == (3 * 18 + 2, 2 * 18 + 2)  # a row per class
     r = aigc("sample", out, "--n", "6", "--out", tmp_path / "raw.png", "--no-ema")
     assert r.code == 0 and (tmp_path / "raw.png").read_bytes() != (tmp_path / "all.png").read_bytes()
-    assert "classes 0..1" in one_line_error(aigc("sample", out, "--class", "5"))
+    assert "classes 0..1 (0 cats, 1 dogs)" in one_line_error(aigc("sample", out, "--class", "5"))
     assert "unconditional" in one_line_error(aigc("sample", gan_run[0], "--class", "0"))
     r = aigc("export", out, "--out", tmp_path / "g.safetensors", "--json")
     assert r.code == 0

@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aigc_cli import checkpoint as ckpt_io
+from aigc_cli.data.shapes import CLASSES as SHAPE_CLASSES
 from aigc_cli.sampling import latent_batches, latents, save_individual
 from aigc_cli.training.loop import train
 
@@ -78,6 +79,14 @@ def test_conditional_n_rounded_to_whole_rows_says_so(monkeypatch, capsys, runs, 
                              "--out", tmp_path / "c.png")
     assert code == 0, err
     assert f"--n {k + 1} with {k} classes: 1 image per class, {k} in all" in err
+    # What --class K means travels with the checkpoint and its export.
+    code, out, err = run_cli(monkeypatch, capsys, "export", runs["cond"], "--out", tmp_path / "c.safetensors")
+    assert code == 0, err
+    for path in (runs["cond"], tmp_path / "c.safetensors"):
+        code, out, err = run_cli(monkeypatch, capsys, "info", path, "--json")
+        assert json.loads(out)["class_names"] == list(SHAPE_CLASSES)
+    code, out, err = run_cli(monkeypatch, capsys, "sample", tmp_path / "c.safetensors", "--class", str(k))
+    assert code == 2 and f"(0 {SHAPE_CLASSES[0]}, 1 {SHAPE_CLASSES[1]}" in err, err
 
 
 def test_a_stored_conditional_config_without_classes_is_refused(runs, tmp_path):

@@ -23,6 +23,8 @@ def info(
               "precision": ck.meta.get("aigc.precision", ""), "dtype": ck.meta.get("aigc.dtype", "fp32"),
               "created": ck.meta.get("aigc.created", ""), "torch": ck.meta.get("aigc.torch", ""),
               "format": int(ck.meta["aigc.format"]), "config": ck.config.to_dict()}
+    if ck.class_names:
+        result["class_names"] = ck.class_names
     if ck.kind == "export":  # which weights it holds, and where from
         result.update(weights=ck.meta.get("aigc.weights", "G"), source=ck.meta.get("aigc.source", ""))
     if json_out:
@@ -35,5 +37,8 @@ def info(
     if "weights" in result:
         c.print(f"exported {'the EMA generator' if result['weights'] == 'G_ema' else 'the raw generator'} "
                 f"from {result['source'] or 'an unrecorded checkpoint'}")
+    if "class_names" in result:
+        c.print("classes (for `aigc sample --class`): "
+                + ", ".join(f"{i} {name}" for i, name in enumerate(result["class_names"])))
     c.print("parameters: " + ", ".join(f"{k} {v:,}" for k, v in result["parameters"].items()))
     c.print("config: " + json.dumps(result["config"], indent=2))

@@ -220,6 +220,10 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup) -> dict:
     lr_scale = good_scale = 1.0
     last_record: dict = {}
 
+    # What `--class K` means to `aigc sample` (folder names, the shapes' kinds), when the model uses labels.
+    names = ({"aigc.class_names": json.dumps(list(data.class_names))}
+             if cfg.model.num_classes and len(data.class_names) == cfg.model.num_classes else {})
+
     def beats_best(value) -> bool:
         return value is not None and (best_value is None or (value > best_value if higher_is_better else value < best_value))
 
@@ -230,7 +234,7 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup) -> dict:
         value = eval_value if metric_from_eval else last_record.get(metric) if metric else None
         is_best = beats_best(value)
         best_value = value if is_best else best_value
-        extra = {"aigc.best_metric": json.dumps(metric), "aigc.best_value": json.dumps(best_value)}
+        extra = {"aigc.best_metric": json.dumps(metric), "aigc.best_value": json.dumps(best_value), **names}
         good = state.capture(cfg, nets, opts, amp, batches, step, images_seen, extra)
         good_scale = lr_scale
         good_path = run.save_checkpoint(step, *good, best=is_best)
