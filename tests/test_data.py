@@ -191,6 +191,9 @@ def test_folder_class_subfolders_limit_and_test_split(tmp_path):
     assert torch.equal(test.images, data.images)
     first = load_images(str(d), channels=1, resolution=8, limit=4)
     assert torch.equal(first.images, data.images[:4]) and first.labels.tolist() == [0, 0, 0, 1]
+    said = []
+    birds = load_images(str(d), channels=1, resolution=8, limit=3, warn=said.append)
+    assert birds.labels.tolist() == [0, 0, 0] and len(said) == 1 and "from 1 of the folder's 3 classes (birds)" in said[0]
 
 
 def test_folder_with_top_level_image_has_no_labels(tmp_path):

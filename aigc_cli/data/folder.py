@@ -227,6 +227,11 @@ def load_folder(folder: str, resolution: int, limit: int, warn: Callable[[str], 
                          f"(all {skipped} rejected, reasons above); check that they are valid images")
     images = torch.from_numpy(out[:len(kept)])
     labels, classes = class_labels(kept)
+    listed = class_labels(paths)[1] if labels is not None and limit > 0 else ()
+    if len(classes) < len(listed):  # class folders come in name order: the first N may be one class
+        warn(f"data.limit={limit} keeps the first {len(kept)} images in file-name order, from {len(classes)} of the "
+             f"folder's {len(listed)} classes ({', '.join(one_line(c) for c in classes)}): a conditional model or a "
+             "classifier learns only those")
     return images, labels, classes, skipped
 
 
