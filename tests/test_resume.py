@@ -131,15 +131,64 @@ def test_resuming_from_an_earlier_checkpoint_of_the_run_starts_a_branch_and_keep
     assert any(str(aside) in n for n in rep.notes), rep.notes
     # The resume source is not pruned; the abandoned branch is set aside whole, with its metrics lines.
     assert ckpt_names(run) == ["last.safetensors", "step-0000010.safetensors", "step-0000015.safetensors"]
-    assert sorted(p.name for p in aside.iterdir()) == ["last.safetensors", "metrics.jsonl", "step-0000015.safetensors",
-                                                       "step-0000020.safetensors"]
+    assert sorted(p.name for p in aside.iterdir()) == ["last.safetensors", "metrics.jsonl", "samples",
+                                                       "step-0000015.safetensors", "step-0000020.safetensors"]
+    assert [p.name for p in (aside / "samples").iterdir()] == ["step-0000020.png"]  # the new branch wrote its own 15
     assert [json.loads(s)["step"] for s in (aside / "metrics.jsonl").read_text().splitlines()] == [15, 20]
     assert [json.loads(s)["step"] for s in (run / "metrics.jsonl").read_text().splitlines()] == [5, 10, 15]
     found = find_resume("auto", run, warn=lambda m: None)
     assert found.step == 15 and json.loads(found.meta["aigc.opt.G.param_groups"])[0]["lr"] == 1e-4  # the new branch
     rep = Silent()
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
     summary = train(tiny("dcgan").with_overrides({**base, "train.steps": "12"}), run, rep, resume=found)
     assert summary["steps"] == 15 and any("nothing to train" in n for n in rep.notes), rep.notes
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before  # a resume that trains nothing moves nothing
+
+
+def test_a_branch_from_best_survives_a_crash_before_its_first_save(tmp_path):
+    run = tmp_path / "r"
+    base = {"train.ckpt_every": "5", "train.log_every": "5", "train.sample_every": "100"}
+    train(tiny("dcgan").with_overrides({**base, "train.steps": "10"}), run, Silent())
+    ckdir = run / "checkpoints"
+    (ckdir / "best.safetensors").unlink(missing_ok=True)
+    (ckdir / "best.safetensors").hardlink_to(ckdir / "step-0000005.safetensors")
+    (ckdir / "step-0000005.safetensors").unlink()  # as pruning leaves an early best
+
+    class Crash(Silent):
+        def advance(self, step):
+            raise RuntimeError("killed before the first save")
+
+    with pytest.raises(RuntimeError):
+        train(tiny("dcgan").with_overrides({**base, "train.steps": "20"}), run, Crash(),
+              resume=ckpt_io.load(ckdir / "best.safetensors"))
+    assert ckpt_names(run) == ["best.safetensors", "last.safetensors"]  # step-10 and the old last set aside
+    found = find_resume("auto", run, warn=lambda m: None)
+    assert found is not None and found.step == 5
+
+
+def test_the_only_checkpoint_left_may_be_best(tmp_path):
+    run = tmp_path / "r"
+    train(tiny("dcgan").with_overrides({"train.steps": "10", "train.ckpt_every": "5", "train.best_metric": "loss_g"}),
+          run, Silent())
+    for p in (run / "checkpoints").glob("*.safetensors"):
+        if p.name != "best.safetensors":
+            p.unlink()
+    assert find_resume("auto", run, warn=lambda m: None).step == ckpt_io.load(run / "checkpoints" / "best.safetensors").step
+
+
+def test_starting_over_after_unloadable_checkpoints_keeps_them_and_their_metrics(tmp_path):
+    run = tmp_path / "r"
+    cfg = tiny("dcgan").with_overrides({"train.steps": "10", "train.ckpt_every": "5", "train.log_every": "5"})
+    train(cfg, run, Silent())
+    for p in (run / "checkpoints").glob("*.safetensors"):
+        p.write_bytes(b"garbage")
+    assert find_resume("auto", run, warn=lambda m: None) is None
+    rep = Silent()
+    train(cfg.with_overrides({"train.steps": "5"}), run, rep)  # what `--resume auto` does when nothing loads
+    aside = run / "checkpoints" / "after-step-0000000"
+    assert any("starting over" in n and str(aside) in n for n in rep.notes), rep.notes
+    assert ckpt_names(run) == ["last.safetensors", "step-0000005.safetensors"]  # not pruned by stale step-10
+    assert len((aside / "metrics.jsonl").read_text().splitlines()) == 2 and (aside / "step-0000010.safetensors").exists()
 
 
 def test_a_fresh_start_drops_metrics_left_by_a_run_killed_before_its_first_checkpoint(tmp_path):
@@ -163,3 +212,17 @@ def test_resuming_another_runs_checkpoint_into_an_existing_run_is_refused(monkey
     code, _, err = run_cli(monkeypatch, capsys, "train", "--resume", tmp_path / "b", "--out", tmp_path / "c",
                            "--steps", "8", "--quiet")
     assert code == 0 and ckpt_io.load(tmp_path / "c").step == 8, err  # into a new folder: a fork, allowed
+
+
+def test_a_set_aside_checkpoint_resumes_into_its_own_run(monkeypatch, capsys, tmp_path):
+    from conftest import run_cli
+
+    run = tmp_path / "r"
+    base = {"train.ckpt_every": "5", "train.log_every": "5", "train.sample_every": "100"}
+    train(tiny("dcgan").with_overrides({**base, "train.steps": "15"}), run, Silent())
+    train(tiny("dcgan").with_overrides({**base, "train.steps": "10"}), run, Silent(),
+          resume=ckpt_io.load(run / "checkpoints" / "step-0000005.safetensors"))
+    old_branch = run / "checkpoints" / "after-step-0000005" / "step-0000015.safetensors"
+    code, _, err = run_cli(monkeypatch, capsys, "train", "--resume", old_branch, "--steps", "20", "--quiet")
+    assert code == 0, err
+    assert ckpt_io.load(run).step == 20 and not (old_branch.parent / "checkpoints").exists()

@@ -26,7 +26,10 @@ def resume_run_dir(path: Path) -> Path:
     """The run folder a checkpoint belongs to: run/checkpoints/x.safetensors -> run."""
     if path.is_dir():
         return path
-    return path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    folder = path.parent
+    if folder.name.startswith("after-step-") and folder.parent.name == "checkpoints":
+        folder = folder.parent  # run/checkpoints/after-step-N/x.safetensors: a branch set aside
+    return folder.parent if folder.name == "checkpoints" else folder
 
 
 @handles_errors
@@ -89,7 +92,7 @@ def train(
     if resume is None and holds_run:
         raise UsageError(f"--out {run_dir}: already holds a run; pass --resume auto to continue it, "
                          "or choose another folder")
-    if ckpt is not None and holds_run and ckpt.path.resolve().parent != (run_dir / "checkpoints").resolve():
+    if ckpt is not None and holds_run and not ckpt.path.resolve().is_relative_to((run_dir / "checkpoints").resolve()):
         raise UsageError(f"--out {run_dir}: already holds a run, and --resume {resume} is a checkpoint of another "
                          "one; continue that in a new --out (or in its own run folder)")
 

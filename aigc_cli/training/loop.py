@@ -176,16 +176,18 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup) -> dict:
             reporter.note(f"best.safetensors was chosen by {json.loads(resume.meta['aigc.best_metric'])}; "
                           f"from now on by {metric}, starting afresh")
             best_value = None
-        aside = run.set_aside_after(step, run.trim_metrics(step))
         reporter.note(f"resumed from {resume.path} at step {step} ({images_seen} images seen)")
-        if aside is not None:
-            reporter.note(f"this run had gone on past step {step}: its later checkpoints (and their metrics "
-                          f"lines) are kept in {aside}, the run continues from step {step}")
-        if step >= steps:
-            reporter.note(f"already at step {step} of {steps}: nothing to train (raise --steps or --epochs)")
+    if resume is not None and step >= steps:  # leave the run folder as it is
+        reporter.note(f"already at step {step} of {steps}: nothing to train (raise --steps or --epochs)")
     else:
-        run.trim_metrics(0)  # a fresh start: lines left by a run killed before its first checkpoint go
-    run.write_config(cfg)
+        # A fresh start drops metrics lines left by a run killed before its first checkpoint.
+        aside = run.set_aside_after(step, run.trim_metrics(step), resume)
+        if aside is not None:
+            reporter.note(f"this run had gone on past step {step}: its later checkpoints, metrics lines and grids "
+                          f"are kept in {aside}; the run continues from step {step}" if resume is not None else
+                          f"starting over: the checkpoints that could not be loaded, with their metrics lines and "
+                          f"grids, are kept in {aside}")
+        run.write_config(cfg)
     labels_fixed, nrow = grid_labels(cfg)
     z_fixed = latents(len(labels_fixed) if labels_fixed is not None else cfg.train.n_samples,
                       cfg.model.latent_dim, cfg.train.seed)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from .. import checkpoint as ckpt_io
@@ -45,17 +46,21 @@ class RunFolder:
             tmp.write_text("".join(s + "\n" for s in kept), encoding="utf-8")
         return dropped
 
-    def set_aside_after(self, step: int, dropped_metrics: list[str]) -> Path | None:
-        """A resume from an earlier checkpoint of this run starts a new branch at `step`: the later
-        checkpoints (and last/best when they hold a later step) move to checkpoints/after-step-N/
-        with the metrics lines they had, so that `--resume auto`, pruning and best.safetensors
-        follow the new branch and nothing is deleted. Returns that folder, or None."""
+    def set_aside_after(self, step: int, dropped_metrics: list[str], source=None) -> Path | None:
+        """A resume from an earlier checkpoint of this run (`source`, at `step`) starts a new branch;
+        a fresh start (step 0, no source) in a folder whose checkpoints all failed to load starts
+        over. Either way the later checkpoints (and last/best when they hold a later step, or cannot
+        be read) move to checkpoints/after-step-N/, with the metrics lines and sample grids they
+        had, so that `--resume auto`, pruning and best.safetensors follow the new branch and nothing
+        is deleted. last.safetensors then points at the source until the next save. Returns that
+        folder, or None when nothing was later."""
         later = [p for p in self.checkpoints.glob("step-*.safetensors")
                  if (m := ckpt_io.STEP_RE.search(p.name)) and int(m.group(1)) > step]
         for name in ("last.safetensors", "best.safetensors"):
-            meta = ckpt_io.read_meta(self.checkpoints / name) or {}
-            if meta.get("aigc.step", "").isdigit() and int(meta["aigc.step"]) > step:
-                later.append(self.checkpoints / name)
+            path = self.checkpoints / name
+            step_of = (ckpt_io.read_meta(path) or {}).get("aigc.step", "") if path.is_file() else "0"
+            if not step_of.isdigit() or int(step_of) > step:
+                later.append(path)
         if not later:
             return None
         aside, k = self.checkpoints / f"after-step-{step:07d}", 1
@@ -65,8 +70,19 @@ class RunFolder:
         aside.mkdir()
         for path in later:
             path.rename(aside / path.name)
+        grids = [p for p in self.samples.glob("*step-*.png")
+                 if (m := re.search(r"step-(\d+)\.png$", p.name)) and int(m.group(1)) > step]
+        if grids:
+            (aside / "samples").mkdir()
+            for path in grids:
+                path.rename(aside / "samples" / path.name)
         if dropped_metrics:
-            (aside / "metrics.jsonl").write_text("".join(s + "\n" for s in dropped_metrics), encoding="utf-8")
+            with atomic_write(aside / "metrics.jsonl") as tmp:
+                tmp.write_text("".join(s + "\n" for s in dropped_metrics), encoding="utf-8")
+        if source is not None and not (self.checkpoints / "last.safetensors").exists():
+            # e.g. resumed from best.safetensors whose step file was pruned: a crash before the next
+            # save must still find this branch's newest state
+            self._link(Path(source.path), "last.safetensors", source.tensors, source.meta)
         return aside
 
     def _link(self, target: Path, name: str, tensors: dict, meta: dict) -> None:

@@ -113,7 +113,8 @@ def all_finite(nets: dict, grads: bool = True) -> bool:
 
 
 def find_resume(resume: str | None, run_dir: Path, warn) -> Checkpoint | None:
-    """`--resume auto`: the newest checkpoint in run_dir that loads (None when there is none);
+    """`--resume auto`: the newest checkpoint in run_dir that loads (best.safetensors if it is the only
+    one left; None when there is none);
     `--resume PATH`: that checkpoint or run folder, which must load."""
     if resume is None:
         return None
@@ -124,7 +125,7 @@ def find_resume(resume: str | None, run_dir: Path, warn) -> Checkpoint | None:
         return ck
     folder = Path(run_dir) / "checkpoints"
     steps = sorted(folder.glob("step-*.safetensors"), reverse=True)
-    for path in [*steps, folder / "last.safetensors"]:
+    for path in [*steps, folder / "last.safetensors", folder / "best.safetensors"]:
         if not path.is_file():
             continue
         try:
