@@ -23,23 +23,42 @@ def _make_parent(path: Path) -> None:
         raise
 
 
+def _umask() -> int:
+    try:  # Linux: read it without changing it (os.umask can only be read by setting it)
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _final_mode(path: Path) -> int:
+    """What open(path, "w") would leave: an existing file keeps its mode, a new one gets 0o666 less
+    the umask (mkstemp's 0o600, or safetensors' own, would make grids and checkpoints unreadable to
+    the user's group)."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        return 0o666 & ~_umask()
+
+
 @contextmanager
 def atomic_write(path: str | os.PathLike, suffix: str = ".tmp", *, durable: bool = True) -> Iterator[Path]:
     """Yield a new temporary path in `path`'s folder to write; when the block ends without an error the
-    file is renamed over `path` (fsynced first, and the rename made durable, unless durable=False), else
-    removed. So `path` is always either its old self or complete, also after a crash or a full disk.
-
-    The file gets the mode open() would give `path`: 0o666 less the umask (mkstemp's 0o600, or
-    safetensors' own, would leave every grid and checkpoint unreadable to the user's group). Errors before the
-    rename name `path`, not the temporary name."""
+    file gets the mode open() would give `path` and is renamed over it (fsynced first, and the rename
+    made durable, unless durable=False), else removed. So `path` is always either its old self or
+    complete, also after a crash or a full disk. Errors before the rename name `path`, not the
+    temporary name."""
     path = Path(path)
     _make_parent(path)
     while True:
         tmp = path.parent / f".{path.name[:80]}.{secrets.token_hex(4)}{suffix}"
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-            mode = stat.S_IMODE(os.fstat(fd).st_mode)
-            os.close(fd)
+        try:  # owner read/write while it is written, whatever the umask; the final mode comes last
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
             break
         except FileExistsError:
             continue
@@ -47,10 +66,9 @@ def atomic_write(path: str | os.PathLike, suffix: str = ".tmp", *, durable: bool
             raise OSError(e.errno, e.strerror, str(path)) from None
     try:
         yield tmp
-        if stat.S_IMODE(os.stat(tmp).st_mode) != mode:  # a writer that made its own file (safetensors: 0o600)
-            os.chmod(tmp, mode)
+        os.chmod(tmp, _final_mode(path))
         if durable:
-            with open(tmp, "rb+") as f:
+            with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:

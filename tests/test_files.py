@@ -26,17 +26,23 @@ def mode(path) -> int:
 
 
 def test_files_get_the_mode_open_would_give_them(tmp_path, umask):
-    for mask, expected in ((0o022, 0o644), (0o027, 0o640), (0o077, 0o600)):
+    for mask, expected in ((0o022, 0o644), (0o027, 0o640), (0o077, 0o600), (0o222, 0o444)):
         umask(mask)
         target = tmp_path / f"m{mask:o}.bin"
         with atomic_write(target) as tmp:
-            tmp.write_bytes(b"x")
-        assert mode(target) == expected
-        with atomic_write(target, durable=False) as tmp:  # replacing keeps to the umask too
             tmp.unlink()  # as safetensors' save_file does: a file of its own, owner-only
             os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT, 0o600))
-            tmp.write_bytes(b"y")
-        assert mode(target) == expected and target.read_bytes() == b"y"
+            tmp.write_bytes(b"x")  # also under a umask without owner write (0o222), as open() allows
+        assert mode(target) == expected and target.read_bytes() == b"x"
+
+
+def test_replacing_a_file_keeps_its_mode_as_open_does(tmp_path, umask):
+    target = tmp_path / "shared.png"
+    target.write_bytes(b"old")
+    os.chmod(target, 0o664)  # the user made it group-writable
+    with atomic_write(target, durable=False) as tmp:
+        tmp.write_bytes(b"new")
+    assert mode(target) == 0o664 and target.read_bytes() == b"new"
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
