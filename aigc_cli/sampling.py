@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -25,14 +26,14 @@ def latents(n: int, dim: int, seed: int) -> torch.Tensor:
 
 
 def latent_batches(n: int, dim: int, seed: int, batch_size: int) -> Iterator[torch.Tensor]:
-    """The rows of latents(n, dim, seed), the same values, about `batch_size` rows at a time, so that
-    n need not fit in memory at once. torch's CPU normal_ draws blocks of 16 values: pieces of a
-    multiple of 16 values draw exactly what one call would; a last piece under 16 values would be
-    drawn another way, so it joins the piece before it (tests/test_sampling.py checks all this)."""
+    """The rows of latents(n, dim, seed), the same values, at most `batch_size` rows at a time (or the
+    few rows that make 16 values), so that n need not fit in memory at once. torch's CPU normal_ draws
+    blocks of 16 values: pieces of a multiple of 16 values draw exactly what one call would; a last
+    piece under 16 values would be drawn another way, so it joins the piece before it
+    (tests/test_sampling.py checks all this)."""
     g = torch.Generator().manual_seed(seed)
-    rows = max(1, batch_size)
-    while rows * dim % 16:
-        rows += 1
+    unit = 16 // math.gcd(dim, 16)  # the fewest rows that hold a multiple of 16 values
+    rows = max(unit, batch_size // unit * unit)
     done = 0
     while done < n:
         k = min(rows, n - done)

@@ -43,9 +43,12 @@ def test_every_command_and_option_has_help():
                 assert len((getattr(param, "help", None) or "").strip()) > 10, (path, param.name)
 
 
+@pytest.mark.parametrize("columns", [None, "80"], ids=["piped", "80 columns"])
 @pytest.mark.parametrize("path", [p for p, _ in COMMANDS], ids=" ".join)
-def test_piped_help_is_whole(aigc_env, path):
-    env = {k: v for k, v in aigc_env.items() if k not in ("COLUMNS", "TERMINAL_WIDTH")}  # rich's default: 80
+def test_help_is_whole(aigc_env, path, columns):
+    env = {k: v for k, v in aigc_env.items() if k not in ("COLUMNS", "TERMINAL_WIDTH")}  # piped: rich's 80
+    if columns:
+        env["COLUMNS"] = columns  # what a terminal 80 columns wide gets
     r = subprocess.run([*aigc_command(), *path, "--help"], capture_output=True, text=True, env=env, timeout=60)
     assert r.returncode == 0, r.stderr
     assert "…" not in r.stdout  # rich cuts a word longer than the help column with an ellipsis

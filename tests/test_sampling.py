@@ -23,7 +23,7 @@ from aigc_cli.training.loop import train
 def test_latents_drawn_in_pieces_equal_one_draw(n, dim, batch, seed):
     pieces = list(latent_batches(n, dim, seed, batch))
     assert torch.equal(torch.cat(pieces), latents(n, dim, seed))
-    assert all(len(p) <= max(batch, 16) + 16 for p in pieces[:-1])  # about batch rows each: bounded memory
+    assert all(len(p) <= max(batch, 16) for p in pieces[:-1]) and len(pieces[-1]) < max(batch, 16) + 16
 
 
 def test_individual_files_streamed_from_batches_equal_one_batch(tmp_path):
@@ -46,7 +46,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
-def test_individual_only_streams_the_same_images_as_the_grid_path(monkeypatch, capsys, runs, tmp_path):
+def test_individual_only_streams_the_same_files_as_with_a_grid(monkeypatch, capsys, runs, tmp_path):
     code, _, err = run_cli(monkeypatch, capsys, "sample", runs["gan"], "--n", "37", "--batch-size", "5",
                            "--individual", tmp_path / "each")
     assert code == 0, err

@@ -12,11 +12,11 @@ from .output import QUIET_HELP, emit_json, handles_errors, human_console, sigter
 
 METRICS_HELP = ("Comma list of fid, kid, is, precision, recall (VAE: also recon_mse, neg_elbo, bpd); "
                 "only these are computed (default: all that apply).")
-# No word here is longer than the help column is wide when the output is not a terminal (80 columns):
-# rich would cut it with an ellipsis.
+# No word here (punctuation included) may be wider than the help column at 80 columns, 23 characters
+# in `aigc eval stats`: rich would cut it with an ellipsis (tests/test_help.py checks).
 WEIGHTS_HELP = ("pytorch-fid's Inception weights file, for the default extractor (default: the file named "
-                "by the environment variable AIGC_INCEPTION_WEIGHTS, else the torch hub cache, where "
-                "--download-weights puts it).")
+                "by the environment variable AIGC_INCEPTION_WEIGHTS if it is set, else the torch hub cache, "
+                "where --download-weights puts it).")
 FEATURES_HELP = ("Classifier checkpoint (or run folder) whose penultimate layer gives the features, "
                  "instead of Inception.")
 STATS_DIR_HELP = "Cache of real-data reference statistics (default: $AIGC_CACHE_DIR/stats, AIGC_CACHE_DIR defaulting to ~/.cache/aigc)."

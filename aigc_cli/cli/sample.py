@@ -82,7 +82,7 @@ def sample(
         for z in latent_batches(n, dim, seed, batch_size):
             y = None if labels is None else labels[start:start + len(z)]
             start += len(z)
-            yield generate(G, z, amp, batch_size, labels=y)
+            yield generate(G, z, amp, max(batch_size, len(z)), labels=y)  # one forward pass a piece
 
     console = human_console(json_out, quiet)
     result = {"checkpoint": str(ck.path), "n": n, "seed": seed}
