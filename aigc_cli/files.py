@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import math
 import os
@@ -23,7 +24,10 @@ def _make_parent(path: Path) -> None:
         raise
 
 
+@functools.cache
 def _umask() -> int:
+    """The process's umask, read once (aigc never changes it; `aigc sample --individual` writes
+    thousands of files)."""
     try:  # Linux: read it without changing it (os.umask can only be read by setting it)
         with open("/proc/self/status", encoding="ascii") as f:
             for line in f:

@@ -11,14 +11,19 @@ import pytest
 import typer
 
 from aigc_cli.cli.output import handles_errors
+from aigc_cli import files
 from aigc_cli.files import atomic_write, json_line
 
 
 @pytest.fixture
 def umask():
+    def set_umask(m):
+        os.umask(m)
+        files._umask.cache_clear()  # aigc reads it once per process
+
     old = os.umask(0o022)
-    yield lambda m: os.umask(m)
-    os.umask(old)
+    yield set_umask
+    set_umask(old)
 
 
 def mode(path) -> int:
