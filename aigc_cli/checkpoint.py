@@ -102,8 +102,10 @@ def write_atomic(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, s
             if type(e).__name__ != "SafetensorError":
                 raise
             found = re.search(r"os error (\d+)", str(e))
-            code = int(found.group(1)) if found else errno.EIO
-            raise OSError(code, os.strerror(code), str(path)) from None
+            if found:
+                raise OSError(int(found.group(1)), os.strerror(int(found.group(1))), str(path)) from None
+            raise OSError(errno.EIO, (str(e).strip().splitlines() or ["safetensors could not write it"])[0],
+                          str(path)) from None
 
 
 # ---- reading -----------------------------------------------------------------------------

@@ -70,10 +70,10 @@ def atomic_write(path: str | os.PathLike, suffix: str = ".tmp", *, durable: bool
             raise OSError(e.errno, e.strerror, str(path)) from None
     try:
         yield tmp
-        os.chmod(tmp, _final_mode(path))
         if durable:
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
+        os.chmod(tmp, _final_mode(path))  # after the fsync's open: the final mode may not allow reading
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)

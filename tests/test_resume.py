@@ -214,7 +214,7 @@ def test_resuming_another_runs_checkpoint_into_an_existing_run_is_refused(monkey
     assert code == 0 and ckpt_io.load(tmp_path / "c").step == 8, err  # into a new folder: a fork, allowed
 
 
-def test_a_set_aside_checkpoint_resumes_into_its_own_run(monkeypatch, capsys, tmp_path):
+def test_a_set_aside_branch_is_forked_not_mixed_back_in(monkeypatch, capsys, tmp_path):
     from conftest import run_cli
 
     run = tmp_path / "r"
@@ -223,6 +223,39 @@ def test_a_set_aside_checkpoint_resumes_into_its_own_run(monkeypatch, capsys, tm
     train(tiny("dcgan").with_overrides({**base, "train.steps": "10"}), run, Silent(),
           resume=ckpt_io.load(run / "checkpoints" / "step-0000005.safetensors"))
     old_branch = run / "checkpoints" / "after-step-0000005" / "step-0000015.safetensors"
-    code, _, err = run_cli(monkeypatch, capsys, "train", "--resume", old_branch, "--steps", "20", "--quiet")
-    assert code == 0, err
-    assert ckpt_io.load(run).step == 20 and not (old_branch.parent / "checkpoints").exists()
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
+    for where in (old_branch, old_branch.parent):  # its run is r, which holds the other branch: refused
+        code, _, err = run_cli(monkeypatch, capsys, "train", "--resume", where, "--steps", "20")
+        assert code == 2 and "a branch set aside from it" in err and "new --out" in err, err
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before
+    code, _, err = run_cli(monkeypatch, capsys, "train", "--resume", old_branch, "--out", tmp_path / "fork",
+                           "--steps", "20", "--quiet")
+    assert code == 0 and ckpt_io.load(tmp_path / "fork").step == 20, err
+    code, _, err = run_cli(monkeypatch, capsys, "train", "--resume", run / "checkpoints", "--steps", "12", "--quiet")
+    assert code == 0 and ckpt_io.load(run).step == 12 and not (run / "checkpoints" / "checkpoints").exists(), err
+
+
+def test_going_back_keeps_best_on_the_checkpoint_that_set_it(tmp_path):
+    run = tmp_path / "r"
+    base = {"train.ckpt_every": "5", "train.log_every": "5", "train.sample_every": "100", "train.best_metric": "loss_d"}
+    train(tiny("dcgan").with_overrides({**base, "train.steps": "30"}), run, Silent())
+    ck = ckpt_io.load(run / "checkpoints" / "step-0000020.safetensors")
+    best_then = json.loads(ck.meta["aigc.best_value"])
+    setter = min((p for p in (run / "checkpoints").glob("step-*.safetensors")
+                  if json.loads(ckpt_io.read_meta(p)["aigc.best_value"]) == best_then), key=lambda p: p.name)
+    summary = train(tiny("dcgan").with_overrides({**base, "train.steps": "20"}), run, Silent(), resume=ck)  # no-op
+    summary = train(tiny("dcgan").with_overrides({**base, "train.steps": "22", "train.ckpt_every": "100"}), run,
+                    Silent(), resume=ck)
+    best = run / "checkpoints" / "best.safetensors"
+    assert best.exists() and summary["best"]["path"] == str(best)
+    assert ckpt_io.load(best).step <= 22 and (ckpt_io.load(best).step == 22 or best.samefile(setter))
+
+
+def test_checkpoints_past_ten_million_steps_sort_by_number(tmp_path):
+    from aigc_cli.training.run_folder import RunFolder
+
+    run = RunFolder(tmp_path / "r", keep=1)
+    for step in (9_999_999, 10_000_000):
+        (run.checkpoints / f"step-{step:07d}.safetensors").write_bytes(b"x")
+    run._prune()
+    assert ckpt_names(tmp_path / "r") == ["step-10000000.safetensors"]

@@ -23,12 +23,12 @@ def next_run_dir(name: str, base: Path = Path("runs")) -> Path:
 
 
 def resume_run_dir(path: Path) -> Path:
-    """The run folder a checkpoint belongs to: run/checkpoints/x.safetensors -> run."""
-    if path.is_dir():
-        return path
-    folder = path.parent
+    """The run folder a checkpoint (or a run's checkpoints/ folder) belongs to: run/checkpoints/x.safetensors
+    -> run, and run/checkpoints/after-step-N/x.safetensors (a branch set aside) -> run too."""
+    path = path.expanduser().resolve()
+    folder = path if path.is_dir() else path.parent
     if folder.name.startswith("after-step-") and folder.parent.name == "checkpoints":
-        folder = folder.parent  # run/checkpoints/after-step-N/x.safetensors: a branch set aside
+        folder = folder.parent
     return folder.parent if folder.name == "checkpoints" else folder
 
 
@@ -92,9 +92,11 @@ def train(
     if resume is None and holds_run:
         raise UsageError(f"--out {run_dir}: already holds a run; pass --resume auto to continue it, "
                          "or choose another folder")
-    if ckpt is not None and holds_run and not ckpt.path.resolve().is_relative_to((run_dir / "checkpoints").resolve()):
-        raise UsageError(f"--out {run_dir}: already holds a run, and --resume {resume} is a checkpoint of another "
-                         "one; continue that in a new --out (or in its own run folder)")
+    if ckpt is not None and holds_run and ckpt.path.resolve().parent != (run_dir / "checkpoints").resolve():
+        aside = ckpt.path.resolve().parent.parent == (run_dir / "checkpoints").resolve()
+        raise UsageError(f"--out {run_dir}: already holds a run, and --resume {resume} is a checkpoint of "
+                         + ("a branch set aside from it" if aside else "another one")
+                         + "; continue that in a new --out (a fork)")
 
     from ..training.loop import train as run_training
     from .output import ConsoleReporter

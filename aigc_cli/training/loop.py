@@ -180,13 +180,15 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup) -> dict:
     if resume is not None and step >= steps:  # leave the run folder as it is
         reporter.note(f"already at step {step} of {steps}: nothing to train (raise --steps or --epochs)")
     else:
-        # A fresh start drops metrics lines left by a run killed before its first checkpoint.
-        aside = run.set_aside_after(step, run.trim_metrics(step), resume)
+        aside, best_moved = run.set_aside_after(step, resume)
+        run.trim_metrics(step)  # a fresh start drops lines left by a run killed before its first checkpoint
         if aside is not None:
             reporter.note(f"this run had gone on past step {step}: its later checkpoints, metrics lines and grids "
                           f"are kept in {aside}; the run continues from step {step}" if resume is not None else
                           f"starting over: the checkpoints that could not be loaded, with their metrics lines and "
                           f"grids, are kept in {aside}")
+        if best_moved and not run.relink_best(best_value):
+            best_value = None  # its checkpoint is gone from this branch: the branch finds its own best
         run.write_config(cfg)
     labels_fixed, nrow = grid_labels(cfg)
     z_fixed = latents(len(labels_fixed) if labels_fixed is not None else cfg.train.n_samples,
@@ -361,11 +363,12 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup) -> dict:
                "precision": amp.name, "device": str(device), "start_step": start_step, "recoveries": recoveries}
     if family.generative and step > start_step:
         summary["samples"] = str(run.samples / f"step-{step:07d}.png")
-    if metric and best_value is not None:
+    if metric and best_value is not None and (run.checkpoints / "best.safetensors").exists():
         summary["best"] = {"metric": metric, "value": best_value, "path": str(run.checkpoints / "best.safetensors")}
     if family.objective == "classifier":
         summary["test_accuracy"] = classifier_accuracy(nets["C"], cfg, amp)
-        run.append_metrics({"step": step, "test_accuracy": summary["test_accuracy"]})
+        if step > start_step:  # a resume that trained nothing leaves the run folder as it was
+            run.append_metrics({"step": step, "test_accuracy": summary["test_accuracy"]})
     return summary
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 from .. import checkpoint as ckpt_io
@@ -27,65 +28,79 @@ class RunFolder:
         with open(self.root / "metrics.jsonl", "a", encoding="utf-8") as f:
             f.write(json_line(record) + "\n")
 
-    def trim_metrics(self, step: int) -> list[str]:
-        """Keep the lines logged up to `step` (on resume or rollback: what the restored state had
-        seen; 0 for a fresh start), dropping later ones, torn lines from a crash and lines that are
-        not aigc records. Returns the dropped lines that were records."""
+    def _metrics_lines(self) -> list[tuple[int, str]]:
+        """(step, line) of each aigc record in metrics.jsonl; torn lines from a crash and lines that
+        are not records are left out."""
         path = self.root / "metrics.jsonl"
-        if not path.exists():
-            return []
-        kept, dropped = [], []
-        for line in path.read_text(encoding="utf-8").splitlines():
+        out = []
+        for line in (path.read_text(encoding="utf-8").splitlines() if path.exists() else []):
             try:
                 record_step = json.loads(line).get("step")
             except (json.JSONDecodeError, AttributeError):
                 continue
             if isinstance(record_step, int):
-                (kept if record_step <= step else dropped).append(line)
-        with atomic_write(path) as tmp:
-            tmp.write_text("".join(s + "\n" for s in kept), encoding="utf-8")
-        return dropped
+                out.append((record_step, line))
+        return out
 
-    def set_aside_after(self, step: int, dropped_metrics: list[str], source=None) -> Path | None:
+    def trim_metrics(self, step: int) -> None:
+        """Keep the lines logged up to `step` (on resume or rollback: what the restored state had seen;
+        0 for a fresh start)."""
+        if not (self.root / "metrics.jsonl").exists():
+            return
+        kept = [line for k, line in self._metrics_lines() if k <= step]
+        with atomic_write(self.root / "metrics.jsonl") as tmp:
+            tmp.write_text("".join(s + "\n" for s in kept), encoding="utf-8")
+
+    def set_aside_after(self, step: int, source=None) -> tuple[Path | None, bool]:
         """A resume from an earlier checkpoint of this run (`source`, at `step`) starts a new branch;
         a fresh start (step 0, no source) in a folder whose checkpoints all failed to load starts
         over. Either way the later checkpoints (and last/best when they hold a later step, or cannot
-        be read) move to checkpoints/after-step-N/, with the metrics lines and sample grids they
-        had, so that `--resume auto`, pruning and best.safetensors follow the new branch and nothing
-        is deleted. last.safetensors then points at the source until the next save. Returns that
-        folder, or None when nothing was later."""
-        later = [p for p in self.checkpoints.glob("step-*.safetensors")
-                 if (m := ckpt_io.STEP_RE.search(p.name)) and int(m.group(1)) > step]
+        be read) move to checkpoints/after-step-N/, with their metrics lines (written there before
+        metrics.jsonl is trimmed) and sample grids, so that `--resume auto` and pruning follow the
+        new branch and nothing is deleted. last.safetensors then points at the source until the next
+        save. Returns that folder (None when nothing was later) and whether best.safetensors moved."""
+        later = [p for p in self.checkpoints.glob("step-*.safetensors") if step_of(p) > step]
         for name in ("last.safetensors", "best.safetensors"):
             path = self.checkpoints / name
-            step_of = (ckpt_io.read_meta(path) or {}).get("aigc.step", "") if path.is_file() else "0"
-            if not step_of.isdigit() or int(step_of) > step:
+            saved = (ckpt_io.read_meta(path) or {}).get("aigc.step", "") if path.is_file() else "0"
+            if not saved.isdigit() or int(saved) > step:
                 later.append(path)
         if not later:
-            return None
+            return None, False
         aside, k = self.checkpoints / f"after-step-{step:07d}", 1
         while aside.exists():
             k += 1
             aside = self.checkpoints / f"after-step-{step:07d}-{k}"
         aside.mkdir()
-        for path in later:
-            path.rename(aside / path.name)
+        dropped = [line for k, line in self._metrics_lines() if k > step]
+        if dropped:
+            with atomic_write(aside / "metrics.jsonl") as tmp:
+                tmp.write_text("".join(s + "\n" for s in dropped), encoding="utf-8")
         grids = [p for p in self.samples.glob("*step-*.png")
                  if (m := re.search(r"step-(\d+)\.png$", p.name)) and int(m.group(1)) > step]
         if grids:
             (aside / "samples").mkdir()
             for path in grids:
                 path.rename(aside / "samples" / path.name)
-        if dropped_metrics:
-            with atomic_write(aside / "metrics.jsonl") as tmp:
-                tmp.write_text("".join(s + "\n" for s in dropped_metrics), encoding="utf-8")
+        for path in later:
+            path.rename(aside / path.name)
         if source is not None and not (self.checkpoints / "last.safetensors").exists():
             # e.g. resumed from best.safetensors whose step file was pruned: a crash before the next
             # save must still find this branch's newest state
             self._link(Path(source.path), "last.safetensors", source.tensors, source.meta)
-        return aside
+        return aside, self.checkpoints / "best.safetensors" in later
 
-    def _link(self, target: Path, name: str, tensors: dict, meta: dict) -> None:
+    def relink_best(self, best_value) -> bool:
+        """After the best moved aside: point best.safetensors at this branch's checkpoint that set
+        `best_value` (the first one carrying it), if it is still here."""
+        for path in sorted(self.checkpoints.glob("step-*.safetensors"), key=step_of):
+            meta = ckpt_io.read_meta(path) or {}
+            if best_value is not None and meta.get("aigc.best_value") == json.dumps(best_value):
+                self._link(path, "best.safetensors", None, None)
+                return True
+        return False
+
+    def _link(self, target: Path, name: str, tensors: dict | None, meta: dict | None) -> None:
         """Point checkpoints/<name> at target: a hard link costs no second write, and the rename keeps
         the old file valid until the new one is in place."""
         tmp = self.checkpoints / f".{name}.link.tmp"
@@ -93,9 +108,13 @@ class RunFolder:
         try:
             tmp.hardlink_to(target)
             tmp.replace(self.checkpoints / name)
-        except OSError:
+        except OSError:  # no hard links here: write it again (tensors None: copy the file)
             tmp.unlink(missing_ok=True)
-            ckpt_io.write_atomic(self.checkpoints / name, tensors, meta)
+            if tensors is None:
+                with atomic_write(self.checkpoints / name) as copy:
+                    shutil.copyfile(target, copy)
+            else:
+                ckpt_io.write_atomic(self.checkpoints / name, tensors, meta)
 
     def save_checkpoint(self, step: int, tensors: dict, meta: dict, best: bool = False) -> Path:
         path = self.checkpoints / f"step-{step:07d}.safetensors"
@@ -114,9 +133,15 @@ class RunFolder:
     def _prune(self) -> None:
         if self.keep <= 0:
             return
-        steps = sorted(self.checkpoints.glob("step-*.safetensors"))
+        steps = sorted(self.checkpoints.glob("step-*.safetensors"), key=step_of)  # by number: 8+ digits too
         for old in steps[:-self.keep]:
             old.unlink(missing_ok=True)  # best/last are hard links: their data stays
 
     def has_checkpoints(self) -> bool:
         return any(self.checkpoints.glob("*.safetensors"))
+
+
+def step_of(path: Path) -> int:
+    """The step in a step-NNNNNNN.safetensors name (-1 for any other name)."""
+    m = ckpt_io.STEP_RE.search(path.name)
+    return int(m.group(1)) if m else -1
