@@ -9,7 +9,7 @@ Parts: equivalence, train, fusion (train.fuse_norm_act on/off at batch 1024 and 
 time per kernel family of an eager step at batch 1024), rollback, resume, eval (`aigc eval` wall
 times), fid_agreement (needs pytorch-fid), sample. All of them take about 10 minutes on an H200; a
 machine there starts bare, so carry the Fashion-MNIST files (and a pytorch-fid wheel) with the call.
-`--device cpu --steps-scale 0.03` smoke-tests the fusion, profile and eval parts here (minutes).
+`--device cpu --steps-scale 0.03` smoke-tests the fusion, profile, eval, rollback and resume parts here (minutes).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -151,7 +152,7 @@ def _dcgan(data_dir: str, device: str, steps: int, **extra):
         "train.sample_every": 10**6, "train.ckpt_every": 10, "train.batch_size": 64, "train.device": device, **extra})
 
 
-def rollback_under_graph(args, out, device: str = "cuda") -> dict:
+def rollback_under_graph(args, out) -> dict:
     """Poison G's weights in place after step 15 (outside the graph, so the replays carry the NaN on): the
     guard must roll back to step 10, re-capture, and finish with finite weights."""
     from aigc_cli.training.loop import train
@@ -175,7 +176,8 @@ def rollback_under_graph(args, out, device: str = "cuda") -> dict:
 
     loop_mod.build_nets = keep
     try:
-        summary = train(_dcgan(args.data, device, 40), Path("/tmp/gpu-rollback"), rep)
+        shutil.rmtree("/tmp/gpu-rollback", ignore_errors=True)  # a rerun starts clean
+        summary = train(_dcgan(args.data, DEVICE, 40), Path("/tmp/gpu-rollback"), rep)
     finally:
         loop_mod.build_nets = real_build
     return {"recoveries": summary["recoveries"], "steps": summary["steps"], "notes": rep.notes,
@@ -183,16 +185,17 @@ def rollback_under_graph(args, out, device: str = "cuda") -> dict:
             "ok": summary["recoveries"] == 1 and all(map(math.isfinite, [r["loss_d"] for r in rep.records[-2:]]))}
 
 
-def resume_under_graph(args, out, device: str = "cuda") -> dict:
+def resume_under_graph(args, out) -> dict:
     """A checkpoint written by a graphed run resumes in a graphed run (capturable Adam state restored)."""
     from aigc_cli import checkpoint as ckpt_io
     from aigc_cli.training.loop import train
     from conftest import Silent
 
     run = Path("/tmp/gpu-resume")
-    train(_dcgan(args.data, device, 20), run, Silent())
+    shutil.rmtree(run, ignore_errors=True)  # a rerun starts clean
+    train(_dcgan(args.data, DEVICE, 20), run, Silent())
     rep = Silent()
-    summary = train(_dcgan(args.data, device, 40), run, rep, resume=ckpt_io.load(run / "checkpoints" / "last.safetensors"))
+    summary = train(_dcgan(args.data, DEVICE, 40), run, rep, resume=ckpt_io.load(run / "checkpoints" / "last.safetensors"))
     return {"start_step": summary["start_step"], "steps": summary["steps"], "notes": rep.notes,
             "losses": [(r["step"], r["loss_d"], r["loss_g"]) for r in rep.records],
             "ok": summary["start_step"] == 20 and all(math.isfinite(r["loss_d"]) for r in rep.records)}

@@ -185,8 +185,8 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup) -> dict:
         if aside is not None:
             reporter.note(f"this run had gone on past step {step}: its later checkpoints, metrics lines and grids "
                           f"are kept in {aside}; the run continues from step {step}" if resume is not None else
-                          f"starting over: the checkpoints that could not be loaded, with their metrics lines and "
-                          f"grids, are kept in {aside}")
+                          f"starting over: the checkpoints already here (with --resume auto: none could be loaded), "
+                          f"with their metrics lines and grids, are kept in {aside}")
         if best_moved and not run.relink_best(best_value):
             best_value = None  # its checkpoint is gone from this branch: the branch finds its own best
         run.write_config(cfg)
