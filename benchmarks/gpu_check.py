@@ -36,6 +36,12 @@ STEPS_SCALE = 1.0
 DEVICE = "cuda"  # --device cpu: a smoke test of the parts that allow it, on a machine without a GPU
 
 
+def fresh(path: str) -> Path:
+    """A run folder emptied first: a rerun (or the next part) must not find an earlier run there."""
+    shutil.rmtree(path, ignore_errors=True)
+    return Path(path)
+
+
 def record(out: Path, name: str, value) -> None:
     RESULTS[name] = value
     (out / "gpu_check.json").write_text(json.dumps(RESULTS, indent=1))
@@ -70,7 +76,7 @@ def graph_equivalence(data_dir: str) -> dict:
                 "train.sample_every": 1000, "train.ckpt_every": 1000, "train.precision": precision,
                 "train.cuda_graph": graph, "train.batch_size": 64, "train.device": "cuda"})
             rep = Silent()
-            train(cfg, Path(f"/tmp/graph-eq-{precision}-{graph}"), rep)
+            train(cfg, fresh(f"/tmp/graph-eq-{precision}-{graph}"), rep)
             runs[graph] = [(r["loss_d"], r["loss_g"]) for r in rep.records]
             runs[graph + "_notes"] = rep.notes
         diffs = [max(abs(a - b) / max(abs(a), 1e-6) for a, b in zip(e, g)) for e, g in zip(runs["off"], runs["on"])]
@@ -95,7 +101,7 @@ def aigc_train_speed(data_dir: str, batch: int, graph: str, steps: int, fuse: st
     if DEVICE == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    summary = train(cfg, Path(f"/tmp/speed-{batch}-{graph}"), rep)
+    summary = train(cfg, fresh(f"/tmp/speed-{batch}-{graph}"), rep)
     rates = sorted(r["img_per_s"] for r in rep.records[1:])
     return {"batch": batch, "graph": graph, "fuse": fuse, "img_per_s_median": rates[len(rates) // 2] if rates else None,
             "img_per_s_all": [r["img_per_s"] for r in rep.records], "wall_s": round(time.perf_counter() - t0, 1),
@@ -176,8 +182,7 @@ def rollback_under_graph(args, out) -> dict:
 
     loop_mod.build_nets = keep
     try:
-        shutil.rmtree("/tmp/gpu-rollback", ignore_errors=True)  # a rerun starts clean
-        summary = train(_dcgan(args.data, DEVICE, 40), Path("/tmp/gpu-rollback"), rep)
+        summary = train(_dcgan(args.data, DEVICE, 40), fresh("/tmp/gpu-rollback"), rep)
     finally:
         loop_mod.build_nets = real_build
     return {"recoveries": summary["recoveries"], "steps": summary["steps"], "notes": rep.notes,
@@ -191,8 +196,7 @@ def resume_under_graph(args, out) -> dict:
     from aigc_cli.training.loop import train
     from conftest import Silent
 
-    run = Path("/tmp/gpu-resume")
-    shutil.rmtree(run, ignore_errors=True)  # a rerun starts clean
+    run = fresh("/tmp/gpu-resume")
     train(_dcgan(args.data, DEVICE, 20), run, Silent())
     rep = Silent()
     summary = train(_dcgan(args.data, DEVICE, 40), run, rep, resume=ckpt_io.load(run / "checkpoints" / "last.safetensors"))
@@ -236,10 +240,10 @@ def kernel_profile(args, out) -> dict:
         extra = {"train.batch_size": 1024 if DEVICE == "cuda" else 64, "data.limit": 0, "train.cuda_graph": "off",
                  "train.fuse_norm_act": fuse, "train.log_every": steps, "train.ckpt_every": 10**6}
         # An unprofiled run first: compiling (and cuDNN's benchmark search) must not count.
-        train(_dcgan(args.data, DEVICE, 4, **extra), Path(f"/tmp/profile-warm-{fuse}"), Silent())
+        train(_dcgan(args.data, DEVICE, 4, **extra), fresh(f"/tmp/profile-warm-{fuse}"), Silent())
         rep = Silent()
         with torch.profiler.profile(activities=[activity]) as prof:
-            train(_dcgan(args.data, DEVICE, steps, **extra), Path(f"/tmp/profile-{fuse}"), rep)
+            train(_dcgan(args.data, DEVICE, steps, **extra), fresh(f"/tmp/profile-{fuse}"), rep)
             if DEVICE == "cuda":
                 torch.cuda.synchronize()
         totals: dict[str, float] = {}
@@ -269,7 +273,7 @@ def eval_speed(args, out) -> dict:
     from conftest import Silent
     from test_inception import random_state_dict
 
-    run = Path("/tmp/gpu-eval-run")
+    run = fresh("/tmp/gpu-eval-run")
     train(_dcgan(args.data, DEVICE, 20, **{"data.limit": 0}), run, Silent())
     weights = Path(tempfile.mkdtemp()) / "random-inception.pth"
     torch.save(random_state_dict(), weights)
