@@ -136,6 +136,24 @@ def save_individual(batches: Iterable[torch.Tensor], folder: str | os.PathLike, 
     return count
 
 
+def pngs_in(folder: str | os.PathLike | None) -> set[str]:
+    """Names of the PNG files in `folder` (none when it is None or not there yet)."""
+    try:
+        return {e.name for e in os.scandir(folder) if e.name.endswith(".png")} if folder is not None else set()
+    except OSError:
+        return set()
+
+
+def warn_stale_pngs(before: set[str], n: int, what: str, warn) -> None:
+    """After writing 000000.png ... for n images: say if the folder also holds PNGs from before
+    (an earlier, larger run), which a later `aigc eval --fake DIR` would score too."""
+    stale = [name for name in before if not (name[:-4].isdigit() and int(name[:-4]) < n
+                                             and name == f"{int(name[:-4]):06d}.png")]
+    if stale:
+        warn(f"{what}: also holds {len(stale)} PNG file{'s' if len(stale) > 1 else ''} this command did not "
+             "write (from an earlier run?)")
+
+
 def generator_from(ckpt: Checkpoint, device: str = "auto", precision: str = "auto", ema: bool = True):
     """Rebuild the generator (a VAE's decoder) from the config stored in the checkpoint; its EMA
     weights when it has them (unless ema=False)."""

@@ -216,3 +216,14 @@ def test_bad_reference_files_are_one_line_errors(runs, tmp_path, monkeypatch, ca
                            "--n", 10, "--stats-dir", tmp_path / "stats")
     line = one_error_line(code, err)
     assert expect in line and "bad.npz" in line
+
+
+def test_save_fakes_points_out_pngs_it_did_not_write(runs, tmp_path, monkeypatch, capsys):
+    fakes = tmp_path / "fakes"
+    fakes.mkdir()
+    (fakes / "000099.png").write_bytes(b"from a larger earlier run")
+    code, out, err = run_cli(monkeypatch, capsys, "eval", runs / "gan", "--features", runs / "clf", "--n", 10,
+                             "--metrics", "fid", "--save-fakes", fakes, "--stats-dir", tmp_path / "stats", "--json")
+    assert code == 0, err
+    assert "--save-fakes" in err and "also holds 1 PNG file this command did not write" in err
+    assert len(list(fakes.glob("*.png"))) == 11

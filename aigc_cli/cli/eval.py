@@ -61,6 +61,7 @@ def evaluate(
     from ..errors import UsageError
     from ..metrics.evaluate import evaluate as run_eval
     from ..metrics.evaluate import evaluate_folder, parse_metrics
+    from ..sampling import pngs_in, warn_stale_pngs
 
     if checkpoint and fake:
         raise UsageError("give either a CHECKPOINT or --fake DIR, not both")
@@ -91,11 +92,14 @@ def evaluate(
         title = f"{result['fake_folder']}"
     else:
         ck = ckpt_io.load(checkpoint)
+        before = pngs_in(save_fakes)
         with console.status(f"evaluating: generating {n} images and embedding them"):
             result = run_eval(ck, data=data or ck.config.data.source,
                               root=data_root or ck.config.data.root or None, download=download, ema=not no_ema,
                               save_fakes=save_fakes, **common)
         title = f"{result['checkpoint']} (step {result['step']})"
+        if save_fakes:
+            warn_stale_pngs(before, result["protocol"]["n_fake"], f"--save-fakes {save_fakes}", warner(quiet))
     if json_out:
         emit_json(result)
         return

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -48,8 +47,8 @@ def sample(
 
     from .. import checkpoint as ckpt_io
     from ..errors import UsageError
-    from ..sampling import (check_grid_size, class_labels, generate, generator_from, latent_batches, save_grid,
-                            save_individual)
+    from ..sampling import (check_grid_size, class_labels, generate, generator_from, latent_batches, pngs_in,
+                            save_grid, save_individual, warn_stale_pngs)
 
     if n < 1 or batch_size < 1 or (nrow is not None and nrow < 1):
         raise UsageError("--n, --batch-size and --nrow must be positive")
@@ -86,7 +85,7 @@ def sample(
 
     console = human_console(json_out, quiet)
     result = {"checkpoint": str(ck.path), "n": n, "seed": seed}
-    before = _pngs(individual)
+    before = pngs_in(individual)
     with console.status(f"generating {n} images"):
         if write_grid:
             images = torch.cat(list(batches()))
@@ -95,24 +94,9 @@ def sample(
         if individual is not None:
             save_individual([images] if write_grid else batches(), individual)
             result["individual"] = str(individual)
-    stale = [name for name in before if not _written(name, n)]
-    if stale:  # a later `aigc eval --fake DIR` would score them too
-        warn(f"--individual {individual}: also holds {len(stale)} PNG file{'s' if len(stale) > 1 else ''} "
-             "this command did not write (from an earlier run?)")
+    warn_stale_pngs(before, n, f"--individual {individual}", warn)
     if json_out:
         emit_json(result)
     else:
         console.print(f"wrote {n} images: " + ", ".join(str(result[k]) for k in ("grid", "individual") if k in result))
 
-
-def _pngs(folder: Path | None) -> set[str]:
-    try:
-        return {e.name for e in os.scandir(folder) if e.name.endswith(".png")} if folder is not None else set()
-    except OSError:  # not there yet
-        return set()
-
-
-def _written(name: str, n: int) -> bool:
-    """Whether save_individual wrote `name` (000000.png ... for n images)."""
-    stem = name[:-4]
-    return stem.isdigit() and int(stem) < n and name == f"{int(stem):06d}.png"
