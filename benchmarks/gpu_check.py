@@ -146,8 +146,15 @@ def main() -> None:
     for name, extra in EXTRA_PARTS:
         if want(name):
             part(out, name, extra, args, out)
-    print(json.dumps({k: (v.get("img_per_s_median") if isinstance(v, dict) and "img_per_s_median" in v else None)
-                      for k, v in RESULTS.items()}, indent=1))
+    def brief(v):  # images/s where a part measured them (one run or several), else whether it failed
+        if not isinstance(v, dict):
+            return v
+        if "img_per_s_median" in v:
+            return v["img_per_s_median"]
+        inner = {k: brief(x) for k, x in v.items() if isinstance(x, dict)}
+        return inner or ("error" if "error" in v else "done")
+
+    print(json.dumps({k: brief(v) for k, v in RESULTS.items()}, indent=1))
 
 
 def _dcgan(data_dir: str, device: str, steps: int, **extra):

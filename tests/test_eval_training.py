@@ -146,6 +146,34 @@ def test_resume_with_another_eval_metric_starts_the_best_afresh(tmp_path, classi
     assert best.step == 30  # IS 2.0 beat IS 1.5; FID 4.0 from before was not compared with them
 
 
+def test_resume_with_other_eval_features_or_n_starts_the_best_afresh(tmp_path, classifier, monkeypatch):
+    from aigc_cli.metrics.evaluate import TrainingEvaluator
+    values = {5: 9.0, 10: 4.0, 15: 6.0, 20: 5.0, 25: 30.0, 30: 20.0}  # the new setup's FIDs are larger
+    monkeypatch.setattr(TrainingEvaluator, "__call__", lambda self, G, step, amp=None: {"fid": values[step]})
+    run_with_eval(tmp_path, classifier, "fid")
+    cfg = tiny("dcgan").with_overrides({
+        "train.steps": "30", "train.eval_every": "5", "train.eval_n": "40", "train.eval_metric": "fid",
+        "train.eval_features": str(classifier), "train.ckpt_every": "20", "train.ema_decay": "0.9"})
+    rep = Silent()
+    summary = train(cfg, tmp_path / "run", rep, resume=ckpt_io.load(tmp_path / "run" / "checkpoints" / "last.safetensors"))
+    assert any("other train.eval_features or train.eval_n" in n for n in rep.notes), rep.notes
+    assert summary["best"]["value"] == 20.0 and ckpt_io.load(tmp_path / "run" / "checkpoints" / "best.safetensors").step == 30
+
+
+def test_evaluation_on_a_streamed_folder_with_no_readable_image_is_one_usage_error(tmp_path, classifier):
+    from aigc_cli.errors import UsageError
+
+    src = tmp_path / "garbage"
+    src.mkdir()
+    for i in range(20):
+        (src / f"{i}.png").write_text(f"not an image {i}")
+    cfg = tiny("dcgan").with_overrides({"data.source": str(src), "data.device_max_mb": "0", "train.batch_size": "4",
+                                        "train.eval_every": "2", "train.eval_n": "10",
+                                        "train.eval_features": str(classifier)})
+    with pytest.raises(UsageError, match="could be decoded"):
+        train(cfg, tmp_path / "run", Silent())
+
+
 def test_lazy_training_data_decodes_only_the_evaluation_images(tmp_path, classifier, monkeypatch):
     """A folder streamed because it is large: the evaluator picks eval_n of its images, it does not
     decode (and cache) the whole folder."""

@@ -25,6 +25,7 @@ from PIL import Image
 
 from aigc_cli.data.folder import class_labels, decode, describe_error, one_line
 from aigc_cli.data.transforms import to_channels
+from aigc_cli.errors import UsageError
 
 Failure = tuple[str, str, str]  # (relative path, one-line reason, relative path used instead)
 
@@ -112,7 +113,8 @@ class LazyFolder:
             key = key.tolist()
         images = self.fetch(list(key))[0]
         if images is None:
-            raise ValueError(f"none of the image files under {one_line(self.folder)} could be decoded")
+            raise UsageError(f"none of the image files under {one_line(self.folder)} could be decoded "
+                             "(reasons above); check that they are valid images")
         return images
 
     def split(self, size: int):

@@ -415,7 +415,8 @@ class TrainingEvaluator:
             self.extractor = make_extractor(t.eval_features or None, None, self.device,
                                             extractor_precision(t.precision), option="train.eval_features")
         except UsageError as e:  # its advice names `aigc eval`'s flags: say which setting led here
-            raise UsageError(f"evaluation during training (train.eval_every={t.eval_every}): {e}") from None
+            advice = str(e).replace(" or --inception-weights PATH", "")  # not an option of `aigc train`
+            raise UsageError(f"evaluation during training (train.eval_every={t.eval_every}): {advice}") from None
         self.reference = None
         if self.metric in NEEDS_REAL:
             common = dict(extractor=self.extractor, n=self.n, seed=t.seed, batch_size=self.batch_size,

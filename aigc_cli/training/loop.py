@@ -69,6 +69,11 @@ def best_metric(cfg: Config) -> tuple[str | None, bool]:
     return (None, False) if name == "none" else (name, higher)
 
 
+def eval_setup(cfg: Config) -> tuple:
+    """What an evaluation metric's value depends on besides the weights."""
+    return cfg.train.eval_features, cfg.train.eval_n
+
+
 def grid_labels(cfg: Config) -> tuple[torch.Tensor | None, int]:
     """Labels for the training grids and images per row: a conditional model gets one class per row."""
     if not cfg.model.conditional:
@@ -174,7 +179,12 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup) -> dict:
         best_value = json.loads(resume.meta.get("aigc.best_value", "null"))
         if json.loads(resume.meta.get("aigc.best_metric", "null")) != metric and best_value is not None:
             reporter.note(f"best.safetensors was chosen by {json.loads(resume.meta['aigc.best_metric'])}; "
-                          f"from now on by {metric}, starting afresh")
+                          + (f"from now on by {metric}, starting afresh" if metric else "no longer updated"))
+            best_value = None
+        elif metric_from_eval and best_value is not None and eval_setup(resume.config) != eval_setup(cfg):
+            # an FID in other features, or over another number of images, is not comparable
+            reporter.note(f"best.safetensors was chosen by {metric} with other train.eval_features or train.eval_n; "
+                          "starting afresh")
             best_value = None
         reporter.note(f"resumed from {resume.path} at step {step} ({images_seen} images seen)")
     if resume is not None and step >= steps:  # leave the run folder as it is
