@@ -84,7 +84,7 @@ def test_fp16_switches_to_bf16_on_divergence(monkeypatch, tmp_path):
 
     seen = []  # the precision each evaluation during training generated with
     monkeypatch.setattr(TrainingEvaluator, "__init__", lambda self, *a, **k: setattr(self, "metric", "fid"))
-    monkeypatch.setattr(TrainingEvaluator, "__call__", lambda self, G, step, amp=None: seen.append((step, amp.name))
+    monkeypatch.setattr(TrainingEvaluator, "__call__", lambda self, G, step, amp=None, **kw: seen.append((step, amp.name))
                         or {"fid": 1.0 / step})
     rep = Silent()
     summary = train(cfg(**{"train.precision": "fp16", "train.eval_every": "5"}), tmp_path / "r", rep)

@@ -48,7 +48,7 @@ SCRIPTED = {"fid": ({5: 9.0, 10: 4.0, 15: 6.0, 20: 5.0}, 10), "is": ({5: 1.5, 10
 def test_best_checkpoint_is_the_best_evaluation(tmp_path, classifier, metric, monkeypatch):
     values, best_step = SCRIPTED[metric]
     from aigc_cli.metrics.evaluate import TrainingEvaluator
-    monkeypatch.setattr(TrainingEvaluator, "__call__", lambda self, G, step, amp=None: {metric: values[step]})
+    monkeypatch.setattr(TrainingEvaluator, "__call__", lambda self, G, step, amp=None, **kw: {metric: values[step]})
     summary, rep, evals = run_with_eval(tmp_path, classifier, metric)
     assert evals == values
     best = ckpt_io.load(tmp_path / "run" / "checkpoints" / "best.safetensors")
@@ -118,7 +118,7 @@ def test_images_per_second_leave_evaluation_time_out(tmp_path, classifier, monke
     import time
     from aigc_cli.metrics.evaluate import TrainingEvaluator
 
-    def slow(self, G, step, amp=None):
+    def slow(self, G, step, amp=None, **kw):
         time.sleep(1.0)
         return {"fid": 1.0}
 
@@ -133,7 +133,7 @@ def test_images_per_second_leave_evaluation_time_out(tmp_path, classifier, monke
 def test_resume_with_another_eval_metric_starts_the_best_afresh(tmp_path, classifier, monkeypatch):
     from aigc_cli.metrics.evaluate import TrainingEvaluator
     values = {"fid": {5: 9.0, 10: 4.0, 15: 6.0, 20: 5.0}, "is": {25: 1.5, 30: 2.0}}
-    monkeypatch.setattr(TrainingEvaluator, "__call__", lambda self, G, step, amp=None: {self.metric: values[self.metric][step]})
+    monkeypatch.setattr(TrainingEvaluator, "__call__", lambda self, G, step, amp=None, **kw: {self.metric: values[self.metric][step]})
     run_with_eval(tmp_path, classifier, "fid")
     cfg = tiny("dcgan").with_overrides({
         "train.steps": "30", "train.eval_every": "5", "train.eval_n": "48", "train.eval_metric": "is",
@@ -149,7 +149,7 @@ def test_resume_with_another_eval_metric_starts_the_best_afresh(tmp_path, classi
 def test_resume_with_other_eval_features_or_n_starts_the_best_afresh(tmp_path, classifier, monkeypatch):
     from aigc_cli.metrics.evaluate import TrainingEvaluator
     values = {5: 9.0, 10: 4.0, 15: 6.0, 20: 5.0, 25: 30.0, 30: 20.0}  # the new setup's FIDs are larger
-    monkeypatch.setattr(TrainingEvaluator, "__call__", lambda self, G, step, amp=None: {"fid": values[step]})
+    monkeypatch.setattr(TrainingEvaluator, "__call__", lambda self, G, step, amp=None, **kw: {"fid": values[step]})
     run_with_eval(tmp_path, classifier, "fid")
     cfg = tiny("dcgan").with_overrides({
         "train.steps": "30", "train.eval_every": "5", "train.eval_n": "40", "train.eval_metric": "fid",
@@ -197,3 +197,33 @@ def test_lazy_training_data_decodes_only_the_evaluation_images(tmp_path, classif
     # The lazy folder decodes through its own reference to decode(); this patched one counts only the
     # eager whole-folder load that must not happen.
     assert decoded == []
+
+
+def test_a_signal_during_an_evaluation_stops_it_and_saves(tmp_path, classifier, monkeypatch):
+    import os
+    import signal
+
+    from aigc_cli.errors import Interrupted
+    from aigc_cli.metrics.evaluate import FakeEmbedder
+
+    batches = []
+    real_add = FakeEmbedder.add
+
+    def add(self, images, batch_size):
+        batches.append(len(images))
+        if len(batches) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # the batch system's notice, mid-evaluation
+        return real_add(self, images, batch_size)
+
+    monkeypatch.setattr(FakeEmbedder, "add", add)
+    cfg = tiny("dcgan").with_overrides({
+        "train.steps": "20", "train.eval_every": "5", "train.eval_n": "200", "train.eval_metric": "fid",
+        "train.eval_features": str(classifier), "train.ckpt_every": "20", "train.batch_size": "16"})
+    rep = Silent()
+    with pytest.raises(Interrupted) as e:
+        train(cfg, tmp_path / "run", rep)
+    assert e.value.exit_code == 143 and len(batches) == 1  # not the other 200/16 - 1 batches
+    assert any("evaluation at step 5 was stopped by a signal" in n for n in rep.notes), rep.notes
+    assert ckpt_io.load(tmp_path / "run").step == 5
+    lines = [json.loads(s) for s in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert not [r for r in lines if "fid" in r]

@@ -138,9 +138,13 @@ class FakeEmbedder:
         if self.want_probs:
             self.probs.append(p)
 
-    def add_generated(self, G, z: torch.Tensor, labels: torch.Tensor | None, amp, batch_size: int) -> None:
-        """Generate and embed batch by batch: no more than one batch of images exists at a time."""
+    def add_generated(self, G, z: torch.Tensor, labels: torch.Tensor | None, amp, batch_size: int,
+                      should_stop: Callable[[], bool] | None = None) -> None:
+        """Generate and embed batch by batch: no more than one batch of images exists at a time.
+        `should_stop()` true before a batch raises EvaluationStopped."""
         for i, chunk in enumerate(z.split(batch_size)):
+            if should_stop is not None and should_stop():
+                raise EvaluationStopped
             y = None if labels is None else labels[i * batch_size:(i + 1) * batch_size]
             # Left on the device: the extractor takes them from there, with no round trip through the host.
             self.add(generate(G, chunk, amp, batch_size, labels=y, to_cpu=False), batch_size)
@@ -391,6 +395,10 @@ def vae_scores(ckpt, *, data, root, n, batch_size, seed, amp, warn) -> dict:
 # Evaluation during training
 
 
+class EvaluationStopped(Exception):
+    """An evaluation during training given up for a signal: the checkpoint it asks for comes first."""
+
+
 class TrainingEvaluator:
     """In-process evaluation for the training loop: one metric (cfg.train.eval_metric) on
     cfg.train.eval_n generated images against the training data (train split, conformed to the
@@ -436,13 +444,15 @@ class TrainingEvaluator:
                                                batch_size=self.batch_size, stats_dir=common["stats_dir"], warn=warn)
         self.z, self.labels = seeded_inputs(m, self.n, t.seed)
 
-    def __call__(self, G: torch.nn.Module, step: int, amp: Precision | None = None) -> dict[str, float]:
-        """Scores of G now; `amp` is the run's current precision (a rollback may have left fp16)."""
+    def __call__(self, G: torch.nn.Module, step: int, amp: Precision | None = None,
+                 should_stop: Callable[[], bool] | None = None) -> dict[str, float]:
+        """Scores of G now; `amp` is the run's current precision (a rollback may have left fp16).
+        Raises EvaluationStopped as soon as `should_stop()` is true (a signal: the save must come first)."""
         was_training = G.training
         G.eval()
         try:
             fake = FakeEmbedder(self.extractor, self.metrics)
-            fake.add_generated(G, self.z, self.labels, amp or self.amp, self.batch_size)
+            fake.add_generated(G, self.z, self.labels, amp or self.amp, self.batch_size, should_stop)
             values, _ = score(self.metrics, fake=fake.stats, probs=fake.all_probs(), ref=self.reference,
                               seed=self.seed)
         finally:

@@ -221,8 +221,17 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup) -> dict:
             save_grid(torch.cat([data.images[:k], recon]), run.samples / f"recon-step-{step:07d}.png", nrow)
         nets["G"].train()  # the EMA copy, if that was used, stays in eval mode
 
-    def evaluate_now() -> dict:  # the evaluator puts G in eval mode and back
-        scores = evaluator(nets.get("G_ema", nets["G"]), step, amp)
+    def evaluate_now() -> dict | None:
+        """The evaluator's scores (it puts G in eval mode and back); None when a signal that asks to
+        stop arrived meanwhile: a long evaluation must not eat the batch system's grace period."""
+        from ..metrics.evaluate import EvaluationStopped
+
+        try:
+            scores = evaluator(nets.get("G_ema", nets["G"]), step, amp,
+                               should_stop=lambda: stop.signum is not None or (exit_on_usr1 and stop.save_requested))
+        except EvaluationStopped:
+            reporter.note(f"the evaluation at step {step} was stopped by a signal; saving instead")
+            return None
         return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in scores.items()}
 
     # The rollback point for the divergence guard: the last state known to be finite, in memory.
@@ -339,9 +348,10 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup) -> dict:
             t_eval = time.perf_counter()
             scores = evaluate_now()
             t_log += time.perf_counter() - t_eval  # images/s counts training, not evaluation
-            run.append_metrics({"step": step, "images_seen": images_seen, **scores})
-            reporter.log({"step": step, "images_seen": images_seen, **scores, "eval": True})
-            value = scores.get(metric) if metric_from_eval else None
+            if scores is not None:
+                run.append_metrics({"step": step, "images_seen": images_seen, **scores})
+                reporter.log({"step": step, "images_seen": images_seen, **scores, "eval": True})
+            value = scores.get(metric) if metric_from_eval and scores is not None else None
             if beats_best(value):
                 if not state.all_finite(nets, grads=amp.scaler is None):
                     recover("non-finite weights at an evaluation")
