@@ -29,6 +29,13 @@ FORMAT = 1
 STEP_RE = re.compile(r"step-(\d+)\.safetensors$")
 
 
+def step_of(path: Path) -> int:
+    """The step in a step-NNNNNNN.safetensors name (-1 for any other name); sort by this, not by name,
+    so that 8+ digit steps come last."""
+    m = STEP_RE.search(path.name)
+    return int(m.group(1)) if m else -1
+
+
 @dataclass
 class Checkpoint:
     path: Path
@@ -56,6 +63,10 @@ class Checkpoint:
         except json.JSONDecodeError:
             return []
         return [str(n) for n in names] if isinstance(names, list) else []
+
+    def numbered_classes(self) -> str:
+        """'0 cats, 1 dogs, ...': what `aigc sample --class K` draws."""
+        return ", ".join(f"{i} {name}" for i, name in enumerate(self.class_names))
 
     def net_state(self, name: str) -> dict[str, torch.Tensor]:
         return net_state(self.tensors, name)
@@ -117,9 +128,9 @@ def resolve(path_or_run: str | os.PathLike) -> Path:
         ckdir = p / "checkpoints" if (p / "checkpoints").is_dir() else p
         if (ckdir / "last.safetensors").is_file():
             return ckdir / "last.safetensors"
-        steps = sorted((int(m.group(1)), f) for f in ckdir.glob("step-*.safetensors") if (m := STEP_RE.search(f.name)))
+        steps = sorted((f for f in ckdir.glob("step-*.safetensors") if step_of(f) >= 0), key=step_of)
         if steps:
-            return steps[-1][1]
+            return steps[-1]
         raise UsageError(f"{p}: no checkpoint found in this folder (expected checkpoints/last.safetensors)")
     if not p.exists():
         raise UsageError(f"{p}: no such checkpoint file or run folder")

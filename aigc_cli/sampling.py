@@ -78,8 +78,7 @@ def class_labels(ckpt: Checkpoint, classes: list[int] | None, n: int) -> tuple[t
     classes = classes if classes else list(range(m.num_classes))
     bad = [c for c in classes if not 0 <= c < m.num_classes]
     if bad:
-        names = ckpt.class_names
-        listed = f" ({', '.join(f'{i} {n}' for i, n in enumerate(names))})" if len(names) <= 20 else ""
+        listed = f" ({ckpt.numbered_classes()})" if 0 < len(ckpt.class_names) <= 20 else ""
         raise UsageError(f"--class {bad[0]}: this model has classes 0..{m.num_classes - 1}{listed}")
     per_class = max(1, n // len(classes))
     return torch.tensor(classes).repeat_interleave(per_class), per_class

@@ -130,16 +130,22 @@ def test_images_per_second_leave_evaluation_time_out(tmp_path, classifier, monke
     assert len(rates) == 4 and min(rates[1:]) > 80, rates
 
 
+def resume_to_30(tmp_path, classifier, **changed):
+    """The run of run_with_eval("fid"), resumed to step 30 with `changed` evaluation settings."""
+    cfg = tiny("dcgan").with_overrides({
+        "train.steps": "30", "train.eval_every": "5", "train.eval_n": "48", "train.eval_metric": "fid",
+        "train.eval_features": str(classifier), "train.ckpt_every": "20", "train.ema_decay": "0.9", **changed})
+    rep = Silent()
+    summary = train(cfg, tmp_path / "run", rep, resume=ckpt_io.load(tmp_path / "run" / "checkpoints" / "last.safetensors"))
+    return summary, rep
+
+
 def test_resume_with_another_eval_metric_starts_the_best_afresh(tmp_path, classifier, monkeypatch):
     from aigc_cli.metrics.evaluate import TrainingEvaluator
     values = {"fid": {5: 9.0, 10: 4.0, 15: 6.0, 20: 5.0}, "is": {25: 1.5, 30: 2.0}}
     monkeypatch.setattr(TrainingEvaluator, "__call__", lambda self, G, step, amp=None, **kw: {self.metric: values[self.metric][step]})
     run_with_eval(tmp_path, classifier, "fid")
-    cfg = tiny("dcgan").with_overrides({
-        "train.steps": "30", "train.eval_every": "5", "train.eval_n": "48", "train.eval_metric": "is",
-        "train.eval_features": str(classifier), "train.ckpt_every": "20", "train.ema_decay": "0.9"})
-    rep = Silent()
-    summary = train(cfg, tmp_path / "run", rep, resume=ckpt_io.load(tmp_path / "run" / "checkpoints" / "last.safetensors"))
+    summary, rep = resume_to_30(tmp_path, classifier, **{"train.eval_metric": "is"})
     assert any("chosen by fid" in n and "from now on by is" in n for n in rep.notes), rep.notes
     best = ckpt_io.load(tmp_path / "run" / "checkpoints" / "best.safetensors")
     assert summary["best"] == {"metric": "is", "value": 2.0, "path": str(tmp_path / "run" / "checkpoints" / "best.safetensors")}
@@ -151,11 +157,7 @@ def test_resume_with_other_eval_features_or_n_starts_the_best_afresh(tmp_path, c
     values = {5: 9.0, 10: 4.0, 15: 6.0, 20: 5.0, 25: 30.0, 30: 20.0}  # the new setup's FIDs are larger
     monkeypatch.setattr(TrainingEvaluator, "__call__", lambda self, G, step, amp=None, **kw: {"fid": values[step]})
     run_with_eval(tmp_path, classifier, "fid")
-    cfg = tiny("dcgan").with_overrides({
-        "train.steps": "30", "train.eval_every": "5", "train.eval_n": "40", "train.eval_metric": "fid",
-        "train.eval_features": str(classifier), "train.ckpt_every": "20", "train.ema_decay": "0.9"})
-    rep = Silent()
-    summary = train(cfg, tmp_path / "run", rep, resume=ckpt_io.load(tmp_path / "run" / "checkpoints" / "last.safetensors"))
+    summary, rep = resume_to_30(tmp_path, classifier, **{"train.eval_n": "40"})
     assert any("other train.eval_features or train.eval_n" in n for n in rep.notes), rep.notes
     assert summary["best"]["value"] == 20.0 and ckpt_io.load(tmp_path / "run" / "checkpoints" / "best.safetensors").step == 30
 

@@ -82,9 +82,10 @@ def evaluate(
         raise UsageError("--save-fakes applies to a checkpoint; --fake images are files already")
     _check_common(n, batch_size, precision)
     asked = parse_metrics(metrics)
+    warn = warner(quiet)
     console = human_console(json_out, quiet)
     common = dict(features=features, n=n, batch_size=batch_size, seed=seed, device=device, precision=precision,
-                  warn=warner(quiet), metrics=asked, inception_weights=inception_weights,
+                  warn=warn, metrics=asked, inception_weights=inception_weights,
                   stats_dir=stats_dir or "default", ref=ref, download_weights=download_weights)
     if fake:
         with console.status(f"evaluating the images in {fake}"):
@@ -99,7 +100,7 @@ def evaluate(
                               save_fakes=save_fakes, **common)
         title = f"{result['checkpoint']} (step {result['step']})"
         if save_fakes:
-            warn_stale_pngs(before, result["protocol"]["n_fake"], f"--save-fakes {save_fakes}", warner(quiet))
+            warn_stale_pngs(before, result["protocol"]["n_fake"], f"--save-fakes {save_fakes}", warn)
     if json_out:
         emit_json(result)
         return

@@ -38,7 +38,6 @@ def info(
         c.print(f"exported {'the EMA generator' if result['weights'] == 'G_ema' else 'the raw generator'} "
                 f"from {result['source'] or 'an unrecorded checkpoint'}")
     if "class_names" in result:
-        c.print("classes (for `aigc sample --class`): "
-                + ", ".join(f"{i} {name}" for i, name in enumerate(result["class_names"])))
+        c.print(f"classes (for `aigc sample --class`): {ck.numbered_classes()}")
     c.print("parameters: " + ", ".join(f"{k} {v:,}" for k, v in result["parameters"].items()))
     c.print("config: " + json.dumps(result["config"], indent=2))

@@ -99,4 +99,3 @@ def sample(
         emit_json(result)
     else:
         console.print(f"wrote {n} images: " + ", ".join(str(result[k]) for k in ("grid", "individual") if k in result))
-

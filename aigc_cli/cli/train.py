@@ -92,8 +92,9 @@ def train(
     if resume is None and holds_run:
         raise UsageError(f"--out {run_dir}: already holds a run; pass --resume auto to continue it, "
                          "or choose another folder")
-    if ckpt is not None and holds_run and ckpt.path.resolve().parent != (run_dir / "checkpoints").resolve():
-        aside = ckpt.path.resolve().parent.parent == (run_dir / "checkpoints").resolve()
+    own = (run_dir / "checkpoints").resolve()
+    if ckpt is not None and holds_run and ckpt.path.resolve().parent != own:
+        aside = ckpt.path.resolve().parent.parent == own
         raise UsageError(f"--out {run_dir}: already holds a run, and --resume {resume} is a checkpoint of "
                          + ("a branch set aside from it" if aside else "another one")
                          + "; continue that in a new --out (a fork)")

@@ -47,7 +47,7 @@ class RunFolder:
         0 for a fresh start)."""
         if not (self.root / "metrics.jsonl").exists():
             return
-        kept = [line for k, line in self._metrics_lines() if k <= step]
+        kept = [line for logged, line in self._metrics_lines() if logged <= step]
         with atomic_write(self.root / "metrics.jsonl") as tmp:
             tmp.write_text("".join(s + "\n" for s in kept), encoding="utf-8")
 
@@ -59,7 +59,7 @@ class RunFolder:
         metrics.jsonl is trimmed) and sample grids, so that `--resume auto` and pruning follow the
         new branch and nothing is deleted. last.safetensors then points at the source until the next
         save. Returns that folder (None when nothing was later) and whether best.safetensors moved."""
-        later = [p for p in self.checkpoints.glob("step-*.safetensors") if step_of(p) > step]
+        later = [p for p in self.checkpoints.glob("step-*.safetensors") if ckpt_io.step_of(p) > step]
         for name in ("last.safetensors", "best.safetensors"):
             path = self.checkpoints / name
             saved = (ckpt_io.read_meta(path) or {}).get("aigc.step", "") if path.is_file() else "0"
@@ -72,7 +72,7 @@ class RunFolder:
             k += 1
             aside = self.checkpoints / f"after-step-{step:07d}-{k}"
         aside.mkdir()
-        dropped = [line for k, line in self._metrics_lines() if k > step]
+        dropped = [line for logged, line in self._metrics_lines() if logged > step]
         if dropped:
             with atomic_write(aside / "metrics.jsonl") as tmp:
                 tmp.write_text("".join(s + "\n" for s in dropped), encoding="utf-8")
@@ -93,7 +93,7 @@ class RunFolder:
     def relink_best(self, best_value) -> bool:
         """After the best moved aside: point best.safetensors at this branch's checkpoint that set
         `best_value` (the first one carrying it), if it is still here."""
-        for path in sorted(self.checkpoints.glob("step-*.safetensors"), key=step_of):
+        for path in sorted(self.checkpoints.glob("step-*.safetensors"), key=ckpt_io.step_of):
             meta = ckpt_io.read_meta(path) or {}
             if best_value is not None and meta.get("aigc.best_value") == json.dumps(best_value):
                 self._link(path, "best.safetensors", None, None)
@@ -133,15 +133,10 @@ class RunFolder:
     def _prune(self) -> None:
         if self.keep <= 0:
             return
-        steps = sorted(self.checkpoints.glob("step-*.safetensors"), key=step_of)  # by number: 8+ digits too
+        steps = sorted(self.checkpoints.glob("step-*.safetensors"), key=ckpt_io.step_of)
         for old in steps[:-self.keep]:
             old.unlink(missing_ok=True)  # best/last are hard links: their data stays
 
     def has_checkpoints(self) -> bool:
         return any(self.checkpoints.glob("*.safetensors"))
 
-
-def step_of(path: Path) -> int:
-    """The step in a step-NNNNNNN.safetensors name (-1 for any other name)."""
-    m = ckpt_io.STEP_RE.search(path.name)
-    return int(m.group(1)) if m else -1

@@ -16,7 +16,6 @@ from .. import checkpoint as ckpt_io
 from ..checkpoint import Checkpoint, base_meta, load_net
 from ..config import Config
 from ..errors import UsageError
-from .run_folder import step_of
 
 
 def _optimizer(name: str, opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], str]:
@@ -125,7 +124,7 @@ def find_resume(resume: str | None, run_dir: Path, warn) -> Checkpoint | None:
             raise UsageError(f"--resume {resume}: an exported generator has no training state to resume from")
         return ck
     folder = Path(run_dir) / "checkpoints"
-    steps = sorted(folder.glob("step-*.safetensors"), key=step_of, reverse=True)
+    steps = sorted(folder.glob("step-*.safetensors"), key=ckpt_io.step_of, reverse=True)
     for path in [*steps, folder / "last.safetensors", folder / "best.safetensors"]:
         if not path.is_file():
             continue
