@@ -43,6 +43,14 @@ def test_every_command_and_option_has_help():
                 assert len((getattr(param, "help", None) or "").strip()) > 10, (path, param.name)
 
 
+def test_command_summaries_have_no_hard_line_breaks():
+    # `aigc --help` lists each command with the first paragraph of its help; rich keeps a line break there,
+    # so a summary wrapped in the source came out broken mid-sentence in the list.
+    for path, cmd in COMMANDS:
+        first = (cmd.help or "").strip().split("\n\n")[0]
+        assert "\n" not in first, (path, first)
+
+
 @pytest.mark.parametrize("columns", [None, "80"], ids=["piped", "80 columns"])
 @pytest.mark.parametrize("path", [p for p, _ in COMMANDS], ids=" ".join)
 def test_help_is_whole(aigc_env, path, columns):

@@ -55,8 +55,9 @@ def evaluate(
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object with metrics and protocol."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
 ) -> None:
-    """Score a generative model: FID, KID, IS, precision/recall (VAE: also reconstruction MSE, negative
-    ELBO, bits/dim). `aigc eval stats --data SOURCE --out ref.npz` precomputes reference statistics."""
+    """Score a generative model: FID, KID, IS, precision/recall (VAE: also MSE, ELBO, bits/dim).
+
+    `aigc eval stats --data SOURCE --out ref.npz` precomputes reference statistics for `--ref`."""
     from .. import checkpoint as ckpt_io
     from ..errors import UsageError
     from ..metrics.evaluate import evaluate as run_eval
