@@ -175,6 +175,10 @@ def test_eval_stats_writes_a_file_that_ref_accepts_and_pytorch_fid_files_work_fo
     assert code == 0, err
     from_ref = json.loads(out)
     assert from_ref["protocol"]["reference"] == f"file {ref}"
+    assert "was not used" not in err
+    code, out, err = run_cli(monkeypatch, capsys, "eval", runs / "gan", "--ref", ref, "--data", "elsewhere", *common)
+    assert code == 0 and json.loads(out)["metrics"] == from_ref["metrics"]
+    assert f"--data elsewhere was not used: --ref {ref} supplies the real side" in err  # not silently ignored
     assert from_ref["metrics"] == from_data["metrics"]  # the same real images, the same numbers
 
     # pytorch-fid's format: only mu and sigma. FID (and IS) work; KID and precision/recall cannot.

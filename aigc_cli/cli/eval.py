@@ -92,6 +92,8 @@ def evaluate(
         with console.status(f"evaluating the images in {fake}"):
             result = evaluate_folder(fake, data=data, root=data_root, download=download, **common)
         title = f"{result['fake_folder']}"
+        if ref and data:
+            warn(f"--data {data} was not used: --ref {ref} supplies the real side")
     else:
         ck = ckpt_io.load(checkpoint)
         before = pngs_in(save_fakes)
@@ -100,6 +102,8 @@ def evaluate(
                               root=data_root or ck.config.data.root or None, download=download, ema=not no_ema,
                               save_fakes=save_fakes, **common)
         title = f"{result['checkpoint']} (step {result['step']})"
+        if ref and data and "heldout_data" not in result["protocol"]:  # a VAE's held-out scores read --data
+            warn(f"--data {data} was not used: --ref {ref} supplies the real side")
         if save_fakes:
             warn_stale_pngs(before, result["protocol"]["n_fake"], f"--save-fakes {save_fakes}", warn)
     if json_out:
