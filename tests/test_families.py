@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 
@@ -72,5 +73,16 @@ def test_labels_required_for_classifier(tmp_path, image_folder):
     for p in image_folder.rglob("*.png"):
         (flat / p.name).write_bytes(p.read_bytes())
     cfg = tiny("classifier").with_overrides({"data.source": str(flat), "train.batch_size": "2", "data.limit": "0"})
-    with pytest.raises(UsageError, match="no labels"):
+    with pytest.raises(UsageError, match="no labels") as e:
         train(cfg, tmp_path / "x", Silent())
+    assert "directly in" not in str(e.value)  # a flat folder: nothing more to say
+
+    # Class subfolders plus one loose image: unlabelled, and the error says which file is the cause.
+    mixed = tmp_path / "mixed"
+    shutil.copytree(image_folder, mixed)
+    shutil.copy(next(image_folder.rglob("*.png")), mixed / "stray.png")
+    cfg = cfg.with_overrides({"data.source": str(mixed)})
+    with pytest.raises(UsageError, match="no labels") as e:
+        train(cfg, tmp_path / "y", Silent())
+    n = len(list(mixed.rglob("*.*")))
+    assert f"1 of its {n} images sits directly in {mixed} (e.g. stray.png) next to its class subfolders" in str(e.value)

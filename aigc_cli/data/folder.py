@@ -235,6 +235,20 @@ def load_folder(folder: str, resolution: int, limit: int, warn: Callable[[str], 
     return images, labels, classes, skipped
 
 
+def unlabelled_reason(folder: str) -> str:
+    """Why an image folder has no class labels, for the error a conditional model or classifier gives:
+    images directly in it next to class subfolders is an easy mistake to miss."""
+    if not os.path.isdir(folder):
+        return ""
+    paths = list_images(folder)
+    loose = [p for p in paths if os.sep not in p]
+    if not loose or len(loose) == len(paths):
+        return ""
+    verb = "sits" if len(loose) == 1 else "sit"
+    return (f"; {len(loose)} of its {len(paths)} images {verb} directly in {one_line(folder)} (e.g. {one_line(loose[0])}) "
+            "next to its class subfolders: move them into one")
+
+
 def class_labels(rel_paths: list[str]) -> tuple[torch.Tensor | None, tuple[str, ...]]:
     """Labels from first-level subfolders (indices into their sorted names), and those names;
     (None, ()) when any image sits directly in the folder."""

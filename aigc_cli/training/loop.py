@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import random
 import time
 from pathlib import Path
@@ -17,6 +18,7 @@ import torch
 from ..checkpoint import Checkpoint
 from ..config import EVAL_METRICS, Config
 from ..data import load_images
+from ..data.folder import unlabelled_reason
 from ..errors import DivergedError, Interrupted, UsageError
 from ..models import FAMILIES, build_nets, needs_labels
 from ..sampling import from_uint8, generate, latents, save_grid, to_uint8
@@ -126,7 +128,8 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup) -> dict:
         if data.labels is None:
             what = "a conditional model" if cfg.model.conditional else f"model '{family.name}'"
             raise UsageError(f"data '{cfg.data.source}' has no labels, which {what} needs "
-                             "(use a labelled source, or an image folder with one subfolder per class)")
+                             "(use a labelled source, or an image folder with one subfolder per class)"
+                             + unlabelled_reason(os.path.expanduser(cfg.data.source)))
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_classes=data.num_classes))
     bs = cfg.train.batch_size
     if len(data.images) < bs:
