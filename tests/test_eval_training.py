@@ -229,3 +229,32 @@ def test_a_signal_during_an_evaluation_stops_it_and_saves(tmp_path, classifier, 
     assert ckpt_io.load(tmp_path / "run").step == 5
     lines = [json.loads(s) for s in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert not [r for r in lines if "fid" in r]
+
+
+def test_a_signal_while_the_reference_is_computed_stops_before_the_first_step(tmp_path, classifier, monkeypatch):
+    """The real images' statistics come before step 1 (minutes on a CPU with Inception): a SIGTERM then
+    stops them at their next batch, not after all of them, and nothing is written."""
+    import os
+    import signal
+
+    from aigc_cli.errors import Interrupted
+    from aigc_cli.metrics.reference import FeatureStats
+
+    batches = []
+    real_add = FeatureStats.add
+
+    def add(self, features):
+        batches.append(len(features))
+        if len(batches) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_add(self, features)
+
+    monkeypatch.setattr(FeatureStats, "add", add)
+    cfg = tiny("dcgan").with_overrides({
+        "train.steps": "20", "train.eval_every": "5", "train.eval_n": "200", "train.eval_features": str(classifier),
+        "train.batch_size": "16"})
+    with pytest.raises(Interrupted) as e:
+        train(cfg, tmp_path / "run", Silent())
+    assert e.value.exit_code == 143 and len(batches) == 1, batches  # not the other 200/16 - 1 batches
+    assert "statistics, before the first step; nothing to save" in str(e.value)
+    assert not (tmp_path / "run" / "checkpoints").exists()

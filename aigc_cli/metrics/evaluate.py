@@ -26,8 +26,8 @@ from ..training.precision import Precision, resolve_device
 from .extractors import ClassifierFeatures, extractor_precision, make_extractor  # noqa: F401 (re-export)
 from .fid import frechet_distance, kid
 from ..data.native import load_folder_native
-from .reference import (FeatureStats, Reference, data_identity, default_stats_dir, load_npz, load_real,
-                        real_indices, reference_for)
+from .reference import (EvaluationStopped, FeatureStats, Reference, data_identity, default_stats_dir, load_npz,
+                        load_real, real_indices, reference_for)
 from .scores import inception_score, precision_recall
 
 GAN_METRICS = ("fid", "kid", "is", "precision", "recall")
@@ -301,13 +301,13 @@ def write_stats(data: str, out: str, *, root: str | None, download: bool, featur
 
 
 def real_reference(data: str, *, extractor, n: int, seed: int, batch_size: int, stats_dir, warn,
-                   split: str = "train", **load) -> Reference:
+                   split: str = "train", should_stop: Callable[[], bool] | None = None, **load) -> Reference:
     """Reference statistics of a seeded subset of at most n real images of `data` (cached in stats_dir
     when given); `load` goes to load_real (root, download, strict, channels/resolution, ...)."""
     real, name = load_real(data, split=split, seed=seed, warn=warn, **load)
     real = real[real_indices(len(real), n, seed)]
     return reference_for(real, extractor=extractor, data=data_identity(data), data_name=name, split=split,
-                         seed=seed, batch_size=batch_size, stats_dir=stats_dir, warn=warn)
+                         seed=seed, batch_size=batch_size, stats_dir=stats_dir, warn=warn, should_stop=should_stop)
 
 
 def _stats_dir(stats_dir):
@@ -395,10 +395,6 @@ def vae_scores(ckpt, *, data, root, n, batch_size, seed, amp, warn) -> dict:
 # Evaluation during training
 
 
-class EvaluationStopped(Exception):
-    """An evaluation during training given up for a signal: the checkpoint it asks for comes first."""
-
-
 class TrainingEvaluator:
     """In-process evaluation for the training loop: one metric (cfg.train.eval_metric) on
     cfg.train.eval_n generated images against the training data (train split, conformed to the
@@ -406,11 +402,13 @@ class TrainingEvaluator:
 
     The extractor is cfg.train.eval_features (a classifier checkpoint) or Inception ("") with weights
     from $AIGC_INCEPTION_WEIGHTS or the cache; missing weights raise UsageError here, at construction.
-    `images` may pass the uint8 training images already in memory (saves loading them again)."""
+    `images` may pass the uint8 training images already in memory (saves loading them again).
+    Computing the reference raises EvaluationStopped once `should_stop()` is true (a signal before the
+    first step: on a CPU, 5000 Inception embeddings take minutes, longer than a batch system's grace)."""
 
     def __init__(self, cfg, device: torch.device, amp: Precision, warn: Callable[[str], None],
                  images: torch.Tensor | None = None, stats_dir: str | os.PathLike | None = "default",
-                 batch_size: int | None = None):
+                 batch_size: int | None = None, should_stop: Callable[[], bool] | None = None):
         t, m = cfg.train, cfg.model
         self.metric, self.n, self.seed = t.eval_metric, t.eval_n, t.seed
         if self.metric not in GAN_METRICS:
@@ -428,7 +426,7 @@ class TrainingEvaluator:
         self.reference = None
         if self.metric in NEEDS_REAL:
             common = dict(extractor=self.extractor, n=self.n, seed=t.seed, batch_size=self.batch_size,
-                          stats_dir=_stats_dir(stats_dir), warn=warn)
+                          stats_dir=_stats_dir(stats_dir), warn=warn, should_stop=should_stop)
             if images is None:
                 self.reference = real_reference(cfg.data.source, **common, root=cfg.data.root or None,
                                                 download=False, strict=cfg.data.strict, channels=m.channels,
@@ -441,7 +439,8 @@ class TrainingEvaluator:
                 self.reference = reference_for(conform(picked.cpu(), m.channels, m.resolution),
                                                extractor=self.extractor, data=data_identity(cfg.data.source),
                                                data_name=cfg.data.source, split="train", seed=t.seed,
-                                               batch_size=self.batch_size, stats_dir=common["stats_dir"], warn=warn)
+                                               batch_size=self.batch_size, stats_dir=common["stats_dir"], warn=warn,
+                                               should_stop=should_stop)
         self.z, self.labels = seeded_inputs(m, self.n, t.seed)
 
     def __call__(self, G: torch.nn.Module, step: int, amp: Precision | None = None,

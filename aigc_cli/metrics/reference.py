@@ -188,22 +188,32 @@ def cache_key(*, shape, content: str, extractor_protocol: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+class EvaluationStopped(Exception):
+    """Embedding given up for a signal (`should_stop()` true before a batch): during training the
+    checkpoint, or the exit, comes first."""
+
+
 @torch.inference_mode()
-def embed_all(extractor, images: torch.Tensor, batch_size: int, keep: bool = True) -> FeatureStats:
+def embed_all(extractor, images: torch.Tensor, batch_size: int, keep: bool = True,
+              should_stop: Callable[[], bool] | None = None) -> FeatureStats:
     acc = FeatureStats(keep=keep)
     for chunk in images.split(max(1, batch_size)):
+        if should_stop is not None and should_stop():
+            raise EvaluationStopped
         acc.add(extractor.embed(chunk, batch_size, on_device=True)[0])
     return acc
 
 
-def compute_reference(extractor, images: torch.Tensor, batch_size: int, protocol: dict) -> Reference:
-    acc = embed_all(extractor, images, batch_size)
+def compute_reference(extractor, images: torch.Tensor, batch_size: int, protocol: dict,
+                      should_stop: Callable[[], bool] | None = None) -> Reference:
+    acc = embed_all(extractor, images, batch_size, should_stop=should_stop)
     mu, sigma = acc.mu_sigma()
     return Reference(mu, sigma, acc.features(), protocol, source="computed")
 
 
 def reference_for(images: torch.Tensor, *, extractor, data: str, data_name: str, split: str, seed: int,
-                  batch_size: int, stats_dir: str | os.PathLike | None, warn: Callable[[str], None]) -> Reference:
+                  batch_size: int, stats_dir: str | os.PathLike | None, warn: Callable[[str], None],
+                  should_stop: Callable[[], bool] | None = None) -> Reference:
     """Reference statistics of `images` (uint8, already subset and converted): from the cache when an
     entry with the same key exists, else computed and stored there. stats_dir None: no cache."""
     content = content_sha256(images)
@@ -221,7 +231,7 @@ def reference_for(images: torch.Tensor, *, extractor, data: str, data_name: str,
                 return ref
         except UsageError as e:
             warn(f"ignoring a damaged cache entry ({e}); recomputing it")
-    ref = compute_reference(extractor, images, batch_size, protocol)
+    ref = compute_reference(extractor, images, batch_size, protocol, should_stop)
     if path is not None:
         try:
             save_npz(path, ref)

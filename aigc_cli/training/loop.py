@@ -166,8 +166,13 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup) -> dict:
         step_fn = GraphedStep(step_fn, nets, opts, amp, cfg, aids, note=reporter.note)
     evaluator = None
     if cfg.train.eval_every:  # built before the run folder: missing Inception weights fail at once, leaving nothing
-        from ..metrics.evaluate import TrainingEvaluator
-        evaluator = TrainingEvaluator(cfg, device, amp, reporter.note, images=data.images)
+        from ..metrics.evaluate import EvaluationStopped, TrainingEvaluator
+        try:
+            evaluator = TrainingEvaluator(cfg, device, amp, reporter.note, images=data.images,
+                                          should_stop=lambda: stop.signum is not None)
+        except EvaluationStopped:
+            raise Interrupted("stopped by signal while computing the real images' statistics, before the first "
+                              "step; nothing to save", stop.exit_code) from None
     run = RunFolder(run_dir, cfg.train.keep_checkpoints)
     batches = make_batches(data, cfg, device, channels_last=memory_format == torch.channels_last, note=reporter.note)
     cleanup.callback(batches.close)  # stops streaming workers on any exit, errors and signals included
