@@ -286,6 +286,12 @@ def test_conditional_sampling_by_class_and_ema(aigc, image_folder, gan_run, tmp_
     assert r.code == 0, r.stderr
     r = aigc("sample", out, "--class", "1", "--n", "3", "--out", tmp_path / "one-class.png")
     assert r.code == 0 and png_size(tmp_path / "one-class.png") == (3 * 18 + 2, 18 + 2)  # one row: class 1
+    r = aigc("sample", out, "--class", "Dogs", "--n", "3", "--out", tmp_path / "by-name.png")  # its folder's name
+    assert r.code == 0 and (tmp_path / "by-name.png").read_bytes() == (tmp_path / "one-class.png").read_bytes()
+    r = aigc("sample", out, "--class", "dogs,0", "--n", "2", "--out", tmp_path / "mixed.png")
+    assert r.code == 0 and png_size(tmp_path / "mixed.png") == (18 + 2, 2 * 18 + 2)
+    assert "not a class number or name (this model's classes are cats, dogs)" in one_line_error(
+        aigc("sample", out, "--class", "birds"))
     r = aigc("sample", out, "--n", "6", "--out", tmp_path / "all.png")
     assert r.code == 0 and png_size(tmp_path / "all.png") == (3 * 18 + 2, 2 * 18 + 2)  # a row per class
     r = aigc("sample", out, "--n", "6", "--out", tmp_path / "raw.png", "--no-ema")

@@ -11,18 +11,29 @@ import typer
 from .output import QUIET_HELP, emit_json, handles_errors, human_console, sigterm_interrupts, warner
 
 
-def parse_classes(text: str | None) -> list[int] | None:
+def parse_classes(text: str | None, names: list[str]) -> list[int] | None:
+    """--class: numbers as training numbered the classes, or their names (the training data's class
+    folders, shapes' kinds), mixed in one comma list."""
     from ..errors import UsageError
 
     if text is None:
         return None
-    try:
-        classes = [int(c) for c in text.split(",") if c.strip()]
-        if not classes:
-            raise ValueError
-        return classes
-    except ValueError:
-        raise UsageError(f"--class expects a class number or a comma list such as 0,2,5, got {text!r}") from None
+    tokens = [t.strip() for t in text.split(",") if t.strip()]
+    if not tokens:
+        raise UsageError(f"--class expects a class number or name, or a comma list such as 0,2,5, got {text!r}")
+    out = []
+    for t in tokens:
+        if t.lstrip("-").isdigit():
+            out.append(int(t))
+        elif t in names:
+            out.append(names.index(t))
+        else:
+            folded = [i for i, name in enumerate(names) if name.casefold() == t.casefold()]
+            if len(folded) != 1:
+                known = f"this model's classes are {', '.join(names)}" if names else "this model has no class names"
+                raise UsageError(f"--class {t!r}: not a class number or name ({known})")
+            out.append(folded[0])
+    return out
 
 
 @handles_errors
@@ -34,7 +45,7 @@ def sample(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Grid PNG path (default: samples.png, unless --individual is given)."),
     nrow: Optional[int] = typer.Option(None, "--nrow", help="Images per grid row (default: about sqrt(n))."),
     individual: Optional[Path] = typer.Option(None, "--individual", help="Also write one PNG per image into this folder."),
-    classes: Optional[str] = typer.Option(None, "--class", help="Conditional models: a class or a comma list (e.g. 3 or 0,2,5); one class per grid row (default: all classes)."),
+    classes: Optional[str] = typer.Option(None, "--class", help="Conditional models: a class number or name, or a comma list (e.g. 3, dogs or 0,2,5); one class per grid row (default: all classes; `aigc info` lists them)."),
     no_ema: bool = typer.Option(False, "--no-ema", help="Use the raw generator weights, not their EMA."),
     batch_size: int = typer.Option(512, "--batch-size", "-b", help="Images generated per forward pass."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
@@ -62,7 +73,7 @@ def sample(
         raise UsageError(f"--individual {individual}: exists and is not a folder")
     warn = warner(quiet)
     ck = ckpt_io.load(checkpoint)
-    wanted = parse_classes(classes)
+    wanted = parse_classes(classes, ck.class_names)
     labels, per_row = class_labels(ck, wanted, n)
     if labels is not None and len(labels) != n:
         warn(f"--n {n} with {len(labels) // per_row} classes: {per_row} image{'s' if per_row > 1 else ''} "
