@@ -4,7 +4,13 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test install clean
+.PHONY: help demo test install clean
+
+help:
+	@echo "make demo     create .venv, install aigc, train the quickstart preset, write runs/demo/grid.png"
+	@echo "make test     run the test suite (CPU only, a few minutes)"
+	@echo "make install  create .venv and install aigc (editable) with the test tools"
+	@echo "make clean    remove .venv, runs/demo and build files (your other runs/ stay)"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,4 +33,4 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache *.egg-info
+	rm -rf $(VENV) runs/demo .pytest_cache *.egg-info

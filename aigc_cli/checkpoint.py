@@ -62,7 +62,9 @@ class Checkpoint:
             names = json.loads(self.meta.get("aigc.class_names", "[]"))
         except json.JSONDecodeError:
             return []
-        return [str(n) for n in names] if isinstance(names, list) else []
+        if not isinstance(names, list) or 0 < self.config.model.num_classes != len(names):
+            return []  # names that do not match the model's classes would mislabel `sample --class`
+        return [str(n) for n in names]
 
     def numbered_classes(self) -> str:
         """'0 cats, 1 dogs, ...': what `aigc sample --class K` draws."""
@@ -134,6 +136,8 @@ def resolve(path_or_run: str | os.PathLike) -> Path:
         raise UsageError(f"{p}: no checkpoint found in this folder (expected checkpoints/last.safetensors)")
     if not p.exists():
         raise UsageError(f"{p}: no such checkpoint file or run folder")
+    if not p.is_file():  # a FIFO or device would block or never end
+        raise UsageError(f"{p}: not a regular file")
     return p
 
 
@@ -158,15 +162,63 @@ def load(path_or_run: str | os.PathLike, *, device: str = "cpu") -> Checkpoint:
         cfg = config_from_dict(json.loads(meta.get("aigc.config", "")))
     except (json.JSONDecodeError, UsageError) as e:
         raise UsageError(f"{path}: its stored config is invalid ({e})") from None
+    except RecursionError:
+        raise UsageError(f"{path}: its stored config is invalid (nested too deeply)") from None
     if cfg.model.conditional and cfg.model.num_classes < 1:  # training sets it from the data: never 0
         raise UsageError(f"{path}: its stored config is invalid (a conditional model with model.num_classes "
                          f"{cfg.model.num_classes})")
     if meta.get("aigc.model") != cfg.model.kind:
         raise UsageError(f"{path}: aigc.model {meta.get('aigc.model')!r} does not match its config ({cfg.model.kind})")
     for key in ("aigc.step", "aigc.images_seen"):
-        if not meta.get(key, "0").isdigit():
+        if not COUNT_RE.fullmatch(meta.get(key, "0")):  # ASCII digits only: str.isdigit() takes "²" and "٣"
             raise UsageError(f"{path}: metadata {key} is not a non-negative integer")
+    check_tensors(path, tensors, cfg)
     return Checkpoint(path, tensors, meta, cfg)
+
+
+COUNT_RE = re.compile(r"[0-9]{1,18}")
+WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def shapes_of(cfg: Config) -> dict[str, torch.nn.Module]:
+    """The config's networks built on the meta device: their names, shapes and dtypes without memory
+    or initialisation, whatever sizes a (possibly hostile) config asks for. G_ema has G's layout."""
+    from .models import build_nets
+
+    try:
+        with torch.device("meta"):
+            nets = build_nets(cfg.model)
+    except (RuntimeError, ValueError, TypeError, OverflowError) as e:
+        raise UsageError(f"its model cannot be built from the config ({str(e).strip().splitlines()[0]})") from None
+    if "G" in nets:
+        nets["G_ema"] = nets["G"]
+    return nets
+
+
+def check_tensors(path: Path, tensors: dict[str, torch.Tensor], cfg: Config) -> None:
+    """Every network the file holds has exactly the tensors its config builds, with their shapes, floating
+    weights where weights are floating, and finite values: so `info` and `export` vouch for what they show
+    and write, and a damaged or diverged file is refused rather than drawing black images."""
+    try:
+        nets = shapes_of(cfg)
+    except UsageError as e:
+        raise UsageError(f"{path}: {e}") from None
+    for name in sorted({k.split(".", 1)[0] for k in tensors} & set(nets)):
+        expected, got = nets[name].state_dict(), net_state(tensors, name)
+        problems = ([f"missing {name}.{k}" for k in expected if k not in got]
+                    + [f"unexpected {name}.{k}" for k in got if k not in expected]
+                    + [f"{name}.{k} has shape {list(got[k].shape)}, the config builds {list(v.shape)}"
+                       for k, v in expected.items() if k in got and got[k].shape != v.shape])
+        if problems:
+            raise UsageError(f"{path}: weights do not fit the model in its config ({problems[0]}"
+                             + (f", and {len(problems) - 1} more" if len(problems) > 1 else "") + ")")
+        for k, v in got.items():
+            if expected[k].is_floating_point() and v.dtype not in WEIGHT_DTYPES:
+                raise UsageError(f"{path}: {name}.{k} has dtype {str(v.dtype).replace('torch.', '')}, not a "
+                                 "floating type aigc writes (fp32, fp16, bf16)")
+            if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+                raise UsageError(f"{path}: {name}.{k} holds NaN or infinite values (a damaged file, or one "
+                                 "saved from a diverged run); use an earlier checkpoint")
 
 
 def read_meta(path: str | os.PathLike) -> dict[str, str] | None:
@@ -179,8 +231,20 @@ def read_meta(path: str | os.PathLike) -> dict[str, str] | None:
 
 
 def param_counts(ckpt: Checkpoint) -> dict[str, int]:
-    """Parameters per network, counted from the file (buffers such as BN running stats excluded)."""
-    from .models import build_nets
+    """Parameters per network the file holds (buffers such as BN running stats excluded), counted on
+    the meta device: load() has checked that the file's tensors have exactly these shapes."""
+    nets = shapes_of(ckpt.config)
+    return {name: sum(p.numel() for p in net.parameters()) for name, net in nets.items()
+            if name != "G_ema" and ckpt.net_state(name)}
 
-    nets = build_nets(ckpt.config.model)
-    return {name: sum(p.numel() for p in net.parameters()) for name, net in nets.items() if ckpt.net_state(name)}
+
+def build_net(ckpt: Checkpoint, name: str, source: str | None = None) -> torch.nn.Module:
+    """One network of the checkpoint's model with the file's weights (those of `source`, default `name`:
+    G with the G_ema weights, say), in fp32 on the CPU. Built on the meta device and given the file's
+    tensors, so nothing else the config describes is allocated or randomly initialised."""
+    net = shapes_of(ckpt.config)[name]
+    state = ckpt.net_state(source or name)
+    if not state:
+        raise UsageError(f"{ckpt.path}: holds no weights for network '{source or name}'")
+    net.load_state_dict(state, strict=True, assign=True)  # shapes were checked by load()
+    return net.float()

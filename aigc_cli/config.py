@@ -214,6 +214,9 @@ def _need(ok: bool, message: str) -> None:
         raise UsageError(message)
 
 
+MAX_WIDTH = 65536
+
+
 def validate(cfg: Config) -> None:
     """Range checks that need no data or models, so bad values fail before any heavy work."""
     from .models import FAMILIES  # local: models import torch, config must stay light
@@ -222,13 +225,15 @@ def validate(cfg: Config) -> None:
     m, t, lo = cfg.model, cfg.train, cfg.loss
     _need(m.kind in FAMILIES, f"model.kind {m.kind!r} is unknown; choose one of: {', '.join(FAMILIES)}")
     _need(m.channels in (1, 3), f"model.channels must be 1 or 3, got {m.channels}")
-    _need(m.resolution >= 8, f"model.resolution must be at least 8, got {m.resolution}")
+    _need(8 <= m.resolution <= 4096, f"model.resolution must be from 8 to 4096, got {m.resolution}")
     if FAMILIES[m.kind].needs_power_of_two:
         _need(m.resolution & (m.resolution - 1) == 0 and m.resolution >= 16,
               f"model.resolution must be a power of two >= 16 for {m.kind}, got {m.resolution}")
+    # The upper bounds are far above any GAN or VAE trained today; they keep a typo (or a hostile stored
+    # config) from asking for terabytes.
     for name in ("latent_dim", "g_width", "d_width", "hidden"):
-        _need(getattr(m, name) > 0, f"model.{name} must be positive, got {getattr(m, name)}")
-    _need(m.num_classes >= 0, "model.num_classes must be >= 0")
+        _need(0 < getattr(m, name) <= MAX_WIDTH, f"model.{name} must be from 1 to {MAX_WIDTH}, got {getattr(m, name)}")
+    _need(0 <= m.num_classes <= MAX_WIDTH, f"model.num_classes must be from 0 to {MAX_WIDTH}")
     _need(lo.gan in GAN_LOSSES, f"loss.gan {lo.gan!r} is unknown; choose one of: {', '.join(GAN_LOSSES)}")
     _need(lo.gp_weight >= 0 and lo.r1_gamma >= 0, "loss.gp_weight and loss.r1_gamma must be >= 0")
     _need(lo.kl_warmup >= 0, "loss.kl_warmup must be >= 0")

@@ -13,10 +13,10 @@ import torch
 from PIL import Image
 from torchvision.utils import make_grid
 
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, build_net
 from .errors import UsageError
 from .files import atomic_write
-from .models import FAMILIES, build_nets
+from .models import FAMILIES
 from .training.precision import Precision, resolve_device, resolve_precision
 
 
@@ -160,7 +160,6 @@ def generator_from(ckpt: Checkpoint, device: str = "auto", precision: str = "aut
     if not family.generative:
         raise UsageError(f"{ckpt.path}: holds a {family.name}, which does not generate images")
     dev = resolve_device(device)
-    G = build_nets(ckpt.config.model)["G"]
-    ckpt.load_net("G_ema" if ema and ckpt.net_state("G_ema") else "G", G)
+    G = build_net(ckpt, "G", "G_ema" if ema and ckpt.net_state("G_ema") else "G")
     G.to(dev).eval()
     return G, Precision(resolve_precision(precision, dev), dev)

@@ -264,6 +264,7 @@ def test_other_families_train_sample_and_eval(aigc, classifier_ckpt, tmp_path, k
     (["train", "--preset", "quickstart", "--out", "/proc/no-such/run"], "/proc/no-such"),
     (["sample", "/no/ckpt", "--seed", "-1"], "--seed"),
     (["sample", "/no/ckpt", "--out", "grid.jpg"], ".png"),
+    (["train", "--preset", "quickstart", "--steps", "3", "--epochs", "1"], "give --steps or --epochs, not both"),
 ])
 def test_more_bad_input_is_one_line_exit_2(aigc, args, expect):
     assert expect in one_line_error(aigc(*args))
@@ -313,6 +314,6 @@ def test_sigterm_during_sample_leaves_no_temporary_files(aigc_env, gan_run, tmp_
         time.sleep(0.02)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143 and err == "error: terminated (SIGTERM)\n", err
+    assert proc.returncode == 143 and err == "stopped: SIGTERM\n", err
     names = os.listdir(each)
     assert len(names) >= 50 and not [s for s in names if s.startswith(".")]  # whole PNGs only

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import os
 import struct
+import time
 
 import numpy as np
 import pytest
@@ -268,6 +269,24 @@ def test_idx_folder_round_trip(tmp_path, idx_data):
         assert data.name.startswith("IDX folder") and f"({split}, {len(images)} images)" in data.name
     resized = load_images(str(tmp_path / "idx"), channels=3, resolution=32, limit=3)
     check_layout(resized, 3, 3, 32)
+
+
+def test_known_datasets_have_their_class_names(tmp_path):
+    """`aigc info` and `sample --class dress` need them; an IDX folder of unknown data gets none."""
+    rng = np.random.default_rng(1)
+    images, labels = rng.integers(0, 256, (10, 28, 28), dtype=np.uint8), np.arange(10, dtype=np.uint8)
+    for name in ("Fashion-MNIST-raw", "mnist", "kuzushiji"):
+        write_idx(tmp_path / name, "train", images, labels)
+    fashion = load_images(str(tmp_path / "Fashion-MNIST-raw"), channels=1, resolution=28)
+    assert fashion.class_names[:2] == ("T-shirt/top", "Trouser") and len(fashion.class_names) == 10
+    assert load_images(str(tmp_path / "mnist"), channels=1, resolution=28).class_names == tuple("0123456789")
+    assert load_images(str(tmp_path / "kuzushiji"), channels=1, resolution=28).class_names == ()
+    old = time.time() - 60  # folders changed in the last seconds are not cached yet
+    for f in [tmp_path / "Fashion-MNIST-raw", *(tmp_path / "Fashion-MNIST-raw").iterdir()]:
+        os.utime(f, (old, old))
+    first = load_images(str(tmp_path / "Fashion-MNIST-raw"), channels=1, resolution=32)  # converted: cached
+    again = load_images(str(tmp_path / "Fashion-MNIST-raw"), channels=1, resolution=32)
+    assert again.cached and again.class_names == first.class_names == fashion.class_names
 
 
 def test_idx_uncompressed_and_wider_types(tmp_path, idx_data):

@@ -118,16 +118,20 @@ def test_images_per_second_leave_evaluation_time_out(tmp_path, classifier, monke
     import time
     from aigc_cli.metrics.evaluate import TrainingEvaluator
 
+    # The evaluation "takes" 1000 s on a clock that only it advances: counted, a 5-step interval of 16-image
+    # batches would show under 0.08 img/s; not counted, it shows the training rate, whatever the load.
+    offset = [0.0]
+    real = time.perf_counter
+    monkeypatch.setattr(time, "perf_counter", lambda: real() + offset[0])
+
     def slow(self, G, step, amp=None, **kw):
-        time.sleep(1.0)
+        offset[0] += 1000.0
         return {"fid": 1.0}
 
     monkeypatch.setattr(TrainingEvaluator, "__call__", slow)
     _, rep, _ = run_with_eval(tmp_path, classifier, "fid", **{"train.log_every": "5"})
-    # 5 steps of a 16-image batch take well under a second here; with the 1 s evaluation counted, a
-    # log interval could not exceed 80 img/s.
     rates = [r["img_per_s"] for r in rep.records if not r.get("eval")]
-    assert len(rates) == 4 and min(rates[1:]) > 80, rates
+    assert len(rates) == 4 and min(rates[1:]) > 1, rates
 
 
 def resume_to_30(tmp_path, classifier, **changed):
@@ -256,5 +260,5 @@ def test_a_signal_while_the_reference_is_computed_stops_before_the_first_step(tm
     with pytest.raises(Interrupted) as e:
         train(cfg, tmp_path / "run", Silent())
     assert e.value.exit_code == 143 and len(batches) == 1, batches  # not the other 200/16 - 1 batches
-    assert "statistics, before the first step; nothing to save" in str(e.value)
+    assert str(e.value) == "SIGTERM while computing the real images' statistics, before the first step; nothing to save"
     assert not (tmp_path / "run" / "checkpoints").exists()

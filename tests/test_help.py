@@ -65,3 +65,16 @@ def test_help_is_whole(aigc_env, path, columns):
         for opt in getattr(param, "opts", []):
             if opt.startswith("--"):
                 assert opt in r.stdout, (path, opt)
+
+
+@pytest.mark.parametrize("columns", [None, "80"], ids=["piped", "80 columns"])
+def test_presets_list_shows_every_name_whole(aigc_env, columns):
+    from aigc_cli.config import preset_names
+
+    env = {k: v for k, v in aigc_env.items() if k not in ("COLUMNS", "TERMINAL_WIDTH")}
+    if columns:
+        env["COLUMNS"] = columns
+    r = subprocess.run([*aigc_command(), "presets", "list"], capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 0 and "…" not in r.stdout, r.stdout  # names are what --preset takes
+    for name in preset_names():
+        assert f" {name} " in r.stdout, name

@@ -16,6 +16,7 @@ def info(
 ) -> None:
     """Print model kind, step, images seen, parameter counts, precision and config."""
     from .. import checkpoint as ckpt_io
+    from ..data.folder import one_line
 
     ck = ckpt_io.load(checkpoint)
     result = {"path": str(ck.path), "kind": ck.kind, "model": ck.config.model.kind, "step": ck.step,
@@ -30,14 +31,16 @@ def info(
     if json_out:
         emit_json(result)
         return
-    c = human_console()
-    c.print(f"{result['path']}: {result['kind']} of a {result['model']} (format {result['format']})")
-    c.print(f"step {result['step']}, {result['images_seen']:,} images seen, trained in {result['precision']}, "
-            f"weights {result['dtype']}, created {result['created']} with torch {result['torch']}")
+    lines = [f"{result['path']}: {result['kind']} of a {result['model']} (format {result['format']})",
+             f"step {result['step']}, {result['images_seen']:,} images seen, trained in {result['precision']}, "
+             f"weights {result['dtype']}, created {result['created']} with torch {result['torch']}"]
     if "weights" in result:
-        c.print(f"exported {'the EMA generator' if result['weights'] == 'G_ema' else 'the raw generator'} "
-                f"from {result['source'] or 'an unrecorded checkpoint'}")
+        lines.append(f"exported {'the EMA generator' if result['weights'] == 'G_ema' else 'the raw generator'} "
+                     f"from {result['source'] or 'an unrecorded checkpoint'}")
     if "class_names" in result:
-        c.print(f"classes (for `aigc sample --class`): {ck.numbered_classes()}")
-    c.print("parameters: " + ", ".join(f"{k} {v:,}" for k, v in result["parameters"].items()))
-    c.print("config: " + json.dumps(result["config"], indent=2))
+        lines.append(f"classes (for `aigc sample --class`): {ck.numbered_classes()}")
+    lines.append("parameters: " + ", ".join(f"{k} {v:,}" for k, v in result["parameters"].items()))
+    c = human_console()
+    for line in lines:  # metadata is anyone's text: no terminal escape sequences reach the terminal
+        c.print(one_line(line))
+    c.print("config: " + json.dumps(result["config"], indent=2))  # JSON escapes control characters itself

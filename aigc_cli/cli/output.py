@@ -16,7 +16,9 @@ from ..files import json_line
 
 def human_console(json_mode: bool = False, quiet: bool = False) -> Console:
     """With --json, stdout carries only the JSON object, so people's output moves to stderr."""
-    return Console(stderr=json_mode, quiet=quiet, soft_wrap=True, highlight=False)
+    # markup=False: paths, class names and metadata are printed as they are ("runs/[old]" is not a style
+    # tag, and "[/x]" in a folder name made rich raise MarkupError).
+    return Console(stderr=json_mode, quiet=quiet, soft_wrap=True, highlight=False, markup=False)
 
 
 def emit_json(obj: dict) -> None:
@@ -36,9 +38,10 @@ def warner(quiet: bool):
     return (lambda message: None) if quiet else warn
 
 
-def fail(message: str, code: int) -> None:
-    """Errors are one plain line on stderr (no rich wrapping), then the documented exit code."""
-    sys.stderr.write(f"error: {message}\n")
+def fail(message: str, code: int, prefix: str = "error") -> None:
+    """Errors are one plain line on stderr (no rich wrapping), then the documented exit code. A stop
+    asked for by a signal is not an error: its line starts "stopped:"."""
+    sys.stderr.write(f"{prefix}: {message}\n")
     sys.stderr.flush()
     raise typer.Exit(code)
 
@@ -50,10 +53,12 @@ def handles_errors(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
+        except Interrupted as e:
+            fail(str(e), e.exit_code, "stopped")
         except AigcError as e:
             fail(str(e), e.exit_code)
         except KeyboardInterrupt:
-            fail("interrupted", 130)
+            fail("SIGINT (Ctrl-C)", 130, "stopped")
         except OSError as e:  # a path that cannot be read or written: the user's to fix
             where = f"{e.filename}: " if e.filename else ""
             fail(f"{where}{e.strerror or e}", 2)
@@ -76,7 +81,7 @@ def sigterm_interrupts(fn):
         import signal
 
         def on_term(signum, frame):
-            raise Interrupted("terminated (SIGTERM)", 143)
+            raise Interrupted("SIGTERM", 143)
 
         try:
             old = signal.signal(signal.SIGTERM, on_term)
@@ -114,7 +119,7 @@ class ConsoleReporter:
 
     def __init__(self, console: Console):
         self.console = console
-        self.err = Console(stderr=True, quiet=console.quiet, soft_wrap=True, highlight=False)  # warnings
+        self.err = Console(stderr=True, quiet=console.quiet, soft_wrap=True, highlight=False, markup=False)  # warnings
         self.progress: Progress | None = None
         self.total = 0
         self.t0 = time.perf_counter()
@@ -125,7 +130,7 @@ class ConsoleReporter:
                            f"({info['steps']} steps, batch {info['batch_size']}, {info['device']}, {info['precision']})")
         if self.console.is_terminal and not self.console.quiet:
             self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                                     TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TextColumn("eta"),
+                                     TextColumn("{task.fields[stats]}", markup=False), TimeElapsedColumn(), TextColumn("eta"),
                                      TimeRemainingColumn(), console=self.console, transient=False)
             self.task = self.progress.add_task("train", total=total_steps, stats="")
             self.progress.start()

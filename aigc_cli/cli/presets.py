@@ -17,10 +17,15 @@ app = typer.Typer(no_args_is_help=True, help="List and show the built-in trainin
 @handles_errors
 def list_presets() -> None:
     """List the presets with their model, data and resolution."""
-    table = Table("name", "model", "data", "res", "description")
-    for name in preset_names():
-        cfg = load_preset(name)
-        table.add_row(name, cfg.model.kind, cfg.data.source, str(cfg.model.resolution), cfg.description)
+    rows = [(name, cfg.model.kind, cfg.data.source, str(cfg.model.resolution), cfg.description)
+            for name, cfg in ((name, load_preset(name)) for name in preset_names())]
+    table = Table()
+    # Names are what `--preset` takes: never cut or wrapped, whatever the width; the description wraps.
+    for i, title in enumerate(("name", "model", "data", "res")):
+        table.add_column(title, no_wrap=True, min_width=max(len(r[i]) for r in rows))
+    table.add_column("description", min_width=12, overflow="fold")
+    for row in rows:
+        table.add_row(*row)
     human_console().print(table)
 
 

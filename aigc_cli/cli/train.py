@@ -40,7 +40,7 @@ def train(
     download: bool = typer.Option(False, "--download", help="Allow downloading a missing torchvision dataset."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default: runs/<preset>-NNN)."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Training steps (overrides the preset)."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="Passes over the data (overrides --steps)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Passes over the data (instead of --steps)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Images per step."),
     precision: Optional[str] = typer.Option(None, "--precision", help="auto, bf16, fp16 or fp32 (auto: bf16 on a capable GPU, fp32 on CPU)."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N."),
@@ -59,6 +59,8 @@ def train(
     from ..training.state import find_resume
 
     console = human_console(json_out, quiet)
+    if steps is not None and epochs is not None:
+        raise UsageError("give --steps or --epochs, not both (--epochs N means N passes over the data)")
     assignments = parse_assignments(overrides or [])
     flags = {"data.source": data, "data.root": data_root, "data.download": True if download else None,
              "data.strict": True if strict else None, "train.steps": steps, "train.epochs": epochs,
@@ -106,7 +108,10 @@ def train(
     if json_out:
         emit_json(summary)
     else:
-        console.print(f"done: {summary['steps']} steps in {summary['seconds']:.1f}s; checkpoint {summary['checkpoint']}")
+        ran = summary["steps"] - summary["start_step"]
+        span = (f"{ran} steps" if not summary["start_step"] else f"{ran} steps (step {summary['start_step']} to "
+                f"{summary['steps']})" if ran else f"0 steps (already at step {summary['steps']})")
+        console.print(f"done: {span} in {summary['seconds']:.1f}s; checkpoint {summary['checkpoint']}")
         if "samples" in summary:
             console.print(f"samples: {summary['samples']}")
         if "test_accuracy" in summary:

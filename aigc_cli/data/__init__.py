@@ -142,7 +142,10 @@ def load_images(source: str, *, channels: int, resolution: int, root: str | None
                 warn(line.replace(then, now, 1) if line.startswith("skipped ") else line)
             return ImageData(images=hit.images, labels=hit.labels,
                              num_classes=int(hit.info["num_classes"]) if hit.labels is not None else 0,
-                             name=f"{name} ({hit.info['details']})", class_names=tuple(hit.info.get("class_names", ())),
+                             name=f"{name} ({hit.info['details']})",
+                             class_names=tuple(hit.info.get("class_names", ())) or (
+                                 torchvision_sources.known_class_names(source, kind, path, int(hit.info["num_classes"]))
+                                 if hit.labels is not None and kind != "folder" else ()),
                              cached=True)
 
     warnings: list[str] = []
@@ -165,6 +168,8 @@ def load_images(source: str, *, channels: int, resolution: int, root: str | None
     else:
         images, labels = cifar.load_cifar_bin_folder(path, split)
         num_classes = cifar.NUM_CLASSES
+    if kind != "folder" and labels is not None:
+        class_names = torchvision_sources.known_class_names(source, kind, path, num_classes)
 
     if limit > 0:
         images = images[:limit]

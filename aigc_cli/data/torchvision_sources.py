@@ -19,6 +19,30 @@ from aigc_cli.errors import UsageError
 SYSTEM_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 
 
+# The datasets' class names in label order (as torchvision lists them), for `aigc info` and `sample --class`.
+CLASS_NAMES = {
+    "mnist": tuple("0123456789"),
+    "fashion-mnist": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                      "Ankle boot"),
+    "cifar10": ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
+}
+
+
+def known_class_names(source: str, kind: str, path: str, num_classes: int) -> tuple[str, ...]:
+    """Class names of a labelled IDX or CIFAR-10 source: by its built-in name, or for a folder given by
+    path by what it holds (CIFAR-10's binary batches) or is called ("fashion" or "mnist" in the path);
+    () where that says nothing (an IDX folder of some other data set)."""
+    if kind == "cifar":
+        dataset = "cifar10"
+    elif source in CLASS_NAMES:
+        dataset = source
+    else:
+        lower = os.path.abspath(path).lower()
+        dataset = "fashion-mnist" if "fashion" in lower else "mnist" if "mnist" in lower else ""
+    names = CLASS_NAMES.get(dataset, ())
+    return names if len(names) == num_classes else ()
+
+
 def default_root() -> str:
     return os.environ.get("AIGC_DATA_ROOT") or os.path.join(os.path.expanduser("~"), ".cache", "aigc", "datasets")
 

@@ -20,7 +20,6 @@ from .. import checkpoint as ckpt_io
 from ..data import load_images
 from ..errors import UsageError
 from ..losses import decoded_image, vae_terms
-from ..models import build_nets
 from ..sampling import from_uint8, generate, generator_from, latents, save_png
 from ..training.precision import Precision, resolve_device
 from .extractors import ClassifierFeatures, extractor_precision, make_extractor  # noqa: F401 (re-export)
@@ -350,11 +349,7 @@ def vae_scores(ckpt, *, data, root, n, batch_size, seed, amp, warn) -> dict:
     if not ckpt.net_state("E"):
         return none  # an exported decoder has no encoder
     m = ckpt.config.model
-    nets = build_nets(m)
-    for name in ("E", "G"):
-        ckpt.load_net(name, nets[name])
-        nets[name].to(amp.device).eval()
-    E, G = nets["E"], nets["G"]
+    E, G = (ckpt_io.build_net(ckpt, name).to(amp.device).eval() for name in ("E", "G"))
     try:
         test = load_images(data, channels=m.channels, resolution=m.resolution, root=root, download=False,
                            split="test", seed=seed, warn=warn)

@@ -12,7 +12,6 @@ import torch
 from .. import checkpoint as ckpt_io
 from ..data.transforms import conform
 from ..errors import UsageError
-from ..models import build_nets
 from ..sampling import from_uint8
 from ..training.precision import Precision
 
@@ -45,9 +44,7 @@ class ClassifierFeatures:
             raise UsageError(f"{option} {path}: expected a classifier checkpoint, got a {ck.config.model.kind}")
         if isinstance(amp, str):
             amp = Precision(extractor_precision(amp), torch.device(device))
-        self.C = build_nets(ck.config.model)["C"]
-        ck.load_net("C", self.C)
-        self.C.to(device).eval()
+        self.C = ckpt_io.build_net(ck, "C").to(device).eval()
         self.cfg, self.device, self.amp = ck.config.model, torch.device(device), amp
         self.data_source = ck.config.data.source
         self.name = f"classifier:{ck.path}"

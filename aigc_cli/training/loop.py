@@ -171,7 +171,7 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup) -> dict:
             evaluator = TrainingEvaluator(cfg, device, amp, reporter.note, images=data.images,
                                           should_stop=lambda: stop.signum is not None)
         except EvaluationStopped:
-            raise Interrupted("stopped by signal while computing the real images' statistics, before the first "
+            raise Interrupted(f"{stop.name} while computing the real images' statistics, before the first "
                               "step; nothing to save", stop.exit_code) from None
     run = RunFolder(run_dir, cfg.train.keep_checkpoints)
     batches = make_batches(data, cfg, device, channels_last=memory_format == torch.channels_last, note=reporter.note)
@@ -184,9 +184,9 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup) -> dict:
         step, images_seen = state.restore(resume.tensors, resume.meta, nets, opts, amp, batches, resume.path)
         conform_optimizers(opts, flags)
         apply_changed_optimizer_settings(resume.config, cfg, opts)
-        best_value = json.loads(resume.meta.get("aigc.best_value", "null"))
-        if json.loads(resume.meta.get("aigc.best_metric", "null")) != metric and best_value is not None:
-            reporter.note(f"best.safetensors was chosen by {json.loads(resume.meta['aigc.best_metric'])}; "
+        chosen_by, best_value = state.best_of(resume.meta, resume.path)
+        if chosen_by != metric and best_value is not None:
+            reporter.note(f"best.safetensors was chosen by {chosen_by}; "
                           + (f"from now on by {metric}, starting afresh" if metric else "no longer updated"))
             best_value = None
         elif metric_from_eval and best_value is not None and eval_setup(resume.config) != eval_setup(cfg):
@@ -309,7 +309,7 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup) -> dict:
     t_log, seen_log, t_start = time.perf_counter(), images_seen, time.perf_counter()
     start_step = step
     if stop.signum is not None:
-        raise Interrupted("stopped by signal before the first step; nothing to save", stop.exit_code)
+        raise Interrupted(f"{stop.name} before the first step; nothing to save", stop.exit_code)
 
     def next_batch():
         nonlocal images_seen
@@ -375,14 +375,14 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup) -> dict:
                 path = save()
             if stop.save_requested:
                 stop.save_requested = False
-                reporter.note(f"SIGUSR1: saved {path}")
                 if exit_on_usr1:
                     reporter.finish()
-                    raise Interrupted(f"SIGUSR1 at step {step}: saved {path}; resume with --resume auto",
-                                      USR1_EXIT_CODE)
+                    raise Interrupted(f"SIGUSR1 at step {step} (--exit-on-usr1); saved {path}; resume with "
+                                      "--resume auto", USR1_EXIT_CODE)
+                reporter.note(f"SIGUSR1: saved {path}")
             if stop.signum is not None:
                 reporter.finish()
-                raise Interrupted(f"stopped by signal at step {step}; saved {path}; resume with --resume auto",
+                raise Interrupted(f"{stop.name} at step {step}; saved {path}; resume with --resume auto",
                                   stop.exit_code)
     reporter.finish()
 

@@ -40,5 +40,10 @@ class StopFlag:
         return False
 
     @property
+    def name(self) -> str:
+        """SIGINT or SIGTERM: what the stop messages say."""
+        return signal.Signals(self.signum).name if self.signum is not None else "a signal"
+
+    @property
     def exit_code(self) -> int:
         return EXIT_CODES.get(self.signum, 130)

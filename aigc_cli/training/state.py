@@ -6,6 +6,7 @@ rollback point (divergence guard) and as the content of a checkpoint file."""
 from __future__ import annotations
 
 import json
+import math
 import random
 from pathlib import Path
 
@@ -68,22 +69,31 @@ def restore(tensors: dict[str, torch.Tensor], meta: dict[str, str], nets: dict, 
             continue
         load_net(tensors, name, net, origin)
     try:
+        step = int(meta["aigc.step"])
         for name, opt in opts.items():
             groups = json.loads(meta[f"aigc.opt.{name}.param_groups"])
+            _check_groups(name, groups, opt.state_dict()["param_groups"])
             state: dict[int, dict] = {}
             prefix = f"opt.{name}."
             for key, value in tensors.items():
                 if key.startswith(prefix):
                     idx, sub = key[len(prefix):].split(".", 1)
                     state.setdefault(int(idx), {})[sub] = value
+            if step > 0 and not state:  # Adam's moments exist from the first step on: without them no exact resume
+                raise ValueError(f"no optimizer state for {name}")
             params = [p for group in opt.param_groups for p in group["params"]]
             for idx, per_param in state.items():  # a tampered file must not load mismatched moments
                 if not 0 <= idx < len(params):
                     raise ValueError(f"optimizer {name} has state for parameter {idx} of {len(params)}")
                 for key, value in per_param.items():
-                    if value.dim() > 0 and value.shape != params[idx].shape:
+                    if key == "step":
+                        if value.numel() != 1 or not 0 <= float(value) <= step * 1000:
+                            raise ValueError(f"opt.{name}.{idx}.step is {value.tolist()}")
+                    elif value.shape != params[idx].shape:
                         raise ValueError(f"opt.{name}.{idx}.{key} has shape {tuple(value.shape)}, "
                                          f"the parameter {tuple(params[idx].shape)}")
+                    elif value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                        raise ValueError(f"opt.{name}.{idx}.{key} holds NaN or infinite values")
             opt.load_state_dict({"state": state, "param_groups": groups})
         if amp.scaler is not None and "aigc.scaler" in meta:
             amp.scaler.load_state_dict(json.loads(meta["aigc.scaler"]))
@@ -95,20 +105,56 @@ def restore(tensors: dict[str, torch.Tensor], meta: dict[str, str], nets: dict, 
         random.setstate((py[0], tuple(py[1]), py[2]))
         kind, pos, has_gauss, gauss = json.loads(meta["aigc.rng.numpy"])
         np.random.set_state((kind, tensors["rng.numpy"].numpy().astype(np.uint32), pos, has_gauss, gauss))
-        batches.seek(**json.loads(meta["aigc.data_position"]))
-        return int(meta["aigc.step"]), int(meta["aigc.images_seen"])
-    except (KeyError, ValueError, TypeError, RuntimeError, json.JSONDecodeError) as e:
+        position = json.loads(meta["aigc.data_position"])
+        if (not isinstance(position, dict) or sorted(position) != ["epoch", "index"]
+                or not all(type(v) is int and 0 <= v < 2**62 for v in position.values())):
+            raise ValueError(f"data position {position!r}")
+        batches.seek(**position)
+        return step, int(meta["aigc.images_seen"])
+    except (KeyError, ValueError, TypeError, RuntimeError, IndexError, OverflowError, RecursionError) as e:
         raise UsageError(f"{origin}: cannot resume from it, its training state is incomplete or invalid "
                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
 
 
+def _check_groups(name: str, groups, ours: list[dict]) -> None:
+    """Stored param groups: the same parameters as the model's optimizer, and hyperparameters Adam accepts
+    (a negative or non-numeric learning rate would otherwise train, or fail at the first step)."""
+    if not isinstance(groups, list) or len(groups) != len(ours):
+        raise ValueError(f"optimizer {name}: {len(groups) if isinstance(groups, list) else 'no'} param groups, "
+                         f"the model has {len(ours)}")
+
+    def number(v, lo, hi=float("inf")):
+        return type(v) in (int, float) and math.isfinite(v) and lo <= v <= hi
+
+    for g, o in zip(groups, ours):
+        betas = g.get("betas") if isinstance(g, dict) else None
+        if (not isinstance(g, dict) or g.get("params") != o["params"] or not number(g.get("lr"), 0)
+                or not number(g.get("eps"), 1e-30, 1) or not number(g.get("weight_decay", 0), 0)
+                or not isinstance(betas, list) or len(betas) != 2 or not all(number(b, 0) and b < 1 for b in betas)):
+            shown = {k: v for k, v in g.items() if k != "params"} if isinstance(g, dict) else g
+            raise ValueError(f"optimizer {name}: invalid param group {json.dumps(shown)[:200]}")
+
+
+def best_of(meta: dict[str, str], origin) -> tuple[str | None, float | None]:
+    """The metric that chose best.safetensors and its best value, as a checkpoint records them."""
+    try:
+        metric, value = json.loads(meta.get("aigc.best_metric", "null")), json.loads(meta.get("aigc.best_value", "null"))
+    except (ValueError, RecursionError):
+        metric = value = "invalid"
+    if not (metric is None or isinstance(metric, str)) or not (
+            value is None or (type(value) in (int, float) and math.isfinite(value))):
+        raise UsageError(f"{origin}: cannot resume from it, its aigc.best_metric / aigc.best_value are invalid")
+    return metric, value
+
+
 @torch.no_grad()
 def all_finite(nets: dict, grads: bool = True) -> bool:
-    """One device sync: are all weights, and the last step's gradients, finite? Used at log intervals
+    """One device sync: are all weights and buffers, and the last step's gradients, finite? Used at log intervals
     and before every save. Pass grads=False under fp16: there inf gradients are routine, the
     GradScaler skips those steps and lowers its scale."""
     tensors = [t for net in nets.values() for p in net.parameters() for t in (p, p.grad if grads else None)
                if t is not None]
+    tensors += [b for net in nets.values() for b in net.buffers() if b.is_floating_point()]  # BN running stats
     return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
 
@@ -129,9 +175,13 @@ def find_resume(resume: str | None, run_dir: Path, warn) -> Checkpoint | None:
         if not path.is_file():
             continue
         try:
-            return ckpt_io.load(path)
+            ck = ckpt_io.load(path)
         except UsageError as e:
             warn(f"skipping unusable checkpoint: {e}")
+            continue
+        if ck.kind == "checkpoint":
+            return ck
+        warn(f"skipping {path}: an exported generator, with no training state to resume from")
     return None
 
 
