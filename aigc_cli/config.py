@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import tomllib
 from dataclasses import dataclass, field, fields
@@ -215,6 +216,22 @@ def _need(ok: bool, message: str) -> None:
 
 
 MAX_WIDTH = 65536
+MAX_INT = 10**12  # any integer setting; past it a count, a step or a size is a typo (and may overflow torch)
+# Tighter caps where one value sizes a single allocation or loop: a typo must fail here, not hours in.
+INT_CAPS = {"train.n_samples": 4096, "train.n_critic": 100, "train.batch_size": 2**20, "train.eval_n": 10**7}
+
+
+def _check_numbers(cfg: Config) -> None:
+    """Every float finite (an inf penalty weight would train NaNs), every integer within MAX_INT or its cap."""
+    for section in [None, *SECTIONS]:
+        values = cfg if section is None else getattr(cfg, section)
+        for f in fields(values):
+            v, key = getattr(values, f.name), f"{section}.{f.name}" if section else f.name
+            if isinstance(v, float):
+                _need(math.isfinite(v), f"{key} must be a finite number, got {v}")
+            elif isinstance(v, int) and not isinstance(v, bool):
+                cap = INT_CAPS.get(key, MAX_INT)
+                _need(abs(v) <= cap, f"{key} must be at most {cap:,}, got {v:,}")
 
 
 def validate(cfg: Config) -> None:
@@ -222,6 +239,7 @@ def validate(cfg: Config) -> None:
     from .models import FAMILIES  # local: models import torch, config must stay light
     from .training.augment import OPS as AUGMENT_OPS
 
+    _check_numbers(cfg)
     m, t, lo = cfg.model, cfg.train, cfg.loss
     _need(m.kind in FAMILIES, f"model.kind {m.kind!r} is unknown; choose one of: {', '.join(FAMILIES)}")
     _need(m.channels in (1, 3), f"model.channels must be 1 or 3, got {m.channels}")
@@ -292,6 +310,24 @@ def validate(cfg: Config) -> None:
           f"train.device must be auto, cpu, cuda or cuda:N, got {t.device!r}")
 
 
+FAMILY_OPTIONS = {"spectral_norm": "dcgan (resnet_gan always has it)", "d_norm": "dcgan", "likelihood": "vae"}
+
+
+def check_options_apply(cfg: Config, base: Config | None = None) -> None:
+    """At the start of training: a model option the family does not read (spectral norm on an MLP GAN)
+    is refused rather than silently ignored. Not part of validate(): a stored config from before this
+    check must still load. `base` is the resumed run's config, whose own values are let be."""
+    from .models import FAMILIES
+
+    m, default = cfg.model, ModelConfig()
+    for name, owner in FAMILY_OPTIONS.items():
+        value = getattr(m, name)
+        if (name not in FAMILIES[m.kind].uses and value != getattr(default, name)
+                and (base is None or value != getattr(base.model, name))):
+            raise UsageError(f"model.{name}={value} applies to {owner}, not to a {m.kind}; "
+                             f"leave it at {getattr(default, name)}")
+
+
 # ---- presets --------------------------------------------------------------------------------
 
 def _preset_dir():
@@ -326,10 +362,18 @@ def is_preset_file(name: str) -> bool:
     return name.endswith(".toml") and Path(name).is_file()
 
 
+def preset_file_text(path: str) -> str:
+    """A user's preset file, read as TOML must be: UTF-8 (a Latin-1 or UTF-16 file is one clear error)."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{path}: not UTF-8 text (byte {e.start}); save the preset file as UTF-8") from None
+
+
 def load_preset(name: str) -> Config:
     """A preset by name, or a path to a TOML file of the same shape."""
     if is_preset_file(name):
-        return parse_toml(Path(name).read_text(encoding="utf-8"), name)
+        return parse_toml(preset_file_text(name), name)
     cfg = parse_toml(preset_text(name), f"preset {name}")
     return cfg if cfg.name != "custom" else dataclasses.replace(cfg, name=name)
 

@@ -42,6 +42,11 @@ def test_overrides_convert_types():
     ("train.batch_size=-3", "must be positive"), ("model.resolution=48", "power of two"),
     ("model.kind=gpt", "unknown"), ("model.channels=2", "1 or 3"), ("train.device=tpu", "train.device"),
     ("loss.gan=wgan-gp", "d_norm"), ("train.diffaugment=flip", "unknown 'flip'"),
+    ("loss.gp_weight=inf", "loss.gp_weight must be a finite number"), ("loss.recon_sigma=nan", "finite"),
+    ("loss.vae_beta=1e400", "finite"), ("loss.r1_gamma=inf", "finite"),
+    ("train.steps=10000000000000", "at most 1,000,000,000,000"), ("train.n_samples=5000", "at most 4,096"),
+    ("train.batch_size=2000000", "at most 1,048,576"), ("train.n_critic=101", "at most 100"),
+    ("train.eval_n=100000000", "at most 10,000,000"), ("data.limit=" + "9" * 40, "data.limit must be at most"),
 ])
 def test_bad_overrides_fail_cleanly(item, message):
     with pytest.raises(UsageError, match=message):
@@ -51,6 +56,15 @@ def test_bad_overrides_fail_cleanly(item, message):
 def test_toml_round_trip():
     cfg = load_preset("fashion-mnist-vae").with_overrides({"data.source": 'a "quoted" path\\x'})
     assert config_from_dict(tomllib.loads(cfg.to_toml())) == cfg
+
+
+def test_a_preset_file_that_is_not_utf8_is_one_line_error(monkeypatch, capsys, tmp_path):
+    p = tmp_path / "latin1.toml"
+    p.write_bytes('name = "café"\n'.encode("latin-1"))
+    for args in (["train", "--preset", p, "--out", tmp_path / "run"], ["presets", "show", p]):
+        code, out, err = run_cli(monkeypatch, capsys, *args)
+        assert code == 2 and err.count("\n") == 1 and "not UTF-8" in err and out == "", err
+    assert not (tmp_path / "run").exists()
 
 
 def test_preset_file_path_is_accepted(tmp_path):
@@ -137,3 +151,25 @@ def test_run_names_and_preset_files_that_cannot_work_are_one_line_errors(monkeyp
     code, out, err = run_cli(monkeypatch, capsys, "train", *preset, *args)
     assert code == 2 and err.count("\n") == 1 and expect in err, err
     assert not any(tmp_path.iterdir())  # nothing written anywhere
+
+
+@pytest.mark.parametrize("preset, item, expect", [
+    ("mnist-mlp-gan", "model.spectral_norm=true", "model.spectral_norm=True applies to dcgan (resnet_gan always has it), not to a mlp_gan"),
+    ("cifar10-sngan", "model.d_norm=layer", "model.d_norm=layer applies to dcgan, not to a resnet_gan"),
+    ("quickstart", "model.likelihood=bernoulli", "model.likelihood=bernoulli applies to vae, not to a dcgan"),
+    ("fashion-mnist-cond-sngan", "model.num_classes=5", "model.num_classes is set from the data"),
+])
+def test_model_options_the_family_ignores_are_refused_at_train_time(monkeypatch, capsys, tmp_path, preset, item, expect):
+    code, out, err = run_cli(monkeypatch, capsys, "train", "--preset", preset, "--set", item, "--out", tmp_path / "r")
+    assert code == 2 and err.count("\n") == 1 and expect in err, err
+    assert not (tmp_path / "r").exists()
+
+
+def test_options_a_family_reads_pass_and_a_stored_config_is_let_be():
+    from aigc_cli.config import check_options_apply
+
+    check_options_apply(load_preset("quickstart").with_overrides({"model.spectral_norm": "true", "model.d_norm": "none"}))
+    stored = load_preset("mnist-mlp-gan").with_overrides({"model.spectral_norm": "true"})  # loads: not in validate()
+    check_options_apply(stored, base=stored)  # resuming a run saved before the check
+    with pytest.raises(UsageError, match="spectral_norm"):
+        check_options_apply(stored)

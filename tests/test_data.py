@@ -6,6 +6,7 @@ import gzip
 import os
 import struct
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -372,3 +373,32 @@ def test_bad_arguments():
             load_images("shapes", **kwargs)
     with pytest.raises(UsageError, match="folder"):
         load_images("no-such-source", channels=3, resolution=8)
+
+
+def test_labelled_training_refuses_one_class_and_notes_label_gaps(tmp_path):
+    from conftest import Silent, tiny
+
+    from aigc_cli.training.loop import train
+
+    one = tmp_path / "one class" / "cats"
+    one.mkdir(parents=True)
+    for i in range(20):
+        Image.new("L", (16, 16), i * 10).save(one / f"{i}.png")
+    for cfg, expect in ((tiny("classifier"), "holds 1 class; model 'classifier' needs at least 2"),
+                        (tiny("dcgan", conditional=True), "a conditional model needs at least 2 (or train it with "
+                                                          "model.conditional=false)")):
+        with pytest.raises(UsageError, match=expect.replace("(", r"\(").replace(")", r"\)")):
+            train(cfg.with_overrides({"data.source": str(tmp_path / "one class")}), tmp_path / "run", Silent())
+        assert not (tmp_path / "run" / "checkpoints").exists()
+
+    rng = np.random.default_rng(2)
+    labels = np.array([0, 255] * 16, dtype=np.uint8)  # two classes, numbered 0 and 255
+    write_idx(tmp_path / "gappy", "train", rng.integers(0, 256, (32, 28, 28), dtype=np.uint8), labels)
+    cfg = tiny("classifier").with_overrides({"data.source": str(tmp_path / "gappy"), "train.steps": "2"})
+    reporter = Silent()
+    summary = train(cfg, tmp_path / "gappy run", reporter)
+    # No t10k files: the classifier is trained and saved all the same, without a held-out accuracy.
+    assert "test_accuracy" not in summary and Path(summary["checkpoint"]).is_file()
+    assert any(n.startswith("held-out accuracy not measured: no t10k-images") for n in reporter.notes), reporter.notes
+    assert ("the labels run from 0 to 255 but only 2 of those numbers occur: model 'classifier' gets 256 classes, "
+            "254 of them never seen in training") in reporter.notes

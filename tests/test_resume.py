@@ -259,3 +259,15 @@ def test_checkpoints_past_ten_million_steps_sort_by_number(tmp_path):
         (run.checkpoints / f"step-{step:07d}.safetensors").write_bytes(b"x")
     run._prune()
     assert ckpt_names(tmp_path / "r") == ["step-10000000.safetensors"]
+
+
+def test_metrics_with_bytes_cut_mid_character_by_a_crash_are_trimmed_not_a_traceback(tmp_path):
+    from aigc_cli.training.run_folder import RunFolder
+
+    run = RunFolder(tmp_path / "r", keep=1)
+    for step in (5, 10, 15):
+        run.append_metrics({"step": step, "loss": 1.0})
+    with open(tmp_path / "r" / "metrics.jsonl", "ab") as f:
+        f.write(b'{"step": 20, "note": "caf\xc3')  # the crash cut a two-byte character in half
+    run.trim_metrics(10)
+    assert [json.loads(s)["step"] for s in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()] == [5, 10]

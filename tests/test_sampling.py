@@ -123,3 +123,16 @@ def test_unwritable_outputs_are_named_as_the_user_typed_them(monkeypatch, capsys
     assert code == 2 and err == f"error: {tmp_path / 'a.png'}: is a file, not a folder\n"
     code, _, err = run_cli(monkeypatch, capsys, "sample", runs["gan"], "--n", "2", "--out", "/proc/x.png")
     assert code == 2 and err.startswith("error: /proc/x.png: ") and err.count("\n") == 1, err
+
+
+def test_class_numbers_win_over_class_folders_named_with_digits_and_say_so():
+    from aigc_cli.cli.sample import parse_classes
+
+    names = [str(i) for i in range(1, 11)]  # folders 1..10 are classes 0..9
+    said = []
+    assert parse_classes("2", names, said.append) == [2]
+    assert said == ["--class 2 is class number 2 ('3'); the class named '2' is number 1"]
+    said.clear()
+    assert parse_classes("10", names, said.append) == [10] and "the class named '10' is number 9" in said[0]
+    said.clear()
+    assert parse_classes("0,cats", ["0", "cats"], said.append) == [0, 1] and said == []  # no ambiguity

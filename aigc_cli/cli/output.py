@@ -108,6 +108,16 @@ def _first_line(e: BaseException) -> str:
     return (text.splitlines()[0][:200] if text else type(e).__name__)
 
 
+def duration(seconds: float) -> str:
+    """H:MM:SS, with days in front past 24 hours (a long run's ETA must not wrap to a small time)."""
+    if not seconds >= 0 or seconds > 1e9:  # NaN, inf, or past ~30 years: not worth a number
+        return "?"
+    s = round(seconds)
+    days, s = divmod(s, 86400)
+    text = f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+    return f"{days}d {text}" if days else text
+
+
 def _fmt(record: dict) -> str:
     skip = {"step", "images_seen", "img_per_s", "elapsed_s", "eval"}
     return "  ".join(f"{k} {v:.4g}" for k, v in record.items()
@@ -126,13 +136,14 @@ class ConsoleReporter:
 
     def start(self, total_steps: int, info: dict) -> None:
         self.total, self.t0 = total_steps, time.perf_counter()
+        self.first = info.get("start_step", 0)  # a resumed run's ETA counts only the steps taken in this process
         self.console.print(f"training {info['model']} on {info['data']} -> {info['run_dir']}  "
                            f"({info['steps']} steps, batch {info['batch_size']}, {info['device']}, {info['precision']})")
         if self.console.is_terminal and not self.console.quiet:
             self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
                                      TextColumn("{task.fields[stats]}", markup=False), TimeElapsedColumn(), TextColumn("eta"),
                                      TimeRemainingColumn(), console=self.console, transient=False)
-            self.task = self.progress.add_task("train", total=total_steps, stats="")
+            self.task = self.progress.add_task("train", total=total_steps, completed=self.first, stats="")
             self.progress.start()
 
     def advance(self, step: int) -> None:
@@ -150,8 +161,9 @@ class ConsoleReporter:
             return
         step = record["step"]
         elapsed = time.perf_counter() - self.t0
-        eta = elapsed / step * (self.total - step)
-        self.console.print(f"step {step}/{self.total}  {stats}  eta {time.strftime('%H:%M:%S', time.gmtime(eta))}")
+        done = step - self.first
+        eta = elapsed / done * (self.total - step) if done > 0 else float("inf")
+        self.console.print(f"step {step}/{self.total}  {stats}  eta {duration(eta)}")
 
     def note(self, text: str) -> None:
         """Warnings and events (resume, rollback, SIGUSR1 save) go to stderr, above a live progress bar."""

@@ -11,9 +11,10 @@ import typer
 from .output import QUIET_HELP, emit_json, handles_errors, human_console, sigterm_interrupts, warner
 
 
-def parse_classes(text: str | None, names: list[str]) -> list[int] | None:
+def parse_classes(text: str | None, names: list[str], warn=lambda message: None) -> list[int] | None:
     """--class: numbers as training numbered the classes, or their names (the training data's class
-    folders, shapes' kinds), mixed in one comma list."""
+    folders, shapes' kinds), mixed in one comma list. A number is a number even where a class folder
+    has that name (folders 1..10 number 0..9); the warning says so."""
     from ..errors import UsageError
 
     if text is None:
@@ -25,6 +26,9 @@ def parse_classes(text: str | None, names: list[str]) -> list[int] | None:
     for t in tokens:
         if t.lstrip("-").isdigit():
             out.append(int(t))
+            if t in names and names.index(t) != int(t):
+                warn(f"--class {t} is class number {t}" + (f" ({names[int(t)]!r})" if 0 <= int(t) < len(names) else "")
+                     + f"; the class named {t!r} is number {names.index(t)}")
         elif t in names:
             out.append(names.index(t))
         else:
@@ -73,7 +77,7 @@ def sample(
         raise UsageError(f"--individual {individual}: exists and is not a folder")
     warn = warner(quiet)
     ck = ckpt_io.load(checkpoint)
-    wanted = parse_classes(classes, ck.class_names)
+    wanted = parse_classes(classes, ck.class_names, warn)
     labels, per_row = class_labels(ck, wanted, n)
     if labels is not None and len(labels) != n:
         warn(f"--n {n} with {len(labels) // per_row} classes: {per_row} image{'s' if per_row > 1 else ''} "

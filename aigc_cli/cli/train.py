@@ -53,7 +53,7 @@ def train(
     quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
 ) -> None:
     """Train a model from a preset; writes checkpoints, sample grids and metrics.jsonl to the run folder."""
-    from ..config import load_preset, parse_assignments
+    from ..config import check_options_apply, load_preset, parse_assignments
     from ..data import BUILTIN_SOURCES
     from ..errors import UsageError
     from ..training.state import find_resume
@@ -62,6 +62,8 @@ def train(
     if steps is not None and epochs is not None:
         raise UsageError("give --steps or --epochs, not both (--epochs N means N passes over the data)")
     assignments = parse_assignments(overrides or [])
+    if "model.num_classes" in assignments:  # training sets it from the data; a --set would be overwritten unseen
+        raise UsageError("model.num_classes is set from the data (the classes it holds); drop --set model.num_classes")
     flags = {"data.source": data, "data.root": data_root, "data.download": True if download else None,
              "data.strict": True if strict else None, "train.steps": steps, "train.epochs": epochs,
              "train.batch_size": batch_size, "train.precision": precision, "train.device": device, "train.seed": seed}
@@ -86,6 +88,7 @@ def train(
         cfg = cfg.with_overrides({"data.source": str(Path(cfg.data.source).expanduser().resolve())})
     if steps is not None and epochs is None and cfg.train.epochs:
         cfg = cfg.with_overrides({"train.epochs": 0})  # an explicit --steps wins over a preset's epochs
+    check_options_apply(cfg, ckpt.config if ckpt is not None else None)
 
     run_dir = out if out is not None else next_run_dir(cfg.name)
     if run_dir.exists() and not run_dir.is_dir():

@@ -24,13 +24,15 @@ class Family:
     needs_power_of_two: bool = False
     generative: bool = True
     supports_conditional: bool = False
+    uses: tuple[str, ...] = ()  # model options only this family reads (others refuse non-default values)
 
 
 FAMILIES: dict[str, Family] = {
     "mlp_gan": Family("mlp_gan", "gan", mlp_gan.build),
-    "dcgan": Family("dcgan", "gan", dcgan.build, needs_power_of_two=True, supports_conditional=True),
+    "dcgan": Family("dcgan", "gan", dcgan.build, needs_power_of_two=True, supports_conditional=True,
+                    uses=("spectral_norm", "d_norm")),
     "resnet_gan": Family("resnet_gan", "gan", resnet_gan.build, needs_power_of_two=True, supports_conditional=True),
-    "vae": Family("vae", "vae", vae.build, needs_power_of_two=True, supports_conditional=True),
+    "vae": Family("vae", "vae", vae.build, needs_power_of_two=True, supports_conditional=True, uses=("likelihood",)),
     "classifier": Family("classifier", "classifier", classifier.build, needs_labels=True, generative=False),
 }
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..checkpoint import Checkpoint
-from ..config import EVAL_METRICS, Config
+from ..config import EVAL_METRICS, MAX_WIDTH, Config
 from ..data import load_images
 from ..data.folder import unlabelled_reason
 from ..errors import DivergedError, Interrupted, UsageError
@@ -130,6 +130,7 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup) -> dict:
             raise UsageError(f"data '{cfg.data.source}' has no labels, which {what} needs "
                              "(use a labelled source, or an image folder with one subfolder per class)"
                              + unlabelled_reason(os.path.expanduser(cfg.data.source)))
+        check_classes(data, cfg, reporter.note)
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_classes=data.num_classes))
     bs = cfg.train.batch_size
     if len(data.images) < bs:
@@ -394,13 +395,34 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup) -> dict:
     if metric and best_value is not None and (run.checkpoints / "best.safetensors").exists():
         summary["best"] = {"metric": metric, "value": best_value, "path": str(run.checkpoints / "best.safetensors")}
     if family.objective == "classifier":
-        summary["test_accuracy"] = classifier_accuracy(nets["C"], cfg, amp)
-        if step > start_step:  # a resume that trained nothing leaves the run folder as it was
-            run.append_metrics({"step": step, "test_accuracy": summary["test_accuracy"]})
+        try:
+            summary["test_accuracy"] = classifier_accuracy(nets["C"], cfg, amp)
+        except UsageError as e:  # e.g. an IDX folder with no t10k files: the trained classifier still stands
+            reporter.note(f"held-out accuracy not measured: {e}")
+        else:
+            if step > start_step:  # a resume that trained nothing leaves the run folder as it was
+                run.append_metrics({"step": step, "test_accuracy": summary["test_accuracy"]})
     return summary
 
 
 @torch.inference_mode()
+def check_classes(data, cfg: Config, note) -> None:
+    """The classes a model would get from labelled data: at least two, at most MAX_WIDTH, and a note where
+    IDX labels skip numbers (labels 0 and 255 make 256 classes, 254 of them never seen)."""
+    what = "a conditional model" if cfg.model.conditional else f"model '{cfg.model.kind}'"
+    if data.num_classes < 2:
+        raise UsageError(f"data '{cfg.data.source}' holds {data.num_classes} class{'es' if data.num_classes != 1 else ''}; "
+                         f"{what} needs at least 2" + ("" if FAMILIES[cfg.model.kind].needs_labels
+                                                       else " (or train it with model.conditional=false)"))
+    if data.num_classes > MAX_WIDTH:
+        raise UsageError(f"data '{cfg.data.source}' has labels up to {data.num_classes - 1}; {what} can have at most "
+                         f"{MAX_WIDTH} classes (labels are class numbers from 0)")
+    seen = int(torch.unique(data.labels).numel())
+    if seen < data.num_classes:
+        note(f"the labels run from 0 to {data.num_classes - 1} but only {seen} of those numbers occur: "
+             f"{what} gets {data.num_classes} classes, {data.num_classes - seen} of them never seen in training")
+
+
 def classifier_accuracy(C, cfg: Config, amp: Precision) -> float:
     test = load_data(cfg, "test", lambda s: None)
     C.eval()

@@ -30,10 +30,10 @@ class RunFolder:
 
     def _metrics_lines(self) -> list[tuple[int, str]]:
         """(step, line) of each aigc record in metrics.jsonl; torn lines from a crash and lines that
-        are not records are left out."""
+        are not records are left out (bytes that are not UTF-8 too: a crash can cut a character)."""
         path = self.root / "metrics.jsonl"
         out = []
-        for line in (path.read_text(encoding="utf-8").splitlines() if path.exists() else []):
+        for line in (path.read_text(encoding="utf-8", errors="replace").splitlines() if path.exists() else []):
             try:
                 record_step = json.loads(line).get("step")
             except (json.JSONDecodeError, AttributeError):

@@ -1,0 +1,39 @@
+"""Plain progress lines (logs, batch jobs): the ETA of long and resumed runs."""
+import io
+
+from rich.console import Console
+
+from aigc_cli.cli import output
+from aigc_cli.cli.output import ConsoleReporter, duration
+
+
+def test_duration_shows_days_instead_of_wrapping_at_24_hours():
+    assert duration(0) == "0:00:00"
+    assert duration(3725.4) == "1:02:05"
+    assert duration(86400 * 3 + 3600 * 5 + 7) == "3d 5:00:07"
+    assert duration(float("inf")) == "?" and duration(float("nan")) == "?" and duration(1e300) == "?"
+
+
+def _lines(monkeypatch, start_step, total, steps_and_times):
+    now = [0.0]
+    monkeypatch.setattr(output.time, "perf_counter", lambda: now[0])
+    buf = io.StringIO()
+    rep = ConsoleReporter(Console(file=buf, force_terminal=False, width=200))
+    rep.start(total, {"model": "dcgan", "data": "d", "run_dir": "r", "steps": total, "batch_size": 64,
+                      "device": "cpu", "precision": "fp32", "start_step": start_step})
+    for step, t in steps_and_times:
+        now[0] = t
+        rep.log({"step": step, "img_per_s": 100.0, "loss_d": 1.0})
+    return buf.getvalue().splitlines()[1:]
+
+
+def test_eta_of_a_long_run_counts_days(monkeypatch):
+    # 100 steps in 100 s, 1,000,000 steps to go: 10^6 s = 11 days 13:46:40, not 13:46:40.
+    [line] = _lines(monkeypatch, 0, 1_000_100, [(100, 100.0)])
+    assert line.endswith("eta 11d 13:46:40"), line
+
+
+def test_eta_after_a_resume_counts_only_this_processes_steps(monkeypatch):
+    # Resumed at step 5000 of 10000; 10 steps took 10 s, so 4990 s remain (not 4990/5010 of 10 s).
+    [line] = _lines(monkeypatch, 5000, 10_000, [(5010, 10.0)])
+    assert line.endswith("eta 1:23:10"), line
