@@ -73,6 +73,19 @@ class Checkpoint:
     def net_state(self, name: str) -> dict[str, torch.Tensor]:
         return net_state(self.tensors, name)
 
+    def generator_weights(self, ema: bool = True) -> tuple[str, str]:
+        """(tensor prefix to load, what the weights are: "G" or "G_ema"). A training checkpoint's EMA
+        when it has one (unless ema=False); an export holds one set under "G" and says in aigc.weights
+        which it was, so asking an EMA export for the raw weights is refused rather than ignored."""
+        if self.kind == "export":
+            label = "G_ema" if self.meta.get("aigc.weights") == "G_ema" else "G"
+            if not ema and label == "G_ema":
+                raise UsageError(f"--no-ema: {self.path} is an export of the EMA weights only; the raw weights "
+                                 "are in its training checkpoint (`aigc export --no-ema` exports them)")
+            return "G", label
+        name = "G_ema" if ema and self.net_state("G_ema") else "G"
+        return name, name
+
     def load_net(self, name: str, net: torch.nn.Module) -> None:
         load_net(self.tensors, name, net, self.path)
 

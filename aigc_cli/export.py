@@ -26,14 +26,14 @@ def export_generator(ckpt: ckpt_io.Checkpoint, out: Path, dtype: str, ema: bool 
         raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
     target = DTYPES[dtype]
     # Floating weights take the requested dtype; integer buffers (BN's num_batches_tracked) stay as they are.
-    source = "G_ema" if ema and ckpt.net_state("G_ema") else "G"  # the EMA weights are the better generator
+    source, label = ckpt.generator_weights(ema)  # the EMA weights are the better generator
     tensors = {f"G.{k}": (v.to(target) if v.is_floating_point() else v) for k, v in ckpt.net_state(source).items()}
     if not tensors:
         raise UsageError(f"{ckpt.path}: holds no generator weights")
     meta = ckpt_io.base_meta(ckpt.config, "export", ckpt.step, ckpt.images_seen, ckpt.meta.get("aigc.precision", ""))
     meta["aigc.dtype"] = dtype
     meta["aigc.source"] = str(Path(ckpt.path).resolve())
-    meta["aigc.weights"] = source
+    meta["aigc.weights"] = label
     if "aigc.class_names" in ckpt.meta:
         meta["aigc.class_names"] = ckpt.meta["aigc.class_names"]
     ckpt_io.write_atomic(out, tensors, meta)

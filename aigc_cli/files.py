@@ -77,7 +77,8 @@ def atomic_write(path: str | os.PathLike, suffix: str = ".tmp", *, durable: bool
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        if e.filename in (str(tmp), tmp):
+        # Writes through an open file (np.savez, PIL) fail without a file name: this one is meant.
+        if e.filename in (str(tmp), tmp) or (e.filename is None and e.errno is not None):
             raise OSError(e.errno, e.strerror, str(path)) from None
         raise
     except BaseException:

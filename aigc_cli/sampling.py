@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import tempfile
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -143,6 +145,27 @@ def pngs_in(folder: str | os.PathLike | None) -> set[str]:
         return set()
 
 
+@contextlib.contextmanager
+def filling(folder: str | os.PathLike | None, n: int, what: str, warn) -> Iterator[None]:
+    """Around writing n PNGs into `folder` (nothing when None): the folder is made and checked writable
+    before any work, and if the writing stops early (a signal, a full disk) a warning says the folder
+    holds an incomplete set, which a later `aigc eval --fake` would score as if it were whole."""
+    if folder is None:
+        yield
+        return
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    try:  # a real write: permission bits say nothing for root, and a read-only mount shows only here
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(folder)) from None
+    try:
+        yield
+    except BaseException:
+        warn(f"{what}: stopped before all {n} images were written; the folder holds an incomplete set")
+        raise
+
+
 def warn_stale_pngs(before: set[str], n: int, what: str, warn) -> None:
     """After writing 000000.png ... for n images: say if the folder also holds PNGs from before
     (an earlier, larger run), which a later `aigc eval --fake DIR` would score too."""
@@ -160,6 +183,6 @@ def generator_from(ckpt: Checkpoint, device: str = "auto", precision: str = "aut
     if not family.generative:
         raise UsageError(f"{ckpt.path}: holds a {family.name}, which does not generate images")
     dev = resolve_device(device)
-    G = build_net(ckpt, "G", "G_ema" if ema and ckpt.net_state("G_ema") else "G")
+    G = build_net(ckpt, "G", ckpt.generator_weights(ema)[0])
     G.to(dev).eval()
     return G, Precision(resolve_precision(precision, dev), dev)

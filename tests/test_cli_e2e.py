@@ -15,6 +15,8 @@ from PIL import Image
 from conftest import aigc_command
 from safetensors import safe_open
 
+from aigc_cli import checkpoint as ckpt_io
+
 QUICK = ["--steps", "20", "--set", "train.log_every=5", "--set", "train.sample_every=10",
          "--set", "train.ckpt_every=10", "--set", "data.limit=512", "--set", "train.n_samples=16"]
 META_KEYS = {"aigc.format", "aigc.kind", "aigc.model", "aigc.config", "aigc.step", "aigc.images_seen",
@@ -303,6 +305,13 @@ def test_conditional_sampling_by_class_and_ema(aigc, image_folder, gan_run, tmp_
     assert r.code == 0
     again = aigc("sample", tmp_path / "g.safetensors", "--n", "6", "--out", tmp_path / "exported.png")
     assert again.code == 0 and (tmp_path / "exported.png").read_bytes() == (tmp_path / "all.png").read_bytes()
+    # An export holds the EMA weights only: --no-ema cannot be honoured, so it is refused, not ignored.
+    assert "is an export of the EMA weights only" in one_line_error(
+        aigc("sample", tmp_path / "g.safetensors", "--no-ema", "--out", tmp_path / "x.png"))
+    assert aigc("export", tmp_path / "g.safetensors", "--out", tmp_path / "g2.safetensors").code == 0
+    for export in ("g.safetensors", "g2.safetensors"):  # eval's protocol reads this too
+        assert ckpt_io.load(tmp_path / export).generator_weights() == ("G", "G_ema")
+        assert json.loads(aigc("info", tmp_path / export, "--json").stdout)["weights"] == "G_ema"
 
 
 def test_sigterm_during_sample_leaves_no_temporary_files(aigc_env, gan_run, tmp_path):
@@ -314,6 +323,7 @@ def test_sigterm_during_sample_leaves_no_temporary_files(aigc_env, gan_run, tmp_
         time.sleep(0.02)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143 and err == "stopped: SIGTERM\n", err
+    assert proc.returncode == 143 and err == (f"warning: --individual {each}: stopped before all 500000 images were "
+                                              "written; the folder holds an incomplete set\nstopped: SIGTERM\n"), err
     names = os.listdir(each)
     assert len(names) >= 50 and not [s for s in names if s.startswith(".")]  # whole PNGs only

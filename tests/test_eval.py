@@ -3,6 +3,7 @@ requested metrics are computed; VAE bits/dim; the in-process evaluator used duri
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -16,7 +17,8 @@ from aigc_cli.metrics.fid import fid_from_features
 from aigc_cli.models import build_nets
 from aigc_cli.training.loop import train
 from aigc_cli.training.precision import Precision
-from conftest import Counting, Silent, tiny
+from conftest import Counting, Silent, run_cli, tiny
+from PIL import Image
 
 CPU = torch.device("cpu")
 
@@ -75,6 +77,8 @@ def test_only_the_requested_metrics_are_computed(runs, tmp_path):
     with pytest.raises(UsageError, match="unknown metric 'fidd'"):
         evaluate_mod.parse_metrics("fid,fidd")
     assert evaluate_mod.parse_metrics(" FID, kid ,fid") == ["fid", "kid"]
+    with pytest.raises(UsageError, match="names no metric"):
+        evaluate_mod.parse_metrics(",,,")
 
 
 @pytest.mark.parametrize("likelihood", ["gaussian", "bernoulli"])
@@ -88,6 +92,12 @@ def test_vae_bits_per_dim_follow_from_the_negative_elbo(tmp_path, likelihood):
                               metrics=["neg_elbo", "bpd"])
     m = r["metrics"]
     assert set(m) == {"neg_elbo", "bpd"} and m["neg_elbo"] > 0 and r["protocol"]["n_heldout"] == 40
+    assert "n_fake" not in r["protocol"]  # the VAE scores generate nothing
+    for batch_size in (1, 7, 40):  # the posterior noise per image does not depend on how they are batched
+        again = evaluate_mod.evaluate(ck, data="shapes", root=None, download=False, features=None, n=40,
+                                      batch_size=batch_size, seed=0, device="cpu", precision="fp32", warn=print,
+                                      stats_dir=tmp_path / "stats", metrics=["neg_elbo"])
+        assert again["metrics"]["neg_elbo"] == pytest.approx(m["neg_elbo"], rel=1e-6)
     if likelihood == "gaussian":
         d = 1 * 16 * 16
         # -log p(u) on the 8-bit scale = -log p(x) on [-1, 1] + D ln 127.5, then nats -> bits, per dim
@@ -121,3 +131,30 @@ def test_the_training_evaluator_fails_at_construction_without_inception_weights(
     cfg = tiny("dcgan").with_overrides({"train.eval_every": "10", "train.eval_n": "40"})
     with pytest.raises(UsageError, match="missing.pth"):
         evaluate_mod.TrainingEvaluator(cfg, CPU, Precision("fp32", CPU), print)
+
+
+def test_eval_command_names_what_is_wrong_before_any_work(monkeypatch, capsys, runs, tmp_path):
+    monkeypatch.setenv("AIGC_CACHE_DIR", str(tmp_path / "cache"))
+    gan, clf = runs / "gan", runs / "clf"
+    (tmp_path / "a file").write_text("x")
+    one = tmp_path / "one image"
+    one.mkdir()
+    Image.new("L", (16, 16)).save(one / "0.png")
+    for args, expect in [
+        (["--save-fakes", tmp_path / "a file" / "sub"], f"{tmp_path / 'a file'}"),  # cannot be made: before any work
+        (["--features", tmp_path / "nothing"], f"--features {tmp_path / 'nothing'}: no such checkpoint"),
+        (["--data", one], f"the real data ({one}) has 1 image; feature statistics need at least 2"),
+        (["--metrics", ",,"], "names no metric"),
+    ]:
+        code, out, err = run_cli(monkeypatch, capsys, "eval", gan, *(["--features", clf] if "--features" not in args else []),
+                                 "--n", "20", *args)
+        errors = [line for line in err.splitlines() if not line.startswith("warning: ")]
+        assert code == 2 and len(errors) == 1 and expect in errors[0], (args, err)
+    assert not (tmp_path / "cache" / "stats").exists() or not any((tmp_path / "cache" / "stats").iterdir())
+    code, out, err = run_cli(monkeypatch, capsys, "eval", "stats", "--data", one, "--features", clf, "--split", "test",
+                             "--out", tmp_path / "r.npz")
+    assert code == 2 and "has no held-out split" in err and not (tmp_path / "r.npz").exists()
+    # Flags eval and eval stats share may come before the word `stats`.
+    code, out, err = run_cli(monkeypatch, capsys, "eval", "-q", "--json", "stats", "--data", "shapes", "--features", clf,
+                             "--n", "20", "--out", tmp_path / "r.npz")
+    assert code == 0 and json.loads(out)["protocol"]["n_real"] == 20 and err == ""

@@ -204,6 +204,14 @@ def test_eval_stats_writes_a_file_that_ref_accepts_and_pytorch_fid_files_work_fo
     (None, "no 'sigma'"),
     ("object", "not a readable statistics .npz"),
     ("npy", "a single .npy array"),  # np.load returns the array itself: no context manager
+    # FID from a matrix that is no covariance would be a number without meaning.
+    ({"mu": np.zeros(4), "sigma": -np.eye(4)}, "'sigma' has negative eigenvalues"),
+    ({"mu": np.zeros(4), "sigma": np.eye(4) + np.triu(np.ones((4, 4)), 1)}, "'sigma' is not symmetric"),
+    ({"mu": np.zeros(4, complex), "sigma": np.eye(4)}, "'mu' holds complex128 values"),
+    ({"mu": np.zeros(4), "sigma": np.eye(4), "protocol": np.array('{"n_real": "many"}')},
+     "protocol field 'n_real' is malformed"),
+    ({"mu": np.zeros(4), "sigma": np.eye(4), "protocol": np.array('{"real_shape": 5}')},
+     "protocol field 'real_shape' is malformed"),
 ])
 def test_bad_reference_files_are_one_line_errors(runs, tmp_path, monkeypatch, capsys, content, expect):
     bad = tmp_path / "bad.npz"
@@ -211,6 +219,8 @@ def test_bad_reference_files_are_one_line_errors(runs, tmp_path, monkeypatch, ca
         np.savez(bad, mu=np.zeros(128))
     elif content == "object":  # an array that needs pickle to load: refused, never unpickled
         np.savez(bad, mu=np.array([{"a": 1}], dtype=object), sigma=np.eye(2))
+    elif isinstance(content, dict):
+        np.savez(bad, **content)
     elif content == "npy":
         with open(bad, "wb") as f:
             np.save(f, np.zeros(3))
@@ -231,3 +241,16 @@ def test_save_fakes_points_out_pngs_it_did_not_write(runs, tmp_path, monkeypatch
     assert code == 0, err
     assert "--save-fakes" in err and "also holds 1 PNG file this command did not write" in err
     assert len(list(fakes.glob("*.png"))) == 11
+
+
+def test_a_reference_from_another_extractor_precision_is_pointed_out(runs, tmp_path, monkeypatch, capsys):
+    ref = tmp_path / "fp32.npz"
+    code, _, err = run_cli(monkeypatch, capsys, "eval", "stats", "--data", "shapes", "--features", runs / "clf",
+                           "--n", 20, "--out", ref, "--precision", "fp32")
+    assert code == 0, err
+    code, _, err = run_cli(monkeypatch, capsys, "eval", runs / "gan", "--ref", ref, "--features", runs / "clf",
+                           "--n", 20, "--metrics", "fid", "--precision", "bf16")
+    assert code == 0 and "computed with the extractor in fp32, these features in bf16" in err, err
+    code, _, err = run_cli(monkeypatch, capsys, "eval", runs / "gan", "--ref", ref, "--features", runs / "clf",
+                           "--n", 20, "--metrics", "fid", "--precision", "fp32")
+    assert code == 0 and "extractor in" not in err, err

@@ -60,6 +60,17 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
     assert target.read_text() == "old" and os.listdir(tmp_path) == ["keep.txt"]
 
 
+def test_a_full_disk_while_writing_through_an_open_file_names_the_target(tmp_path):
+    import errno
+
+    target = tmp_path / "ref.npz"
+    with pytest.raises(OSError) as e:
+        with atomic_write(target) as tmp, open(tmp, "wb"):
+            raise OSError(errno.ENOSPC, "No space left on device")  # as f.write() raises it: no file name
+    assert e.value.filename == str(target) and e.value.errno == errno.ENOSPC
+    assert os.listdir(tmp_path) == []
+
+
 def test_errors_name_the_target_not_the_temporary(tmp_path):
     with pytest.raises(OSError) as e:
         with atomic_write("/proc/x.png"):

@@ -14,6 +14,8 @@ app.command("sample")(sample.sample)
 app.command("eval")(eval_cmd.evaluate)
 # `aigc eval stats ...`: eval's positional CHECKPOINT leaves no room for a subcommand, so main() sends
 # those arguments to this one-command app instead.
+# Flags without a value that `eval` and `eval stats` share: they may come before the word `stats`.
+STATS_FLAGS = {"-q", "--quiet", "--json", "--download", "--download-weights"}
 eval_stats_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 eval_stats_app.command()(eval_cmd.stats)
 app.command("export")(export.export)
@@ -31,8 +33,12 @@ def main() -> None:
     args = sys.argv[1:]
     _help_width()
     target, prog = app, "aigc"
-    if args[:2] == ["eval", "stats"]:  # a checkpoint or run folder called "stats" is ./stats
-        target, prog, args = eval_stats_app, "aigc eval stats", args[2:]
+    if args[:1] == ["eval"]:  # a checkpoint or run folder called "stats" is ./stats
+        i = 1
+        while i < len(args) and args[i] in STATS_FLAGS:  # `aigc eval -q stats ...` as `aigc eval stats -q ...`
+            i += 1
+        if args[i:i + 1] == ["stats"]:
+            target, prog, args = eval_stats_app, "aigc eval stats", args[1:i] + args[i + 1:]
     try:
         code = target(args=args, prog_name=prog, standalone_mode=False)
     except Exception as e:

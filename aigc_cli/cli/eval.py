@@ -62,7 +62,7 @@ def evaluate(
     from ..errors import UsageError
     from ..metrics.evaluate import evaluate as run_eval
     from ..metrics.evaluate import evaluate_folder, parse_metrics
-    from ..sampling import pngs_in, warn_stale_pngs
+    from ..sampling import filling, pngs_in, warn_stale_pngs
 
     if checkpoint and fake:
         raise UsageError("give either a CHECKPOINT or --fake DIR, not both")
@@ -97,7 +97,8 @@ def evaluate(
     else:
         ck = ckpt_io.load(checkpoint)
         before = pngs_in(save_fakes)
-        with console.status(f"evaluating: generating {n} images and embedding them"):
+        with (filling(save_fakes, n, f"--save-fakes {save_fakes}", warn),
+              console.status(f"evaluating: generating {n} images and embedding them")):
             result = run_eval(ck, data=data or ck.config.data.source,
                               root=data_root or ck.config.data.root or None, download=download, ema=not no_ema,
                               save_fakes=save_fakes, **common)
@@ -105,15 +106,17 @@ def evaluate(
         if ref and data and "heldout_data" not in result["protocol"]:  # a VAE's held-out scores read --data
             warn(f"--data {data} was not used: --ref {ref} supplies the real side")
         if save_fakes:
-            warn_stale_pngs(before, result["protocol"]["n_fake"], f"--save-fakes {save_fakes}", warn)
+            warn_stale_pngs(before, n, f"--save-fakes {save_fakes}", warn)
     if json_out:
         emit_json(result)
         return
     p = result["protocol"]
     against = f" vs {p.get('real_data', p.get('reference', ''))}" if "reference" in p else ""
-    console.print(f"{title}{against}: {p['n_fake']} generated"
-                  + (f", {p['n_real']} real ({p['reference']})" if "n_real" in p else "")
-                  + (f", features {p['extractor']}" if "extractor" in p else ""))
+    counts = ([f"{p['n_fake']} generated"] if "n_fake" in p else []) + (
+        [f"{p['n_real']} real ({p['reference']})"] if "n_real" in p else []) + (
+        [f"{p['n_heldout']} held-out"] if "n_heldout" in p else []) + (
+        [f"features {p['extractor']}"] if "extractor" in p else [])
+    console.print(f"{title}{against}: {', '.join(counts)}")
     for k, v in result["metrics"].items():
         console.print(f"  {k:<10} {v:.6g}" if isinstance(v, float) else f"  {k:<10} n/a")
 
@@ -148,6 +151,11 @@ def stats(
         raise UsageError("--channels must be 1 (grey) or 3 (RGB), got 2")
     if split not in ("train", "test"):
         raise UsageError(f"--split must be train or test, got {split!r}")
+    from ..data import has_test_split
+
+    if split == "test" and not has_test_split(data):
+        raise UsageError(f"--split test: {data} is an image folder, which has no held-out split (its images are "
+                         "one set); leave --split out, or point --data at a folder of held-out images")
     console = human_console(json_out, quiet)
     with console.status(f"embedding up to {n} images of {data}"):
         result = write_stats(data, out, root=data_root, download=download, features=features, n=n,

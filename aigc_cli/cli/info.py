@@ -27,7 +27,7 @@ def info(
     if ck.class_names:
         result["class_names"] = ck.class_names
     if ck.kind == "export":  # which weights it holds, and where from
-        result.update(weights=ck.meta.get("aigc.weights", "G"), source=ck.meta.get("aigc.source", ""))
+        result.update(weights=ck.generator_weights()[1], source=ck.meta.get("aigc.source", ""))
     if json_out:
         emit_json(result)
         return

@@ -63,7 +63,7 @@ def sample(
     from .. import checkpoint as ckpt_io
     from ..errors import UsageError
     from ..sampling import (check_grid_size, class_labels, generate, generator_from, latent_batches, pngs_in,
-                            save_grid, save_individual, warn_stale_pngs)
+                            filling, save_grid, save_individual, warn_stale_pngs)
 
     if n < 1 or batch_size < 1 or (nrow is not None and nrow < 1):
         raise UsageError("--n, --batch-size and --nrow must be positive")
@@ -101,7 +101,7 @@ def sample(
     console = human_console(json_out, quiet)
     result = {"checkpoint": str(ck.path), "n": n, "seed": seed}
     before = pngs_in(individual)
-    with console.status(f"generating {n} images"):
+    with filling(individual, n, f"--individual {individual}", warn), console.status(f"generating {n} images"):
         if write_grid:
             images = torch.cat(list(batches()))
             save_grid(images, out, nrow)

@@ -55,6 +55,13 @@ def _print_warning(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
 
 
+def has_test_split(source: str) -> bool:
+    """Whether `source` holds a held-out set of its own: the built-in sources, IDX (t10k-*) and CIFAR-10
+    (test_batch) folders do; an image folder does not ("test" would be the training images again)."""
+    path = os.path.expanduser(source)
+    return source in BUILTIN_SOURCES or not os.path.isdir(path) or idx.is_idx_folder(path) or cifar.is_cifar_bin_folder(path)
+
+
 def load_images(source: str, *, channels: int, resolution: int, root: str | None = None,
                 download: bool = False, split: str = "train", limit: int = 0, seed: int = 0,
                 warn: Callable[[str], None] | None = None, strict: bool = False, cache: bool = True,

@@ -20,7 +20,7 @@ from .. import checkpoint as ckpt_io
 from ..data import load_images
 from ..errors import UsageError
 from ..losses import decoded_image, vae_terms
-from ..sampling import from_uint8, generate, generator_from, latents, save_png
+from ..sampling import from_uint8, generate, generator_from, latent_batches, latents, save_png
 from ..training.precision import Precision, resolve_device
 from .extractors import ClassifierFeatures, extractor_precision, make_extractor  # noqa: F401 (re-export)
 from .fid import frechet_distance, kid
@@ -42,6 +42,8 @@ def parse_metrics(text: str | None) -> list[str] | None:
     if text is None or not text.strip():
         return None
     names = [s.strip().lower() for s in text.split(",") if s.strip()]
+    if not names:
+        raise UsageError(f"--metrics {text!r} names no metric; choose from {', '.join(METRICS)} (or leave it out for all)")
     bad = [s for s in names if s not in METRICS]
     if bad:
         raise UsageError(f"--metrics: unknown metric {bad[0]!r}; choose from {', '.join(METRICS)}")
@@ -167,6 +169,10 @@ def check_reference_matches(ref: Reference, extractor, warn) -> None:
     if not p:
         warn(f"the reference ({ref.source}) does not say how it was computed (a pytorch-fid file?): "
              "FID is only comparable if it used the same Inception weights and resizing")
+    theirs, now = p.get("extractor_precision"), ours.get("precision")
+    if theirs and now and theirs != now:
+        warn(f"the reference ({ref.source}) was computed with the extractor in {theirs}, these features in {now}: "
+             f"precision moves features (bf16 by about 1%); pass --precision {theirs} to compare like with like")
 
 
 def open_extractor(features, inception_weights, device, precision, download_weights: bool = False):
@@ -204,9 +210,11 @@ def evaluate(ckpt: ckpt_io.Checkpoint, *, data: str, root: str | None, download:
     if extractor is not None:
         protocol.update(extractor.protocol)
         protocol["extractor_precision"] = extractor.protocol.get("precision")
-    protocol.update({"n_fake": n, "seed": seed, "precision": amp.name,
-                     "generator_weights": "G_ema" if ema and ckpt.net_state("G_ema") else "G",
-                     "generated_shape": [m.channels, m.resolution, m.resolution]})
+    generating = any(x in chosen for x in GAN_METRICS) or bool(save_fakes)  # the VAE scores generate nothing
+    shape = [m.channels, m.resolution, m.resolution]
+    protocol.update({"seed": seed, "precision": amp.name})
+    if generating:
+        protocol.update({"n_fake": n, "generator_weights": ckpt.generator_weights(ema)[1], "generated_shape": shape})
     if any(x in chosen for x in NEEDS_REAL):
         if reference is None:
             # Real images take the generator's channels and resolution first, so both sides then go
@@ -216,14 +224,14 @@ def evaluate(ckpt: ckpt_io.Checkpoint, *, data: str, root: str | None, download:
                                        strict=ckpt.config.data.strict, channels=m.channels, resolution=m.resolution)
         else:
             check_reference_matches(reference, extractor, warn)
-            shape = reference.protocol.get("real_shape")
-            if shape and list(shape) != protocol["generated_shape"]:
-                warn(f"the reference images were {'x'.join(map(str, shape))}, the generator draws "
-                     f"{'x'.join(map(str, protocol['generated_shape']))}: the two sides reach the extractor "
-                     "through different resizing")
+            theirs = reference.protocol.get("real_shape")
+            if theirs and list(theirs) != shape:
+                what = "channels" if theirs[1:] == shape[1:] else "sizes"
+                warn(f"the reference images were {'x'.join(map(str, theirs))}, the generator draws "
+                     f"{'x'.join(map(str, shape))}: the two sides reach the extractor from different {what}")
         protocol.update(_reference_protocol(reference))
     fake = FakeEmbedder(extractor, chosen, save_fakes)
-    if any(x in chosen for x in GAN_METRICS) or save_fakes:
+    if generating:
         fake.add_generated(G, *seeded_inputs(m, n, seed), amp, batch_size)
     values, extra = score(chosen, fake=fake.stats, probs=fake.all_probs(), ref=reference, seed=seed)
     protocol.update(extra)
@@ -362,14 +370,17 @@ def vae_scores(ckpt, *, data, root, n, batch_size, seed, amp, warn) -> dict:
     idx = real_indices(len(test.images), n, seed)
     images = test.images[idx]
     labels = test.labels[idx] if m.conditional else None
-    g = torch.Generator().manual_seed(seed)
     total = {"mse": 0.0, "neg_elbo": 0.0}
-    for i, chunk in enumerate(images.split(batch_size)):
+    start = 0
+    # The posterior noise is the same per image whatever --batch-size cuts the images into.
+    for noise in latent_batches(len(images), m.latent_dim, seed, batch_size):
+        chunk = images[start:start + len(noise)]
         x = from_uint8(chunk.to(amp.device))
-        y = labels[i * batch_size:(i + 1) * batch_size].to(amp.device) if labels is not None else None
+        y = labels[start:start + len(noise)].to(amp.device) if labels is not None else None
+        start += len(noise)
         with amp.autocast():
             mu, logvar = E(x, y)
-            eps = torch.randn(mu.shape, generator=g).to(amp.device)
+            eps = noise.to(amp.device)
             sampled = vae_terms(x, G.logits(mu + eps * (0.5 * logvar).exp(), y), mu, logvar,
                                 ckpt.config.loss.recon_sigma, m.likelihood)
             mse = (x - decoded_image(G.logits(mu, y), m.likelihood)).pow(2).mean()

@@ -39,7 +39,11 @@ class ClassifierFeatures:
     """The penultimate layer of a classifier trained by `aigc train` on the domain's labelled data."""
 
     def __init__(self, path: str, device: torch.device, amp: Precision | str, option: str = "--features"):
-        ck = ckpt_io.load(path)
+        try:
+            ck = ckpt_io.load(path)
+        except UsageError as e:  # name the option too: the checkpoint being scored is another file
+            text = str(e)
+            raise UsageError(f"{option} {text}" if text.startswith(str(path)) else f"{option} {path}: {text}") from None
         if ck.config.model.kind != "classifier":
             raise UsageError(f"{option} {path}: expected a classifier checkpoint, got a {ck.config.model.kind}")
         if isinstance(amp, str):

@@ -132,8 +132,12 @@ def load_npz(path: str | os.PathLike, what: str = "--ref") -> Reference:
             if missing:
                 raise UsageError(f"{what} {path}: no {' or '.join(repr(k) for k in missing)} array in it "
                                  f"(has: {', '.join(z.files) or 'nothing'}); expected reference statistics")
-            mu, sigma = np.asarray(z["mu"], np.float64), np.asarray(z["sigma"], np.float64)
-            features = np.asarray(z["features"], np.float32) if "features" in z.files else None
+            arrays = {k: z[k] for k in ("mu", "sigma", "features") if k in z.files}
+            for name, a in arrays.items():
+                if a.dtype.kind not in "fiu":  # complex values would lose their imaginary part unseen
+                    raise UsageError(f"{what} {path}: '{name}' holds {a.dtype} values, expected real numbers")
+            mu, sigma = np.asarray(arrays["mu"], np.float64), np.asarray(arrays["sigma"], np.float64)
+            features = np.asarray(arrays["features"], np.float32) if "features" in arrays else None
             protocol = json.loads(str(z["protocol"])) if "protocol" in z.files else {}
     except UsageError:
         raise
@@ -150,7 +154,30 @@ def load_npz(path: str | os.PathLike, what: str = "--ref") -> Reference:
             raise UsageError(f"{what} {path}: '{name}' holds NaN or infinite values")
     if not isinstance(protocol, dict):
         raise UsageError(f"{what} {path}: 'protocol' is not a JSON object")
+    for key, ok in PROTOCOL_FIELDS.items():
+        if key in protocol and not ok(protocol[key]):
+            raise UsageError(f"{what} {path}: protocol field {key!r} is malformed ({json.dumps(protocol[key])[:40]})")
+    # A covariance is symmetric and positive semi-definite; FID computed from anything else is a number
+    # without meaning (a negated sigma gave a plausible-looking 1.1 where the truth was 4.7).
+    scale = max(1.0, float(np.abs(sigma).max()))
+    if not np.allclose(sigma, sigma.T, rtol=1e-6, atol=1e-9 * scale):
+        raise UsageError(f"{what} {path}: 'sigma' is not symmetric, so it is not a covariance matrix")
+    if np.linalg.eigvalsh((sigma + sigma.T) / 2).min() < -1e-6 * scale:
+        raise UsageError(f"{what} {path}: 'sigma' has negative eigenvalues, so it is not a covariance matrix")
     return Reference(mu, sigma, features, protocol, source=f"file {path}")
+
+
+def _count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+# Protocol fields aigc reads back from a reference file, and what each must be.
+PROTOCOL_FIELDS = {
+    "n_real": _count, "feature_dim": _count,
+    "real_shape": lambda v: isinstance(v, list) and len(v) == 3 and all(_count(x) and x > 0 for x in v),
+    **{k: (lambda v: isinstance(v, str)) for k in ("extractor", "weights_sha256", "extractor_precision", "real_data",
+                                                   "real_split", "cache_key", "cache_file")},
+}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -206,6 +233,9 @@ def embed_all(extractor, images: torch.Tensor, batch_size: int, keep: bool = Tru
 
 def compute_reference(extractor, images: torch.Tensor, batch_size: int, protocol: dict,
                       should_stop: Callable[[], bool] | None = None) -> Reference:
+    if len(images) < 2:  # say which side, before any embedding
+        raise UsageError(f"the real data ({protocol.get('real_source', 'given')}) has {len(images)} image"
+                         f"{'s' if len(images) != 1 else ''}; feature statistics need at least 2")
     acc = embed_all(extractor, images, batch_size, should_stop=should_stop)
     mu, sigma = acc.mu_sigma()
     return Reference(mu, sigma, acc.features(), protocol, source="computed")
