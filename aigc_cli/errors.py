@@ -1,4 +1,11 @@
-"""Exceptions that map to the documented exit codes (see README, "Exit codes")."""
+"""Exceptions that map to the documented exit codes (see README, "Exit codes"), and one_line, which
+keeps every error and warning about a hostile name on a single line."""
+
+
+def one_line(text: str) -> str:
+    """`text` with control characters (newlines in file names, ...) escaped, so that a warning
+    or error about a hostile file is always a single line."""
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
 class AigcError(Exception):

@@ -236,8 +236,10 @@ def test_a_folder_where_nothing_decodes_is_a_usage_error(tmp_path):
     for name in ("a.png", "b.png"):
         (d / name).write_bytes(b"junk")
     data = load_images(str(d), channels=3, resolution=RES, cache=False, lazy_above_mb=0, warn=lambda s: None)
+    said = []
     with pytest.raises(UsageError, match="none of the 2 image files could be decoded"):
-        StreamBatches(data.images, 2, CPU, 0).next()
+        StreamBatches(data.images, 2, CPU, 0, warn=said.append).next()
+    assert said == []  # no "... is used in its place" with nothing to use
 
 
 # ----------------------------------------------------------------------------- exact resume

@@ -4,6 +4,7 @@ conversion misses; damaged entries are rebuilt; an unwritable cache only warns; 
 from __future__ import annotations
 
 import gzip
+import io
 import os
 import struct
 import time
@@ -310,3 +311,23 @@ def test_idx_is_cached_only_when_converted(tmp_path, monkeypatch):
     again = load_images(str(d), channels=3, resolution=32)
     assert again.cached and torch.equal(again.images, big.images) and again.labels.tolist() == [0, 1, 2, 3, 4]
     assert again.name == big.name == f"IDX folder {d} (train, 5 images)"
+
+
+def test_a_file_rewritten_in_place_with_its_old_size_and_mtime_is_decoded_again(tmp_path):
+    # What a chmod that makes an unreadable file readable looks like too: only the ctime changes.
+    d = tmp_path / "bmps"
+    d.mkdir()
+    Image.new("RGB", (8, 8), (10, 20, 30)).save(d / "a.bmp")
+    Image.new("RGB", (8, 8), (0, 0, 0)).save(d / "b.bmp")
+    age(d)
+    first, _ = load(d)
+    assert load(d)[0].cached and first.images[0, :, 0, 0].tolist() == [10, 20, 30]
+    st = os.stat(d / "a.bmp")
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 100, 50)).save(buf, format="BMP")
+    assert len(buf.getvalue()) == st.st_size
+    with open(d / "a.bmp", "r+b") as f:  # same inode, same size
+        f.write(buf.getvalue())
+    os.utime(d / "a.bmp", ns=(st.st_atime_ns, st.st_mtime_ns))  # the old mtime put back
+    again, _ = load(d)
+    assert not again.cached and again.images[0, :, 0, 0].tolist() == [200, 100, 50]

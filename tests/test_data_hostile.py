@@ -459,3 +459,79 @@ def test_data_package_never_unpickles():
             if "pickle" in line:
                 assert "#" in line and line.index("#") < line.index("pickle"), f"{path}:{number}: {line}"
             assert not re.search(r"torch\.load\(|datasets\.CIFAR10|CIFAR10\(", line), f"{path}:{number}: {line}"
+
+
+# ----------------------------------------------------------------------------- folders
+
+
+def test_pils_bomb_warning_between_its_limits_is_not_printed(tmp_path):
+    import subprocess
+    import sys
+
+    # In a process of its own: pytest resets warning filters around every test, a real run does not.
+    write(tmp_path / "b" / "bomb_between_limits.png", png_bomb(10000, 9500))
+    write(tmp_path / "b" / "ok.png", encode(Image.new("RGB", (8, 8)), "PNG"))
+    code = ("import sys; from aigc_cli.data import load_images; "
+            f"d = load_images({str(tmp_path / 'b')!r}, channels=3, resolution=8, cache=False, "
+            "warn=lambda m: print('warning:', m, file=sys.stderr)); print(len(d.images))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout == "1\n", r.stderr
+    lines = r.stderr.splitlines()
+    assert len(lines) == 2 and "decompression bomb" in lines[0] and "skipped 1 of 2" in lines[1], r.stderr
+
+
+def test_16bit_grey_transparency_key_is_composited_on_black(tmp_path):
+    arr = np.full((8, 8), 65535, dtype=np.uint16)
+    arr[:, :4] = 30000
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG", transparency=65535)
+    write(tmp_path / "g" / "trns16.png", buf.getvalue())
+    data = load_images(str(tmp_path / "g"), channels=1, resolution=8)
+    assert data.images[0, 0, 0].tolist() == [117] * 4 + [0] * 4  # 30000/257 kept, the key's pixels black
+
+
+def test_linked_class_folders_are_followed_once_and_loops_end(tmp_path):
+    elsewhere = tmp_path / "elsewhere" / "cats"
+    for i in range(2):
+        write(elsewhere / f"{i}.png", encode(Image.new("RGB", (8, 8), (i, 0, 0)), "PNG"))
+    d = tmp_path / "d"
+    write(d / "dogs" / "0.png", encode(Image.new("RGB", (8, 8)), "PNG"))
+    os.symlink(elsewhere, d / "cats")
+    os.symlink(d, d / "dogs" / "loop")  # back to the top: listed once, then noted
+    data, got = load(d)
+    assert data.class_names == ("cats", "dogs") and data.labels.tolist() == [0, 0, 1]
+    assert got == ["skipping folder dogs/loop/: a link to a folder listed already"]
+
+
+def test_unreadable_subfolders_are_named_and_strict_stops(tmp_path, monkeypatch):
+    d = tmp_path / "d"
+    for cls in ("cats", "dogs"):
+        write(d / cls / "0.png", encode(Image.new("RGB", (8, 8)), "PNG"))
+    real = os.scandir
+
+    def scandir(path="."):  # what a folder without read permission gives (root would read it anyway)
+        if os.fspath(path).endswith("dogs"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    data, got = load(d, cache=False)
+    assert data.class_names == ("cats",) and got == ["skipping folder dogs/: Permission denied"]
+    with pytest.raises(UsageError, match="cannot use folder dogs/: Permission denied"):
+        load(d, cache=False, strict=True)
+    with pytest.raises(UsageError, match="cannot read the image folder .*/d/dogs: Permission denied"):
+        load(d / "dogs", cache=False)
+
+
+def test_evaluation_folders_skip_a_fifo_instead_of_waiting_on_it(tmp_path):
+    import subprocess
+    import sys
+
+    d = tmp_path / "fakes"
+    for i in range(3):
+        write(d / f"{i}.png", encode(Image.new("RGB", (8, 8), (i, i, i)), "PNG"))
+    os.mkfifo(d / "zz.png")
+    code = ("import sys; from aigc_cli.data.native import load_folder_native; "
+            f"x = load_folder_native({str(d)!r}, warn=lambda m: print(m, file=sys.stderr)); print(len(x))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout == "3\n" and "skipping zz.png: not a regular file" in r.stderr, r.stderr

@@ -16,7 +16,7 @@ def info(
 ) -> None:
     """Print model kind, step, images seen, parameter counts, precision and config."""
     from .. import checkpoint as ckpt_io
-    from ..data.folder import one_line
+    from ..errors import one_line
 
     ck = ckpt_io.load(checkpoint)
     result = {"path": str(ck.path), "kind": ck.kind, "model": ck.config.model.kind, "step": ck.step,

@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from ..errors import AigcError, Interrupted
+from ..errors import AigcError, Interrupted, one_line
 from ..files import json_line
 
 
@@ -27,7 +27,7 @@ def emit_json(obj: dict) -> None:
 
 
 def warn(message: str) -> None:
-    sys.stderr.write(f"warning: {message}\n")
+    sys.stderr.write(f"warning: {one_line(message)}\n")
 
 
 QUIET_HELP = "Print nothing but errors (and --json output)."
@@ -41,7 +41,7 @@ def warner(quiet: bool):
 def fail(message: str, code: int, prefix: str = "error") -> None:
     """Errors are one plain line on stderr (no rich wrapping), then the documented exit code. A stop
     asked for by a signal is not an error: its line starts "stopped:"."""
-    sys.stderr.write(f"{prefix}: {message}\n")
+    sys.stderr.write(f"{prefix}: {one_line(message)}\n")  # a newline in a path must not make it two
     sys.stderr.flush()
     raise typer.Exit(code)
 

@@ -16,12 +16,12 @@ import torch
 
 from aigc_cli.data import cache as decoded_cache
 from aigc_cli.data import cifar, idx, torchvision_sources
-from aigc_cli.data.folder import list_images, load_folder, one_line, pixel_limit
+from aigc_cli.data.folder import list_images, load_folder, pixel_limit, report_listing
 from aigc_cli.data.lazy import LazyFolder
 from aigc_cli.data.shapes import CLASSES as SHAPE_CLASSES
 from aigc_cli.data.shapes import draw_shapes
 from aigc_cli.data.transforms import conform
-from aigc_cli.errors import UsageError
+from aigc_cli.errors import UsageError, one_line
 
 
 @dataclass
@@ -123,7 +123,9 @@ def load_images(source: str, *, channels: int, resolution: int, root: str | None
             kind, name = "folder", f"folder {path}"
 
     if kind == "folder":
-        files = list_images(path)
+        problems: list[str] = []
+        files = list_images(path, problems)
+        report_listing(problems, warn, strict)
         if lazy_above_mb is not None and files:
             wanted = files[:limit] if limit > 0 else files
             if len(wanted) * channels * resolution * resolution > lazy_above_mb * 2**20:

@@ -9,7 +9,7 @@ entry is simply never read again, while a copy of the same files elsewhere (a jo
 disk, say) or files merely touched still find it.
 
 Hashing reads every file, which decoding would do anyway but a warm start should not: a small index
-($AIGC_CACHE_DIR/decoded-index) maps a listing (the folder, each file's name, size, mtime and inode, as
+($AIGC_CACHE_DIR/decoded-index) maps a listing (the folder, each file's name, size, mtime, ctime and inode, as
 git's index does) to the content key, so an unchanged folder costs one stat per file.
 
 The cache is an optimisation only: a damaged entry is ignored with a warning and rebuilt, and a
@@ -96,7 +96,9 @@ def _listing(folder: str, rel_paths: list[str], params: dict) -> tuple[str, bool
     for rel in rel_paths:
         try:
             st = os.stat(os.path.join(folder, rel))
-            entry = f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
+            # ctime too, as git's index keeps it: a chmod that makes an unreadable file readable, or an
+            # edit that put the old mtime back, changes only the ctime.
+            entry = f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}"
             fresh = fresh or st.st_mtime_ns > now - RACY_NS
         except OSError as e:
             entry = f"error:{e.errno}"

@@ -9,21 +9,27 @@ are skipped with one warning each (or stop the load with `strict`). In particula
     any pixel memory is allocated (a "decompression bomb": a tiny file that inflates to GBs);
   * truncated files are errors (PIL's LOAD_TRUNCATED_IMAGES is never turned on);
   * only the first frame of an animated GIF/PNG/WebP is used.
-Nothing here changes global state (warning filters, PIL settings), so decoding in threads is safe.
+Nothing here changes PIL's settings or toggles warning filters, so decoding in threads is safe. One
+filter is set once, at import: PIL's DecompressionBombWarning (images between its two limits) would
+print two raw lines before this module's own one-line note rejects the same file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
+import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from aigc_cli.errors import UsageError
+from aigc_cli.errors import UsageError, one_line
+
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 # PIL format names we let decode a file (content decides, not the extension: a JPEG saved as
@@ -39,16 +45,43 @@ class RejectedImage(Exception):
     """A file that is not a usable image; the message is the one-line reason."""
 
 
-def list_images(folder: str) -> list[str]:
+def list_images(folder: str, problems: list[str] | None = None) -> list[str]:
     """Sorted relative paths of image files under `folder`, skipping hidden files and folders
-    (e.g. macOS "._x.jpg" resource forks, which look like images but are not)."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder):
+    (e.g. macOS "._x.jpg" resource forks, which look like images but are not). Links to folders are
+    followed (class folders linked in from elsewhere are a common layout), each folder once, so a link
+    loop ends. A subfolder that cannot be read, or a second link to a folder, goes into `problems` as
+    "sub/: reason" for the caller to warn about (a class must not vanish unseen); the folder itself
+    unreadable is a UsageError."""
+    found: list[str] = []
+    seen: set[tuple[int, int]] = set()
+
+    def unreadable(e: OSError) -> None:
+        if os.path.abspath(e.filename) == os.path.abspath(folder):
+            raise UsageError(f"cannot read the image folder {one_line(folder)}: {e.strerror}")
+        if problems is not None:
+            problems.append(f"{one_line(os.path.relpath(e.filename, folder))}/: {e.strerror}")
+
+    for dirpath, dirnames, filenames in os.walk(folder, onerror=unreadable, followlinks=True):
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in seen:
+            dirnames[:] = []
+            if problems is not None:
+                problems.append(f"{one_line(os.path.relpath(dirpath, folder))}/: a link to a folder listed already")
+            continue
+        seen.add((st.st_dev, st.st_ino))
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         for name in filenames:
             if not name.startswith(".") and name.lower().endswith(EXTENSIONS):
                 found.append(os.path.relpath(os.path.join(dirpath, name), folder))
     return sorted(found)
+
+
+def report_listing(problems: list[str], warn: Callable[[str], None], strict: bool) -> None:
+    """The subfolders list_images could not use: one warning each, or with strict an error."""
+    if problems and strict:
+        raise UsageError(f"cannot use folder {problems[0]}")
+    for line in problems:
+        warn(f"skipping folder {line}")
 
 
 def pixel_limit() -> int:
@@ -101,21 +134,26 @@ def to_rgb(img: Image.Image) -> Image.Image:
             grey = np.clip(np.rint(arr * scale), 0, 255).astype(np.uint8)
         else:  # v * 255 / 65535 rounded, in integers (4 bytes a pixel, not a float64 copy)
             grey = ((np.clip(arr, 0, 65535).astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+            key = img.info.get("transparency")
+            if isinstance(key, int):  # a 16-bit grey PNG's tRNS key: that value is transparent, so black
+                grey[arr == key] = 0
         return Image.fromarray(grey).convert("RGB")
     return img.convert("RGB")  # L, 1, P, CMYK (PIL undoes Adobe's inverted CMYK), YCbCr, HSV, RGB
 
 
-def decode(path: str, resolution: int) -> np.ndarray:
-    """One file as (resolution, resolution, 3) uint8: shorter side scaled, centre-cropped.
-
-    Raises RejectedImage (or whatever PIL raises) when the file is not a usable image.
-    """
-    st = os.stat(path)
-    if not stat.S_ISREG(st.st_mode):
-        raise RejectedImage("not a regular file")  # e.g. a FIFO, which would block open()
-    if st.st_size == 0:
-        raise RejectedImage("empty file (0 bytes)")
-    with open(path, "rb") as f:
+@contextlib.contextmanager
+def open_image(path: str) -> Iterator[Image.Image]:
+    """A PIL image of a file, header read only, with the safeguards every reader here shares: a regular
+    file (a FIFO would block open() for good), not empty, an allowed format, and the pixel limit checked
+    from the header (WebP's before PIL allocates its canvas). Raises RejectedImage or PIL's errors."""
+    # O_NONBLOCK: a file swapped for a FIFO since it was listed must not block the open either.
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise RejectedImage("not a regular file")
+        if st.st_size == 0:
+            raise RejectedImage("empty file (0 bytes)")
         size = _webp_size(f.read(30))
         if size is not None:
             _check_size(*size)
@@ -125,25 +163,28 @@ def decode(path: str, resolution: int) -> np.ndarray:
         # our own limit, before load() allocates anything.
         with Image.open(f, formats=FORMATS) as img:  # first frame of animations
             _check_size(*img.size)
-            # JPEG can decode at 1/2, 1/4, 1/8 scale for free; draft keeps it >= the target size.
-            img.draft("RGB", (resolution, resolution))
-            img.load()
-            _check_size(*img.size)  # a GIF frame may extend the canvas while loading
-            try:
-                img = ImageOps.exif_transpose(img)
-            except Exception:  # noqa: BLE001 - unreadable EXIF: keep the pixels as stored
-                pass
-            img = to_rgb(img)
-            # fit() crops the centre to a square first, then resizes: same result as
-            # scale-then-crop, with less work.
-            img = ImageOps.fit(img, (resolution, resolution), Image.Resampling.LANCZOS)
-            return np.asarray(img, dtype=np.uint8)
+            yield img
 
 
-def one_line(text: str) -> str:
-    """`text` with control characters (newlines in file names, ...) escaped, so that a warning
-    or error about a hostile file is always a single line."""
-    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+def decode(path: str, resolution: int) -> np.ndarray:
+    """One file as (resolution, resolution, 3) uint8: shorter side scaled, centre-cropped.
+
+    Raises RejectedImage (or whatever PIL raises) when the file is not a usable image.
+    """
+    with open_image(path) as img:
+        # JPEG can decode at 1/2, 1/4, 1/8 scale for free; draft keeps it >= the target size.
+        img.draft("RGB", (resolution, resolution))
+        img.load()
+        _check_size(*img.size)  # a GIF frame may extend the canvas while loading
+        try:
+            img = ImageOps.exif_transpose(img)
+        except Exception:  # noqa: BLE001 - unreadable EXIF: keep the pixels as stored
+            pass
+        img = to_rgb(img)
+        # fit() crops the centre to a square first, then resizes: same result as
+        # scale-then-crop, with less work.
+        img = ImageOps.fit(img, (resolution, resolution), Image.Resampling.LANCZOS)
+        return np.asarray(img, dtype=np.uint8)
 
 
 def describe_error(e: BaseException) -> str:
@@ -182,11 +223,11 @@ def load_folder(folder: str, resolution: int, limit: int, warn: Callable[[str], 
     of that subfolder's name among the sorted names; otherwise there are no labels.
     """
     if not os.path.isdir(folder):
-        raise UsageError(f"image folder {folder} does not exist; pass an existing folder or one of "
+        raise UsageError(f"image folder {one_line(folder)} does not exist; pass an existing folder or one of "
                          "the built-in sources")
     paths = list_images(folder)
     if not paths:
-        raise UsageError(f"no images ({'/'.join(EXTENSIONS)}) found under {folder}; "
+        raise UsageError(f"no images ({'/'.join(EXTENSIONS)}) found under {one_line(folder)}; "
                          "point at a folder that holds images")
     wanted = min(limit, len(paths)) if limit > 0 else len(paths)
     # Filled in place (not stacked at the end) so peak memory is one copy of the data set.

@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from aigc_cli.data.folder import class_labels, decode, describe_error, one_line
+from aigc_cli.data.folder import class_labels, decode, describe_error
 from aigc_cli.data.transforms import to_channels
-from aigc_cli.errors import UsageError
+from aigc_cli.errors import UsageError, one_line
 
 Failure = tuple[str, str, str]  # (relative path, one-line reason, relative path used instead)
 

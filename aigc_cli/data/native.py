@@ -4,7 +4,6 @@ the same. Training data, converted to the model's format, comes from `load_image
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -26,23 +25,9 @@ def most_common_size(sizes: list[tuple[int, int]]) -> tuple[int, int]:
     return max(tied, key=lambda s: s[0] * s[1])
 
 
-@contextlib.contextmanager
-def _open_checked(path: str):
-    """PIL image of a file, opened with folder.decode's safeguards: allowed formats only, and the
-    pixel limit checked from the header (WebP's too) before anything is decoded."""
-    with open(path, "rb") as f:
-        size = folder._webp_size(f.read(30))
-        if size is not None:
-            folder._check_size(*size)
-        f.seek(0)
-        with Image.open(f, formats=folder.FORMATS) as img:
-            folder._check_size(*img.size)
-            yield img
-
-
 def _header_size(path: str) -> tuple[int, int]:
     """(width, height) as displayed (EXIF rotation applied), from the header only."""
-    with _open_checked(path) as img:
+    with folder.open_image(path) as img:
         w, h = img.size
         try:
             orientation = img.getexif().get(0x0112)
@@ -54,9 +39,7 @@ def _header_size(path: str) -> tuple[int, int]:
 def _decode_native(path: str, size: tuple[int, int]) -> np.ndarray:
     """One file as (height, width, 3) uint8 at `size` (its own size unless it differs: then scaled
     and centre-cropped to it), with folder.decode's safeguards (formats, pixel limit, first frame)."""
-    if os.stat(path).st_size == 0:
-        raise folder.RejectedImage("empty file (0 bytes)")
-    with _open_checked(path) as img:
+    with folder.open_image(path) as img:
         img.load()
         folder._check_size(*img.size)
         try:
@@ -75,7 +58,9 @@ def load_folder_native(path: str, *, warn: Callable[[str], None], strict: bool =
     differ, each is conformed (scaled, centre-cropped) to the most common one, with a warning."""
     if not os.path.isdir(path):
         raise UsageError(f"{what} {path} does not exist or is not a folder")
-    rels = folder.list_images(path)
+    problems: list[str] = []
+    rels = folder.list_images(path, problems)
+    folder.report_listing(problems, warn, strict)
     if not rels:
         raise UsageError(f"{what} {path}: no images ({'/'.join(folder.EXTENSIONS)}) found in it")
 

@@ -127,7 +127,7 @@ class StreamBatches:
                                  "an unreadable file is replaced by the next readable one with a warning)")
             if rel not in self._reported:  # once per file, although it comes up every epoch
                 self._reported.add(rel)
-                if self.warn is not None:
+                if self.warn is not None and substitute:  # none: the whole batch failed, an error follows
                     self.warn(f"skipping {rel}: {reason}; {substitute} is used in its place")
 
     def close(self) -> None:
