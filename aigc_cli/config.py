@@ -221,17 +221,31 @@ MAX_INT = 10**12  # any integer setting; past it a count, a step or a size is a 
 INT_CAPS = {"train.n_samples": 4096, "train.n_critic": 100, "train.batch_size": 2**20, "train.eval_n": 10**7}
 
 
-def _check_numbers(cfg: Config) -> None:
-    """Every float finite (an inf penalty weight would train NaNs), every integer within MAX_INT or its cap."""
+def _numbers(cfg: Config, kind: type):
+    """(key, value) of every setting of this type (bools are not ints here)."""
     for section in [None, *SECTIONS]:
         values = cfg if section is None else getattr(cfg, section)
         for f in fields(values):
-            v, key = getattr(values, f.name), f"{section}.{f.name}" if section else f.name
-            if isinstance(v, float):
-                _need(math.isfinite(v), f"{key} must be a finite number, got {v}")
-            elif isinstance(v, int) and not isinstance(v, bool):
-                cap = INT_CAPS.get(key, MAX_INT)
-                _need(abs(v) <= cap, f"{key} must be at most {cap:,}, got {v:,}")
+            v = getattr(values, f.name)
+            if isinstance(v, kind) and not isinstance(v, bool):
+                yield (f"{section}.{f.name}" if section else f.name), v
+
+
+def _count_text(v: int) -> str:
+    return f"{v:,}" if abs(v) < 10**15 else f"a {len(str(abs(v)))}-digit number"
+
+
+def _check_floats(cfg: Config) -> None:
+    """Every float finite: an inf penalty weight would train NaNs, and NaN slips past every range check."""
+    for key, v in _numbers(cfg, float):
+        _need(math.isfinite(v), f"{key} must be a finite number, got {v}")
+
+
+def _check_ints(cfg: Config) -> None:
+    """Every integer within MAX_INT or its cap (after the specific range checks, whose messages say more)."""
+    for key, v in _numbers(cfg, int):
+        cap = INT_CAPS.get(key, MAX_INT)
+        _need(abs(v) <= cap, f"{key} must be at most {cap:,}, got {_count_text(v)}")
 
 
 def validate(cfg: Config) -> None:
@@ -239,7 +253,7 @@ def validate(cfg: Config) -> None:
     from .models import FAMILIES  # local: models import torch, config must stay light
     from .training.augment import OPS as AUGMENT_OPS
 
-    _check_numbers(cfg)
+    _check_floats(cfg)
     m, t, lo = cfg.model, cfg.train, cfg.loss
     _need(m.kind in FAMILIES, f"model.kind {m.kind!r} is unknown; choose one of: {', '.join(FAMILIES)}")
     _need(m.channels in (1, 3), f"model.channels must be 1 or 3, got {m.channels}")
@@ -250,7 +264,7 @@ def validate(cfg: Config) -> None:
     # The upper bounds are far above any GAN or VAE trained today; they keep a typo (or a hostile stored
     # config) from asking for terabytes.
     for name in ("latent_dim", "g_width", "d_width", "hidden"):
-        _need(0 < getattr(m, name) <= MAX_WIDTH, f"model.{name} must be from 1 to {MAX_WIDTH}, got {getattr(m, name)}")
+        _need(0 < getattr(m, name) <= MAX_WIDTH, f"model.{name} must be from 1 to {MAX_WIDTH}, got {_count_text(getattr(m, name))}")
     _need(0 <= m.num_classes <= MAX_WIDTH, f"model.num_classes must be from 0 to {MAX_WIDTH}")
     _need(lo.gan in GAN_LOSSES, f"loss.gan {lo.gan!r} is unknown; choose one of: {', '.join(GAN_LOSSES)}")
     _need(lo.gp_weight >= 0 and lo.r1_gamma >= 0, "loss.gp_weight and loss.r1_gamma must be >= 0")
@@ -308,6 +322,7 @@ def validate(cfg: Config) -> None:
     _need(t.precision in PRECISIONS, f"train.precision must be one of {', '.join(PRECISIONS)}, got {t.precision!r}")
     _need(re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", t.device) is not None,
           f"train.device must be auto, cpu, cuda or cuda:N, got {t.device!r}")
+    _check_ints(cfg)
 
 
 FAMILY_OPTIONS = {"spectral_norm": "dcgan (resnet_gan always has it)", "d_norm": "dcgan", "likelihood": "vae"}

@@ -136,3 +136,15 @@ def test_class_numbers_win_over_class_folders_named_with_digits_and_say_so():
     assert parse_classes("10", names, said.append) == [10] and "the class named '10' is number 9" in said[0]
     said.clear()
     assert parse_classes("0,cats", ["0", "cats"], said.append) == [0, 1] and said == []  # no ambiguity
+
+
+@pytest.mark.parametrize("n, nrow, channels", [(1, 8, 3), (2, 8, 1), (7, 3, 3), (9, 3, 1), (5, 1, 3)])
+def test_the_grid_is_laid_out_as_torchvisions_make_grid(n, nrow, channels):
+    from torchvision.utils import make_grid as torchvision_grid
+
+    from aigc_cli.sampling import make_grid
+
+    images = torch.randint(0, 256, (n, channels, 5, 4), dtype=torch.uint8)
+    ours = make_grid(images, nrow)
+    theirs = torchvision_grid(images, nrow=nrow, padding=2, pad_value=0)
+    assert torch.equal(ours, theirs[:channels])

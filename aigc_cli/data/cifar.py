@@ -38,7 +38,8 @@ def is_cifar_bin_folder(folder: str) -> bool:
 def read_batch(path: str) -> tuple[np.ndarray, np.ndarray]:
     """One batch file as images (N, 3, 32, 32) uint8 and labels (N,) uint8."""
     expected = RECORDS_PER_FILE * RECORD_BYTES
-    fix = f"delete it and pass --download to fetch the data set again, or unpack {ARCHIVE} again"
+    # `--download` applies to `--data cifar10`, not to a folder given by path: say the whole command.
+    fix = f"delete it and fetch the data set again (`--data cifar10 --download`), or unpack {ARCHIVE} again"
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
@@ -65,7 +66,7 @@ def load_cifar_bin_folder(folder: str, split: str) -> tuple[torch.Tensor, torch.
     missing = [os.path.basename(p) for p in paths if not os.path.isfile(p)]
     if missing:
         raise UsageError(f"CIFAR-10 folder {folder} lacks {', '.join(missing)} for the '{split}' split; "
-                         f"pass --download to fetch the data set, or unpack {ARCHIVE} again")
+                         f"fetch the data set (`--data cifar10 --download`), or unpack {ARCHIVE} again")
     n = len(paths) * RECORDS_PER_FILE
     # Filled file by file so peak memory is about one copy of the data set.
     images = np.empty((n, CHANNELS, SIZE, SIZE), dtype=np.uint8)

@@ -10,7 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from . import classifier, dcgan, mlp_gan, resnet_gan, vae
 
@@ -39,6 +41,30 @@ FAMILIES: dict[str, Family] = {
 
 def build_nets(model_cfg) -> dict[str, nn.Module]:
     return FAMILIES[model_cfg.kind].build(model_cfg)
+
+
+class _NoRandomInit(TorchFunctionMode):
+    """Random initialisations of meta tensors draw nothing: on the meta device torch runs them through
+    Python reference kernels whose first use imports torch._dynamo (2 s on every command)."""
+
+    INITS = {nn.init.normal_, nn.init.uniform_, nn.init.xavier_uniform_, nn.init.xavier_normal_,
+             nn.init.kaiming_uniform_, nn.init.kaiming_normal_, nn.init.trunc_normal_, nn.init.orthogonal_,
+             torch.Tensor.normal_, torch.Tensor.uniform_}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.INITS:
+            tensor = args[0] if args else kwargs.get("tensor")  # nn.init passes it by keyword
+            if isinstance(tensor, torch.Tensor) and tensor.is_meta:
+                return tensor
+        return func(*args, **kwargs)
+
+
+def build_shapes(model_cfg) -> dict[str, nn.Module]:
+    """build_nets on the meta device: every parameter's and buffer's name, shape and dtype, with no memory
+    and no initialisation, whatever sizes a (possibly hostile) config asks for; in milliseconds."""
+    with torch.device("meta"), _NoRandomInit():
+        return build_nets(model_cfg)
 
 
 def needs_labels(model_cfg) -> bool:

@@ -13,7 +13,28 @@ def sn(module: nn.Module, enabled: bool = True) -> nn.Module:
 
     One power iteration per training-mode forward pass; in eval mode the stored estimate is used.
     """
-    return parametrizations.spectral_norm(module) if enabled else module
+    if not enabled:
+        return module
+    if module.weight.is_meta:  # shapes only (models.build_shapes): no power iterations
+        parametrize.register_parametrization(module, "weight", _SpectralNormShapes(module))
+        return module
+    return parametrizations.spectral_norm(module)
+
+
+class _SpectralNormShapes(nn.Module):
+    """Stands in for torch's spectral norm on the meta device, where only names and shapes matter: the same
+    buffers (_u, _v) without the 15 power iterations, which there run through torch's Python reference
+    kernels (and import torch._dynamo): seconds on every command that checks a checkpoint."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        transposed = isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d))
+        matrix = module.weight.movedim(1 if transposed else 0, 0).flatten(1)  # as torch's _SpectralNorm
+        self.register_buffer("_u", torch.empty(matrix.shape[0], dtype=matrix.dtype, device="meta"))
+        self.register_buffer("_v", torch.empty(matrix.shape[1], dtype=matrix.dtype, device="meta"))
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight
 
 
 def raw_weight(module: nn.Module) -> torch.Tensor:
