@@ -252,16 +252,15 @@ def param_counts(ckpt: Checkpoint) -> dict[str, int]:
 
 def build_net(ckpt: Checkpoint, name: str, source: str | None = None) -> torch.nn.Module:
     """One network of the checkpoint's model with the file's weights (those of `source`, default `name`:
-    G with the G_ema weights, say), in fp32 on the CPU. Built on the CPU: load() has checked the file's
-    tensors against the config's shapes, so this allocates no more than the file already holds, and it
-    is 20x faster than a meta-device build (spectral norm's power iterations crawl through the meta
-    device's Python dispatch). The global RNG is left as it was (a resumed run must draw what it did)."""
-    from .models import build_nets
+    G with the G_ema weights, say), in fp32 on the CPU. Only this network is allocated (an export holds
+    G alone, and its config's D is never checked against anything), and nothing is randomly initialised:
+    it is laid out on the meta device, given memory, and filled from the file."""
+    from .models.layers import materialize_spectral_norm
 
     state = ckpt.net_state(source or name)
     if not state:
         raise UsageError(f"{ckpt.path}: holds no weights for network '{source or name}'")
-    with torch.random.fork_rng(devices=[]):
-        net = build_nets(ckpt.config.model)[name]
-    net.load_state_dict(state, strict=True)  # shapes were checked by load()
+    net = shapes_of(ckpt.config)[name].to_empty(device="cpu")
+    materialize_spectral_norm(net)
+    net.load_state_dict(state, strict=True)  # every parameter and buffer: shapes were checked by load()
     return net.float()

@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from aigc_cli.config import ModelConfig
-from aigc_cli.models import FAMILIES
+from aigc_cli.models import FAMILIES, build_nets
 from aigc_cli.models.layers import ConditionalBatchNorm2d, ProjectionHead, norm2d
 from aigc_cli.models import dcgan, resnet_gan, vae
 
@@ -437,3 +437,29 @@ def test_building_shapes_stays_fast_and_never_imports_dynamo():
             "for p in ('quickstart', 'cifar10-cond-sngan', 'fashion-mnist-vae')]; print('torch._dynamo' in sys.modules)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout == "False\n", r.stderr
+
+
+def test_a_net_built_from_a_checkpoint_computes_what_the_trained_one_did(tmp_path):
+    """build_net lays a net out on the meta device and fills it from the file; spectral norm (in D here)
+    becomes torch's own again, and the global RNG is not touched."""
+    from conftest import Silent, tiny
+
+    from aigc_cli import checkpoint as ckpt_io
+    from aigc_cli.training.loop import train
+
+    train(tiny("dcgan", spectral_norm=True, conditional=True).with_overrides(
+        {"train.steps": "2", "model.num_classes": "4"}), tmp_path / "r", Silent())
+    ck = ckpt_io.load(tmp_path / "r")
+    trained = build_nets(ck.config.model)
+    for name, net in trained.items():
+        net.load_state_dict(ck.net_state(name))
+        net.eval()
+    x, y = torch.rand(3, 1, 16, 16) * 2 - 1, torch.tensor([0, 1, 3])
+    rng = torch.get_rng_state()
+    D, G = ckpt_io.build_net(ck, "D").eval(), ckpt_io.build_net(ck, "G").eval()
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert parametrize.is_parametrized(D.head.linear, "weight") and type(D.head.linear.parametrizations.weight[0]).__name__ == "_SpectralNorm"
+    with torch.no_grad():
+        assert torch.allclose(D(x, y), trained["D"](x, y))
+        z = torch.randn(3, 8)
+        assert torch.equal(G(z, y), trained["G"](z, y))

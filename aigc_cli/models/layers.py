@@ -21,6 +21,17 @@ def sn(module: nn.Module, enabled: bool = True) -> nn.Module:
     return parametrizations.spectral_norm(module)
 
 
+def materialize_spectral_norm(net: nn.Module) -> None:
+    """After a shapes-only net was given memory (to_empty): torch's spectral norm in place of each stand-in,
+    before the weights are loaded. The global RNG is left as it was (a resumed run must draw what it did)."""
+    for module in net.modules():
+        if parametrize.is_parametrized(module, "weight") and isinstance(module.parametrizations.weight[0],
+                                                                        _SpectralNormShapes):
+            parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+            with torch.random.fork_rng(devices=[]):
+                parametrizations.spectral_norm(module)
+
+
 class _SpectralNormShapes(nn.Module):
     """Stands in for torch's spectral norm on the meta device, where only names and shapes matter: the same
     buffers (_u, _v) without the 15 power iterations, which there run through torch's Python reference
