@@ -78,11 +78,11 @@ def test_train_writes_the_run_folder(gan_run):
     assert summary["samples"].endswith("step-0000020.png")
 
 
-def test_sample_is_deterministic_per_seed(aigc, gan_run, tmp_path):
+def test_sample_is_deterministic_per_seed(aigc, cli, gan_run, tmp_path):
     out, _ = gan_run
     a, b, c = tmp_path / "a.png", tmp_path / "b.png", tmp_path / "c.png"
-    for path, seed in ((a, 7), (b, 7), (c, 8)):
-        r = aigc("sample", out, "--n", "9", "--seed", seed, "--out", path)
+    for path, seed, run in ((a, 7, aigc), (b, 7, cli), (c, 8, cli)):  # one process and another
+        r = run("sample", out, "--n", "9", "--seed", seed, "--out", path)
         assert r.code == 0, r.stderr
     assert a.read_bytes() == b.read_bytes()
     assert a.read_bytes() != c.read_bytes()
@@ -109,7 +109,7 @@ def test_same_command_same_seed_gives_identical_training(aigc, gan_run, tmp_path
     assert same == (out / "samples" / "step-0000020.png").read_bytes()
 
 
-def test_export_sample_and_info(aigc, gan_run, tmp_path):
+def test_export_sample_and_info(aigc, cli, gan_run, tmp_path):
     out, _ = gan_run
     art = tmp_path / "gen.safetensors"
     r = aigc("export", out, "--out", art, "--dtype", "fp16", "--json")
@@ -124,14 +124,14 @@ def test_export_sample_and_info(aigc, gan_run, tmp_path):
     assert r.code == 0, r.stderr
     assert png_size(tmp_path / "from-export.png") == (2 * 34 + 2, 2 * 34 + 2)
 
-    info_art = aigc("info", art, "--json").json()
+    info_art = cli("info", art, "--json").json()
     assert info_art["kind"] == "export" and info_art["step"] == 20 and list(info_art["parameters"]) == ["G"]
-    info_run = aigc("info", out, "--json").json()
+    info_run = cli("info", out, "--json").json()
     assert info_run["kind"] == "checkpoint" and info_run["images_seen"] == 20 * 64
     assert info_run["parameters"]["G"] == info_art["parameters"]["G"] > 0
     assert info_run["parameters"]["D"] > 0 and info_run["precision"] == "fp32"
     assert info_run["config"]["model"]["kind"] == "dcgan"
-    human = aigc("info", out)
+    human = cli("info", out)
     assert human.code == 0 and "dcgan" in human.stdout and "images seen" in human.stdout
 
 
@@ -149,25 +149,25 @@ def test_eval_with_domain_classifier(aigc, gan_run, classifier_ckpt):
     assert bad.code == 2 and "does not generate images" in bad.stderr
 
 
-def test_train_on_an_image_folder_with_spaces(aigc, image_folder, tmp_path):
+def test_train_on_an_image_folder_with_spaces(aigc, cli, image_folder, tmp_path):
     out = tmp_path / "folder run"
     r = aigc("train", "--preset", "folder-dcgan-64", "--data", image_folder, "--out", out, "--steps", "3",
              "--batch-size", "4", "--set", "model.resolution=16", "--set", "model.g_width=8",
              "--set", "model.d_width=8", "--json")
     assert r.code == 0, r.stderr
     assert png_size(out / "samples" / "step-0000003.png") == (8 * 18 + 2, 8 * 18 + 2)
-    r = aigc("sample", out, "--n", "1", "--out", tmp_path / "one.png")
+    r = cli("sample", out, "--n", "1", "--out", tmp_path / "one.png")
     assert r.code == 0 and png_size(tmp_path / "one.png") == (16, 16)  # make_grid leaves a single image unpadded
     # The folder's class subfolders make it a labelled source: a domain classifier for eval.
     clf = tmp_path / "folder clf"
-    r = aigc("train", "--preset", "shapes-classifier", "--data", image_folder, "--out", clf, "--steps", "5",
+    r = cli("train", "--preset", "shapes-classifier", "--data", image_folder, "--out", clf, "--steps", "5",
              "--batch-size", "4", "--set", "model.resolution=16", "--json")
     assert r.code == 0, r.stderr
-    r = aigc("eval", out, "--features", clf, "--n", "12", "--json")  # --data defaults to the training folder
+    r = cli("eval", out, "--features", clf, "--n", "12", "--json")  # --data defaults to the training folder
     assert r.code == 0, r.stderr
     assert r.json()["protocol"]["n_real"] == 12 and r.json()["metrics"]["fid"] >= 0
-    r = aigc("export", out, "--out", tmp_path / "folder gen.safetensors", "--json")
-    assert r.code == 0 and r.json()["parameters"] == aigc("info", out, "--json").json()["parameters"]["G"]
+    r = cli("export", out, "--out", tmp_path / "folder gen.safetensors", "--json")
+    assert r.code == 0 and r.json()["parameters"] == cli("info", out, "--json").json()["parameters"]["G"]
 
 
 def test_presets_list_and_show(aigc):
@@ -198,21 +198,21 @@ def one_line_error(r) -> str:
     (["train", "--preset", "quickstart", "--data", "mnist"], "--download"),
     (["sample", "/no/such/ckpt.safetensors"], "no such checkpoint"),
 ])
-def test_bad_input_is_one_line_exit_2(aigc, args, expect):
-    assert expect in one_line_error(aigc(*args))
+def test_bad_input_is_one_line_exit_2(cli, args, expect):
+    assert expect in one_line_error(cli(*args))
 
 
-def test_bad_files_are_one_line_exit_2(aigc, tmp_path):
+def test_bad_files_are_one_line_exit_2(aigc, cli, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert str(empty) in one_line_error(aigc("train", "--preset", "quickstart", "--data", empty))
     text = tmp_path / "notes.safetensors"
     text.write_text("this is not a checkpoint")
-    assert "notes.safetensors" in one_line_error(aigc("info", text))
-    assert "no checkpoint" in one_line_error(aigc("sample", empty))
+    assert "notes.safetensors" in one_line_error(cli("info", text))
+    assert "no checkpoint" in one_line_error(cli("sample", empty))
 
 
-def test_damaged_checkpoints_are_one_line_exit_2(aigc, gan_run, tmp_path):
+def test_damaged_checkpoints_are_one_line_exit_2(aigc, cli, gan_run, tmp_path):
     data = (gan_run[0] / "checkpoints" / "last.safetensors").read_bytes()
     cut = tmp_path / "cut.safetensors"
     cut.write_bytes(data[: len(data) // 3])
@@ -222,12 +222,12 @@ def test_damaged_checkpoints_are_one_line_exit_2(aigc, gan_run, tmp_path):
     at = data.index(b'"aigc.model":"dcgan"', 0, 8 + header_len)
     tampered[at + 14:at + 19] = b"vae  "[:5]  # same length, so the header still parses
     (tmp_path / "tampered.safetensors").write_bytes(bytes(tampered))
-    assert "tampered.safetensors" in one_line_error(aigc("info", tmp_path / "tampered.safetensors"))
+    assert "tampered.safetensors" in one_line_error(cli("info", tmp_path / "tampered.safetensors"))
     assert "tampered.safetensors" in one_line_error(
-        aigc("train", "--resume", tmp_path / "tampered.safetensors", "--out", tmp_path / "r"))
+        cli("train", "--resume", tmp_path / "tampered.safetensors", "--out", tmp_path / "r"))
 
 
-def test_bad_image_files_warn_or_fail_with_strict(aigc, image_folder, tmp_path):
+def test_bad_image_files_warn_or_fail_with_strict(aigc, cli, image_folder, tmp_path):
     (image_folder / "cats" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     (image_folder / "cats" / "empty.jpg").write_bytes(b"")
     args = ["train", "--preset", "folder-dcgan-64", "--data", image_folder, "--steps", "1", "--batch-size", "4",
@@ -236,12 +236,12 @@ def test_bad_image_files_warn_or_fail_with_strict(aigc, image_folder, tmp_path):
     assert r.code == 0, r.stderr
     warned = [s for s in r.stderr.splitlines() if "broken.png" in s or "empty.jpg" in s]
     assert len(warned) == 2 and "skipped 2 of 14" in r.stderr
-    line = one_line_error(aigc(*args, "--out", tmp_path / "strict", "--strict"))
+    line = one_line_error(cli(*args, "--out", tmp_path / "strict", "--strict"))
     assert "broken.png" in line or "empty.jpg" in line
 
 
 @pytest.mark.parametrize("kind", ["vae", "mlp_gan"])
-def test_other_families_train_sample_and_eval(aigc, classifier_ckpt, tmp_path, kind):
+def test_other_families_train_sample_and_eval(aigc, cli, classifier_ckpt, tmp_path, kind):
     out = tmp_path / kind
     r = aigc("train", "--preset", "quickstart", "--out", out, "--steps", "10", "--set", f"model.kind={kind}",
              "--set", "model.g_width=16", "--set", "model.d_width=16", "--set", "data.limit=256",
@@ -250,7 +250,7 @@ def test_other_families_train_sample_and_eval(aigc, classifier_ckpt, tmp_path, k
     assert png_size(out / "samples" / "step-0000010.png") == (4 * 34 + 2, 4 * 34 + 2)
     if kind == "vae":  # inputs above, reconstructions below: 2 rows of 4
         assert png_size(out / "samples" / "recon-step-0000010.png") == (4 * 34 + 2, 4 * 34 + 2)
-    r = aigc("eval", out, "--features", classifier_ckpt, "--n", "100", "--json")
+    r = cli("eval", out, "--features", classifier_ckpt, "--n", "100", "--json")
     assert r.code == 0, r.stderr
     m = r.json()["metrics"]
     assert m["fid"] > 0
@@ -268,20 +268,20 @@ def test_other_families_train_sample_and_eval(aigc, classifier_ckpt, tmp_path, k
     (["sample", "/no/ckpt", "--out", "grid.jpg"], ".png"),
     (["train", "--preset", "quickstart", "--steps", "3", "--epochs", "1"], "give --steps or --epochs, not both"),
 ])
-def test_more_bad_input_is_one_line_exit_2(aigc, args, expect):
-    assert expect in one_line_error(aigc(*args))
+def test_more_bad_input_is_one_line_exit_2(cli, args, expect):
+    assert expect in one_line_error(cli(*args))
 
 
-def test_bad_output_paths_and_devices_are_one_line_exit_2(aigc, gan_run, tmp_path):
+def test_bad_output_paths_and_devices_are_one_line_exit_2(cli, gan_run, tmp_path):
     out, _ = gan_run
-    assert "is a folder" in one_line_error(aigc("sample", out, "--n", "1", "--out", tmp_path))
-    assert "is a folder" in one_line_error(aigc("export", out, "--out", tmp_path))
+    assert "is a folder" in one_line_error(cli("sample", out, "--n", "1", "--out", tmp_path))
+    assert "is a folder" in one_line_error(cli("export", out, "--out", tmp_path))
     (tmp_path / "file.txt").write_text("x")
-    assert "not a folder" in one_line_error(aigc("sample", out, "--n", "1", "--individual", tmp_path / "file.txt"))
-    assert "--device" in one_line_error(aigc("sample", out, "--n", "1", "--device", "tpu", "--out", tmp_path / "a.png"))
+    assert "not a folder" in one_line_error(cli("sample", out, "--n", "1", "--individual", tmp_path / "file.txt"))
+    assert "--device" in one_line_error(cli("sample", out, "--n", "1", "--device", "tpu", "--out", tmp_path / "a.png"))
 
 
-def test_conditional_sampling_by_class_and_ema(aigc, image_folder, gan_run, tmp_path):
+def test_conditional_sampling_by_class_and_ema(aigc, cli, image_folder, gan_run, tmp_path):
     out = tmp_path / "cond"
     r = aigc("train", "--preset", "folder-cond-sngan-64", "--data", image_folder, "--out", out, "--steps", "2",
              "--batch-size", "4", "--set", "model.resolution=16", "--set", "model.g_width=16",
@@ -289,29 +289,29 @@ def test_conditional_sampling_by_class_and_ema(aigc, image_folder, gan_run, tmp_
     assert r.code == 0, r.stderr
     r = aigc("sample", out, "--class", "1", "--n", "3", "--out", tmp_path / "one-class.png")
     assert r.code == 0 and png_size(tmp_path / "one-class.png") == (3 * 18 + 2, 18 + 2)  # one row: class 1
-    r = aigc("sample", out, "--class", "Dogs", "--n", "3", "--out", tmp_path / "by-name.png")  # its folder's name
+    r = cli("sample", out, "--class", "Dogs", "--n", "3", "--out", tmp_path / "by-name.png")  # its folder's name
     assert r.code == 0 and (tmp_path / "by-name.png").read_bytes() == (tmp_path / "one-class.png").read_bytes()
-    r = aigc("sample", out, "--class", "dogs,0", "--n", "2", "--out", tmp_path / "mixed.png")
+    r = cli("sample", out, "--class", "dogs,0", "--n", "2", "--out", tmp_path / "mixed.png")
     assert r.code == 0 and png_size(tmp_path / "mixed.png") == (18 + 2, 2 * 18 + 2)
     assert "not a class number or name (this model's classes are cats, dogs)" in one_line_error(
-        aigc("sample", out, "--class", "birds"))
-    r = aigc("sample", out, "--n", "6", "--out", tmp_path / "all.png")
+        cli("sample", out, "--class", "birds"))
+    r = cli("sample", out, "--n", "6", "--out", tmp_path / "all.png")
     assert r.code == 0 and png_size(tmp_path / "all.png") == (3 * 18 + 2, 2 * 18 + 2)  # a row per class
-    r = aigc("sample", out, "--n", "6", "--out", tmp_path / "raw.png", "--no-ema")
+    r = cli("sample", out, "--n", "6", "--out", tmp_path / "raw.png", "--no-ema")
     assert r.code == 0 and (tmp_path / "raw.png").read_bytes() != (tmp_path / "all.png").read_bytes()
-    assert "classes 0..1 (0 cats, 1 dogs)" in one_line_error(aigc("sample", out, "--class", "5"))
-    assert "unconditional" in one_line_error(aigc("sample", gan_run[0], "--class", "0"))
+    assert "classes 0..1 (0 cats, 1 dogs)" in one_line_error(cli("sample", out, "--class", "5"))
+    assert "unconditional" in one_line_error(cli("sample", gan_run[0], "--class", "0"))
     r = aigc("export", out, "--out", tmp_path / "g.safetensors", "--json")
     assert r.code == 0
     again = aigc("sample", tmp_path / "g.safetensors", "--n", "6", "--out", tmp_path / "exported.png")
     assert again.code == 0 and (tmp_path / "exported.png").read_bytes() == (tmp_path / "all.png").read_bytes()
     # An export holds the EMA weights only: --no-ema cannot be honoured, so it is refused, not ignored.
     assert "is an export of the EMA weights only" in one_line_error(
-        aigc("sample", tmp_path / "g.safetensors", "--no-ema", "--out", tmp_path / "x.png"))
-    assert aigc("export", tmp_path / "g.safetensors", "--out", tmp_path / "g2.safetensors").code == 0
+        cli("sample", tmp_path / "g.safetensors", "--no-ema", "--out", tmp_path / "x.png"))
+    assert cli("export", tmp_path / "g.safetensors", "--out", tmp_path / "g2.safetensors").code == 0
     for export in ("g.safetensors", "g2.safetensors"):  # eval's protocol reads this too
         assert ckpt_io.load(tmp_path / export).generator_weights() == ("G", "G_ema")
-        assert json.loads(aigc("info", tmp_path / export, "--json").stdout)["weights"] == "G_ema"
+        assert json.loads(cli("info", tmp_path / export, "--json").stdout)["weights"] == "G_ema"
 
 
 def test_sigterm_during_sample_leaves_no_temporary_files(aigc_env, gan_run, tmp_path):
