@@ -170,13 +170,13 @@ def test_train_on_an_image_folder_with_spaces(aigc, cli, image_folder, tmp_path)
     assert r.code == 0 and r.json()["parameters"] == cli("info", out, "--json").json()["parameters"]["G"]
 
 
-def test_presets_list_and_show(aigc):
+def test_presets_list_and_show(aigc, cli):
     r = aigc("presets", "list")
     assert r.code == 0
     for name in ("quickstart", "mnist-mlp-gan", "fashion-mnist-dcgan", "fashion-mnist-vae", "cifar10-dcgan",
                  "folder-dcgan-64", "fashion-mnist-classifier"):
         assert name in r.stdout
-    r = aigc("presets", "show", "mnist-mlp-gan")
+    r = cli("presets", "show", "mnist-mlp-gan")
     assert r.code == 0 and 'kind = "mlp_gan"' in r.stdout
 
 
