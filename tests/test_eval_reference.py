@@ -254,3 +254,6 @@ def test_a_reference_from_another_extractor_precision_is_pointed_out(runs, tmp_p
     code, _, err = run_cli(monkeypatch, capsys, "eval", runs / "gan", "--ref", ref, "--features", runs / "clf",
                            "--n", 20, "--metrics", "fid", "--precision", "fp32")
     assert code == 0 and "extractor in" not in err, err
+    code, _, err = run_cli(monkeypatch, capsys, "eval", runs / "gan", "--ref", ref, "--features", runs / "clf",
+                           "--n", 20, "--metrics", "is")
+    assert code == 0 and f"--ref {ref} was not used: is needs no real statistics" in err, err

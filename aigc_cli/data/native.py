@@ -64,11 +64,14 @@ def load_folder_native(path: str, *, warn: Callable[[str], None], strict: bool =
     if not rels:
         raise UsageError(f"{what} {path}: no images ({'/'.join(folder.EXTENSIONS)}) found in it")
 
+    rejected = []
+
     def reject(rel: str, e: BaseException) -> None:
         reason = folder.describe_error(e)
         if strict:
             raise UsageError(f"cannot use image file {folder.one_line(os.path.join(path, rel))}: {reason}")
         warn(f"skipping {folder.one_line(rel)}: {reason}")
+        rejected.append(rel)
 
     def header(rel):
         try:
@@ -108,4 +111,6 @@ def load_folder_native(path: str, *, warn: Callable[[str], None], strict: bool =
             kept += 1
     if not kept:
         raise UsageError(f"{what} {path}: none of its {len(rels)} image files could be read")
+    if rejected:  # as training's loader ends: one count after the per-file lines
+        warn(f"skipped {len(rejected)} of {len(rels)} files under {folder.one_line(path)} (unreadable or not images)")
     return torch.from_numpy(out[:kept])

@@ -175,6 +175,12 @@ def check_reference_matches(ref: Reference, extractor, warn) -> None:
              f"precision moves features (bf16 by about 1%); pass --precision {theirs} to compare like with like")
 
 
+def _say_if_unused(ref: str | None, chosen: list[str], warn) -> None:
+    if ref and not any(x in chosen for x in NEEDS_REAL):
+        warn(f"--ref {ref} was not used: {', '.join(chosen)} need{'s' if len(chosen) == 1 else ''} "
+             "no real statistics")
+
+
 def open_extractor(features, inception_weights, device, precision, download_weights: bool = False):
     if download_weights and not features:
         from .weights import ensure_weights  # noqa: PLC0415
@@ -201,6 +207,7 @@ def evaluate(ckpt: ckpt_io.Checkpoint, *, data: str, root: str | None, download:
     chosen = choose_metrics(metrics, vae_possible=vae_possible, vae_reason=vae_reason,
                             real_features=reference is None or reference.features is not None,
                             ref_note=f"--ref {ref} holds only mu and sigma (no features)")
+    _say_if_unused(ref, chosen, warn)
     if extractor is None and any(x in chosen for x in GAN_METRICS):
         extractor = open_extractor(features, inception_weights, amp.device, precision, download_weights)
     if isinstance(extractor, ClassifierFeatures) and extractor.data_source != data and reference is None:
@@ -261,13 +268,14 @@ def evaluate_folder(fake_dir: str, *, data: str | None, root: str | None, downlo
                             vae_reason="needs a VAE checkpoint; --fake scores images only",
                             real_features=reference is None or reference.features is not None,
                             ref_note=f"--ref {ref} holds only mu and sigma (no features)")
+    _say_if_unused(ref, chosen, warn)
     needs_real = any(x in chosen for x in NEEDS_REAL)
     if needs_real and reference is None and not data:
         raise UsageError("--fake DIR needs --data SOURCE (or --ref FILE) for the real side")
+    if extractor is None:  # before reading the folder: missing weights are said at once
+        extractor = open_extractor(features, inception_weights, dev, precision, download_weights)
     fakes = load_folder_native(os.path.expanduser(fake_dir), warn=warn, strict=strict, what="--fake folder")
     fakes = fakes[real_indices(len(fakes), n, seed)]
-    if extractor is None:
-        extractor = open_extractor(features, inception_weights, dev, precision, download_weights)
     protocol: dict = {**extractor.protocol, "extractor_precision": extractor.protocol.get("precision"),
                       "fake_folder": str(fake_dir), "n_fake": len(fakes), "seed": seed,
                       "precision": extractor_precision(precision),
