@@ -21,7 +21,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .config import Config, config_from_dict
+from .config import Config, config_from_dict, value_error_reason
 from .errors import UsageError
 from .files import atomic_write
 
@@ -173,8 +173,9 @@ def load(path_or_run: str | os.PathLike, *, device: str = "cpu") -> Checkpoint:
         raise UsageError(f"{path}: unknown aigc.kind {meta.get('aigc.kind')!r}")
     try:
         cfg = config_from_dict(json.loads(meta.get("aigc.config", "")))
-    except (json.JSONDecodeError, UsageError) as e:
-        raise UsageError(f"{path}: its stored config is invalid ({e})") from None
+    except (ValueError, UsageError) as e:  # ValueError: bad JSON, or an integer of over 4300 digits
+        reason = value_error_reason(e) if isinstance(e, ValueError) else str(e)
+        raise UsageError(f"{path}: its stored config is invalid ({reason})") from None
     except RecursionError:
         raise UsageError(f"{path}: its stored config is invalid (nested too deeply)") from None
     if cfg.model.conditional and cfg.model.num_classes < 1:  # training sets it from the data: never 0

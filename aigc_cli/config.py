@@ -165,6 +165,18 @@ def _split_key(key: str) -> tuple[str | None, str]:
     return section, name
 
 
+def value_error_reason(e: ValueError) -> str:
+    """One line for a parser's ValueError; Python's own advice on long integers is not the user's to follow."""
+    text = str(e)
+    return "an integer of more than 4300 digits" if "integer string conversion" in text else text.splitlines()[0][:200]
+
+
+def _shown(value: Any) -> str:
+    """A value as an error message quotes it: its repr, cut short (a pasted 5000-digit number)."""
+    text = repr(value) if not isinstance(value, int) or abs(value) < 10**40 else f"a {len(str(abs(value)))}-digit number"
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def _convert(key: str, value: Any, ftype: type) -> Any:
     """Convert a TOML/JSON value or a `--set` string to the field's type, or fail with a clear message."""
     if isinstance(value, str) and ftype is not str:
@@ -180,11 +192,11 @@ def _convert(key: str, value: Any, ftype: type) -> Any:
                 return ftype(text) if ftype is float else int(text, 10)
             except ValueError:
                 pass
-        raise UsageError(f"config key '{key}' expects {ftype.__name__}, got {value!r}")
+        raise UsageError(f"config key '{key}' expects {ftype.__name__}, got {_shown(value)}")
     if ftype is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if type(value) is not ftype:
-        raise UsageError(f"config key '{key}' expects {ftype.__name__}, got {type(value).__name__} {value!r}")
+        raise UsageError(f"config key '{key}' expects {ftype.__name__}, got {type(value).__name__} {_shown(value)}")
     return value
 
 
@@ -217,8 +229,14 @@ def _need(ok: bool, message: str) -> None:
 
 MAX_WIDTH = 65536
 MAX_INT = 10**12  # any integer setting; past it a count, a step or a size is a typo (and may overflow torch)
-# Tighter caps where one value sizes a single allocation or loop: a typo must fail here, not hours in.
+# Tighter caps, checked when training starts, where one value sizes a single allocation or loop: a typo
+# must fail at once, not hours in. Not in validate(): a stored config from before them must still load.
 INT_CAPS = {"train.n_samples": 4096, "train.n_critic": 100, "train.batch_size": 2**20, "train.eval_n": 10**7}
+
+
+def _value(cfg: Config, key: str) -> Any:
+    section, _, name = key.rpartition(".")
+    return getattr(getattr(cfg, section) if section else cfg, name)
 
 
 def _numbers(cfg: Config, kind: type):
@@ -242,10 +260,9 @@ def _check_floats(cfg: Config) -> None:
 
 
 def _check_ints(cfg: Config) -> None:
-    """Every integer within MAX_INT or its cap (after the specific range checks, whose messages say more)."""
+    """Every integer within MAX_INT (after the specific range checks, whose messages say more)."""
     for key, v in _numbers(cfg, int):
-        cap = INT_CAPS.get(key, MAX_INT)
-        _need(abs(v) <= cap, f"{key} must be at most {cap:,}, got {_count_text(v)}")
+        _need(abs(v) <= MAX_INT, f"{key} must be at most {MAX_INT:,}, got {_count_text(v)}")
 
 
 def validate(cfg: Config) -> None:
@@ -328,12 +345,17 @@ def validate(cfg: Config) -> None:
 FAMILY_OPTIONS = {"spectral_norm": "dcgan (resnet_gan always has it)", "d_norm": "dcgan", "likelihood": "vae"}
 
 
-def check_options_apply(cfg: Config, base: Config | None = None) -> None:
+def check_for_training(cfg: Config, base: Config | None = None) -> None:
     """At the start of training: a model option the family does not read (spectral norm on an MLP GAN)
-    is refused rather than silently ignored. Not part of validate(): a stored config from before this
-    check must still load. `base` is the resumed run's config, whose own values are let be."""
+    is refused rather than silently ignored, and INT_CAPS hold. Not part of validate(): a stored config
+    from before these checks must still load. `base` is the resumed run's config, whose own values are
+    let be."""
     from .models import FAMILIES
 
+    for key, v in _numbers(cfg, int):
+        cap = INT_CAPS.get(key)
+        if cap is not None and abs(v) > cap and (base is None or v != _value(base, key)):
+            raise UsageError(f"{key} must be at most {cap:,}, got {_count_text(v)}")
     m, default = cfg.model, ModelConfig()
     for name, owner in FAMILY_OPTIONS.items():
         value = getattr(m, name)
@@ -368,8 +390,8 @@ def preset_text(name: str) -> str:
 def parse_toml(text: str, origin: str) -> Config:
     try:
         data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise UsageError(f"{origin}: invalid TOML: {e}") from None
+    except ValueError as e:  # TOMLDecodeError, or an integer of over 4300 digits (Python's conversion limit)
+        raise UsageError(f"{origin}: invalid TOML: {value_error_reason(e)}") from None
     return config_from_dict(data)
 
 

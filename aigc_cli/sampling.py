@@ -6,6 +6,7 @@ import contextlib
 import math
 import os
 import tempfile
+import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -161,23 +162,38 @@ def pngs_in(folder: str | os.PathLike | None) -> set[str]:
 
 @contextlib.contextmanager
 def filling(folder: str | os.PathLike | None, n: int, what: str, warn) -> Iterator[None]:
-    """Around writing n PNGs into `folder` (nothing when None): the folder is made and checked writable
-    before any work, and if the writing stops early (a signal, a full disk) a warning says the folder
-    holds an incomplete set, which a later `aigc eval --fake` would score as if it were whole."""
+    """Around a command that writes n PNGs (000000.png ...) into `folder` (nothing when None): the folder is
+    made and checked writable before any work. If the command fails after writing some but not all of
+    them (a signal, a full disk), a warning says the folder holds an incomplete set, which a later `aigc
+    eval --fake` would score as if it were whole; a folder it made and left empty is removed."""
     if folder is None:
         yield
         return
     folder = Path(folder)
+    existed = folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     try:  # a real write: permission bits say nothing for root, and a read-only mount shows only here
         tempfile.TemporaryFile(dir=folder).close()
     except OSError as e:
         raise OSError(e.errno, e.strerror, str(folder)) from None
+    start = time.time_ns() - 1_000_000_000  # a second of slack for coarse file-system timestamps
     try:
         yield
     except BaseException:
-        warn(f"{what}: stopped before all {n} images were written; the folder holds an incomplete set")
+        written = _written_since(folder, start)
+        if 0 < written < n:
+            warn(f"{what}: stopped after {written} of the {n} images were written; the folder holds an incomplete set")
+        if not existed and not any(folder.iterdir()):
+            folder.rmdir()
         raise
+
+
+def _written_since(folder: Path, start_ns: int) -> int:
+    try:
+        return sum(1 for e in os.scandir(folder) if e.name.endswith(".png") and e.name[:-4].isdigit()
+                   and e.stat().st_mtime_ns >= start_ns)
+    except OSError:
+        return 0
 
 
 def warn_stale_pngs(before: set[str], n: int, what: str, warn) -> None:

@@ -59,6 +59,7 @@ def config_with(loaded, section, key, value):
     ("deep config", "nested too deeply"),
     ("huge latent", "model.latent_dim must be from 1 to 65536"),
     ("huge width", "model.d_width must be from 1 to 65536"),
+    ("5000-digit step count", "its stored config is invalid (an integer of more than 4300 digits)"),
 ])
 def test_what_the_file_holds_is_checked_on_load(tmp_path, base, case, expect):
     _, loaded = base
@@ -85,6 +86,8 @@ def test_what_the_file_holds_is_checked_on_load(tmp_path, base, case, expect):
         meta["aigc.config"] = "[" * 100_000 + "]" * 100_000
     elif case == "huge latent":
         meta = config_with(loaded, "model", "latent_dim", 10**400)
+    elif case == "5000-digit step count":  # json.loads raises a plain ValueError for it
+        meta = {"aigc.config": loaded.meta["aigc.config"].replace('"steps": ', '"steps": ' + "9" * 5000, 1)}
     elif case == "huge width":
         meta = config_with(loaded, "model", "d_width", 3_000_000)
     bad = tampered(tmp_path, loaded, tensors, meta)

@@ -44,9 +44,7 @@ def test_overrides_convert_types():
     ("loss.gan=wgan-gp", "d_norm"), ("train.diffaugment=flip", "unknown 'flip'"),
     ("loss.gp_weight=inf", "loss.gp_weight must be a finite number"), ("loss.recon_sigma=nan", "finite"),
     ("loss.vae_beta=1e400", "finite"), ("loss.r1_gamma=inf", "finite"),
-    ("train.steps=10000000000000", "at most 1,000,000,000,000"), ("train.n_samples=5000", "at most 4,096"),
-    ("train.batch_size=2000000", "at most 1,048,576"), ("train.n_critic=101", "at most 100"),
-    ("train.eval_n=100000000", "at most 10,000,000"), ("data.limit=" + "9" * 40, "data.limit must be at most"),
+    ("train.steps=10000000000000", "at most 1,000,000,000,000"), ("data.limit=" + "9" * 40, "data.limit must be at most"),
 ])
 def test_bad_overrides_fail_cleanly(item, message):
     with pytest.raises(UsageError, match=message):
@@ -65,6 +63,16 @@ def test_a_preset_file_that_is_not_utf8_is_one_line_error(monkeypatch, capsys, t
         code, out, err = run_cli(monkeypatch, capsys, *args)
         assert code == 2 and err.count("\n") == 1 and "not UTF-8" in err and out == "", err
     assert not (tmp_path / "run").exists()
+
+
+def test_integers_past_pythons_digit_limit_are_one_line_errors(tmp_path):
+    p = tmp_path / "big.toml"
+    p.write_text("[train]\nsteps = " + "9" * 5000 + "\n")
+    with pytest.raises(UsageError, match="invalid TOML: an integer of more than 4300 digits$"):
+        load_preset(str(p))
+    with pytest.raises(UsageError) as e:
+        Config().with_overrides(parse_assignments(["train.steps=" + "9" * 5000]))
+    assert len(str(e.value)) < 200
 
 
 def test_preset_file_path_is_accepted(tmp_path):
@@ -166,10 +174,24 @@ def test_model_options_the_family_ignores_are_refused_at_train_time(monkeypatch,
 
 
 def test_options_a_family_reads_pass_and_a_stored_config_is_let_be():
-    from aigc_cli.config import check_options_apply
+    from aigc_cli.config import check_for_training
 
-    check_options_apply(load_preset("quickstart").with_overrides({"model.spectral_norm": "true", "model.d_norm": "none"}))
+    check_for_training(load_preset("quickstart").with_overrides({"model.spectral_norm": "true", "model.d_norm": "none"}))
     stored = load_preset("mnist-mlp-gan").with_overrides({"model.spectral_norm": "true"})  # loads: not in validate()
-    check_options_apply(stored, base=stored)  # resuming a run saved before the check
+    check_for_training(stored, base=stored)  # resuming a run saved before the check
     with pytest.raises(UsageError, match="spectral_norm"):
-        check_options_apply(stored)
+        check_for_training(stored)
+
+
+@pytest.mark.parametrize("item, expect", [
+    ("train.n_samples=5000", "train.n_samples must be at most 4,096, got 5,000"),
+    ("train.batch_size=2000000", "at most 1,048,576"), ("train.n_critic=101", "at most 100"),
+    ("train.eval_n=100000000", "at most 10,000,000"),
+])
+def test_tighter_caps_hold_when_training_starts_but_stored_configs_still_load(item, expect):
+    from aigc_cli.config import check_for_training
+
+    cfg = Config().with_overrides(parse_assignments([item]))  # validate(): a stored config like this loads
+    with pytest.raises(UsageError, match=expect):
+        check_for_training(cfg)
+    check_for_training(cfg, base=cfg)  # resuming a run saved before the caps

@@ -402,3 +402,24 @@ def test_labelled_training_refuses_one_class_and_notes_label_gaps(tmp_path):
     assert any(n.startswith("held-out accuracy not measured: no t10k-images") for n in reporter.notes), reporter.notes
     assert ("the labels run from 0 to 255 but only 2 of those numbers occur: model 'classifier' gets 256 classes, "
             "254 of them never seen in training") in reporter.notes
+
+
+def test_held_out_accuracy_is_measured_without_autograd():
+    from conftest import tiny
+
+    from aigc_cli.training.loop import classifier_accuracy
+    from aigc_cli.training.precision import Precision
+
+    seen = []
+
+    class Recording(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(4))
+
+        def forward(self, x):
+            seen.append(torch.is_inference_mode_enabled())
+            return self.w.expand(len(x), 4)
+
+    accuracy = classifier_accuracy(Recording(), tiny("classifier"), Precision("fp32", torch.device("cpu")))
+    assert 0 <= accuracy <= 1 and seen and all(seen)

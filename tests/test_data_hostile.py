@@ -500,7 +500,15 @@ def test_linked_class_folders_are_followed_once_and_loops_end(tmp_path):
     os.symlink(d, d / "dogs" / "loop")  # back to the top: listed once, then noted
     data, got = load(d)
     assert data.class_names == ("cats", "dogs") and data.labels.tolist() == [0, 0, 1]
-    assert got == ["skipping folder dogs/loop/: a link to a folder listed already"]
+    assert got == ["skipping folder dogs/loop/: the same folder as one listed already (through a link)"]
+    assert load(d, strict=True)[0].class_names == ("cats", "dogs")  # a folder seen twice is no bad file
+    # Two paths to one folder: the real one is kept whatever order the file system lists them in.
+    for name in ("a_link", "z_link"):
+        os.symlink(d / "dogs", d / name)
+    data, got = load(d)
+    assert data.class_names == ("cats", "dogs") and len(got) == 3 and all("(through a link)" in g for g in got)
+    assert {g.split(":")[0] for g in got} == {"skipping folder dogs/loop/", "skipping folder a_link/",
+                                              "skipping folder z_link/"}
 
 
 def test_unreadable_subfolders_are_named_and_strict_stops(tmp_path, monkeypatch):

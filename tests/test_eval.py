@@ -92,7 +92,7 @@ def test_vae_bits_per_dim_follow_from_the_negative_elbo(tmp_path, likelihood):
                               metrics=["neg_elbo", "bpd"])
     m = r["metrics"]
     assert set(m) == {"neg_elbo", "bpd"} and m["neg_elbo"] > 0 and r["protocol"]["n_heldout"] == 40
-    assert "n_fake" not in r["protocol"]  # the VAE scores generate nothing
+    assert r["protocol"]["n_fake"] == 0  # the VAE scores generate nothing
     for batch_size in (1, 7, 40):  # the posterior noise per image does not depend on how they are batched
         again = evaluate_mod.evaluate(ck, data="shapes", root=None, download=False, features=None, n=40,
                                       batch_size=batch_size, seed=0, device="cpu", precision="fp32", warn=print,
@@ -142,7 +142,8 @@ def test_eval_command_names_what_is_wrong_before_any_work(monkeypatch, capsys, r
     Image.new("L", (16, 16)).save(one / "0.png")
     for args, expect in [
         (["--save-fakes", tmp_path / "a file" / "sub"], f"{tmp_path / 'a file'}"),  # cannot be made: before any work
-        (["--features", tmp_path / "nothing"], f"--features {tmp_path / 'nothing'}: no such checkpoint"),
+        (["--features", tmp_path / "nothing", "--save-fakes", tmp_path / "fk"],
+         f"--features {tmp_path / 'nothing'}: no such checkpoint"),
         (["--data", one], f"the real data ({one}) has 1 image; feature statistics need at least 2"),
         (["--metrics", ",,"], "names no metric"),
     ]:
@@ -150,7 +151,9 @@ def test_eval_command_names_what_is_wrong_before_any_work(monkeypatch, capsys, r
                                  "--n", "20", *args)
         errors = [line for line in err.splitlines() if not line.startswith("warning: ")]
         assert code == 2 and len(errors) == 1 and expect in errors[0], (args, err)
+        assert "incomplete set" not in err  # nothing was written
     assert not (tmp_path / "cache" / "stats").exists() or not any((tmp_path / "cache" / "stats").iterdir())
+    assert not (tmp_path / "fk").exists()  # made for --save-fakes, left empty by the failure: removed
     code, out, err = run_cli(monkeypatch, capsys, "eval", "stats", "--data", one, "--features", clf, "--split", "test",
                              "--out", tmp_path / "r.npz")
     assert code == 2 and "has no held-out split" in err and not (tmp_path / "r.npz").exists()

@@ -112,7 +112,7 @@ def evaluate(
         return
     p = result["protocol"]
     against = f" vs {p.get('real_data', p.get('reference', ''))}" if "reference" in p else ""
-    counts = ([f"{p['n_fake']} generated"] if "n_fake" in p else []) + (
+    counts = ([f"{p['n_fake']} generated"] if p.get("n_fake") else []) + (
         [f"{p['n_real']} real ({p['reference']})"] if "n_real" in p else []) + (
         [f"{p['n_heldout']} held-out"] if "n_heldout" in p else []) + (
         [f"features {p['extractor']}"] if "extractor" in p else [])

@@ -53,7 +53,7 @@ def train(
     quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
 ) -> None:
     """Train a model from a preset; writes checkpoints, sample grids and metrics.jsonl to the run folder."""
-    from ..config import check_options_apply, load_preset, parse_assignments
+    from ..config import check_for_training, load_preset, parse_assignments
     from ..data import BUILTIN_SOURCES
     from ..errors import UsageError
     from ..training.state import find_resume
@@ -88,7 +88,7 @@ def train(
         cfg = cfg.with_overrides({"data.source": str(Path(cfg.data.source).expanduser().resolve())})
     if steps is not None and epochs is None and cfg.train.epochs:
         cfg = cfg.with_overrides({"train.epochs": 0})  # an explicit --steps wins over a preset's epochs
-    check_options_apply(cfg, ckpt.config if ckpt is not None else None)
+    check_for_training(cfg, ckpt.config if ckpt is not None else None)
 
     run_dir = out if out is not None else next_run_dir(cfg.name)
     if run_dir.exists() and not run_dir.is_dir():

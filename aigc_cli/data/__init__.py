@@ -123,7 +123,7 @@ def load_images(source: str, *, channels: int, resolution: int, root: str | None
             kind, name = "folder", f"folder {path}"
 
     if kind == "folder":
-        problems: list[str] = []
+        problems: list[tuple[str, bool]] = []
         files = list_images(path, problems)
         report_listing(problems, warn, strict)
         if lazy_above_mb is not None and files:

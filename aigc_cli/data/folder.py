@@ -45,13 +45,14 @@ class RejectedImage(Exception):
     """A file that is not a usable image; the message is the one-line reason."""
 
 
-def list_images(folder: str, problems: list[str] | None = None) -> list[str]:
+def list_images(folder: str, problems: list[tuple[str, bool]] | None = None) -> list[str]:
     """Sorted relative paths of image files under `folder`, skipping hidden files and folders
     (e.g. macOS "._x.jpg" resource forks, which look like images but are not). Links to folders are
     followed (class folders linked in from elsewhere are a common layout), each folder once, so a link
-    loop ends. A subfolder that cannot be read, or a second link to a folder, goes into `problems` as
-    "sub/: reason" for the caller to warn about (a class must not vanish unseen); the folder itself
-    unreadable is a UsageError."""
+    loop ends; real folders are walked before links, in name order, so which path a folder keeps does
+    not depend on the file system. What cannot be used goes into `problems` as ("sub/: reason", fatal):
+    a subfolder that cannot be read (fatal under --strict: a class must not vanish unseen) or a folder
+    reached again (not fatal). The folder itself unreadable is a UsageError."""
     found: list[str] = []
     seen: set[tuple[int, int]] = set()
 
@@ -59,29 +60,32 @@ def list_images(folder: str, problems: list[str] | None = None) -> list[str]:
         if os.path.abspath(e.filename) == os.path.abspath(folder):
             raise UsageError(f"cannot read the image folder {one_line(folder)}: {e.strerror}")
         if problems is not None:
-            problems.append(f"{one_line(os.path.relpath(e.filename, folder))}/: {e.strerror}")
+            problems.append((f"{one_line(os.path.relpath(e.filename, folder))}/: {e.strerror}", True))
 
     for dirpath, dirnames, filenames in os.walk(folder, onerror=unreadable, followlinks=True):
         st = os.stat(dirpath)
         if (st.st_dev, st.st_ino) in seen:
             dirnames[:] = []
             if problems is not None:
-                problems.append(f"{one_line(os.path.relpath(dirpath, folder))}/: a link to a folder listed already")
+                problems.append((f"{one_line(os.path.relpath(dirpath, folder))}/: the same folder as one listed "
+                                 "already (through a link)", False))
             continue
         seen.add((st.st_dev, st.st_ino))
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        dirnames[:] = sorted((d for d in dirnames if not d.startswith(".")),
+                             key=lambda d: (os.path.islink(os.path.join(dirpath, d)), d))
         for name in filenames:
             if not name.startswith(".") and name.lower().endswith(EXTENSIONS):
                 found.append(os.path.relpath(os.path.join(dirpath, name), folder))
     return sorted(found)
 
 
-def report_listing(problems: list[str], warn: Callable[[str], None], strict: bool) -> None:
-    """The subfolders list_images could not use: one warning each, or with strict an error."""
-    if problems and strict:
-        raise UsageError(f"cannot use folder {problems[0]}")
-    for line in problems:
-        warn(f"skipping folder {line}")
+def report_listing(problems: list[tuple[str, bool]], warn: Callable[[str], None], strict: bool) -> None:
+    """The subfolders list_images could not use: one warning each; with strict, an unreadable one is an error."""
+    fatal = [text for text, is_fatal in problems if is_fatal]
+    if fatal and strict:
+        raise UsageError(f"cannot use folder {fatal[0]}")
+    for text, _ in problems:
+        warn(f"skipping folder {text}")
 
 
 def pixel_limit() -> int:

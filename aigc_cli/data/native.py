@@ -58,7 +58,7 @@ def load_folder_native(path: str, *, warn: Callable[[str], None], strict: bool =
     differ, each is conformed (scaled, centre-cropped) to the most common one, with a warning."""
     if not os.path.isdir(path):
         raise UsageError(f"{what} {path} does not exist or is not a folder")
-    problems: list[str] = []
+    problems: list[tuple[str, bool]] = []
     rels = folder.list_images(path, problems)
     folder.report_listing(problems, warn, strict)
     if not rels:

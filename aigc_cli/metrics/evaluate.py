@@ -219,9 +219,9 @@ def evaluate(ckpt: ckpt_io.Checkpoint, *, data: str, root: str | None, download:
         protocol["extractor_precision"] = extractor.protocol.get("precision")
     generating = any(x in chosen for x in GAN_METRICS) or bool(save_fakes)  # the VAE scores generate nothing
     shape = [m.channels, m.resolution, m.resolution]
-    protocol.update({"seed": seed, "precision": amp.name})
-    if generating:
-        protocol.update({"n_fake": n, "generator_weights": ckpt.generator_weights(ema)[1], "generated_shape": shape})
+    # Protocol keys are only ever added (README): n_fake is 0 when only the VAE scores were asked for.
+    protocol.update({"n_fake": n if generating else 0, "seed": seed, "precision": amp.name,
+                     "generator_weights": ckpt.generator_weights(ema)[1], "generated_shape": shape})
     if any(x in chosen for x in NEEDS_REAL):
         if reference is None:
             # Real images take the generator's channels and resolution first, so both sides then go

@@ -405,7 +405,6 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup) -> dict:
     return summary
 
 
-@torch.inference_mode()
 def check_classes(data, cfg: Config, note) -> None:
     """The classes a model would get from labelled data: at least two, at most MAX_WIDTH, and a note where
     IDX labels skip numbers (labels 0 and 255 make 256 classes, 254 of them never seen)."""
@@ -423,6 +422,7 @@ def check_classes(data, cfg: Config, note) -> None:
              f"{what} gets {data.num_classes} classes, {data.num_classes - seen} of them never seen in training")
 
 
+@torch.inference_mode()
 def classifier_accuracy(C, cfg: Config, amp: Precision) -> float:
     test = load_data(cfg, "test", lambda s: None)
     C.eval()
