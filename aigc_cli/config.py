@@ -173,7 +173,7 @@ def value_error_reason(e: ValueError) -> str:
 
 def _shown(value: Any) -> str:
     """A value as an error message quotes it: its repr, cut short (a pasted 5000-digit number)."""
-    text = repr(value) if not isinstance(value, int) or abs(value) < 10**40 else f"a {len(str(abs(value)))}-digit number"
+    text = _count_text(value) if isinstance(value, int) and abs(value) >= 10**15 else repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
 
 

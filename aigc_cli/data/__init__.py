@@ -59,7 +59,12 @@ def has_test_split(source: str) -> bool:
     """Whether `source` holds a held-out set of its own: the built-in sources, IDX (t10k-*) and CIFAR-10
     (test_batch) folders do; an image folder does not ("test" would be the training images again)."""
     path = os.path.expanduser(source)
-    return source in BUILTIN_SOURCES or not os.path.isdir(path) or idx.is_idx_folder(path) or cifar.is_cifar_bin_folder(path)
+    return source in BUILTIN_SOURCES or not os.path.isdir(path) or folder_kind(path) != "folder"
+
+
+def folder_kind(path: str) -> str:
+    """What a data folder holds: "idx" (MNIST-like files), "cifar" (CIFAR-10 binary batches) or "folder" (images)."""
+    return "idx" if idx.is_idx_folder(path) else "cifar" if cifar.is_cifar_bin_folder(path) else "folder"
 
 
 def load_images(source: str, *, channels: int, resolution: int, root: str | None = None,
@@ -115,12 +120,8 @@ def load_images(source: str, *, channels: int, resolution: int, root: str | None
             what = "is a file, not a folder" if os.path.isfile(path) else "is not a built-in source or an existing folder"
             raise UsageError(f"data source {source!r} {what}; use one of {', '.join(BUILTIN_SOURCES)} "
                              "or the path of a folder of images")
-        if idx.is_idx_folder(path):
-            kind, name = "idx", f"IDX folder {path}"
-        elif cifar.is_cifar_bin_folder(path):
-            kind, name = "cifar", f"CIFAR-10 folder {path}"
-        else:
-            kind, name = "folder", f"folder {path}"
+        kind = folder_kind(path)
+        name = {"idx": "IDX folder", "cifar": "CIFAR-10 folder", "folder": "folder"}[kind] + f" {path}"
 
     if kind == "folder":
         problems: list[tuple[str, bool]] = []

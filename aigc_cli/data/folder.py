@@ -79,6 +79,11 @@ def list_images(folder: str, problems: list[tuple[str, bool]] | None = None) -> 
     return sorted(found)
 
 
+def skipped_summary(skipped: int, examined: int, folder: str) -> str:
+    """The line that ends a folder's per-file skip warnings (training's and evaluation's readers)."""
+    return f"skipped {skipped} of {examined} files under {one_line(folder)} (unreadable or not images)"
+
+
 def report_listing(problems: list[tuple[str, bool]], warn: Callable[[str], None], strict: bool) -> None:
     """The subfolders list_images could not use: one warning each; with strict, an unreadable one is an error."""
     fatal = [text for text, is_fatal in problems if is_fatal]
@@ -266,7 +271,7 @@ def load_folder(folder: str, resolution: int, limit: int, warn: Callable[[str], 
                 for future in futures:
                     future.cancel()  # not-yet-started decodes, when stopping early
     if skipped:
-        warn(f"skipped {skipped} of {examined} files under {one_line(folder)} (unreadable or not images)")
+        warn(skipped_summary(skipped, examined, folder))
     if not kept:
         raise UsageError(f"none of the {len(paths)} image files under {one_line(folder)} could be read "
                          f"(all {skipped} rejected, reasons above); check that they are valid images")

@@ -112,5 +112,5 @@ def load_folder_native(path: str, *, warn: Callable[[str], None], strict: bool =
     if not kept:
         raise UsageError(f"{what} {path}: none of its {len(rels)} image files could be read")
     if rejected:  # as training's loader ends: one count after the per-file lines
-        warn(f"skipped {len(rejected)} of {len(rels)} files under {folder.one_line(path)} (unreadable or not images)")
+        warn(folder.skipped_summary(len(rejected), len(rels), path))
     return torch.from_numpy(out[:kept])
