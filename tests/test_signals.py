@@ -120,3 +120,23 @@ def test_divergence_exit_code_3_from_the_real_command(aigc_env, tmp_path):
     lines = [s for s in proc.stderr.splitlines() if s.startswith("error:")]
     assert len(lines) == 1 and "diverged" in lines[0] and "step-0000002.safetensors" in lines[0]
     assert proc.stderr.count("rolled back to step 2") == 2
+
+
+@pytest.mark.parametrize("module", ["typer", "rich.console"])
+def test_ctrl_c_while_the_cli_is_still_importing_is_one_line_and_exit_130(aigc_env, module):
+    """The signal is raised the moment `module` is first imported, which the `aigc` script does before
+    any command runs: a stop, not a KeyboardInterrupt traceback."""
+    hook = ("import builtins, os, signal, sys\n"
+            "real = builtins.__import__\n"
+            "def hooked(name, *a, **k):\n"
+            f"    if name == {module!r} and name not in sys.modules:\n"
+            "        os.kill(os.getpid(), signal.SIGINT)\n"
+            "    return real(name, *a, **k)\n"
+            "builtins.__import__ = hooked\n"
+            "sys.argv = ['aigc', 'presets', 'list']\n"
+            "from aigc_cli import main\n"
+            "main()\n")
+    proc = subprocess.run([sys.executable, "-c", hook], env=aigc_env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stderr == "stopped: SIGINT (Ctrl-C)\n"
+    assert proc.stdout == ""

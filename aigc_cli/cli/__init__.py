@@ -41,10 +41,13 @@ def main() -> None:
             target, prog, args = eval_stats_app, "aigc eval stats", args[1:i] + args[i + 1:]
     try:
         code = target(args=args, prog_name=prog, standalone_mode=False)
+    except KeyboardInterrupt:  # while options are parsed; commands handle their own
+        sys.stderr.write("stopped: SIGINT (Ctrl-C)\n")
+        sys.exit(130)
     except Exception as e:
         name = type(e).__name__
-        if name == "Abort":
-            sys.stderr.write("error: aborted\n")
+        if name == "Abort":  # click's wrapping of a Ctrl-C before the command ran
+            sys.stderr.write("stopped: SIGINT (Ctrl-C)\n")
             sys.exit(130)
         if not (hasattr(e, "format_message") and hasattr(e, "exit_code")):
             raise
