@@ -73,6 +73,7 @@ def test_inception_is_the_default_extractor_at_the_images_own_size(tmp_path, mon
     assert p["extractor"].startswith("inception-v3-fid") and p["feature_dim"] == 2048 and p["n_real"] == 2
     assert p["weights_verified"] is False and p["generated_shape"] == [3, 12, 20] == p["real_shape"]
     assert "1 of 5 images are not 20x12" in err
+    assert "FID from 5 generated and 2 real images, fewer than the 2048 feature dimensions, is biased" in err
     # Missing weights: a one-line error before any work, naming where they were looked for.
     for args, where in ([], "nowhere.pth"), (["--inception-weights", tmp_path / "elsewhere.pth"], "elsewhere.pth"):
         monkeypatch.setenv("AIGC_INCEPTION_WEIGHTS", str(tmp_path / "nowhere.pth"))
@@ -105,3 +106,19 @@ def test_bad_input_is_one_error_line_with_exit_2(clf, tmp_path, monkeypatch, cap
     errors = [s for s in err.splitlines() if s.startswith("error: ")]
     assert code == 2 and len(errors) == 1 and "Traceback" not in err and out == "", (code, err)
     assert expect in errors[0]
+
+
+def test_fid_from_fewer_images_than_feature_dimensions_is_warned_once_and_only_then():
+    from types import SimpleNamespace
+
+    from aigc_cli.metrics.evaluate import _say_if_few_for_fid
+
+    extractor = SimpleNamespace(protocol={"feature_dim": 64})
+    cases = [(["fid"], 10, 100, 1), (["fid"], 100, 10, 1), (["fid"], 100, None, 0), (["fid"], 63, None, 1),
+             (["fid"], 64, 64, 0), (["kid", "is"], 10, 10, 0), (["fid", "kid"], 10, 10, 1)]
+    for chosen, n_fake, n_real, expected in cases:
+        said = []
+        _say_if_few_for_fid(chosen, n_fake, n_real, extractor, said.append)
+        assert len(said) == expected, (chosen, n_fake, n_real, said)
+        if said:
+            assert f"FID from {n_fake} generated" in said[0] and "64 feature dimensions" in said[0]

@@ -181,6 +181,18 @@ def _say_if_unused(ref: str | None, chosen: list[str], warn) -> None:
              "no real statistics")
 
 
+def _say_if_few_for_fid(chosen: list[str], n_fake: int, n_real: int | None, extractor, warn) -> None:
+    """FID's covariances are rank-deficient below the feature count (2048 for Inception), and the score
+    is then biased far upward: such a number compares only with FIDs from the same image counts."""
+    dims = extractor.protocol.get("feature_dim") if extractor is not None else None
+    counts = [n for n in (n_fake, n_real) if n]
+    if "fid" not in chosen or not dims or not counts or min(counts) >= dims:
+        return
+    sides = f"{n_fake} generated" + (f" and {n_real} real" if n_real else "")
+    warn(f"FID from {sides} images, fewer than the {dims} feature dimensions, is biased upward: "
+         "compare it only with FIDs from the same numbers of images (10,000 or 50,000 is usual)")
+
+
 def open_extractor(features, inception_weights, device, precision, download_weights: bool = False):
     if download_weights and not features:
         from .weights import ensure_weights  # noqa: PLC0415
@@ -237,6 +249,7 @@ def evaluate(ckpt: ckpt_io.Checkpoint, *, data: str, root: str | None, download:
                 warn(f"the reference images were {'x'.join(map(str, theirs))}, the generator draws "
                      f"{'x'.join(map(str, shape))}: the two sides reach the extractor from different {what}")
         protocol.update(_reference_protocol(reference))
+    _say_if_few_for_fid(chosen, n, reference.n if reference is not None else None, extractor, warn)
     fake = FakeEmbedder(extractor, chosen, save_fakes)
     if generating:
         fake.add_generated(G, *seeded_inputs(m, n, seed), amp, batch_size)
@@ -288,6 +301,7 @@ def evaluate_folder(fake_dir: str, *, data: str | None, root: str | None, downlo
         else:
             check_reference_matches(reference, extractor, warn)
         protocol.update(_reference_protocol(reference))
+    _say_if_few_for_fid(chosen, len(fakes), reference.n if reference is not None else None, extractor, warn)
     fake = FakeEmbedder(extractor, chosen)
     for chunk in fakes.split(batch_size):
         fake.add(chunk, batch_size)
@@ -455,6 +469,8 @@ class TrainingEvaluator:
                                                data_name=cfg.data.source, split="train", seed=t.seed,
                                                batch_size=self.batch_size, stats_dir=common["stats_dir"], warn=warn,
                                                should_stop=should_stop)
+        _say_if_few_for_fid(self.metrics, self.n, self.reference.n if self.reference is not None else None,
+                            self.extractor, warn)
         self.z, self.labels = seeded_inputs(m, self.n, t.seed)
 
     def __call__(self, G: torch.nn.Module, step: int, amp: Precision | None = None,
