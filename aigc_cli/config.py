@@ -124,9 +124,9 @@ class Config:
             section, name = _split_key(key)
             ftype = _field_types(section)[name]
             if section is None:
-                data[name] = _convert(key, value, ftype)
+                data[name] = _convert(key, value, ftype, from_text=True)
             else:
-                data[section][name] = _convert(key, value, ftype)
+                data[section][name] = _convert(key, value, ftype, from_text=True)
         return config_from_dict(data)
 
 
@@ -177,8 +177,13 @@ def _shown(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def _convert(key: str, value: Any, ftype: type) -> Any:
-    """Convert a TOML/JSON value or a `--set` string to the field's type, or fail with a clear message."""
+def _convert(key: str, value: Any, ftype: type, from_text: bool = False) -> Any:
+    """Convert a `--set` string (from_text) or a TOML/JSON value to the field's type, or fail with a clear
+    message. In a file, a quoted number or boolean is refused: TOML has typed values, and "64" for a batch
+    size is more likely a slip than a choice."""
+    if isinstance(value, str) and ftype is not str and not from_text:
+        raise UsageError(f"config key '{key}' expects {ftype.__name__}, got the string {_shown(value)} "
+                         f"(write {'true or false' if ftype is bool else 'numbers'} without quotes)")
     if isinstance(value, str) and ftype is not str:
         text = value.strip()
         if ftype is bool:

@@ -51,6 +51,24 @@ def test_bad_overrides_fail_cleanly(item, message):
         Config().with_overrides(parse_assignments([item]))
 
 
+@pytest.mark.parametrize("line, message", [
+    ('batch_size = "64"', "'train.batch_size' expects int, got the string '64' (write numbers without quotes)"),
+    ('lr_g = "2e-4"', "'train.lr_g' expects float, got the string '2e-4'"),
+    ('gp_weight = 10', None),  # an integer where a float is expected is fine
+])
+def test_a_preset_file_writes_numbers_as_numbers(line, message, tmp_path):
+    p = tmp_path / "mine.toml"
+    p.write_text(f"[model]\nkind = \"dcgan\"\n[{'loss' if 'gp_weight' in line else 'train'}]\n{line}\n")
+    if message is None:
+        assert load_preset(str(p)).loss.gp_weight == 10.0
+        return
+    with pytest.raises(UsageError) as e:
+        load_preset(str(p))
+    assert message in str(e.value)
+    with pytest.raises(UsageError, match="expects bool, got the string 'yes' .write true or false without quotes"):
+        config_from_dict({"data": {"download": "yes"}})
+
+
 def test_toml_round_trip():
     cfg = load_preset("fashion-mnist-vae").with_overrides({"data.source": 'a "quoted" path\\x'})
     assert config_from_dict(tomllib.loads(cfg.to_toml())) == cfg
