@@ -236,7 +236,8 @@ MAX_WIDTH = 65536
 MAX_INT = 10**12  # any integer setting; past it a count, a step or a size is a typo (and may overflow torch)
 # Tighter caps, checked when training starts, where one value sizes a single allocation or loop: a typo
 # must fail at once, not hours in. Not in validate(): a stored config from before them must still load.
-INT_CAPS = {"train.n_samples": 4096, "train.n_critic": 100, "train.batch_size": 2**20, "train.eval_n": 10**7}
+INT_CAPS = {"train.n_samples": 4096, "train.n_critic": 100, "train.batch_size": 2**20, "train.eval_n": 10**7,
+            "data.workers": 1024}
 
 
 def _value(cfg: Config, key: str) -> Any:

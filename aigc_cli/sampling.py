@@ -19,7 +19,7 @@ from .checkpoint import Checkpoint, build_net
 from .errors import UsageError
 from .files import atomic_write
 from .models import FAMILIES
-from .training.precision import Precision, resolve_device, resolve_precision
+from .training.precision import Precision, resolve_device, resolve_precision, slow_precision_note
 
 
 def latents(n: int, dim: int, seed: int) -> torch.Tensor:
@@ -206,13 +206,16 @@ def warn_stale_pngs(before: set[str], n: int, what: str, warn) -> None:
              "write (from an earlier run?)")
 
 
-def generator_from(ckpt: Checkpoint, device: str = "auto", precision: str = "auto", ema: bool = True):
+def generator_from(ckpt: Checkpoint, device: str = "auto", precision: str = "auto", ema: bool = True, warn=None):
     """Rebuild the generator (a VAE's decoder) from the config stored in the checkpoint; its EMA
-    weights when it has them (unless ema=False)."""
+    weights when it has them (unless ema=False). `warn` hears of a precision that is slow there."""
     family = FAMILIES[ckpt.config.model.kind]
     if not family.generative:
         raise UsageError(f"{ckpt.path}: holds a {family.name}, which does not generate images")
     dev = resolve_device(device)
     G = build_net(ckpt, "G", ckpt.generator_weights(ema)[0])
     G.to(dev).eval()
-    return G, Precision(resolve_precision(precision, dev), dev)
+    amp = Precision(resolve_precision(precision, dev), dev)
+    if warn is not None and slow_precision_note(amp.name, dev):
+        warn(slow_precision_note(amp.name, dev))
+    return G, amp

@@ -62,6 +62,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-cli", action="store_true", help="skip the `aigc sample` subprocess timings")
     a = p.parse_args()
+    for name in ("n", "batch_size", "repeats"):
+        if getattr(a, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(a, name)}")
 
     import torch
 

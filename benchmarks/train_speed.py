@@ -355,8 +355,16 @@ def main() -> None:
     p.add_argument("--raw", help=argparse.SUPPRESS)
     p.add_argument("--root", help=argparse.SUPPRESS)
     a = p.parse_args()
-    if a.interval < 1 or a.steps < a.interval or a.warmup % a.interval or a.steps % a.interval:
+    if a.interval < 1 or a.steps < a.interval or a.warmup < 0 or a.warmup % a.interval or a.steps % a.interval:
         p.error("--steps and --warmup must be multiples of --interval, and --steps at least one interval")
+    if a.repeats < 1:
+        p.error(f"--repeats must be at least 1, got {a.repeats}")
+    try:
+        batch_sizes = [int(b) for b in a.batch_sizes.split(",") if b.strip()]
+    except ValueError:
+        p.error(f"--batch-sizes must be a comma list of integers, got {a.batch_sizes!r}")
+    if not batch_sizes or min(batch_sizes) < 1:
+        p.error(f"--batch-sizes must be positive, got {a.batch_sizes!r}")
 
     if a.side:  # inside a subprocess: one run of one side, one JSON line on stdout
         a.workers = int(a.workers)
@@ -364,7 +372,6 @@ def main() -> None:
         print(json.dumps(result))
         return
 
-    batch_sizes = [int(b) for b in a.batch_sizes.split(",") if b.strip()]
     workers = parse_workers(a.workers, batch_sizes)
     precisions = [x.strip() for x in a.precision.split(",") if x.strip()]
     command = "python " + shlex.join(["benchmarks/train_speed.py", *sys.argv[1:]])

@@ -172,6 +172,24 @@ def test_streamed_folder_equals_device_batches_and_seeks(noise_folder, workers):
     again.close()
 
 
+def test_more_workers_than_usable_cpus_is_one_note_not_torchs_warning(noise_folder):
+    import warnings
+
+    from aigc_cli.training.batches import usable_cpus
+
+    cpus = usable_cpus()
+    lazy = load_images(str(noise_folder), channels=3, resolution=RES, cache=False, lazy_above_mb=0)
+    notes = []
+    with warnings.catch_warnings(record=True) as shown:  # the filters in force are kept, as in a real run
+        stream = make_batches(lazy, cfg(workers=cpus + 1, device_max_mb=0), CPU, note=notes.append)
+        try:
+            stream.next()  # torch checks the worker count when the workers start
+        finally:
+            stream.close()
+    assert len(notes) == 2 and notes[1].startswith(f"data.workers={cpus + 1} is more than the {cpus} CPU"), notes
+    assert not [w for w in shown if "worker processes" in str(w.message)]
+
+
 def test_in_memory_data_over_the_limit_streams_from_host_memory():
     images, labels = noise_images(50, c=1), torch.arange(50) % 7
     data = SimpleNamespace(images=images, labels=labels, lazy=False, nbytes=images.numel())

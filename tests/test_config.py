@@ -204,7 +204,7 @@ def test_options_a_family_reads_pass_and_a_stored_config_is_let_be():
 @pytest.mark.parametrize("item, expect", [
     ("train.n_samples=5000", "train.n_samples must be at most 4,096, got 5,000"),
     ("train.batch_size=2000000", "at most 1,048,576"), ("train.n_critic=101", "at most 100"),
-    ("train.eval_n=100000000", "at most 10,000,000"),
+    ("train.eval_n=100000000", "at most 10,000,000"), ("data.workers=1025", "data.workers must be at most 1,024"),
 ])
 def test_tighter_caps_hold_when_training_starts_but_stored_configs_still_load(item, expect):
     from aigc_cli.config import check_for_training

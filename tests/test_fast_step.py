@@ -142,6 +142,13 @@ def test_cuda_graph_on_without_cuda_says_why_and_trains(tmp_path):
     summary = train(cfg, tmp_path / "run", rep)
     assert summary["steps"] == 5
     assert any("CUDA graph off" in n and "no CUDA device" in n for n in rep.notes), rep.notes
+    assert not any("channels_last" in n for n in rep.notes)  # a conv model: it applies
+
+
+def test_channels_last_on_for_a_model_without_convolutions_says_it_changes_nothing(tmp_path):
+    rep = Silent()
+    train(tiny("mlp_gan").with_overrides({"train.steps": 1, "train.channels_last": "on"}), tmp_path / "run", rep)
+    assert "train.channels_last=on: mlp_gan has no convolutions, so it changes nothing" in rep.notes, rep.notes
 
 
 def test_restored_optimizer_takes_this_runs_flags():

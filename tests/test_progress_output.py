@@ -1,5 +1,7 @@
-"""Plain progress lines (logs, batch jobs): the ETA of long and resumed runs."""
+"""Plain progress lines (logs, batch jobs): the ETA of long and resumed runs; where notes go under a
+live progress bar."""
 import io
+import re
 
 from rich.console import Console
 
@@ -37,3 +39,28 @@ def test_eta_after_a_resume_counts_only_this_processes_steps(monkeypatch):
     # Resumed at step 5000 of 10000; 10 steps took 10 s, so 4990 s remain (not 4990/5010 of 10 s).
     [line] = _lines(monkeypatch, 5000, 10_000, [(5010, 10.0)])
     assert line.endswith("eta 1:23:10"), line
+
+
+def _bar_and_note(err_on_terminal: bool) -> tuple[str, Console]:
+    """A live bar on a (pretend) terminal stdout; one note printed while it runs."""
+    out = io.StringIO()
+    rep = ConsoleReporter(Console(file=out, force_terminal=True, width=120))
+    err = io.StringIO()
+    rep.err = Console(file=err, force_terminal=err_on_terminal, soft_wrap=True, highlight=False, markup=False)
+    rep.start(10, {"model": "dcgan", "data": "d", "run_dir": "r", "steps": 10, "batch_size": 64,
+                   "device": "cpu", "precision": "fp32"})
+    assert rep.progress is not None
+    rep.note("skipping 0008.png: truncated")
+    rep.finish()
+    return out.getvalue(), err.getvalue()
+
+
+def test_notes_under_a_live_bar_stay_on_stderr_when_stderr_is_not_the_terminal():
+    out, err = _bar_and_note(err_on_terminal=False)  # `aigc train ... 2>log` on a terminal
+    assert err == "note: skipping 0008.png: truncated\n"
+    assert "skipping" not in out and "train" in out  # the bar itself stays on stdout
+
+
+def test_notes_under_a_live_bar_print_above_it_when_both_are_the_terminal():
+    out, err = _bar_and_note(err_on_terminal=True)
+    assert "note: skipping 0008.png: truncated" in re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", out) and err == ""

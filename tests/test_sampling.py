@@ -148,3 +148,14 @@ def test_the_grid_is_laid_out_as_torchvisions_make_grid(n, nrow, channels):
     ours = make_grid(images, nrow)
     theirs = torchvision_grid(images, nrow=nrow, padding=2, pad_value=0)
     assert torch.equal(ours, theirs[:channels])
+
+
+def test_fp16_on_the_cpu_is_warned_as_slow_in_sample_and_train(monkeypatch, capsys, runs, tmp_path):
+    code, _, err = run_cli(monkeypatch, capsys, "sample", runs["gan"], "--n", "2", "--precision", "fp16",
+                           "--out", tmp_path / "g.png")
+    assert code == 0 and err.count("fp16 on the CPU is emulated and many times slower than fp32") == 1, err
+    code, _, err = run_cli(monkeypatch, capsys, "sample", runs["gan"], "--n", "2", "--out", tmp_path / "h.png")
+    assert code == 0 and "emulated" not in err, err  # auto is fp32 on a CPU
+    reporter = Silent()
+    train(tiny("dcgan").with_overrides({"train.steps": 1, "train.precision": "fp16"}), tmp_path / "run", reporter)
+    assert sum("fp16 on the CPU is emulated" in n for n in reporter.notes) == 1, reporter.notes

@@ -131,6 +131,7 @@ class ConsoleReporter:
         self.console = console
         self.err = Console(stderr=True, quiet=console.quiet, soft_wrap=True, highlight=False, markup=False)  # warnings
         self.progress: Progress | None = None
+        self.err_above_bar = False
         self.total = 0
         self.t0 = time.perf_counter()
 
@@ -140,9 +141,13 @@ class ConsoleReporter:
         self.console.print(f"training {info['model']} on {info['data']} -> {info['run_dir']}  "
                            f"({info['steps']} steps, batch {info['batch_size']}, {info['device']}, {info['precision']})")
         if self.console.is_terminal and not self.console.quiet:
+            # With stderr on the terminal too, stderr is printed above the live bar (rich's redirect);
+            # with stderr sent elsewhere (`2>log`), it must stay stderr, not be drawn on stdout.
+            self.err_above_bar = self.err.is_terminal
             self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
                                      TextColumn("{task.fields[stats]}", markup=False), TimeElapsedColumn(), TextColumn("eta"),
-                                     TimeRemainingColumn(), console=self.console, transient=False)
+                                     TimeRemainingColumn(), console=self.console, transient=False,
+                                     redirect_stderr=self.err_above_bar)
             self.task = self.progress.add_task("train", total=total_steps, completed=self.first, stats="")
             self.progress.start()
 
@@ -166,8 +171,9 @@ class ConsoleReporter:
         self.console.print(f"step {step}/{self.total}  {stats}  eta {duration(eta)}")
 
     def note(self, text: str) -> None:
-        """Warnings and events (resume, rollback, SIGUSR1 save) go to stderr, above a live progress bar."""
-        if self.progress:  # on a terminal: print above the live bar
+        """Warnings and events (resume, rollback, SIGUSR1 save) go to stderr, above a live progress bar
+        when both are on the terminal."""
+        if self.progress and self.err_above_bar:
             self.progress.console.print(f"note: {text}")
         else:
             self.err.print(f"note: {text}")

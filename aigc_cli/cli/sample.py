@@ -88,7 +88,7 @@ def sample(
         out = out or Path("samples.png")
         nrow = nrow or per_row or max(1, round(math.sqrt(n)))
         check_grid_size(n, nrow, ck.config.model.resolution)
-    G, amp = generator_from(ck, device, precision, ema=not no_ema)
+    G, amp = generator_from(ck, device, precision, ema=not no_ema, warn=warn)
     dim = ck.config.model.latent_dim
 
     def batches():  # for any n: never more than a few batches of latents or images in memory

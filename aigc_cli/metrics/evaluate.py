@@ -21,7 +21,7 @@ from ..data import load_images
 from ..errors import UsageError
 from ..losses import decoded_image, vae_terms
 from ..sampling import from_uint8, generate, generator_from, latent_batches, latents, save_png
-from ..training.precision import Precision, resolve_device
+from ..training.precision import Precision, resolve_device, slow_precision_note
 from .extractors import ClassifierFeatures, extractor_precision, make_extractor  # noqa: F401 (re-export)
 from .fid import frechet_distance, kid
 from ..data.native import load_folder_native
@@ -193,7 +193,11 @@ def _say_if_few_for_fid(chosen: list[str], n_fake: int, n_real: int | None, extr
          "compare it only with FIDs from the same numbers of images (10,000 or 50,000 is usual)")
 
 
-def open_extractor(features, inception_weights, device, precision, download_weights: bool = False):
+def open_extractor(features, inception_weights, device, precision, download_weights: bool = False, warn=None):
+    """The extractor for --features (else Inception); `warn` hears of a precision that is slow there
+    (`aigc eval CHECKPOINT` passes None: it has warned already, for the generator at the same precision)."""
+    if warn is not None and slow_precision_note(extractor_precision(precision), device):
+        warn(slow_precision_note(extractor_precision(precision), device))
     if download_weights and not features:
         from .weights import ensure_weights  # noqa: PLC0415
 
@@ -209,7 +213,7 @@ def evaluate(ckpt: ckpt_io.Checkpoint, *, data: str, root: str | None, download:
              save_fakes: str | None = None, download_weights: bool = False, extractor=None) -> dict:
     """Score a checkpoint. metrics None: all that apply. stats_dir "default": $AIGC_CACHE_DIR/stats;
     None: no cache. ref: a statistics npz used instead of real data."""
-    G, amp = generator_from(ckpt, device, precision, ema=ema)
+    G, amp = generator_from(ckpt, device, precision, ema=ema, warn=warn)
     m = ckpt.config.model
     has_encoder = bool(ckpt.net_state("E"))
     vae_possible = m.kind == "vae" and has_encoder
@@ -286,7 +290,7 @@ def evaluate_folder(fake_dir: str, *, data: str | None, root: str | None, downlo
     if needs_real and reference is None and not data:
         raise UsageError("--fake DIR needs --data SOURCE (or --ref FILE) for the real side")
     if extractor is None:  # before reading the folder: missing weights are said at once
-        extractor = open_extractor(features, inception_weights, dev, precision, download_weights)
+        extractor = open_extractor(features, inception_weights, dev, precision, download_weights, warn)
     fakes = load_folder_native(os.path.expanduser(fake_dir), warn=warn, strict=strict, what="--fake folder")
     fakes = fakes[real_indices(len(fakes), n, seed)]
     protocol: dict = {**extractor.protocol, "extractor_precision": extractor.protocol.get("precision"),
@@ -319,7 +323,7 @@ def write_stats(data: str, out: str, *, root: str | None, download: bool, featur
         raise UsageError(f"--out {out}: the statistics file name must end in .npz")
     dev = resolve_device(device)
     if extractor is None:
-        extractor = open_extractor(features, inception_weights, dev, precision, download_weights)
+        extractor = open_extractor(features, inception_weights, dev, precision, download_weights, warn)
     reference = real_reference(data, extractor=extractor, n=n, seed=seed, batch_size=batch_size, stats_dir=None,
                                warn=warn, split=split, root=root, download=download, strict=strict,
                                channels=channels, resolution=resolution)

@@ -159,6 +159,14 @@ def _size(nbytes: int) -> str:
     return f"{nbytes / 2**20:.0f} MB" if nbytes >= 100 * 2**20 else f"{nbytes / 2**20:.1f} MB"
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on: a SLURM job or `taskset` gets fewer than os.cpu_count()."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # macOS, Windows
+        return os.cpu_count() or 2
+
+
 def make_batches(data, cfg, device: torch.device, *, channels_last: bool = False, note=None):
     """DeviceBatches when the decoded data (an ImageData) fits in cfg.data.device_max_mb and is in
     memory, else StreamBatches; `note` (if given) gets a line when the data is streamed, and any warning
@@ -174,11 +182,15 @@ def make_batches(data, cfg, device: torch.device, *, channels_last: bool = False
         batches = DeviceBatches(data.images, data.labels, t.batch_size, device, t.seed, **aug)
         text = f"data: {n} images, {size}, kept on {device}"
     else:
-        why = f"over data.device_max_mb={d.device_max_mb}"
+        why, crowded = f"over data.device_max_mb={d.device_max_mb}", None
         if data.lazy:
             # auto: decoding is the bottleneck of a streamed folder (measured on 16 cores: 4 workers 3.3k
             # img/s, 16 workers 15k), so use the cores, leaving one for the training process
-            workers = d.workers if d.workers >= 0 else min(16, max(1, (os.cpu_count() or 2) - 1))
+            cpus = usable_cpus()
+            workers = d.workers if d.workers >= 0 else min(16, max(1, cpus - 1))
+            if workers > cpus:
+                crowded = (f"data.workers={workers} is more than the {cpus} CPU{'s' * (cpus != 1)} this process "
+                           "may use: the workers compete for them (-1 picks one per CPU but one)")
             source = data.images
             how = f"decoded from disk by {workers} worker{'s' * (workers != 1)}" if workers else "decoded from disk in this process"
         else:
@@ -191,5 +203,7 @@ def make_batches(data, cfg, device: torch.device, *, channels_last: bool = False
         text = f"data: {n} images, {size} decoded, {how} ({why})"
         if note is not None:  # the usual case (kept on the device) goes without saying; streaming is news
             note(text)
+            if crowded:
+                note(crowded)
     batches.description = text
     return batches

@@ -27,7 +27,7 @@ from .augment import parse_policy
 from .batches import make_batches
 from .ema import EMA
 from .graph import GraphedStep, use_graph
-from .precision import Precision, resolve_device, resolve_precision
+from .precision import Precision, resolve_device, resolve_precision, slow_precision_note
 from .run_folder import RunFolder
 from .schedule import lr_factor, set_lr
 from .signals import USR1_EXIT_CODE, StopFlag
@@ -97,10 +97,12 @@ def apply_changed_optimizer_settings(old: Config, new: Config, opts: dict) -> No
                 group["betas"] = (t1.beta1, t1.beta2)
 
 
-def channels_last(cfg: Config, device: torch.device, nets: dict) -> bool:
+def channels_last(cfg: Config, device: torch.device, nets: dict, note=None) -> bool:
     """channels-last suits cuDNN's tensor-core convolutions and oneDNN's CPU ones alike (measured: the
     fp32 64x64 DCGAN step 1.19x faster on 2 CPU cores); auto turns it on for conv models on both."""
     has_conv = any(isinstance(m, torch.nn.modules.conv._ConvNd) for net in nets.values() for m in net.modules())
+    if cfg.train.channels_last == "on" and not has_conv and note is not None:
+        note(f"train.channels_last=on: {cfg.model.kind} has no convolutions, so it changes nothing")
     auto = device.type in ("cuda", "cpu")
     return has_conv and (cfg.train.channels_last == "on" or cfg.train.channels_last == "auto" and auto)
 
@@ -123,6 +125,8 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup) -> dict:
     family = FAMILIES[cfg.model.kind]
     device = resolve_device(cfg.train.device)
     amp = Precision(resolve_precision(cfg.train.precision, device), device)
+    if slow_precision_note(amp.name, device):
+        reporter.note(slow_precision_note(amp.name, device))
     data = load_data(cfg, "train", reporter.note)
     if needs_labels(cfg.model):
         if data.labels is None:
@@ -144,7 +148,7 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup) -> dict:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest kernels once
     nets = {k: v.to(device).train() for k, v in build_nets(cfg.model).items()}
-    memory_format = torch.channels_last if channels_last(cfg, device, nets) else torch.contiguous_format
+    memory_format = torch.channels_last if channels_last(cfg, device, nets, reporter.note) else torch.contiguous_format
     for net in nets.values():
         net.to(memory_format=memory_format)
     if cfg.train.fuse_norm_act == "on":

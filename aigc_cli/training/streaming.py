@@ -10,6 +10,7 @@ memory. A sampler that starts at any (epoch, index) makes seek(), and so resume,
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Iterator
 
 import torch
@@ -17,6 +18,14 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..errors import UsageError
 from .batches import Augment, gather, permutation, to_float
+
+
+def _without_torchs_worker_advice(make):
+    """torch's multi-line advice on more workers than CPUs, given when the loader is made and again
+    when its workers start: make_batches says it in one note instead (which --quiet silences)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"This DataLoader will create \d+ worker processes")
+        return make()
 
 PREFETCH = 4  # batches each worker decodes ahead
 
@@ -78,12 +87,12 @@ class StreamBatches:
         if workers > 0:
             # Worker processes cannot hand over pinned memory, so on CUDA the DataLoader's pinning
             # thread copies each batch into pinned memory; the copy to the device is then async.
-            self._loader = DataLoader(_Batches(source), batch_size=None, sampler=self.sampler,
-                                      num_workers=workers, collate_fn=_as_is, persistent_workers=True,
-                                      prefetch_factor=PREFETCH, pin_memory=self.device.type == "cuda",
-                                      # its own generator: starting the workers would otherwise draw from
-                                      # the global one, at another step in a resumed run than in the original
-                                      generator=torch.Generator().manual_seed(seed))
+            self._loader = _without_torchs_worker_advice(lambda: DataLoader(
+                _Batches(source), batch_size=None, sampler=self.sampler, num_workers=workers, collate_fn=_as_is,
+                persistent_workers=True, prefetch_factor=PREFETCH, pin_memory=self.device.type == "cuda",
+                # its own generator: starting the workers would otherwise draw from the global one, at
+                # another step in a resumed run than in the original
+                generator=torch.Generator().manual_seed(seed)))
         self._it: Iterator | None = None
         self._reported: set[str] = set()
 
@@ -102,7 +111,8 @@ class StreamBatches:
             self.epoch, self.index = self.epoch + 1, 0
         if self._it is None:
             self.sampler.start = (self.epoch, self.index)
-            self._it = iter(self._loader) if self._loader is not None else self._fetch_all()
+            self._it = (_without_torchs_worker_advice(lambda: iter(self._loader)) if self._loader is not None
+                        else self._fetch_all())
         images, labels, failures = next(self._it)
         self._report(failures)
         if images is None:
