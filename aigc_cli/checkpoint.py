@@ -186,8 +186,23 @@ def load(path_or_run: str | os.PathLike, *, device: str = "cpu") -> Checkpoint:
     for key in ("aigc.step", "aigc.images_seen"):
         if not COUNT_RE.fullmatch(meta.get(key, "0")):  # ASCII digits only: str.isdigit() takes "²" and "٣"
             raise UsageError(f"{path}: metadata {key} is not a non-negative integer")
-    check_tensors(path, tensors, cfg)
+    check_tensors(path, tensors, cfg, meta["aigc.kind"])
+    _check_class_names(path, meta.get("aigc.class_names"))
     return Checkpoint(path, tensors, meta, cfg)
+
+
+def _check_class_names(path: Path, text: str | None) -> None:
+    """aigc writes the data's class names as a JSON list of distinct strings; anything else was made by
+    hand or damaged, and would make `sample --class NAME` pick the wrong class."""
+    if text is None:
+        return
+    try:
+        names = json.loads(text)
+    except (ValueError, RecursionError):
+        names = None
+    if (not isinstance(names, list) or not all(isinstance(x, str) for x in names)
+            or len(set(names)) != len(names)):
+        raise UsageError(f"{path}: metadata aigc.class_names is not a list of distinct class names")
 
 
 COUNT_RE = re.compile(r"[0-9]{1,18}")
@@ -208,7 +223,7 @@ def shapes_of(cfg: Config) -> dict[str, torch.nn.Module]:
     return nets
 
 
-def check_tensors(path: Path, tensors: dict[str, torch.Tensor], cfg: Config) -> None:
+def check_tensors(path: Path, tensors: dict[str, torch.Tensor], cfg: Config, kind: str = "checkpoint") -> None:
     """Every network the file holds has exactly the tensors its config builds, with their shapes, floating
     weights where weights are floating, and finite values: so `info` and `export` vouch for what they show
     and write, and a damaged or diverged file is refused rather than drawing black images."""
@@ -216,7 +231,17 @@ def check_tensors(path: Path, tensors: dict[str, torch.Tensor], cfg: Config) -> 
         nets = shapes_of(cfg)
     except UsageError as e:
         raise UsageError(f"{path}: {e}") from None
-    for name in sorted({k.split(".", 1)[0] for k in tensors} & set(nets)):
+    held = {k.split(".", 1)[0] for k in tensors}
+    if kind == "export":  # the generator only, under "G" (aigc.weights says whether it was the EMA)
+        others = sorted(held - {"G"})
+        if others or "G" not in held:
+            raise UsageError(f"{path}: an export holds the generator's G.* tensors only; this one "
+                             + (f"also holds {others[0]}.*" if others else "has none"))
+    else:  # a training checkpoint holds every network of its model (G_ema only when EMA is on)
+        missing = [name for name in nets if name != "G_ema" and name not in held]
+        if missing:
+            raise UsageError(f"{path}: holds no weights for network '{missing[0]}', which its {cfg.model.kind} has")
+    for name in sorted(held & set(nets)):
         expected, got = nets[name].state_dict(), net_state(tensors, name)
         problems = ([f"missing {name}.{k}" for k in expected if k not in got]
                     + [f"unexpected {name}.{k}" for k in got if k not in expected]

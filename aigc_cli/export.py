@@ -30,6 +30,10 @@ def export_generator(ckpt: ckpt_io.Checkpoint, out: Path, dtype: str, ema: bool 
     tensors = {f"G.{k}": (v.to(target) if v.is_floating_point() else v) for k, v in ckpt.net_state(source).items()}
     if not tensors:
         raise UsageError(f"{ckpt.path}: holds no generator weights")
+    for key, v in tensors.items():  # load() refused non-finite sources: an inf here is fp16's range (65504)
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise UsageError(f"--dtype {dtype}: {key} has values beyond {dtype}'s range "
+                             f"(largest {torch.finfo(target).max:g}); export as bf16 or fp32")
     meta = ckpt_io.base_meta(ckpt.config, "export", ckpt.step, ckpt.images_seen, ckpt.meta.get("aigc.precision", ""))
     meta["aigc.dtype"] = dtype
     meta["aigc.source"] = str(Path(ckpt.path).resolve())

@@ -1,4 +1,5 @@
-"""Latents, batched generation and PNG output. Same seed -> same latents -> same bytes (on the CPU)."""
+"""Latents, batched generation and PNG output. Same seed -> same latents -> same images (the same bytes
+on one machine at one batch size: kernels may round differently for another batch shape)."""
 
 from __future__ import annotations
 
@@ -70,8 +71,8 @@ def generate(G: torch.nn.Module, z: torch.Tensor, amp: Precision, batch_size: in
 
 
 def class_labels(ckpt: Checkpoint, classes: list[int] | None, n: int) -> tuple[torch.Tensor | None, int | None]:
-    """Labels for `n` images of a conditional model, one class per grid row, and the row length.
-    classes None: every class. An unconditional model takes no classes."""
+    """For about `n` images of a conditional model: the classes drawn, one per grid row, and how many
+    images of each (the row length). classes None: every class. An unconditional model takes none."""
     m = ckpt.config.model
     if not m.conditional:
         if classes:
@@ -82,8 +83,8 @@ def class_labels(ckpt: Checkpoint, classes: list[int] | None, n: int) -> tuple[t
     if bad:
         listed = f" ({ckpt.numbered_classes()})" if 0 < len(ckpt.class_names) <= 20 else ""
         raise UsageError(f"--class {bad[0]}: this model has classes 0..{m.num_classes - 1}{listed}")
-    per_class = max(1, n // len(classes))
-    return torch.tensor(classes).repeat_interleave(per_class), per_class
+    # Image i is of class classes[i // per_class]: labels are made batch by batch, so any n fits in memory.
+    return torch.tensor(classes), max(1, n // len(classes))
 
 
 def save_png(img: torch.Tensor, path: str | os.PathLike) -> None:
@@ -206,12 +207,16 @@ def warn_stale_pngs(before: set[str], n: int, what: str, warn) -> None:
              "write (from an earlier run?)")
 
 
-def generator_from(ckpt: Checkpoint, device: str = "auto", precision: str = "auto", ema: bool = True, warn=None):
-    """Rebuild the generator (a VAE's decoder) from the config stored in the checkpoint; its EMA
-    weights when it has them (unless ema=False). `warn` hears of a precision that is slow there."""
+def check_generates(ckpt: Checkpoint) -> None:
     family = FAMILIES[ckpt.config.model.kind]
     if not family.generative:
         raise UsageError(f"{ckpt.path}: holds a {family.name}, which does not generate images")
+
+
+def generator_from(ckpt: Checkpoint, device: str = "auto", precision: str = "auto", ema: bool = True, warn=None):
+    """Rebuild the generator (a VAE's decoder) from the config stored in the checkpoint; its EMA
+    weights when it has them (unless ema=False). `warn` hears of a precision that is slow there."""
+    check_generates(ckpt)
     dev = resolve_device(device)
     G = build_net(ckpt, "G", ckpt.generator_weights(ema)[0])
     G.to(dev).eval()

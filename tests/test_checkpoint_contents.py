@@ -60,6 +60,10 @@ def config_with(loaded, section, key, value):
     ("huge latent", "model.latent_dim must be from 1 to 65536"),
     ("huge width", "model.d_width must be from 1 to 65536"),
     ("5000-digit step count", "its stored config is invalid (an integer of more than 4300 digits)"),
+    ("EMA but no G", "holds no weights for network 'G', which its dcgan has"),
+    ("no D", "holds no weights for network 'D'"),
+    ("class names not strings", "aigc.class_names is not a list of distinct class names"),
+    ("class names repeated", "aigc.class_names is not a list of distinct class names"),
 ])
 def test_what_the_file_holds_is_checked_on_load(tmp_path, base, case, expect):
     _, loaded = base
@@ -90,6 +94,12 @@ def test_what_the_file_holds_is_checked_on_load(tmp_path, base, case, expect):
         meta = {"aigc.config": loaded.meta["aigc.config"].replace('"steps": ', '"steps": ' + "9" * 5000, 1)}
     elif case == "huge width":
         meta = config_with(loaded, "model", "d_width", 3_000_000)
+    elif case in ("EMA but no G", "no D"):
+        tensors = {k: None for k in loaded.tensors if k.startswith("G." if case == "EMA but no G" else "D.")}
+    elif case == "class names not strings":
+        meta["aigc.class_names"] = json.dumps([[1], {"a": 2}, None, 4.5])
+    elif case == "class names repeated":
+        meta["aigc.class_names"] = json.dumps(["cat", "cat"])
     bad = tampered(tmp_path, loaded, tensors, meta)
     with pytest.raises(UsageError) as e:
         ck.load(bad)
@@ -106,6 +116,32 @@ def test_commands_refuse_a_generator_with_nan_weights(tmp_path, base, monkeypatc
         code, out, err = run_cli(monkeypatch, capsys, *args)
         assert code == 2 and f"{key} holds NaN or infinite values" in err and "Traceback" not in err, (args, err)
     assert not (tmp_path / "a.png").exists() and not (tmp_path / "e.safetensors").exists()
+
+
+def test_an_export_holds_the_generator_and_nothing_else(tmp_path, base, monkeypatch, capsys):
+    _, loaded = base
+    export = tmp_path / "e.safetensors"
+    assert run_cli(monkeypatch, capsys, "export", loaded.path, "--out", export)[0] == 0
+    exported = ck.load(export)
+    g_only = {k: None for k in exported.tensors}
+    for extra, expect in (({"X.a": torch.zeros(2)}, "also holds X.*"), ({"opt.G.0.step": torch.zeros(())}, "also holds opt.*"),
+                          (g_only, "holds the generator's G.* tensors only; this one has none")):
+        bad = tampered(tmp_path, exported, extra)
+        with pytest.raises(UsageError, match=expect.replace("*", r"\*").replace(".", r"\.")):
+            ck.load(bad)
+
+
+def test_fp16_export_of_weights_beyond_its_range_is_refused_not_written(tmp_path, base, monkeypatch, capsys):
+    """A finite running_var of 1e6 became inf in fp16: the export was written, then refused by every
+    command that loaded it."""
+    _, loaded = base
+    bn_var = next(k for k in loaded.tensors if k.startswith("G_ema.") and k.endswith("running_var"))
+    big = tampered(tmp_path, loaded, {bn_var: torch.full_like(loaded.tensors[bn_var], 1e6)})
+    code, _, err = run_cli(monkeypatch, capsys, "export", big, "--out", tmp_path / "h.safetensors", "--dtype", "fp16")
+    assert code == 2 and "--dtype fp16: G.net" in err and "beyond fp16's range (largest 65504)" in err, err
+    assert not (tmp_path / "h.safetensors").exists()
+    code, _, err = run_cli(monkeypatch, capsys, "export", big, "--out", tmp_path / "b.safetensors", "--dtype", "bf16")
+    assert code == 0 and ck.load(tmp_path / "b.safetensors").tensors[bn_var.replace("G_ema.", "G.", 1)].max() > 9e5
 
 
 def test_a_fifo_is_not_read_forever(tmp_path):

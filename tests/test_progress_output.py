@@ -64,3 +64,26 @@ def test_notes_under_a_live_bar_stay_on_stderr_when_stderr_is_not_the_terminal()
 def test_notes_under_a_live_bar_print_above_it_when_both_are_the_terminal():
     out, err = _bar_and_note(err_on_terminal=True)
     assert "note: skipping 0008.png: truncated" in re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", out) and err == ""
+
+
+def test_a_closed_stdout_discards_output_and_the_command_finishes(aigc_env, tmp_path):
+    """`aigc ... | head -1`: the reader has gone before anything is written. Rich exited 1 ("a bug"),
+    print() gave "error: Broken pipe" (exit 2), and a training run died unsaved."""
+    import os
+    import subprocess
+
+    from conftest import aigc_command
+
+    tiny = ["--set", "model.g_width=8", "--set", "model.d_width=8", "--set", "data.limit=64", "--set", "train.log_every=1"]
+    for args in (["presets", "show", "quickstart"], ["presets", "list"],
+                 ["train", "--preset", "quickstart", "--steps", "3", "--out", str(tmp_path / "run"), *tiny],
+                 ["info", str(tmp_path / "run"), "--json"]):
+        r, w = os.pipe()
+        os.close(r)  # every write to stdout fails with EPIPE
+        try:
+            proc = subprocess.run(aigc_command() + args, stdout=w, stderr=subprocess.PIPE, text=True, env=aigc_env,
+                                  timeout=300)
+        finally:
+            os.close(w)
+        assert proc.returncode == 0 and "Broken pipe" not in proc.stderr and "Traceback" not in proc.stderr, (args, proc.stderr)
+    assert (tmp_path / "run" / "checkpoints" / "step-0000003.safetensors").is_file()

@@ -138,6 +138,60 @@ def test_class_numbers_win_over_class_folders_named_with_digits_and_say_so():
     assert parse_classes("0,cats", ["0", "cats"], said.append) == [0, 1] and said == []  # no ambiguity
 
 
+@pytest.mark.parametrize("text, expect", [
+    ("\u00b2", "not a class number or name"), ("--1", "not a class number or name"), ("1\u00b2", "not a class"),
+    ("\u0663", "not a class number or name"),  # an Arabic-Indic 3 is not ASCII: checkpoints count in ASCII
+    ("9" * 5000, "not a class number or name"), ("CAT", "matches the classes Cat and cat but for case"),
+])
+def test_class_text_that_is_no_number_or_name_is_one_line(text, expect):
+    from aigc_cli.cli.sample import parse_classes
+    from aigc_cli.errors import UsageError
+
+    with pytest.raises(UsageError) as e:
+        parse_classes(text, ["1", "0", "a,b", "Cat", "cat", " sp"])
+    assert expect in str(e.value) and len(str(e.value)) < 300, str(e.value)
+    assert "'a,b'" in str(e.value) or "matches" in str(e.value)  # odd names are quoted in the listing
+
+
+def test_class_names_with_commas_or_edge_spaces_are_matched_exactly():
+    from aigc_cli.cli.sample import parse_classes
+
+    names = ["1", "0", "a,b", "Cat", "cat", " sp"]
+    assert parse_classes("a,b", names) == [2] and parse_classes(" sp", names) == [5]
+    assert parse_classes(" sp,cat", names) == [5, 4] and parse_classes("0, 1", names) == [0, 1]
+    assert parse_classes("sp", names) == [5]  # as typed without its space, it is still the one match
+
+
+def test_conditional_labels_are_made_batch_by_batch_one_class_per_row(monkeypatch, capsys, runs, tmp_path):
+    import aigc_cli.sampling as S
+
+    seen, real = [], S.generate
+    monkeypatch.setattr(S, "generate", lambda G, z, amp, bs, labels=None: seen.append(labels) or real(G, z, amp, bs, labels=labels))
+    code, _, err = run_cli(monkeypatch, capsys, "sample", runs["cond"], "--class", "3,0,2", "--n", "6", "-b", "4",
+                           "--individual", tmp_path / "each")
+    assert code == 0, err
+    assert [t.tolist() for t in seen] == [[3, 3, 0, 0], [2, 2]]
+
+
+@pytest.mark.parametrize("args, expect", [
+    (["--n", str(10**9 + 1)], "--n must be at most 1,000,000,000"),
+    (["--n", "99999999999999999999", "--individual", "{tmp}/i"], "--n must be at most"),
+    (["--n", str(10**8), "--out", "{tmp}/g.png"], "a grid of 100000000 images would be"),  # not an out of memory
+    (["--individual", "{tmp}/i", "--out", "{tmp}/i/grid.png"], "is inside the --individual folder"),
+    (["--individual", "{tmp}/i", "--out", "{tmp}/i/sub/grid.png"], "is inside the --individual folder"),
+])
+def test_sample_refuses_before_any_work(monkeypatch, capsys, runs, tmp_path, args, expect):
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    code, out, err = run_cli(monkeypatch, capsys, "sample", runs["cond"], *args)
+    assert code == 2 and expect in err and err.count("\n") == 1, err
+    assert not (tmp_path / "i").exists()
+
+
+def test_class_for_a_model_that_cannot_take_one_says_why(monkeypatch, capsys, runs, tmp_path):
+    code, _, err = run_cli(monkeypatch, capsys, "sample", runs["gan"], "--class", "dog", "--out", tmp_path / "g.png")
+    assert code == 2 and "--class needs a class-conditional model; this dcgan is unconditional" in err, err
+
+
 @pytest.mark.parametrize("n, nrow, channels", [(1, 8, 3), (2, 8, 1), (7, 3, 3), (9, 3, 1), (5, 1, 3)])
 def test_the_grid_is_laid_out_as_torchvisions_make_grid(n, nrow, channels):
     from torchvision.utils import make_grid as torchvision_grid

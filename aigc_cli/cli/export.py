@@ -21,10 +21,12 @@ def export(
 ) -> None:
     """Write the generator (a VAE's decoder) with its config; `aigc sample` and `aigc info` accept it."""
     from .. import checkpoint as ckpt_io
+    from ..errors import one_line
     from ..export import export_generator
 
     result = export_generator(ckpt_io.load(checkpoint), out, dtype, ema=not no_ema)
     if json_out:
         emit_json(result)
     else:
-        human_console(quiet=quiet).print(f"wrote {result['out']} ({result['parameters']:,} parameters, {dtype}, {result['bytes']:,} bytes)")
+        human_console(quiet=quiet).print(one_line(f"wrote {result['out']} ({result['parameters']:,} parameters, {dtype}, "
+                                                  f"{result['bytes']:,} bytes)"))

@@ -17,6 +17,7 @@ def info(
     """Print model kind, step, images seen, parameter counts, precision and config."""
     from .. import checkpoint as ckpt_io
     from ..errors import one_line
+    from ..models import FAMILIES
 
     ck = ckpt_io.load(checkpoint)
     result = {"path": str(ck.path), "kind": ck.kind, "model": ck.config.model.kind, "step": ck.step,
@@ -38,7 +39,8 @@ def info(
         lines.append(f"exported {'the EMA generator' if result['weights'] == 'G_ema' else 'the raw generator'} "
                      f"from {result['source'] or 'an unrecorded checkpoint'}")
     if "class_names" in result:
-        lines.append(f"classes (for `aigc sample --class`): {ck.numbered_classes()}")
+        sampled = ck.config.model.conditional and FAMILIES[ck.config.model.kind].generative
+        lines.append(f"classes{' (for `aigc sample --class`)' if sampled else ''}: {ck.numbered_classes()}")
     lines.append("parameters: " + ", ".join(f"{k} {v:,}" for k, v in result["parameters"].items()))
     c = human_console()
     for line in lines:  # metadata is anyone's text: no terminal escape sequences reach the terminal

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
 import time
 
@@ -14,16 +15,43 @@ from ..errors import AigcError, Interrupted, one_line
 from ..files import json_line
 
 
+def discard_output(stream=None) -> None:
+    """The reader of our stdout (or stderr) has gone (`aigc info x | head -1`): what is still to be
+    printed goes nowhere, and the command carries on to its normal end and exit code. A training run
+    whose log pipe closed keeps training and saving; rich's default was to exit 1, "a bug" in our table."""
+    stream = stream or sys.stdout
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())  # also what Python flushes at exit: no "Exception ignored" line
+        os.close(devnull)
+    except (OSError, ValueError):  # not a real file (a test's capture): nothing to redirect
+        pass
+
+
+class _Console(Console):
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        discard_output(self.file)
+
+
 def human_console(json_mode: bool = False, quiet: bool = False) -> Console:
     """With --json, stdout carries only the JSON object, so people's output moves to stderr."""
     # markup=False: paths, class names and metadata are printed as they are ("runs/[old]" is not a style
     # tag, and "[/x]" in a folder name made rich raise MarkupError).
-    return Console(stderr=json_mode, quiet=quiet, soft_wrap=True, highlight=False, markup=False)
+    return _Console(stderr=json_mode, quiet=quiet, soft_wrap=True, highlight=False, markup=False)
+
+
+def write_out(text: str) -> None:
+    """Text as it is on stdout (JSON, a preset's TOML); a closed pipe discards it (see discard_output)."""
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        discard_output()
 
 
 def emit_json(obj: dict) -> None:
-    sys.stdout.write(json_line(obj, sort_keys=True) + "\n")
-    sys.stdout.flush()
+    write_out(json_line(obj, sort_keys=True) + "\n")
 
 
 def warn(message: str) -> None:
@@ -129,7 +157,7 @@ class ConsoleReporter:
 
     def __init__(self, console: Console):
         self.console = console
-        self.err = Console(stderr=True, quiet=console.quiet, soft_wrap=True, highlight=False, markup=False)  # warnings
+        self.err = _Console(stderr=True, quiet=console.quiet, soft_wrap=True, highlight=False, markup=False)  # warnings
         self.progress: Progress | None = None
         self.err_above_bar = False
         self.total = 0

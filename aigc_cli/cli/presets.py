@@ -7,7 +7,7 @@ import typer
 from rich.table import Table
 
 from ..config import is_preset_file, load_preset, preset_file_text, preset_names, preset_text
-from .output import handles_errors, human_console
+from .output import handles_errors, human_console, write_out
 
 app = typer.Typer(no_args_is_help=True, help="List and show the built-in training presets.")
 
@@ -34,4 +34,4 @@ def show(name: str = typer.Argument(..., help="Preset name, as listed by `aigc p
                                                 "(as `aigc train --preset` takes it).")) -> None:
     """Print a preset's TOML (a file: once it is checked as `aigc train` would check it)."""
     load_preset(name)  # validates it and gives the one-line error for unknown names
-    print(preset_text(name) if not is_preset_file(name) else preset_file_text(name), end="")
+    write_out(preset_text(name) if not is_preset_file(name) else preset_file_text(name))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -11,31 +12,48 @@ import typer
 from .output import QUIET_HELP, emit_json, handles_errors, human_console, sigterm_interrupts, warner
 
 
+CLASS_NUMBER = re.compile(r"-?[0-9]{1,18}")  # ASCII digits, as checkpoint metadata: "²" or "٣" is no number
+MAX_N = 10**9
+
+
+def _shown(name: str) -> str:
+    """A class name as messages list it: quoted when spaces or commas would blur it; long ones cut."""
+    text = name if name and name == name.strip() and "," not in name and "'" not in name else repr(name)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def parse_classes(text: str | None, names: list[str], warn=lambda message: None) -> list[int] | None:
     """--class: numbers as training numbered the classes, or their names (the training data's class
     folders, shapes' kinds), mixed in one comma list. A number is a number even where a class folder
-    has that name (folders 1..10 number 0..9); the warning says so."""
+    has that name (folders 1..10 number 0..9); the warning says so. A name with a comma or spaces at
+    its ends is matched exactly, as the whole value or as one item."""
     from ..errors import UsageError
 
     if text is None:
         return None
-    tokens = [t.strip() for t in text.split(",") if t.strip()]
-    if not tokens:
+    if text in names and not CLASS_NUMBER.fullmatch(text.strip()):
+        return [names.index(text)]
+    items = [t for t in text.split(",") if t.strip()]
+    if not items:
         raise UsageError(f"--class expects a class number or name, or a comma list such as 0,2,5, got {text!r}")
     out = []
-    for t in tokens:
-        if t.lstrip("-").isdigit():
+    for item in items:
+        t = item.strip()
+        if CLASS_NUMBER.fullmatch(t):
             out.append(int(t))
             if t in names and names.index(t) != int(t):
                 warn(f"--class {t} is class number {t}" + (f" ({names[int(t)]!r})" if 0 <= int(t) < len(names) else "")
                      + f"; the class named {t!r} is number {names.index(t)}")
-        elif t in names:
-            out.append(names.index(t))
+        elif item in names or t in names:
+            out.append(names.index(item if item in names else t))
         else:
-            folded = [i for i, name in enumerate(names) if name.casefold() == t.casefold()]
-            if len(folded) != 1:
-                known = f"this model's classes are {', '.join(names)}" if names else "this model has no class names"
-                raise UsageError(f"--class {t!r}: not a class number or name ({known})")
+            folded = [i for i, name in enumerate(names) if name.strip().casefold() == t.casefold()]
+            if len(folded) > 1:
+                raise UsageError(f"--class {_shown(t)}: matches the classes " + " and ".join(_shown(names[i]) for i in folded)
+                                 + " but for case; give one exactly, or its number")
+            if not folded:
+                known = f"this model's classes are {', '.join(map(_shown, names))}" if names else "this model has no class names"
+                raise UsageError(f"--class {_shown(t)}: not a class number or name ({known})")
             out.append(folded[0])
     return out
 
@@ -44,11 +62,11 @@ def parse_classes(text: str | None, names: list[str], warn=lambda message: None)
 @sigterm_interrupts
 def sample(
     checkpoint: str = typer.Argument(..., help="Checkpoint file, run folder (its newest checkpoint) or exported .safetensors."),
-    n: int = typer.Option(64, "--n", "-n", help="Number of images."),
+    n: int = typer.Option(64, "--n", "-n", help="Number of images (at most 10^9; a grid holds far fewer, --individual any)."),
     seed: int = typer.Option(0, "--seed", min=0, max=2**32 - 1, help="Latent seed: the same seed gives the same images."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Grid PNG path (default: samples.png, unless --individual is given)."),
-    nrow: Optional[int] = typer.Option(None, "--nrow", help="Images per grid row (default: about sqrt(n))."),
-    individual: Optional[Path] = typer.Option(None, "--individual", help="Also write one PNG per image into this folder."),
+    nrow: Optional[int] = typer.Option(None, "--nrow", help="Images per grid row (default: one class per row, else sqrt(n) rounded up)."),
+    individual: Optional[Path] = typer.Option(None, "--individual", help="Write one PNG per image into this folder (with --out, the grid too)."),
     classes: Optional[str] = typer.Option(None, "--class", help="Conditional models: a class number or name, or a comma list (e.g. 3, dogs or 0,2,5); one class per grid row (default: all classes; `aigc info` lists them)."),
     no_ema: bool = typer.Option(False, "--no-ema", help="Use the raw generator weights, not their EMA."),
     batch_size: int = typer.Option(512, "--batch-size", "-b", help="Images generated per forward pass."),
@@ -62,11 +80,14 @@ def sample(
 
     from .. import checkpoint as ckpt_io
     from ..errors import UsageError
-    from ..sampling import (check_grid_size, class_labels, generate, generator_from, latent_batches, pngs_in,
-                            filling, save_grid, save_individual, warn_stale_pngs)
+    from ..errors import one_line
+    from ..sampling import (check_generates, check_grid_size, class_labels, generate, generator_from,
+                            latent_batches, pngs_in, filling, save_grid, save_individual, warn_stale_pngs)
 
     if n < 1 or batch_size < 1 or (nrow is not None and nrow < 1):
         raise UsageError("--n, --batch-size and --nrow must be positive")
+    if n > MAX_N:
+        raise UsageError(f"--n must be at most {MAX_N:,} (run again with another --seed for more)")
     if precision not in ("auto", "bf16", "fp16", "fp32"):
         raise UsageError(f"--precision must be auto, bf16, fp16 or fp32, got '{precision}'")
     if out is not None and out.is_dir():
@@ -75,26 +96,32 @@ def sample(
         raise UsageError(f"--out {out}: sample grids are PNG files; use a name ending in .png")
     if individual is not None and individual.exists() and not individual.is_dir():
         raise UsageError(f"--individual {individual}: exists and is not a folder")
+    if out is not None and individual is not None and individual.resolve() in out.resolve().parents:
+        raise UsageError(f"--out {out}: is inside the --individual folder, where it would be taken for one more "
+                         "sample (by `aigc eval --fake`, say); write the grid elsewhere")
     warn = warner(quiet)
     ck = ckpt_io.load(checkpoint)
+    check_generates(ck)
+    if classes is not None and not ck.config.model.conditional:
+        raise UsageError(f"{ck.path}: --class needs a class-conditional model; this {ck.config.model.kind} is unconditional")
     wanted = parse_classes(classes, ck.class_names, warn)
-    labels, per_row = class_labels(ck, wanted, n)
-    if labels is not None and len(labels) != n:
-        warn(f"--n {n} with {len(labels) // per_row} classes: {per_row} image{'s' if per_row > 1 else ''} "
-             f"per class, {len(labels)} in all")
-        n = len(labels)
+    drawn, per_row = class_labels(ck, wanted, n)
+    if drawn is not None and len(drawn) * per_row != n:
+        warn(f"--n {n} with {len(drawn)} classes: {per_row} image{'s' if per_row > 1 else ''} "
+             f"per class, {len(drawn) * per_row} in all")
+        n = len(drawn) * per_row
     write_grid = out is not None or individual is None
     if write_grid:
         out = out or Path("samples.png")
-        nrow = nrow or per_row or max(1, round(math.sqrt(n)))
+        nrow = nrow or per_row or math.ceil(math.sqrt(n))
         check_grid_size(n, nrow, ck.config.model.resolution)
     G, amp = generator_from(ck, device, precision, ema=not no_ema, warn=warn)
     dim = ck.config.model.latent_dim
 
     def batches():  # for any n: never more than a few batches of latents or images in memory
         start = 0
-        for z in latent_batches(n, dim, seed, batch_size):
-            y = None if labels is None else labels[start:start + len(z)]
+        for z in latent_batches(n, dim, seed, batch_size):  # labels too: class k fills row k
+            y = None if drawn is None else drawn[torch.arange(start, start + len(z)) // per_row]
             start += len(z)
             yield generate(G, z, amp, max(batch_size, len(z)), labels=y)  # one forward pass a piece
 
@@ -113,4 +140,5 @@ def sample(
     if json_out:
         emit_json(result)
     else:
-        console.print(f"wrote {n} images: " + ", ".join(str(result[k]) for k in ("grid", "individual") if k in result))
+        console.print(one_line(f"wrote {n} image{'s' * (n != 1)}: "
+                               + ", ".join(str(result[k]) for k in ("grid", "individual") if k in result)))
