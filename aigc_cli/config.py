@@ -7,6 +7,7 @@ written into the run folder as TOML and into every checkpoint as JSON, and never
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 import re
@@ -161,7 +162,9 @@ def _split_key(key: str) -> tuple[str | None, str]:
     section, _, name = key.rpartition(".")
     section = section or None
     if (section is not None and section not in SECTIONS) or name not in _field_types(section):
-        raise UsageError(f"unknown config key {key!r}; valid keys: {', '.join(all_keys())}")
+        close = difflib.get_close_matches(key, all_keys(), n=1)
+        raise UsageError(f"unknown config key {key!r}; " + (f"did you mean {close[0]!r}? (`aigc presets show NAME` "
+                         "shows every key)" if close else f"valid keys: {', '.join(all_keys())}"))
     return section, name
 
 
@@ -344,7 +347,7 @@ def validate(cfg: Config) -> None:
     _need(t.fuse_norm_act in ("on", "off"), f"train.fuse_norm_act must be on or off, got {t.fuse_norm_act!r}")
     _need(t.precision in PRECISIONS, f"train.precision must be one of {', '.join(PRECISIONS)}, got {t.precision!r}")
     _need(re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", t.device) is not None,
-          f"train.device must be auto, cpu, cuda or cuda:N, got {t.device!r}")
+          f"train.device must be auto, cpu, cuda, cuda:N or mps, got {t.device!r}")
     _check_ints(cfg)
 
 
@@ -367,8 +370,11 @@ def check_for_training(cfg: Config, base: Config | None = None) -> None:
         value = getattr(m, name)
         if (name not in FAMILIES[m.kind].uses and value != getattr(default, name)
                 and (base is None or value != getattr(base.model, name))):
-            raise UsageError(f"model.{name}={value} applies to {owner}, not to a {m.kind}; "
-                             f"leave it at {getattr(default, name)}")
+            def plain(v):  # as TOML and --set spell it: true, not Python's True
+                return str(v).lower() if isinstance(v, bool) else v
+
+            raise UsageError(f"model.{name}={plain(value)} applies to {owner}, not to a {m.kind}; "
+                             f"leave it at {plain(getattr(default, name))}")
 
 
 # ---- presets --------------------------------------------------------------------------------
@@ -389,7 +395,9 @@ def preset_text(name: str) -> str:
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or not path.is_file():
         if name.endswith(".toml") or "/" in name:
             raise UsageError(f"{name}: no such preset file")
-        raise UsageError(f"unknown preset {name!r}; available: {', '.join(preset_names())}")
+        close = difflib.get_close_matches(name, preset_names(), n=1)
+        raise UsageError(f"unknown preset {name!r}; " + (f"did you mean {close[0]!r}? (`aigc presets list` shows "
+                         "them all)" if close else f"available: {', '.join(preset_names())}"))
     return path.read_text(encoding="utf-8")
 
 
@@ -398,7 +406,10 @@ def parse_toml(text: str, origin: str) -> Config:
         data = tomllib.loads(text)
     except ValueError as e:  # TOMLDecodeError, or an integer of over 4300 digits (Python's conversion limit)
         raise UsageError(f"{origin}: invalid TOML: {value_error_reason(e)}") from None
-    return config_from_dict(data)
+    try:
+        return config_from_dict(data)
+    except UsageError as e:  # a typo in the user's own file: say which file
+        raise UsageError(f"{origin}: {e}") from None
 
 
 def is_preset_file(name: str) -> bool:

@@ -36,7 +36,7 @@ def export_generator(ckpt: ckpt_io.Checkpoint, out: Path, dtype: str, ema: bool 
                              f"(largest {torch.finfo(target).max:g}); export as bf16 or fp32")
     meta = ckpt_io.base_meta(ckpt.config, "export", ckpt.step, ckpt.images_seen, ckpt.meta.get("aigc.precision", ""))
     meta["aigc.dtype"] = dtype
-    meta["aigc.source"] = str(Path(ckpt.path).resolve())
+    meta["aigc.source"] = _source_of(ckpt)
     meta["aigc.weights"] = label
     if "aigc.class_names" in ckpt.meta:
         meta["aigc.class_names"] = ckpt.meta["aigc.class_names"]
@@ -44,6 +44,22 @@ def export_generator(ckpt: ckpt_io.Checkpoint, out: Path, dtype: str, ema: bool 
     return {"out": str(out), "dtype": dtype, "tensors": len(tensors),
             "parameters": ckpt_io.param_counts(ckpt)["G"],  # as `aigc info` counts them: no BN buffers
             "bytes": out.stat().st_size}
+
+
+def _source_of(ckpt: ckpt_io.Checkpoint) -> str:
+    """Where the weights were trained: an export's own source carries over (re-exported at another
+    dtype, say), and last.safetensors, a link the next save replaces, is named by its step file."""
+    if ckpt.kind == "export" and ckpt.meta.get("aigc.source"):
+        return ckpt.meta["aigc.source"]
+    path = Path(ckpt.path).resolve()
+    if path.name == "last.safetensors":
+        for step_file in sorted(path.parent.glob("step-*.safetensors"), reverse=True):
+            try:
+                if step_file.samefile(path):
+                    return str(step_file)
+            except OSError:  # pruned meanwhile by a run still training
+                continue
+    return str(path)
 
 
 def _refuse_training_checkpoint(out: Path) -> None:

@@ -24,6 +24,21 @@ def _make_parent(path: Path) -> None:
         raise
 
 
+def check_writable(path: str | os.PathLike, what: str) -> None:
+    """Fail now, naming the option, where writing `path` after long work would fail: a folder in its
+    place, a file on the way to it, or a folder this user cannot write in."""
+    from .errors import UsageError  # noqa: PLC0415
+
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{what} {path}: is a folder; give a file name")
+    nearest = next((p for p in (path.parent, *path.parent.parents) if p.exists()), Path("."))
+    if not nearest.is_dir():
+        raise UsageError(f"{what} {path}: {nearest} is a file, not a folder")
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        raise UsageError(f"{what} {path}: cannot write in {nearest} (permission denied)")
+
+
 @functools.cache
 def _umask() -> int:
     """The process's umask, read once (aigc never changes it; `aigc sample --individual` writes

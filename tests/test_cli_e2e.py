@@ -267,9 +267,55 @@ def test_other_families_train_sample_and_eval(aigc, cli, classifier_ckpt, tmp_pa
     (["sample", "/no/ckpt", "--seed", "-1"], "--seed"),
     (["sample", "/no/ckpt", "--out", "grid.jpg"], ".png"),
     (["train", "--preset", "quickstart", "--steps", "3", "--epochs", "1"], "give --steps or --epochs, not both"),
+    (["train", "--preset", "quickstart", "--epochs", "0"], "--epochs must be at least 1, got 0"),  # trained the preset's steps
+    (["train", "--preset", "quickstrat"], "unknown preset 'quickstrat'; did you mean 'quickstart'?"),
+    (["train", "--preset", "quickstart", "--set", "model.g_widht=8"], "did you mean 'model.g_width'?"),
+    (["train", "--preset", "quickstart", "--out", ""], "an empty value for --out (an unset shell variable?)"),
+    (["train", "--preset", "quickstart", "--out="], "an empty value for --out"),
+    (["sample", ""], "an empty argument (an unset shell variable?)"),
+    (["eval", "--fake", "{tmp}", "--ref", "{tmp}/g.png", "--metrics", "fid"], "not an .npz (zip) file)"),
 ])
-def test_more_bad_input_is_one_line_exit_2(cli, args, expect):
-    assert expect in one_line_error(cli(*args))
+def test_more_bad_input_is_one_line_exit_2(cli, tmp_path, args, expect):
+    Image.new("RGB", (8, 8)).save(tmp_path / "g.png")
+    line = one_line_error(cli(*[a.replace("{tmp}", str(tmp_path)) for a in args]))
+    assert expect in line and "pickle" not in line, line
+    assert not [p for p in tmp_path.iterdir() if p.name != "g.png"]  # nothing written
+
+
+def test_paths_the_shell_left_alone_and_relative_settings_are_made_whole(cli, gan_run, tmp_path, monkeypatch):
+    out, _ = gan_run
+    monkeypatch.setenv("HOME", str(tmp_path))
+    r = cli("sample", str(out), "--n", "2", "--out=~/grid.png", "--json")  # the shell expands no ~ after "="
+    assert r.code == 0 and r.json()["grid"] == str(tmp_path / "grid.png") and (tmp_path / "grid.png").is_file()
+    (tmp_path / "link").symlink_to(out)
+    assert cli("info", "~/link", "--json").json()["step"] == 20  # a quoted "~/..." argument
+    # data.root given relative is stored absolute: eval and resume from another folder find the same data
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "droot").mkdir()
+    r = cli("train", "--preset", "quickstart", "--data-root", "droot", "--out", "rel", "--json", "--steps", "1",
+            "--set", "model.g_width=8", "--set", "model.d_width=8", "--set", "data.limit=64")
+    assert r.code == 0, r.stderr
+    assert f'root = "{tmp_path / "droot"}"' in (tmp_path / "rel" / "config.toml").read_text()
+
+
+def test_export_names_the_training_checkpoint_it_came_from(cli, gan_run, tmp_path):
+    out, _ = gan_run
+    assert cli("export", out, "--out", tmp_path / "a.safetensors").code == 0
+    source = cli("info", tmp_path / "a.safetensors", "--json").json()["source"]
+    assert source == str((out / "checkpoints" / "step-0000020.safetensors").resolve())  # not last.safetensors
+    assert cli("export", tmp_path / "a.safetensors", "--out", tmp_path / "b.safetensors", "--dtype", "bf16").code == 0
+    assert cli("info", tmp_path / "b.safetensors", "--json").json()["source"] == source  # carried over
+
+
+def test_outputs_that_cannot_be_written_are_refused_before_the_work(cli, gan_run, tmp_path):
+    out, _ = gan_run
+    (tmp_path / "d.npz").mkdir()
+    assert "--out " in one_line_error(cli("eval", "stats", "--data", "shapes", "--out", tmp_path / "d.npz"))
+    (tmp_path / "afile").write_text("x")
+    line = one_line_error(cli("eval", out, "--save-fakes", tmp_path / "afile", "--n", "10"))
+    assert "--save-fakes" in line and "exists and is not a folder" in line
+    line = one_line_error(cli("eval", "stats", "--data", "shapes", "--out", tmp_path / "afile" / "r.npz"))
+    assert "afile is a file, not a folder" in line
 
 
 def test_bad_output_paths_and_devices_are_one_line_exit_2(cli, gan_run, tmp_path):

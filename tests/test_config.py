@@ -180,7 +180,7 @@ def test_run_names_and_preset_files_that_cannot_work_are_one_line_errors(monkeyp
 
 
 @pytest.mark.parametrize("preset, item, expect", [
-    ("mnist-mlp-gan", "model.spectral_norm=true", "model.spectral_norm=True applies to dcgan (resnet_gan always has it), not to a mlp_gan"),
+    ("mnist-mlp-gan", "model.spectral_norm=true", "model.spectral_norm=true applies to dcgan (resnet_gan always has it), not to a mlp_gan"),
     ("cifar10-sngan", "model.d_norm=layer", "model.d_norm=layer applies to dcgan, not to a resnet_gan"),
     ("quickstart", "model.likelihood=bernoulli", "model.likelihood=bernoulli applies to vae, not to a dcgan"),
     ("fashion-mnist-cond-sngan", "model.num_classes=5", "model.num_classes is set from the data"),

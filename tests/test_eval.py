@@ -161,3 +161,7 @@ def test_eval_command_names_what_is_wrong_before_any_work(monkeypatch, capsys, r
     code, out, err = run_cli(monkeypatch, capsys, "eval", "-q", "--json", "stats", "--data", "shapes", "--features", clf,
                              "--n", "20", "--out", tmp_path / "r.npz")
     assert code == 0 and json.loads(out)["protocol"]["n_real"] == 20 and err == ""
+    # ... and so may options with a value, in both spellings.
+    code, out, err = run_cli(monkeypatch, capsys, "eval", "--features", clf, "--n=20", "-q", "stats", "--data", "shapes",
+                             "--out", tmp_path / "r2.npz", "--json")
+    assert code == 0 and json.loads(out)["protocol"]["n_real"] == 20 and err == "", err

@@ -16,11 +16,32 @@ app.command("eval")(eval_cmd.evaluate)
 # those arguments to this one-command app instead.
 # Flags without a value that `eval` and `eval stats` share: they may come before the word `stats`.
 STATS_FLAGS = {"-q", "--quiet", "--json", "--download", "--download-weights"}
+# ... and so may its options that take a value (`aigc eval --features clf stats --data x --out r.npz`).
+STATS_OPTIONS = {"--data", "--out", "-o", "--n", "-n", "--features", "--inception-weights", "--resolution", "--channels",
+                 "--split", "--data-root", "--batch-size", "-b", "--seed", "--device", "--precision"}
 eval_stats_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 eval_stats_app.command()(eval_cmd.stats)
 app.command("export")(export.export)
 app.command("info")(info.info)
 app.add_typer(presets.app, name="presets")
+
+
+def tidy_args(args: list[str]) -> list[str]:
+    """What a shell leaves undone: `~` is expanded where the shell does not (`--out=~/x`, a quoted
+    "~/x"); an empty argument is refused, since it is an unset variable far more often than a choice
+    (an empty --out used to mean the current folder, and a run's files were scattered there)."""
+    import os
+
+    out = []
+    for i, a in enumerate(args):
+        option, eq, value = a.partition("=") if a.startswith("--") else ("", "", a)
+        if a == "" or (eq and value == ""):
+            after = option or (args[i - 1] if i and args[i - 1].startswith("-") else "")
+            raise ValueError(f"an empty {'value for ' + after if after else 'argument'} (an unset shell variable?)")
+        if value.startswith("~") and (eq or not a.startswith("-")):
+            a = f"{option}={os.path.expanduser(value)}" if eq else os.path.expanduser(value)
+        out.append(a)
+    return out
 
 
 def main() -> None:
@@ -32,11 +53,21 @@ def main() -> None:
 
     args = sys.argv[1:]
     _help_width()
+    try:
+        args = tidy_args(args)
+    except ValueError as e:
+        sys.stderr.write(f"error: {e}\n")
+        sys.exit(2)
     target, prog = app, "aigc"
     if args[:1] == ["eval"]:  # a checkpoint or run folder called "stats" is ./stats
         i = 1
-        while i < len(args) and args[i] in STATS_FLAGS:  # `aigc eval -q stats ...` as `aigc eval stats -q ...`
-            i += 1
+        while i < len(args):  # `aigc eval -q stats ...` as `aigc eval stats -q ...`
+            if args[i] in STATS_FLAGS or args[i].split("=", 1)[0] in STATS_OPTIONS and "=" in args[i]:
+                i += 1
+            elif args[i] in STATS_OPTIONS:
+                i += 2
+            else:
+                break
         if args[i:i + 1] == ["stats"]:
             target, prog, args = eval_stats_app, "aigc eval stats", args[1:i] + args[i + 1:]
     try:

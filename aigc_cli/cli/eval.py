@@ -4,6 +4,7 @@ against real data, in Inception's or a domain classifier's feature space (+ VAE 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -43,7 +44,7 @@ def evaluate(
     n: int = typer.Option(10000, "--n", "-n", help="Generated images (and at most this many real ones)."),
     batch_size: int = typer.Option(256, "--batch-size", "-b", help="Images per forward pass."),
     seed: int = typer.Option(0, "--seed", min=0, max=2**32 - 1, help="Seed for latents and the real subset."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
     precision: str = typer.Option("auto", "--precision", help="auto, bf16, fp16 or fp32 (auto: the generator in bf16 on a GPU that has it, the extractor in fp32)."),
     inception_weights: Optional[str] = typer.Option(None, "--inception-weights", help=WEIGHTS_HELP),
     download_weights: bool = typer.Option(False, "--download-weights", help="Download the pytorch-fid Inception weights into the cache first (checked against their sha256)."),
@@ -79,6 +80,8 @@ def evaluate(
         return
     if not checkpoint and not fake:
         raise UsageError("nothing to score: give a CHECKPOINT (or run folder), or --fake DIR with --data SOURCE")
+    if save_fakes and Path(save_fakes).exists() and not Path(save_fakes).is_dir():
+        raise UsageError(f"--save-fakes {save_fakes}: exists and is not a folder")
     if fake and save_fakes:
         raise UsageError("--save-fakes applies to a checkpoint; --fake images are files already")
     _check_common(n, batch_size, precision)
@@ -137,7 +140,7 @@ def stats(
     download: bool = typer.Option(False, "--download", help="Allow downloading a missing torchvision dataset."),
     batch_size: int = typer.Option(256, "--batch-size", "-b", help="Images per forward pass."),
     seed: int = typer.Option(0, "--seed", min=0, max=2**32 - 1, help="Seed for the real subset."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
     precision: str = typer.Option("auto", "--precision", help="auto (fp32), bf16, fp16 or fp32 for the extractor."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object: the file written and its protocol."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),

@@ -12,7 +12,7 @@ from .output import QUIET_HELP, emit_json, handles_errors, human_console, sigter
 @handles_errors
 @sigterm_interrupts
 def export(
-    checkpoint: str = typer.Argument(..., help="Checkpoint file or run folder."),
+    checkpoint: str = typer.Argument(..., help="Checkpoint file, run folder, or an export (to change its dtype)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output .safetensors path."),
     dtype: str = typer.Option("fp32", "--dtype", help="Weight dtype: fp32, fp16 or bf16."),
     no_ema: bool = typer.Option(False, "--no-ema", help="Export the raw generator weights, not their EMA."),

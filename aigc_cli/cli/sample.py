@@ -70,7 +70,7 @@ def sample(
     classes: Optional[str] = typer.Option(None, "--class", help="Conditional models: a class number or name, or a comma list (e.g. 3, dogs or 0,2,5); one class per grid row (default: all classes; `aigc info` lists them)."),
     no_ema: bool = typer.Option(False, "--no-ema", help="Use the raw generator weights, not their EMA."),
     batch_size: int = typer.Option(512, "--batch-size", "-b", help="Images generated per forward pass."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
     precision: str = typer.Option("auto", "--precision", help="auto, bf16, fp16 or fp32."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object with the written paths."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
@@ -107,7 +107,7 @@ def sample(
     wanted = parse_classes(classes, ck.class_names, warn)
     drawn, per_row = class_labels(ck, wanted, n)
     if drawn is not None and len(drawn) * per_row != n:
-        warn(f"--n {n} with {len(drawn)} classes: {per_row} image{'s' if per_row > 1 else ''} "
+        warn(f"--n {n} with {len(drawn)} class{'es' * (len(drawn) != 1)}: {per_row} image{'s' if per_row > 1 else ''} "
              f"per class, {len(drawn) * per_row} in all")
         n = len(drawn) * per_row
     write_grid = out is not None or individual is None

@@ -43,7 +43,7 @@ def train(
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Passes over the data (instead of --steps)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Images per step."),
     precision: Optional[str] = typer.Option(None, "--precision", help="auto, bf16, fp16 or fp32 (auto: bf16 on a capable GPU, fp32 on CPU)."),
-    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed for weights, data order and latents."),
     overrides: Optional[List[str]] = typer.Option(None, "--set", help="Override any config key, e.g. --set train.lr_g=1e-4 (repeatable)."),
     resume: Optional[str] = typer.Option(None, "--resume", help="auto: continue the run in --out from its newest valid checkpoint (or start fresh); or a checkpoint file / run folder."),
@@ -61,6 +61,8 @@ def train(
     console = human_console(json_out, quiet)
     if steps is not None and epochs is not None:
         raise UsageError("give --steps or --epochs, not both (--epochs N means N passes over the data)")
+    if epochs is not None and epochs < 1:  # train.epochs=0 means "count in steps": never what --epochs 0 asks
+        raise UsageError(f"--epochs must be at least 1, got {epochs}")
     assignments = parse_assignments(overrides or [])
     if "model.num_classes" in assignments:  # training sets it from the data; a --set would be overwritten unseen
         raise UsageError("model.num_classes is set from the data (the classes it holds); drop --set model.num_classes")
@@ -83,9 +85,11 @@ def train(
                          (f"; --resume auto found no checkpoint in {out}" if resume == "auto" else ""))
     # --set values are checked first even where a flag then overrides them; all before any heavy work.
     cfg = cfg.with_overrides(assignments).with_overrides(flags)
-    if cfg.data.source not in BUILTIN_SOURCES and Path(cfg.data.source).expanduser().exists():
-        # stored absolute, so eval/resume from another working directory find the same data
-        cfg = cfg.with_overrides({"data.source": str(Path(cfg.data.source).expanduser().resolve())})
+    # Paths are stored absolute, so eval and resume from another working folder find the same files.
+    paths = {"data.source": cfg.data.source if cfg.data.source not in BUILTIN_SOURCES else "",
+             "data.root": cfg.data.root, "train.eval_features": cfg.train.eval_features}
+    cfg = cfg.with_overrides({key: str(Path(v).expanduser().resolve()) for key, v in paths.items()
+                              if v and Path(v).expanduser().exists()})
     if steps is not None and epochs is None and cfg.train.epochs:
         cfg = cfg.with_overrides({"train.epochs": 0})  # an explicit --steps wins over a preset's epochs
     check_for_training(cfg, ckpt.config if ckpt is not None else None)

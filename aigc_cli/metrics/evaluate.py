@@ -321,6 +321,9 @@ def write_stats(data: str, out: str, *, root: str | None, download: bool, featur
     """`aigc eval stats`: reference statistics of real data written to `out` (an npz for --ref)."""
     if not str(out).endswith(".npz"):
         raise UsageError(f"--out {out}: the statistics file name must end in .npz")
+    from ..files import check_writable  # noqa: PLC0415
+
+    check_writable(out, "--out")  # before minutes of embedding, not after
     dev = resolve_device(device)
     if extractor is None:
         extractor = open_extractor(features, inception_weights, dev, precision, download_weights, warn)

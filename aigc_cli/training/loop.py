@@ -72,8 +72,11 @@ def best_metric(cfg: Config) -> tuple[str | None, bool]:
 
 
 def eval_setup(cfg: Config) -> tuple:
-    """What an evaluation metric's value depends on besides the weights."""
-    return cfg.train.eval_features, cfg.train.eval_n
+    """What an evaluation metric's value depends on besides the weights. The classifier as a resolved
+    path: `aigc train` stores it absolute, runs from before that hold it relative (to this folder, when
+    resumed from where they were started)."""
+    features = cfg.train.eval_features
+    return (str(Path(features).expanduser().resolve()) if features else ""), cfg.train.eval_n
 
 
 def grid_labels(cfg: Config) -> tuple[torch.Tensor | None, int]:
