@@ -75,6 +75,9 @@ def test_presets_list_shows_every_name_whole(aigc_env, columns):
     if columns:
         env["COLUMNS"] = columns
     r = subprocess.run([*aigc_command(), "presets", "list"], capture_output=True, text=True, env=env, timeout=60)
-    assert r.returncode == 0 and "…" not in r.stdout, r.stdout  # names are what --preset takes
-    for name in preset_names():
-        assert f" {name} " in r.stdout, name
+    rows = [line for line in r.stdout.splitlines() if line.startswith("│")]
+    assert r.returncode == 0 and len(rows) == len(preset_names()), r.stdout  # one line each (wrapped: 300 lines)
+    kinds = ("resnet_gan", "dcgan", "vae", "mlp_gan", "classifier")
+    for name, row in zip(preset_names(), rows):
+        assert row.startswith(f"│ {name} "), (name, row)  # names are what --preset takes: never cut
+        assert len(row) <= 80 and any(f" {k} " in row for k in kinds), row  # no column dropped for the width

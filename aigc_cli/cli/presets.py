@@ -18,14 +18,18 @@ def list_presets() -> None:
     """List the presets with their model, data and resolution."""
     rows = [(name, cfg.model.kind, cfg.data.source, str(cfg.model.resolution), cfg.description)
             for name, cfg in ((name, load_preset(name)) for name in preset_names())]
-    table = Table()
-    # Names are what `--preset` takes: never cut or wrapped, whatever the width; the description wraps.
-    for i, title in enumerate(("name", "model", "data", "res")):
-        table.add_column(title, no_wrap=True, min_width=max(len(r[i]) for r in rows))
-    table.add_column("description", min_width=12, overflow="fold")
+    table = Table(caption="`aigc presets show NAME` prints a preset in full, its description included")
+    # Names are what `--preset` takes: never cut or wrapped, whatever the width. One line a preset (a
+    # wrapped description made 300 lines at 80 columns): the description is cut to the width left.
+    widths = [max(len(title), *(len(r[i]) for r in rows)) for i, title in enumerate(("name", "model", "data", "res"))]
+    for width, title in zip(widths, ("name", "model", "data", "res")):
+        table.add_column(title, no_wrap=True, min_width=width)
+    console = human_console()
+    left = console.width - sum(w + 3 for w in widths) - 4  # each column's padding and rule, the outer rules
+    table.add_column("description", width=max(12, left), no_wrap=True, overflow="ellipsis")
     for row in rows:
         table.add_row(*row)
-    human_console().print(table)
+    console.print(table)
 
 
 @app.command("show")
