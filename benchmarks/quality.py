@@ -57,9 +57,9 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/quality"))
     a = p.parse_args()
-    for name in ("images", "evals", "n", "classifier_steps"):
-        if getattr(a, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(a, name)}")
+    for name, least in (("images", 1), ("evals", 1), ("n", 2), ("classifier_steps", 1)):  # aigc eval: --n >= 2
+        if getattr(a, name) < least:
+            p.error(f"--{name.replace('_', '-')} must be at least {least}, got {getattr(a, name)}")
     a.out.mkdir(parents=True, exist_ok=True)
     common = ["--data", a.data, "--device", a.device]
 

@@ -275,7 +275,8 @@ def test_other_families_train_sample_and_eval(aigc, cli, classifier_ckpt, tmp_pa
     (["sample", ""], "an empty argument (an unset shell variable?)"),
     (["eval", "--fake", "{tmp}", "--ref", "{tmp}/g.png", "--metrics", "fid"], "not an .npz (zip) file)"),
 ])
-def test_more_bad_input_is_one_line_exit_2(cli, tmp_path, args, expect):
+def test_more_bad_input_is_one_line_exit_2(cli, tmp_path, monkeypatch, args, expect):
+    monkeypatch.chdir(tmp_path)  # an empty --out meant the current folder: nothing may land here either
     Image.new("RGB", (8, 8)).save(tmp_path / "g.png")
     line = one_line_error(cli(*[a.replace("{tmp}", str(tmp_path)) for a in args]))
     assert expect in line and "pickle" not in line, line

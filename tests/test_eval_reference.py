@@ -257,3 +257,12 @@ def test_a_reference_from_another_extractor_precision_is_pointed_out(runs, tmp_p
     code, _, err = run_cli(monkeypatch, capsys, "eval", runs / "gan", "--ref", ref, "--features", runs / "clf",
                            "--n", 20, "--metrics", "is")
     assert code == 0 and f"--ref {ref} was not used: is needs no real statistics" in err, err
+
+
+def test_a_statistics_file_with_object_arrays_is_refused_without_unpickling_it(tmp_path):
+    from aigc_cli.errors import UsageError
+    from aigc_cli.metrics.reference import load_npz
+
+    np.savez(tmp_path / "obj.npz", mu=np.zeros(2), sigma=np.eye(2), protocol=np.array([{}], dtype=object))
+    with pytest.raises(UsageError, match=r"holds object \(pickled\) arrays, which aigc does not load"):
+        load_npz(tmp_path / "obj.npz")

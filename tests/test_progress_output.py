@@ -1,8 +1,10 @@
 """Plain progress lines (logs, batch jobs): the ETA of long and resumed runs; where notes go under a
-live progress bar."""
+live progress bar; closed pipes, interrupts while options are parsed, and arguments the shell left as
+typed."""
 import io
 import re
 
+import pytest
 from rich.console import Console
 
 from aigc_cli.cli import output
@@ -87,3 +89,48 @@ def test_a_closed_stdout_discards_output_and_the_command_finishes(aigc_env, tmp_
             os.close(w)
         assert proc.returncode == 0 and "Broken pipe" not in proc.stderr and "Traceback" not in proc.stderr, (args, proc.stderr)
     assert (tmp_path / "run" / "checkpoints" / "step-0000003.safetensors").is_file()
+
+
+@pytest.mark.parametrize("raised, code, err", [
+    (KeyboardInterrupt, 130, "stopped: SIGINT (Ctrl-C)\n"),  # typer returned 130 and printed nothing
+    (EOFError, 2, "error: unexpected end of input\n"),  # was reported as a Ctrl-C
+])
+def test_an_interrupt_while_options_are_parsed(monkeypatch, capsys, raised, code, err):
+    import typer.core
+
+    from conftest import run_cli
+
+    def parse_args(self, ctx, args):
+        raise raised
+
+    monkeypatch.setattr(typer.core.TyperCommand, "parse_args", parse_args)
+    got_code, out, got_err = run_cli(monkeypatch, capsys, "presets", "list")
+    assert (got_code, out) == (code, "") and got_err.strip() == err.strip(), got_err
+
+
+def test_tilde_is_expanded_for_paths_only(monkeypatch):
+    from aigc_cli.cli import tidy_args
+
+    monkeypatch.setenv("HOME", "/home/u")
+    assert tidy_args(["sample", "~/run", "--out=~/g.png", "--class", "~", "--class=~root", "--set", "name=~x"]) == \
+        ["sample", "/home/u/run", "--out=/home/u/g.png", "--class", "~", "--class=~root", "--set", "name=~x"]
+
+
+def test_a_closed_stderr_does_not_turn_warnings_or_errors_into_a_crash(monkeypatch):
+    import typer
+
+    class Closed:
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            pass
+
+        def fileno(self):
+            raise ValueError("not a real file")
+
+    monkeypatch.setattr(output.sys, "stderr", Closed())
+    output.warn("a warning nobody reads")  # used to raise, and end the command with exit 1 ("a bug")
+    with pytest.raises(typer.Exit) as e:
+        output.fail("bad input", 2)
+    assert e.value.exit_code == 2

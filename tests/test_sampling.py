@@ -108,10 +108,11 @@ def test_export_refuses_other_formats_and_training_checkpoints(monkeypatch, caps
     for quiet in ([], ["-q"]):  # an earlier export is replaced, as asked
         code, out, err = run_cli(monkeypatch, capsys, "export", runs["gan"], "--out", tmp_path / "g.safetensors", *quiet)
         assert code == 0 and ("wrote" in out) != bool(quiet) and not err, err
-    assert ckpt_io.load(tmp_path / "g.safetensors").meta["aigc.source"] == str(last.resolve())
+    step_file = (runs["gan"] / "checkpoints" / "step-0000002.safetensors").resolve()  # what last links to now
+    assert ckpt_io.load(tmp_path / "g.safetensors").meta["aigc.source"] == str(step_file)
     code, out, err = run_cli(monkeypatch, capsys, "info", tmp_path / "g.safetensors", "--json")
     info = json.loads(out)
-    assert code == 0 and info["source"] == str(last.resolve())
+    assert code == 0 and info["source"] == str(step_file)
     assert info["weights"] == ("G_ema" if ckpt_io.load(last).net_state("G_ema") else "G")
     code, out, err = run_cli(monkeypatch, capsys, "info", last, "--json")
     assert code == 0 and "weights" not in json.loads(out)  # a training checkpoint holds them all

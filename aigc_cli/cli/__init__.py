@@ -26,6 +26,10 @@ app.command("info")(info.info)
 app.add_typer(presets.app, name="presets")
 
 
+# Values that are not paths although they may start with "~" (a class folder named so).
+NOT_PATHS = {"--class", "--set", "--metrics"}
+
+
 def tidy_args(args: list[str]) -> list[str]:
     """What a shell leaves undone: `~` is expanded where the shell does not (`--out=~/x`, a quoted
     "~/x"); an empty argument is refused, since it is an unset variable far more often than a choice
@@ -38,26 +42,41 @@ def tidy_args(args: list[str]) -> list[str]:
         if a == "" or (eq and value == ""):
             after = option or (args[i - 1] if i and args[i - 1].startswith("-") else "")
             raise ValueError(f"an empty {'value for ' + after if after else 'argument'} (an unset shell variable?)")
-        if value.startswith("~") and (eq or not a.startswith("-")):
+        path_like = option not in NOT_PATHS if eq else not a.startswith("-") and (not i or args[i - 1] not in NOT_PATHS)
+        if value.startswith("~") and path_like:
             a = f"{option}={os.path.expanduser(value)}" if eq else os.path.expanduser(value)
         out.append(a)
     return out
 
 
 def main() -> None:
-    """Run the app, printing usage errors as one plain line (exit 2) instead of a boxed panel.
+    """Run the app, printing usage errors as one plain line (exit 2) instead of a boxed panel. A Ctrl-C
+    before a command has begun (typer returns 130 for it, silently) is a stop like any later one."""
+    import sys
 
-    Typer has moved click inside itself across versions, so its exceptions are matched by shape
+    from . import output
+
+    output._stop_said = False  # main() runs more than once in one process under the tests
+    try:
+        code = _run(sys.argv[1:])
+    except KeyboardInterrupt:
+        code = 130
+    if code == 130 and not output.stop_said():
+        sys.stderr.write("stopped: SIGINT (Ctrl-C)\n")
+    sys.exit(code)
+
+
+def _run(args: list[str]) -> int:
+    """Typer has moved click inside itself across versions, so its exceptions are matched by shape
     (exit_code + format_message) rather than imported from one place."""
     import sys
 
-    args = sys.argv[1:]
     _help_width()
     try:
         args = tidy_args(args)
     except ValueError as e:
         sys.stderr.write(f"error: {e}\n")
-        sys.exit(2)
+        return 2
     target, prog = app, "aigc"
     if args[:1] == ["eval"]:  # a checkpoint or run folder called "stats" is ./stats
         i = 1
@@ -72,24 +91,23 @@ def main() -> None:
             target, prog, args = eval_stats_app, "aigc eval stats", args[1:i] + args[i + 1:]
     try:
         code = target(args=args, prog_name=prog, standalone_mode=False)
-    except KeyboardInterrupt:  # while options are parsed; commands handle their own
-        sys.stderr.write("stopped: SIGINT (Ctrl-C)\n")
-        sys.exit(130)
     except Exception as e:
         name = type(e).__name__
-        if name == "Abort":  # click's wrapping of a Ctrl-C before the command ran
-            sys.stderr.write("stopped: SIGINT (Ctrl-C)\n")
-            sys.exit(130)
+        if name == "Abort":  # click wraps a Ctrl-C (some versions) or the end of input in it
+            if isinstance(e.__cause__ or e.__context__, KeyboardInterrupt):
+                return 130
+            sys.stderr.write("error: unexpected end of input\n")
+            return 2
         if not (hasattr(e, "format_message") and hasattr(e, "exit_code")):
             raise
         if name == "NoArgsIsHelpError":  # a bare group (`aigc`, `aigc presets`) shows its help
             e.show()
-            sys.exit(0)
+            return 0
         ctx = getattr(e, "ctx", None)
         hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
         sys.stderr.write(f"error: {e.format_message()}{hint}\n")
         code = e.exit_code
-    sys.exit(code if isinstance(code, int) else 0)
+    return code if isinstance(code, int) else 0
 
 
 def _help_width() -> None:

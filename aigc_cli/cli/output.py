@@ -54,8 +54,16 @@ def emit_json(obj: dict) -> None:
     write_out(json_line(obj, sort_keys=True) + "\n")
 
 
+def _to_stderr(line: str) -> None:
+    try:
+        sys.stderr.write(line)
+        sys.stderr.flush()
+    except BrokenPipeError:  # `2>&1 | head -1`: the reader has gone; the command still finishes its work
+        discard_output(sys.stderr)
+
+
 def warn(message: str) -> None:
-    sys.stderr.write(f"warning: {one_line(message)}\n")
+    _to_stderr(f"warning: {one_line(message)}\n")
 
 
 QUIET_HELP = "Print nothing but errors (and --json output)."
@@ -69,9 +77,18 @@ def warner(quiet: bool):
 def fail(message: str, code: int, prefix: str = "error") -> None:
     """Errors are one plain line on stderr (no rich wrapping), then the documented exit code. A stop
     asked for by a signal is not an error: its line starts "stopped:"."""
-    sys.stderr.write(f"{prefix}: {one_line(message)}\n")  # a newline in a path must not make it two
-    sys.stderr.flush()
+    global _stop_said
+    _stop_said = _stop_said or prefix == "stopped"
+    _to_stderr(f"{prefix}: {one_line(message)}\n")  # a newline in a path must not make it two
     raise typer.Exit(code)
+
+
+_stop_said = False
+
+
+def stop_said() -> bool:
+    """Whether a `stopped:` line has been printed (main() prints one for a Ctrl-C no command saw)."""
+    return _stop_said
 
 
 def handles_errors(fn):

@@ -85,11 +85,12 @@ def train(
                          (f"; --resume auto found no checkpoint in {out}" if resume == "auto" else ""))
     # --set values are checked first even where a flag then overrides them; all before any heavy work.
     cfg = cfg.with_overrides(assignments).with_overrides(flags)
-    # Paths are stored absolute, so eval and resume from another working folder find the same files.
+    # Paths are stored absolute, so eval and resume from another working folder find the same files: the
+    # data root always (`--download` may be about to make it), the others where they name a file here.
     paths = {"data.source": cfg.data.source if cfg.data.source not in BUILTIN_SOURCES else "",
              "data.root": cfg.data.root, "train.eval_features": cfg.train.eval_features}
     cfg = cfg.with_overrides({key: str(Path(v).expanduser().resolve()) for key, v in paths.items()
-                              if v and Path(v).expanduser().exists()})
+                              if v and (key == "data.root" or Path(v).expanduser().exists())})
     if steps is not None and epochs is None and cfg.train.epochs:
         cfg = cfg.with_overrides({"train.epochs": 0})  # an explicit --steps wins over a preset's epochs
     check_for_training(cfg, ckpt.config if ckpt is not None else None)

@@ -143,7 +143,9 @@ def load_npz(path: str | os.PathLike, what: str = "--ref", check_covariance: boo
         raise
     except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError, json.JSONDecodeError) as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        if "pickle" in reason:  # numpy's advice to unpickle: neither true of this file nor ours to give
+        if "Object arrays cannot be loaded" in reason:  # an npz of object arrays
+            reason = "it holds object (pickled) arrays, which aigc does not load"
+        elif "pickle" in reason:  # neither zip nor .npy: numpy takes it for a pickle and advises unpickling
             reason = "not an .npz (zip) file"
         raise UsageError(f"{what} {path}: not a readable statistics .npz ({reason})") from None
     d = mu.shape[0] if mu.ndim == 1 else -1

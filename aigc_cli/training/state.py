@@ -185,6 +185,13 @@ def find_resume(resume: str | None, run_dir: Path, warn) -> Checkpoint | None:
     return None
 
 
+PATH_KEYS = ("data.source", "data.root", "train.eval_features")
+
+
+def _same_path(a: str, b: str) -> bool:
+    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+
+
 def check_compatible(old: Config, new: Config, origin) -> list[str]:
     """Refuse changes to the architecture; return the other changed keys so the caller can say so."""
     changed, arch = [], []
@@ -194,6 +201,8 @@ def check_compatible(old: Config, new: Config, origin) -> list[str]:
             continue
         for key, value in values.items():
             before = old_d.get(section, {}).get(key)
+            if f"{section}.{key}" in PATH_KEYS and before and value and _same_path(before, value):
+                continue  # a run from before paths were stored absolute, resumed from where it started
             if before != value:
                 (arch if section == "model" else changed).append(f"{section}.{key} {before!r} -> {value!r}")
     if arch:
