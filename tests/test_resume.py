@@ -271,3 +271,24 @@ def test_metrics_with_bytes_cut_mid_character_by_a_crash_are_trimmed_not_a_trace
         f.write(b'{"step": 20, "note": "caf\xc3')  # the crash cut a two-byte character in half
     run.trim_metrics(10)
     assert [json.loads(s)["step"] for s in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()] == [5, 10]
+
+
+def test_one_training_process_a_run_folder(tmp_path, monkeypatch, capsys):
+    """Two jobs into one --out (a job array's slip, a job resubmitted while the first still runs) pruned and
+    overwrote each other's checkpoints. The second is refused: at once by the command, and by the run itself
+    where both started together (the command's check passed for both)."""
+    from aigc_cli.training.run_folder import LOCK_NAME, run_lock
+    from conftest import run_cli
+
+    out = tmp_path / "run"
+    train(run_cfg("dcgan", 2), out, Silent())
+    before = sorted(p.name for p in (out / "checkpoints").iterdir())
+    with run_lock(out):  # another process's lock, as far as flock is concerned (another open file)
+        assert (out / LOCK_NAME).read_text() == str(os.getpid())
+        code, _, err = run_cli(monkeypatch, capsys, "train", "--preset", "quickstart", "--out", out, "--resume", "auto")
+        assert code == 2 and f"another `aigc train` (pid {os.getpid()}) is training in this run folder" in err, err
+        with pytest.raises(UsageError, match="is training in this run folder"):
+            train(run_cfg("dcgan", 4), out, Silent(), resume=find_resume("auto", out, print))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before  # nothing touched
+    train(run_cfg("dcgan", 4), out, Silent(), resume=find_resume("auto", out, print))  # released: it goes on
+    assert ckpt_io.load(out).step == 4

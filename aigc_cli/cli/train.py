@@ -56,6 +56,7 @@ def train(
     from ..config import check_for_training, load_preset, parse_assignments
     from ..data import BUILTIN_SOURCES
     from ..errors import UsageError
+    from ..training.run_folder import check_not_busy
     from ..training.state import find_resume
 
     console = human_console(json_out, quiet)
@@ -75,6 +76,8 @@ def train(
         out = resume_run_dir(Path(resume))
     if resume == "auto" and out is None:
         raise UsageError("--resume auto needs --out, the run folder to continue")
+    if out is not None:
+        check_not_busy(out)  # at once, not after loading the data (the run itself holds the lock)
     ckpt = find_resume(resume, out, warn) if resume is not None else None
     if preset is not None:
         cfg = load_preset(preset)

@@ -28,7 +28,7 @@ from .batches import make_batches
 from .ema import EMA
 from .graph import GraphedStep, use_graph
 from .precision import Precision, resolve_device, resolve_precision, slow_precision_note
-from .run_folder import RunFolder
+from .run_folder import RunFolder, run_lock
 from .schedule import lr_factor, set_lr
 from .signals import USR1_EXIT_CODE, StopFlag
 from .steps import STEPS, Aids, conform_optimizers, make_optimizers, optimizer_flags
@@ -181,6 +181,7 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup) -> dict:
         except EvaluationStopped:
             raise Interrupted(f"{stop.name} while computing the real images' statistics, before the first "
                               "step; nothing to save", stop.exit_code) from None
+    cleanup.enter_context(run_lock(run_dir))
     run = RunFolder(run_dir, cfg.train.keep_checkpoints)
     batches = make_batches(data, cfg, device, channels_last=memory_format == torch.channels_last, note=reporter.note)
     cleanup.callback(batches.close)  # stops streaming workers on any exit, errors and signals included

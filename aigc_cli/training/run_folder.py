@@ -2,15 +2,78 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 import shutil
 from pathlib import Path
+from typing import Iterator
 
 from .. import checkpoint as ckpt_io
 from ..config import Config
 from ..errors import UsageError
 from ..files import atomic_write, json_line
+
+
+LOCK_NAME = ".aigc-train.lock"
+
+
+def _holder(lock: Path) -> str:
+    try:
+        pid = lock.read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        pid = ""
+    return f" (pid {pid})" if pid.isdigit() else ""
+
+
+def _busy(root: Path) -> UsageError:
+    return UsageError(f"--out {root}: another `aigc train`{_holder(root / LOCK_NAME)} is training in this run "
+                      "folder; wait for it to end, or choose another --out")
+
+
+@contextlib.contextmanager
+def run_lock(root: Path) -> Iterator[None]:
+    """One training process a run folder: two (a job array's slip, a resubmitted job while the first still
+    runs) would prune and overwrite each other's checkpoints and interleave metrics.jsonl. An flock, so a
+    crash or a kill -9 releases it; a file system without locks (some network mounts) goes unguarded."""
+    import fcntl  # noqa: PLC0415 - POSIX only
+
+    root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(root / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise _busy(root) from None
+        except OSError:  # ENOLCK and the like: no locking here
+            pass
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def check_not_busy(root: Path) -> None:
+    """Before any work: is another process training in `root`? (run_lock then holds it for the run.)"""
+    import fcntl  # noqa: PLC0415
+
+    lock = root / LOCK_NAME
+    if not lock.is_file():
+        return
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise _busy(root) from None
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 class RunFolder:
