@@ -122,6 +122,22 @@ def test_divergence_exit_code_3_from_the_real_command(aigc_env, tmp_path):
     assert proc.stderr.count("rolled back to step 2") == 2
 
 
+def test_sigusr1_before_training_has_begun_is_harmless(aigc_env):
+    """SIGUSR1 ("save now") while the command is still importing killed it with exit 138 (no requeue)."""
+    hook = ("import builtins, os, signal, sys\n"
+            "real = builtins.__import__\n"
+            "def hooked(name, *a, **k):\n"
+            "    if name == 'typer' and name not in sys.modules:\n"
+            "        os.kill(os.getpid(), signal.SIGUSR1)\n"
+            "    return real(name, *a, **k)\n"
+            "builtins.__import__ = hooked\n"
+            "sys.argv = ['aigc', 'presets', 'show', 'quickstart']\n"
+            "from aigc_cli import main\n"
+            "main()\n")
+    proc = subprocess.run([sys.executable, "-c", hook], env=aigc_env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and 'name = "quickstart"' in proc.stdout, (proc.returncode, proc.stderr)
+
+
 @pytest.mark.parametrize("module", ["typer", "rich.console"])
 def test_ctrl_c_while_the_cli_is_still_importing_is_one_line_and_exit_130(aigc_env, module):
     """The signal is raised the moment `module` is first imported, which the `aigc` script does before
@@ -140,3 +156,29 @@ def test_ctrl_c_while_the_cli_is_still_importing_is_one_line_and_exit_130(aigc_e
     assert proc.returncode == 130, proc.stderr
     assert proc.stderr == "stopped: SIGINT (Ctrl-C)\n"
     assert proc.stdout == ""
+
+
+def test_sigterm_to_the_process_group_saves_a_run_on_streamed_data(aigc_env, tmp_path):
+    """`timeout` and SLURM signal the whole group: the DataLoader workers used to die first, and the run
+    ended in a traceback, exit 1, nothing saved."""
+    import os
+
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(64):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i:02d}.png")
+    out = tmp_path / "run"
+    proc = subprocess.Popen(aigc_command() + ["train", *TINY, "--data", str(folder), "--set", "data.device_max_mb=0",
+                                              "--set", "data.workers=1", "--set", "data.cache=false",
+                                              "--steps", "100000", "--out", str(out)],
+                            env=aigc_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    wait_for_steps(proc, out, 3)
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and "stopped: SIGTERM at step" in err and "Traceback" not in err, err
+    assert ckpt_io.load(out).step >= 3

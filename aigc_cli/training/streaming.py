@@ -10,6 +10,7 @@ memory. A sampler that starts at any (epoch, index) makes seek(), and so resume,
 
 from __future__ import annotations
 
+import signal
 import warnings
 from typing import Callable, Iterator
 
@@ -18,6 +19,14 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..errors import UsageError
 from .batches import Augment, gather, permutation, to_float
+
+
+def _leave_stops_to_the_parent(_worker_id: int) -> None:
+    """A SIGTERM sent to the whole process group (`timeout`, SLURM at a time limit) reached the workers
+    too; they died, and torch raised "DataLoader worker ... killed" mid-step in the parent, before its
+    own handler could save. The parent stops its workers itself (StreamBatches.close)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _without_torchs_worker_advice(make):
@@ -90,6 +99,7 @@ class StreamBatches:
             self._loader = _without_torchs_worker_advice(lambda: DataLoader(
                 _Batches(source), batch_size=None, sampler=self.sampler, num_workers=workers, collate_fn=_as_is,
                 persistent_workers=True, prefetch_factor=PREFETCH, pin_memory=self.device.type == "cuda",
+                worker_init_fn=_leave_stops_to_the_parent,
                 # its own generator: starting the workers would otherwise draw from the global one, at
                 # another step in a resumed run than in the original
                 generator=torch.Generator().manual_seed(seed)))
