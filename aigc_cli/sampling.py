@@ -221,6 +221,6 @@ def generator_from(ckpt: Checkpoint, device: str = "auto", precision: str = "aut
     G = build_net(ckpt, "G", ckpt.generator_weights(ema)[0])
     G.to(dev).eval()
     amp = Precision(resolve_precision(precision, dev), dev)
-    if warn is not None and slow_precision_note(amp.name, dev):
-        warn(slow_precision_note(amp.name, dev))
+    if warn is not None and (slow := slow_precision_note(amp.name, dev)):
+        warn(slow)
     return G, amp

@@ -196,8 +196,8 @@ def _say_if_few_for_fid(chosen: list[str], n_fake: int, n_real: int | None, extr
 def open_extractor(features, inception_weights, device, precision, download_weights: bool = False, warn=None):
     """The extractor for --features (else Inception); `warn` hears of a precision that is slow there
     (`aigc eval CHECKPOINT` passes None: it has warned already, for the generator at the same precision)."""
-    if warn is not None and slow_precision_note(extractor_precision(precision), device):
-        warn(slow_precision_note(extractor_precision(precision), device))
+    if warn is not None and (slow := slow_precision_note(extractor_precision(precision), device)):
+        warn(slow)
     if download_weights and not features:
         from .weights import ensure_weights  # noqa: PLC0415
 

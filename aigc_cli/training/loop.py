@@ -128,8 +128,8 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup) -> dict:
     family = FAMILIES[cfg.model.kind]
     device = resolve_device(cfg.train.device)
     amp = Precision(resolve_precision(cfg.train.precision, device), device)
-    if slow_precision_note(amp.name, device):
-        reporter.note(slow_precision_note(amp.name, device))
+    if slow := slow_precision_note(amp.name, device):
+        reporter.note(slow)
     data = load_data(cfg, "train", reporter.note)
     if needs_labels(cfg.model):
         if data.labels is None:

@@ -32,22 +32,26 @@ def _busy(root: Path) -> UsageError:
                       "folder; wait for it to end, or choose another --out")
 
 
+def _lock_or_refuse(fd: int, root: Path) -> None:
+    import fcntl  # noqa: PLC0415 - POSIX only
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise _busy(root) from None
+    except OSError:  # ENOLCK and the like: no locking here
+        pass
+
+
 @contextlib.contextmanager
 def run_lock(root: Path) -> Iterator[None]:
     """One training process a run folder: two (a job array's slip, a resubmitted job while the first still
     runs) would prune and overwrite each other's checkpoints and interleave metrics.jsonl. An flock, so a
     crash or a kill -9 releases it; a file system without locks (some network mounts) goes unguarded."""
-    import fcntl  # noqa: PLC0415 - POSIX only
-
     root.mkdir(parents=True, exist_ok=True)
     fd = os.open(root / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise _busy(root) from None
-        except OSError:  # ENOLCK and the like: no locking here
-            pass
+        _lock_or_refuse(fd, root)
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         yield
@@ -57,8 +61,6 @@ def run_lock(root: Path) -> Iterator[None]:
 
 def check_not_busy(root: Path) -> None:
     """Before any work: is another process training in `root`? (run_lock then holds it for the run.)"""
-    import fcntl  # noqa: PLC0415
-
     lock = root / LOCK_NAME
     if not lock.is_file():
         return
@@ -67,11 +69,7 @@ def check_not_busy(root: Path) -> None:
     except OSError:
         return
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise _busy(root) from None
-    except OSError:
-        pass
+        _lock_or_refuse(fd, root)
     finally:
         os.close(fd)
 
