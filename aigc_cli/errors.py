@@ -32,3 +32,9 @@ class Interrupted(AigcError):
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class Terminated(BaseException):
+    """SIGTERM raised in the main thread of `sample`, `export` and `eval`. A BaseException, like
+    KeyboardInterrupt, so that no `except Exception` on the way (torch's import, a library's
+    error-collecting loader) swallows the stop or wraps it into another error."""

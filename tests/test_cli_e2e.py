@@ -361,6 +361,25 @@ def test_conditional_sampling_by_class_and_ema(aigc, cli, image_folder, gan_run,
         assert json.loads(cli("info", tmp_path / export, "--json").stdout)["weights"] == "G_ema"
 
 
+def test_sigterm_stops_even_inside_library_code_that_catches_exceptions(cli, gan_run, tmp_path, monkeypatch):
+    """torch's import and error-collecting loaders wrap their work in `except Exception`: a SIGTERM that
+    lands there must still stop the command (143), not be swallowed (exit 0 after all the work)."""
+    import aigc_cli.export
+
+    def library_code(*args, **kwargs):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)  # the batch system's kill, while a library works
+            time.sleep(5)
+        except Exception:
+            pass  # what such a library does with its own failures
+        raise AssertionError("the SIGTERM was swallowed")
+
+    monkeypatch.setattr(aigc_cli.export, "export_generator", library_code)
+    r = cli("export", gan_run[0], "--out", tmp_path / "g.safetensors")
+    assert (r.code, r.stderr) == (143, "stopped: SIGTERM\n")
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the command's handler is gone again
+
+
 def test_sigterm_during_sample_leaves_no_temporary_files(aigc_env, gan_run, tmp_path):
     each = tmp_path / "each"
     proc = subprocess.Popen([*aigc_command(), "sample", gan_run[0], "--n", "500000", "--individual", each],

@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from ..errors import AigcError, Interrupted, one_line
+from ..errors import AigcError, Interrupted, Terminated, one_line
 from ..files import json_line
 
 
@@ -104,6 +104,8 @@ def handles_errors(fn):
             fail(str(e), e.exit_code)
         except KeyboardInterrupt:
             fail("SIGINT (Ctrl-C)", 130, "stopped")
+        except Terminated:
+            fail("SIGTERM", 143, "stopped")
         except OSError as e:  # a path that cannot be read or written: the user's to fix
             where = f"{e.filename}: " if e.filename else ""
             fail(f"{where}{e.strerror or e}", 2)
@@ -126,7 +128,7 @@ def sigterm_interrupts(fn):
         import signal
 
         def on_term(signum, frame):
-            raise Interrupted("SIGTERM", 143)
+            raise Terminated
 
         try:
             old = signal.signal(signal.SIGTERM, on_term)
