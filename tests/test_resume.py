@@ -293,3 +293,53 @@ def test_one_training_process_a_run_folder(tmp_path, monkeypatch, capsys):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before  # nothing touched
     train(run_cfg("dcgan", 4), out, Silent(), resume=find_resume("auto", out, print))  # released: it goes on
     assert ckpt_io.load(out).step == 4
+
+
+def test_a_resume_removes_the_temporary_files_of_a_killed_run(tmp_path):
+    """A kill -9 (the OOM killer, a node failure) during a checkpoint write leaves a checkpoint-sized hidden
+    temporary file; the next run in the folder, holding the run lock, removes such leftovers and no others."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    train(run_cfg("dcgan", 6), out, Silent())
+    for target, suffix in ((out / "checkpoints" / "step-0000012.safetensors", ".tmp"),
+                           (out / "config.toml", ".tmp"), (out / "samples" / "step-0000012.png", ".png")):
+        killed = subprocess.run([sys.executable, "-c", "import os, sys\nfrom aigc_cli.files import atomic_write\n"
+                                 "with atomic_write(sys.argv[1], sys.argv[2]) as tmp:\n"
+                                 "    tmp.write_bytes(bytes(100000)); os.kill(os.getpid(), 9)", target, suffix])
+        assert killed.returncode == -signal.SIGKILL
+    (out / "checkpoints" / ".last.safetensors.link.tmp").hardlink_to(out / "checkpoints" / "last.safetensors")
+    leftovers = {p for p in out.rglob(".*") if p.name.endswith((".tmp", ".png"))}
+    assert len(leftovers) == 4
+    kept = [out / "checkpoints" / ".notes.tmp", out / "samples" / ".mine.png", out / "keep.12345678.tmp"]
+    for path in kept:
+        path.write_text("the user's")
+    train(run_cfg("dcgan", 8), out, Silent(), resume=find_resume("auto", out, print))
+    assert ckpt_io.load(out).step == 8
+    assert not any(p.exists() for p in leftovers) and all(p.read_text() == "the user's" for p in kept)
+
+
+@pytest.mark.parametrize("make_file", ["checkpoints", "samples"])
+def test_a_run_folder_that_cannot_be_written_is_refused_before_the_data_loads(make_file, tmp_path, monkeypatch, capsys):
+    """Found at the first save, it cost the data load and a checkpoint interval's training."""
+    from conftest import run_cli
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / make_file).write_text("")
+    code, _, err = run_cli(monkeypatch, capsys, "train", "--preset", "quickstart", "--out", out, "--steps", "2")
+    assert (code, err) == (2, f"error: --out {out}: {out / make_file} is a file, not a folder\n")
+
+
+def test_a_run_folder_without_write_permission_is_refused_at_once(tmp_path, monkeypatch, capsys):
+    from conftest import run_cli
+
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    real_access = os.access
+    # as a user without write permission sees it (these tests may run as root, whom permissions do not stop)
+    monkeypatch.setattr(os, "access", lambda p, mode: False if p == out / "checkpoints" else real_access(p, mode))
+    code, _, err = run_cli(monkeypatch, capsys, "train", "--preset", "quickstart", "--out", out, "--steps", "2")
+    assert (code, err) == (2, f"error: --out {out}: cannot write in {out / 'checkpoints'} (permission denied)\n")
+    assert list((out / "checkpoints").iterdir()) == []

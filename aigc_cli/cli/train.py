@@ -56,7 +56,7 @@ def train(
     from ..config import check_for_training, load_preset, parse_assignments
     from ..data import BUILTIN_SOURCES
     from ..errors import UsageError
-    from ..training.run_folder import check_not_busy
+    from ..training.run_folder import check_not_busy, check_writable_run
     from ..training.state import find_resume
 
     console = human_console(json_out, quiet)
@@ -101,6 +101,7 @@ def train(
     run_dir = out if out is not None else next_run_dir(cfg.name)
     if run_dir.exists() and not run_dir.is_dir():
         raise UsageError(f"--out {run_dir}: exists and is not a folder")
+    check_writable_run(run_dir)
     holds_run = any((run_dir / "checkpoints").glob("*.safetensors"))
     if resume is None and holds_run:
         raise UsageError(f"--out {run_dir}: already holds a run; pass --resume auto to continue it, "

@@ -74,12 +74,38 @@ def check_not_busy(root: Path) -> None:
         os.close(fd)
 
 
+def check_writable_run(root: Path) -> None:
+    """Before any work: a run folder whose checkpoints/ or samples/ is a file, or that this user cannot
+    write in, would otherwise fail at the first save, after the data load and the first interval's
+    training."""
+    for path in (root, root / "checkpoints", root / "samples"):
+        if path.exists() and not path.is_dir():
+            raise UsageError(f"--out {root}: {path} is a file, not a folder")
+        nearest = next(p for p in (path, *path.parents) if p.exists())
+        if not os.access(nearest, os.W_OK | os.X_OK):
+            raise UsageError(f"--out {root}: cannot write in {nearest} (permission denied)")
+
+
+# What atomic_write leaves behind when its process is killed mid-write (kill -9, the OOM killer, a node
+# failure): `.<name>.<8 hex digits>.tmp` (grids: `.png`), and _link's `.<name>.link.tmp`.
+_LEFTOVER = re.compile(r"\..+\.([0-9a-f]{8}\.(tmp|png)|link\.tmp)")
+
+
 class RunFolder:
     def __init__(self, root: Path, keep: int):
         self.root, self.keep = Path(root), keep
         self.samples = self.root / "samples"  # made by the first grid written (classifiers write none)
         self.checkpoints = self.root / "checkpoints"
         self.checkpoints.mkdir(parents=True, exist_ok=True)
+        self._remove_leftovers()
+
+    def _remove_leftovers(self) -> None:
+        """Temporary files of a killed run (a checkpoint-sized one each): under the run lock no other
+        process is writing here, so every one is a dead process's."""
+        for folder in (self.root, self.checkpoints, self.samples):
+            for path in (folder.iterdir() if folder.is_dir() else ()):
+                if _LEFTOVER.fullmatch(path.name) and path.is_file():
+                    path.unlink(missing_ok=True)
 
     def write_config(self, cfg: Config) -> None:
         with atomic_write(self.root / "config.toml") as tmp:
