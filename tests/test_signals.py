@@ -182,3 +182,30 @@ def test_sigterm_to_the_process_group_saves_a_run_on_streamed_data(aigc_env, tmp
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143 and "stopped: SIGTERM at step" in err and "Traceback" not in err, err
     assert ckpt_io.load(out).step >= 3
+
+
+def test_a_stop_while_an_image_folder_decodes_ends_the_decode_at_once(tmp_path, monkeypatch, capsys):
+    """Decoding a large folder takes minutes; a SIGTERM then (a job cancelled early) used to wait for all of
+    it before `nothing to save`. Now it stops there, and leaves no cache entry or run folder behind."""
+    import os
+
+    from aigc_cli.data import folder
+    from conftest import run_cli, write_image_folder
+
+    images = write_image_folder(tmp_path / "images", n_per_class=200, size=16)
+    decoded = []
+    real_decode = folder._try_decode
+
+    def decode(*args):
+        decoded.append(args[1])
+        if len(decoded) == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_decode(*args)
+
+    monkeypatch.setattr(folder, "_try_decode", decode)
+    code, _, err = run_cli(monkeypatch, capsys, "train", "--preset", "quickstart", "--data", images,
+                           "--out", tmp_path / "run", "--steps", "2")
+    assert (code, err) == (143, "stopped: SIGTERM while loading the data, before the first step; nothing to save\n")
+    assert len(decoded) < 100 and not (tmp_path / "run").exists()  # not the other 395 images
+    cache = Path(os.environ["AIGC_CACHE_DIR"])
+    assert not [p for p in cache.rglob("*") if p.is_file() and "index" not in p.parts], list(cache.rglob("*"))

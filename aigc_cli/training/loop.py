@@ -30,7 +30,7 @@ from .graph import GraphedStep, use_graph
 from .precision import Precision, resolve_device, resolve_precision, slow_precision_note
 from .run_folder import RunFolder, run_lock
 from .schedule import lr_factor, set_lr
-from .signals import USR1_EXIT_CODE, StopFlag
+from .signals import USR1_EXIT_CODE, StopFlag, StoppedNow
 from .steps import STEPS, Aids, conform_optimizers, make_optimizers, optimizer_flags
 
 
@@ -130,7 +130,12 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup) -> dict:
     amp = Precision(resolve_precision(cfg.train.precision, device), device)
     if slow := slow_precision_note(amp.name, device):
         reporter.note(slow)
-    data = load_data(cfg, "train", reporter.note)
+    try:
+        with stop.at_once():
+            data = load_data(cfg, "train", reporter.note)
+    except StoppedNow:
+        raise Interrupted(f"{stop.name} while loading the data, before the first step; nothing to save",
+                          stop.exit_code) from None
     if needs_labels(cfg.model):
         if data.labels is None:
             what = "a conditional model" if cfg.model.conditional else f"model '{family.name}'"

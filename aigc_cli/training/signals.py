@@ -7,11 +7,18 @@ writes are atomic, so the last good file survives. SIGUSR1 (what SLURM sends bef
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
+from typing import Iterator
 
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 USR1_EXIT_CODE = 75  # EX_TEMPFAIL from sysexits.h: "try again later", i.e. requeue and resume
+
+
+class StoppedNow(BaseException):
+    """A stop raised where the signal landed (see StopFlag.at_once). A BaseException, so that no library's
+    `except Exception` on the way swallows it."""
 
 
 class StopFlag:
@@ -19,6 +26,7 @@ class StopFlag:
         self.signum: int | None = None  # a pending stop (SIGINT/SIGTERM)
         self.save_requested = False  # a pending SIGUSR1
         self._old: dict[int, object] = {}
+        self._at_once = False
 
     def _handle(self, signum, frame):
         if signum == signal.SIGUSR1:
@@ -27,6 +35,22 @@ class StopFlag:
         if self.signum == signal.SIGINT and signum == signal.SIGINT:
             raise KeyboardInterrupt  # second Ctrl-C: the user wants out now
         self.signum = signum
+        if self._at_once:
+            self._at_once = False  # a second signal must not break the clean-up the first one started
+            raise StoppedNow
+
+    @contextlib.contextmanager
+    def at_once(self) -> Iterator[None]:
+        """For work before anything is worth saving that may take minutes (decoding a large image folder):
+        a stop raises StoppedNow there and then, rather than waiting for the work to end. Files being
+        written are written atomically, so the exception leaves none half-done."""
+        if self.signum is not None:
+            raise StoppedNow
+        self._at_once = True
+        try:
+            yield
+        finally:
+            self._at_once = False
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
