@@ -343,3 +343,22 @@ def test_a_run_folder_without_write_permission_is_refused_at_once(tmp_path, monk
     code, _, err = run_cli(monkeypatch, capsys, "train", "--preset", "quickstart", "--out", out, "--steps", "2")
     assert (code, err) == (2, f"error: --out {out}: cannot write in {out / 'checkpoints'} (permission denied)\n")
     assert list((out / "checkpoints").iterdir()) == []
+
+
+def test_a_signal_at_the_last_step_ends_the_run_as_complete(tmp_path):
+    """Nothing is left to resume: exit 0 (a batch script's requeue loop must not run it again)."""
+    rep = StopsAt(6)
+    summary = train(run_cfg("dcgan", 6), tmp_path / "run", rep)
+    assert summary["steps"] == 6 and ckpt_io.load(tmp_path / "run").step == 6
+    assert "SIGTERM came at the last step, 6: the run is complete" in rep.notes
+
+
+def test_a_sample_grid_that_cannot_be_written_stops_the_run_after_saving_that_step(tmp_path):
+    out = tmp_path / "run"
+    (out / "samples" / "step-0000004.png").mkdir(parents=True)  # the grid cannot take its place
+    cfg = run_cfg("dcgan", 10, {"train.sample_every": "4", "train.ckpt_every": "100"})
+    with pytest.raises(UsageError) as e:
+        train(cfg, out, Silent())
+    assert str(e.value).startswith(f"cannot write sample grid {out / 'samples' / 'step-0000004.png'}: Is a directory; "
+                                   f"saved {out / 'checkpoints' / 'step-0000004.safetensors'}")
+    assert ckpt_io.load(out).step == 4

@@ -362,8 +362,12 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup) -> dict:
             last_record = record
             run.append_metrics(record)
             reporter.log(record)
+        grid_error = None
         if step % cfg.train.sample_every == 0 or step == steps:
-            write_samples(step)
+            try:
+                write_samples(step)
+            except OSError as e:  # a full disk, a lost mount: save this step's state first, then stop
+                grid_error = e
         path = None  # the checkpoint written at this step, if any
         # A pending signal skips the evaluation: the save it asks for must fit in the job's grace period.
         if evaluator is not None and (step % cfg.train.eval_every == 0 or step == steps) and stop.signum is None:
@@ -380,7 +384,8 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup) -> dict:
                     continue
                 path = save(value)
                 reporter.note(f"new best {metric} {value:.5g} at step {step}: {path.parent / 'best.safetensors'}")
-        want_save = step % cfg.train.ckpt_every == 0 or step == steps or stop.signum is not None or stop.save_requested
+        want_save = (step % cfg.train.ckpt_every == 0 or step == steps or stop.signum is not None
+                     or stop.save_requested or grid_error is not None)
         if want_save:
             if path is None:
                 if not state.all_finite(nets, grads=amp.scaler is None):  # never write a broken state over a good one
@@ -394,11 +399,17 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup) -> dict:
                     raise Interrupted(f"SIGUSR1 at step {step} (--exit-on-usr1); saved {path}; resume with "
                                       "--resume auto", USR1_EXIT_CODE)
                 reporter.note(f"SIGUSR1: saved {path}")
-            if stop.signum is not None:
+            if grid_error is not None:
+                reporter.finish()
+                raise UsageError(f"cannot write sample grid {grid_error.filename or run.samples}: "
+                                 f"{grid_error.strerror or grid_error}; saved {path}; resume with --resume auto")
+            if stop.signum is not None and step < steps:  # at the last step the run is complete: it ends as one
                 reporter.finish()
                 raise Interrupted(f"{stop.name} at step {step}; saved {path}; resume with --resume auto",
                                   stop.exit_code)
     reporter.finish()
+    if stop.signum is not None and step > start_step:
+        reporter.note(f"{stop.name} came at the last step, {step}: the run is complete")
 
     summary = {"run_dir": str(run_dir), "steps": step, "images_seen": images_seen,
                "checkpoint": str(good_path), "seconds": round(time.perf_counter() - t_start, 2),
