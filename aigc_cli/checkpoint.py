@@ -66,6 +66,18 @@ class Checkpoint:
             return []  # names that do not match the model's classes would mislabel `sample --class`
         return [str(n) for n in names]
 
+    @property
+    def step_file(self) -> Path:
+        """The file to name for these weights: for last.safetensors or best.safetensors, links that the
+        next save replaces, the step file holding the same checkpoint (same metadata, so a save between
+        resolving the link and reading it cannot mislead), else the file itself."""
+        path = Path(self.path).resolve()
+        twin = path.parent / f"step-{self.step:07d}.safetensors"
+        if self.kind == "checkpoint" and not path.name.startswith("step-") and twin.is_file():
+            if read_meta(twin) == self.meta:
+                return twin
+        return path
+
     def numbered_classes(self) -> str:
         """'0 cats, 1 dogs, ...': what `aigc sample --class K` draws."""
         return ", ".join(f"{i} {name}" for i, name in enumerate(self.class_names))

@@ -48,18 +48,10 @@ def export_generator(ckpt: ckpt_io.Checkpoint, out: Path, dtype: str, ema: bool 
 
 def _source_of(ckpt: ckpt_io.Checkpoint) -> str:
     """Where the weights were trained: an export's own source carries over (re-exported at another
-    dtype, say), and last.safetensors or best.safetensors, links the next save replaces, by their step file."""
+    dtype, say), and last.safetensors or best.safetensors by their step file."""
     if ckpt.kind == "export" and ckpt.meta.get("aigc.source"):
         return ckpt.meta["aigc.source"]
-    path = Path(ckpt.path).resolve()
-    if not path.name.startswith("step-"):
-        for step_file in sorted(path.parent.glob("step-*.safetensors"), reverse=True):
-            try:
-                if step_file.samefile(path):
-                    return str(step_file)
-            except OSError:  # pruned meanwhile by a run still training
-                continue
-    return str(path)
+    return str(ckpt.step_file)
 
 
 def _refuse_training_checkpoint(out: Path) -> None:

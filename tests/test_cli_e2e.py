@@ -252,6 +252,8 @@ def test_other_families_train_sample_and_eval(aigc, cli, classifier_ckpt, tmp_pa
         assert png_size(out / "samples" / "recon-step-0000010.png") == (4 * 34 + 2, 4 * 34 + 2)
     r = cli("eval", out, "--features", classifier_ckpt, "--n", "100", "--json")
     assert r.code == 0, r.stderr
+    # the step file, not last.safetensors, which the run's next save (or a resume) replaces
+    assert r.json()["checkpoint"] == str((out / "checkpoints" / "step-0000010.safetensors").resolve())
     m = r.json()["metrics"]
     assert m["fid"] > 0
     if kind == "vae":
@@ -288,6 +290,7 @@ def test_paths_the_shell_left_alone_and_relative_settings_are_made_whole(cli, ga
     monkeypatch.setenv("HOME", str(tmp_path))
     r = cli("sample", str(out), "--n", "2", "--out=~/grid.png", "--json")  # the shell expands no ~ after "="
     assert r.code == 0 and r.json()["grid"] == str(tmp_path / "grid.png") and (tmp_path / "grid.png").is_file()
+    assert r.json()["checkpoint"] == str((out / "checkpoints" / "step-0000020.safetensors").resolve())
     (tmp_path / "link").symlink_to(out)
     assert cli("info", "~/link", "--json").json()["step"] == 20  # a quoted "~/..." argument
     # data.root given relative is stored absolute: eval and resume from another folder find the same data

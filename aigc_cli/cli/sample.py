@@ -126,7 +126,7 @@ def sample(
             yield generate(G, z, amp, max(batch_size, len(z)), labels=y)  # one forward pass a piece
 
     console = human_console(json_out, quiet)
-    result = {"checkpoint": str(ck.path), "n": n, "seed": seed}
+    result = {"checkpoint": str(ck.step_file), "n": n, "seed": seed}
     before = pngs_in(individual)
     with filling(individual, n, f"--individual {individual}", warn), console.status(f"generating {n} images"):
         if write_grid:

@@ -261,7 +261,7 @@ def evaluate(ckpt: ckpt_io.Checkpoint, *, data: str, root: str | None, download:
     protocol.update(extra)
     if save_fakes:
         protocol["saved_fakes"] = str(save_fakes)
-    result = {"checkpoint": str(ckpt.path), "model": m.kind, "step": ckpt.step,
+    result = {"checkpoint": str(ckpt.step_file), "model": m.kind, "step": ckpt.step,
               "metrics": values, "protocol": protocol}
     if any(x in chosen for x in VAE_METRICS):
         scores = vae_scores(ckpt, data=data, root=root, n=n, batch_size=batch_size, seed=seed, amp=amp, warn=warn)
