@@ -27,11 +27,13 @@ class DivergedError(AigcError):
 
 
 class Interrupted(AigcError):
-    """Stopped by SIGINT (130) or SIGTERM (143) after saving a checkpoint."""
+    """Stopped by SIGINT (130) or SIGTERM (143) after saving a checkpoint (or by SIGUSR1, 75). `summary`:
+    what `train --json` prints for a run stopped after it saved (None when nothing was saved)."""
 
-    def __init__(self, message: str, exit_code: int):
+    def __init__(self, message: str, exit_code: int, summary: dict | None = None):
         super().__init__(message)
         self.exit_code = exit_code
+        self.summary = summary
 
 
 class Terminated(BaseException):

@@ -4,6 +4,7 @@ with --exit-on-usr1); a second SIGINT stops at once without damaging what is on 
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -36,10 +37,10 @@ def wait_for_steps(proc: subprocess.Popen, out: Path, n: int) -> None:
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_signal_saves_and_the_resume_matches_an_uninterrupted_run(aigc, aigc_env, tmp_path, sig, code):
     out = tmp_path / "run"
-    proc = start(aigc_env, out, "--steps", "100000")
+    proc = start(aigc_env, out, "--steps", "100000", *(["--json"] if sig == signal.SIGINT else []))
     wait_for_steps(proc, out, 3)
     proc.send_signal(sig)
-    _, stderr = proc.communicate(timeout=120)
+    stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == code, stderr
     assert "Traceback" not in stderr and "saved" in stderr and "--resume auto" in stderr
     assert f"stopped: {signal.Signals(sig).name} at step" in stderr and "error:" not in stderr  # not a failure
@@ -47,7 +48,10 @@ def test_signal_saves_and_the_resume_matches_an_uninterrupted_run(aigc, aigc_env
     assert len(saved) == 1 and (out / "checkpoints" / "last.safetensors").is_file()
     k = ckpt_io.load(saved[0]).step
     assert 3 <= k < 100000
-    if sig == signal.SIGINT:
+    if sig == signal.SIGINT:  # with --json: the object for the stop that saved, as scripts read it
+        summary = json.loads(stdout)
+        assert (summary["stopped"], summary["exit_code"], summary["steps"]) == ("SIGINT", 130, k)
+        assert summary["checkpoint"] == str(saved[0]) and "samples" not in summary  # no grid at that step
         return  # the resume below is the same for both signals; once is enough for the suite's time
 
     n = k + 4
@@ -78,11 +82,12 @@ def test_usr1_saves_and_continues_then_exit_on_usr1_exits_75(aigc_env, tmp_path)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 143 and "SIGUSR1: saved" in stderr
 
-    proc = start(aigc_env, out, "--steps", "100000", "--resume", "auto", "--exit-on-usr1")
+    proc = start(aigc_env, out, "--steps", "100000", "--resume", "auto", "--exit-on-usr1", "--json")
     wait_for_steps(proc, out, ckpt_io.load(out).step + 2)
     proc.send_signal(signal.SIGUSR1)
-    _, stderr = proc.communicate(timeout=120)
+    stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 75, stderr
+    assert (json.loads(stdout)["stopped"], json.loads(stdout)["steps"]) == ("SIGUSR1", ckpt_io.load(out).step)
     assert "stopped: SIGUSR1 at step" in stderr and "note: SIGUSR1" not in stderr  # one line, not two
     assert ckpt_io.load(out).step > first
 

@@ -55,7 +55,7 @@ def train(
     """Train a model from a preset; writes checkpoints, sample grids and metrics.jsonl to the run folder."""
     from ..config import check_for_training, load_preset, parse_assignments
     from ..data import BUILTIN_SOURCES
-    from ..errors import UsageError
+    from ..errors import Interrupted, UsageError
     from ..training.run_folder import check_not_busy, check_writable_run
     from ..training.state import find_resume
 
@@ -116,7 +116,12 @@ def train(
     from ..training.loop import train as run_training
     from .output import ConsoleReporter
 
-    summary = run_training(cfg, run_dir, ConsoleReporter(console), resume=ckpt, exit_on_usr1=exit_on_usr1)
+    try:
+        summary = run_training(cfg, run_dir, ConsoleReporter(console), resume=ckpt, exit_on_usr1=exit_on_usr1)
+    except Interrupted as e:  # a stop that saved: scripts get the object too (the `stopped:` line follows)
+        if json_out and e.summary is not None:
+            emit_json(e.summary)
+        raise
     if json_out:
         emit_json(summary)
     else:

@@ -316,6 +316,20 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup) -> dict:
         reporter.note(f"non-finite values at step {failed_at} ({reason}); rolled back to step {step}, "
                       f"{', '.join(changes)} (rollback {recoveries} of {cfg.train.max_recoveries})")
 
+    def summarize(stopped_by: str | None = None, exit_code: int = 0) -> dict:
+        """What `train --json` prints: at the end, or for a stop after its save (with `stopped`)."""
+        summary = {"run_dir": str(run_dir), "steps": step, "images_seen": images_seen,
+                   "checkpoint": str(good_path), "seconds": round(time.perf_counter() - t_start, 2),
+                   "precision": amp.name, "device": str(device), "start_step": start_step, "recoveries": recoveries}
+        grid = run.samples / f"step-{step:07d}.png"
+        if family.generative and step > start_step and (stopped_by is None or grid.is_file()):
+            summary["samples"] = str(grid)
+        if metric and best_value is not None and (run.checkpoints / "best.safetensors").exists():
+            summary["best"] = {"metric": metric, "value": best_value, "path": str(run.checkpoints / "best.safetensors")}
+        if stopped_by is not None:
+            summary.update(stopped=stopped_by, exit_code=exit_code)
+        return summary
+
     info = {"run_dir": str(run_dir), "device": str(device), "precision": amp.name, "data": data.name,
             "model": cfg.model.kind, "steps": steps, "batch_size": bs, "start_step": step}
     reporter.start(steps, info)
@@ -397,7 +411,7 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup) -> dict:
                 if exit_on_usr1:
                     reporter.finish()
                     raise Interrupted(f"SIGUSR1 at step {step} (--exit-on-usr1); saved {path}; resume with "
-                                      "--resume auto", USR1_EXIT_CODE)
+                                      "--resume auto", USR1_EXIT_CODE, summarize("SIGUSR1", USR1_EXIT_CODE))
                 reporter.note(f"SIGUSR1: saved {path}")
             if grid_error is not None:
                 reporter.finish()
@@ -406,18 +420,11 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup) -> dict:
             if stop.signum is not None and step < steps:  # at the last step the run is complete: it ends as one
                 reporter.finish()
                 raise Interrupted(f"{stop.name} at step {step}; saved {path}; resume with --resume auto",
-                                  stop.exit_code)
+                                  stop.exit_code, summarize(stop.name, stop.exit_code))
     reporter.finish()
     if stop.signum is not None and step > start_step:
         reporter.note(f"{stop.name} came at the last step, {step}: the run is complete")
-
-    summary = {"run_dir": str(run_dir), "steps": step, "images_seen": images_seen,
-               "checkpoint": str(good_path), "seconds": round(time.perf_counter() - t_start, 2),
-               "precision": amp.name, "device": str(device), "start_step": start_step, "recoveries": recoveries}
-    if family.generative and step > start_step:
-        summary["samples"] = str(run.samples / f"step-{step:07d}.png")
-    if metric and best_value is not None and (run.checkpoints / "best.safetensors").exists():
-        summary["best"] = {"metric": metric, "value": best_value, "path": str(run.checkpoints / "best.safetensors")}
+    summary = summarize()
     if family.objective == "classifier":
         try:
             summary["test_accuracy"] = classifier_accuracy(nets["C"], cfg, amp)
