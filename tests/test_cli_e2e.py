@@ -263,10 +263,12 @@ def test_other_families_train_sample_and_eval(aigc, cli, classifier_ckpt, tmp_pa
 
 
 @pytest.mark.parametrize("args, expect", [
-    (["train", "--preset", "quickstart", "--seed", "99999999999999999999"], "train.seed"),
+    (["train", "--preset", "quickstart", "--seed", "99999999999999999999"], "Invalid value for '--seed'"),
     (["train", "--preset", "quickstart", "--set", "train.steps=abc", "--steps", "1"], "expects int"),
     (["train", "--preset", "quickstart", "--out", "/proc/no-such/run"], "/proc/no-such"),
     (["sample", "/no/ckpt", "--seed", "-1"], "--seed"),
+    (["train", "--preset", "quickstart", "--seed", "-1"], "Invalid value for '--seed'"),  # named the option, not train.seed
+    (["eval", "stats", "--data", "shapes", "--out", "{tmp}/s.npz", "--channels", "5"], "--channels must be 1 (grey) or 3"),
     (["sample", "/no/ckpt", "--out", "grid.jpg"], ".png"),
     (["train", "--preset", "quickstart", "--steps", "3", "--epochs", "1"], "give --steps or --epochs, not both"),
     (["train", "--preset", "quickstart", "--epochs", "0"], "--epochs must be at least 1, got 0"),  # trained the preset's steps

@@ -134,7 +134,7 @@ def stats(
     inception_weights: Optional[str] = typer.Option(None, "--inception-weights", help=WEIGHTS_HELP),
     download_weights: bool = typer.Option(False, "--download-weights", help="Download the pytorch-fid Inception weights into the cache first."),
     resolution: Optional[int] = typer.Option(None, "--resolution", min=4, max=4096, help="Conform the images to this square size first, as a model of that resolution sees them (default: their own size)."),
-    channels: Optional[int] = typer.Option(None, "--channels", min=1, max=3, help="Conform the images to 1 (grey) or 3 (RGB) channels first (default: their own)."),
+    channels: Optional[int] = typer.Option(None, "--channels", help="Conform the images to 1 (grey) or 3 (RGB) channels first (default: their own)."),
     split: str = typer.Option("train", "--split", help="train or test."),
     data_root: Optional[str] = typer.Option(None, "--data-root", help="Folder holding torchvision datasets."),
     download: bool = typer.Option(False, "--download", help="Allow downloading a missing torchvision dataset."),
@@ -150,8 +150,8 @@ def stats(
     from ..metrics.evaluate import write_stats
 
     _check_common(n, batch_size, precision)
-    if channels == 2:
-        raise UsageError("--channels must be 1 (grey) or 3 (RGB), got 2")
+    if channels not in (None, 1, 3):
+        raise UsageError(f"--channels must be 1 (grey) or 3 (RGB), got {channels}")
     if split not in ("train", "test"):
         raise UsageError(f"--split must be train or test, got {split!r}")
     from ..data import has_test_split

@@ -44,7 +44,7 @@ def train(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Images per step."),
     precision: Optional[str] = typer.Option(None, "--precision", help="auto, bf16, fp16 or fp32 (auto: bf16 on a capable GPU, fp32 on CPU)."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed for weights, data order and latents."),
+    seed: Optional[int] = typer.Option(None, "--seed", min=0, max=2**32 - 1, help="Random seed for weights, data order and latents."),
     overrides: Optional[List[str]] = typer.Option(None, "--set", help="Override any config key, e.g. --set train.lr_g=1e-4 (repeatable)."),
     resume: Optional[str] = typer.Option(None, "--resume", help="auto: continue the run in --out from its newest valid checkpoint (or start fresh); or a checkpoint file / run folder."),
     exit_on_usr1: bool = typer.Option(False, "--exit-on-usr1", help="On SIGUSR1 save and exit with code 75 (default: save and go on)."),
