@@ -262,3 +262,25 @@ def test_a_signal_while_the_reference_is_computed_stops_before_the_first_step(tm
     assert e.value.exit_code == 143 and len(batches) == 1, batches  # not the other 200/16 - 1 batches
     assert str(e.value) == "SIGTERM while computing the real images' statistics, before the first step; nothing to save"
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_signal_at_the_last_step_skips_the_final_evaluation_and_says_so(tmp_path, classifier):
+    """The run is complete (exit 0), but the final FID it would have logged was not measured."""
+    import os
+    import signal
+
+    class TermAtLast(Silent):
+        def advance(self, step):
+            if step == 6:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    cfg = tiny("dcgan").with_overrides({
+        "train.steps": "6", "train.eval_every": "5", "train.eval_n": "32", "train.eval_features": str(classifier),
+        "train.batch_size": "16"})
+    rep = TermAtLast()
+    summary = train(cfg, tmp_path / "run", rep)
+    assert summary["steps"] == 6 and rep.notes[-1] == ("SIGTERM came at the last step, 6: the run is complete; "
+                                                       "skipped the final evaluation (`aigc eval` measures it)")
+    evaluated = [json.loads(s)["step"] for s in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+                 if "fid" in s]
+    assert evaluated == [5]

@@ -312,7 +312,9 @@ def test_a_resume_removes_the_temporary_files_of_a_killed_run(tmp_path):
     (out / "checkpoints" / ".last.safetensors.link.tmp").hardlink_to(out / "checkpoints" / "last.safetensors")
     leftovers = {p for p in out.rglob(".*") if p.name.endswith((".tmp", ".png"))}
     assert len(leftovers) == 4
-    kept = [out / "checkpoints" / ".notes.tmp", out / "samples" / ".mine.png", out / "keep.12345678.tmp"]
+    # not training's names: a user's files, or an `aigc export`/`sample` writing into the folder meanwhile
+    kept = [out / "checkpoints" / ".notes.tmp", out / "samples" / ".mine.png", out / "keep.12345678.tmp",
+            out / ".g.safetensors.0123abcd.tmp", out / "samples" / ".preview.png.0123abcd.png"]
     for path in kept:
         path.write_text("the user's")
     train(run_cfg("dcgan", 8), out, Silent(), resume=find_resume("auto", out, print))
@@ -320,16 +322,17 @@ def test_a_resume_removes_the_temporary_files_of_a_killed_run(tmp_path):
     assert not any(p.exists() for p in leftovers) and all(p.read_text() == "the user's" for p in kept)
 
 
-@pytest.mark.parametrize("make_file", ["checkpoints", "samples"])
+@pytest.mark.parametrize("make_file", ["checkpoints", "samples", ""])
 def test_a_run_folder_that_cannot_be_written_is_refused_before_the_data_loads(make_file, tmp_path, monkeypatch, capsys):
     """Found at the first save, it cost the data load and a checkpoint interval's training."""
     from conftest import run_cli
 
-    out = tmp_path / "run"
-    out.mkdir()
-    (out / make_file).write_text("")
+    out = tmp_path / "run" / "sub"
+    blocker = out / make_file if make_file else out.parent  # "": a file on the way to --out
+    blocker.parent.mkdir(parents=True, exist_ok=True)
+    blocker.write_text("")
     code, _, err = run_cli(monkeypatch, capsys, "train", "--preset", "quickstart", "--out", out, "--steps", "2")
-    assert (code, err) == (2, f"error: --out {out}: {out / make_file} is a file, not a folder\n")
+    assert (code, err) == (2, f"error: --out {out}: {blocker} is a file, not a folder\n")
 
 
 def test_a_run_folder_without_write_permission_is_refused_at_once(tmp_path, monkeypatch, capsys):
@@ -345,20 +348,43 @@ def test_a_run_folder_without_write_permission_is_refused_at_once(tmp_path, monk
     assert list((out / "checkpoints").iterdir()) == []
 
 
-def test_a_signal_at_the_last_step_ends_the_run_as_complete(tmp_path):
-    """Nothing is left to resume: exit 0 (a batch script's requeue loop must not run it again)."""
-    rep = StopsAt(6)
-    summary = train(run_cfg("dcgan", 6), tmp_path / "run", rep)
-    assert summary["steps"] == 6 and ckpt_io.load(tmp_path / "run").step == 6
-    assert "SIGTERM came at the last step, 6: the run is complete" in rep.notes
+class SignalsAt(Silent):
+    def __init__(self, k: int, sig):
+        super().__init__()
+        self.k, self.sig = k, sig
+
+    def advance(self, step):
+        if step == self.k:
+            os.kill(os.getpid(), self.sig)
 
 
-def test_a_sample_grid_that_cannot_be_written_stops_the_run_after_saving_that_step(tmp_path):
+@pytest.mark.parametrize("kind", ["dcgan", "classifier"])
+def test_a_signal_at_the_last_step_ends_the_run_as_complete(kind, tmp_path):
+    """Nothing is left to resume: exit 0 (a batch script's requeue loop must not run it again), and nothing
+    long starts after the stop was asked for (a classifier's held-out accuracy)."""
+    rep = SignalsAt(6, signal.SIGTERM)
+    summary = train(run_cfg(kind, 6), tmp_path / "run", rep)
+    assert summary["steps"] == 6 and ckpt_io.load(tmp_path / "run").step == 6 and "test_accuracy" not in summary
+    assert rep.notes[-1] == "SIGTERM came at the last step, 6: the run is complete" + (
+        "; skipped the held-out accuracy" if kind == "classifier" else "")
+    rep = SignalsAt(8, signal.SIGUSR1)  # --exit-on-usr1 asks for a requeue: none is needed either
+    summary = train(run_cfg(kind, 8), tmp_path / "run", rep, resume=find_resume("auto", tmp_path / "run", print),
+                    exit_on_usr1=True)
+    assert summary["steps"] == 8 and rep.notes[-1].startswith("SIGUSR1: saved ")
+
+
+@pytest.mark.parametrize("kind", ["dcgan", "vae"])
+def test_a_sample_grid_that_cannot_be_written_stops_the_run_after_saving_that_step(kind, tmp_path):
     out = tmp_path / "run"
     (out / "samples" / "step-0000004.png").mkdir(parents=True)  # the grid cannot take its place
-    cfg = run_cfg("dcgan", 10, {"train.sample_every": "4", "train.ckpt_every": "100"})
+    cfg = run_cfg(kind, 10, {"train.sample_every": "4", "train.ckpt_every": "100"})
     with pytest.raises(UsageError) as e:
         train(cfg, out, Silent())
-    assert str(e.value).startswith(f"cannot write sample grid {out / 'samples' / 'step-0000004.png'}: Is a directory; "
-                                   f"saved {out / 'checkpoints' / 'step-0000004.safetensors'}")
+    assert str(e.value) == (f"cannot write sample grid {out / 'samples' / 'step-0000004.png'}: Is a directory; "
+                            f"saved {out / 'checkpoints' / 'step-0000004.safetensors'}; resume with --resume auto")
     assert ckpt_io.load(out).step == 4
+    (out / "samples" / "step-0000004.png").rmdir()
+    (out / "samples" / "step-0000010.png").mkdir()  # at the last step: nothing to resume
+    with pytest.raises(UsageError, match=r"saved .*step-0000010.safetensors; the run is complete \(`aigc sample`"):
+        train(cfg, out, Silent(), resume=find_resume("auto", out, print))
+    assert ckpt_io.load(out).step == 10

@@ -130,8 +130,8 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup) -> dict:
     amp = Precision(resolve_precision(cfg.train.precision, device), device)
     if slow := slow_precision_note(amp.name, device):
         reporter.note(slow)
-    try:
-        with stop.at_once():
+    try:  # not around a download: torchvision writes and unpacks it under the final names
+        with stop.at_once() if not cfg.data.download else contextlib.nullcontext():
             data = load_data(cfg, "train", reporter.note)
     except StoppedNow:
         raise Interrupted(f"{stop.name} while loading the data, before the first step; nothing to save",
@@ -230,18 +230,21 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup) -> dict:
         if not family.generative:
             return
         G = nets.get("G_ema", nets["G"]).eval()
-        save_grid(generate(G, z_fixed, amp, labels=labels_fixed), run.samples / f"step-{step:07d}.png", nrow)
-        if family.objective == "vae":  # inputs above, their reconstructions below
-            k = min(len(data.images), max(nrow, cfg.train.n_samples // 2 // nrow * nrow))
-            real = from_uint8(data.images[:k].to(device))
-            y = data.labels[:k].to(device) if cfg.model.conditional else None
-            nets["E"].eval()
-            with torch.inference_mode(), amp.autocast():
-                mu, _ = nets["E"](real, y)
-                recon = to_uint8(G(mu, y)).cpu()
-            nets["E"].train()
-            save_grid(torch.cat([data.images[:k], recon]), run.samples / f"recon-step-{step:07d}.png", nrow)
-        nets["G"].train()  # the EMA copy, if that was used, stays in eval mode
+        try:
+            save_grid(generate(G, z_fixed, amp, labels=labels_fixed), run.samples / f"step-{step:07d}.png", nrow)
+            if family.objective == "vae":  # inputs above, their reconstructions below
+                k = min(len(data.images), max(nrow, cfg.train.n_samples // 2 // nrow * nrow))
+                real = from_uint8(data.images[:k].to(device))
+                y = data.labels[:k].to(device) if cfg.model.conditional else None
+                nets["E"].eval()
+                with torch.inference_mode(), amp.autocast():
+                    mu, _ = nets["E"](real, y)
+                    recon = to_uint8(G(mu, y)).cpu()
+                save_grid(torch.cat([data.images[:k], recon]), run.samples / f"recon-step-{step:07d}.png", nrow)
+        finally:  # also when a grid cannot be written: training goes on in train mode (the EMA copy stays in eval)
+            nets["G"].train()
+            if "E" in nets:
+                nets["E"].train()
 
     def evaluate_now() -> dict | None:
         """The evaluator's scores (it puts G in eval mode and back); None when a signal that asks to
@@ -406,26 +409,32 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup) -> dict:
                     recover("non-finite weights at a checkpoint")
                     continue
                 path = save()
+            final = step == steps  # the run is complete: nothing to resume, so no stop code either
+            if grid_error is not None:
+                reporter.finish()
+                raise UsageError(f"cannot write sample grid {grid_error.filename or run.samples}: "
+                                 f"{grid_error.strerror or grid_error}; saved {path}; " +
+                                 ("the run is complete (`aigc sample` draws from it)" if final else
+                                  "resume with --resume auto"))
             if stop.save_requested:
                 stop.save_requested = False
-                if exit_on_usr1:
+                if exit_on_usr1 and not final:
                     reporter.finish()
                     raise Interrupted(f"SIGUSR1 at step {step} (--exit-on-usr1); saved {path}; resume with "
                                       "--resume auto", USR1_EXIT_CODE, summarize("SIGUSR1", USR1_EXIT_CODE))
                 reporter.note(f"SIGUSR1: saved {path}")
-            if grid_error is not None:
-                reporter.finish()
-                raise UsageError(f"cannot write sample grid {grid_error.filename or run.samples}: "
-                                 f"{grid_error.strerror or grid_error}; saved {path}; resume with --resume auto")
-            if stop.signum is not None and step < steps:  # at the last step the run is complete: it ends as one
+            if stop.signum is not None and not final:
                 reporter.finish()
                 raise Interrupted(f"{stop.name} at step {step}; saved {path}; resume with --resume auto",
                                   stop.exit_code, summarize(stop.name, stop.exit_code))
     reporter.finish()
     if stop.signum is not None and step > start_step:
-        reporter.note(f"{stop.name} came at the last step, {step}: the run is complete")
+        skipped = [what for what, due in (("the final evaluation (`aigc eval` measures it)", evaluator is not None),
+                                          ("the held-out accuracy", family.objective == "classifier")) if due]
+        reporter.note(f"{stop.name} came at the last step, {step}: the run is complete"
+                      + (f"; skipped {' and '.join(skipped)}" if skipped else ""))
     summary = summarize()
-    if family.objective == "classifier":
+    if family.objective == "classifier" and stop.signum is None:
         try:
             summary["test_accuracy"] = classifier_accuracy(nets["C"], cfg, amp)
         except UsageError as e:  # e.g. an IDX folder with no t10k files: the trained classifier still stands

@@ -79,16 +79,22 @@ def check_writable_run(root: Path) -> None:
     write in, would otherwise fail at the first save, after the data load and the first interval's
     training."""
     for path in (root, root / "checkpoints", root / "samples"):
-        if path.exists() and not path.is_dir():
-            raise UsageError(f"--out {root}: {path} is a file, not a folder")
         nearest = next(p for p in (path, *path.parents) if p.exists())
+        if not nearest.is_dir():
+            raise UsageError(f"--out {root}: {nearest} is a file, not a folder")
         if not os.access(nearest, os.W_OK | os.X_OK):
             raise UsageError(f"--out {root}: cannot write in {nearest} (permission denied)")
 
 
-# What atomic_write leaves behind when its process is killed mid-write (kill -9, the OOM killer, a node
-# failure): `.<name>.<8 hex digits>.tmp` (grids: `.png`), and _link's `.<name>.link.tmp`.
-_LEFTOVER = re.compile(r"\..+\.([0-9a-f]{8}\.(tmp|png)|link\.tmp)")
+# What training's atomic writes leave behind when the process is killed mid-write (kill -9, the OOM killer,
+# a node failure): `.<name>.<8 hex digits>.tmp` (grids: `.png`), and _link's `.<name>.link.tmp`. Only the
+# names training writes: `aigc sample` or `export` may be writing other files here meanwhile.
+_HEX = r"\.[0-9a-f]{8}"
+_LEFTOVERS = {
+    "": re.compile(rf"\.(config\.toml|metrics\.jsonl){_HEX}\.tmp"),
+    "checkpoints": re.compile(rf"\.(step-\d+|last|best)\.safetensors({_HEX}|\.link)\.tmp"),
+    "samples": re.compile(rf"\.(recon-)?step-\d+\.png{_HEX}\.png"),
+}
 
 
 class RunFolder:
@@ -101,10 +107,11 @@ class RunFolder:
 
     def _remove_leftovers(self) -> None:
         """Temporary files of a killed run (a checkpoint-sized one each): under the run lock no other
-        process is writing here, so every one is a dead process's."""
-        for folder in (self.root, self.checkpoints, self.samples):
+        training writes here, so every one of these names is a dead process's."""
+        for sub, pattern in _LEFTOVERS.items():
+            folder = self.root / sub
             for path in (folder.iterdir() if folder.is_dir() else ()):
-                if _LEFTOVER.fullmatch(path.name) and path.is_file():
+                if pattern.fullmatch(path.name) and path.is_file():
                     path.unlink(missing_ok=True)
 
     def write_config(self, cfg: Config) -> None:

@@ -42,8 +42,9 @@ class StopFlag:
     @contextlib.contextmanager
     def at_once(self) -> Iterator[None]:
         """For work before anything is worth saving that may take minutes (decoding a large image folder):
-        a stop raises StoppedNow there and then, rather than waiting for the work to end. Files being
-        written are written atomically, so the exception leaves none half-done."""
+        a stop raises StoppedNow there and then, rather than waiting for the work to end. Only around work
+        whose files are all written atomically (aigc's caches are; torchvision's downloads are not), so
+        the exception leaves none half-done."""
         if self.signum is not None:
             raise StoppedNow
         self._at_once = True
