@@ -214,3 +214,30 @@ def test_a_stop_while_an_image_folder_decodes_ends_the_decode_at_once(tmp_path, 
     assert len(decoded) < 100 and not (tmp_path / "run").exists()  # not the other 395 images
     cache = Path(os.environ["AIGC_CACHE_DIR"])
     assert not [p for p in cache.rglob("*") if p.is_file() and "index" not in p.parts], list(cache.rglob("*"))
+
+
+def test_a_stop_does_not_cut_a_dataset_download_short(tmp_path, monkeypatch):
+    """torchvision writes and unpacks a download under the final file names: cut short, they would look like
+    data to the next run. The stop waits for the download (and then ends the run before its first step)."""
+    import os
+
+    from aigc_cli.data import torchvision_sources
+    from aigc_cli.errors import UsageError
+    from aigc_cli.training.loop import train
+    from conftest import Silent, tiny
+
+    finished = []
+
+    def download(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.3)  # still "downloading" when the signal lands
+        finished.append(True)
+        raise UsageError("the download ended")  # what happens next does not matter here
+
+    monkeypatch.setattr(torchvision_sources, "find_mnist_like", download)
+    (tmp_path / "root").mkdir()
+    cfg = tiny("dcgan").with_overrides({"data.source": "mnist", "data.root": str(tmp_path / "root"),
+                                        "data.download": "true"})
+    with pytest.raises(UsageError, match="the download ended"):  # not Interrupted from inside the download
+        train(cfg, tmp_path / "run", Silent())
+    assert finished
