@@ -388,3 +388,15 @@ def test_a_sample_grid_that_cannot_be_written_stops_the_run_after_saving_that_st
     with pytest.raises(UsageError, match=r"saved .*step-0000010.safetensors; the run is complete \(`aigc sample`"):
         train(cfg, out, Silent(), resume=find_resume("auto", out, print))
     assert ckpt_io.load(out).step == 10
+
+
+@pytest.mark.parametrize("schedule", [{"train.lr_decay": "linear"}, {"train.lr_warmup": "20"}])
+def test_switching_the_schedule_off_on_resume_restores_the_full_rate(schedule, tmp_path):
+    """The restored optimizer holds the rate where the schedule left it (decayed, or mid warm-up)."""
+    out = tmp_path / "run"
+    train(run_cfg("dcgan", 10, schedule), out, Silent())
+    rep = Silent()
+    off = {"train.lr_decay": "none", "train.lr_warmup": "0"}
+    train(run_cfg("dcgan", 16, off), out, rep, resume=find_resume("auto", out, print))
+    lr_g = run_cfg("dcgan", 1).train.lr_g
+    assert [r["lr_G"] for r in rep.records] == [lr_g, lr_g], rep.records

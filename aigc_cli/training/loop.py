@@ -198,6 +198,8 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup) -> dict:
         step, images_seen = state.restore(resume.tensors, resume.meta, nets, opts, amp, batches, resume.path)
         conform_optimizers(opts, flags)
         apply_changed_optimizer_settings(resume.config, cfg, opts)
+        if not scheduled and any("base_lr" in g for opt in opts.values() for g in opt.param_groups):
+            set_lr(opts, 1.0)  # the schedule was switched off: back to the full rate, not stuck where it stopped
         chosen_by, best_value = state.best_of(resume.meta, resume.path)
         if chosen_by != metric and best_value is not None:
             reporter.note(f"best.safetensors was chosen by {chosen_by}; "
