@@ -399,3 +399,12 @@ def test_sigterm_during_sample_leaves_no_temporary_files(aigc_env, gan_run, tmp_
                                               "500000 images were written; the folder holds an incomplete set\n"
                                               "stopped: SIGTERM\n"), err
     assert len(names) >= 50 and not [s for s in names if s.startswith(".")]  # whole PNGs only
+
+
+def test_set_train_steps_counts_in_steps_over_a_presets_epochs(cli, tmp_path):
+    """`--set train.steps=N` on a preset that counts epochs was ignored (its epochs won), and the run's
+    config.toml then said steps = N."""
+    r = cli("train", "--preset", "mnist-mlp-gan", "--data", "shapes", "--out", tmp_path / "r", "--json",
+            "--set", "train.steps=2", "--set", "data.limit=128", "--set", "model.hidden=16", "--batch-size", "16")
+    assert r.code == 0 and r.json()["steps"] == 2, r.stderr
+    assert "epochs = 0" in (tmp_path / "r" / "config.toml").read_text()

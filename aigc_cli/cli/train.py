@@ -94,8 +94,9 @@ def train(
              "data.root": cfg.data.root, "train.eval_features": cfg.train.eval_features}
     cfg = cfg.with_overrides({key: str(Path(v).expanduser().resolve()) for key, v in paths.items()
                               if v and (key == "data.root" or Path(v).expanduser().exists())})
-    if steps is not None and epochs is None and cfg.train.epochs:
-        cfg = cfg.with_overrides({"train.epochs": 0})  # an explicit --steps wins over a preset's epochs
+    steps_given = steps is not None or "train.steps" in assignments
+    if steps_given and epochs is None and "train.epochs" not in assignments and cfg.train.epochs:
+        cfg = cfg.with_overrides({"train.epochs": 0})  # steps asked for (--steps, --set) win over a preset's epochs
     check_for_training(cfg, ckpt.config if ckpt is not None else None)
 
     run_dir = out if out is not None else next_run_dir(cfg.name)
