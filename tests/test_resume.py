@@ -400,3 +400,22 @@ def test_switching_the_schedule_off_on_resume_restores_the_full_rate(schedule, t
     train(run_cfg("dcgan", 16, off), out, rep, resume=find_resume("auto", out, print))
     lr_g = run_cfg("dcgan", 1).train.lr_g
     assert [r["lr_G"] for r in rep.records] == [lr_g, lr_g], rep.records
+
+
+def test_a_model_without_labels_carries_no_class_count(tmp_path):
+    """A conditional run's config used with conditional=false kept num_classes = 4: `aigc info` listed
+    classes for an unconditional model, and a resume without the stale count was refused as an
+    architecture change."""
+    from aigc_cli.training.state import check_compatible
+
+    cond = tiny("dcgan", conditional=True)
+    train(cond.with_overrides({"train.steps": "2"}), tmp_path / "cond", Silent())
+    stale = ckpt_io.load(tmp_path / "cond").config.with_overrides({"model.conditional": "false"})
+    assert stale.model.num_classes == 4
+    train(stale.with_overrides({"train.steps": "2"}), tmp_path / "plain", Silent())
+    ck = ckpt_io.load(tmp_path / "plain")
+    assert ck.config.model.num_classes == 0 and ck.class_names == [] and "num_classes = 0" in (
+        tmp_path / "plain" / "config.toml").read_text()
+    assert check_compatible(stale, ck.config, "old") == []  # an older run's stale count is no architecture
+    with pytest.raises(UsageError, match="model.num_classes"):
+        check_compatible(ckpt_io.load(tmp_path / "cond").config, cond.with_overrides({"model.num_classes": "5"}), "x")

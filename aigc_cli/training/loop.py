@@ -144,6 +144,8 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup) -> dict:
                              + unlabelled_reason(os.path.expanduser(cfg.data.source)))
         check_classes(data, cfg, reporter.note)
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_classes=data.num_classes))
+    elif cfg.model.num_classes:  # e.g. a conditional run's config.toml with conditional=false: the model has none
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_classes=0))
     bs = cfg.train.batch_size
     if len(data.images) < bs:
         raise UsageError(f"data has {len(data.images)} images, fewer than --batch-size {bs}")

@@ -17,6 +17,7 @@ from .. import checkpoint as ckpt_io
 from ..checkpoint import Checkpoint, base_meta, load_net
 from ..config import Config
 from ..errors import UsageError
+from ..models import needs_labels
 
 
 def _optimizer(name: str, opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], str]:
@@ -203,6 +204,8 @@ def check_compatible(old: Config, new: Config, origin) -> list[str]:
             before = old_d.get(section, {}).get(key)
             if f"{section}.{key}" in PATH_KEYS and before and value and _same_path(before, value):
                 continue  # a run from before paths were stored absolute, resumed from where it started
+            if f"{section}.{key}" == "model.num_classes" and not (needs_labels(old.model) or needs_labels(new.model)):
+                continue  # a model without labels has no classes: an older run may still carry a stale count
             if before != value:
                 (arch if section == "model" else changed).append(f"{section}.{key} {before!r} -> {value!r}")
     if arch:
