@@ -395,6 +395,8 @@ def preset_text(name: str) -> str:
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or not path.is_file():
         if name.endswith(".toml") or "/" in name:
             raise UsageError(f"{name}: no such preset file")
+        if Path(name).is_file():  # the user's own file, named without the suffix that marks a preset file
+            raise UsageError(f"unknown preset {name!r}; a preset file's name must end in .toml")
         close = difflib.get_close_matches(name, preset_names(), n=1)
         raise UsageError(f"unknown preset {name!r}; " + (f"did you mean {close[0]!r}? (`aigc presets list` shows "
                          "them all)" if close else f"available: {', '.join(preset_names())}"))

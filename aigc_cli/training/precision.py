@@ -19,13 +19,13 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise UsageError(f"--device {name}: no CUDA GPU is available here; use --device cpu or auto")
+            raise UsageError(f"device {name}: no CUDA GPU is available here; use --device cpu or auto")
         dev = torch.device(name)
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise UsageError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) present")
+            raise UsageError(f"device {name}: only {torch.cuda.device_count()} CUDA device(s) present")
         return dev
     if name == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-        raise UsageError("--device mps: MPS is not available here")
+        raise UsageError("device mps: MPS is not available here; use --device cpu or auto")
     return torch.device(name)
 
 
