@@ -377,6 +377,34 @@ def check_for_training(cfg: Config, base: Config | None = None) -> None:
                              f"leave it at {plain(getattr(default, name))}")
 
 
+def unused_settings(cfg: Config, base: Config | None = None) -> list[str]:
+    """Notes for settings away from their defaults that this model family (or loss) does not read. Said,
+    not refused: a preset of one family switched to another with --set model.kind keeps its other values.
+    Values the resumed run (`base`) already had are let be."""
+    from .models import FAMILIES
+
+    m, objective = cfg.model, FAMILIES[cfg.model.kind].objective
+    unused = {"model.hidden"} if m.kind != "mlp_gan" else {"model.g_width", "model.d_width"}
+    if m.kind == "classifier":
+        unused |= {"model.g_width", "model.latent_dim"}
+    if objective != "gan":
+        unused |= {"loss.gan", "loss.gp_weight", "loss.r1_gamma", "train.lr_d"}
+    if objective != "vae":
+        unused |= {"loss.vae_beta", "loss.recon_sigma", "loss.kl_warmup"}
+    because = {}  # read by this family, but not with these settings
+    if objective == "gan" and cfg.loss.gan != "wgan-gp":
+        because["loss.gp_weight"] = f" with loss.gan={cfg.loss.gan}"
+    if objective == "vae" and m.likelihood == "bernoulli":
+        because["loss.recon_sigma"] = " with model.likelihood=bernoulli"
+    default, notes = Config(), []
+    for key in sorted(unused | set(because)):
+        value = _value(cfg, key)
+        if value != _value(default, key) and (base is None or value != _value(base, key)):
+            shown = str(value).lower() if isinstance(value, bool) else value
+            notes.append(f"{key}={shown} is not read by a {m.kind}{because.get(key, '')}; it changes nothing")
+    return notes
+
+
 # ---- presets --------------------------------------------------------------------------------
 
 def _preset_dir():
@@ -429,7 +457,10 @@ def preset_file_text(path: str) -> str:
 def load_preset(name: str) -> Config:
     """A preset by name, or a path to a TOML file of the same shape."""
     if is_preset_file(name):
-        return parse_toml(preset_file_text(name), name)
+        cfg = parse_toml(preset_file_text(name), name)
+        stem = Path(name).stem  # a file without `name`: runs/<its file name>-NNN, where that can name a folder
+        usable = cfg.name == "custom" and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]*", stem)
+        return dataclasses.replace(cfg, name=stem) if usable else cfg
     cfg = parse_toml(preset_text(name), f"preset {name}")
     return cfg if cfg.name != "custom" else dataclasses.replace(cfg, name=name)
 

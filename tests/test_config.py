@@ -213,3 +213,36 @@ def test_tighter_caps_hold_when_training_starts_but_stored_configs_still_load(it
     with pytest.raises(UsageError, match=expect):
         check_for_training(cfg)
     check_for_training(cfg, base=cfg)  # resuming a run saved before the caps
+
+
+def test_settings_a_family_does_not_read_are_noted_not_ignored_in_silence(tmp_path):
+    from aigc_cli.config import load_preset, unused_settings, preset_names
+    from aigc_cli.training.loop import train
+    from conftest import Silent, tiny
+
+    assert all(unused_settings(load_preset(name)) == [] for name in preset_names())  # presets are clean
+    cfg = tiny("vae").with_overrides({"loss.r1_gamma": "5", "train.lr_d": "1e-3", "model.hidden": "64",
+                                      "model.likelihood": "bernoulli", "loss.recon_sigma": "0.5", "train.steps": "2"})
+    rep = Silent()
+    train(cfg, tmp_path / "vae", rep)
+    assert [n for n in rep.notes if "changes nothing" in n] == [
+        "loss.r1_gamma=5.0 is not read by a vae; it changes nothing",
+        "loss.recon_sigma=0.5 is not read by a vae with model.likelihood=bernoulli; it changes nothing",
+        "model.hidden=64 is not read by a vae; it changes nothing",
+        "train.lr_d=0.001 is not read by a vae; it changes nothing"]
+    gan = tiny("mlp_gan", g_width=64, d_width=16).with_overrides({"loss.gp_weight": "3", "loss.kl_warmup": "5"})
+    assert unused_settings(gan) == ["loss.gp_weight=3.0 is not read by a mlp_gan with loss.gan=bce; it changes nothing",
+                                    "loss.kl_warmup=5 is not read by a mlp_gan; it changes nothing",
+                                    "model.d_width=16 is not read by a mlp_gan; it changes nothing"]
+    assert unused_settings(gan.with_overrides({"loss.gan": "wgan-gp"}), base=gan) == []  # the resumed run had them
+
+
+def test_a_preset_file_without_a_name_names_runs_after_the_file(tmp_path):
+    from aigc_cli.config import load_preset
+
+    (tmp_path / "my-gan.toml").write_text('[model]\nkind = "dcgan"\n')
+    (tmp_path / "two words.toml").write_text('[model]\nkind = "dcgan"\n')
+    (tmp_path / "named.toml").write_text('name = "chosen"\n')
+    assert load_preset(str(tmp_path / "my-gan.toml")).name == "my-gan"
+    assert load_preset(str(tmp_path / "two words.toml")).name == "custom"  # not a folder name runs/ takes
+    assert load_preset(str(tmp_path / "named.toml")).name == "chosen"

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..checkpoint import Checkpoint
-from ..config import EVAL_METRICS, MAX_WIDTH, Config
+from ..config import EVAL_METRICS, MAX_WIDTH, Config, unused_settings
 from ..data import load_images
 from ..data.folder import unlabelled_reason
 from ..errors import DivergedError, Interrupted, UsageError
@@ -130,6 +130,8 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup) -> dict:
     amp = Precision(resolve_precision(cfg.train.precision, device), device)
     if slow := slow_precision_note(amp.name, device):
         reporter.note(slow)
+    for line in unused_settings(cfg, resume.config if resume is not None else None):
+        reporter.note(line)
     try:  # not around a download: torchvision writes and unpacks it under the final names
         with stop.at_once() if not cfg.data.download else contextlib.nullcontext():
             data = load_data(cfg, "train", reporter.note)
