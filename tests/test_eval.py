@@ -165,3 +165,21 @@ def test_eval_command_names_what_is_wrong_before_any_work(monkeypatch, capsys, r
     code, out, err = run_cli(monkeypatch, capsys, "eval", "--features", clf, "--n=20", "-q", "stats", "--data", "shapes",
                              "--out", tmp_path / "r2.npz", "--json")
     assert code == 0 and json.loads(out)["protocol"]["n_real"] == 20 and err == "", err
+
+
+def test_a_conditional_vae_scored_on_other_classes_warns_and_gives_no_vae_scores(tmp_path):
+    """Labels beyond the model's classes raised a traceback from one_hot (exit 1); labels inside its range but
+    of another class set gave numbers that mean nothing."""
+    from conftest import write_image_folder
+
+    train(tiny("vae", conditional=True, channels=3).with_overrides({"train.steps": "2"}), tmp_path / "vae", Silent())
+    ck = ckpt_io.load(tmp_path / "vae")  # shapes: 4 classes, circle, square, triangle, ...
+    five = write_image_folder(tmp_path / "five", n_per_class=2, classes=("a", "b", "c", "d", "e"))
+    four = write_image_folder(tmp_path / "four", n_per_class=2, classes=("a", "b", "c", "d"))
+    for folder, expect in ((five, "labels run to 4, and this conditional VAE has 4 classes (0 to 3)"),
+                           (four, "the held-out images' classes (a, b, c, d) are not this conditional VAE's")):
+        warnings = []
+        r = evaluate_mod.evaluate(ck, data=str(folder), root=None, download=False, features=None, n=8,
+                                  batch_size=4, seed=0, device="cpu", precision="fp32", warn=warnings.append,
+                                  stats_dir=None, metrics=["neg_elbo"])
+        assert r["metrics"] == {"neg_elbo": None} and any(expect in w for w in warnings), warnings

@@ -396,6 +396,14 @@ def vae_scores(ckpt, *, data, root, n, batch_size, seed, amp, warn) -> dict:
     if m.conditional and test.labels is None:
         warn("the held-out images have no labels, which this conditional VAE needs: no VAE scores")
         return none
+    if m.conditional and test.labels.numel() and int(test.labels.max()) >= m.num_classes:
+        warn(f"the held-out images' labels run to {int(test.labels.max())}, and this conditional VAE has "
+             f"{m.num_classes} classes (0 to {m.num_classes - 1}): other data than it learnt; no VAE scores")
+        return none
+    if m.conditional and ckpt.class_names and test.class_names and list(test.class_names) != ckpt.class_names:
+        warn(f"the held-out images' classes ({', '.join(test.class_names)}) are not this conditional VAE's "
+             f"({', '.join(ckpt.class_names)}): no VAE scores")
+        return none
     idx = real_indices(len(test.images), n, seed)
     images = test.images[idx]
     labels = test.labels[idx] if m.conditional else None
