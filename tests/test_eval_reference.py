@@ -266,3 +266,23 @@ def test_a_statistics_file_with_object_arrays_is_refused_without_unpickling_it(t
     np.savez(tmp_path / "obj.npz", mu=np.zeros(2), sigma=np.eye(2), protocol=np.array([{}], dtype=object))
     with pytest.raises(UsageError, match=r"holds object \(pickled\) arrays, which aigc does not load"):
         load_npz(tmp_path / "obj.npz")
+
+
+def test_eval_stats_resolution_alone_sees_the_images_as_a_model_of_that_resolution(tmp_path):
+    """`--resolution R` without `--channels` resized the source's native images (shapes drawn at 32, folders
+    Lanczos-scaled to their common size) instead of what training at R reads: FID then differed from eval's."""
+    from aigc_cli.data import load_images
+    from aigc_cli.metrics.reference import load_real
+    from conftest import write_image_folder
+
+    from test_data import write_idx
+
+    folder = write_image_folder(tmp_path / "imgs", n_per_class=3)
+    grey = np.random.default_rng(0).integers(0, 256, (6, 28, 28), dtype=np.uint8)
+    write_idx(tmp_path / "idx", "train", grey, np.arange(6, dtype=np.uint8) % 2)
+    for source, own in (("shapes", 3), (str(folder), 3), (str(tmp_path / "idx"), 1)):
+        alone, _ = load_real(source, root=None, download=False, split="train", seed=0, warn=print, resolution=16)
+        both, _ = load_real(source, root=None, download=False, split="train", seed=0, warn=print, resolution=16,
+                            channels=own)
+        trained = load_images(source, channels=own, resolution=16).images
+        assert torch.equal(alone, both) and torch.equal(alone, trained)

@@ -288,17 +288,32 @@ def reference_for(images: torch.Tensor, *, extractor, data: str, data_name: str,
 NATIVE = {"mnist": (1, 28), "fashion-mnist": (1, 28), "cifar10": (3, 32)}
 
 
+def _own_channels(source: str, split: str) -> int:
+    """The channels a source's images have as load_real reads them natively: folders decode to RGB."""
+    from ..data import idx
+
+    if source in NATIVE:
+        return NATIVE[source][0]
+    path = os.path.expanduser(source)
+    if source != "shapes" and os.path.isdir(path) and idx.is_idx_folder(path):
+        return int(idx.load_idx_folder(path, split)[0].shape[1])
+    return 3
+
+
 def load_real(source: str, *, root: str | None, download: bool, split: str, seed: int,
               warn: Callable[[str], None], strict: bool = False, channels: int | None = None,
               resolution: int | None = None, native_resolution: int = 32, limit: int = 0) -> tuple[torch.Tensor, str]:
     """Images of a data source as uint8 (N, C, H, W) and a description. With channels and resolution,
     exactly as training sees them (data.load_images). Without, at the source's own size: an image
     folder at its images' size (RGB), MNIST-like 1x28x28, CIFAR-10 3x32x32, `shapes` drawn at
-    `native_resolution`; a given channels or resolution alone is then applied on top. limit > 0: only
+    `native_resolution`; a given channels alone is then applied on top (a resolution alone gets the
+    source's own channels and takes training's path). limit > 0: only
     the source's first `limit` images (data.limit)."""
     from ..data import cifar, idx, load_images
     from ..data.transforms import resize_square, to_channels
 
+    if resolution is not None and channels is None:  # as a model of that resolution sees them: by training's path
+        channels = _own_channels(source, split)
     if channels is not None and resolution is not None:
         data = load_images(source, channels=channels, resolution=resolution, root=root, download=download,
                            split=split, seed=seed, warn=warn, strict=strict, limit=limit)
