@@ -166,12 +166,12 @@ def filling(folder: str | os.PathLike | None, n: int, what: str, warn) -> Iterat
     """Around a command that writes n PNGs (000000.png ...) into `folder` (nothing when None): the folder is
     made and checked writable before any work. If the command fails after writing some but not all of
     them (a signal, a full disk), a warning says the folder holds an incomplete set, which a later `aigc
-    eval --fake` would score as if it were whole; a folder it made and left empty is removed."""
+    eval --fake` would score as if it were whole; folders it made (parents too) and left empty are removed."""
     if folder is None:
         yield
         return
     folder = Path(folder)
-    existed = folder.exists()
+    made = [p for p in (folder, *folder.parents) if not p.exists()]  # innermost first: removed in that order
     folder.mkdir(parents=True, exist_ok=True)
     try:  # a real write: permission bits say nothing for root, and a read-only mount shows only here
         tempfile.TemporaryFile(dir=folder).close()
@@ -184,8 +184,11 @@ def filling(folder: str | os.PathLike | None, n: int, what: str, warn) -> Iterat
         written = _written_since(folder, start)
         if 0 < written < n:
             warn(f"{what}: stopped after {written} of the {n} images were written; the folder holds an incomplete set")
-        if not existed and not any(folder.iterdir()):
-            folder.rmdir()
+        for path in made:  # the folders it made, while they are empty (a parent made for nothing too)
+            try:
+                path.rmdir()
+            except OSError:
+                break
         raise
 
 

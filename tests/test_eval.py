@@ -142,7 +142,7 @@ def test_eval_command_names_what_is_wrong_before_any_work(monkeypatch, capsys, r
     Image.new("L", (16, 16)).save(one / "0.png")
     for args, expect in [
         (["--save-fakes", tmp_path / "a file" / "sub"], f"{tmp_path / 'a file'}"),  # cannot be made: before any work
-        (["--features", tmp_path / "nothing", "--save-fakes", tmp_path / "fk"],
+        (["--features", tmp_path / "nothing", "--save-fakes", tmp_path / "fk" / "a" / "b"],
          f"--features {tmp_path / 'nothing'}: no such checkpoint"),
         (["--data", one], f"the real data ({one}) has 1 image; feature statistics need at least 2"),
         (["--metrics", ",,"], "names no metric"),
@@ -153,7 +153,7 @@ def test_eval_command_names_what_is_wrong_before_any_work(monkeypatch, capsys, r
         assert code == 2 and len(errors) == 1 and expect in errors[0], (args, err)
         assert "incomplete set" not in err  # nothing was written
     assert not (tmp_path / "cache" / "stats").exists() or not any((tmp_path / "cache" / "stats").iterdir())
-    assert not (tmp_path / "fk").exists()  # made for --save-fakes, left empty by the failure: removed
+    assert not (tmp_path / "fk").exists()  # made for --save-fakes (parents too), left empty by the failure: removed
     code, out, err = run_cli(monkeypatch, capsys, "eval", "stats", "--data", one, "--features", clf, "--split", "test",
                              "--out", tmp_path / "r.npz")
     assert code == 2 and "has no held-out split" in err and not (tmp_path / "r.npz").exists()
