@@ -84,6 +84,7 @@ def test_inception_is_the_default_extractor_at_the_images_own_size(tmp_path, mon
 @pytest.mark.parametrize("args, expect", [
     (["eval", "--fake", "{missing}", "--data", "{real}"], "does not exist"),
     (["eval", "--fake", "{empty}", "--data", "{real}"], "no images"),
+    (["eval", "--fake", "{one}", "--data", "{real}"], "holds 1 usable image; the scores need at least 2"),
     (["eval", "--fake", "{real}", "--data", "{missing}"], "not a built-in source or an existing folder"),
     (["eval", "--fake", "{real}"], "needs --data SOURCE"),
     (["eval", "{real}", "--fake", "{real}", "--data", "{real}"], "not both"),
@@ -98,7 +99,8 @@ def test_bad_input_is_one_error_line_with_exit_2(clf, tmp_path, monkeypatch, cap
     real = write_pngs(tmp_path / "real", [(16, 16)] * 4, seed=3)
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("no images here")
-    paths = {"missing": tmp_path / "missing", "empty": tmp_path / "empty", "real": real}
+    one = write_pngs(tmp_path / "one", [(16, 16)], seed=4)
+    paths = {"missing": tmp_path / "missing", "empty": tmp_path / "empty", "real": real, "one": one}
     argv = [a.format(**paths) for a in args] + ["--features", clf]
     if args[1] != "stats":
         argv += ["--stats-dir", tmp_path / "stats"]
@@ -106,6 +108,7 @@ def test_bad_input_is_one_error_line_with_exit_2(clf, tmp_path, monkeypatch, cap
     errors = [s for s in err.splitlines() if s.startswith("error: ")]
     assert code == 2 and len(errors) == 1 and "Traceback" not in err and out == "", (code, err)
     assert expect in errors[0]
+    assert not (tmp_path / "stats").exists() or not any((tmp_path / "stats").iterdir())  # no real side computed
 
 
 def test_fid_from_fewer_images_than_feature_dimensions_is_warned_once_and_only_then():

@@ -18,7 +18,7 @@ import torch
 
 from .. import checkpoint as ckpt_io
 from ..data import load_images
-from ..errors import UsageError
+from ..errors import UsageError, one_line
 from ..losses import decoded_image, vae_terms
 from ..sampling import from_uint8, generate, generator_from, latent_batches, latents, save_png
 from ..training.precision import Precision, resolve_device, slow_precision_note
@@ -292,6 +292,8 @@ def evaluate_folder(fake_dir: str, *, data: str | None, root: str | None, downlo
     if extractor is None:  # before reading the folder: missing weights are said at once
         extractor = open_extractor(features, inception_weights, dev, precision, download_weights, warn)
     fakes = load_folder_native(os.path.expanduser(fake_dir), warn=warn, strict=strict, what="--fake folder")
+    if len(fakes) < 2:  # before the real side's statistics are computed, not after
+        raise UsageError(f"--fake {one_line(str(fake_dir))}: holds 1 usable image; the scores need at least 2")
     fakes = fakes[real_indices(len(fakes), n, seed)]
     protocol: dict = {**extractor.protocol, "extractor_precision": extractor.protocol.get("precision"),
                       "fake_folder": str(fake_dir), "n_fake": len(fakes), "seed": seed,
