@@ -85,6 +85,8 @@ def test_inception_is_the_default_extractor_at_the_images_own_size(tmp_path, mon
     (["eval", "--fake", "{missing}", "--data", "{real}"], "does not exist"),
     (["eval", "--fake", "{empty}", "--data", "{real}"], "no images"),
     (["eval", "--fake", "{one}", "--data", "{real}"], "holds 1 usable image; the scores need at least 2"),
+    (["eval", "--fake", "{real}", "--data", "{real}", "--no-ema"], "--no-ema applies to a checkpoint"),
+    (["eval", "--metrics", "fid", "stats", "--data", "{real}", "--out", "{empty}/r.npz"], "No such option: --metrics"),
     (["eval", "--fake", "{real}", "--data", "{missing}"], "not a built-in source or an existing folder"),
     (["eval", "--fake", "{real}"], "needs --data SOURCE"),
     (["eval", "{real}", "--fake", "{real}", "--data", "{real}"], "not both"),
@@ -125,3 +127,20 @@ def test_fid_from_fewer_images_than_feature_dimensions_is_warned_once_and_only_t
         assert len(said) == expected, (chosen, n_fake, n_real, said)
         if said:
             assert f"FID from {n_fake} generated" in said[0] and "64 feature dimensions" in said[0]
+
+
+def test_scores_too_few_images_allow_are_n_a_with_the_reason(clf, tmp_path, monkeypatch, capsys):
+    real = write_pngs(tmp_path / "real", [(16, 16)] * 3, seed=3)
+    code, out, err = run_cli(monkeypatch, capsys, "eval", "--fake", real, "--data", real, "--features", clf,
+                             "--metrics", "is,precision", "--stats-dir", tmp_path / "stats", "--json")
+    assert code == 0 and json.loads(out)["metrics"] == {"is": None, "is_std": None, "precision": None}, err
+    assert err.splitlines() == [
+        "warning: IS needs at least 10 generated images (one per split), got 3: n/a",
+        "warning: precision and recall need more than 3 images on each side (k=3 neighbours), got 3 generated and "
+        "3 real: n/a"]
+    code, out, err = run_cli(monkeypatch, capsys, "eval", "--fake", real, "--data", real, "--features", clf,
+                             "--metrics", "is")
+    assert code == 0 and f"warning: --data {real} was not used: is needs no real images" in err.splitlines()
+    # the extractor named by its step file, absolute: last.safetensors moves on with the classifier's next save
+    step_file = (clf / "checkpoints" / "step-0000005.safetensors").resolve()
+    assert out.splitlines()[0] == f"{real}: 3 generated, features classifier:{step_file}", out

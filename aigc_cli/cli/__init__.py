@@ -19,6 +19,10 @@ STATS_FLAGS = {"-q", "--quiet", "--json", "--download", "--download-weights"}
 # ... and so may its options that take a value (`aigc eval --features clf stats --data x --out r.npz`).
 STATS_OPTIONS = {"--data", "--out", "-o", "--n", "-n", "--features", "--inception-weights", "--resolution", "--channels",
                  "--split", "--data-root", "--batch-size", "-b", "--seed", "--device", "--precision"}
+# eval's own options: skipped too, so that `aigc eval --metrics fid stats ...` reaches `stats`, which names
+# the option it does not take (rather than `eval` reading "stats" as a checkpoint and tripping over --out).
+EVAL_ONLY_FLAGS = {"--no-ema"}
+EVAL_ONLY_OPTIONS = {"--metrics", "--stats-dir", "--ref", "--fake", "--save-fakes"}
 eval_stats_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 eval_stats_app.command()(eval_cmd.stats)
 app.command("export")(export.export)
@@ -81,9 +85,10 @@ def _run(args: list[str]) -> int:
     if args[:1] == ["eval"]:  # a checkpoint or run folder called "stats" is ./stats
         i = 1
         while i < len(args):  # `aigc eval -q stats ...` as `aigc eval stats -q ...`
-            if args[i] in STATS_FLAGS or args[i].split("=", 1)[0] in STATS_OPTIONS and "=" in args[i]:
+            valued = STATS_OPTIONS | EVAL_ONLY_OPTIONS
+            if args[i] in STATS_FLAGS | EVAL_ONLY_FLAGS or args[i].split("=", 1)[0] in valued and "=" in args[i]:
                 i += 1
-            elif args[i] in STATS_OPTIONS:
+            elif args[i] in valued:
                 i += 2
             else:
                 break

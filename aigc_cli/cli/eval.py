@@ -84,6 +84,8 @@ def evaluate(
         raise UsageError(f"--save-fakes {save_fakes}: exists and is not a folder")
     if fake and save_fakes:
         raise UsageError("--save-fakes applies to a checkpoint; --fake images are files already")
+    if fake and no_ema:
+        raise UsageError("--no-ema applies to a checkpoint; --fake images are files already")
     _check_common(n, batch_size, precision)
     asked = parse_metrics(metrics)
     warn = warner(quiet)
@@ -97,6 +99,9 @@ def evaluate(
         title = f"{result['fake_folder']}"
         if ref and data:
             warn(f"--data {data} was not used: --ref {ref} supplies the real side")
+        elif data and "n_real" not in result["protocol"]:
+            names = [k for k in result["metrics"] if not k.endswith("_std")]
+            warn(f"--data {data} was not used: {', '.join(names)} need{'s' if len(names) == 1 else ''} no real images")
     else:
         ck = ckpt_io.load(checkpoint)
         before = pngs_in(save_fakes)
@@ -119,7 +124,7 @@ def evaluate(
         [f"{p['n_real']} real ({p['reference']})"] if "n_real" in p else []) + (
         [f"{p['n_heldout']} held-out"] if "n_heldout" in p else []) + (
         [f"features {p['extractor']}"] if "extractor" in p else [])
-    console.print(f"{title}{against}: {', '.join(counts)}")
+    console.print(f"{title}{against}" + (f": {', '.join(counts)}" if counts else ""))
     for k, v in result["metrics"].items():
         console.print(f"  {k:<10} {v:.6g}" if isinstance(v, float) else f"  {k:<10} n/a")
 

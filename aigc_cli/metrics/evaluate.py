@@ -67,9 +67,10 @@ def choose_metrics(asked: list[str] | None, *, vae_possible: bool, vae_reason: s
 
 
 def score(metrics: list[str], *, fake: FeatureStats, probs: np.ndarray | None, ref: Reference | None,
-          seed: int) -> tuple[dict, dict]:
+          seed: int, warn=None) -> tuple[dict, dict]:
     """The requested metrics from the generated side's features/probabilities and the reference;
-    returns (metrics, protocol facts)."""
+    returns (metrics, protocol facts). A metric too few images allow is None, and `warn` says why."""
+    warn = warn or (lambda message: None)
     out: dict = {}
     proto: dict = {}
     if "fid" in metrics:
@@ -92,11 +93,15 @@ def score(metrics: list[str], *, fake: FeatureStats, probs: np.ndarray | None, r
             out["is"], out["is_std"] = inception_score(probs, splits=IS_SPLITS)
         else:
             out["is"] = out["is_std"] = None
+            warn(f"IS needs at least {IS_SPLITS} generated images (one per split), got {len(probs)}: n/a")
         proto["is_splits"] = IS_SPLITS
     if "precision" in metrics or "recall" in metrics:
         pr = (None, None)
         if min(len(f_fake), len(ref.features)) > PR_K:
             pr = precision_recall(ref.features, f_fake, k=PR_K)
+        else:
+            warn(f"precision and recall need more than {PR_K} images on each side (k={PR_K} neighbours), got "
+                 f"{len(f_fake)} generated and {len(ref.features)} real: n/a")
         for name, value in zip(("precision", "recall"), pr):
             if name in metrics:
                 out[name] = value
@@ -257,7 +262,7 @@ def evaluate(ckpt: ckpt_io.Checkpoint, *, data: str, root: str | None, download:
     fake = FakeEmbedder(extractor, chosen, save_fakes)
     if generating:
         fake.add_generated(G, *seeded_inputs(m, n, seed), amp, batch_size)
-    values, extra = score(chosen, fake=fake.stats, probs=fake.all_probs(), ref=reference, seed=seed)
+    values, extra = score(chosen, fake=fake.stats, probs=fake.all_probs(), ref=reference, seed=seed, warn=warn)
     protocol.update(extra)
     if save_fakes:
         protocol["saved_fakes"] = str(save_fakes)
@@ -311,7 +316,7 @@ def evaluate_folder(fake_dir: str, *, data: str | None, root: str | None, downlo
     fake = FakeEmbedder(extractor, chosen)
     for chunk in fakes.split(batch_size):
         fake.add(chunk, batch_size)
-    values, extra = score(chosen, fake=fake.stats, probs=fake.all_probs(), ref=reference, seed=seed)
+    values, extra = score(chosen, fake=fake.stats, probs=fake.all_probs(), ref=reference, seed=seed, warn=warn)
     protocol.update(extra)
     return {"fake_folder": str(fake_dir), "metrics": values, "protocol": protocol}
 

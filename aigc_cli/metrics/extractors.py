@@ -51,7 +51,7 @@ class ClassifierFeatures:
         self.C = ckpt_io.build_net(ck, "C").to(device).eval()
         self.cfg, self.device, self.amp = ck.config.model, torch.device(device), amp
         self.data_source = ck.config.data.source
-        self.name = f"classifier:{ck.path}"
+        self.name = f"classifier:{ck.step_file}"  # absolute, and not last.safetensors, which moves on
         self.protocol = {
             "extractor": self.name,
             "weights_sha256": state_sha256(ck.net_state("C")),
