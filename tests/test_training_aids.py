@@ -374,6 +374,23 @@ def test_epochs_count_real_images_shown_whatever_n_critic():
     assert total_steps(wgan, 40) == 1  # less than one step's worth: still one step
 
 
+def test_epochs_on_a_resume_at_another_batch_size_still_make_that_many_passes(tmp_path):
+    """`--epochs 2` after one pass at batch 16 counted 2 passes at batch 32 in steps (8), all of them
+    already made: nothing was trained, one pass in all."""
+    from conftest import Silent, tiny
+
+    from aigc_cli import checkpoint as ckpt_io
+    from aigc_cli.training.loop import train
+    from aigc_cli.training.state import find_resume
+
+    base = tiny("dcgan").with_overrides({"data.limit": "128", "train.epochs": "1", "train.batch_size": "16"})
+    train(base, tmp_path / "run", Silent())
+    assert (ckpt_io.load(tmp_path / "run").step, ckpt_io.load(tmp_path / "run").images_seen) == (8, 128)
+    summary = train(base.with_overrides({"train.epochs": "2", "train.batch_size": "32"}), tmp_path / "run", Silent(),
+                    resume=find_resume("auto", tmp_path / "run", print))
+    assert (summary["steps"], summary["images_seen"]) == (12, 256)  # 4 steps of 32: the second pass
+
+
 def test_a_best_metric_the_run_does_not_log_is_pointed_out(tmp_path):
     from conftest import Silent, tiny
 

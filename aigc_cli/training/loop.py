@@ -48,13 +48,18 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def total_steps(cfg: Config, n_images: int) -> int:
+def total_steps(cfg: Config, n_images: int, step: int = 0, images_seen: int = 0) -> int:
     """train.steps, or for train.epochs the steps that show the data that many times: a GAN step with
-    n_critic critic steps draws n_critic real batches."""
+    n_critic critic steps draws n_critic real batches. A resumed run (at `step`, having drawn `images_seen`)
+    counts what is left in images, so a batch size changed on resume still makes N passes in all."""
     if not cfg.train.epochs:
         return cfg.train.steps
     per_step = cfg.train.batch_size * cfg.train.n_critic  # n_critic is 1 for all but GANs (config checks)
-    return max(1, cfg.train.epochs * (n_images // per_step))
+    whole = max(1, cfg.train.epochs * (n_images // per_step))
+    if not images_seen:
+        return whole
+    left = max(0, whole * per_step - images_seen)  # images_seen counts every real batch drawn, critic ones too
+    return step + -(-left // per_step)
 
 
 def best_metric(cfg: Config) -> tuple[str | None, bool]:
@@ -154,7 +159,7 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup) -> dict:
     if resume is not None:
         for change in state.check_compatible(resume.config, cfg, resume.path):
             reporter.note(f"resuming with a changed setting: {change}")
-    steps = total_steps(cfg, len(data.images))
+    steps = total_steps(cfg, len(data.images), *((resume.step, resume.images_seen) if resume is not None else ()))
 
     seed_everything(cfg.train.seed)
     if device.type == "cuda":
