@@ -172,8 +172,10 @@ def check_reference_matches(ref: Reference, extractor, warn) -> None:
         raise UsageError(f"the reference ({ref.source}) has {ref.mu.shape[0]} features, {ours.get('extractor')} "
                          f"gives {dim}: it was computed with another extractor")
     if not p:
+        same = ("Inception weights" if str(ours.get("extractor", "")).startswith("inception")
+                else f"features ({ours.get('extractor')})")
         warn(f"the reference ({ref.source}) does not say how it was computed (a pytorch-fid file?): "
-             "FID is only comparable if it used the same Inception weights and resizing")
+             f"FID is only comparable if it used the same {same} and resizing")
     theirs, now = p.get("extractor_precision"), ours.get("precision")
     if theirs and now and theirs != now:
         warn(f"the reference ({ref.source}) was computed with the extractor in {theirs}, these features in {now}: "
