@@ -401,7 +401,8 @@ def unused_settings(cfg: Config, base: Config | None = None) -> list[str]:
         value = _value(cfg, key)
         if value != _value(default, key) and (base is None or value != _value(base, key)):
             shown = str(value).lower() if isinstance(value, bool) else value
-            notes.append(f"{key}={shown} is not read by a {m.kind}{because.get(key, '')}; it changes nothing")
+            article = "an" if m.kind[0] in "aeiou" or m.kind.startswith("mlp") else "a"
+            notes.append(f"{key}={shown} is not read by {article} {m.kind}{because.get(key, '')}; it changes nothing")
     return notes
 
 

@@ -409,3 +409,6 @@ def test_set_train_steps_counts_in_steps_over_a_presets_epochs(cli, tmp_path):
             "--set", "train.steps=2", "--set", "data.limit=128", "--set", "model.hidden=16", "--batch-size", "16")
     assert r.code == 0 and r.json()["steps"] == 2, r.stderr
     assert "epochs = 0" in (tmp_path / "r" / "config.toml").read_text()
+    r = cli("train", "--preset", "quickstart", "--out", tmp_path / "f", "--json", "--steps", "2", "--set",
+            "train.epochs=1", "--set", "data.limit=128", "--set", "model.g_width=8", "--set", "model.d_width=8")
+    assert r.code == 0 and r.json()["steps"] == 2, r.stderr  # the flag wins over --set, as flags do

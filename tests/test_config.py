@@ -231,9 +231,9 @@ def test_settings_a_family_does_not_read_are_noted_not_ignored_in_silence(tmp_pa
         "model.hidden=64 is not read by a vae; it changes nothing",
         "train.lr_d=0.001 is not read by a vae; it changes nothing"]
     gan = tiny("mlp_gan", g_width=64, d_width=16).with_overrides({"loss.gp_weight": "3", "loss.kl_warmup": "5"})
-    assert unused_settings(gan) == ["loss.gp_weight=3.0 is not read by a mlp_gan with loss.gan=bce; it changes nothing",
-                                    "loss.kl_warmup=5 is not read by a mlp_gan; it changes nothing",
-                                    "model.d_width=16 is not read by a mlp_gan; it changes nothing"]
+    assert unused_settings(gan) == ["loss.gp_weight=3.0 is not read by an mlp_gan with loss.gan=bce; it changes nothing",
+                                    "loss.kl_warmup=5 is not read by an mlp_gan; it changes nothing",
+                                    "model.d_width=16 is not read by an mlp_gan; it changes nothing"]
     assert unused_settings(gan.with_overrides({"loss.gan": "wgan-gp"}), base=gan) == []  # the resumed run had them
 
 

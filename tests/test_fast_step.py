@@ -134,6 +134,11 @@ def test_graph_blockers_name_each_reason():
     assert any("double backward" in w for w in why) and any("n_critic" in w for w in why)
     assert any("schedule" in w for w in why)
     assert any("GradScaler" in w for w in graph_blockers(cfg, Precision("fp16", CPU), torch.device("cuda"), False))
+    # a loss setting the family does not read (a note says so) must not cost it the graph either
+    assert graph_blockers(tiny("vae").with_overrides({"loss.r1_gamma": "5"}), amp, torch.device("cuda"), False) == []
+    assert graph_blockers(cfg.with_overrides({"loss.kl_warmup": "100"}), amp, torch.device("cuda"), False) == []
+    assert any("KL warm-up" in w for w in graph_blockers(tiny("vae").with_overrides({"loss.kl_warmup": "100"}), amp,
+                                                         torch.device("cuda"), False))
 
 
 def test_cuda_graph_on_without_cuda_says_why_and_trains(tmp_path):

@@ -94,9 +94,11 @@ def train(
              "data.root": cfg.data.root, "train.eval_features": cfg.train.eval_features}
     cfg = cfg.with_overrides({key: str(Path(v).expanduser().resolve()) for key, v in paths.items()
                               if v and (key == "data.root" or Path(v).expanduser().exists())})
-    steps_given = steps is not None or "train.steps" in assignments
-    if steps_given and epochs is None and "train.epochs" not in assignments and cfg.train.epochs:
-        cfg = cfg.with_overrides({"train.epochs": 0})  # steps asked for (--steps, --set) win over a preset's epochs
+    # Steps asked for win over a preset's epochs: --steps always (flags win over --set), --set train.steps
+    # unless a --set train.epochs came with it.
+    steps_given = steps is not None or "train.steps" in assignments and "train.epochs" not in assignments
+    if steps_given and epochs is None and cfg.train.epochs:
+        cfg = cfg.with_overrides({"train.epochs": 0})
     check_for_training(cfg, ckpt.config if ckpt is not None else None)
 
     run_dir = out if out is not None else next_run_dir(cfg.name)

@@ -288,7 +288,7 @@ def reference_for(images: torch.Tensor, *, extractor, data: str, data_name: str,
 NATIVE = {"mnist": (1, 28), "fashion-mnist": (1, 28), "cifar10": (3, 32)}
 
 
-def _own_channels(source: str, split: str) -> int:
+def _own_channels(source: str) -> int:
     """The channels a source's images have as load_real reads them natively: folders decode to RGB."""
     from ..data import idx
 
@@ -296,7 +296,7 @@ def _own_channels(source: str, split: str) -> int:
         return NATIVE[source][0]
     path = os.path.expanduser(source)
     if source != "shapes" and os.path.isdir(path) and idx.is_idx_folder(path):
-        return int(idx.load_idx_folder(path, split)[0].shape[1])
+        return 1  # IDX images are single-channel (load_idx_folder gives N x 1 x H x W)
     return 3
 
 
@@ -313,7 +313,7 @@ def load_real(source: str, *, root: str | None, download: bool, split: str, seed
     from ..data.transforms import resize_square, to_channels
 
     if resolution is not None and channels is None:  # as a model of that resolution sees them: by training's path
-        channels = _own_channels(source, split)
+        channels = _own_channels(source)
     if channels is not None and resolution is not None:
         data = load_images(source, channels=channels, resolution=resolution, root=root, download=download,
                            split=split, seed=seed, warn=warn, strict=strict, limit=limit)

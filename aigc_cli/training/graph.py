@@ -25,18 +25,20 @@ WARMUP = 3
 
 def graph_blockers(cfg, amp, device: torch.device, scheduled: bool) -> list[str]:
     """Why this run's step cannot be captured (empty: it can)."""
-    why = []
+    from ..models import FAMILIES
+
+    objective, why = FAMILIES[cfg.model.kind].objective, []
     if device.type != "cuda":
         why.append("no CUDA device")
     if amp.scaler is not None:
         why.append("fp16's GradScaler syncs with the host")
-    if cfg.loss.gan == "wgan-gp" or cfg.loss.r1_gamma > 0:
+    if objective == "gan" and (cfg.loss.gan == "wgan-gp" or cfg.loss.r1_gamma > 0):  # other families read neither
         why.append("the gradient penalty needs a double backward")
     if cfg.train.n_critic > 1:
         why.append("n_critic > 1")
     if scheduled:
         why.append("a learning-rate schedule changes the rates every step")
-    if cfg.loss.kl_warmup > 0:
+    if objective == "vae" and cfg.loss.kl_warmup > 0:
         why.append("the KL warm-up changes its weight every step")
     return why
 
