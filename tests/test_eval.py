@@ -183,3 +183,19 @@ def test_a_conditional_vae_scored_on_other_classes_warns_and_gives_no_vae_scores
                                   batch_size=4, seed=0, device="cpu", precision="fp32", warn=warnings.append,
                                   stats_dir=None, metrics=["neg_elbo"])
         assert r["metrics"] == {"neg_elbo": None} and any(expect in w for w in warnings), warnings
+
+
+def test_one_data_set_named_two_ways_is_one_for_the_classifier_warning(tmp_path):
+    """A classifier trained on `fashion-mnist` (found in a folder) scoring a run trained on that folder by its
+    path was warned about as other data ("distances may mean little")."""
+    import numpy as np
+
+    from aigc_cli.metrics.evaluate import _data_folder
+    from test_data import write_idx
+
+    folder = tmp_path / "root" / "fashion-mnist"  # the Debian package's layout under a data root
+    write_idx(folder, "train", np.zeros((4, 28, 28), np.uint8), np.arange(4, dtype=np.uint8))
+    assert _data_folder("fashion-mnist", str(tmp_path / "root")) == _data_folder(str(folder), None)
+    assert _data_folder(str(folder) + "/", None) == _data_folder(str(folder), None)
+    assert _data_folder("shapes", None) != _data_folder(str(folder), None)
+    assert _data_folder("mnist", str(tmp_path / "root")) == "mnist"  # not found: by its name

@@ -182,6 +182,22 @@ def check_reference_matches(ref: Reference, extractor, warn) -> None:
              f"precision moves features (bf16 by about 1%); pass --precision {theirs} to compare like with like")
 
 
+def _data_folder(source: str, root: str | None) -> str:
+    """Where a data source's files are (a built-in name as found without downloading, e.g. fashion-mnist in
+    /usr/share/datasets), so that one data set named two ways is seen as one; the name where not found."""
+    from ..data import cifar, torchvision_sources
+
+    try:
+        if source in ("mnist", "fashion-mnist", "cifar10"):
+            where = os.path.expanduser(root) if root else torchvision_sources.default_root()
+            found = (cifar.find_cifar10(where, False) if source == "cifar10"
+                     else torchvision_sources.find_mnist_like(source, where, bool(root), False))
+            return os.path.realpath(found)
+    except UsageError:
+        return source
+    return data_identity(source)
+
+
 def _say_if_unused(ref: str | None, chosen: list[str], warn) -> None:
     if ref and not any(x in chosen for x in NEEDS_REAL):
         warn(f"--ref {ref} was not used: {', '.join(chosen)} need{'s' if len(chosen) == 1 else ''} "
@@ -233,7 +249,8 @@ def evaluate(ckpt: ckpt_io.Checkpoint, *, data: str, root: str | None, download:
     _say_if_unused(ref, chosen, warn)
     if extractor is None and any(x in chosen for x in GAN_METRICS):
         extractor = open_extractor(features, inception_weights, amp.device, precision, download_weights)
-    if isinstance(extractor, ClassifierFeatures) and extractor.data_source != data and reference is None:
+    if (isinstance(extractor, ClassifierFeatures) and reference is None
+            and _data_folder(extractor.data_source, extractor.data_root) != _data_folder(data, root)):
         warn(f"the feature classifier was trained on '{extractor.data_source}', the real data is '{data}': "
              "distances in its feature space may mean little")
     protocol: dict = {}

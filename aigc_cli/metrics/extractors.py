@@ -50,7 +50,7 @@ class ClassifierFeatures:
             amp = Precision(extractor_precision(amp), torch.device(device))
         self.C = ckpt_io.build_net(ck, "C").to(device).eval()
         self.cfg, self.device, self.amp = ck.config.model, torch.device(device), amp
-        self.data_source = ck.config.data.source
+        self.data_source, self.data_root = ck.config.data.source, ck.config.data.root or None
         self.name = f"classifier:{ck.step_file}"  # absolute, and not last.safetensors, which moves on
         self.protocol = {
             "extractor": self.name,
