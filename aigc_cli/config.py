@@ -162,9 +162,13 @@ def _split_key(key: str) -> tuple[str | None, str]:
     section, _, name = key.rpartition(".")
     section = section or None
     if (section is not None and section not in SECTIONS) or name not in _field_types(section):
-        close = difflib.get_close_matches(key, all_keys(), n=1)
-        raise UsageError(f"unknown config key {key!r}; " + (f"did you mean {close[0]!r}? (`aigc presets show NAME` "
-                         "shows every key)" if close else f"valid keys: {', '.join(all_keys())}"))
+        if section is None or section in SECTIONS:  # a known section: guess and list within it
+            names = list(_field_types(section))
+            close = [f"{section}.{c}" if section else c for c in difflib.get_close_matches(name, names, n=1)]
+            listed = f"{section + '.* ' if section else 'top-level '}keys: {', '.join(names)}"
+        else:
+            close, listed = difflib.get_close_matches(key, all_keys(), n=1), f"valid keys: {', '.join(all_keys())}"
+        raise UsageError(f"unknown config key {key!r}; " + (f"did you mean {close[0]!r}? ({listed})" if close else listed))
     return section, name
 
 

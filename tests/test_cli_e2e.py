@@ -274,7 +274,8 @@ def test_other_families_train_sample_and_eval(aigc, cli, classifier_ckpt, tmp_pa
     (["train", "--preset", "quickstart", "--epochs", "0"], "--epochs must be at least 1, got 0"),  # trained the preset's steps
     (["train", "--preset", "quickstrat"], "unknown preset 'quickstrat'; did you mean 'quickstart'?"),
     (["train", "--preset", "g.png"], "unknown preset 'g.png'; a preset file's name must end in .toml"),
-    (["train", "--preset", "quickstart", "--set", "model.g_widht=8"], "did you mean 'model.g_width'?"),
+    (["train", "--preset", "quickstart", "--set", "model.g_widht=8"], "did you mean 'model.g_width'? (model.* keys: kind,"),
+    (["train", "--preset", "quickstart", "--set", "model.foo=8"], "'model.foo'; model.* keys: kind, resolution,"),  # no wild guess
     (["train", "--preset", "quickstart", "--out", ""], "an empty value for --out (an unset shell variable?)"),
     (["train", "--preset", "quickstart", "--out="], "an empty value for --out"),
     (["sample", ""], "an empty argument (an unset shell variable?)"),
