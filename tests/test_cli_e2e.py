@@ -304,6 +304,10 @@ def test_paths_the_shell_left_alone_and_relative_settings_are_made_whole(cli, ga
             "--set", "model.g_width=8", "--set", "model.d_width=8", "--set", "data.limit=64")
     assert r.code == 0, r.stderr
     assert f'root = "{tmp_path / "droot"}"' in (tmp_path / "rel" / "config.toml").read_text()
+    # train --json gives absolute paths, as sample and eval do: a script may run the next command elsewhere
+    assert (r.json()["run_dir"], r.json()["checkpoint"], r.json()["samples"]) == (
+        str(tmp_path / "rel"), str(tmp_path / "rel" / "checkpoints" / "step-0000001.safetensors"),
+        str(tmp_path / "rel" / "samples" / "step-0000001.png"))
 
 
 def test_export_names_the_training_checkpoint_it_came_from(cli, gan_run, tmp_path):

@@ -331,15 +331,17 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup) -> dict:
                       f"{', '.join(changes)} (rollback {recoveries} of {cfg.train.max_recoveries})")
 
     def summarize(stopped_by: str | None = None, exit_code: int = 0) -> dict:
-        """What `train --json` prints: at the end, or for a stop after its save (with `stopped`)."""
-        summary = {"run_dir": str(run_dir), "steps": step, "images_seen": images_seen,
-                   "checkpoint": str(good_path), "seconds": round(time.perf_counter() - t_start, 2),
+        """What `train --json` prints: at the end, or for a stop after its save (with `stopped`). Paths are
+        absolute, as `sample` and `eval` give them: a script may run the next command elsewhere."""
+        summary = {"run_dir": os.path.abspath(run_dir), "steps": step, "images_seen": images_seen,
+                   "checkpoint": os.path.abspath(good_path), "seconds": round(time.perf_counter() - t_start, 2),
                    "precision": amp.name, "device": str(device), "start_step": start_step, "recoveries": recoveries}
         grid = run.samples / f"step-{step:07d}.png"
         if family.generative and step > start_step and (stopped_by is None or grid.is_file()):
-            summary["samples"] = str(grid)
+            summary["samples"] = os.path.abspath(grid)
         if metric and best_value is not None and (run.checkpoints / "best.safetensors").exists():
-            summary["best"] = {"metric": metric, "value": best_value, "path": str(run.checkpoints / "best.safetensors")}
+            summary["best"] = {"metric": metric, "value": best_value,
+                               "path": os.path.abspath(run.checkpoints / "best.safetensors")}
         if stopped_by is not None:
             summary.update(stopped=stopped_by, exit_code=exit_code)
         return summary
