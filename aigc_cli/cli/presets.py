@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 
 import typer
 from rich.table import Table
@@ -20,12 +21,16 @@ def list_presets() -> None:
             for name, cfg in ((name, load_preset(name)) for name in preset_names())]
     table = Table(caption="`aigc presets show NAME` prints a preset in full, its description included")
     # Names are what `--preset` takes: never cut or wrapped, whatever the width. One line a preset (a
-    # wrapped description made 300 lines at 80 columns): the description is cut to the width left.
+    # wrapped description made 300 lines at 80 columns): on a terminal the description is cut to the width
+    # left; in a pipe or a log (no COLUMNS set) it is whole, however long the line.
     widths = [max(len(title), *(len(r[i]) for r in rows)) for i, title in enumerate(("name", "model", "data", "res"))]
     for width, title in zip(widths, ("name", "model", "data", "res")):
         table.add_column(title, no_wrap=True, min_width=width)
     console = human_console()
-    left = console.width - sum(w + 3 for w in widths) - 4  # each column's padding and rule, the outer rules
+    fixed = sum(w + 3 for w in widths) + 4  # each column's padding and rule, the outer rules
+    if not console.is_terminal and not os.environ.get("COLUMNS"):  # a pipe or a log: whole descriptions
+        console.width = fixed + max(len(r[4]) for r in rows) + 3
+    left = console.width - fixed
     table.add_column("description", width=max(12, left), no_wrap=True, overflow="ellipsis")
     for row in rows:
         table.add_row(*row)

@@ -155,7 +155,8 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup) -> dict:
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_classes=0))
     bs = cfg.train.batch_size
     if len(data.images) < bs:
-        raise UsageError(f"data has {len(data.images)} images, fewer than --batch-size {bs}")
+        raise UsageError(f"data has {len(data.images)} images, fewer than --batch-size {bs}; pass --batch-size "
+                         f"{len(data.images)} or less")
     if resume is not None:
         for change in state.check_compatible(resume.config, cfg, resume.path):
             reporter.note(f"resuming with a changed setting: {change}")
