@@ -43,6 +43,17 @@ def test_every_command_and_option_has_help():
                 assert len((getattr(param, "help", None) or "").strip()) > 10, (path, param.name)
 
 
+def test_flags_show_no_value_placeholder_and_arguments_are_named():
+    # Typer showed `--json <bool>`, as if the flag took a value (`--json true` is then an error), and
+    # `{checkpoint}` for the argument the README calls CHECKPOINT.
+    for path, cmd in COMMANDS:
+        for param in cmd.params:
+            if getattr(param, "is_flag", False) and param.name != "help":
+                assert param.metavar == "", (path, param.name)
+            if param.param_type_name == "argument":
+                assert param.metavar == param.metavar.upper() != "", (path, param.name)
+
+
 def test_command_summaries_have_no_hard_line_breaks():
     # `aigc --help` lists each command with the first paragraph of its help; rich keeps a line break there,
     # so a summary wrapped in the source came out broken mid-sentence in the list.

@@ -35,10 +35,10 @@ def _check_common(n: int, batch_size: int, precision: str) -> None:
 @handles_errors
 @sigterm_interrupts
 def evaluate(
-    checkpoint: Optional[str] = typer.Argument(None, help="Checkpoint file, run folder or exported generator (omit with --fake)."),
+    checkpoint: Optional[str] = typer.Argument(None, metavar="CHECKPOINT", help="Checkpoint file, run folder or exported generator (omit with --fake)."),
     data: Optional[str] = typer.Option(None, "--data", help="Real data source (default: the one it was trained on; required with --fake unless --ref is given)."),
     data_root: Optional[str] = typer.Option(None, "--data-root", help="Folder holding torchvision datasets."),
-    download: bool = typer.Option(False, "--download", help="Allow downloading a missing torchvision dataset."),
+    download: bool = typer.Option(False, "--download", metavar="", help="Allow downloading a missing torchvision dataset."),
     features: Optional[str] = typer.Option(None, "--features", help=FEATURES_HELP),
     metrics: Optional[str] = typer.Option(None, "--metrics", help=METRICS_HELP),
     n: int = typer.Option(10000, "--n", "-n", help="Generated images (and at most this many real ones)."),
@@ -47,14 +47,14 @@ def evaluate(
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
     precision: str = typer.Option("auto", "--precision", help="auto, bf16, fp16 or fp32 (auto: the generator in bf16 on a GPU that has it, the extractor in fp32)."),
     inception_weights: Optional[str] = typer.Option(None, "--inception-weights", help=WEIGHTS_HELP),
-    download_weights: bool = typer.Option(False, "--download-weights", help="Download the pytorch-fid Inception weights into the cache first (checked against their sha256)."),
+    download_weights: bool = typer.Option(False, "--download-weights", metavar="", help="Download the pytorch-fid Inception weights into the cache first (checked against their sha256)."),
     stats_dir: Optional[str] = typer.Option(None, "--stats-dir", help=STATS_DIR_HELP),
     ref: Optional[str] = typer.Option(None, "--ref", help="Precomputed reference statistics (.npz from `aigc eval stats`, or pytorch-fid's with only mu and sigma: FID only) instead of real data."),
     fake: Optional[str] = typer.Option(None, "--fake", help="Score this folder of generated images (from any tool) instead of a checkpoint."),
     save_fakes: Optional[str] = typer.Option(None, "--save-fakes", help="Also write the generated images as PNGs into this folder."),
-    no_ema: bool = typer.Option(False, "--no-ema", help="Score the raw generator weights, not their EMA."),
-    json_out: bool = typer.Option(False, "--json", help="Print one JSON object with metrics and protocol."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
+    no_ema: bool = typer.Option(False, "--no-ema", metavar="", help="Score the raw generator weights, not their EMA."),
+    json_out: bool = typer.Option(False, "--json", metavar="", help="Print one JSON object with metrics and protocol."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", metavar="", help=QUIET_HELP),
 ) -> None:
     """Score a generative model: FID, KID, IS, precision/recall (VAE: also MSE, ELBO, bits/dim).
 
@@ -137,18 +137,18 @@ def stats(
     n: int = typer.Option(10000, "--n", "-n", help="At most this many real images (a seeded subset)."),
     features: Optional[str] = typer.Option(None, "--features", help=FEATURES_HELP),
     inception_weights: Optional[str] = typer.Option(None, "--inception-weights", help=WEIGHTS_HELP),
-    download_weights: bool = typer.Option(False, "--download-weights", help="Download the pytorch-fid Inception weights into the cache first."),
+    download_weights: bool = typer.Option(False, "--download-weights", metavar="", help="Download the pytorch-fid Inception weights into the cache first."),
     resolution: Optional[int] = typer.Option(None, "--resolution", min=4, max=4096, help="Conform the images to this square size first, as a model of that resolution sees them (default: their own size)."),
     channels: Optional[int] = typer.Option(None, "--channels", help="Conform the images to 1 (grey) or 3 (RGB) channels first (default: their own)."),
     split: str = typer.Option("train", "--split", help="train or test."),
     data_root: Optional[str] = typer.Option(None, "--data-root", help="Folder holding torchvision datasets."),
-    download: bool = typer.Option(False, "--download", help="Allow downloading a missing torchvision dataset."),
+    download: bool = typer.Option(False, "--download", metavar="", help="Allow downloading a missing torchvision dataset."),
     batch_size: int = typer.Option(256, "--batch-size", "-b", help="Images per forward pass."),
     seed: int = typer.Option(0, "--seed", min=0, max=2**32 - 1, help="Seed for the real subset."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
     precision: str = typer.Option("auto", "--precision", help="auto (fp32), bf16, fp16 or fp32 for the extractor."),
-    json_out: bool = typer.Option(False, "--json", help="Print one JSON object: the file written and its protocol."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
+    json_out: bool = typer.Option(False, "--json", metavar="", help="Print one JSON object: the file written and its protocol."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", metavar="", help=QUIET_HELP),
 ) -> None:
     """Write reference statistics of real data (for `aigc eval --ref`)."""
     from ..errors import UsageError

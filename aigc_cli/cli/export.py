@@ -12,12 +12,12 @@ from .output import QUIET_HELP, emit_json, handles_errors, human_console, sigter
 @handles_errors
 @sigterm_interrupts
 def export(
-    checkpoint: str = typer.Argument(..., help="Checkpoint file, run folder, or an export (to change its dtype)."),
+    checkpoint: str = typer.Argument(..., metavar="CHECKPOINT", help="Checkpoint file, run folder, or an export (to change its dtype)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output .safetensors path."),
     dtype: str = typer.Option("fp32", "--dtype", help="Weight dtype: fp32, fp16 or bf16."),
-    no_ema: bool = typer.Option(False, "--no-ema", help="Export the raw generator weights, not their EMA."),
-    json_out: bool = typer.Option(False, "--json", help="Print one JSON object describing the artifact."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
+    no_ema: bool = typer.Option(False, "--no-ema", metavar="", help="Export the raw generator weights, not their EMA."),
+    json_out: bool = typer.Option(False, "--json", metavar="", help="Print one JSON object describing the artifact."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", metavar="", help=QUIET_HELP),
 ) -> None:
     """Write the generator (a VAE's decoder) with its config; `aigc sample` and `aigc info` accept it."""
     from .. import checkpoint as ckpt_io

@@ -11,8 +11,8 @@ from .output import emit_json, handles_errors, human_console
 
 @handles_errors
 def info(
-    checkpoint: str = typer.Argument(..., help="Checkpoint file, run folder or exported .safetensors."),
-    json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    checkpoint: str = typer.Argument(..., metavar="CHECKPOINT", help="Checkpoint file, run folder or exported .safetensors."),
+    json_out: bool = typer.Option(False, "--json", metavar="", help="Print one JSON object."),
 ) -> None:
     """Print model kind, step, images seen, parameter counts, precision and config."""
     from .. import checkpoint as ckpt_io

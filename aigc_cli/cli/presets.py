@@ -39,7 +39,7 @@ def list_presets() -> None:
 
 @app.command("show")
 @handles_errors
-def show(name: str = typer.Argument(..., help="Preset name, as listed by `aigc presets list`, or a TOML file "
+def show(name: str = typer.Argument(..., metavar="NAME", help="Preset name, as listed by `aigc presets list`, or a TOML file "
                                                 "(as `aigc train --preset` takes it).")) -> None:
     """Print a preset's TOML (a file: once it is checked as `aigc train` would check it)."""
     load_preset(name)  # validates it and gives the one-line error for unknown names

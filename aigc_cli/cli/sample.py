@@ -61,19 +61,19 @@ def parse_classes(text: str | None, names: list[str], warn=lambda message: None)
 @handles_errors
 @sigterm_interrupts
 def sample(
-    checkpoint: str = typer.Argument(..., help="Checkpoint file, run folder (its newest checkpoint) or exported .safetensors."),
+    checkpoint: str = typer.Argument(..., metavar="CHECKPOINT", help="Checkpoint file, run folder (its newest checkpoint) or exported .safetensors."),
     n: int = typer.Option(64, "--n", "-n", help="Number of images (at most 10^9; a grid holds far fewer, --individual any)."),
     seed: int = typer.Option(0, "--seed", min=0, max=2**32 - 1, help="Latent seed: the same seed gives the same images."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Grid PNG path (default: samples.png, unless --individual is given)."),
     nrow: Optional[int] = typer.Option(None, "--nrow", help="Images per grid row (default: one class per row, else sqrt(n) rounded up)."),
     individual: Optional[Path] = typer.Option(None, "--individual", help="Write one PNG per image into this folder (with --out, the grid too)."),
     classes: Optional[str] = typer.Option(None, "--class", help="Conditional models: a class number or name, or a comma list (e.g. 3, dogs or 0,2,5); one class per grid row (default: all classes; `aigc info` lists them)."),
-    no_ema: bool = typer.Option(False, "--no-ema", help="Use the raw generator weights, not their EMA."),
+    no_ema: bool = typer.Option(False, "--no-ema", metavar="", help="Use the raw generator weights, not their EMA."),
     batch_size: int = typer.Option(512, "--batch-size", "-b", help="Images generated per forward pass."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
     precision: str = typer.Option("auto", "--precision", help="auto, bf16, fp16 or fp32."),
-    json_out: bool = typer.Option(False, "--json", help="Print one JSON object with the written paths."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
+    json_out: bool = typer.Option(False, "--json", metavar="", help="Print one JSON object with the written paths."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", metavar="", help=QUIET_HELP),
 ) -> None:
     """Generate images (VAE: decode prior samples) into a PNG grid and/or one PNG per image."""
     import torch

@@ -37,7 +37,7 @@ def train(
     preset: Optional[str] = typer.Option(None, "--preset", "-p", help="Preset name (see `aigc presets list`) or a path to a TOML file; optional with --resume."),
     data: Optional[str] = typer.Option(None, "--data", help="Data source: shapes, mnist, fashion-mnist, cifar10, or an image/IDX folder."),
     data_root: Optional[str] = typer.Option(None, "--data-root", help="Folder holding torchvision datasets."),
-    download: bool = typer.Option(False, "--download", help="Allow downloading a missing torchvision dataset."),
+    download: bool = typer.Option(False, "--download", metavar="", help="Allow downloading a missing torchvision dataset."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default: runs/<preset>-NNN)."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Training steps (overrides the preset)."),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Passes over the data (instead of --steps)."),
@@ -47,10 +47,10 @@ def train(
     seed: Optional[int] = typer.Option(None, "--seed", min=0, max=2**32 - 1, help="Random seed for weights, data order and latents."),
     overrides: Optional[List[str]] = typer.Option(None, "--set", help="Override any config key, e.g. --set train.lr_g=1e-4 (repeatable)."),
     resume: Optional[str] = typer.Option(None, "--resume", help="auto: continue the run in --out from its newest valid checkpoint (or start fresh); or a checkpoint file / run folder."),
-    exit_on_usr1: bool = typer.Option(False, "--exit-on-usr1", help="On SIGUSR1 save and exit with code 75 (default: save and go on)."),
-    strict: bool = typer.Option(False, "--strict", help="Any unreadable image file is an error (default: skip it with a warning)."),
-    json_out: bool = typer.Option(False, "--json", help="Print one JSON summary on stdout; progress goes to stderr."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
+    exit_on_usr1: bool = typer.Option(False, "--exit-on-usr1", metavar="", help="On SIGUSR1 save and exit with code 75 (default: save and go on)."),
+    strict: bool = typer.Option(False, "--strict", metavar="", help="Any unreadable image file is an error (default: skip it with a warning)."),
+    json_out: bool = typer.Option(False, "--json", metavar="", help="Print one JSON summary on stdout; progress goes to stderr."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", metavar="", help=QUIET_HELP),
 ) -> None:
     """Train a model from a preset; writes checkpoints, sample grids and metrics.jsonl to the run folder."""
     from ..config import check_for_training, load_preset, parse_assignments
