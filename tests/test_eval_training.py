@@ -284,3 +284,13 @@ def test_a_signal_at_the_last_step_skips_the_final_evaluation_and_says_so(tmp_pa
     evaluated = [json.loads(s)["step"] for s in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
                  if "fid" in s]
     assert evaluated == [5]
+
+    class TermAfterTheLastEvaluation(Silent):
+        def log(self, record):
+            super().log(record)
+            if record.get("eval") and record["step"] == 6:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    rep = TermAfterTheLastEvaluation()
+    train(cfg, tmp_path / "run2", rep)  # the final evaluation was made: nothing skipped to speak of
+    assert rep.notes[-1] == "SIGTERM came at the last step, 6: the run is complete"

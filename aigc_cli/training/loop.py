@@ -278,6 +278,7 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup) -> dict:
     # Learning rates now, and in `good`, relative to this process's starting rates: a rollback sets
     # them to recover_lr_factor ** recoveries of those, whatever rates the snapshot it restores holds.
     lr_scale = good_scale = 1.0
+    evaluated_at = None  # the step of the last evaluation that gave scores
     last_record: dict = {}
 
     # What `--class K` means to `aigc sample` (folder names, the shapes' kinds), when the model uses labels.
@@ -335,7 +336,7 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup) -> dict:
         """What `train --json` prints: at the end, or for a stop after its save (with `stopped`). Paths are
         absolute, as `sample` and `eval` give them: a script may run the next command elsewhere."""
         summary = {"run_dir": os.path.abspath(run_dir), "steps": step, "images_seen": images_seen,
-                   "checkpoint": os.path.abspath(good_path), "seconds": round(time.perf_counter() - t_start, 2),
+                   "checkpoint": os.path.abspath(good_path) if good_path else None, "seconds": round(time.perf_counter() - t_start, 2),
                    "precision": amp.name, "device": str(device), "start_step": start_step, "recoveries": recoveries}
         grid = run.samples / f"step-{step:07d}.png"
         if family.generative and step > start_step and (stopped_by is None or grid.is_file()):
@@ -406,6 +407,7 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup) -> dict:
             scores = evaluate_now()
             t_log += time.perf_counter() - t_eval  # images/s counts training, not evaluation
             if scores is not None:
+                evaluated_at = step
                 run.append_metrics({"step": step, "images_seen": images_seen, **scores})
                 reporter.log({"step": step, "images_seen": images_seen, **scores, "eval": True})
             value = scores.get(metric) if metric_from_eval and scores is not None else None
@@ -443,7 +445,8 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup) -> dict:
                                   stop.exit_code, summarize(stop.name, stop.exit_code))
     reporter.finish()
     if stop.signum is not None and step > start_step:
-        skipped = [what for what, due in (("the final evaluation (`aigc eval` measures it)", evaluator is not None),
+        skipped = [what for what, due in (("the final evaluation (`aigc eval` measures it)",
+                                           evaluator is not None and evaluated_at != step),
                                           ("the held-out accuracy", family.objective == "classifier")) if due]
         reporter.note(f"{stop.name} came at the last step, {step}: the run is complete"
                       + (f"; skipped {' and '.join(skipped)}" if skipped else ""))
