@@ -391,6 +391,39 @@ def test_sigterm_stops_even_inside_library_code_that_catches_exceptions(cli, gan
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the command's handler is gone again
 
 
+def test_sigterm_inside_an_import_waits_for_it_and_then_stops(cli, gan_run, tmp_path, monkeypatch):
+    """A SIGTERM while torch imports numpy was raised inside that import, where torch's C code swallowed it
+    (`sample` then exited 0 after all its work) or importlib's locks stayed held (a hang). It now waits for
+    the import to end, then stops."""
+    import sys
+
+    import aigc_cli.export
+
+    (tmp_path / "slow_import_mod.py").write_text(
+        "import os, signal, time\n"
+        "try:\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    time.sleep(0.3)\n"
+        "except BaseException:\n"
+        "    pass  # what C code calling an import does with an exception raised in it\n"
+        "DONE = True\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "slow_import_mod", raising=False)
+    imported = []
+
+    def library_code(*args, **kwargs):
+        import slow_import_mod
+
+        imported.append(slow_import_mod.DONE)
+        time.sleep(5)  # the stop lands here, once the import is done
+        raise AssertionError("the SIGTERM was lost")
+
+    monkeypatch.setattr(aigc_cli.export, "export_generator", library_code)
+    r = cli("export", gan_run[0], "--out", tmp_path / "g.safetensors")
+    assert (r.code, r.stderr, imported) == (143, "stopped: SIGTERM\n", [True])
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL and signal.getsignal(signal.SIGALRM) is signal.SIG_DFL
+
+
 def test_sigterm_during_sample_leaves_no_temporary_files(aigc_env, gan_run, tmp_path):
     each = tmp_path / "each"
     proc = subprocess.Popen([*aigc_command(), "sample", gan_run[0], "--n", "500000", "--individual", each],

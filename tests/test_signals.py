@@ -241,3 +241,37 @@ def test_a_stop_does_not_cut_a_dataset_download_short(tmp_path, monkeypatch):
     with pytest.raises(UsageError, match="the download ended"):  # not Interrupted from inside the download
         train(cfg, tmp_path / "run", Silent())
     assert finished
+
+
+def test_a_stop_inside_an_import_during_the_data_load_waits_for_the_import(tmp_path, monkeypatch):
+    """Raised inside an import, the stop could be swallowed by the C code that called it or leave importlib's
+    locks held; it is raised once the import is done, still during the load."""
+    import sys
+
+    from aigc_cli.errors import Interrupted
+    from aigc_cli.training import loop
+    from conftest import Silent, tiny
+
+    (tmp_path / "decoder_plugin.py").write_text(
+        "import os, signal, time\n"
+        "try:\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    time.sleep(0.3)\n"
+        "except BaseException:\n"
+        "    pass  # C code calling an import swallows what is raised in it\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "decoder_plugin", raising=False)
+    decoded = []
+
+    def load_data(*args, **kwargs):
+        import decoder_plugin  # noqa: F401 - a plugin loaded on first use, as PIL's are
+
+        for i in range(100):  # the decode goes on; the stop must land here
+            decoded.append(i)
+            time.sleep(0.05)
+        raise AssertionError("the stop was lost")
+
+    monkeypatch.setattr(loop, "load_data", load_data)
+    with pytest.raises(Interrupted, match="SIGTERM while loading the data"):
+        loop.train(tiny("dcgan"), tmp_path / "run", Silent())
+    assert 0 < len(decoded) < 20 and signal.getsignal(signal.SIGALRM) is signal.SIG_DFL

@@ -120,25 +120,33 @@ def handles_errors(fn):
 def sigterm_interrupts(fn):
     """SIGTERM (a batch system's kill, `timeout`) raised as an exception in the main thread, as Ctrl-C
     is: files being written are removed, not left behind under temporary names, and the exit code is
-    143. Not for `train`, whose own handler saves a checkpoint first (and whose DataLoader workers must
-    not inherit a handler that raises)."""
+    143. Never raised inside an import (see training.signals.in_import): there it waits for the import to
+    end, and a stop still pending when the command ends is raised then. Not for `train`, whose own handler
+    saves a checkpoint first (and whose DataLoader workers must not inherit a handler that raises)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         import signal
+        import threading
 
-        def on_term(signum, frame):
-            raise Terminated
+        from ..training.signals import RaiseOutsideImports
 
-        try:
-            old = signal.signal(signal.SIGTERM, on_term)
-        except ValueError:  # not the main thread (tests calling the command directly)
-            old = None
-        try:
+        if threading.current_thread() is not threading.main_thread():  # tests calling the command directly
             return fn(*args, **kwargs)
-        finally:
-            if old is not None:
+        stopper = RaiseOutsideImports(Terminated)
+        with stopper:
+            old = signal.signal(signal.SIGTERM, lambda signum, frame: stopper(frame))
+            try:
+                result = fn(*args, **kwargs)
+            except Exception:
+                if stopper.pending:  # a stop waiting for an import, which then failed (perhaps of it): the stop
+                    raise Terminated from None
+                raise
+            finally:
                 signal.signal(signal.SIGTERM, old)
+            if stopper.pending:
+                raise Terminated
+            return result
 
     return wrapper
 

@@ -16,6 +16,59 @@ EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 USR1_EXIT_CODE = 75  # EX_TEMPFAIL from sysexits.h: "try again later", i.e. requeue and resume
 
 
+RETRY_S = 0.05  # a stop that landed inside an import is tried again this much later (SIGALRM)
+_CAN_RETRY = hasattr(signal, "setitimer")
+
+
+def in_import(frame) -> bool:
+    """Whether the interrupted code is inside an import (importlib's frames on the stack). An exception
+    raised there from a signal handler can be swallowed by C code that called the import (torch's own
+    `import numpy`, seen: `sample` then exited 0 after all its work) or leave importlib's locks held (seen:
+    a process hung for good); so a stop waits until the import is done."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def retry_soon() -> bool:
+    """Ask for a SIGALRM in RETRY_S seconds (False where there are no interval timers)."""
+    if _CAN_RETRY:
+        signal.setitimer(signal.ITIMER_REAL, RETRY_S)
+    return _CAN_RETRY
+
+
+class RaiseOutsideImports:
+    """For a signal handler that stops a command by raising `make()`: raised at once, or, where the signal
+    landed inside an import, as soon as a retry finds it done. `pending` says a stop is still to be raised
+    (the command may end first: then its caller raises it). Main thread only."""
+
+    def __init__(self, make):
+        self.make, self.pending, self._old = make, False, None
+
+    def __call__(self, frame) -> None:
+        if in_import(frame) and retry_soon():
+            self.pending = True
+            return
+        self.pending = False
+        raise self.make()
+
+    def _alarm(self, signum, frame) -> None:
+        if self.pending:
+            self(frame)
+
+    def __enter__(self):
+        if _CAN_RETRY:
+            self._old = signal.signal(signal.SIGALRM, self._alarm)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if _CAN_RETRY:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, self._old)
+
+
 class StoppedNow(BaseException):
     """A stop raised where the signal landed (see StopFlag.at_once). A BaseException, so that no library's
     `except Exception` on the way swallows it."""
@@ -26,7 +79,7 @@ class StopFlag:
         self.signum: int | None = None  # a pending stop (SIGINT/SIGTERM)
         self.save_requested = False  # a pending SIGUSR1
         self._old: dict[int, object] = {}
-        self._at_once = False
+        self._at_once = False  # inside at_once(), and StoppedNow not raised yet
 
     def _handle(self, signum, frame):
         if signum == signal.SIGUSR1:
@@ -35,9 +88,17 @@ class StopFlag:
         if self.signum == signal.SIGINT and signum == signal.SIGINT:
             raise KeyboardInterrupt  # second Ctrl-C: the user wants out now
         self.signum = signum
-        if self._at_once:
-            self._at_once = False  # a second signal must not break the clean-up the first one started
-            raise StoppedNow
+        self._stop_now(frame)
+
+    def _stop_now(self, frame):
+        if not self._at_once or in_import(frame) and retry_soon():  # see in_import: retried by SIGALRM
+            return
+        self._at_once = False  # a second signal must not break the clean-up the first one started
+        raise StoppedNow
+
+    def _alarm(self, signum, frame):
+        if self.signum is not None:
+            self._stop_now(frame)
 
     @contextlib.contextmanager
     def at_once(self) -> Iterator[None]:
@@ -51,15 +112,19 @@ class StopFlag:
         try:
             yield
         finally:
-            self._at_once = False
+            self._at_once = False  # a retry still due finds nothing to stop: the loop's own check does it
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
             for s in (*EXIT_CODES, signal.SIGUSR1):
                 self._old[s] = signal.signal(s, self._handle)
+            if _CAN_RETRY:
+                self._old[signal.SIGALRM] = signal.signal(signal.SIGALRM, self._alarm)
         return self
 
     def __exit__(self, *exc):
+        if signal.SIGALRM in self._old:
+            signal.setitimer(signal.ITIMER_REAL, 0)  # a retry due after this would meet SIGALRM's default: exit
         for s, h in self._old.items():
             signal.signal(s, h)
         return False
