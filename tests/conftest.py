@@ -182,3 +182,17 @@ def run_cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
         main()
     captured = capsys.readouterr()
     return exit_info.value.code, captured.out, captured.err
+
+
+def module_that_stops_its_import(tmp_path, monkeypatch, name: str, tail: str = "") -> None:
+    """A module `name` (importable from now on) whose import sends this process SIGTERM and swallows whatever
+    is raised in it, as C code calling an import (torch's `import numpy`) does."""
+    (tmp_path / f"{name}.py").write_text(
+        "import os, signal, time\n"
+        "try:\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    time.sleep(0.3)\n"
+        "except BaseException:\n"
+        "    pass\n" + tail)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, name, raising=False)

@@ -395,20 +395,10 @@ def test_sigterm_inside_an_import_waits_for_it_and_then_stops(cli, gan_run, tmp_
     """A SIGTERM while torch imports numpy was raised inside that import, where torch's C code swallowed it
     (`sample` then exited 0 after all its work) or importlib's locks stayed held (a hang). It now waits for
     the import to end, then stops."""
-    import sys
-
     import aigc_cli.export
+    from conftest import module_that_stops_its_import
 
-    (tmp_path / "slow_import_mod.py").write_text(
-        "import os, signal, time\n"
-        "try:\n"
-        "    os.kill(os.getpid(), signal.SIGTERM)\n"
-        "    time.sleep(0.3)\n"
-        "except BaseException:\n"
-        "    pass  # what C code calling an import does with an exception raised in it\n"
-        "DONE = True\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delitem(sys.modules, "slow_import_mod", raising=False)
+    module_that_stops_its_import(tmp_path, monkeypatch, "slow_import_mod", "DONE = True\n")
     imported = []
 
     def library_code(*args, **kwargs):

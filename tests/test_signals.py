@@ -246,21 +246,11 @@ def test_a_stop_does_not_cut_a_dataset_download_short(tmp_path, monkeypatch):
 def test_a_stop_inside_an_import_during_the_data_load_waits_for_the_import(tmp_path, monkeypatch):
     """Raised inside an import, the stop could be swallowed by the C code that called it or leave importlib's
     locks held; it is raised once the import is done, still during the load."""
-    import sys
-
     from aigc_cli.errors import Interrupted
     from aigc_cli.training import loop
-    from conftest import Silent, tiny
+    from conftest import Silent, module_that_stops_its_import, tiny
 
-    (tmp_path / "decoder_plugin.py").write_text(
-        "import os, signal, time\n"
-        "try:\n"
-        "    os.kill(os.getpid(), signal.SIGTERM)\n"
-        "    time.sleep(0.3)\n"
-        "except BaseException:\n"
-        "    pass  # C code calling an import swallows what is raised in it\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delitem(sys.modules, "decoder_plugin", raising=False)
+    module_that_stops_its_import(tmp_path, monkeypatch, "decoder_plugin")
     decoded = []
 
     def load_data(*args, **kwargs):

@@ -79,7 +79,9 @@ class StopFlag:
         self.signum: int | None = None  # a pending stop (SIGINT/SIGTERM)
         self.save_requested = False  # a pending SIGUSR1
         self._old: dict[int, object] = {}
-        self._at_once = False  # inside at_once(), and StoppedNow not raised yet
+        self._at_once = False  # inside at_once(), and StoppedNow not asked for yet
+        self._raiser = RaiseOutsideImports(StoppedNow)
+        self._raising = False  # the raiser's SIGALRM handler is installed
 
     def _handle(self, signum, frame):
         if signum == signal.SIGUSR1:
@@ -88,17 +90,9 @@ class StopFlag:
         if self.signum == signal.SIGINT and signum == signal.SIGINT:
             raise KeyboardInterrupt  # second Ctrl-C: the user wants out now
         self.signum = signum
-        self._stop_now(frame)
-
-    def _stop_now(self, frame):
-        if not self._at_once or in_import(frame) and retry_soon():  # see in_import: retried by SIGALRM
-            return
-        self._at_once = False  # a second signal must not break the clean-up the first one started
-        raise StoppedNow
-
-    def _alarm(self, signum, frame):
-        if self.signum is not None:
-            self._stop_now(frame)
+        if self._at_once:
+            self._at_once = False  # a second signal must not break the clean-up the first one started
+            self._raiser(frame)
 
     @contextlib.contextmanager
     def at_once(self) -> Iterator[None]:
@@ -112,21 +106,20 @@ class StopFlag:
         try:
             yield
         finally:
-            self._at_once = False  # a retry still due finds nothing to stop: the loop's own check does it
+            self._at_once = self._raiser.pending = False  # a retry still due: the loop's own check stops
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
+            self._raising = self._raiser.__enter__() is not None
             for s in (*EXIT_CODES, signal.SIGUSR1):
                 self._old[s] = signal.signal(s, self._handle)
-            if _CAN_RETRY:
-                self._old[signal.SIGALRM] = signal.signal(signal.SIGALRM, self._alarm)
         return self
 
     def __exit__(self, *exc):
-        if signal.SIGALRM in self._old:
-            signal.setitimer(signal.ITIMER_REAL, 0)  # a retry due after this would meet SIGALRM's default: exit
         for s, h in self._old.items():
             signal.signal(s, h)
+        if self._raising:
+            self._raiser.__exit__()
         return False
 
     @property
