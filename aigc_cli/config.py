@@ -459,12 +459,16 @@ def preset_file_text(path: str) -> str:
         raise UsageError(f"{path}: not UTF-8 text (byte {e.start}); save the preset file as UTF-8") from None
 
 
+# What a run name must be to name a folder under runs/: no slashes, globs or leading dots.
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
+
+
 def load_preset(name: str) -> Config:
     """A preset by name, or a path to a TOML file of the same shape."""
     if is_preset_file(name):
         cfg = parse_toml(preset_file_text(name), name)
         stem = Path(name).stem  # a file without `name`: runs/<its file name>-NNN, where that can name a folder
-        usable = cfg.name == "custom" and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]*", stem)
+        usable = cfg.name == "custom" and RUN_NAME.fullmatch(stem)
         return dataclasses.replace(cfg, name=stem) if usable else cfg
     cfg = parse_toml(preset_text(name), f"preset {name}")
     return cfg if cfg.name != "custom" else dataclasses.replace(cfg, name=name)

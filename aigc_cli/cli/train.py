@@ -13,9 +13,10 @@ from .output import QUIET_HELP, emit_json, handles_errors, human_console, warn
 
 def next_run_dir(name: str, base: Path = Path("runs")) -> Path:
     """runs/<preset>-NNN with the next free number, so reruns never overwrite earlier work."""
+    from ..config import RUN_NAME
     from ..errors import UsageError
 
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]*", name):  # no slashes, globs or leading dots
+    if not RUN_NAME.fullmatch(name):
         raise UsageError(f"the run name {name!r} cannot name a folder under {base}/ (use letters, digits, "
                          "'.', '_', '+' and '-'); set another name or give --out")
     taken = [int(m.group(1)) for p in base.glob(f"{name}-*") if (m := re.fullmatch(rf"{re.escape(name)}-(\d+)", p.name))]

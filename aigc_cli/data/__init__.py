@@ -67,6 +67,16 @@ def folder_kind(path: str) -> str:
     return "idx" if idx.is_idx_folder(path) else "cifar" if cifar.is_cifar_bin_folder(path) else "folder"
 
 
+def find_builtin(source: str, root: str | None, download: bool) -> tuple[str, str]:
+    """("idx" or "cifar", the folder holding its files) for mnist, fashion-mnist or cifar10: under `root`,
+    else $AIGC_DATA_ROOT / ~/.cache/aigc/datasets (and the Debian package's folder), downloading only when
+    allowed. Raises UsageError when not found."""
+    data_root = os.path.expanduser(root) if root else torchvision_sources.default_root()
+    if source == "cifar10":
+        return "cifar", cifar.find_cifar10(data_root, download)
+    return "idx", torchvision_sources.find_mnist_like(source, data_root, bool(root), download)
+
+
 def load_images(source: str, *, channels: int, resolution: int, root: str | None = None,
                 download: bool = False, split: str = "train", limit: int = 0, seed: int = 0,
                 warn: Callable[[str], None] | None = None, strict: bool = False, cache: bool = True,
@@ -108,11 +118,7 @@ def load_images(source: str, *, channels: int, resolution: int, root: str | None
 
     # Find the files first (downloading if allowed), so the cache key can be made before reading them.
     if source in ("mnist", "fashion-mnist", "cifar10"):
-        data_root = os.path.expanduser(root) if root else torchvision_sources.default_root()
-        if source == "cifar10":
-            kind, path = "cifar", cifar.find_cifar10(data_root, download)
-        else:
-            kind, path = "idx", torchvision_sources.find_mnist_like(source, data_root, bool(root), download)
+        kind, path = find_builtin(source, root, download)
         name = source
     else:
         path = os.path.expanduser(source)

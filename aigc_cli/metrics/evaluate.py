@@ -185,14 +185,11 @@ def check_reference_matches(ref: Reference, extractor, warn) -> None:
 def _data_folder(source: str, root: str | None) -> str:
     """Where a data source's files are (a built-in name as found without downloading, e.g. fashion-mnist in
     /usr/share/datasets), so that one data set named two ways is seen as one; the name where not found."""
-    from ..data import cifar, torchvision_sources
+    from ..data import find_builtin
 
     try:
         if source in ("mnist", "fashion-mnist", "cifar10"):
-            where = os.path.expanduser(root) if root else torchvision_sources.default_root()
-            found = (cifar.find_cifar10(where, False) if source == "cifar10"
-                     else torchvision_sources.find_mnist_like(source, where, bool(root), False))
-            return os.path.realpath(found)
+            return os.path.realpath(find_builtin(source, root, download=False)[1])
     except UsageError:
         return source
     return data_identity(source)
