@@ -65,6 +65,12 @@ def main() -> None:
         code = _run(sys.argv[1:])
     except KeyboardInterrupt:
         code = 130
+    except SystemExit as e:
+        # Typer prints help through a plain rich Console, which ends with exit 1 when the reader has gone
+        # (`aigc train --help | head`); our own consoles carry on instead (output.discard_output).
+        if e.code != 1 or not isinstance(e.__context__, BrokenPipeError):
+            raise
+        code = 0
     if code == 130 and not output.stop_said():
         sys.stderr.write("stopped: SIGINT (Ctrl-C)\n")
     sys.exit(code)
