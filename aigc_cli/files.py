@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import functools
 import json
 import math
 import os
+import re
 import secrets
 import stat
+import time
+import contextlib
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -66,24 +70,30 @@ def _final_mode(path: Path) -> int:
 
 
 @contextmanager
-def atomic_write(path: str | os.PathLike, suffix: str = ".tmp", *, durable: bool = True) -> Iterator[Path]:
+def atomic_write(path: str | os.PathLike, suffix: str = ".tmp", *, durable: bool = True,
+                 sweep: bool = True) -> Iterator[Path]:
     """Yield a new temporary path in `path`'s folder to write; when the block ends without an error the
     file gets the mode open() would give `path` and is renamed over it (fsynced first, and the rename
     made durable, unless durable=False), else removed. So `path` is always either its old self or
     complete, also after a crash or a full disk. Errors before the rename name `path`, not the
-    temporary name."""
+    temporary name. The temporary file is locked while it is written, so that a later writer of `path`
+    can tell a killed writer's leftover from a live one's, and remove it (sweep; see remove_dead_temps)."""
     path = Path(path)
     _make_parent(path)
+    if sweep:
+        remove_dead_temps(path, suffix)
     while True:
         tmp = path.parent / f".{path.name[:80]}.{secrets.token_hex(4)}{suffix}"
         try:  # owner read/write while it is written, whatever the umask; the final mode comes last
-            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            lock = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             break
         except FileExistsError:
             continue
         except OSError as e:
             raise OSError(e.errno, e.strerror, str(path)) from None
     try:
+        with contextlib.suppress(OSError):  # without locks (some network mounts) sweeps wait a minute
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a new file: nobody else holds it
         yield tmp
         if durable:
             with open(tmp, "rb") as f:
@@ -99,6 +109,8 @@ def atomic_write(path: str | os.PathLike, suffix: str = ".tmp", *, durable: bool
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    finally:
+        os.close(lock)
     if durable:
         try:  # the rename itself
             dfd = os.open(path.parent, os.O_RDONLY)
@@ -108,6 +120,40 @@ def atomic_write(path: str | os.PathLike, suffix: str = ".tmp", *, durable: bool
                 os.close(dfd)
         except OSError:
             pass
+
+
+# A leftover younger than this is left alone even when unlocked: a writer locks its file a moment after
+# creating it, and file systems without working locks (some network mounts) never lock it.
+_DEAD_AFTER_S = 60
+
+
+def remove_dead_temps(path: Path, suffix: str = ".tmp") -> int:
+    """Remove the temporary files that killed writers of `path` left (kill -9, the OOM killer, a node
+    failure: for an export or a decoded-data cache entry, one hidden file as large as the data). A live
+    writer holds a lock on its temporary file until the rename, and the lock goes with its process, so
+    a lock we can take is a dead writer's. Returns how many were removed."""
+    prefix = f".{path.name[:80]}."
+    pattern = re.compile(re.escape(prefix) + "[0-9a-f]{8}" + re.escape(suffix))
+    removed = 0
+    try:
+        entries = [e for e in os.scandir(path.parent) if pattern.fullmatch(e.name)]
+    except OSError:
+        return 0
+    for entry in entries:
+        try:
+            st = entry.stat(follow_symlinks=False)
+            if not stat.S_ISREG(st.st_mode) or time.time() - st.st_mtime < _DEAD_AFTER_S:
+                continue
+            fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                os.unlink(entry.path)
+                removed += 1
+            finally:
+                os.close(fd)
+        except OSError:  # locked (a live writer), gone meanwhile, or not ours to remove
+            continue
+    return removed
 
 
 def finite_or_none(obj):

@@ -87,12 +87,13 @@ def class_labels(ckpt: Checkpoint, classes: list[int] | None, n: int) -> tuple[t
     return torch.tensor(classes), max(1, n // len(classes))
 
 
-def save_png(img: torch.Tensor, path: str | os.PathLike) -> None:
-    """A uint8 (C, H, W) tensor to a PNG, written to a temporary name then renamed."""
+def save_png(img: torch.Tensor, path: str | os.PathLike, sweep: bool = True) -> None:
+    """A uint8 (C, H, W) tensor to a PNG, written to a temporary name then renamed (sweep: see
+    files.atomic_write; not for --individual, where each sweep would list a folder of thousands)."""
     arr = img.permute(1, 2, 0).numpy()
     pil = Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr, mode="L" if arr.shape[2] == 1 else "RGB")
     # Not fsynced: a grid is cheap to make again, and --individual writes thousands of files.
-    with atomic_write(path, ".png", durable=False) as tmp:
+    with atomic_write(path, ".png", durable=False, sweep=sweep) as tmp:
         pil.save(tmp, format="PNG")
 
 
@@ -140,7 +141,7 @@ def save_individual(batches: Iterable[torch.Tensor], folder: str | os.PathLike, 
     pool = ThreadPoolExecutor(max_workers=workers or min(32, os.cpu_count() or 1))
     try:
         for images in batches:
-            waiting.append([pool.submit(save_png, img, folder / f"{count + i:06d}.png") for i, img in enumerate(images)])
+            waiting.append([pool.submit(save_png, img, folder / f"{count + i:06d}.png", False) for i, img in enumerate(images)])
             count += len(images)
             while len(waiting) > 2:
                 for f in waiting.popleft():

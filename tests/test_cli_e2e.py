@@ -440,3 +440,14 @@ def test_set_train_steps_counts_in_steps_over_a_presets_epochs(cli, tmp_path):
     r = cli("train", "--preset", "quickstart", "--out", tmp_path / "f", "--json", "--steps", "2", "--set",
             "train.epochs=1", "--set", "data.limit=128", "--set", "model.g_width=8", "--set", "model.d_width=8")
     assert r.code == 0 and r.json()["steps"] == 2, r.stderr  # the flag wins over --set, as flags do
+
+
+def test_an_export_removes_a_killed_exports_leftover(cli, gan_run, tmp_path):
+    out, _ = gan_run
+    leftover = tmp_path / ".gen.safetensors.deadbeef.tmp"
+    leftover.write_bytes(b"\0" * 4096)
+    t = leftover.stat().st_mtime - 3600
+    os.utime(leftover, (t, t))  # an hour old and unlocked: a killed writer's
+    assert cli("export", out, "--out", tmp_path / "gen.safetensors").code == 0
+    assert not leftover.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gen.safetensors"]

@@ -109,3 +109,43 @@ def test_other_runtime_errors_stay_bugs():
 
     with pytest.raises(RuntimeError, match="shape mismatch"):
         command()
+
+
+def _backdate(path, seconds=3600):
+    t = os.stat(path).st_mtime - seconds
+    os.utime(path, (t, t))
+
+
+def test_a_killed_writers_temporary_file_is_removed_by_the_next_write_and_a_live_ones_is_not(tmp_path):
+    """kill -9 (the OOM killer) during an export or a cache write left a hidden file as large as the
+    data, for good. A live writer holds a lock on its temporary file, which dies with its process."""
+    import signal
+    import subprocess
+    import sys
+
+    target = tmp_path / "gen.safetensors"
+    writer = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom aigc_cli.files import atomic_write\n"
+         "w = atomic_write(sys.argv[1]); tmp = w.__enter__(); tmp.write_bytes(b'x' * 1000)\n"
+         "print(tmp.name, flush=True); time.sleep(120)", str(target)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        live = tmp_path / writer.stdout.readline().strip()
+        _backdate(live)  # old enough: only the lock keeps it
+        files.remove_dead_temps(target)
+        assert live.exists()  # still being written
+    finally:
+        writer.send_signal(signal.SIGKILL)
+        writer.wait(timeout=30)
+    young = tmp_path / ".gen.safetensors.0123abcd.tmp"  # unlocked, but just made: left for a minute
+    young.write_bytes(b"y")
+    others = [tmp_path / n for n in (".gen.safetensors.notahex.tmp", ".other.safetensors.0123abcd.tmp", "keep.tmp")]
+    for p in others:
+        p.write_bytes(b"z")
+        _backdate(p)
+    with atomic_write(target) as tmp:
+        tmp.write_bytes(b"new")
+    assert not live.exists()  # the killed writer's
+    assert young.exists() and all(p.exists() for p in others)
+    assert target.read_bytes() == b"new"
+
