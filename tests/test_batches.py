@@ -75,7 +75,7 @@ def test_plain_batches_are_the_seeded_permutation():
             x, y = b.next()
             rows = permutation(20, 3, epoch)[index * 6:(index + 1) * 6]
             assert torch.equal(x, from_uint8(images[rows])) and torch.equal(y, rows)
-    assert b.position() == {"epoch": 1, "index": 3}
+    assert b.position() == {"epoch": 1, "image": 18}
 
 
 # ----------------------------------------------------------------------------- flips and shifts
@@ -127,7 +127,7 @@ def test_augmentation_depends_only_on_the_batch_position():
     first = [a.next()[0] for _ in range(9)]  # into the second epoch
     torch.manual_seed(123)  # the global RNG plays no part
     b = DeviceBatches(images, None, 5, CPU, 1, hflip=True, translate=3)
-    b.seek(0, 4)
+    b.seek(0, 20)
     assert all(torch.equal(b.next()[0], x) for x in first[4:])
     assert not torch.equal(first[0], first[6])  # a different position gets different draws
 
@@ -158,16 +158,16 @@ def test_streamed_folder_equals_device_batches_and_seeks(noise_folder, workers):
         (xd, yd), (xs, ys) = dev.next(), stream.next()
         assert torch.equal(xd, xs) and torch.equal(yd, ys)
         got.append(xs)
-    assert stream.position() == dev.position() == {"epoch": 2, "index": 3}
+    assert stream.position() == dev.position() == {"epoch": 2, "image": 18}
     # Seek back while the workers have batches prefetched: those are dropped, the order is exact.
-    stream.seek(0, 5)
+    stream.seek(0, 30)
     for x in got[5:9]:
         assert torch.equal(stream.next()[0], x)
     # A fresh object resumed at a saved position continues the same sequence (what resume does).
     again = make_batches(load_images(str(noise_folder), channels=3, resolution=RES, cache=False, lazy_above_mb=0),
                          cfg(workers=workers, device_max_mb=0, hflip=True, translate=2), CPU)
-    again.seek(**{"epoch": 1, "index": 6})  # the end of epoch 1: the next batch is epoch 2's first
-    assert torch.equal(again.next()[0], got[12]) and again.position() == {"epoch": 2, "index": 1}
+    again.seek(**{"epoch": 1, "image": 36})  # the end of epoch 1: the next batch is epoch 2's first
+    assert torch.equal(again.next()[0], got[12]) and again.position() == {"epoch": 2, "image": 6}
     stream.close()
     again.close()
 
@@ -202,6 +202,45 @@ def test_in_memory_data_over_the_limit_streams_from_host_memory():
         (xd, yd), (xs, ys) = dev.next(), stream.next()
         assert torch.equal(xd, xs) and torch.equal(yd, ys)
 
+
+
+@pytest.mark.parametrize("kind", ["device", "stream"])
+def test_a_batch_size_changed_mid_epoch_goes_on_from_the_next_image(kind):
+    """A resume at another batch size (less memory, a bigger GPU) finishes the epoch with the images not
+    yet drawn: counted in batches, 2 batches of 6 became 2 batches of 4, and 4 images were seen twice."""
+    images, labels = noise_images(30, c=1), torch.arange(30)
+
+    def batches(size):
+        if kind == "device":
+            return DeviceBatches(images, labels, size, CPU, 2)
+        return StreamBatches(HostImages(images, labels, pin=False), size, CPU, 2)
+
+    first = batches(6)
+    seen = [first.next()[1] for _ in range(2)]
+    second = batches(4)
+    second.seek(**first.position())
+    seen += [second.next()[1] for _ in range(4)]
+    assert second.position() == {"epoch": 0, "image": 28}
+    drawn = torch.cat(seen)
+    assert torch.equal(drawn, permutation(30, 2, 0)[:28])  # each image once, in the epoch's order
+    assert torch.equal(second.next()[1], permutation(30, 2, 1)[:4])  # 2 left over: dropped, as always
+
+
+def test_a_data_position_counted_in_batches_is_read_as_images():
+    """Checkpoints written before positions counted images held (epoch, index) in their own batches."""
+    import json
+
+    from aigc_cli.training.state import _data_position
+
+    meta = {"aigc.data_position": json.dumps({"epoch": 3, "index": 5}),
+            "aigc.config": json.dumps({"train": {"batch_size": 64}})}
+    assert _data_position(meta) == {"epoch": 3, "image": 320}
+    meta["aigc.data_position"] = json.dumps({"epoch": 3, "image": 100})
+    assert _data_position(meta) == {"epoch": 3, "image": 100}
+    for bad in ({"epoch": 3}, {"epoch": -1, "image": 0}, {"epoch": 1, "image": 2, "index": 3}, [1, 2]):
+        meta["aigc.data_position"] = json.dumps(bad)
+        with pytest.raises(ValueError):
+            _data_position(meta)
 
 def test_lazy_folder_reads_like_a_tensor(noise_folder):
     eager = load_images(str(noise_folder), channels=1, resolution=RES, cache=False)

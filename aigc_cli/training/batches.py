@@ -3,8 +3,11 @@ streamed to it (StreamBatches, streaming.py) when the decoded data is larger tha
 data.device_max_mb. `make_batches` picks one.
 
 The order is a fresh permutation per epoch drawn from (seed, epoch) alone, and the optional flips
-and shifts of a batch from (seed, epoch, index) alone, so the position (epoch, index) is all a
+and shifts of a batch from (seed, epoch, index) alone (index: the batch's first image // batch size),
+so the position (epoch, image: how many images of the epoch's order have been drawn) is all a
 checkpoint needs to continue the exact same sequence later, and both kinds give the same batches.
+Counted in images, the position survives a batch size changed on resume: the epoch goes on from the
+next image not yet drawn, neither skipping nor repeating any.
 
 `next()` never waits for the device: the per-epoch permutation is made on the CPU once per epoch
 and copied asynchronously; gathering, augmenting and converting a batch are device kernels.
@@ -117,9 +120,8 @@ class DeviceBatches:
         self.channels_last = channels_last
         self.augment = Augment(seed, hflip, translate, device)
         self.epoch = 0
-        self.index = 0  # next batch within the epoch
-        self.per_epoch = len(images) // batch_size  # the last partial batch is dropped
-        if self.per_epoch == 0:  # would never yield a batch
+        self.image = 0  # images of this epoch's order already drawn
+        if len(images) < batch_size:  # would never yield a batch
             raise UsageError(f"data has {len(images)} images, fewer than the batch size {batch_size}")
         self._perm = self._permutation()
 
@@ -130,22 +132,22 @@ class DeviceBatches:
         return perm.to(self.device)
 
     def position(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "index": self.index}
+        return {"epoch": self.epoch, "image": self.image}
 
-    def seek(self, epoch: int, index: int) -> None:
-        self.epoch, self.index = int(epoch), int(index)
+    def seek(self, epoch: int, image: int) -> None:
+        self.epoch, self.image = int(epoch), int(image)
         self._perm = self._permutation()
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if self.index >= self.per_epoch:
-            self.epoch, self.index = self.epoch + 1, 0
+        if self.image + self.batch_size > len(self.images):  # the last partial batch is dropped
+            self.epoch, self.image = self.epoch + 1, 0
             self._perm = self._permutation()
-        idx = self._perm[self.index * self.batch_size:(self.index + 1) * self.batch_size]
+        idx = self._perm[self.image:self.image + self.batch_size]
         coords = None
         if self.augment.active:
             _, _, h, w = self.images.shape
-            coords = self.augment.coords(self.epoch, self.index, len(idx), h, w)
-        self.index += 1
+            coords = self.augment.coords(self.epoch, self.image // self.batch_size, len(idx), h, w)
+        self.image += self.batch_size
         x = to_float(gather(self.images, idx, coords), self.channels_last)
         return x, (self.labels.index_select(0, idx) if self.labels is not None else None)
 

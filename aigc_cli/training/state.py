@@ -106,15 +106,24 @@ def restore(tensors: dict[str, torch.Tensor], meta: dict[str, str], nets: dict, 
         random.setstate((py[0], tuple(py[1]), py[2]))
         kind, pos, has_gauss, gauss = json.loads(meta["aigc.rng.numpy"])
         np.random.set_state((kind, tensors["rng.numpy"].numpy().astype(np.uint32), pos, has_gauss, gauss))
-        position = json.loads(meta["aigc.data_position"])
-        if (not isinstance(position, dict) or sorted(position) != ["epoch", "index"]
-                or not all(type(v) is int and 0 <= v < 2**62 for v in position.values())):
-            raise ValueError(f"data position {position!r}")
-        batches.seek(**position)
+        batches.seek(**_data_position(meta))
         return step, int(meta["aigc.images_seen"])
     except (KeyError, ValueError, TypeError, RuntimeError, IndexError, OverflowError, RecursionError) as e:
         raise UsageError(f"{origin}: cannot resume from it, its training state is incomplete or invalid "
                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def _data_position(meta: dict[str, str]) -> dict[str, int]:
+    """(epoch, image) where the data order goes on. Checkpoints before image counts held (epoch, index)
+    in batches of their own batch size."""
+    position = json.loads(meta["aigc.data_position"])
+    if (not isinstance(position, dict) or sorted(position) not in (["epoch", "image"], ["epoch", "index"])
+            or not all(type(v) is int and 0 <= v < 2**62 for v in position.values())):
+        raise ValueError(f"data position {position!r}")
+    if "index" in position:
+        batch_size = json.loads(meta["aigc.config"])["train"]["batch_size"]
+        position = {"epoch": position["epoch"], "image": position["index"] * int(batch_size)}
+    return position
 
 
 def _check_groups(name: str, groups, ours: list[dict]) -> None:

@@ -5,7 +5,7 @@ which images form batch (epoch, index), the flips / shifts are drawn on the devi
 (seed, epoch, index), and the conversion to float happens on the device. What differs is where the
 uint8 images come from: a source's `fetch(indices)` (data/lazy.py), run by DataLoader worker
 processes for an image folder (decoding is the slow part) or in this process for data already in
-memory. A sampler that starts at any (epoch, index) makes seek(), and so resume, exact.
+memory. A sampler that starts at any (epoch, image) makes seek(), and so resume, exact.
 """
 
 from __future__ import annotations
@@ -40,21 +40,20 @@ PREFETCH = 4  # batches each worker decodes ahead
 
 
 class EpochBatchSampler(Sampler):
-    """Index lists of `batch_size`, epoch after epoch without end, from position `start`; the
-    last partial batch of each epoch is dropped, as DeviceBatches does."""
+    """Index lists of `batch_size`, epoch after epoch without end, from position `start` (epoch,
+    image); the last partial batch of each epoch is dropped, as DeviceBatches does."""
 
     def __init__(self, n: int, batch_size: int, seed: int):
         self.n, self.batch_size, self.seed = n, batch_size, seed
-        self.per_epoch = n // batch_size
         self.start = (0, 0)
 
     def __iter__(self) -> Iterator[list[int]]:
-        epoch, index = self.start
+        epoch, image = self.start
         while True:
             perm = permutation(self.n, self.seed, epoch)
-            for i in range(index, self.per_epoch):
-                yield perm[i * self.batch_size:(i + 1) * self.batch_size].tolist()
-            epoch, index = epoch + 1, 0
+            for i in range(image, self.n - self.batch_size + 1, self.batch_size):
+                yield perm[i:i + self.batch_size].tolist()
+            epoch, image = epoch + 1, 0
 
 
 class _Batches(Dataset):
@@ -86,9 +85,8 @@ class StreamBatches:
         self.channels_last = channels_last
         self.augment = Augment(seed, hflip, translate, self.device)
         self.warn, self.strict = warn, strict
-        self.epoch, self.index = 0, 0
-        self.per_epoch = len(source) // batch_size  # the last partial batch is dropped
-        if self.per_epoch == 0:  # the sampler would cycle through empty epochs for ever
+        self.epoch, self.image = 0, 0
+        if len(source) < batch_size:  # the sampler would cycle through empty epochs for ever
             raise UsageError(f"data has {len(source)} images, fewer than the batch size {batch_size}")
         self.sampler = EpochBatchSampler(len(source), batch_size, seed)
         self.workers = workers
@@ -107,20 +105,20 @@ class StreamBatches:
         self._reported: set[str] = set()
 
     def position(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "index": self.index}
+        return {"epoch": self.epoch, "image": self.image}
 
-    def seek(self, epoch: int, index: int) -> None:
-        self.epoch, self.index = int(epoch), int(index)
+    def seek(self, epoch: int, image: int) -> None:
+        self.epoch, self.image = int(epoch), int(image)
         self._it = None  # batches already prefetched from the old position are dropped
 
     def _fetch_all(self) -> Iterator:
         return (self.source.fetch(ix) for ix in self.sampler)
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if self.index >= self.per_epoch:
-            self.epoch, self.index = self.epoch + 1, 0
+        if self.image + self.batch_size > len(self.source):  # the last partial batch is dropped
+            self.epoch, self.image = self.epoch + 1, 0
         if self._it is None:
-            self.sampler.start = (self.epoch, self.index)
+            self.sampler.start = (self.epoch, self.image)
             self._it = (_without_torchs_worker_advice(lambda: iter(self._loader)) if self._loader is not None
                         else self._fetch_all())
         images, labels, failures = next(self._it)
@@ -128,8 +126,8 @@ class StreamBatches:
         if images is None:
             raise UsageError(f"none of the {len(self.source)} image files could be decoded "
                              f"({failures[0][0]}: {failures[0][1]}); check that they are valid images")
-        epoch, index = self.epoch, self.index
-        self.index += 1
+        epoch, index = self.epoch, self.image // self.batch_size
+        self.image += self.batch_size
         cuda = self.device.type == "cuda"
         images = images.to(self.device, non_blocking=cuda and images.is_pinned())
         coords = None
