@@ -46,6 +46,50 @@ def latent_batches(n: int, dim: int, seed: int, batch_size: int) -> Iterator[tor
         done += k
 
 
+def truncate(z: torch.Tensor, threshold: float) -> torch.Tensor:
+    """The truncation trick (BigGAN): each value drawn from a standard normal truncated to
+    [-threshold, threshold]. Made by mapping each value's normal quantile into the truncated range
+    rather than by redrawing the values outside it, so that a value depends on nothing but the one
+    drawn (the same for any batch size), and a smaller threshold moves each image smoothly towards
+    the typical ones."""
+    lo = torch.special.ndtr(torch.tensor(-threshold, dtype=torch.float64))
+    u = torch.special.ndtr(z.double())
+    return torch.special.ndtri(lo + u * (1 - 2 * lo)).clamp_(-threshold, threshold).to(z.dtype)
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, steps: int) -> torch.Tensor:
+    """`steps` points from each row of `a` to the same row of `b` along the great circle (rows
+    (len(a) * steps, dim), walk by walk). Gaussian latents keep their typical norm along it, where a
+    straight line passes through the rarely drawn middle (washed-out images halfway)."""
+    t = torch.linspace(0, 1, steps, dtype=torch.float64).view(1, steps, 1)
+    a64, b64 = a.double().unsqueeze(1), b.double().unsqueeze(1)
+    cos = torch.nn.functional.cosine_similarity(a64, b64, dim=-1).clamp(-1, 1).unsqueeze(-1)
+    omega = torch.arccos(cos)
+    sin = torch.sin(omega)
+    near = sin.abs() < 1e-6  # (anti)parallel: the straight line is as good
+    wa = torch.where(near, 1 - t, torch.sin((1 - t) * omega) / torch.where(near, 1, sin))
+    wb = torch.where(near, t, torch.sin(t * omega) / torch.where(near, 1, sin))
+    return (wa * a64 + wb * b64).reshape(-1, a.shape[1]).to(a.dtype)
+
+
+def sample_latents(n: int, dim: int, seed: int, batch_size: int, truncation: float | None = None,
+                   walk: int | None = None) -> Iterator[torch.Tensor]:
+    """The latents `aigc sample` generates from, a piece at a time. walk=K: n // K walks of K
+    images each, from latent 2w to latent 2w + 1 of the seed's draw (so the seed's first image and a
+    walk's first image differ). truncation: see truncate; with walks, of their ends."""
+    if not walk:
+        for z in latent_batches(n, dim, seed, batch_size):
+            yield truncate(z, truncation) if truncation else z
+        return
+    ends = torch.empty(0, dim)
+    for z in latent_batches(2 * (n // walk), dim, seed, max(2, batch_size // walk * 2)):
+        ends = torch.cat([ends, truncate(z, truncation) if truncation else z])
+        pairs = len(ends) // 2
+        if pairs:
+            yield slerp(ends[0:2 * pairs:2], ends[1:2 * pairs:2], walk)
+            ends = ends[2 * pairs:]
+
+
 def from_uint8(images: torch.Tensor) -> torch.Tensor:
     """uint8 [0, 255] -> float32 [-1, 1], the models' pixel scale (to_uint8 is the inverse)."""
     return images.float().div_(127.5).sub_(1.0)

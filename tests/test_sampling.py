@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from aigc_cli import checkpoint as ckpt_io
 from aigc_cli.data.shapes import CLASSES as SHAPE_CLASSES
-from aigc_cli.sampling import latent_batches, latents, save_individual
+from aigc_cli.sampling import latent_batches, latents, sample_latents, save_individual, slerp, truncate
 from aigc_cli.training.loop import train
 
 
@@ -25,6 +25,50 @@ def test_latents_drawn_in_pieces_equal_one_draw(n, dim, batch, seed):
     assert torch.equal(torch.cat(pieces), latents(n, dim, seed))
     assert all(len(p) <= max(batch, 16) for p in pieces[:-1]) and len(pieces[-1]) < max(batch, 16) + 16
 
+
+
+def test_truncation_maps_each_value_into_the_range_keeping_its_order():
+    z = latents(20000, 4, 7)
+    for threshold in (0.3, 1.0, 2.5):
+        t = truncate(z, threshold)
+        assert t.dtype == z.dtype and t.abs().max() <= threshold
+        inside = z.abs() < threshold * 0.9
+        assert not torch.equal(t[inside], z[inside])  # every value moves, not just the outliers
+        order = z.flatten().argsort()
+        assert (t.flatten()[order].diff() >= 0).all()  # a larger draw stays larger
+        # the standard deviation of a normal truncated to [-a, a]: 1 - 2a phi(a) / (2 Phi(a) - 1)
+        a = torch.tensor(threshold, dtype=torch.float64)
+        phi, Phi = torch.exp(-a * a / 2) / (2 * torch.pi) ** 0.5, torch.special.ndtr(a)
+        expected = (1 - 2 * a * phi / (2 * Phi - 1)) ** 0.5
+        assert abs(t.double().std() - expected) < 0.01, (threshold, t.std(), expected)
+    assert torch.equal(truncate(torch.tensor([40.0, -40.0]), 0.5), torch.tensor([0.5, -0.5]))  # no inf or nan
+
+
+def test_slerp_walks_from_each_start_to_its_end():
+    a, b = latents(3, 16, 1), latents(3, 16, 2)
+    w = slerp(a, b, 7).view(3, 7, 16)
+    assert torch.allclose(w[:, 0], a, atol=1e-6) and torch.allclose(w[:, -1], b, atol=1e-6)
+    # ends of one length: even steps along the arc, every point of that length (a line would cut inside)
+    b = b / b.norm(dim=1, keepdim=True) * a.norm(dim=1, keepdim=True)
+    w = slerp(a, b, 7).view(3, 7, 16)
+    steps = torch.stack([torch.nn.functional.cosine_similarity(w[:, i], w[:, i + 1], dim=-1) for i in range(6)])
+    assert torch.allclose(steps, steps[0].expand(6, 3), atol=1e-5)
+    assert torch.allclose(w.norm(dim=-1), a.norm(dim=1, keepdim=True).expand(3, 7), rtol=1e-5)
+    same = slerp(a, a, 4)  # parallel ends: no division by zero
+    assert torch.isfinite(same).all() and torch.allclose(same.view(3, 4, 16), a.unsqueeze(1).expand(3, 4, 16))
+
+
+@settings(max_examples=40, deadline=None)
+@given(walks=st.integers(1, 30), steps=st.integers(2, 9), dim=st.integers(1, 20), batch=st.integers(1, 40),
+       truncation=st.sampled_from([None, 0.7]))
+def test_walks_drawn_in_pieces_equal_one_draw(walks, steps, dim, batch, truncation):
+    n = walks * steps
+    got = torch.cat(list(sample_latents(n, dim, 5, batch, truncation, steps)))
+    ends = latents(2 * walks, dim, 5)
+    ends = truncate(ends, truncation) if truncation else ends
+    assert torch.equal(got, slerp(ends[0::2], ends[1::2], steps))
+    plain = torch.cat(list(sample_latents(n, dim, 5, batch, truncation)))
+    assert torch.equal(plain, truncate(latents(n, dim, 5), truncation) if truncation else latents(n, dim, 5))
 
 def test_individual_files_streamed_from_batches_equal_one_batch(tmp_path):
     images = torch.randint(0, 256, (10, 1, 8, 8), dtype=torch.uint8)
@@ -214,3 +258,46 @@ def test_fp16_on_the_cpu_is_warned_as_slow_in_sample_and_train(monkeypatch, caps
     reporter = Silent()
     train(tiny("dcgan").with_overrides({"train.steps": 1, "train.precision": "fp16"}), tmp_path / "run", reporter)
     assert sum("fp16 on the CPU is emulated" in n for n in reporter.notes) == 1, reporter.notes
+
+
+def test_walks_fill_grid_rows_and_take_the_classes_in_turn(monkeypatch, capsys, runs, tmp_path):
+    import aigc_cli.sampling as S
+    from PIL import Image
+
+    seen, real = [], S.generate
+    monkeypatch.setattr(S, "generate", lambda G, z, amp, bs, labels=None: seen.append(labels) or real(G, z, amp, bs, labels=labels))
+    code, _, err = run_cli(monkeypatch, capsys, "sample", runs["cond"], "--class", "3,1", "--n", "14",
+                           "--interpolate", "4", "--out", tmp_path / "w.png")
+    assert code == 0 and "--n 14 with --interpolate 4: 3 walks of 4 images, 12 in all" in err, err
+    assert torch.cat(seen).tolist() == [3] * 4 + [1] * 4 + [3] * 4
+    res = tiny("dcgan").model.resolution
+    assert Image.open(tmp_path / "w.png").size == (4 * (res + 2) + 2, 3 * (res + 2) + 2)  # a walk a row
+
+
+def test_walk_ends_are_the_seeds_images_and_truncation_changes_them(monkeypatch, capsys, runs, tmp_path):
+    def pngs(*args):
+        folder = tmp_path / "-".join(args)
+        code, out, err = run_cli(monkeypatch, capsys, "sample", runs["gan"], "--seed", "3", "--json",
+                                 "--individual", folder, *args)
+        assert code == 0, err
+        return json.loads(out), [p.read_bytes() for p in sorted(folder.iterdir())]
+
+    _, plain = pngs("--n", "4", "--batch-size", "1")
+    info, walk = pngs("--n", "10", "--interpolate", "5", "--batch-size", "1")
+    assert (info["n"], info["interpolate"], info["truncation"]) == (10, 5, None)
+    assert [walk[0], walk[4], walk[5], walk[9]] == plain  # walk w goes from image 2w to image 2w + 1
+    assert len(set(walk)) == 10
+    info, cut = pngs("--n", "4", "--truncation", "0.5", "--batch-size", "1")
+    assert info["truncation"] == 0.5 and all(a != b for a, b in zip(cut, plain))
+
+
+@pytest.mark.parametrize("args, expect", [
+    (["--truncation", "0"], "--truncation must be a positive number"),
+    (["--truncation", "-1"], "--truncation must be a positive number"),
+    (["--truncation", "inf"], "--truncation must be a positive number"),
+    (["--interpolate", "1"], "--interpolate must be at least 2"),
+])
+def test_bad_truncation_or_walks_are_refused(monkeypatch, capsys, runs, tmp_path, args, expect):
+    code, _, err = run_cli(monkeypatch, capsys, "sample", runs["gan"], *args, "--out", tmp_path / "g.png")
+    assert code == 2 and expect in err and err.count("\n") == 1, err
+    assert not (tmp_path / "g.png").exists()

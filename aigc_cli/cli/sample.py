@@ -68,6 +68,8 @@ def sample(
     nrow: Optional[int] = typer.Option(None, "--nrow", help="Images per grid row (default: one class per row, else sqrt(n) rounded up)."),
     individual: Optional[Path] = typer.Option(None, "--individual", help="Write one PNG per image into this folder (with --out, the grid too)."),
     classes: Optional[str] = typer.Option(None, "--class", help="Conditional models: a class number or name, or a comma list (e.g. 3, dogs or 0,2,5); one class per grid row (default: all classes; `aigc info` lists them)."),
+    truncation: Optional[float] = typer.Option(None, "--truncation", help="Truncation trick: each latent value drawn from a normal cut to [-T, T]; a smaller T (0.5 to 1, say) gives more typical, less varied images (default: no truncation)."),
+    interpolate: Optional[int] = typer.Option(None, "--interpolate", help="Latent walks: each grid row goes in this many steps from one latent to another (spherical interpolation); --n is rounded to whole rows."),
     no_ema: bool = typer.Option(False, "--no-ema", metavar="", help="Use the raw generator weights, not their EMA."),
     batch_size: int = typer.Option(512, "--batch-size", "-b", help="Images generated per forward pass."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
@@ -82,10 +84,14 @@ def sample(
     from ..errors import UsageError
     from ..errors import one_line
     from ..sampling import (check_generates, check_grid_size, class_labels, generate, generator_from,
-                            latent_batches, pngs_in, filling, save_grid, save_individual, warn_stale_pngs)
+                            pngs_in, filling, sample_latents, save_grid, save_individual, warn_stale_pngs)
 
     if n < 1 or batch_size < 1 or (nrow is not None and nrow < 1):
         raise UsageError("--n, --batch-size and --nrow must be positive")
+    if truncation is not None and not 0 < truncation < math.inf:
+        raise UsageError(f"--truncation must be a positive number (0.5 to 1 is usual), got {truncation}")
+    if interpolate is not None and interpolate < 2:
+        raise UsageError(f"--interpolate must be at least 2 (the steps of a walk, both ends included), got {interpolate}")
     if n > MAX_N:
         raise UsageError(f"--n must be at most {MAX_N:,} (run again with another --seed for more)")
     if precision not in ("auto", "bf16", "fp16", "fp32"):
@@ -106,7 +112,13 @@ def sample(
         raise UsageError(f"{ck.path}: --class needs a class-conditional model; this {ck.config.model.kind} is unconditional")
     wanted = parse_classes(classes, ck.class_names, warn)
     drawn, per_row = class_labels(ck, wanted, n)
-    if drawn is not None and len(drawn) * per_row != n:
+    if interpolate:  # one walk a row; a conditional model's rows take the classes in turn
+        walks = max(1, n // interpolate)
+        if walks * interpolate != n:
+            warn(f"--n {n} with --interpolate {interpolate}: {walks} walk{'s' * (walks != 1)} of {interpolate} "
+                 f"images, {walks * interpolate} in all")
+        n, per_row = walks * interpolate, interpolate
+    elif drawn is not None and len(drawn) * per_row != n:
         warn(f"--n {n} with {len(drawn)} class{'es' * (len(drawn) != 1)}: {per_row} image{'s' if per_row > 1 else ''} "
              f"per class, {len(drawn) * per_row} in all")
         n = len(drawn) * per_row
@@ -120,13 +132,13 @@ def sample(
 
     def batches():  # for any n: never more than a few batches of latents or images in memory
         start = 0
-        for z in latent_batches(n, dim, seed, batch_size):  # labels too: class k fills row k
-            y = None if drawn is None else drawn[torch.arange(start, start + len(z)) // per_row]
+        for z in sample_latents(n, dim, seed, batch_size, truncation, interpolate):  # labels too: row k, class k
+            y = None if drawn is None else drawn[torch.arange(start, start + len(z)) // per_row % len(drawn)]
             start += len(z)
             yield generate(G, z, amp, max(batch_size, len(z)), labels=y)  # one forward pass a piece
 
     console = human_console(json_out, quiet)
-    result = {"checkpoint": str(ck.step_file), "n": n, "seed": seed}
+    result = {"checkpoint": str(ck.step_file), "n": n, "seed": seed, "truncation": truncation, "interpolate": interpolate}
     before = pngs_in(individual)
     with filling(individual, n, f"--individual {individual}", warn), console.status(f"generating {n} images"):
         if write_grid:
