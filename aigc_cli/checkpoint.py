@@ -177,6 +177,9 @@ def load(path_or_run: str | os.PathLike, *, device: str = "cpu") -> Checkpoint:
     except UsageError:
         raise
     except Exception as e:  # safetensors raises its own error types for bad headers and truncation
+        if path.suffix.lower() == ".onnx":
+            raise UsageError(f"{path}: an ONNX model, for runtimes such as onnxruntime; aigc reads its "
+                             "checkpoints and .safetensors exports") from None
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UsageError(f"{path}: not a readable safetensors checkpoint ({reason})") from None
     if meta["aigc.format"] != str(FORMAT):

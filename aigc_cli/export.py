@@ -1,4 +1,5 @@
-"""Generator-only artifacts: the G weights (a VAE's decoder) and the config, nothing needed for training."""
+"""Generator-only artifacts: the G weights (a VAE's decoder) and the config, nothing needed for training;
+as safetensors here, as an ONNX model in export_onnx.py."""
 
 from __future__ import annotations
 
@@ -18,12 +19,16 @@ def export_generator(ckpt: ckpt_io.Checkpoint, out: Path, dtype: str, ema: bool 
     out = Path(out)
     if out.is_dir():
         raise UsageError(f"--out {out}: is a folder; give a file name such as model.safetensors")
-    if out.suffix.lower() != ".safetensors":
+    if out.suffix.lower() not in (".safetensors", ".onnx"):
         raise UsageError(f"--out {out}: exports are safetensors files (`aigc sample` and `aigc info` read "
-                         "them); use a name ending in .safetensors")
-    _refuse_training_checkpoint(out)
+                         "them) or ONNX models; use a name ending in .safetensors or .onnx")
     if dtype not in DTYPES:
         raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
+    if out.suffix.lower() == ".onnx":
+        from .export_onnx import export_onnx  # noqa: PLC0415 (onnx is an optional extra)
+
+        return export_onnx(ckpt, out, dtype, ema, _meta(ckpt, dtype, ckpt.generator_weights(ema)[1]))
+    _refuse_training_checkpoint(out)
     target = DTYPES[dtype]
     # Floating weights take the requested dtype; integer buffers (BN's num_batches_tracked) stay as they are.
     source, label = ckpt.generator_weights(ema)  # the EMA weights are the better generator
@@ -34,16 +39,21 @@ def export_generator(ckpt: ckpt_io.Checkpoint, out: Path, dtype: str, ema: bool 
         if v.is_floating_point() and not bool(torch.isfinite(v).all()):
             raise UsageError(f"--dtype {dtype}: {key} has values beyond {dtype}'s range "
                              f"(largest {torch.finfo(target).max:g}); export as bf16 or fp32")
+    ckpt_io.write_atomic(out, tensors, _meta(ckpt, dtype, label))
+    return {"out": str(out), "format": "safetensors", "dtype": dtype, "tensors": len(tensors),
+            "parameters": ckpt_io.param_counts(ckpt)["G"],  # as `aigc info` counts them: no BN buffers
+            "bytes": out.stat().st_size}
+
+
+def _meta(ckpt: ckpt_io.Checkpoint, dtype: str, label: str) -> dict[str, str]:
+    """What an export says of itself: the config it rebuilds from, where it was trained, which weights."""
     meta = ckpt_io.base_meta(ckpt.config, "export", ckpt.step, ckpt.images_seen, ckpt.meta.get("aigc.precision", ""))
     meta["aigc.dtype"] = dtype
     meta["aigc.source"] = _source_of(ckpt)
     meta["aigc.weights"] = label
     if "aigc.class_names" in ckpt.meta:
         meta["aigc.class_names"] = ckpt.meta["aigc.class_names"]
-    ckpt_io.write_atomic(out, tensors, meta)
-    return {"out": str(out), "dtype": dtype, "tensors": len(tensors),
-            "parameters": ckpt_io.param_counts(ckpt)["G"],  # as `aigc info` counts them: no BN buffers
-            "bytes": out.stat().st_size}
+    return meta
 
 
 def _source_of(ckpt: ckpt_io.Checkpoint) -> str:

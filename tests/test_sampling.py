@@ -143,8 +143,8 @@ def test_a_stored_conditional_config_without_classes_is_refused(runs, tmp_path):
 
 
 def test_export_refuses_other_formats_and_training_checkpoints(monkeypatch, capsys, runs, tmp_path):
-    code, _, err = run_cli(monkeypatch, capsys, "export", runs["gan"], "--out", tmp_path / "g.onnx")
-    assert code == 2 and ".safetensors" in err and not (tmp_path / "g.onnx").exists()
+    code, _, err = run_cli(monkeypatch, capsys, "export", runs["gan"], "--out", tmp_path / "g.pt")
+    assert code == 2 and ".safetensors" in err and not (tmp_path / "g.pt").exists()
     last = runs["gan"] / "checkpoints" / "last.safetensors"
     before = last.read_bytes()
     code, _, err = run_cli(monkeypatch, capsys, "export", runs["gan"], "--out", last)

@@ -1,4 +1,4 @@
-"""`aigc export`: a generator-only safetensors artifact."""
+"""`aigc export`: a generator-only artifact, safetensors or ONNX."""
 
 from __future__ import annotations
 
@@ -13,13 +13,13 @@ from .output import QUIET_HELP, emit_json, handles_errors, human_console, sigter
 @sigterm_interrupts
 def export(
     checkpoint: str = typer.Argument(..., metavar="CHECKPOINT", help="Checkpoint file, run folder, or an export (to change its dtype)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Output .safetensors path."),
-    dtype: str = typer.Option("fp32", "--dtype", help="Weight dtype: fp32, fp16 or bf16."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output path: .safetensors (for aigc sample/info/eval) or .onnx (an ONNX model for onnxruntime and others; needs pip install 'aigc[onnx]')."),
+    dtype: str = typer.Option("fp32", "--dtype", help="Weight dtype: fp32, fp16 or bf16 (ONNX: fp32)."),
     no_ema: bool = typer.Option(False, "--no-ema", metavar="", help="Export the raw generator weights, not their EMA."),
     json_out: bool = typer.Option(False, "--json", metavar="", help="Print one JSON object describing the artifact."),
     quiet: bool = typer.Option(False, "--quiet", "-q", metavar="", help=QUIET_HELP),
 ) -> None:
-    """Write the generator (a VAE's decoder) with its config; `aigc sample` and `aigc info` accept it."""
+    """Write the generator (a VAE's decoder) with its config: safetensors, which `aigc sample` and `aigc info` accept, or ONNX."""
     from .. import checkpoint as ckpt_io
     from ..errors import one_line
     from ..export import export_generator
@@ -28,5 +28,6 @@ def export(
     if json_out:
         emit_json(result)
     else:
-        human_console(quiet=quiet).print(one_line(f"wrote {result['out']} ({result['parameters']:,} parameters, {dtype}, "
-                                                  f"{result['bytes']:,} bytes)"))
+        kind = f"ONNX opset {result['opset']}, " if result["format"] == "onnx" else ""
+        human_console(quiet=quiet).print(one_line(f"wrote {result['out']} ({kind}{result['parameters']:,} parameters, "
+                                                  f"{dtype}, {result['bytes']:,} bytes)"))
