@@ -144,3 +144,30 @@ def test_scores_too_few_images_allow_are_n_a_with_the_reason(clf, tmp_path, monk
     # the extractor named by its step file, absolute: last.safetensors moves on with the classifier's next save
     step_file = (clf / "checkpoints" / "step-0000005.safetensors").resolve()
     assert out.splitlines()[0] == f"{real}: 3 generated, features classifier:{step_file}", out
+
+
+def test_a_folder_scored_on_n_images_decodes_only_those(tmp_path, monkeypatch):
+    """eval --n 2000 on a folder of large photos held every photo decoded at full size (gigabytes) before
+    taking its subset. The subset is picked from the headers; a picked file that fails to decode is
+    replaced by the next of the seed's order."""
+    import aigc_cli.data.native as native
+    from aigc_cli.metrics.reference import real_indices
+
+    rng = np.random.default_rng(0)
+    for i in range(30):
+        Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(tmp_path / f"{i:02d}.png")
+    whole = native.load_folder_native(str(tmp_path), warn=print)
+    decoded, real = [], native._decode_native
+    monkeypatch.setattr(native, "_decode_native", lambda path, size: decoded.append(path) or real(path, size))
+    picked = native.load_folder_native(str(tmp_path), warn=print, n=5, seed=3)
+    assert len(decoded) == 5 and torch.equal(picked, whole[real_indices(30, 5, 3)])
+    # a picked file whose header reads but whose pixels do not: the next of the order takes its place
+    first = int(real_indices(30, 5, 3)[0])
+    data = (tmp_path / f"{first:02d}.png").read_bytes()
+    (tmp_path / f"{first:02d}.png").write_bytes(data[:60])
+    warnings = []
+    again = native.load_folder_native(str(tmp_path), warn=warnings.append, n=5, seed=3)
+    substitute = native.seeded_order(30, 5, 3)[5]
+    expected = sorted([int(i) for i in real_indices(30, 5, 3)[1:]] + [substitute])
+    assert len(again) == 5 and torch.equal(again, whole[expected])
+    assert any(f"skipping {first:02d}.png" in w for w in warnings), warnings

@@ -52,10 +52,22 @@ def _decode_native(path: str, size: tuple[int, int]) -> np.ndarray:
         return np.asarray(img, dtype=np.uint8)
 
 
+def seeded_order(total: int, n: int, seed: int) -> list[int]:
+    """All of range(total) in the order a seeded subset of n takes them (the first n; the rest follow,
+    to replace any of those that cannot be used). All of them in order when n covers them."""
+    if total <= n:
+        return list(range(total))
+    return torch.randperm(total, generator=torch.Generator().manual_seed(seed)).tolist()
+
+
 def load_folder_native(path: str, *, warn: Callable[[str], None], strict: bool = False,
-                       what: str = "image folder") -> torch.Tensor:
-    """All images of a folder (recursive, sorted) as uint8 (N, 3, H, W) at their own size; when sizes
-    differ, each is conformed (scaled, centre-cropped) to the most common one, with a warning."""
+                       what: str = "image folder", limit: int = 0, n: int | None = None, seed: int = 0) -> torch.Tensor:
+    """Images of a folder (recursive, sorted) as uint8 (N, 3, H, W) at their own size; when sizes
+    differ, each is conformed (scaled, centre-cropped) to the most common one, with a warning.
+    limit > 0: the first `limit` readable files only. n: a seeded subset of at most n of them
+    (the first n of seeded_order, as metrics.reference.real_indices), picked from the headers before anything is decoded,
+    so that scoring 2,000 images of a folder of large photos holds 2,000 images, not the folder;
+    a picked file that fails to decode is replaced by the next one of the seed's order."""
     if not os.path.isdir(path):
         raise UsageError(f"{what} {path} does not exist or is not a folder")
     problems: list[tuple[str, bool]] = []
@@ -80,37 +92,46 @@ def load_folder_native(path: str, *, warn: Callable[[str], None], strict: bool =
             return e
 
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        heads = list(pool.map(header, rels))
         good = []
-        for rel, h in zip(rels, heads):
+        for rel, h in zip(rels, pool.map(header, rels)):
             if isinstance(h, BaseException):
                 reject(rel, h)
             else:
                 good.append((rel, h))
         if not good:
             raise UsageError(f"{what} {path}: none of its {len(rels)} image files could be read")
+        if limit > 0:
+            good = good[:limit]
         size = most_common_size([h for _, h in good])
-        off = sum(h != size for _, h in good)
-        if off:
-            warn(f"{what} {path}: {off} of {len(good)} images are not {size[0]}x{size[1]} (the most common "
-                 "size); they are scaled and centre-cropped to it")
+        order = seeded_order(len(good), n, seed) if n is not None else list(range(len(good)))
+        want = min(len(order), n) if n is not None else len(order)
 
-        def decode(item):
+        def decode(i):
             try:
-                return _decode_native(os.path.join(path, item[0]), size)
+                return _decode_native(os.path.join(path, good[i][0]), size)
             except Exception as e:  # noqa: BLE001
                 return e
 
-        out = np.empty((len(good), 3, size[1], size[0]), dtype=np.uint8)
-        kept = 0
-        for (rel, _), arr in zip(good, pool.map(decode, good)):
-            if isinstance(arr, BaseException):
-                reject(rel, arr)
-                continue
-            out[kept] = arr.transpose(2, 0, 1)
-            kept += 1
+        kept: dict[int, np.ndarray] = {}
+        nxt = 0
+        while len(kept) < want and nxt < len(order):  # a second round only to replace failed decodes
+            batch = order[nxt:nxt + want - len(kept)]
+            nxt += len(batch)
+            for i, arr in zip(batch, pool.map(decode, batch)):
+                if isinstance(arr, BaseException):
+                    reject(good[i][0], arr)
+                else:
+                    kept[i] = arr
     if not kept:
         raise UsageError(f"{what} {path}: none of its {len(rels)} image files could be read")
+    chosen = sorted(kept)
+    off = sum(good[i][1] != size for i in chosen)
+    if off:
+        warn(f"{what} {path}: {off} of {len(chosen)} images are not {size[0]}x{size[1]} (the most common "
+             "size); they are scaled and centre-cropped to it")
     if rejected:  # as training's loader ends: one count after the per-file lines
         warn(folder.skipped_summary(len(rejected), len(rels), path))
-    return torch.from_numpy(out[:kept])
+    out = np.empty((len(chosen), 3, size[1], size[0]), dtype=np.uint8)
+    for k, i in enumerate(chosen):
+        out[k] = kept.pop(i).transpose(2, 0, 1)
+    return torch.from_numpy(out)

@@ -312,10 +312,9 @@ def evaluate_folder(fake_dir: str, *, data: str | None, root: str | None, downlo
         raise UsageError("--fake DIR needs --data SOURCE (or --ref FILE) for the real side")
     if extractor is None:  # before reading the folder: missing weights are said at once
         extractor = open_extractor(features, inception_weights, dev, precision, download_weights, warn)
-    fakes = load_folder_native(os.path.expanduser(fake_dir), warn=warn, strict=strict, what="--fake folder")
+    fakes = load_folder_native(os.path.expanduser(fake_dir), warn=warn, strict=strict, what="--fake folder", n=n, seed=seed)
     if len(fakes) < 2:  # before the real side's statistics are computed, not after
         raise UsageError(f"--fake {one_line(str(fake_dir))}: holds 1 usable image; the scores need at least 2")
-    fakes = fakes[real_indices(len(fakes), n, seed)]
     protocol: dict = {**extractor.protocol, "extractor_precision": extractor.protocol.get("precision"),
                       "fake_folder": str(fake_dir), "n_fake": len(fakes), "seed": seed,
                       "precision": extractor_precision(precision),
@@ -363,8 +362,8 @@ def real_reference(data: str, *, extractor, n: int, seed: int, batch_size: int, 
                    split: str = "train", should_stop: Callable[[], bool] | None = None, **load) -> Reference:
     """Reference statistics of a seeded subset of at most n real images of `data` (cached in stats_dir
     when given); `load` goes to load_real (root, download, strict, channels/resolution, ...)."""
-    real, name = load_real(data, split=split, seed=seed, warn=warn, **load)
-    real = real[real_indices(len(real), n, seed)]
+    real, name = load_real(data, split=split, seed=seed, warn=warn, n=n, **load)
+    real = real[real_indices(len(real), n, seed)]  # a folder's is picked already: then all of it
     return reference_for(real, extractor=extractor, data=data_identity(data), data_name=name, split=split,
                          seed=seed, batch_size=batch_size, stats_dir=stats_dir, warn=warn, should_stop=should_stop)
 

@@ -25,7 +25,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..data.native import load_folder_native
+from ..data.native import load_folder_native, seeded_order
 from ..errors import UsageError
 from ..files import atomic_write
 
@@ -302,13 +302,15 @@ def _own_channels(source: str) -> int:
 
 def load_real(source: str, *, root: str | None, download: bool, split: str, seed: int,
               warn: Callable[[str], None], strict: bool = False, channels: int | None = None,
-              resolution: int | None = None, native_resolution: int = 32, limit: int = 0) -> tuple[torch.Tensor, str]:
+              resolution: int | None = None, native_resolution: int = 32, limit: int = 0,
+              n: int | None = None) -> tuple[torch.Tensor, str]:
     """Images of a data source as uint8 (N, C, H, W) and a description. With channels and resolution,
     exactly as training sees them (data.load_images). Without, at the source's own size: an image
     folder at its images' size (RGB), MNIST-like 1x28x28, CIFAR-10 3x32x32, `shapes` drawn at
     `native_resolution`; a given channels alone is then applied on top (a resolution alone gets the
     source's own channels and takes training's path). limit > 0: only
-    the source's first `limit` images (data.limit)."""
+    the source's first `limit` images (data.limit). n: an image folder read at its own size decodes
+    only the seeded subset real_indices(total, n, seed) takes (other sources are in memory already)."""
     from ..data import cifar, idx, load_images
     from ..data.transforms import resize_square, to_channels
 
@@ -332,10 +334,10 @@ def load_real(source: str, *, root: str | None, download: bool, split: str, seed
         elif cifar.is_cifar_bin_folder(path):
             images, name = cifar.load_cifar_bin_folder(path, split)[0], f"CIFAR-10 folder {path} ({split})"
         else:
-            images = load_folder_native(path, warn=warn, strict=strict, what="data folder")
+            images = load_folder_native(path, warn=warn, strict=strict, what="data folder", limit=limit, n=n, seed=seed)
             name = f"folder {path}"
         if limit > 0:
-            images = images[:limit]
+            images = images[:limit]  # a no-op on the folder, which applied it before decoding
         name = f"{name} ({len(images)} images, {images.shape[3]}x{images.shape[2]})"
     if resolution is not None:
         images = resize_square(images, resolution)
@@ -346,9 +348,7 @@ def load_real(source: str, *, root: str | None, download: bool, split: str, seed
 
 def real_indices(total: int, n: int, seed: int) -> torch.Tensor:
     """A seeded subset of at most n indices, in order."""
-    if total <= n:
-        return torch.arange(total)
-    return torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n].sort().values
+    return torch.tensor(sorted(seeded_order(total, n, seed)[:n]), dtype=torch.long)
 
 
 def data_identity(source: str) -> str:
