@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import struct
 import time
@@ -421,5 +422,51 @@ def test_held_out_accuracy_is_measured_without_autograd():
             seen.append(torch.is_inference_mode_enabled())
             return self.w.expand(len(x), 4)
 
-    accuracy = classifier_accuracy(Recording(), tiny("classifier"), Precision("fp32", torch.device("cpu")))
-    assert 0 <= accuracy <= 1 and seen and all(seen)
+    cfg = tiny("classifier")
+    data = load_images("shapes", channels=1, resolution=16, limit=64)
+    key, accuracy, count = classifier_accuracy(Recording(), cfg, Precision("fp32", torch.device("cpu")), data)
+    assert key == "test_accuracy" and 0 <= accuracy <= 1 and count > 0 and seen and all(seen)
+
+
+def test_a_class_folder_with_no_readable_image_keeps_the_numbering_in_memory_and_streamed(tmp_path):
+    """Streamed (decoded on demand), a bad file is found only while training, so its class folder stays
+    numbered; in memory the class used to vanish and the others moved down one: --class K meant another
+    class once a folder grew past data.device_max_mb."""
+    root = tmp_path / "cls"
+    for name, colour in (("a_bad", None), ("b_red", (255, 0, 0)), ("c_blue", (0, 0, 255))):
+        (root / name).mkdir(parents=True)
+        for i in range(4):
+            path = root / name / f"{i}.png"
+            if colour is None:
+                path.write_bytes(b"not a png at all")
+            else:
+                Image.new("RGB", (8, 8), colour).save(path)
+    warnings = []
+    memory = load_images(str(root), channels=3, resolution=8, cache=False, warn=warnings.append)
+    streamed = load_images(str(root), channels=3, resolution=8, cache=False, lazy_above_mb=0, warn=print)
+    assert memory.class_names == streamed.class_names == ("a_bad", "b_red", "c_blue")
+    assert memory.num_classes == streamed.num_classes == 3
+    assert memory.labels.tolist() == [1] * 4 + [2] * 4
+    assert any("class folder a_bad: none of its images could be read" in w for w in warnings), warnings
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_a_classifier_on_a_folder_reports_training_accuracy_without_loading_it_again(tmp_path, monkeypatch, streamed):
+    """A folder has no held-out split: the accuracy is on (a subset of) the training images and says so,
+    and a folder large enough to stream is not decoded whole into memory at the end."""
+    from conftest import Silent, tiny, write_image_folder
+
+    from aigc_cli.training import loop
+
+    folder = write_image_folder(tmp_path / "imgs", n_per_class=12, size=16)
+    cfg = tiny("classifier", channels=3).with_overrides({
+        "data.source": str(folder), "train.steps": "2", "train.batch_size": "8",
+        "data.device_max_mb": "0" if streamed else "4096", "data.workers": "0"})
+    loads, real = [], loop.load_data
+    monkeypatch.setattr(loop, "load_data", lambda cfg, split, warn: loads.append(split) or real(cfg, split, warn))
+    summary = loop.train(cfg, tmp_path / "run", Silent())
+    assert loads == ["train"]  # no second load of the folder for a "test" split it does not have
+    assert "test_accuracy" not in summary and 0 <= summary["train_accuracy"] <= 1
+    assert summary["accuracy_images"] == 24
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1] == {"step": 2, "train_accuracy": summary["train_accuracy"]}

@@ -136,4 +136,7 @@ def train(
         if "samples" in summary:
             console.print(f"samples: {summary['samples']}")
         if "test_accuracy" in summary:
-            console.print(f"held-out accuracy: {summary['test_accuracy']:.4f}")
+            console.print(f"held-out accuracy: {summary['test_accuracy']:.4f} ({summary['accuracy_images']} images)")
+        if "train_accuracy" in summary:  # an image folder has no held-out split
+            console.print(f"accuracy on {summary['accuracy_images']} training images: {summary['train_accuracy']:.4f} "
+                          "(an image folder has no held-out split)")

@@ -34,6 +34,7 @@ class ImageData:
     name: str                    # short description, e.g. "fashion-mnist (train, 60000 images)"
     class_names: tuple[str, ...] = ()  # class folder names of an image folder, shapes' kinds; else ()
     cached: bool = False         # True when read from the decoded-image cache instead of decoded
+    held_out: bool = True        # False for an image folder: its "test" split is its training images
 
     @property
     def lazy(self) -> bool:
@@ -162,7 +163,7 @@ def load_images(source: str, *, channels: int, resolution: int, root: str | None
                              class_names=tuple(hit.info.get("class_names", ())) or (
                                  torchvision_sources.known_class_names(source, kind, path, int(hit.info["num_classes"]))
                                  if hit.labels is not None and kind != "folder" else ()),
-                             cached=True)
+                             cached=True, held_out=kind != "folder")
 
     warnings: list[str] = []
 
@@ -199,7 +200,7 @@ def load_images(source: str, *, channels: int, resolution: int, root: str | None
     else:
         details.insert(0, split)
     data = ImageData(images=images, labels=labels, num_classes=num_classes if labels is not None else 0,
-                     name=f"{name} ({', '.join(details)})", class_names=class_names)
+                     name=f"{name} ({', '.join(details)})", class_names=class_names, held_out=kind != "folder")
     # IDX and CIFAR-10 files parse about as fast as a cache entry reads: only their conversion
     # (e.g. 28 -> 64 pixels for every MNIST image) is worth keeping. Decoding a folder always is.
     if key is not None and (kind == "folder" or needs_conversion):
@@ -219,9 +220,10 @@ def _lazy_folder(path: str, files: list[str], channels: int, resolution: int, na
     if not usable:
         raise UsageError(f"none of the {len(files)} image files under {path} could be read "
                          "(reasons above); check that they are valid images")
-    lazy = LazyFolder(path, usable, channels, resolution)
+    lazy = LazyFolder(path, usable, channels, resolution, among=files)
     details = [f"{len(usable)} images"]
     if lazy.labels is not None:
         details.append(f"{lazy.num_classes} classes")
     return ImageData(images=lazy, labels=lazy.labels, num_classes=lazy.num_classes,
-                     name=f"{name} ({', '.join(details)}, decoded on demand)", class_names=lazy.class_names)
+                     name=f"{name} ({', '.join(details)}, decoded on demand)", class_names=lazy.class_names,
+                     held_out=False)

@@ -276,7 +276,13 @@ def load_folder(folder: str, resolution: int, limit: int, warn: Callable[[str], 
         raise UsageError(f"none of the {len(paths)} image files under {one_line(folder)} could be read "
                          f"(all {skipped} rejected, reasons above); check that they are valid images")
     images = torch.from_numpy(out[:len(kept)])
-    labels, classes = class_labels(kept)
+    labels, classes = class_labels(kept, among=paths[:wanted])
+    unseen = [c for i, c in enumerate(classes) if labels is not None and not bool((labels == i).any())]
+    if unseen:
+        warn(f"class folder{'s' * (len(unseen) > 1)} {', '.join(one_line(c) for c in unseen)}: none of "
+             f"{'their' if len(unseen) > 1 else 'its'} images could be read; the classes keep the numbers their "
+             "folder names give them, and a conditional model or classifier never sees "
+             f"{'these' if len(unseen) > 1 else 'this one'}")
     listed = class_labels(paths)[1] if labels is not None and limit > 0 else ()
     if len(classes) < len(listed):  # class folders come in name order: the first N may be one class
         warn(f"data.limit={limit} keeps the first {len(kept)} images in file-name order, from {len(classes)} of the "
@@ -299,12 +305,15 @@ def unlabelled_reason(folder: str) -> str:
             "next to its class subfolders: move them into one")
 
 
-def class_labels(rel_paths: list[str]) -> tuple[torch.Tensor | None, tuple[str, ...]]:
+def class_labels(rel_paths: list[str], among: list[str] = ()) -> tuple[torch.Tensor | None, tuple[str, ...]]:
     """Labels from first-level subfolders (indices into their sorted names), and those names;
-    (None, ()) when any image sits directly in the folder."""
+    (None, ()) when any image sits directly in the folder. `among`: more files whose class folders
+    are numbered too (all those listed, when rel_paths are the ones that decoded), so that a class
+    folder none of whose files can be read keeps its number, and the others theirs, in memory as
+    when streamed (where a bad file is only found, and replaced, while training)."""
     parts = [p.split(os.sep) for p in rel_paths]
     if any(len(p) < 2 for p in parts):
         return None, ()
-    classes = sorted({p[0] for p in parts})
+    classes = sorted({p[0] for p in parts} | {p.split(os.sep)[0] for p in among if os.sep in p})
     index = {name: i for i, name in enumerate(classes)}
     return torch.tensor([index[p[0]] for p in parts], dtype=torch.int64), tuple(classes)

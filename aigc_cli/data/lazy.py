@@ -39,11 +39,12 @@ class LazyFolder:
 
     dtype = torch.uint8
 
-    def __init__(self, folder: str, rel_paths: Sequence[str], channels: int, resolution: int):
+    def __init__(self, folder: str, rel_paths: Sequence[str], channels: int, resolution: int,
+                 among: Sequence[str] = ()):
         self.folder = folder
         self.paths = list(rel_paths)
         self.channels, self.resolution = channels, resolution
-        self.labels, self.class_names = class_labels(self.paths)
+        self.labels, self.class_names = class_labels(self.paths, among=list(among))  # as folder.load_folder
         self.num_classes = len(self.class_names)
         self._bad: dict[int, str] = {}  # per process: files already known not to decode
 

@@ -453,12 +453,13 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup) -> dict:
     summary = summarize()
     if family.objective == "classifier" and stop.signum is None:
         try:
-            summary["test_accuracy"] = classifier_accuracy(nets["C"], cfg, amp)
+            key, value, count = classifier_accuracy(nets["C"], cfg, amp, data)
         except UsageError as e:  # e.g. an IDX folder with no t10k files: the trained classifier still stands
             reporter.note(f"held-out accuracy not measured: {e}")
         else:
+            summary[key], summary["accuracy_images"] = value, count
             if step > start_step:  # a resume that trained nothing leaves the run folder as it was
-                run.append_metrics({"step": step, "test_accuracy": summary["test_accuracy"]})
+                run.append_metrics({"step": step, key: value})
     return summary
 
 
@@ -479,14 +480,29 @@ def check_classes(data, cfg: Config, note) -> None:
              f"{what} gets {data.num_classes} classes, {data.num_classes - seen} of them never seen in training")
 
 
+ACCURACY_MAX_TRAINING_IMAGES = 10_000
+
+
 @torch.inference_mode()
-def classifier_accuracy(C, cfg: Config, amp: Precision) -> float:
-    test = load_data(cfg, "test", lambda s: None)
+def classifier_accuracy(C, cfg: Config, amp: Precision, data) -> tuple[str, float, int]:
+    """(key, accuracy, images): "test_accuracy" on the source's held-out split; "train_accuracy" on a
+    seeded subset of the training images where there is none (an image folder: its "test" is its
+    training images, and one large enough to stream would not fit in memory whole)."""
+    from ..metrics.reference import real_indices  # noqa: PLC0415
+
+    if data.held_out:
+        test = load_data(cfg, "test", lambda s: None)
+        key, chunks = "test_accuracy", zip(test.images.split(512), test.labels.split(512))
+    else:
+        key, picked = "train_accuracy", real_indices(len(data.images), ACCURACY_MAX_TRAINING_IMAGES, cfg.train.seed)
+        chunks = ((data.images.fetch(ix.tolist())[:2] if data.lazy else (data.images[ix], data.labels[ix]))
+                  for ix in picked.split(512))  # a lazy folder's fetch swaps a bad file for another, labels too
     C.eval()
     device = next(C.parameters()).device
-    correct = 0
-    for xs, ys in zip(test.images.split(512), test.labels.split(512)):
+    correct = count = 0
+    for xs, ys in chunks:
         with amp.autocast():
             logits = C(from_uint8(xs.to(device)))
         correct += int((logits.argmax(1).cpu() == ys).sum())
-    return round(correct / max(1, len(test.images)), 4)
+        count += len(ys)
+    return key, round(correct / max(1, count), 4), count
