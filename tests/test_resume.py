@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 
 import pytest
@@ -419,3 +420,25 @@ def test_a_model_without_labels_carries_no_class_count(tmp_path):
     assert check_compatible(stale, ck.config, "old") == []  # an older run's stale count is no architecture
     with pytest.raises(UsageError, match="model.num_classes"):
         check_compatible(ckpt_io.load(tmp_path / "cond").config, cond.with_overrides({"model.num_classes": "5"}), "x")
+
+
+def test_resuming_on_renamed_or_added_class_folders_is_refused(tmp_path):
+    """Class folders are numbered in name order: `red` renamed `aaa_red` made it class 0, and the resume
+    went on teaching class 0 (until then `blue`) as red, silently. A third folder was refused as an
+    override the user had not made."""
+    from conftest import write_image_folder
+
+    folder = write_image_folder(tmp_path / "imgs", n_per_class=8, size=16, classes=("blue", "red"))
+    cfg = tiny("dcgan", conditional=True, channels=3).with_overrides({"data.source": str(folder), "train.steps": "2",
+                                                                      "train.batch_size": "8"})
+    train(cfg, tmp_path / "run", Silent())
+    more = cfg.with_overrides({"train.steps": "4"})
+    (folder / "red").rename(folder / "aaa_red")
+    with pytest.raises(UsageError, match=r"the data's classes are 0 aaa_red, 1 blue; the model learnt 0 blue, 1 red"):
+        train(more, tmp_path / "run", Silent(), resume=find_resume("auto", tmp_path / "run", print))
+    (folder / "aaa_red").rename(folder / "red")
+    write_image_folder(folder, n_per_class=8, size=16, classes=("green",))
+    with pytest.raises(UsageError, match=r"the data's classes are 0 blue, 1 green, 2 red; the model learnt 0 blue"):
+        train(more, tmp_path / "run", Silent(), resume=find_resume("auto", tmp_path / "run", print))
+    shutil.rmtree(folder / "green")
+    assert train(more, tmp_path / "run", Silent(), resume=find_resume("auto", tmp_path / "run", print))["steps"] == 4

@@ -158,6 +158,8 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup) -> dict:
         raise UsageError(f"data has {len(data.images)} images, fewer than --batch-size {bs}; pass --batch-size "
                          f"{len(data.images)} or less")
     if resume is not None:
+        if needs_labels(cfg.model) and needs_labels(resume.config.model):  # else check_compatible says it
+            state.check_same_classes(resume, data.class_names, cfg.model.num_classes)
         for change in state.check_compatible(resume.config, cfg, resume.path):
             reporter.note(f"resuming with a changed setting: {change}")
     steps = total_steps(cfg, len(data.images), *((resume.step, resume.images_seen) if resume is not None else ()))

@@ -16,7 +16,7 @@ import torch
 from .. import checkpoint as ckpt_io
 from ..checkpoint import Checkpoint, base_meta, load_net
 from ..config import Config
-from ..errors import UsageError
+from ..errors import UsageError, one_line
 from ..models import needs_labels
 
 
@@ -200,6 +200,25 @@ PATH_KEYS = ("data.source", "data.root", "train.eval_features")
 
 def _same_path(a: str, b: str) -> bool:
     return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+
+
+def check_same_classes(ck: Checkpoint, names: tuple[str, ...], num_classes: int) -> None:
+    """A labelled model resumed on data whose classes are not the ones it learnt: class folders renamed,
+    added or removed renumber the classes (folders are numbered in name order), and a resume would go on
+    teaching class k under another meaning, silently."""
+    def listed(classes) -> str:
+        shown = ", ".join(f"{i} {one_line(c)}" for i, c in enumerate(classes[:8]))
+        return shown + (f", ... ({len(classes)} in all)" if len(classes) > 8 else "")
+
+    old = ck.class_names
+    if old and names and list(names) != list(old):
+        raise UsageError(f"cannot resume from {ck.path}: the data's classes are {listed(names)}; the model learnt "
+                         f"{listed(old)}, and the class numbers would change meaning; give it the class folders it "
+                         "was trained on, or start a new run in another --out")
+    if ck.config.model.num_classes != num_classes:
+        raise UsageError(f"cannot resume from {ck.path}: the data has {num_classes} classes, the model learnt "
+                         f"{ck.config.model.num_classes}; resume on the data it was trained on, or start a new run "
+                         "in another --out")
 
 
 def check_compatible(old: Config, new: Config, origin) -> list[str]:
