@@ -310,6 +310,8 @@ def test_idx_bad_files(tmp_path, idx_data):
         "header": (good[:10], "header cut short"),       # dims cut off
         "magic": (b"\x01\x02" + good[2:], "bad magic"),
         "empty": (b"", "bad magic"),
+        # dims whose product overflows int64 (2**31 * 2**31 * 4 wrapped to 0): not a reshape traceback
+        "overflow": (b"\0\0\x08\x03" + struct.pack(">III", 2**31, 2**31, 4), "truncated.*needs 18446744073709551616"),
     }
     for name, (blob, words) in cases.items():
         (tmp_path / name).write_bytes(blob)
@@ -330,6 +332,10 @@ def test_idx_bad_files(tmp_path, idx_data):
     # No test split in the folder.
     with pytest.raises(UsageError, match="t10k-images"):
         load_images(str(tmp_path / "mismatch"), channels=1, resolution=28, split="test")
+    # No images at all: said as such, not as "fewer than the batch size"
+    write_idx(tmp_path / "none", "train", images[:0], labels[:0])
+    with pytest.raises(UsageError, match=r"train-images-idx3-ubyte.gz holds no images \(shape \(0, 28, 28\)\)"):
+        load_images(str(tmp_path / "none"), channels=1, resolution=28)
 
 
 def test_mnist_from_root_layouts(tmp_path, idx_data, monkeypatch):

@@ -240,9 +240,10 @@ def store(key: Key, entry: Entry, warn: Callable[[str], None]) -> None:
     meta = {_META_KEY: json.dumps({**entry.info, "key": key.digest, "format": FORMAT})}
     try:
         # A unique temporary name in the same folder: a concurrent run writing the same entry cannot
-        # clobber it half-written, and the rename is atomic within one file system. Not fsynced: a
-        # cache entry lost in a crash is decoded again.
-        with atomic_write(_path(key), durable=False) as tmp:
+        # clobber it half-written, and the rename is atomic within one file system. Fsynced before the
+        # rename: without it, a crash can leave some file systems (XFS) a file of the right size full
+        # of zeros, which would pass every check of the entry and train on black images.
+        with atomic_write(_path(key)) as tmp:
             save_file(tensors, tmp, metadata=meta)
     except Exception as e:  # noqa: BLE001 - read-only home, full disk, ...: run without the cache
         reason = e.strerror if isinstance(e, OSError) and e.strerror else (str(e) or type(e).__name__)

@@ -7,6 +7,7 @@ dimensions, then each dimension as a big-endian uint32, then the values, big-end
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import zlib
 
@@ -48,7 +49,7 @@ def read_idx(path: str) -> np.ndarray:
     if len(data) < header:
         raise UsageError(f"IDX file {path} is truncated (header cut short); re-download it")
     dims = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
-    expected = int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
+    expected = math.prod(dims) * dtype.itemsize  # Python ints: numpy's int64 product wraps (2**31 x 2**31 x 4 -> 0)
     if len(data) - header != expected:
         what = "truncated" if len(data) - header < expected else "longer than its header says"
         raise UsageError(f"IDX file {path} is {what} ({len(data) - header} data bytes, "
@@ -89,6 +90,8 @@ def load_idx_folder(folder: str, split: str) -> tuple[torch.Tensor, torch.Tensor
     if images.ndim != 3 or images.dtype != np.uint8:
         raise UsageError(f"{images_path} holds {images.dtype} data of shape {images.shape}, "
                          "expected unsigned bytes (N, H, W); is it an image file?")
+    if images.size == 0:
+        raise UsageError(f"{images_path} holds no images (shape {images.shape}); re-download or replace it")
     labels_path = _find(folder, split, "labels")
     labels = None
     if labels_path is not None:
