@@ -476,3 +476,11 @@ def test_a_classifier_on_a_folder_reports_training_accuracy_without_loading_it_a
     assert summary["accuracy_images"] == 24
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert records[-1] == {"step": 2, "train_accuracy": summary["train_accuracy"]}
+
+
+def test_a_folder_above_an_idx_folder_points_at_it(tmp_path, idx_data):
+    images, labels = idx_data["train"]
+    write_idx(tmp_path / "datasets" / "fashion", "train", images, labels)
+    with pytest.raises(UsageError, match=r"no images .* found under .*datasets; point at a folder that holds images; "
+                                         r".*datasets/fashion holds IDX files: pass that folder as --data"):
+        load_images(str(tmp_path / "datasets"), channels=1, resolution=28)

@@ -237,7 +237,7 @@ def load_folder(folder: str, resolution: int, limit: int, warn: Callable[[str], 
     paths = list_images(folder)
     if not paths:
         raise UsageError(f"no images ({'/'.join(EXTENSIONS)}) found under {one_line(folder)}; "
-                         "point at a folder that holds images")
+                         "point at a folder that holds images" + data_folder_hint(folder))
     wanted = min(limit, len(paths)) if limit > 0 else len(paths)
     # Filled in place (not stacked at the end) so peak memory is one copy of the data set.
     out = np.empty((wanted, 3, resolution, resolution), dtype=np.uint8)
@@ -289,6 +289,26 @@ def load_folder(folder: str, resolution: int, limit: int, warn: Callable[[str], 
              f"folder's {len(listed)} classes ({', '.join(one_line(c) for c in classes)}): a conditional model or a "
              "classifier learns only those")
     return images, labels, classes, skipped
+
+
+def data_folder_hint(folder: str) -> str:
+    """"; ...": a subfolder (two levels down at most) that holds IDX or CIFAR-10 files, for a --data that
+    names the folder above them (`--data ~/datasets` for ~/datasets/fashion-mnist) and found no images."""
+    from . import cifar, idx  # noqa: PLC0415
+
+    def subfolders(path: str) -> list[str]:
+        try:
+            with os.scandir(path) as it:
+                return sorted(e.path for e in it if e.is_dir() and not e.name.startswith("."))[:200]
+        except OSError:
+            return []
+
+    for sub in subfolders(folder):
+        for candidate in (sub, *subfolders(sub)):
+            kind = "IDX" if idx.is_idx_folder(candidate) else "CIFAR-10" if cifar.is_cifar_bin_folder(candidate) else None
+            if kind:
+                return f"; {one_line(candidate)} holds {kind} files: pass that folder as --data"
+    return ""
 
 
 def unlabelled_reason(folder: str) -> str:

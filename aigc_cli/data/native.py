@@ -74,7 +74,8 @@ def load_folder_native(path: str, *, warn: Callable[[str], None], strict: bool =
     rels = folder.list_images(path, problems)
     folder.report_listing(problems, warn, strict)
     if not rels:
-        raise UsageError(f"{what} {path}: no images ({'/'.join(folder.EXTENSIONS)}) found in it")
+        raise UsageError(f"{what} {path}: no images ({'/'.join(folder.EXTENSIONS)}) found in it"
+                         + folder.data_folder_hint(path))
 
     rejected = []
 
