@@ -233,6 +233,23 @@ def test_a_signal_during_an_evaluation_stops_it_and_saves(tmp_path, classifier, 
     assert ckpt_io.load(tmp_path / "run").step == 5
     lines = [json.loads(s) for s in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert not [r for r in lines if "fid" in r]
+    # The resume does that evaluation first (with the same weights), or its record, and a best found
+    # there, were lost for good: the same FIDs and best as a run that was never stopped.
+    from aigc_cli.training.state import find_resume
+
+    monkeypatch.setattr(FakeEmbedder, "add", real_add)
+    rep = Silent()
+    train(cfg, tmp_path / "run", rep, resume=find_resume("auto", tmp_path / "run", print))
+    assert any("the evaluation due at step 5 did not run before the stop" in n for n in rep.notes), rep.notes
+    train(cfg, tmp_path / "whole", Silent())
+
+    def fids(run):
+        return {r["step"]: r["fid"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "fid" in r}
+
+    assert fids(tmp_path / "run") == fids(tmp_path / "whole") and sorted(fids(tmp_path / "whole")) == [5, 10, 15, 20]
+    best = {name: ckpt_io.read_meta(tmp_path / name / "checkpoints" / "best.safetensors") for name in ("run", "whole")}
+    assert best["run"]["aigc.step"] == best["whole"]["aigc.step"]
+    assert best["run"]["aigc.best_value"] == best["whole"]["aigc.best_value"]
 
 
 def test_a_signal_while_the_reference_is_computed_stops_before_the_first_step(tmp_path, classifier, monkeypatch):

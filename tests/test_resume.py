@@ -68,9 +68,14 @@ def test_stop_and_resume_is_bit_identical(kind, extra, tmp_path):
     assert ck_whole.images_seen == ck_split.images_seen == 13 * 16 * cfg.train.n_critic
     png = "samples/step-0000013.png"
     assert (tmp_path / "whole" / png).read_bytes() == (tmp_path / "split" / png).read_bytes()
-    logged = {name: [json.loads(s)["step"] for s in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    logged = {name: [json.loads(s) for s in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
               for name in ("whole", "split")}
-    assert logged["whole"] == logged["split"] == [4, 8, 12, 13]
+    assert [r["step"] for r in logged["whole"]] == [r["step"] for r in logged["split"]] == [4, 8, 12, 13]
+    # the same averages too: the losses summed since step 4 went into the step-5 checkpoint (before, the
+    # line at step 8 averaged steps 6 to 8 only)
+    timing = ("img_per_s", "elapsed_s")
+    assert [{k: v for k, v in r.items() if k not in timing} for r in logged["whole"]] == [
+        {k: v for k, v in r.items() if k not in timing} for r in logged["split"]]
 
 
 def test_architecture_change_is_refused_and_harmless_change_allowed(tmp_path):
@@ -442,3 +447,55 @@ def test_resuming_on_renamed_or_added_class_folders_is_refused(tmp_path):
         train(more, tmp_path / "run", Silent(), resume=find_resume("auto", tmp_path / "run", print))
     shutil.rmtree(folder / "green")
     assert train(more, tmp_path / "run", Silent(), resume=find_resume("auto", tmp_path / "run", print))["steps"] == 4
+
+
+def test_going_back_does_not_crown_a_checkpoint_that_never_set_the_best(tmp_path):
+    """best.safetensors after going back: the checkpoint that set the best value known there, when it
+    is still here. Every later checkpoint carries that same best-so-far value, so with the setter pruned
+    a later one was linked (and labelled with a value it never reached)."""
+    from aigc_cli.training.run_folder import RunFolder
+
+    cfg = run_cfg("classifier", 40, {"train.log_every": "10", "train.ckpt_every": "10", "train.keep_checkpoints": "2",
+                                     "train.best_metric": "lr_C", "train.lr_warmup": "20", "train.lr_decay": "linear"})
+    train(cfg, tmp_path / "r", Silent())  # lr_C logged 10: lowest so far (warm-up), 20 and 30 higher, 40 lowest
+    ckpts = tmp_path / "r" / "checkpoints"
+    metas = {p.name: ckpt_io.read_meta(p) for p in sorted(ckpts.glob("step-*.safetensors"))}
+    assert list(metas) == ["step-0000030.safetensors", "step-0000040.safetensors"]  # step 10 pruned
+    assert json.loads(metas["step-0000030.safetensors"]["aigc.best_step"]) == 10
+    assert json.loads(metas["step-0000040.safetensors"]["aigc.best_step"]) == 40
+
+    class Checks(Silent):
+        def start(self, total_steps, info):
+            self.best_at_start = (ckpts / "best.safetensors").exists()
+
+    rep = Checks()
+    back = find_resume(str(ckpts / "step-0000030.safetensors"), tmp_path / "r", print)
+    train(cfg.with_overrides({"train.steps": "35"}), tmp_path / "r", rep, resume=back)
+    assert not rep.best_at_start  # step 10 is gone, and 30 never had the value: no best until the branch sets one
+    assert ckpt_io.read_meta(ckpts / "best.safetensors")["aigc.step"] == "35"
+    # checkpoints from before best_step was recorded: the first one carrying the value, as before
+    folder = RunFolder(tmp_path / "r", keep=0)
+    (ckpts / "best.safetensors").unlink()
+    assert not folder.relink_best(json.loads(metas["step-0000030.safetensors"]["aigc.best_value"]), 10)
+    assert folder.relink_best(json.loads(metas["step-0000030.safetensors"]["aigc.best_value"]), None)
+
+
+def test_a_fork_finds_its_own_best_and_drops_a_dead_runs_lines_and_grids(tmp_path):
+    """A fork (a checkpoint resumed into a new --out) kept the parent's best value without its file, so
+    it might never write a best.safetensors; and a folder left by a run killed before its first
+    checkpoint kept that run's metrics lines and grids beside the fork's."""
+    cfg = run_cfg("vae", 8)  # best by neg_elbo
+    train(cfg, tmp_path / "parent", Silent())
+    parent = ckpt_io.read_meta(tmp_path / "parent" / "checkpoints" / "step-0000006.safetensors")
+    assert json.loads(parent["aigc.best_value"]) is not None
+    fork = tmp_path / "fork"
+    (fork / "samples").mkdir(parents=True)
+    (fork / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (2, 4, 6)))
+    (fork / "samples" / "step-0000004.png").write_bytes(b"stale")
+    start = find_resume(str(tmp_path / "parent" / "checkpoints" / "step-0000006.safetensors"), fork, print)
+    summary = train(cfg.with_overrides({"train.steps": "10"}), fork, Silent(), resume=start)
+    assert summary["best"]["path"] == str(fork / "checkpoints" / "best.safetensors")
+    assert (fork / "checkpoints" / "best.safetensors").exists()
+    steps = [json.loads(line)["step"] for line in (fork / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [8, 10]
+    assert not (fork / "samples" / "step-0000004.png").exists()

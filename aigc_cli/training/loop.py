@@ -204,7 +204,7 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup) -> dict:
     cleanup.callback(batches.close)  # stops streaming workers on any exit, errors and signals included
     step, images_seen = 0, 0
     metric, higher_is_better = best_metric(cfg)
-    best_value = None
+    best_value = best_step = None  # best_step: the step whose checkpoint set best_value
     metric_from_eval = evaluator is not None and metric in EVAL_METRICS
     if resume is not None:
         step, images_seen = state.restore(resume.tensors, resume.meta, nets, opts, amp, batches, resume.path)
@@ -212,29 +212,35 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup) -> dict:
         apply_changed_optimizer_settings(resume.config, cfg, opts)
         if not scheduled and any("base_lr" in g for opt in opts.values() for g in opt.param_groups):
             set_lr(opts, 1.0)  # the schedule was switched off: back to the full rate, not stuck where it stopped
-        chosen_by, best_value = state.best_of(resume.meta, resume.path)
+        chosen_by, best_value, best_step = state.best_of(resume.meta, resume.path)
         if chosen_by != metric and best_value is not None:
             reporter.note(f"best.safetensors was chosen by {chosen_by}; "
                           + (f"from now on by {metric}, starting afresh" if metric else "no longer updated"))
-            best_value = None
+            best_value = best_step = None
         elif metric_from_eval and best_value is not None and eval_setup(resume.config) != eval_setup(cfg):
             # an FID in other features, or over another number of images, is not comparable
             reporter.note(f"best.safetensors was chosen by {metric} with other train.eval_features or train.eval_n; "
                           "starting afresh")
-            best_value = None
+            best_value = best_step = None
         reporter.note(f"resumed from {resume.path} at step {step} ({images_seen} images seen)")
     if resume is not None and step >= steps:  # leave the run folder as it is
         reporter.note(f"already at step {step} of {steps}: nothing to train (raise --steps or --epochs)")
     else:
-        aside, best_moved = run.set_aside_after(step, resume)
-        run.trim_metrics(step)  # a fresh start drops lines left by a run killed before its first checkpoint
+        aside, _ = run.set_aside_after(step, resume)
+        # A fresh start, or a fork into a folder without checkpoints, drops the lines and grids left by a
+        # run killed there before its first checkpoint (a fork's own history is in its parent's folder).
+        ours = resume is not None and Path(resume.path).resolve().parent == run.checkpoints.resolve()
+        run.trim_metrics(step if ours else 0)
+        if not ours:
+            run.remove_grids()
         if aside is not None:
             reporter.note(f"this run had gone on past step {step}: its later checkpoints, metrics lines and grids "
                           f"are kept in {aside}; the run continues from step {step}" if resume is not None else
                           f"starting over: the checkpoints already here (with --resume auto: none could be loaded), "
                           f"with their metrics lines and grids, are kept in {aside}")
-        if best_moved and not run.relink_best(best_value):
-            best_value = None  # its checkpoint is gone from this branch: the branch finds its own best
+        if (best_value is not None and not (run.checkpoints / "best.safetensors").exists()
+                and not run.relink_best(best_value, best_step)):
+            best_value = best_step = None  # its checkpoint is not in this branch (or this fork): find its own
         run.write_config(cfg)
     labels_fixed, nrow = grid_labels(cfg)
     z_fixed = latents(len(labels_fixed) if labels_fixed is not None else cfg.train.n_samples,
@@ -292,12 +298,14 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup) -> dict:
 
     def save(eval_value: float | None = None) -> Path:
         """A checkpoint; best.safetensors too when it beats the best so far by the metric. An eval
-        metric counts only at the evaluation that measured these weights."""
-        nonlocal good, good_path, best_value, good_scale
+        metric counts only at the evaluation that measured these weights. The losses summed since the
+        last log line go with it, so that a resume logs the same averages as an uninterrupted run."""
+        nonlocal good, good_path, best_value, best_step, good_scale
         value = eval_value if metric_from_eval else last_record.get(metric) if metric else None
         is_best = beats_best(value)
-        best_value = value if is_best else best_value
-        extra = {"aigc.best_metric": json.dumps(metric), "aigc.best_value": json.dumps(best_value), **names}
+        best_value, best_step = (value, step) if is_best else (best_value, best_step)
+        extra = {"aigc.best_metric": json.dumps(metric), "aigc.best_value": json.dumps(best_value),
+                 "aigc.best_step": json.dumps(best_step), "aigc.log_sums": state.log_sums_meta(sums, n_sum), **names}
         good = state.capture(cfg, nets, opts, amp, batches, step, images_seen, extra)
         good_scale = lr_scale
         good_path = run.save_checkpoint(step, *good, best=is_best)
@@ -353,11 +361,31 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup) -> dict:
     info = {"run_dir": str(run_dir), "device": str(device), "precision": amp.name, "data": data.name,
             "model": cfg.model.kind, "steps": steps, "batch_size": bs, "start_step": step}
     reporter.start(steps, info)
-    sums, n_sum = {}, 0
+    sums, n_sum = state.log_sums(resume.meta, device) if resume is not None else ({}, 0)
     t_log, seen_log, t_start = time.perf_counter(), images_seen, time.perf_counter()
     start_step = step
     if stop.signum is not None:
         raise Interrupted(f"{stop.name} before the first step; nothing to save", stop.exit_code)
+    before = resume.config.train if resume is not None else None
+    if (evaluator is not None and before is not None and step < steps and before.eval_every
+            and step % before.eval_every == 0 and step % cfg.train.eval_every == 0
+            and before.eval_metric == cfg.train.eval_metric and eval_setup(resume.config) == eval_setup(cfg)
+            and not run.has_record(step, cfg.train.eval_metric)):
+        # A stop skips or cuts short the evaluation due at its step (the save must fit in the grace
+        # period): do it now, with the same weights, or its record and a best found there were lost.
+        reporter.note(f"the evaluation due at step {step} did not run before the stop: evaluating now")
+        scores = evaluate_now()
+        if scores is None:
+            code, name = (stop.exit_code, stop.name) if stop.signum is not None else (USR1_EXIT_CODE, "SIGUSR1")
+            raise Interrupted(f"{name} during the evaluation at step {step}; the checkpoint at step {step} stands; "
+                              "resume with --resume auto", code, summarize(name, code))
+        evaluated_at = step
+        run.append_metrics({"step": step, "images_seen": images_seen, **scores})
+        reporter.log({"step": step, "images_seen": images_seen, **scores, "eval": True})
+        value = scores.get(metric) if metric_from_eval else None
+        if beats_best(value):  # the checkpoint at this step again, now with its best value (as uninterrupted)
+            path = save(value)
+            reporter.note(f"new best {metric} {value:.5g} at step {step}: {path.parent / 'best.safetensors'}")
 
     def next_batch():
         nonlocal images_seen

@@ -184,15 +184,37 @@ class RunFolder:
             self._link(Path(source.path), "last.safetensors", source.tensors, source.meta)
         return aside, self.checkpoints / "best.safetensors" in later
 
-    def relink_best(self, best_value) -> bool:
+    def relink_best(self, best_value, best_step: int | None = None) -> bool:
         """After the best moved aside: point best.safetensors at this branch's checkpoint that set
-        `best_value` (the first one carrying it), if it is still here."""
-        for path in sorted(self.checkpoints.glob("step-*.safetensors"), key=ckpt_io.step_of):
-            meta = ckpt_io.read_meta(path) or {}
-            if best_value is not None and meta.get("aigc.best_value") == json.dumps(best_value):
+        `best_value`, if it is still here: the one at best_step. Checkpoints from before best_step was
+        recorded: the first one carrying the value (a later one, when pruning took the one that set it)."""
+        if best_value is None:
+            return False
+        if best_step is not None:
+            candidates = [self.checkpoints / f"step-{best_step:07d}.safetensors"]
+        else:
+            candidates = sorted(self.checkpoints.glob("step-*.safetensors"), key=ckpt_io.step_of)
+        for path in candidates:
+            meta = (ckpt_io.read_meta(path) or {}) if path.is_file() else {}
+            if meta.get("aigc.best_value") == json.dumps(best_value):
                 self._link(path, "best.safetensors", None, None)
                 return True
         return False
+
+    def has_record(self, step: int, key: str) -> bool:
+        """Whether metrics.jsonl holds a line of `step` with `key` (an evaluation's, say)."""
+        for logged, line in self._metrics_lines():
+            if logged == step and key in json.loads(line):
+                return True
+        return False
+
+    def remove_grids(self) -> None:
+        """Sample grids of a run that left no checkpoint here (killed before its first): they would be
+        taken for this run's."""
+        for path in (self.samples.glob("*step-*.png") if self.samples.is_dir() else ()):
+            if re.fullmatch(r"(recon-)?step-\d+\.png", path.name) and path.is_file():
+                with contextlib.suppress(OSError):  # not ours to remove: the grid's write will say so
+                    path.unlink()
 
     def _link(self, target: Path, name: str, tensors: dict | None, meta: dict | None) -> None:
         """Point checkpoints/<name> at target: a hard link costs no second write, and the rename keeps

@@ -145,16 +145,36 @@ def _check_groups(name: str, groups, ours: list[dict]) -> None:
             raise ValueError(f"optimizer {name}: invalid param group {json.dumps(shown)[:200]}")
 
 
-def best_of(meta: dict[str, str], origin) -> tuple[str | None, float | None]:
-    """The metric that chose best.safetensors and its best value, as a checkpoint records them."""
+def best_of(meta: dict[str, str], origin) -> tuple[str | None, float | None, int | None]:
+    """The metric that chose best.safetensors, its best value and the step whose checkpoint set it
+    (None in checkpoints from before that was recorded), as a checkpoint records them."""
     try:
-        metric, value = json.loads(meta.get("aigc.best_metric", "null")), json.loads(meta.get("aigc.best_value", "null"))
+        metric, value, step = (json.loads(meta.get(f"aigc.best_{k}", "null")) for k in ("metric", "value", "step"))
     except (ValueError, RecursionError):
-        metric = value = "invalid"
+        metric = value = step = "invalid"
     if not (metric is None or isinstance(metric, str)) or not (
-            value is None or (type(value) in (int, float) and math.isfinite(value))):
-        raise UsageError(f"{origin}: cannot resume from it, its aigc.best_metric / aigc.best_value are invalid")
-    return metric, value
+            value is None or (type(value) in (int, float) and math.isfinite(value))) or not (
+            step is None or (type(step) is int and step >= 0)):
+        raise UsageError(f"{origin}: cannot resume from it, its aigc.best_metric / aigc.best_value / aigc.best_step "
+                         "are invalid")
+    return metric, value, step
+
+
+def log_sums_meta(sums: dict[str, torch.Tensor], n: int) -> str:
+    """The losses summed since the last log line (device tensors: read here, at a save, not per step)."""
+    return json.dumps({"n": n, "sums": {k: [float(v), str(v.dtype).removeprefix("torch.")] for k, v in sums.items()}})
+
+
+def log_sums(meta: dict[str, str], device) -> tuple[dict[str, torch.Tensor], int]:
+    """log_sums_meta read back, as the tensors they were (a float32 value survives JSON exactly); none
+    from checkpoints before they were saved, or unreadable: the first line then averages fewer steps."""
+    try:
+        saved = json.loads(meta.get("aigc.log_sums", "null"))
+        n, sums = int(saved["n"]), {str(k): torch.tensor(float(v), dtype=getattr(torch, dt), device=device)
+                                    for k, (v, dt) in saved["sums"].items()}
+        return (sums, n) if n > 0 and sums and all(t.is_floating_point() for t in sums.values()) else ({}, 0)
+    except (TypeError, ValueError, KeyError, AttributeError, RecursionError):
+        return {}, 0
 
 
 @torch.no_grad()
