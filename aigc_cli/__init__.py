@@ -9,6 +9,7 @@ def main() -> None:
     import signal
     import sys
 
+    _fill_closed_std_streams()
     if hasattr(signal, "SIGUSR1"):  # a batch system's "save now" before training began (or after it ended):
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # nothing to save, and its default action is to kill
     try:
@@ -17,3 +18,23 @@ def main() -> None:
         sys.stderr.write("stopped: SIGINT (Ctrl-C)\n")
         sys.exit(130)
     run()
+
+
+def _fill_closed_std_streams() -> None:
+    """`aigc ... >&-` (cron, daemons, some CI steps): with file descriptor 0, 1 or 2 closed, Python sets
+    sys.stdout (say) to None and every command died on it; worse, the next file opened would get the
+    number, and output meant for the terminal would land in a checkpoint. Each closed one gets
+    /dev/null, as a stream whose reader has gone does."""
+    import os
+    import sys
+
+    for fd, name, mode in ((0, "stdin", "r"), (1, "stdout", "w"), (2, "stderr", "w")):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)  # the lowest free number: this one, taken in order
+            if null != fd:
+                os.close(null)
+                continue
+            if getattr(sys, name) is None:
+                setattr(sys, name, open(fd, mode, encoding="utf-8", errors="backslashreplace", closefd=False))

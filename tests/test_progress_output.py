@@ -91,6 +91,28 @@ def test_a_closed_stdout_discards_output_and_the_command_finishes(aigc_env, tmp_
     assert (tmp_path / "run" / "checkpoints" / "step-0000003.safetensors").is_file()
 
 
+
+def test_a_closed_file_descriptor_1_or_2_is_no_crash(aigc_env, tmp_path):
+    """`aigc ... >&-` (cron, daemons): Python set sys.stdout to None and every command died on it, exit 1;
+    and the next file opened would have taken descriptor 1, where prints would then go."""
+    import subprocess
+
+    from conftest import aigc_command
+
+    cmd = " ".join(f"'{a}'" for a in aigc_command())
+    train = (f"{cmd} train --preset quickstart --steps 2 --out '{tmp_path / 'run'}' --set model.g_width=8 "
+             "--set model.d_width=8 --set data.limit=64 --set train.log_every=1")
+    for closing in (">&-", "2>&-", ">&- 2>&-"):
+        proc = subprocess.run(["bash", "-c", f"{train} --resume auto --steps {2 + len(closing)} {closing}"],
+                              capture_output=True, text=True, env=aigc_env, timeout=300)
+        assert proc.returncode == 0, (closing, proc.stderr)
+    proc = subprocess.run(["bash", "-c", f"{cmd} sample '{tmp_path / 'run'}' --n 4 --out '{tmp_path / 'g.png'}' >&-"],
+                          capture_output=True, text=True, env=aigc_env, timeout=300)
+    assert proc.returncode == 0 and (tmp_path / "g.png").is_file(), proc.stderr
+    from aigc_cli import checkpoint as ckpt_io
+
+    assert ckpt_io.load(tmp_path / "run").step == 2 + len(">&- 2>&-")  # every checkpoint whole
+
 @pytest.mark.parametrize("raised, code, err", [
     (KeyboardInterrupt, 130, "stopped: SIGINT (Ctrl-C)\n"),  # typer returned 130 and printed nothing
     (EOFError, 2, "error: unexpected end of input\n"),  # was reported as a Ctrl-C
