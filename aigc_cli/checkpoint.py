@@ -79,8 +79,9 @@ class Checkpoint:
         return path
 
     def numbered_classes(self) -> str:
-        """'0 cats, 1 dogs, ...': what `aigc sample --class K` draws."""
-        return ", ".join(f"{i} {name}" for i, name in enumerate(self.class_names))
+        """'0 cats, 1 dogs, ...': what `aigc sample --class K` draws (names cut at 60 characters: they
+        come from anyone's folder names or metadata)."""
+        return ", ".join(f"{i} {name if len(name) <= 60 else name[:57] + '...'}" for i, name in enumerate(self.class_names))
 
     def net_state(self, name: str) -> dict[str, torch.Tensor]:
         return net_state(self.tensors, name)
@@ -272,6 +273,8 @@ def check_tensors(path: Path, tensors: dict[str, torch.Tensor], cfg: Config, kin
             if v.is_floating_point() and not bool(torch.isfinite(v).all()):
                 raise UsageError(f"{path}: {name}.{k} holds NaN or infinite values (a damaged file, or one "
                                  "saved from a diverged run); use an earlier checkpoint")
+            if k.endswith("running_var") and bool((v < 0).any()):  # a variance is never negative: NaN images
+                raise UsageError(f"{path}: {name}.{k} holds negative variances (a damaged file); use another checkpoint")
 
 
 def read_meta(path: str | os.PathLike) -> dict[str, str] | None:

@@ -24,25 +24,25 @@ from .training.precision import Precision, resolve_device, resolve_precision, sl
 
 
 def latents(n: int, dim: int, seed: int) -> torch.Tensor:
-    """Drawn on the CPU from their own generator, so they do not depend on the device or global RNG."""
-    return torch.randn(n, dim, generator=torch.Generator().manual_seed(seed))
+    """Drawn on the CPU from their own generator, so they do not depend on the device or global RNG.
+    Row k is the same for any n > k: torch's CPU normal_ draws blocks of 16 values and a count that
+    is not a multiple of 16 draws its last values another way, so a multiple of 16 is drawn and the
+    rest dropped (`--n 1` and `--n 40` begin with the same image)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(-(-n * dim // 16) * 16, generator=g)[:n * dim].view(n, dim)
 
 
 def latent_batches(n: int, dim: int, seed: int, batch_size: int) -> Iterator[torch.Tensor]:
     """The rows of latents(n, dim, seed), the same values, at most `batch_size` rows at a time (or the
-    few rows that make 16 values), so that n need not fit in memory at once. torch's CPU normal_ draws
-    blocks of 16 values: pieces of a multiple of 16 values draw exactly what one call would; a last
-    piece under 16 values would be drawn another way, so it joins the piece before it
-    (tests/test_sampling.py checks all this)."""
+    few rows that make 16 values), so that n need not fit in memory at once: pieces of a multiple of
+    16 values draw exactly what one call would (tests/test_sampling.py checks all this)."""
     g = torch.Generator().manual_seed(seed)
     unit = 16 // math.gcd(dim, 16)  # the fewest rows that hold a multiple of 16 values
     rows = max(unit, batch_size // unit * unit)
     done = 0
     while done < n:
-        k = min(rows, n - done)
-        if (n - done - k) * dim < 16:
-            k = n - done
-        yield torch.randn(k, dim, generator=g)
+        k = min(rows, n - done)  # only the last piece can hold a count of values that is no multiple of 16
+        yield torch.randn(-(-k * dim // 16) * 16, generator=g)[:k * dim].view(k, dim)
         done += k
 
 
@@ -57,11 +57,13 @@ def truncate(z: torch.Tensor, threshold: float) -> torch.Tensor:
     return torch.special.ndtri(lo + u * (1 - 2 * lo)).clamp_(-threshold, threshold).to(z.dtype)
 
 
-def slerp(a: torch.Tensor, b: torch.Tensor, steps: int) -> torch.Tensor:
-    """`steps` points from each row of `a` to the same row of `b` along the great circle (rows
-    (len(a) * steps, dim), walk by walk). Gaussian latents keep their typical norm along it, where a
-    straight line passes through the rarely drawn middle (washed-out images halfway)."""
-    t = torch.linspace(0, 1, steps, dtype=torch.float64).view(1, steps, 1)
+def slerp(a: torch.Tensor, b: torch.Tensor, steps: int | torch.Tensor) -> torch.Tensor:
+    """Points from each row of `a` to the same row of `b` along the great circle, at `steps` even
+    fractions from 0 to 1 (or at the given fractions): rows (len(a) * steps, dim), walk by walk.
+    Gaussian latents keep their typical norm along it, where a straight line passes through the
+    rarely drawn middle (washed-out images halfway)."""
+    t = torch.linspace(0, 1, steps, dtype=torch.float64) if isinstance(steps, int) else steps.double()
+    t = t.view(1, -1, 1)
     a64, b64 = a.double().unsqueeze(1), b.double().unsqueeze(1)
     cos = torch.nn.functional.cosine_similarity(a64, b64, dim=-1).clamp(-1, 1).unsqueeze(-1)
     omega = torch.arccos(cos)
@@ -74,20 +76,33 @@ def slerp(a: torch.Tensor, b: torch.Tensor, steps: int) -> torch.Tensor:
 
 def sample_latents(n: int, dim: int, seed: int, batch_size: int, truncation: float | None = None,
                    walk: int | None = None) -> Iterator[torch.Tensor]:
-    """The latents `aigc sample` generates from, a piece at a time. walk=K: n // K walks of K
-    images each, from latent 2w to latent 2w + 1 of the seed's draw (so the seed's first image and a
-    walk's first image differ). truncation: see truncate; with walks, of their ends."""
+    """The latents `aigc sample` generates from, at most about `batch_size` rows at a time. walk=K:
+    n // K walks of K images each, walk w from latent 2w to latent 2w + 1 of the seed's draw (image
+    2w and 2w + 1 without walks); a walk longer than the batch comes in pieces. truncation: see
+    truncate; with walks, of their ends."""
+    draws = (truncate(z, truncation) if truncation else z for z in latent_batches(
+        n if not walk else 2 * (n // walk), dim, seed, batch_size if not walk else max(2, batch_size // walk * 2)))
     if not walk:
-        for z in latent_batches(n, dim, seed, batch_size):
-            yield truncate(z, truncation) if truncation else z
+        yield from draws
         return
+    t = torch.linspace(0, 1, walk, dtype=torch.float64)
+    group = max(1, batch_size // walk)  # whole walks a piece, where they fit
     ends = torch.empty(0, dim)
-    for z in latent_batches(2 * (n // walk), dim, seed, max(2, batch_size // walk * 2)):
-        ends = torch.cat([ends, truncate(z, truncation) if truncation else z])
-        pairs = len(ends) // 2
-        if pairs:
-            yield slerp(ends[0:2 * pairs:2], ends[1:2 * pairs:2], walk)
-            ends = ends[2 * pairs:]
+    for z in draws:
+        ends = torch.cat([ends, z])
+        while len(ends) >= 2 * group:
+            yield from _walk_pieces(ends[0:2 * group:2], ends[1:2 * group:2], t, batch_size)
+            ends = ends[2 * group:]
+    if len(ends):
+        yield from _walk_pieces(ends[0::2], ends[1::2], t, batch_size)
+
+
+def _walk_pieces(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
+    if len(a) * len(t) <= batch_size:
+        yield slerp(a, b, t)
+    else:  # one walk longer than a batch
+        for fractions in t.split(batch_size):
+            yield slerp(a, b, fractions)
 
 
 def from_uint8(images: torch.Tensor) -> torch.Tensor:

@@ -50,6 +50,7 @@ def config_with(loaded, section, key, value):
 @pytest.mark.parametrize("case, expect", [
     ("nan weight", "holds NaN or infinite values"),
     ("inf buffer", "holds NaN or infinite values"),  # BN running_var: a black image all the same
+    ("negative variance", "holds negative variances"),  # sqrt of it: NaN, black images again
     ("wrong shape", "weights do not fit the model in its config"),
     ("missing key", "(missing G."),
     ("extra key", "(unexpected G.extra"),
@@ -74,6 +75,8 @@ def test_what_the_file_holds_is_checked_on_load(tmp_path, base, case, expect):
         tensors[key] = torch.full_like(loaded.tensors[key], float("nan"))
     elif case == "inf buffer":
         tensors[bn_var] = torch.full_like(loaded.tensors[bn_var], float("inf"))
+    elif case == "negative variance":
+        tensors[bn_var] = -loaded.tensors[bn_var]
     elif case == "wrong shape":
         tensors[key] = torch.zeros(1, 1, 3, 3)
     elif case == "missing key":

@@ -315,6 +315,7 @@ def test_export_names_the_training_checkpoint_it_came_from(cli, gan_run, tmp_pat
     assert cli("export", out, "--out", tmp_path / "a.safetensors").code == 0
     source = cli("info", tmp_path / "a.safetensors", "--json").json()["source"]
     assert source == str((out / "checkpoints" / "step-0000020.safetensors").resolve())  # not last.safetensors
+    assert cli("info", out, "--json").json()["path"] == source  # info names it as sample and eval do: absolute
     assert cli("export", tmp_path / "a.safetensors", "--out", tmp_path / "b.safetensors", "--dtype", "bf16").code == 0
     assert cli("info", tmp_path / "b.safetensors", "--json").json()["source"] == source  # carried over
 

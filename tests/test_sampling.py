@@ -27,6 +27,15 @@ def test_latents_drawn_in_pieces_equal_one_draw(n, dim, batch, seed):
 
 
 
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 80), k=st.integers(1, 80), dim=st.integers(1, 40), seed=st.integers(0, 2**32 - 1))
+def test_image_k_is_the_same_for_any_n(n, k, dim, seed):
+    """`--n 1` and `--n 40` begin with the same image: torch draws a count that is no multiple of 16
+    another way at its end, so latents(1, 100) used to differ from latents(40, 100)[0] in 16 values."""
+    k = min(k, n)
+    assert torch.equal(latents(n, dim, seed)[:k], latents(k, dim, seed))
+
+
 def test_truncation_maps_each_value_into_the_range_keeping_its_order():
     z = latents(20000, 4, 7)
     for threshold in (0.3, 1.0, 2.5):
@@ -63,7 +72,9 @@ def test_slerp_walks_from_each_start_to_its_end():
        truncation=st.sampled_from([None, 0.7]))
 def test_walks_drawn_in_pieces_equal_one_draw(walks, steps, dim, batch, truncation):
     n = walks * steps
-    got = torch.cat(list(sample_latents(n, dim, 5, batch, truncation, steps)))
+    pieces = list(sample_latents(n, dim, 5, batch, truncation, steps))
+    assert all(len(p) <= batch for p in pieces)  # --batch-size holds, even for a walk longer than a batch
+    got = torch.cat(pieces)
     ends = latents(2 * walks, dim, 5)
     ends = truncate(ends, truncation) if truncation else ends
     assert torch.equal(got, slerp(ends[0::2], ends[1::2], steps))
@@ -282,10 +293,10 @@ def test_walk_ends_are_the_seeds_images_and_truncation_changes_them(monkeypatch,
         assert code == 0, err
         return json.loads(out), [p.read_bytes() for p in sorted(folder.iterdir())]
 
-    _, plain = pngs("--n", "4", "--batch-size", "1")
+    _, plain = pngs("--n", "3", "--batch-size", "1")  # 3 x 8 latent values: no multiple of 16
     info, walk = pngs("--n", "10", "--interpolate", "5", "--batch-size", "1")
     assert (info["n"], info["interpolate"], info["truncation"]) == (10, 5, None)
-    assert [walk[0], walk[4], walk[5], walk[9]] == plain  # walk w goes from image 2w to image 2w + 1
+    assert [walk[0], walk[4], walk[5]] == plain  # walk w goes from image 2w to image 2w + 1
     assert len(set(walk)) == 10
     info, cut = pngs("--n", "4", "--truncation", "0.5", "--batch-size", "1")
     assert info["truncation"] == 0.5 and all(a != b for a, b in zip(cut, plain))
@@ -296,8 +307,19 @@ def test_walk_ends_are_the_seeds_images_and_truncation_changes_them(monkeypatch,
     (["--truncation", "-1"], "--truncation must be a positive number"),
     (["--truncation", "inf"], "--truncation must be a positive number"),
     (["--interpolate", "1"], "--interpolate must be at least 2"),
+    (["--interpolate", str(10**9 + 1), "--individual", "{tmp}/i"], "and at most 1,000,000,000"),
 ])
 def test_bad_truncation_or_walks_are_refused(monkeypatch, capsys, runs, tmp_path, args, expect):
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     code, _, err = run_cli(monkeypatch, capsys, "sample", runs["gan"], *args, "--out", tmp_path / "g.png")
     assert code == 2 and expect in err and err.count("\n") == 1, err
     assert not (tmp_path / "g.png").exists()
+
+
+def test_a_grid_out_that_cannot_be_written_is_refused_before_generating(monkeypatch, capsys, runs, tmp_path):
+    import aigc_cli.sampling as S
+
+    (tmp_path / "one.png").write_bytes(b"x")
+    monkeypatch.setattr(S, "generate", lambda *a, **k: pytest.fail("generated before the --out check"))
+    code, _, err = run_cli(monkeypatch, capsys, "sample", runs["gan"], "--out", tmp_path / "one.png" / "x.png")
+    assert code == 2 and "--out " in err and "one.png is a file, not a folder" in err, err

@@ -20,7 +20,8 @@ def info(
     from ..models import FAMILIES
 
     ck = ckpt_io.load(checkpoint)
-    result = {"path": str(ck.path), "kind": ck.kind, "model": ck.config.model.kind, "step": ck.step,
+    # absolute, as sample and eval name a checkpoint: the step file behind last/best, which the next save replaces
+    result = {"path": str(ck.step_file), "kind": ck.kind, "model": ck.config.model.kind, "step": ck.step,
               "images_seen": ck.images_seen, "parameters": ckpt_io.param_counts(ck),
               "precision": ck.meta.get("aigc.precision", ""), "dtype": ck.meta.get("aigc.dtype", "fp32"),
               "created": ck.meta.get("aigc.created", ""), "torch": ck.meta.get("aigc.torch", ""),

@@ -90,8 +90,9 @@ def sample(
         raise UsageError("--n, --batch-size and --nrow must be positive")
     if truncation is not None and not 0 < truncation < math.inf:
         raise UsageError(f"--truncation must be a positive number (0.5 to 1 is usual), got {truncation}")
-    if interpolate is not None and interpolate < 2:
-        raise UsageError(f"--interpolate must be at least 2 (the steps of a walk, both ends included), got {interpolate}")
+    if interpolate is not None and not 2 <= interpolate <= MAX_N:
+        raise UsageError(f"--interpolate must be at least 2 (the steps of a walk, both ends included) and at most "
+                         f"{MAX_N:,}, got {interpolate}")
     if n > MAX_N:
         raise UsageError(f"--n must be at most {MAX_N:,} (run again with another --seed for more)")
     if precision not in ("auto", "bf16", "fp16", "fp32"):
@@ -102,6 +103,10 @@ def sample(
         raise UsageError(f"--out {out}: sample grids are PNG files; use a name ending in .png")
     if individual is not None and individual.exists() and not individual.is_dir():
         raise UsageError(f"--individual {individual}: exists and is not a folder")
+    if out is not None:
+        from ..files import check_writable
+
+        check_writable(out, "--out")  # now, not after generating every image
     if out is not None and individual is not None and individual.resolve() in out.resolve().parents:
         raise UsageError(f"--out {out}: is inside the --individual folder, where it would be taken for one more "
                          "sample (by `aigc eval --fake`, say); write the grid elsewhere")
