@@ -92,7 +92,7 @@ def atomic_write(path: str | os.PathLike, suffix: str = ".tmp", *, durable: bool
         except OSError as e:
             raise OSError(e.errno, e.strerror, str(path)) from None
     try:
-        with contextlib.suppress(OSError):  # without locks (some network mounts) sweeps wait a minute
+        with contextlib.suppress(OSError):  # a file system without locks: sweeps cannot lock either
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a new file: nobody else holds it
         yield tmp
         if durable:
@@ -123,7 +123,8 @@ def atomic_write(path: str | os.PathLike, suffix: str = ".tmp", *, durable: bool
 
 
 # A leftover younger than this is left alone even when unlocked: a writer locks its file a moment after
-# creating it, and file systems without working locks (some network mounts) never lock it.
+# creating it, and on NFS, where flock is emulated by POSIX locks, a writer's lock goes when it closes
+# any other descriptor of the file (safetensors' own, the fsync's): its last moments are unlocked.
 _DEAD_AFTER_S = 60
 
 
@@ -145,8 +146,8 @@ def remove_dead_temps(path: Path, suffix: str = ".tmp") -> int:
             if not stat.S_ISREG(st.st_mode) or time.time() - st.st_mtime < _DEAD_AFTER_S:
                 continue
             fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            try:  # shared: it conflicts with the writer's exclusive lock, and NFS grants it to a reader
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
                 os.unlink(entry.path)
                 removed += 1
             finally:

@@ -238,6 +238,10 @@ def test_a_signal_during_an_evaluation_stops_it_and_saves(tmp_path, classifier, 
     from aigc_cli.training.state import find_resume
 
     monkeypatch.setattr(FakeEmbedder, "add", real_add)
+    fork = Silent()  # a fork of that checkpoint has nothing skipped to redo: its first evaluation is its own
+    train(cfg.with_overrides({"train.steps": "6"}), tmp_path / "fork", fork,
+          resume=find_resume(str(tmp_path / "run" / "checkpoints" / "step-0000005.safetensors"), tmp_path / "fork", print))
+    assert not any("did not run before the stop" in n for n in fork.notes), fork.notes
     rep = Silent()
     train(cfg, tmp_path / "run", rep, resume=find_resume("auto", tmp_path / "run", print))
     assert any("the evaluation due at step 5 did not run before the stop" in n for n in rep.notes), rep.notes

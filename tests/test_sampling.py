@@ -176,7 +176,7 @@ def test_export_refuses_other_formats_and_training_checkpoints(monkeypatch, caps
 def test_unwritable_outputs_are_named_as_the_user_typed_them(monkeypatch, capsys, runs, tmp_path):
     (tmp_path / "a.png").write_text("a file")
     code, _, err = run_cli(monkeypatch, capsys, "sample", runs["gan"], "--n", "2", "--out", tmp_path / "a.png" / "x.png")
-    assert code == 2 and err == f"error: {tmp_path / 'a.png'}: is a file, not a folder\n"
+    assert code == 2 and err == f"error: --out {tmp_path / 'a.png' / 'x.png'}: {tmp_path / 'a.png'} is a file, not a folder\n"
     code, _, err = run_cli(monkeypatch, capsys, "sample", runs["gan"], "--n", "2", "--out", "/proc/x.png")
     assert code == 2 and err.startswith("error: /proc/x.png: ") and err.count("\n") == 1, err
 

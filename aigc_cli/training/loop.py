@@ -223,13 +223,14 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup) -> dict:
                           "starting afresh")
             best_value = best_step = None
         reporter.note(f"resumed from {resume.path} at step {step} ({images_seen} images seen)")
+    # resumed from this folder's own checkpoints (not a fork from another run's)
+    ours = resume is not None and Path(resume.path).resolve().parent == run.checkpoints.resolve()
     if resume is not None and step >= steps:  # leave the run folder as it is
         reporter.note(f"already at step {step} of {steps}: nothing to train (raise --steps or --epochs)")
     else:
         aside, _ = run.set_aside_after(step, resume)
         # A fresh start, or a fork into a folder without checkpoints, drops the lines and grids left by a
         # run killed there before its first checkpoint (a fork's own history is in its parent's folder).
-        ours = resume is not None and Path(resume.path).resolve().parent == run.checkpoints.resolve()
         run.trim_metrics(step if ours else 0)
         if not ours:
             run.remove_grids()
@@ -367,14 +368,16 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup) -> dict:
     if stop.signum is not None:
         raise Interrupted(f"{stop.name} before the first step; nothing to save", stop.exit_code)
     before = resume.config.train if resume is not None else None
-    if (evaluator is not None and before is not None and step < steps and before.eval_every
+    if (evaluator is not None and before is not None and ours and step < steps and before.eval_every
             and step % before.eval_every == 0 and step % cfg.train.eval_every == 0
             and before.eval_metric == cfg.train.eval_metric and eval_setup(resume.config) == eval_setup(cfg)
             and not run.has_record(step, cfg.train.eval_metric)):
         # A stop skips or cuts short the evaluation due at its step (the save must fit in the grace
         # period): do it now, with the same weights, or its record and a best found there were lost.
         reporter.note(f"the evaluation due at step {step} did not run before the stop: evaluating now")
+        t_eval = time.perf_counter()
         scores = evaluate_now()
+        t_log += time.perf_counter() - t_eval  # images/s counts training, not evaluation
         if scores is None:
             code, name = (stop.exit_code, stop.name) if stop.signum is not None else (USR1_EXIT_CODE, "SIGUSR1")
             raise Interrupted(f"{name} during the evaluation at step {step}; the checkpoint at step {step} stands; "
