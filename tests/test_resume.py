@@ -499,3 +499,19 @@ def test_a_fork_finds_its_own_best_and_drops_a_dead_runs_lines_and_grids(tmp_pat
     steps = [json.loads(line)["step"] for line in (fork / "metrics.jsonl").read_text().splitlines()]
     assert steps == [8, 10]
     assert not (fork / "samples" / "step-0000004.png").exists()
+
+
+def test_going_back_without_steps_continues_to_the_runs_current_length(tmp_path, monkeypatch, capsys):
+    """A run trained to 8, then resumed to 16: going back to step 8 without --steps trained nothing
+    ("already at step 8 of 8"), the older checkpoint's own length."""
+    from conftest import run_cli
+
+    out = tmp_path / "r"
+    small = ["--set", "model.g_width=8", "--set", "model.d_width=8", "--set", "data.limit=64", "--set",
+             "train.ckpt_every=8", "--set", "train.sample_every=100", "--batch-size", "16", "-q", "--json"]
+    assert run_cli(monkeypatch, capsys, "train", "--preset", "quickstart", "--out", out, "--steps", "8", *small)[0] == 0
+    assert run_cli(monkeypatch, capsys, "train", "--resume", "auto", "--out", out, "--steps", "16", *small)[0] == 0
+    code, stdout, err = run_cli(monkeypatch, capsys, "train", "--resume", out / "checkpoints" / "step-0000008.safetensors",
+                                "-q", "--json")
+    assert code == 0 and json.loads(stdout)["steps"] == 16 and json.loads(stdout)["start_step"] == 8, err
+    assert (out / "checkpoints" / "after-step-0000008" / "step-0000016.safetensors").is_file()

@@ -33,6 +33,25 @@ def resume_run_dir(path: Path) -> Path:
     return folder.parent if folder.name == "checkpoints" else folder
 
 
+def _run_target(ckpt, out: Path | None, assignments: dict) -> dict:
+    """Going back (`--resume run/checkpoints/step-N.safetensors`, no --preset) continues the run: to the
+    length its config.toml now asks for, which a later resume may have raised, not to the one stored in
+    that older checkpoint (which was then already reached: "nothing to train"). --steps, --epochs and
+    --set train.steps/epochs are applied after this and win."""
+    from ..config import load_preset
+    from ..errors import UsageError
+
+    if out is None or ckpt.path.resolve().parent != (Path(out) / "checkpoints").resolve():
+        return {}
+    if {"train.steps", "train.epochs"} & set(assignments) or not (Path(out) / "config.toml").is_file():
+        return {}
+    try:
+        run = load_preset(str(Path(out) / "config.toml"))
+    except UsageError:  # edited by hand, or not UTF-8: the checkpoint's own length then
+        return {}
+    return {"train.steps": run.train.steps, "train.epochs": run.train.epochs}
+
+
 @handles_errors
 def train(
     preset: Optional[str] = typer.Option(None, "--preset", "-p", help="Preset name (see `aigc presets list`) or a path to a TOML file; optional with --resume."),
@@ -84,6 +103,8 @@ def train(
         cfg = load_preset(preset)
     elif ckpt is not None:
         cfg = ckpt.config  # resuming without a preset: the run's own config, plus any overrides
+        if resume != "auto":
+            cfg = cfg.with_overrides(_run_target(ckpt, out, assignments))
     else:
         raise UsageError("--preset is required (see `aigc presets list`)" +
                          (f"; --resume auto found no checkpoint in {out}" if resume == "auto" else ""))
