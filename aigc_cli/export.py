@@ -9,6 +9,7 @@ import torch
 
 from . import checkpoint as ckpt_io
 from .errors import UsageError
+from .files import check_writable
 from .models import FAMILIES
 from .training.precision import DTYPES
 
@@ -24,6 +25,7 @@ def export_generator(ckpt: ckpt_io.Checkpoint, out: Path, dtype: str, ema: bool 
                          "them) or ONNX models; use a name ending in .safetensors or .onnx")
     if dtype not in DTYPES:
         raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
+    check_writable(out, "--out")
     if out.suffix.lower() == ".onnx":
         from .export_onnx import export_onnx  # noqa: PLC0415 (onnx is an optional extra)
 

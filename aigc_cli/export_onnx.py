@@ -17,7 +17,8 @@ from . import checkpoint as ckpt_io
 from .errors import UsageError
 from .files import atomic_write
 
-OPSET = 18  # onnxruntime 1.14+ (2023) runs it
+OPSET = 18
+IR_VERSION = 8  # the oldest that holds opset 18: onnxruntime 1.14+ (2023) loads it; onnx 1.16+ writes 10
 
 
 class _Images(torch.nn.Module):
@@ -41,6 +42,7 @@ def export_onnx(ckpt: ckpt_io.Checkpoint, out: Path, dtype: str, ema: bool, meta
     except ImportError as e:
         raise UsageError(f"--out {out}: exporting ONNX needs the onnx and onnxscript packages ({e.name} is "
                          "not installed): pip install 'aigc[onnx]'") from None
+    from . import __version__
     from .sampling import generator_from
 
     G, _ = generator_from(ckpt, "cpu", "fp32", ema=ema)
@@ -55,11 +57,16 @@ def export_onnx(ckpt: ckpt_io.Checkpoint, out: Path, dtype: str, ema: bool, meta
         # The exporter prints its progress on stdout (where --json output goes) and warns at length.
         with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(model, args, str(tmp), input_names=names, output_names=["images"],
-                              dynamic_shapes=shapes, opset_version=OPSET, external_data=False, verbose=False)
+            try:
+                torch.onnx.export(model, args, str(tmp), input_names=names, output_names=["images"],
+                                  dynamic_shapes=shapes, opset_version=OPSET, external_data=False, verbose=False)
+            except ImportError as e:  # an onnxscript that imports but lacks what this torch needs
+                raise UsageError(f"--out {out}: the installed onnx/onnxscript do not work with torch "
+                                 f"{torch.__version__} ({e}); pip install -U 'aigc[onnx]'") from None
         proto = onnx.load(str(tmp))
         onnx.helper.set_model_props(proto, meta)
-        proto.producer_name = "aigc"
+        proto.ir_version = min(proto.ir_version, IR_VERSION)
+        proto.producer_name, proto.producer_version = "aigc", __version__
         onnx.save(proto, str(tmp))
     return {"out": str(out), "format": "onnx", "dtype": dtype, "opset": OPSET, "inputs": names,
             "parameters": ckpt_io.param_counts(ckpt)["G"], "bytes": out.stat().st_size}

@@ -62,7 +62,7 @@ def slerp(a: torch.Tensor, b: torch.Tensor, steps: int | torch.Tensor) -> torch.
     fractions from 0 to 1 (or at the given fractions): rows (len(a) * steps, dim), walk by walk.
     Gaussian latents keep their typical norm along it, where a straight line passes through the
     rarely drawn middle (washed-out images halfway)."""
-    t = torch.linspace(0, 1, steps, dtype=torch.float64) if isinstance(steps, int) else steps.double()
+    t = fractions(0, steps, steps) if isinstance(steps, int) else steps.double()
     t = t.view(1, -1, 1)
     a64, b64 = a.double().unsqueeze(1), b.double().unsqueeze(1)
     cos = torch.nn.functional.cosine_similarity(a64, b64, dim=-1).clamp(-1, 1).unsqueeze(-1)
@@ -72,6 +72,12 @@ def slerp(a: torch.Tensor, b: torch.Tensor, steps: int | torch.Tensor) -> torch.
     wa = torch.where(near, 1 - t, torch.sin((1 - t) * omega) / torch.where(near, 1, sin))
     wb = torch.where(near, t, torch.sin(t * omega) / torch.where(near, 1, sin))
     return (wa * a64 + wb * b64).reshape(-1, a.shape[1]).to(a.dtype)
+
+
+def fractions(start: int, stop: int, steps: int) -> torch.Tensor:
+    """Points start..stop-1 of a walk of `steps` as fractions of the way, computed the same way for any
+    piece of it (a walk longer than a batch is made piece by piece, never whole)."""
+    return torch.arange(start, stop, dtype=torch.float64) / (steps - 1)
 
 
 def sample_latents(n: int, dim: int, seed: int, batch_size: int, truncation: float | None = None,
@@ -85,24 +91,23 @@ def sample_latents(n: int, dim: int, seed: int, batch_size: int, truncation: flo
     if not walk:
         yield from draws
         return
-    t = torch.linspace(0, 1, walk, dtype=torch.float64)
     group = max(1, batch_size // walk)  # whole walks a piece, where they fit
     ends = torch.empty(0, dim)
     for z in draws:
         ends = torch.cat([ends, z])
         while len(ends) >= 2 * group:
-            yield from _walk_pieces(ends[0:2 * group:2], ends[1:2 * group:2], t, batch_size)
+            yield from _walk_pieces(ends[0:2 * group:2], ends[1:2 * group:2], walk, batch_size)
             ends = ends[2 * group:]
     if len(ends):
-        yield from _walk_pieces(ends[0::2], ends[1::2], t, batch_size)
+        yield from _walk_pieces(ends[0::2], ends[1::2], walk, batch_size)
 
 
-def _walk_pieces(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
-    if len(a) * len(t) <= batch_size:
-        yield slerp(a, b, t)
+def _walk_pieces(a: torch.Tensor, b: torch.Tensor, steps: int, batch_size: int) -> Iterator[torch.Tensor]:
+    if len(a) * steps <= batch_size:
+        yield slerp(a, b, steps)
     else:  # one walk longer than a batch
-        for fractions in t.split(batch_size):
-            yield slerp(a, b, fractions)
+        for start in range(0, steps, batch_size):
+            yield slerp(a, b, fractions(start, min(steps, start + batch_size), steps))
 
 
 def from_uint8(images: torch.Tensor) -> torch.Tensor:

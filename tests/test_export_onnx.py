@@ -53,7 +53,10 @@ def test_onnxruntime_makes_the_generators_images(monkeypatch, capsys, runs, tmp_
             expected = G(z, labels).float().numpy()
         assert images.shape == (batch, m.channels, m.resolution, m.resolution)
         np.testing.assert_allclose(images, expected, atol=1e-4)
-    props = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto, full_check=True)
+    assert proto.ir_version <= 8 and proto.producer_name == "aigc"  # loads in onnxruntime 1.14+
+    props = {p.key: p.value for p in proto.metadata_props}
     assert props["aigc.kind"] == "export" and props["aigc.model"] == m.kind
     assert json.loads(props["aigc.config"]) == json.loads(ck.config.to_json())
     assert props["aigc.source"] == str(ck.step_file) and props["aigc.step"] == "1"
@@ -73,3 +76,5 @@ def test_onnx_refusals_and_readers_say_what_to_do(monkeypatch, capsys, runs, tmp
         assert code == 2 and "an ONNX model, for runtimes such as onnxruntime" in err, err
     code, _, err = run_cli(monkeypatch, capsys, "export", runs["dcgan"], "--out", tmp_path / "g.pt")
     assert code == 2 and "use a name ending in .safetensors or .onnx" in err, err
+    code, _, err = run_cli(monkeypatch, capsys, "export", runs["dcgan"], "--out", path / "x.onnx")  # g.onnx: a file
+    assert code == 2 and err.startswith(f"error: --out {path / 'x.onnx'}: ") and "is a file, not a folder" in err, err

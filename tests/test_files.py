@@ -149,3 +149,17 @@ def test_a_killed_writers_temporary_file_is_removed_by_the_next_write_and_a_live
     assert young.exists() and all(p.exists() for p in others)
     assert target.read_bytes() == b"new"
 
+
+@pytest.mark.parametrize("raised", [OSError(28, "No space left on device"), KeyboardInterrupt()])
+def test_a_failed_write_removes_the_folders_it_made(tmp_path, raised):
+    """`aigc export --out new/dir/m.onnx` stopped by SIGTERM (or failing) left new/dir behind, empty."""
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "other").write_text("x")
+    with pytest.raises(type(raised)):
+        with atomic_write(tmp_path / "kept" / "new" / "dir" / "f.bin") as tmp:
+            tmp.write_bytes(b"half")
+            raise raised
+    assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == ["other"]  # only what it made is gone
+    with atomic_write(tmp_path / "kept" / "new" / "f.bin") as tmp:
+        tmp.write_bytes(b"whole")
+    assert (tmp_path / "kept" / "new" / "f.bin").read_bytes() == b"whole"

@@ -79,6 +79,9 @@ def test_walks_drawn_in_pieces_equal_one_draw(walks, steps, dim, batch, truncati
     ends = truncate(ends, truncation) if truncation else ends
     assert torch.equal(got, slerp(ends[0::2], ends[1::2], steps))
     plain = torch.cat(list(sample_latents(n, dim, 5, batch, truncation)))
+    if walks == 1:  # the longest walk --interpolate allows starts at once, a batch at a time (not 8 GB of fractions)
+        first = next(iter(sample_latents(10**9, dim, 5, batch, truncation, 10**9)))
+        assert first.shape == (batch, dim)
     assert torch.equal(plain, truncate(latents(n, dim, 5), truncation) if truncation else latents(n, dim, 5))
 
 def test_individual_files_streamed_from_batches_equal_one_batch(tmp_path):
@@ -281,6 +284,9 @@ def test_walks_fill_grid_rows_and_take_the_classes_in_turn(monkeypatch, capsys, 
                            "--interpolate", "4", "--out", tmp_path / "w.png")
     assert code == 0 and "--n 14 with --interpolate 4: 3 walks of 4 images, 12 in all" in err, err
     assert torch.cat(seen).tolist() == [3] * 4 + [1] * 4 + [3] * 4
+    code, _, err = run_cli(monkeypatch, capsys, "sample", runs["cond"], "--class", "3,1,0", "--n", "8",
+                           "--interpolate", "4", "--out", tmp_path / "w2.png")
+    assert code == 0 and "2 walks, so the first 2 of the 3 classes only; --n 12 gives one walk per class" in err, err
     res = tiny("dcgan").model.resolution
     assert Image.open(tmp_path / "w.png").size == (4 * (res + 2) + 2, 3 * (res + 2) + 2)  # a walk a row
 
