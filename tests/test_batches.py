@@ -230,17 +230,17 @@ def test_a_data_position_counted_in_batches_is_read_as_images():
     """Checkpoints written before positions counted images held (epoch, index) in their own batches."""
     import json
 
-    from aigc_cli.training.state import _data_position
+    from aigc_cli.training.state import data_position
 
     meta = {"aigc.data_position": json.dumps({"epoch": 3, "index": 5}),
             "aigc.config": json.dumps({"train": {"batch_size": 64}})}
-    assert _data_position(meta) == {"epoch": 3, "image": 320}
+    assert data_position(meta) == {"epoch": 3, "image": 320}
     meta["aigc.data_position"] = json.dumps({"epoch": 3, "image": 100})
-    assert _data_position(meta) == {"epoch": 3, "image": 100}
+    assert data_position(meta) == {"epoch": 3, "image": 100}
     for bad in ({"epoch": 3}, {"epoch": -1, "image": 0}, {"epoch": 1, "image": 2, "index": 3}, [1, 2]):
         meta["aigc.data_position"] = json.dumps(bad)
         with pytest.raises(ValueError):
-            _data_position(meta)
+            data_position(meta)
 
 def test_lazy_folder_reads_like_a_tensor(noise_folder):
     eager = load_images(str(noise_folder), channels=1, resolution=RES, cache=False)

@@ -315,3 +315,29 @@ def test_a_signal_at_the_last_step_skips_the_final_evaluation_and_says_so(tmp_pa
     rep = TermAfterTheLastEvaluation()
     train(cfg, tmp_path / "run2", rep)  # the final evaluation was made: nothing skipped to speak of
     assert rep.notes[-1] == "SIGTERM came at the last step, 6: the run is complete"
+
+
+def test_sigusr1_with_exit_on_usr1_lets_the_final_evaluation_finish(tmp_path, classifier, monkeypatch):
+    """At the last step there is nothing to requeue: SIGUSR1 (--exit-on-usr1) used to stop the final
+    evaluation and the run ended complete, exit 0, without its FID and without a word."""
+    import os
+    import signal
+
+    from aigc_cli.metrics.evaluate import FakeEmbedder
+
+    sent, real_add = [], FakeEmbedder.add
+
+    def add(self, images, batch_size):
+        if not sent:
+            sent.append(True)
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return real_add(self, images, batch_size)
+
+    monkeypatch.setattr(FakeEmbedder, "add", add)
+    cfg = tiny("dcgan").with_overrides({
+        "train.steps": "4", "train.eval_every": "4", "train.eval_n": "48", "train.eval_metric": "fid",
+        "train.eval_features": str(classifier), "train.ckpt_every": "4"})
+    summary = train(cfg, tmp_path / "run", Silent(), exit_on_usr1=True)
+    assert sent and summary["steps"] == 4
+    lines = [json.loads(s) for s in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if "fid" in r] == [4]

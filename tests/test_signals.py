@@ -265,3 +265,16 @@ def test_a_stop_inside_an_import_during_the_data_load_waits_for_the_import(tmp_p
     with pytest.raises(Interrupted, match="SIGTERM while loading the data"):
         loop.train(tiny("dcgan"), tmp_path / "run", Silent())
     assert 0 < len(decoded) < 20 and signal.getsignal(signal.SIGALRM) is signal.SIG_DFL
+
+
+def test_the_first_stop_names_the_exit_code():
+    """SIGTERM (a batch system's time limit: requeued on 143) then a SIGINT in the same step ended 130,
+    which the README's SLURM script does not requeue."""
+    import os
+
+    from aigc_cli.training.signals import StopFlag
+
+    with StopFlag() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGINT)
+        assert (stop.name, stop.exit_code) == ("SIGTERM", 143)

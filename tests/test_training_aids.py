@@ -391,6 +391,27 @@ def test_epochs_on_a_resume_at_another_batch_size_still_make_that_many_passes(tm
     assert (summary["steps"], summary["images_seen"]) == (12, 256)  # 4 steps of 32: the second pass
 
 
+def test_epochs_resumed_mid_epoch_at_another_batch_size_end_with_the_last_epoch(tmp_path):
+    """Stopped in epoch 1 of 2 at batch 24 (each epoch drops its last 8 images), resumed at batch 16:
+    counted from images_seen, the run went on one batch into a third epoch."""
+    from conftest import Silent, tiny
+    from test_resume import StopsAt
+
+    from aigc_cli import checkpoint as ckpt_io
+    from aigc_cli.errors import Interrupted
+    from aigc_cli.training.loop import train
+    from aigc_cli.training.state import data_position, find_resume
+
+    base = tiny("dcgan").with_overrides({"data.limit": "512", "train.epochs": "2", "train.batch_size": "24"})
+    with pytest.raises(Interrupted):
+        train(base, tmp_path / "run", StopsAt(25))  # 21 batches an epoch: 4 batches, 96 images into epoch 1
+    resume = find_resume("auto", tmp_path / "run", print)
+    assert data_position(resume.meta) == {"epoch": 1, "image": 96}
+    summary = train(base.with_overrides({"train.batch_size": "16"}), tmp_path / "run", Silent(), resume=resume)
+    assert summary["steps"] == 25 + (512 - 96) // 16  # the rest of epoch 1, and no more
+    assert data_position(ckpt_io.load(tmp_path / "run").meta) == {"epoch": 1, "image": 96 + 26 * 16}
+
+
 def test_a_best_metric_the_run_does_not_log_is_pointed_out(tmp_path):
     from conftest import Silent, tiny
 

@@ -48,18 +48,19 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def total_steps(cfg: Config, n_images: int, step: int = 0, images_seen: int = 0) -> int:
-    """train.steps, or for train.epochs the steps that show the data that many times: a GAN step with
-    n_critic critic steps draws n_critic real batches. A resumed run (at `step`, having drawn `images_seen`)
-    counts what is left in images, so a batch size changed on resume still makes N passes in all."""
+def total_steps(cfg: Config, n_images: int, step: int = 0, position: dict | None = None) -> int:
+    """train.steps, or for train.epochs the steps that show the data that many times: the batches of
+    those epochs (each drops its last partial batch), n_critic of them a step for a GAN with critic
+    steps. A resumed run (at `step`, its data at `position`, the epoch and the images of it drawn)
+    counts the batches left at this batch size, so a batch size changed on resume still makes N passes."""
     if not cfg.train.epochs:
         return cfg.train.steps
-    per_step = cfg.train.batch_size * cfg.train.n_critic  # n_critic is 1 for all but GANs (config checks)
-    whole = max(1, cfg.train.epochs * (n_images // per_step))
-    if not images_seen:
-        return whole
-    left = max(0, whole * per_step - images_seen)  # images_seen counts every real batch drawn, critic ones too
-    return step + -(-left // per_step)
+    bs, epochs = cfg.train.batch_size, cfg.train.epochs
+    epoch, image = (position["epoch"], position["image"]) if position else (0, 0)
+    if epoch >= epochs:
+        return step
+    left = (n_images - image) // bs + (epochs - epoch - 1) * (n_images // bs)
+    return step + left // cfg.train.n_critic if position else max(1, left // cfg.train.n_critic)
 
 
 def best_metric(cfg: Config) -> tuple[str | None, bool]:
@@ -162,7 +163,8 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup) -> dict:
             state.check_same_classes(resume, data.class_names, cfg.model.num_classes)
         for change in state.check_compatible(resume.config, cfg, resume.path):
             reporter.note(f"resuming with a changed setting: {change}")
-    steps = total_steps(cfg, len(data.images), *((resume.step, resume.images_seen) if resume is not None else ()))
+    at = (resume.step, state.data_position(resume.meta)) if resume is not None else ()
+    steps = total_steps(cfg, len(data.images), *at)
 
     seed_everything(cfg.train.seed)
     if device.type == "cuda":
@@ -274,7 +276,9 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup) -> dict:
 
         try:
             scores = evaluator(nets.get("G_ema", nets["G"]), step, amp,
-                               should_stop=lambda: stop.signum is not None or (exit_on_usr1 and stop.save_requested))
+                               # at the last step there is nothing to come back to: SIGUSR1 lets it finish
+                               should_stop=lambda: stop.signum is not None or (exit_on_usr1 and stop.save_requested
+                                                                               and step < steps))
         except EvaluationStopped:
             reporter.note(f"the evaluation at step {step} was stopped by a signal; saving instead")
             return None

@@ -89,7 +89,8 @@ class StopFlag:
             return
         if self.signum == signal.SIGINT and signum == signal.SIGINT:
             raise KeyboardInterrupt  # second Ctrl-C: the user wants out now
-        self.signum = signum
+        if self.signum is None:  # the first stop names the exit: a SIGTERM then a SIGINT is still 143 (requeued)
+            self.signum = signum
         if self._at_once:
             self._at_once = False  # a second signal must not break the clean-up the first one started
             self._raiser(frame)

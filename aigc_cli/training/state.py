@@ -106,14 +106,14 @@ def restore(tensors: dict[str, torch.Tensor], meta: dict[str, str], nets: dict, 
         random.setstate((py[0], tuple(py[1]), py[2]))
         kind, pos, has_gauss, gauss = json.loads(meta["aigc.rng.numpy"])
         np.random.set_state((kind, tensors["rng.numpy"].numpy().astype(np.uint32), pos, has_gauss, gauss))
-        batches.seek(**_data_position(meta))
+        batches.seek(**data_position(meta))
         return step, int(meta["aigc.images_seen"])
     except (KeyError, ValueError, TypeError, RuntimeError, IndexError, OverflowError, RecursionError) as e:
         raise UsageError(f"{origin}: cannot resume from it, its training state is incomplete or invalid "
                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
 
 
-def _data_position(meta: dict[str, str]) -> dict[str, int]:
+def data_position(meta: dict[str, str]) -> dict[str, int]:
     """(epoch, image) where the data order goes on. Checkpoints before image counts held (epoch, index)
     in batches of their own batch size."""
     position = json.loads(meta["aigc.data_position"])
