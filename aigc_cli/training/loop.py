@@ -163,7 +163,7 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup) -> dict:
             state.check_same_classes(resume, data.class_names, cfg.model.num_classes)
         for change in state.check_compatible(resume.config, cfg, resume.path):
             reporter.note(f"resuming with a changed setting: {change}")
-    at = (resume.step, state.data_position(resume.meta)) if resume is not None else ()
+    at = (resume.step, state.resume_position(resume)) if resume is not None else ()
     steps = total_steps(cfg, len(data.images), *at)
 
     seed_everything(cfg.train.seed)

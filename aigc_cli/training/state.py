@@ -108,9 +108,25 @@ def restore(tensors: dict[str, torch.Tensor], meta: dict[str, str], nets: dict, 
         np.random.set_state((kind, tensors["rng.numpy"].numpy().astype(np.uint32), pos, has_gauss, gauss))
         batches.seek(**data_position(meta))
         return step, int(meta["aigc.images_seen"])
-    except (KeyError, ValueError, TypeError, RuntimeError, IndexError, OverflowError, RecursionError) as e:
-        raise UsageError(f"{origin}: cannot resume from it, its training state is incomplete or invalid "
-                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    except _INVALID as e:
+        raise _invalid_state(origin, e) from None
+
+
+_INVALID = (KeyError, ValueError, TypeError, RuntimeError, IndexError, OverflowError, RecursionError)
+
+
+def _invalid_state(origin, e: Exception) -> UsageError:
+    return UsageError(f"{origin}: cannot resume from it, its training state is incomplete or invalid "
+                      f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+
+
+def resume_position(ck: Checkpoint) -> dict[str, int]:
+    """data_position of a checkpoint to resume, read before the state is restored (to count the steps
+    left): a damaged one is the same one-line error restore gives."""
+    try:
+        return data_position(ck.meta)
+    except _INVALID as e:
+        raise _invalid_state(ck.path, e) from None
 
 
 def data_position(meta: dict[str, str]) -> dict[str, int]:
