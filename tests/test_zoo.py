@@ -120,7 +120,7 @@ def test_conditional_generator_draws_the_requested_class(tmp_path):
     train(gan, tmp_path / "gan", Silent())
     clf = tiny("classifier").with_overrides({**base, "train.steps": "60"})
     summary = train(clf, tmp_path / "clf", Silent())
-    assert summary["train_accuracy"] > 0.9  # the classes are easy: the judge itself must be reliable (a folder: on its training images)
+    assert summary["train_accuracy"] > 0.9  # easy classes: the judge itself must be reliable (on its training images)
 
     ck = ckpt_io.load(tmp_path / "gan")
     G, amp = generator_from(ck, "cpu", "fp32")
