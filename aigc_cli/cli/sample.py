@@ -68,7 +68,7 @@ def sample(
     nrow: Optional[int] = typer.Option(None, "--nrow", help="Images per grid row (default: one class per row, else sqrt(n) rounded up)."),
     individual: Optional[Path] = typer.Option(None, "--individual", help="Write one PNG per image into this folder (with --out, the grid too)."),
     classes: Optional[str] = typer.Option(None, "--class", help="Conditional models: a class number or name, or a comma list (e.g. 3, dogs or 0,2,5); one class per grid row (default: all classes; `aigc info` lists them)."),
-    truncation: Optional[float] = typer.Option(None, "--truncation", help="Truncation trick: each latent value drawn from a normal cut to [-T, T]; a smaller T (0.5 to 1, say) gives more typical, less varied images (default: no truncation)."),
+    truncation: Optional[float] = typer.Option(None, "--truncation", help="Truncation trick: each latent value drawn from a normal cut to [-T, T]; a smaller T (0.5 to 1, say) gives more typical, less varied images (default: no truncation; with --interpolate, of the walks' ends)."),
     interpolate: Optional[int] = typer.Option(None, "--interpolate", help="Latent walks: each grid row goes in this many steps from one latent to another (spherical interpolation); --n is rounded to whole rows."),
     no_ema: bool = typer.Option(False, "--no-ema", metavar="", help="Use the raw generator weights, not their EMA."),
     batch_size: int = typer.Option(512, "--batch-size", "-b", help="Images generated per forward pass."),
