@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import functools
@@ -12,7 +13,6 @@ import re
 import secrets
 import stat
 import time
-import contextlib
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator

@@ -28,8 +28,12 @@ def latents(n: int, dim: int, seed: int) -> torch.Tensor:
     Row k is the same for any n > k: torch's CPU normal_ draws blocks of 16 values and a count that
     is not a multiple of 16 draws its last values another way, so a multiple of 16 is drawn and the
     rest dropped (`--n 1` and `--n 40` begin with the same image)."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(-(-n * dim // 16) * 16, generator=g)[:n * dim].view(n, dim)
+    return _normal_rows(n, dim, torch.Generator().manual_seed(seed))
+
+
+def _normal_rows(k: int, dim: int, g: torch.Generator) -> torch.Tensor:
+    """k rows of standard normal values: a whole number of torch's 16-value blocks, the rest dropped."""
+    return torch.randn(-(-k * dim // 16) * 16, generator=g)[:k * dim].view(k, dim)
 
 
 def latent_batches(n: int, dim: int, seed: int, batch_size: int) -> Iterator[torch.Tensor]:
@@ -42,7 +46,7 @@ def latent_batches(n: int, dim: int, seed: int, batch_size: int) -> Iterator[tor
     done = 0
     while done < n:
         k = min(rows, n - done)  # only the last piece can hold a count of values that is no multiple of 16
-        yield torch.randn(-(-k * dim // 16) * 16, generator=g)[:k * dim].view(k, dim)
+        yield _normal_rows(k, dim, g)
         done += k
 
 

@@ -55,9 +55,12 @@ def _decode_native(path: str, size: tuple[int, int]) -> np.ndarray:
 def seeded_order(total: int, n: int, seed: int) -> list[int]:
     """All of range(total) in the order a seeded subset of n takes them (the first n; the rest follow,
     to replace any of those that cannot be used). All of them in order when n covers them."""
-    if total <= n:
-        return list(range(total))
-    return torch.randperm(total, generator=torch.Generator().manual_seed(seed)).tolist()
+    return list(range(total)) if total <= n else seeded_permutation(total, seed).tolist()
+
+
+def seeded_permutation(total: int, seed: int) -> torch.Tensor:
+    """The order both seeded_order and metrics.reference.real_indices take their subset in."""
+    return torch.randperm(total, generator=torch.Generator().manual_seed(seed))
 
 
 def load_folder_native(path: str, *, warn: Callable[[str], None], strict: bool = False,

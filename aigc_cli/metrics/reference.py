@@ -25,7 +25,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..data.native import load_folder_native
+from ..data.native import load_folder_native, seeded_permutation
 from ..errors import UsageError
 from ..files import atomic_write
 
@@ -348,9 +348,9 @@ def load_real(source: str, *, root: str | None, download: bool, split: str, seed
 
 def real_indices(total: int, n: int, seed: int) -> torch.Tensor:
     """A seeded subset of at most n indices, in order."""
-    if total <= n:  # data.native.seeded_order begins with the same n: keep the two in step
+    if total <= n:  # the first n of data.native.seeded_order, as a tensor (no list of every index)
         return torch.arange(total)
-    return torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n].sort().values
+    return seeded_permutation(total, seed)[:n].sort().values
 
 
 def data_identity(source: str) -> str:

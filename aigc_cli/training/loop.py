@@ -270,10 +270,12 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup) -> dict:
                 nets["E"].train()
 
     def evaluate_now() -> dict | None:
-        """The evaluator's scores (it puts G in eval mode and back); None when a signal that asks to
-        stop arrived meanwhile: a long evaluation must not eat the batch system's grace period."""
+        """The evaluator's scores (it puts G in eval mode and back), logged; None when a signal that asks
+        to stop arrived meanwhile: a long evaluation must not eat the batch system's grace period."""
         from ..metrics.evaluate import EvaluationStopped
 
+        nonlocal evaluated_at, t_log
+        t_eval = time.perf_counter()
         try:
             scores = evaluator(nets.get("G_ema", nets["G"]), step, amp,
                                # at the last step there is nothing to come back to: SIGUSR1 lets it finish
@@ -282,7 +284,18 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup) -> dict:
         except EvaluationStopped:
             reporter.note(f"the evaluation at step {step} was stopped by a signal; saving instead")
             return None
-        return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in scores.items()}
+        finally:
+            t_log += time.perf_counter() - t_eval  # images/s counts training, not evaluation
+        scores = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in scores.items()}
+        evaluated_at = step
+        run.append_metrics({"step": step, "images_seen": images_seen, **scores})
+        reporter.log({"step": step, "images_seen": images_seen, **scores, "eval": True})
+        return scores
+
+    def save_best(value: float) -> Path:
+        path = save(value)
+        reporter.note(f"new best {metric} {value:.5g} at step {step}: {path.parent / 'best.safetensors'}")
+        return path
 
     # The rollback point for the divergence guard: the last state known to be finite, in memory.
     good = state.capture(cfg, nets, opts, amp, batches, step, images_seen)
@@ -379,20 +392,14 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup) -> dict:
         # A stop skips or cuts short the evaluation due at its step (the save must fit in the grace
         # period): do it now, with the same weights, or its record and a best found there were lost.
         reporter.note(f"the evaluation due at step {step} did not run before the stop: evaluating now")
-        t_eval = time.perf_counter()
         scores = evaluate_now()
-        t_log += time.perf_counter() - t_eval  # images/s counts training, not evaluation
         if scores is None:
             code, name = (stop.exit_code, stop.name) if stop.signum is not None else (USR1_EXIT_CODE, "SIGUSR1")
             raise Interrupted(f"{name} during the evaluation at step {step}; the checkpoint at step {step} stands; "
                               "resume with --resume auto", code, summarize(name, code))
-        evaluated_at = step
-        run.append_metrics({"step": step, "images_seen": images_seen, **scores})
-        reporter.log({"step": step, "images_seen": images_seen, **scores, "eval": True})
         value = scores.get(metric) if metric_from_eval else None
         if beats_best(value):  # the checkpoint at this step again, now with its best value (as uninterrupted)
-            path = save(value)
-            reporter.note(f"new best {metric} {value:.5g} at step {step}: {path.parent / 'best.safetensors'}")
+            save_best(value)
 
     def next_batch():
         nonlocal images_seen
@@ -440,20 +447,13 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup) -> dict:
         path = None  # the checkpoint written at this step, if any
         # A pending signal skips the evaluation: the save it asks for must fit in the job's grace period.
         if evaluator is not None and (step % cfg.train.eval_every == 0 or step == steps) and stop.signum is None:
-            t_eval = time.perf_counter()
             scores = evaluate_now()
-            t_log += time.perf_counter() - t_eval  # images/s counts training, not evaluation
-            if scores is not None:
-                evaluated_at = step
-                run.append_metrics({"step": step, "images_seen": images_seen, **scores})
-                reporter.log({"step": step, "images_seen": images_seen, **scores, "eval": True})
             value = scores.get(metric) if metric_from_eval and scores is not None else None
             if beats_best(value):
                 if not state.all_finite(nets, grads=amp.scaler is None):
                     recover("non-finite weights at an evaluation")
                     continue
-                path = save(value)
-                reporter.note(f"new best {metric} {value:.5g} at step {step}: {path.parent / 'best.safetensors'}")
+                path = save_best(value)
         want_save = (step % cfg.train.ckpt_every == 0 or step == steps or stop.signum is not None
                      or stop.save_requested or grid_error is not None)
         if want_save:
