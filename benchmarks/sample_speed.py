@@ -5,9 +5,9 @@ Times, for N images at 64x64 (the `fashion-mnist-dcgan` generator) at one batch 
 - bare:     the generator's forward pass over the latents in batches (inference mode, same autocast), nothing else;
 - generate: `aigc_cli.sampling.generate`, what `aigc sample` runs before writing PNGs (the same forward pass,
             plus the conversion to uint8 and the copy to the CPU);
-- cli grid / cli individual: the whole `aigc sample` command in a subprocess (Python and torch start-up,
-            checkpoint loading, generation and the PNG grid, or one PNG per image); "cli start-up" is the same
-            command for one image, i.e. its fixed cost.
+- cli npz / cli grid / cli individual: the whole `aigc sample` command in a subprocess (Python and torch
+            start-up, checkpoint loading, generation and one uncompressed .npz, the PNG grid, or one PNG per
+            image); "cli start-up" is the same command for one image, i.e. its fixed cost.
 
 bare and generate alternate, --repeats times each, in this process; the median is reported. The weights come
 from a checkpoint (--checkpoint), or from a 1-step training run made here (speed does not depend on them).
@@ -108,7 +108,8 @@ def main() -> None:
                     "--device", a.device, "--precision", a.precision, "--json"]
             start_up = [*aigc(), "sample", ck_path, "--n", "1", "--device", a.device, "--precision", a.precision,
                         "--json", "--out", str(tmp / "one.png")]
-            for name, extra in (("cli start-up (--n 1)", None), ("cli grid", ["--out", str(tmp / "grid.png")]),
+            for name, extra in (("cli start-up (--n 1)", None), ("cli npz", ["--npz", str(tmp / "all.npz")]),
+                                ("cli grid", ["--out", str(tmp / "grid.png")]),
                                 ("cli individual", ["--out", str(tmp / "grid.png"), "--individual", str(tmp / "each")])):
                 times[name] = []
                 for _ in range(max(1, a.repeats // 2)):

@@ -50,7 +50,7 @@ def evaluate(
     download_weights: bool = typer.Option(False, "--download-weights", metavar="", help="Download the pytorch-fid Inception weights into the cache first (checked against their sha256)."),
     stats_dir: Optional[str] = typer.Option(None, "--stats-dir", help=STATS_DIR_HELP),
     ref: Optional[str] = typer.Option(None, "--ref", help="Precomputed reference statistics (.npz from `aigc eval stats`, or pytorch-fid's with only mu and sigma: FID only) instead of real data."),
-    fake: Optional[str] = typer.Option(None, "--fake", help="Score this folder of generated images (from any tool) instead of a checkpoint."),
+    fake: Optional[str] = typer.Option(None, "--fake", help="Score this folder of generated images (from any tool), or a .npz of them (arr_0 uint8 (N, H, W, C), as `aigc sample --npz` and guided-diffusion write it), instead of a checkpoint."),
     save_fakes: Optional[str] = typer.Option(None, "--save-fakes", help="Also write the generated images as PNGs into this folder."),
     no_ema: bool = typer.Option(False, "--no-ema", metavar="", help="Score the raw generator weights, not their EMA."),
     json_out: bool = typer.Option(False, "--json", metavar="", help="Print one JSON object with metrics and protocol."),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from pathlib import Path
@@ -67,6 +68,7 @@ def sample(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Grid PNG path (default: samples.png, unless --individual is given)."),
     nrow: Optional[int] = typer.Option(None, "--nrow", help="Images per grid row (default: one class per row, else sqrt(n) rounded up)."),
     individual: Optional[Path] = typer.Option(None, "--individual", help="Write one PNG per image into this folder (with --out, the grid too)."),
+    npz: Optional[Path] = typer.Option(None, "--npz", help="Write every image into one .npz file instead (with --out, the grid too): arr_0 uint8 (N, H, W, C), arr_1 the class labels of a conditional model, as guided-diffusion's and StyleGAN's evaluation scripts read them; `aigc eval --fake` reads it too."),
     classes: Optional[str] = typer.Option(None, "--class", help="Conditional models: a class number or name, or a comma list (e.g. 3, dogs or 0,2,5); one class per grid row (default: all classes; `aigc info` lists them)."),
     truncation: Optional[float] = typer.Option(None, "--truncation", help="Truncation trick: each latent value drawn from a normal cut to [-T, T]; a smaller T (0.5 to 1, say) gives more typical, less varied images (default: no truncation; with --interpolate, of the walks' ends)."),
     interpolate: Optional[int] = typer.Option(None, "--interpolate", help="Latent walks: each grid row goes in this many steps from one latent to another (spherical interpolation); --n is rounded to whole rows."),
@@ -77,12 +79,13 @@ def sample(
     json_out: bool = typer.Option(False, "--json", metavar="", help="Print one JSON object with the written paths."),
     quiet: bool = typer.Option(False, "--quiet", "-q", metavar="", help=QUIET_HELP),
 ) -> None:
-    """Generate images (VAE: decode prior samples) into a PNG grid and/or one PNG per image."""
+    """Generate images (VAE: decode prior samples) into a PNG grid, one PNG per image, and/or one .npz array."""
     import torch
 
     from .. import checkpoint as ckpt_io
     from ..errors import UsageError
     from ..errors import one_line
+    from ..image_npz import image_npz_writer
     from ..sampling import (check_generates, check_grid_size, class_labels, generate, generator_from,
                             pngs_in, filling, sample_latents, save_grid, save_individual, warn_stale_pngs)
 
@@ -103,10 +106,13 @@ def sample(
         raise UsageError(f"--out {out}: sample grids are PNG files; use a name ending in .png")
     if individual is not None and individual.exists() and not individual.is_dir():
         raise UsageError(f"--individual {individual}: exists and is not a folder")
-    if out is not None:
-        from ..files import check_writable
+    if npz is not None and npz.suffix.lower() != ".npz":
+        raise UsageError(f"--npz {npz}: use a file name ending in .npz")
+    from ..files import check_writable
 
-        check_writable(out, "--out")  # now, not after generating every image
+    for path, option in ((out, "--out"), (npz, "--npz")):
+        if path is not None:
+            check_writable(path, option)  # now, not after generating every image
     if out is not None and individual is not None and individual.resolve() in out.resolve().parents:
         raise UsageError(f"--out {out}: is inside the --individual folder, where it would be taken for one more "
                          "sample (by `aigc eval --fake`, say); write the grid elsewhere")
@@ -130,7 +136,7 @@ def sample(
         warn(f"--n {n} with {len(drawn)} class{'es' * (len(drawn) != 1)}: {per_row} image{'s' if per_row > 1 else ''} "
              f"per class, {len(drawn) * per_row} in all")
         n = len(drawn) * per_row
-    write_grid = out is not None or individual is None
+    write_grid = out is not None or (individual is None and npz is None)
     if write_grid:
         out = out or Path("samples.png")
         nrow = nrow or per_row or math.ceil(math.sqrt(n))
@@ -138,27 +144,48 @@ def sample(
     G, amp = generator_from(ck, device, precision, ema=not no_ema, warn=warn)
     dim = ck.config.model.latent_dim
 
+    def labels(start: int, stop: int) -> torch.Tensor:  # image k of row k // per_row, rows taking the classes in turn
+        return drawn[torch.arange(start, stop) // per_row % len(drawn)]
+
     def batches():  # for any n: never more than a few batches of latents or images in memory
         start = 0
-        for z in sample_latents(n, dim, seed, batch_size, truncation, interpolate):  # labels too: row k, class k
-            y = None if drawn is None else drawn[torch.arange(start, start + len(z)) // per_row % len(drawn)]
+        for z in sample_latents(n, dim, seed, batch_size, truncation, interpolate):
+            y = None if drawn is None else labels(start, start + len(z))
             start += len(z)
             yield generate(G, z, amp, max(batch_size, len(z)), labels=y)  # one forward pass a piece
 
     console = human_console(json_out, quiet)
     result = {"checkpoint": str(ck.step_file), "n": n, "seed": seed, "truncation": truncation, "interpolate": interpolate}
     before = pngs_in(individual)
-    with filling(individual, n, f"--individual {individual}", warn), console.status(f"generating {n} images"):
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(filling(individual, n, f"--individual {individual}", warn))
+        stack.enter_context(console.status(f"generating {n} images"))
+        add_to_npz = None if npz is None else stack.enter_context(
+            image_npz_writer(npz, n, labels if drawn is not None else None))
+        pieces = batches()
         if write_grid:
-            images = torch.cat(list(batches()))
-            save_grid(images, out, nrow)
+            pieces = [torch.cat(list(pieces))]
+            save_grid(pieces[0], out, nrow)
             result["grid"] = str(out)
+        if add_to_npz is not None:
+            pieces = _passing(pieces, add_to_npz)
+            result["npz"] = str(npz)
         if individual is not None:
-            save_individual([images] if write_grid else batches(), individual)
+            save_individual(pieces, individual)
             result["individual"] = str(individual)
+        elif add_to_npz is not None:
+            for _ in pieces:
+                pass
     warn_stale_pngs(before, n, f"--individual {individual}", warn)
     if json_out:
         emit_json(result)
     else:
         console.print(one_line(f"wrote {n} image{'s' * (n != 1)}: "
-                               + ", ".join(str(result[k]) for k in ("grid", "individual") if k in result)))
+                               + ", ".join(str(result[k]) for k in ("grid", "individual", "npz") if k in result)))
+
+
+def _passing(pieces, add):
+    """The batches as they are, each handed to `add` on the way (written once, to every output)."""
+    for images in pieces:
+        add(images)
+        yield images

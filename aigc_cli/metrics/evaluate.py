@@ -19,6 +19,7 @@ import torch
 from .. import checkpoint as ckpt_io
 from ..data import load_images
 from ..errors import UsageError, one_line
+from ..image_npz import is_npz, load_images as load_npz_images
 from ..losses import decoded_image, vae_terms
 from ..sampling import from_uint8, generate, generator_from, latent_batches, latents, save_png
 from ..training.precision import Precision, resolve_device, slow_precision_note
@@ -312,7 +313,10 @@ def evaluate_folder(fake_dir: str, *, data: str | None, root: str | None, downlo
         raise UsageError("--fake DIR needs --data SOURCE (or --ref FILE) for the real side")
     if extractor is None:  # before reading the folder: missing weights are said at once
         extractor = open_extractor(features, inception_weights, dev, precision, download_weights, warn)
-    fakes = load_folder_native(os.path.expanduser(fake_dir), warn=warn, strict=strict, what="--fake folder", n=n, seed=seed)
+    if is_npz(fake_dir) and not os.path.isdir(os.path.expanduser(fake_dir)):
+        fakes = load_npz_images(os.path.expanduser(fake_dir), n=n, seed=seed)
+    else:
+        fakes = load_folder_native(os.path.expanduser(fake_dir), warn=warn, strict=strict, what="--fake folder", n=n, seed=seed)
     if len(fakes) < 2:  # before the real side's statistics are computed, not after
         raise UsageError(f"--fake {one_line(str(fake_dir))}: holds 1 usable image; the scores need at least 2")
     protocol: dict = {**extractor.protocol, "extractor_precision": extractor.protocol.get("precision"),
