@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from .output import QUIET_HELP, emit_json, handles_errors, human_console, sigterm_interrupts, warner
+from .output import QUIET_HELP, emit_json, handles_errors, human_console, showing_progress, sigterm_interrupts, warner
 
 METRICS_HELP = ("Comma list of fid, kid, is, precision, recall (VAE: also recon_mse, neg_elbo, bpd); "
                 "only these are computed (default: all that apply).")
@@ -94,7 +94,7 @@ def evaluate(
                   warn=warn, metrics=asked, inception_weights=inception_weights,
                   stats_dir=stats_dir or "default", ref=ref, download_weights=download_weights)
     if fake:
-        with console.status(f"evaluating the images in {fake}"):
+        with showing_progress(console, f"reading the images in {fake}"):
             result = evaluate_folder(fake, data=data, root=data_root, download=download, **common)
         title = f"{result['fake_folder']}"
         if ref and data:
@@ -106,7 +106,7 @@ def evaluate(
         ck = ckpt_io.load(checkpoint)
         before = pngs_in(save_fakes)
         with (filling(save_fakes, n, f"--save-fakes {save_fakes}", warn),
-              console.status(f"evaluating: generating {n} images and embedding them")):
+              showing_progress(console, "evaluating")):
             result = run_eval(ck, data=data or ck.config.data.source,
                               root=data_root or ck.config.data.root or None, download=download, ema=not no_ema,
                               save_fakes=save_fakes, **common)
@@ -165,7 +165,7 @@ def stats(
         raise UsageError(f"--split test: {data} is an image folder, which has no held-out split (its images are "
                          "one set); leave --split out, or point --data at a folder of held-out images")
     console = human_console(json_out, quiet)
-    with console.status(f"embedding up to {n} images of {data}"):
+    with showing_progress(console, f"loading {data}"):
         result = write_stats(data, out, root=data_root, download=download, features=features, n=n,
                              batch_size=batch_size, seed=seed, device=device, precision=precision, warn=warner(quiet),
                              split=split, resolution=resolution, channels=channels,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
@@ -9,7 +10,8 @@ import time
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
 
 from ..errors import AigcError, Interrupted, Terminated, one_line
 from ..files import json_line
@@ -177,6 +179,59 @@ def _fmt(record: dict) -> str:
     skip = {"step", "images_seen", "img_per_s", "elapsed_s", "eval"}
     return "  ".join(f"{k} {v:.4g}" for k, v in record.items()
                      if k not in skip and not k.startswith("lr_") and isinstance(v, (int, float)))
+
+
+class ImageProgress:
+    """The progress of `sample` and `eval`: on a terminal a bar per phase (images done of all, images/s,
+    time left), gone when the command ends; in logs and batch jobs a plain line every `every` seconds,
+    so that only long work says anything. Used as `with progress.listening(ImageProgress(console, "...")):`."""
+
+    EVERY = 30.0  # seconds between plain lines
+
+    def __init__(self, console: Console, label: str, every: float | None = None, clock=time.monotonic):
+        self.console, self.every, self.clock = console, self.EVERY if every is None else every, clock
+        self.label, self.total, self.done = label, None, 0
+        self.bar: Progress | None = None
+        if console.is_terminal and not console.quiet:
+            self.bar = Progress(SpinnerColumn(), TextColumn("{task.description}", markup=False), BarColumn(),
+                                MofNCompleteColumn(), TextColumn("{task.fields[rate]}", markup=False),
+                                TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True)
+            self.task = self.bar.add_task(label, total=None, rate="")
+            self.bar.start()
+        self.t0 = self.said = clock()
+
+    def phase(self, label: str, total: int | None) -> None:
+        self.label, self.total, self.done, self.t0 = label, total, 0, self.clock()
+        if self.bar is not None:
+            self.bar.reset(self.task, total=total, description=label, rate="")
+
+    def advance(self, k: int) -> None:
+        self.done += k
+        now = self.clock()
+        rate = self.done / (now - self.t0) if now > self.t0 else 0.0
+        if self.bar is not None:
+            self.bar.update(self.task, completed=self.done, rate=f"{rate:,.0f} img/s")
+        elif not self.console.quiet and now - self.said >= self.every:
+            self.said = now
+            left = f", eta {duration((self.total - self.done) / rate)}" if self.total and rate > 0 else ""
+            of = f"/{self.total:,}" if self.total else ""
+            self.console.print(f"{self.label}: {self.done:,}{of} images, {rate:,.0f} img/s{left}")
+
+    def __enter__(self) -> "ImageProgress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+@contextlib.contextmanager
+def showing_progress(console: Console, label: str):
+    """Around a command's long image work: progress.phase/advance calls inside are shown (ImageProgress)."""
+    from .. import progress
+
+    with ImageProgress(console, label) as shown, progress.listening(shown):
+        yield shown
 
 
 class ConsoleReporter:

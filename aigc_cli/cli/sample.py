@@ -10,7 +10,7 @@ from typing import Optional
 
 import typer
 
-from .output import QUIET_HELP, emit_json, handles_errors, human_console, sigterm_interrupts, warner
+from .output import QUIET_HELP, emit_json, handles_errors, human_console, showing_progress, sigterm_interrupts, warner
 
 
 CLASS_NUMBER = re.compile(r"-?[0-9]{1,18}")  # ASCII digits, as checkpoint metadata: "²" or "٣" is no number
@@ -85,6 +85,7 @@ def sample(
     from .. import checkpoint as ckpt_io
     from ..errors import UsageError
     from ..errors import one_line
+    from .. import progress
     from ..image_npz import image_npz_writer
     from ..sampling import (check_generates, check_grid_size, class_labels, generate, generator_from,
                             pngs_in, filling, sample_latents, save_grid, save_individual, warn_stale_pngs)
@@ -152,14 +153,17 @@ def sample(
         for z in sample_latents(n, dim, seed, batch_size, truncation, interpolate):
             y = None if drawn is None else labels(start, start + len(z))
             start += len(z)
-            yield generate(G, z, amp, max(batch_size, len(z)), labels=y)  # one forward pass a piece
+            images = generate(G, z, amp, max(batch_size, len(z)), labels=y)  # one forward pass a piece
+            progress.advance(len(images))
+            yield images
 
     console = human_console(json_out, quiet)
     result = {"checkpoint": str(ck.step_file), "n": n, "seed": seed, "truncation": truncation, "interpolate": interpolate}
     before = pngs_in(individual)
     with contextlib.ExitStack() as stack:
         stack.enter_context(filling(individual, n, f"--individual {individual}", warn))
-        stack.enter_context(console.status(f"generating {n} images"))
+        stack.enter_context(showing_progress(console, "loading the generator"))
+        progress.phase("generating", n)
         add_to_npz = None if npz is None else stack.enter_context(
             image_npz_writer(npz, n, labels if drawn is not None else None))
         pieces = batches()

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from .. import checkpoint as ckpt_io
+from .. import progress
 from ..data import load_images
 from ..errors import UsageError, one_line
 from ..image_npz import is_npz, load_images as load_npz_images
@@ -137,13 +138,13 @@ class FakeEmbedder:
             for i, img in enumerate(images.cpu()):
                 save_png(img, self.save_dir / f"{self.count + i:06d}.png")
         self.count += len(images)
-        if not (self.want_feats or self.want_probs):
-            return
-        f, p = self.extractor.embed(images, batch_size, on_device=True)
-        if self.want_feats:
-            self.stats.add(f)
-        if self.want_probs:
-            self.probs.append(p)
+        if self.want_feats or self.want_probs:
+            f, p = self.extractor.embed(images, batch_size, on_device=True)
+            if self.want_feats:
+                self.stats.add(f)
+            if self.want_probs:
+                self.probs.append(p)
+        progress.advance(len(images))
 
     def add_generated(self, G, z: torch.Tensor, labels: torch.Tensor | None, amp, batch_size: int,
                       should_stop: Callable[[], bool] | None = None) -> None:
@@ -278,6 +279,7 @@ def evaluate(ckpt: ckpt_io.Checkpoint, *, data: str, root: str | None, download:
     _say_if_few_for_fid(chosen, n, reference.n if reference is not None else None, extractor, warn)
     fake = FakeEmbedder(extractor, chosen, save_fakes)
     if generating:
+        progress.phase("generating and embedding" if fake.want_feats or fake.want_probs else "generating", n)
         fake.add_generated(G, *seeded_inputs(m, n, seed), amp, batch_size)
     values, extra = score(chosen, fake=fake.stats, probs=fake.all_probs(), ref=reference, seed=seed, warn=warn)
     protocol.update(extra)
@@ -313,6 +315,7 @@ def evaluate_folder(fake_dir: str, *, data: str | None, root: str | None, downlo
         raise UsageError("--fake DIR needs --data SOURCE (or --ref FILE) for the real side")
     if extractor is None:  # before reading the folder: missing weights are said at once
         extractor = open_extractor(features, inception_weights, dev, precision, download_weights, warn)
+    progress.phase(f"reading {fake_dir}")
     if is_npz(fake_dir) and not os.path.isdir(os.path.expanduser(fake_dir)):
         fakes = load_npz_images(os.path.expanduser(fake_dir), n=n, seed=seed)
     else:
@@ -333,6 +336,7 @@ def evaluate_folder(fake_dir: str, *, data: str | None, root: str | None, downlo
         protocol.update(_reference_protocol(reference))
     _say_if_few_for_fid(chosen, len(fakes), reference.n if reference is not None else None, extractor, warn)
     fake = FakeEmbedder(extractor, chosen)
+    progress.phase("embedding the --fake images", len(fakes))
     for chunk in fakes.split(batch_size):
         fake.add(chunk, batch_size)
     values, extra = score(chosen, fake=fake.stats, probs=fake.all_probs(), ref=reference, seed=seed, warn=warn)
@@ -366,6 +370,7 @@ def real_reference(data: str, *, extractor, n: int, seed: int, batch_size: int, 
                    split: str = "train", should_stop: Callable[[], bool] | None = None, **load) -> Reference:
     """Reference statistics of a seeded subset of at most n real images of `data` (cached in stats_dir
     when given); `load` goes to load_real (root, download, strict, channels/resolution, ...)."""
+    progress.phase(f"loading the real data ({data})")
     real, name = load_real(data, split=split, seed=seed, warn=warn, n=n, **load)
     real = real[real_indices(len(real), n, seed)]  # a folder's is picked already: then all of it
     return reference_for(real, extractor=extractor, data=data_identity(data), data_name=name, split=split,

@@ -25,6 +25,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .. import progress
 from ..data.native import load_folder_native, seeded_permutation
 from ..errors import UsageError
 from ..files import atomic_write
@@ -237,6 +238,7 @@ def embed_all(extractor, images: torch.Tensor, batch_size: int, keep: bool = Tru
         if should_stop is not None and should_stop():
             raise EvaluationStopped
         acc.add(extractor.embed(chunk, batch_size, on_device=True)[0])
+        progress.advance(len(chunk))
     return acc
 
 
@@ -245,6 +247,7 @@ def compute_reference(extractor, images: torch.Tensor, batch_size: int, protocol
     if len(images) < 2:  # say which side, before any embedding
         raise UsageError(f"the real data ({protocol.get('real_source', 'given')}) has {len(images)} image"
                          f"{'s' if len(images) != 1 else ''}; feature statistics need at least 2")
+    progress.phase("embedding real images", len(images))
     acc = embed_all(extractor, images, batch_size, should_stop=should_stop)
     mu, sigma = acc.mu_sigma()
     return Reference(mu, sigma, acc.features(), protocol, source="computed")
