@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 from pathlib import Path
 from typing import List, Optional
@@ -11,16 +12,27 @@ import typer
 from .output import QUIET_HELP, emit_json, handles_errors, human_console, warn
 
 
-def next_run_dir(name: str, base: Path = Path("runs")) -> Path:
-    """runs/<preset>-NNN with the next free number, so reruns never overwrite earlier work."""
+def next_run_dir(name: str, base: Path = Path("runs")) -> tuple[Path, list[Path]]:
+    """runs/<preset>-NNN with the next free number, so reruns never overwrite earlier work. The folder is
+    made here; returned with the folders made for it, deepest first (for run_lock to remove on failure)."""
     from ..config import RUN_NAME
     from ..errors import UsageError
+    from ..training.run_folder import check_writable_run
 
     if not RUN_NAME.fullmatch(name):
         raise UsageError(f"the run name {name!r} cannot name a folder under {base}/ (use letters, digits, "
                          "'.', '_', '+' and '-'); set another name or give --out")
     taken = [int(m.group(1)) for p in base.glob(f"{name}-*") if (m := re.fullmatch(rf"{re.escape(name)}-(\d+)", p.name))]
-    return base / f"{name}-{max(taken, default=0) + 1:03d}"
+    number = max(taken, default=0) + 1
+    check_writable_run(base / f"{name}-{number:03d}")
+    made = [p for p in (base, *base.parents) if not p.exists()]
+    while True:  # made here, at once: two commands started together get two folders
+        path = base / f"{name}-{number:03d}"
+        try:
+            path.mkdir(parents=True)
+            return path, [path, *made]
+        except FileExistsError:
+            number += 1
 
 
 def resume_run_dir(path: Path) -> Path:
@@ -76,7 +88,7 @@ def train(
     from ..config import check_for_training, load_preset, parse_assignments
     from ..data import BUILTIN_SOURCES
     from ..errors import Interrupted, UsageError
-    from ..training.run_folder import check_not_busy, check_writable_run
+    from ..training.run_folder import check_writable_run, run_lock
     from ..training.state import find_resume
 
     console = human_console(json_out, quiet)
@@ -96,57 +108,64 @@ def train(
         out = resume_run_dir(Path(resume))
     if resume == "auto" and out is None:
         raise UsageError("--resume auto needs --out, the run folder to continue")
-    if out is not None:
-        check_not_busy(out)  # at once, not after loading the data (the run itself holds the lock)
-    ckpt = find_resume(resume, out, warn) if resume is not None else None
-    if preset is not None:
-        cfg = load_preset(preset)
-    elif ckpt is not None:
-        cfg = ckpt.config  # resuming without a preset: the run's own config, plus any overrides
-        if resume != "auto":
-            cfg = cfg.with_overrides(_run_target(ckpt, out, assignments))
-    else:
-        raise UsageError("--preset is required (see `aigc presets list`)" +
-                         (f"; --resume auto found no checkpoint in {out}" if resume == "auto" else ""))
-    # --set values are checked first even where a flag then overrides them; all before any heavy work.
-    cfg = cfg.with_overrides(assignments).with_overrides(flags)
-    # Paths are stored absolute, so eval and resume from another working folder find the same files: the
-    # data root always (`--download` may be about to make it), the others where they name a file here.
-    paths = {"data.source": cfg.data.source if cfg.data.source not in BUILTIN_SOURCES else "",
-             "data.root": cfg.data.root, "train.eval_features": cfg.train.eval_features}
-    cfg = cfg.with_overrides({key: str(Path(v).expanduser().resolve()) for key, v in paths.items()
-                              if v and (key == "data.root" or Path(v).expanduser().exists())})
-    # Steps asked for win over a preset's epochs: --steps always (flags win over --set), --set train.steps
-    # unless a --set train.epochs came with it.
-    steps_given = steps is not None or "train.steps" in assignments and "train.epochs" not in assignments
-    if steps_given and epochs is None and cfg.train.epochs:
-        cfg = cfg.with_overrides({"train.epochs": 0})
-    check_for_training(cfg, ckpt.config if ckpt is not None else None)
+    with contextlib.ExitStack() as held:
+        if out is not None:
+            if out.exists() and not out.is_dir():
+                raise UsageError(f"--out {out}: exists and is not a folder")
+            check_writable_run(out)
+            # Held from here to the end: what to resume, and whether the folder holds a run, are decided by
+            # one process at a time (a second is refused at once, not after loading the data).
+            held.enter_context(run_lock(out))
+        ckpt = find_resume(resume, out, warn) if resume is not None else None
+        if preset is not None:
+            cfg = load_preset(preset)
+        elif ckpt is not None:
+            cfg = ckpt.config  # resuming without a preset: the run's own config, plus any overrides
+            if resume != "auto":
+                cfg = cfg.with_overrides(_run_target(ckpt, out, assignments))
+        else:
+            raise UsageError("--preset is required (see `aigc presets list`)" +
+                             (f"; --resume auto found no checkpoint in {out}" if resume == "auto" else ""))
+        # --set values are checked first even where a flag then overrides them; all before any heavy work.
+        cfg = cfg.with_overrides(assignments).with_overrides(flags)
+        # Paths are stored absolute, so eval and resume from another working folder find the same files: the
+        # data root always (`--download` may be about to make it), the others where they name a file here.
+        paths = {"data.source": cfg.data.source if cfg.data.source not in BUILTIN_SOURCES else "",
+                 "data.root": cfg.data.root, "train.eval_features": cfg.train.eval_features}
+        cfg = cfg.with_overrides({key: str(Path(v).expanduser().resolve()) for key, v in paths.items()
+                                  if v and (key == "data.root" or Path(v).expanduser().exists())})
+        # Steps asked for win over a preset's epochs: --steps always (flags win over --set), --set train.steps
+        # unless a --set train.epochs came with it.
+        steps_given = steps is not None or "train.steps" in assignments and "train.epochs" not in assignments
+        if steps_given and epochs is None and cfg.train.epochs:
+            cfg = cfg.with_overrides({"train.epochs": 0})
+        check_for_training(cfg, ckpt.config if ckpt is not None else None)
 
-    run_dir = out if out is not None else next_run_dir(cfg.name)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UsageError(f"--out {run_dir}: exists and is not a folder")
-    check_writable_run(run_dir)
-    holds_run = any((run_dir / "checkpoints").glob("*.safetensors"))
-    if resume is None and holds_run:
-        raise UsageError(f"--out {run_dir}: already holds a run; pass --resume auto to continue it, "
-                         "or choose another folder")
-    own = (run_dir / "checkpoints").resolve()
-    if ckpt is not None and holds_run and ckpt.path.resolve().parent != own:
-        aside = ckpt.path.resolve().parent.parent == own
-        raise UsageError(f"--out {run_dir}: already holds a run, and --resume {resume} is a checkpoint of "
-                         + ("a branch set aside from it" if aside else "another one")
-                         + "; continue that in a new --out (a fork)")
+        run_dir = out
+        if run_dir is None:
+            run_dir, made = next_run_dir(cfg.name)
+            held.enter_context(run_lock(run_dir, made=made))
+        holds_run = any((run_dir / "checkpoints").glob("*.safetensors"))
+        if resume is None and holds_run:
+            raise UsageError(f"--out {run_dir}: already holds a run; pass --resume auto to continue it, "
+                             "or choose another folder")
+        own = (run_dir / "checkpoints").resolve()
+        if ckpt is not None and holds_run and ckpt.path.resolve().parent != own:
+            aside = ckpt.path.resolve().parent.parent == own
+            raise UsageError(f"--out {run_dir}: already holds a run, and --resume {resume} is a checkpoint of "
+                             + ("a branch set aside from it" if aside else "another one")
+                             + "; continue that in a new --out (a fork)")
 
-    from ..training.loop import train as run_training
-    from .output import ConsoleReporter
+        from ..training.loop import train as run_training
+        from .output import ConsoleReporter
 
-    try:
-        summary = run_training(cfg, run_dir, ConsoleReporter(console), resume=ckpt, exit_on_usr1=exit_on_usr1)
-    except Interrupted as e:  # a stop that saved: scripts get the object too (the `stopped:` line follows)
-        if json_out and e.summary is not None:
-            emit_json(e.summary)
-        raise
+        try:
+            summary = run_training(cfg, run_dir, ConsoleReporter(console), resume=ckpt, exit_on_usr1=exit_on_usr1,
+                                   run_locked=True)
+        except Interrupted as e:  # a stop that saved: scripts get the object too (the `stopped:` line follows)
+            if json_out and e.summary is not None:
+                emit_json(e.summary)
+            raise
     if json_out:
         emit_json(summary)
     else:

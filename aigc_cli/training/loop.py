@@ -125,12 +125,14 @@ def load_data(cfg: Config, split: str, warn):
 
 
 def train(cfg: Config, run_dir: Path, reporter: Reporter, *, resume: Checkpoint | None = None,
-          exit_on_usr1: bool = False) -> dict:
+          exit_on_usr1: bool = False, run_locked: bool = False) -> dict:
+    """run_locked: the caller holds run_lock(run_dir) already (`aigc train` takes it before choosing what
+    to resume); else it is taken here, after the data load."""
     with StopFlag() as stop, contextlib.ExitStack() as cleanup:  # StopFlag first: no signal lost in set-up
-        return _train(cfg, Path(run_dir), reporter, resume, exit_on_usr1, stop, cleanup)
+        return _train(cfg, Path(run_dir), reporter, resume, exit_on_usr1, stop, cleanup, run_locked)
 
 
-def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup) -> dict:
+def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup, run_locked=False) -> dict:
     family = FAMILIES[cfg.model.kind]
     device = resolve_device(cfg.train.device)
     amp = Precision(resolve_precision(cfg.train.precision, device), device)
@@ -200,7 +202,8 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup) -> dict:
         except EvaluationStopped:
             raise Interrupted(f"{stop.name} while computing the real images' statistics, before the first "
                               "step; nothing to save", stop.exit_code) from None
-    cleanup.enter_context(run_lock(run_dir))
+    if not run_locked:
+        cleanup.enter_context(run_lock(run_dir))
     run = RunFolder(run_dir, cfg.train.keep_checkpoints)
     batches = make_batches(data, cfg, device, channels_last=memory_format == torch.channels_last, note=reporter.note)
     cleanup.callback(batches.close)  # stops streaming workers on any exit, errors and signals included

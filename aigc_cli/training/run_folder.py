@@ -44,34 +44,41 @@ def _lock_or_refuse(fd: int, root: Path) -> None:
 
 
 @contextlib.contextmanager
-def run_lock(root: Path) -> Iterator[None]:
+def run_lock(root: Path, made: list[Path] | None = None) -> Iterator[None]:
     """One training process a run folder: two (a job array's slip, a resubmitted job while the first still
     runs) would prune and overwrite each other's checkpoints and interleave metrics.jsonl. An flock, so a
-    crash or a kill -9 releases it; a file system without locks (some network mounts) goes unguarded."""
+    crash or a kill -9 releases it; a file system without locks (some network mounts) goes unguarded.
+    `aigc train` takes it before it looks into the folder (which checkpoint to resume, whether it holds a
+    run), so that two commands cannot both decide on what they saw before either wrote. The folders it
+    makes (or `made`, those the caller just made for the run, deepest first) are removed again when the block fails before
+    anything but the lock was written in them."""
+    made = made if made is not None else [p for p in (root, *root.parents) if not p.exists()]
     root.mkdir(parents=True, exist_ok=True)
-    fd = os.open(root / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    lock = root / LOCK_NAME
+    try:  # 0o666: the umask decides, as for every other file of the run (a group's shared folder)
+        fd, writable = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666), True
+    except PermissionError:  # another user's lock file: flock needs no write access
+        try:
+            fd, writable = os.open(lock, os.O_RDONLY), False
+        except OSError as e:
+            raise UsageError(f"--out {root}: cannot open {lock} ({e.strerror})") from None
     try:
         _lock_or_refuse(fd, root)
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
+        if writable:
+            os.ftruncate(fd, 0)
+            os.write(fd, str(os.getpid()).encode())
         yield
+    except BaseException:
+        if made and {p.name for p in root.iterdir()} <= {LOCK_NAME} and writable:
+            lock.unlink(missing_ok=True)
+            for folder in made:  # deepest first; one something else has meanwhile filled stays
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
+        raise
     finally:
         os.close(fd)  # releases the lock
-
-
-def check_not_busy(root: Path) -> None:
-    """Before any work: is another process training in `root`? (run_lock then holds it for the run.)"""
-    lock = root / LOCK_NAME
-    if not lock.is_file():
-        return
-    try:
-        fd = os.open(lock, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        _lock_or_refuse(fd, root)
-    finally:
-        os.close(fd)
 
 
 def check_writable_run(root: Path) -> None:
@@ -79,11 +86,16 @@ def check_writable_run(root: Path) -> None:
     write in, would otherwise fail at the first save, after the data load and the first interval's
     training."""
     for path in (root, root / "checkpoints", root / "samples"):
+        if path.is_symlink() and not path.exists():
+            raise UsageError(f"--out {root}: {path} is a symbolic link to {os.readlink(path)}, which does not exist")
         nearest = next(p for p in (path, *path.parents) if p.exists())
         if not nearest.is_dir():
             raise UsageError(f"--out {root}: {nearest} is a file, not a folder")
         if not os.access(nearest, os.W_OK | os.X_OK):
             raise UsageError(f"--out {root}: cannot write in {nearest} (permission denied)")
+    log = root / "metrics.jsonl"  # appended to: its own mode counts, not the folder's
+    if log.exists() and not os.access(log, os.W_OK):
+        raise UsageError(f"--out {root}: cannot write to {log} (permission denied)")
 
 
 # What training's atomic writes leave behind when the process is killed mid-write (kill -9, the OOM killer,

@@ -217,7 +217,13 @@ def find_resume(resume: str | None, run_dir: Path, warn) -> Checkpoint | None:
         return ck
     folder = Path(run_dir) / "checkpoints"
     steps = sorted(folder.glob("step-*.safetensors"), key=ckpt_io.step_of, reverse=True)
-    for path in [*steps, folder / "last.safetensors", folder / "best.safetensors"]:
+    # last and best take their place by the step they hold: where they are copies rather than links to
+    # a step file (`cp -r` or rsync without -H; a file system without hard links), an intact `last` is
+    # newer than the step files left when the newest of them is damaged.
+    named = [(p, _step_in(p)) for p in (folder / "last.safetensors", folder / "best.safetensors") if p.is_file()]
+    order = sorted([(p, ckpt_io.step_of(p), 0) for p in steps] + [(p, k, i + 1) for i, (p, k) in enumerate(named)],
+                   key=lambda c: (-c[1], c[2]))
+    for path, _, _ in order:
         if not path.is_file():
             continue
         try:
@@ -229,6 +235,14 @@ def find_resume(resume: str | None, run_dir: Path, warn) -> Checkpoint | None:
             return ck
         warn(f"skipping {path}: an exported generator, with no training state to resume from")
     return None
+
+
+def _step_in(path: Path) -> int:
+    """The step a checkpoint's metadata names (-1 when unreadable: tried last)."""
+    try:
+        return int((ckpt_io.read_meta(path) or {}).get("aigc.step", -1))
+    except ValueError:
+        return -1
 
 
 PATH_KEYS = ("data.source", "data.root", "train.eval_features")

@@ -1,0 +1,116 @@
+"""Who may write a run folder, decided before anything is read from it: `aigc train` holds the run lock
+from before it picks a checkpoint to resume until its end; default folders are made when numbered; a lock
+file follows the umask and works for a group; what resume picks when `last` is a copy."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import shutil
+
+import pytest
+
+from aigc_cli import checkpoint as ckpt_io
+from aigc_cli.cli.train import next_run_dir
+from aigc_cli.training import loop
+from aigc_cli.training import run_folder
+from aigc_cli.training.loop import train
+from aigc_cli.training.state import find_resume
+from conftest import Silent, run_cli, tiny
+
+
+def held_by_someone(folder) -> bool:
+    """Whether another open file (another process, for flock) could take the run lock now."""
+    fd = os.open(folder / run_folder.LOCK_NAME, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def test_the_command_holds_the_lock_before_it_loads_the_data(tmp_path, monkeypatch, capsys):
+    """It used to take it after the data load, having already decided what to resume and that the folder
+    held no run: a second command that finished its load after the first run ended took the run over."""
+    out = tmp_path / "run"
+    train(tiny("dcgan").with_overrides({"train.steps": "2"}), out, Silent())
+    seen = []
+    real = loop.load_data
+    monkeypatch.setattr(loop, "load_data", lambda *a, **k: seen.append(held_by_someone(out)) or real(*a, **k))
+    code, _, err = run_cli(monkeypatch, capsys, "train", "--out", out, "--resume", "auto", "--steps", 3)
+    assert code == 0 and seen == [True], (seen, err)
+    assert ckpt_io.load(out).step == 3 and not held_by_someone(out)
+
+
+def test_default_folders_are_made_when_numbered(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (first, made), (second, _) = next_run_dir("qs"), next_run_dir("qs")
+    assert (first.name, second.name) == ("qs-001", "qs-002") and first.is_dir() and second.is_dir()
+    assert made == [first, first.parent]  # runs/ too: it was not there
+    monkeypatch.setattr(type(tmp_path), "glob", lambda self, pattern: iter(()))  # a listing from before both
+    assert next_run_dir("qs")[0].name == "qs-003"  # qs-001 and qs-002 exist: taken, not shared
+
+
+def test_a_command_that_fails_before_training_leaves_no_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    few = tmp_path / "few"
+    few.mkdir()
+    from PIL import Image
+    for i in range(3):
+        Image.new("RGB", (8, 8), (i, 0, 0)).save(few / f"{i}.png")
+    for out in ([], ["--out", tmp_path / "new" / "run"]):
+        code, _, err = run_cli(monkeypatch, capsys, "train", "--preset", "quickstart", "--data", few, *out)
+        assert code == 2 and "fewer than --batch-size" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["few"]  # no runs/, no new/
+
+
+def test_the_lock_file_follows_the_umask_and_works_read_only(tmp_path, monkeypatch):
+    old = os.umask(0o002)
+    try:
+        with run_folder.run_lock(tmp_path / "run"):
+            pass
+    finally:
+        os.umask(old)
+    assert (tmp_path / "run" / run_folder.LOCK_NAME).stat().st_mode & 0o777 == 0o664  # a group can use it
+    real_open = os.open
+
+    def another_users_file(path, flags, *mode):  # root may write anything: refuse as the OS would a groupmate
+        if str(path).endswith(run_folder.LOCK_NAME) and flags & os.O_RDWR:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, flags, *mode)
+
+    monkeypatch.setattr(run_folder.os, "open", another_users_file)
+    with run_folder.run_lock(tmp_path / "run"):
+        assert held_by_someone(tmp_path / "run")
+
+
+def test_a_read_only_metrics_file_and_a_dangling_link_are_refused_up_front(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    train(tiny("dcgan").with_overrides({"train.steps": "2"}), out, Silent())
+    log = out / "metrics.jsonl"
+    real_access = os.access
+    monkeypatch.setattr(run_folder.os, "access", lambda p, mode: False if str(p) == str(log) else real_access(p, mode))
+    code, _, err = run_cli(monkeypatch, capsys, "train", "--out", out, "--resume", "auto", "--steps", 4)
+    assert code == 2 and f"cannot write to {log}" in err, err
+    monkeypatch.undo()
+    (tmp_path / "gone").symlink_to(tmp_path / "purged")
+    code, _, err = run_cli(monkeypatch, capsys, "train", "--preset", "quickstart", "--out", tmp_path / "gone")
+    assert code == 2 and "is a symbolic link to" in err and "which does not exist" in err, err
+
+
+def test_resume_auto_takes_an_intact_last_copy_over_older_step_files(tmp_path):
+    out = tmp_path / "run"
+    train(tiny("dcgan").with_overrides({"train.steps": "4", "train.ckpt_every": "2", "train.keep_checkpoints": "5"}),
+          out, Silent())
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)  # as `cp -r`: last is a file of its own now, no longer a link to step 4
+    newest = copy / "checkpoints" / "step-0000004.safetensors"
+    newest.write_bytes(newest.read_bytes()[:1000])  # damaged
+    said = []
+    ck = find_resume("auto", copy, said.append)
+    assert ck.path.name == "last.safetensors" and ck.step == 4 and any("step-0000004" in s for s in said)
+    (copy / "checkpoints" / "last.safetensors").unlink()
+    assert find_resume("auto", copy, said.append).step == 2  # then the newest step file that loads
