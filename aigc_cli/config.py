@@ -142,7 +142,23 @@ def _toml_value(v: Any) -> str:
         return "true" if v else "false"
     if isinstance(v, (int, float)):
         return repr(v)
-    return json.dumps(str(v))  # a JSON string is a valid TOML basic string
+    return _toml_string(str(v))
+
+
+def _toml_string(text: str) -> str:
+    """A TOML basic string in ASCII. Not json.dumps: JSON writes a character beyond U+FFFF (an emoji in a
+    description or a folder name) as a surrogate pair of \\u escapes, which TOML refuses (it takes
+    \\UXXXXXXXX). A lone surrogate (a file-name byte that is not UTF-8) has no TOML form at all."""
+    out = []
+    for ch in text:
+        o = ord(ch)
+        if ch in '"\\':
+            out.append("\\" + ch)
+        elif 0x20 <= o < 0x7F:
+            out.append(ch)
+        else:
+            out.append(f"\\U{o:08x}" if o > 0xFFFF else f"\\u{o:04x}")
+    return '"' + "".join(out) + '"'
 
 
 def _field_types(section: str | None) -> dict[str, type]:
@@ -168,6 +184,11 @@ def _split_key(key: str) -> tuple[str | None, str]:
             listed = f"{section + '.* ' if section else 'top-level '}keys: {', '.join(names)}"
         else:
             close, listed = difflib.get_close_matches(key, all_keys(), n=1), f"valid keys: {', '.join(all_keys())}"
+        # Better guesses first: the key in other case (train.LR_G), or a section left out (batch_size).
+        begun = [k for k in all_keys() if section in SECTIONS and k.startswith(f"{section}.{name.lower()}")]
+        close = ([k for k in all_keys() if k.lower() == key.lower()]
+                 or [k for k in all_keys() if section is None and k.rpartition(".")[2] == name.lower()]
+                 or (begun if len(begun) == 1 else close))
         raise UsageError(f"unknown config key {key!r}; " + (f"did you mean {close[0]!r}? ({listed})" if close else listed))
     return section, name
 
@@ -400,6 +421,18 @@ def unused_settings(cfg: Config, base: Config | None = None) -> list[str]:
         because["loss.gp_weight"] = f" with loss.gan={cfg.loss.gan}"
     if objective == "vae" and m.likelihood == "bernoulli":
         because["loss.recon_sigma"] = " with model.likelihood=bernoulli"
+    t = cfg.train
+    if objective != "gan":
+        unused.add("train.ema_start")  # ema_decay itself is refused there (check_for_training)
+    elif t.ema_decay == 0:
+        because["train.ema_start"] = " with train.ema_decay=0 (no EMA)"
+    if not FAMILIES[m.kind].generative:
+        unused |= {"train.n_samples", "train.sample_every"}
+    if not t.eval_every:
+        for key in ("train.eval_metric", "train.eval_n", "train.eval_features"):
+            because[key] = " without train.eval_every (no evaluation during training)"
+    if objective == "vae" and cfg.loss.vae_beta == 0:
+        because["loss.kl_warmup"] = " with loss.vae_beta=0 (no KL term)"
     default, notes = Config(), []
     for key in sorted(unused | set(because)):
         value = _value(cfg, key)
@@ -453,8 +486,8 @@ def is_preset_file(name: str) -> bool:
 
 def preset_file_text(path: str) -> str:
     """A user's preset file, read as TOML must be: UTF-8 (a Latin-1 or UTF-16 file is one clear error)."""
-    try:
-        return Path(path).read_text(encoding="utf-8")
+    try:  # utf-8-sig: a byte-order mark (Windows Notepad writes one) is dropped, not a TOML syntax error
+        return Path(path).read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
         raise UsageError(f"{path}: not UTF-8 text (byte {e.start}); save the preset file as UTF-8") from None
 

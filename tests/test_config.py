@@ -246,3 +246,85 @@ def test_a_preset_file_without_a_name_names_runs_after_the_file(tmp_path):
     assert load_preset(str(tmp_path / "my-gan.toml")).name == "my-gan"
     assert load_preset(str(tmp_path / "two words.toml")).name == "custom"  # not a folder name runs/ takes
     assert load_preset(str(tmp_path / "named.toml")).name == "chosen"
+
+
+def test_strings_beyond_the_basic_plane_round_trip_through_config_toml():
+    """json.dumps wrote an emoji as a surrogate pair of \\u escapes, which TOML refuses: a run whose data
+    folder or description held one could not read its own config.toml back."""
+    cfg = Config().with_overrides({"description": 'café 🙂 "q" \\ tab\there', "data.source": "/data/imgs 📷"})
+    text = cfg.to_toml()
+    assert text.isascii() and "\\U0001f642" in text
+    assert config_from_dict(tomllib.loads(text)) == cfg
+
+
+def test_more_settings_that_change_nothing_are_noted():
+    from aigc_cli.config import unused_settings
+    from conftest import tiny
+
+    def unused(cfg):  # tiny() sets model.hidden for every family
+        return [n for n in unused_settings(cfg) if not n.startswith("model.hidden")]
+
+    vae = tiny("vae").with_overrides({"train.ema_start": "100", "loss.vae_beta": "0", "loss.kl_warmup": "50"})
+    assert unused(vae) == [
+        "loss.kl_warmup=50 is not read by a vae with loss.vae_beta=0 (no KL term); it changes nothing",
+        "train.ema_start=100 is not read by a vae; it changes nothing"]
+    gan = tiny("dcgan").with_overrides({"train.ema_start": "100", "train.eval_n": "50", "train.eval_metric": "kid"})
+    assert unused(gan) == [
+        "train.ema_start=100 is not read by a dcgan with train.ema_decay=0 (no EMA); it changes nothing",
+        "train.eval_metric=kid is not read by a dcgan without train.eval_every (no evaluation during training); it changes nothing",
+        "train.eval_n=50 is not read by a dcgan without train.eval_every (no evaluation during training); it changes nothing"]
+    assert unused(gan.with_overrides({"train.ema_decay": "0.999", "train.eval_every": "10"})) == []
+    clf = tiny("classifier").with_overrides({"train.n_samples": "16"})
+    assert [n for n in unused(clf) if n.startswith("train.")] == [  # tiny() sets sample_every too
+        "train.n_samples=16 is not read by a classifier; it changes nothing",
+        "train.sample_every=20 is not read by a classifier; it changes nothing"]
+
+
+@pytest.mark.parametrize("key, guess", [("batch_size", "train.batch_size"), ("train.LR_G", "train.lr_g"),
+                                        ("Train.LR_G", "train.lr_g"), ("model.res", "model.resolution")])
+def test_unknown_keys_get_the_likely_one(key, guess):
+    with pytest.raises(UsageError, match=f"did you mean '{guess}'"):
+        parse_assignments([f"{key}=1"])
+
+
+def test_presets_show_full_prints_every_key_training_would_use(monkeypatch, capsys, tmp_path):
+    code, out, err = run_cli(monkeypatch, capsys, "presets", "show", "quickstart", "--full")
+    assert code == 0, err
+    assert config_from_dict(tomllib.loads(out)) == load_preset("quickstart")
+    assert "keep_checkpoints = 3" in out and "keep_checkpoints" not in load_preset_text("quickstart")
+    p = tmp_path / "bom.toml"
+    p.write_bytes("\ufeffname = \"bom\"\n".encode("utf-8"))  # Notepad's byte-order mark
+    assert load_preset(str(p)).name == "bom"
+
+
+def load_preset_text(name):
+    from aigc_cli.config import preset_text
+
+    return preset_text(name)
+
+
+def test_a_preset_file_name_that_cannot_name_a_folder_is_said(monkeypatch, capsys, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "two words.toml").write_text('[model]\nkind = "dcgan"\nresolution = 16\nchannels = 1\ng_width = 8\n'
+                                             'd_width = 8\nlatent_dim = 8\n[data]\nsource = "shapes"\nlimit = 64\n'
+                                             '[train]\nsteps = 1\nbatch_size = 16\n')
+    code, _, err = run_cli(monkeypatch, capsys, "train", "--preset", tmp_path / "two words.toml", "--quiet")
+    assert code == 0, err
+    assert "the preset file's name 'two words' cannot name a run folder" in err and (tmp_path / "runs" / "custom-001").is_dir()
+
+
+def test_out_of_memory_advice_fits_the_command(capsys):
+    import typer
+
+    from aigc_cli.cli.output import handles_errors
+
+    def train():
+        raise MemoryError
+
+    def sample():
+        raise MemoryError
+
+    for fn, advice in ((train, "data.device_max_mb"), (sample, "fewer images (--n)")):
+        with pytest.raises(typer.Exit):
+            handles_errors(fn)()
+        assert advice in capsys.readouterr().err

@@ -114,7 +114,9 @@ def handles_errors(fn):
         except (MemoryError, RuntimeError) as e:
             if not _out_of_memory(e):
                 raise
-            fail(f"out of memory ({_first_line(e)}); use a smaller --batch-size, or fewer images (--n)", 2)
+            advice = ("a smaller --batch-size, or less data in memory (data.limit, a smaller model.resolution, or "
+                      "data.device_max_mb to stream it)" if fn.__name__ == "train" else "a smaller --batch-size, or fewer images (--n)")
+            fail(f"out of memory ({_first_line(e)}); use {advice}", 2)
 
     return wrapper
 

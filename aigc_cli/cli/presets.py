@@ -40,7 +40,11 @@ def list_presets() -> None:
 @app.command("show")
 @handles_errors
 def show(name: str = typer.Argument(..., metavar="NAME", help="Preset name, as listed by `aigc presets list`, or a TOML file "
-                                                "(as `aigc train --preset` takes it).")) -> None:
+                                                "(as `aigc train --preset` takes it)."),
+         full: bool = typer.Option(False, "--full", metavar="", help="Print every config key with the value training would use, defaults included (as the run's config.toml records it), not the file as written.")) -> None:
     """Print a preset's TOML (a file: once it is checked as `aigc train` would check it)."""
-    load_preset(name)  # validates it and gives the one-line error for unknown names
+    cfg = load_preset(name)  # validates it and gives the one-line error for unknown names
+    if full:
+        write_out(cfg.to_toml())
+        return
     write_out(preset_text(name) if not is_preset_file(name) else preset_file_text(name))

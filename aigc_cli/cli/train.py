@@ -143,6 +143,9 @@ def train(
 
         run_dir = out
         if run_dir is None:
+            if preset is not None and cfg.name == "custom" and Path(preset).stem != "custom":
+                warn(f"the preset file's name {Path(preset).stem!r} cannot name a run folder (letters, digits, '.', "
+                     "'_', '+' and '-'), so the run goes to runs/custom-NNN; set `name` in the file, or give --out")
             run_dir, made = next_run_dir(cfg.name)
             held.enter_context(run_lock(run_dir, made=made))
         holds_run = any((run_dir / "checkpoints").glob("*.safetensors"))
