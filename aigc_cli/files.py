@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Iterator
 
 
-def _make_parent(path: Path) -> list[Path]:
+def make_parent(path: Path) -> list[Path]:
     """Make the missing folders on the way to `path`; returns those it made, deepest first."""
     made = [p for p in (path.parent, *path.parent.parents) if not p.exists()]
     try:
@@ -82,7 +82,7 @@ def atomic_write(path: str | os.PathLike, suffix: str = ".tmp", *, durable: bool
     temporary name. The temporary file is locked while it is written, so that a later writer of `path`
     can tell a killed writer's leftover from a live one's, and remove it (sweep; see remove_dead_temps)."""
     path = Path(path)
-    made = _make_parent(path)
+    made = make_parent(path)
     if sweep:
         remove_dead_temps(path, suffix)
     while True:
@@ -93,7 +93,7 @@ def atomic_write(path: str | os.PathLike, suffix: str = ".tmp", *, durable: bool
         except FileExistsError:
             continue
         except OSError as e:
-            _remove_empty(made)
+            remove_empty(made)
             raise OSError(e.errno, e.strerror, str(path)) from None
     try:
         with contextlib.suppress(OSError):  # a file system without locks: sweeps cannot lock either
@@ -106,14 +106,14 @@ def atomic_write(path: str | os.PathLike, suffix: str = ".tmp", *, durable: bool
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        _remove_empty(made)
+        remove_empty(made)
         # Writes through an open file (np.savez, PIL) fail without a file name: this one is meant.
         if e.filename in (str(tmp), tmp) or (e.filename is None and e.errno is not None):
             raise OSError(e.errno, e.strerror, str(path)) from None
         raise
     except BaseException:  # a stop (SIGTERM) or an error: nothing of this write stays, folders it made neither
         tmp.unlink(missing_ok=True)
-        _remove_empty(made)
+        remove_empty(made)
         raise
     finally:
         os.close(lock)
@@ -128,7 +128,8 @@ def atomic_write(path: str | os.PathLike, suffix: str = ".tmp", *, durable: bool
             pass
 
 
-def _remove_empty(folders: list[Path]) -> None:
+def remove_empty(folders: list[Path]) -> None:
+    """Remove each of `folders` (deepest first) while it is empty."""
     for folder in folders:  # deepest first; one that something else has meanwhile filled stays
         try:
             folder.rmdir()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import zipfile
+import zlib
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
@@ -83,8 +84,6 @@ def load_images(path: str, *, n: int | None = None, seed: int = 0, what: str = "
     """arr_0 of an image .npz as uint8 (N, 3, H, W), as image folders are read for scoring (grey
     images repeated to three channels). n: a seeded subset of at most n images, the first n of
     native.seeded_order (as for folders), read row by row so that only those are held."""
-    from .data.native import seeded_order
-
     shown = f"{what} {path}"
     try:
         zf = zipfile.ZipFile(path)
@@ -98,22 +97,36 @@ def load_images(path: str, *, n: int | None = None, seed: int = 0, what: str = "
             hint = ("; it holds reference statistics: pass it as --ref" if {"mu.npy", "sigma.npy"} <= set(names)
                     else f" (it holds {', '.join(x.removesuffix('.npy') for x in names[:6]) or 'nothing'})")
             raise UsageError(f"{shown}: holds no '{IMAGES}' array of images{hint}")
-        with zf.open(f"{IMAGES}.npy") as f:
-            shape = _read_header(f, shown)
-            total, row = shape[0], int(np.prod(shape[1:]))
-            picked = np.sort(np.asarray(seeded_order(total, n, seed)[:n] if n is not None else range(total), dtype=np.int64))
-            out = np.empty((len(picked), *shape[1:]), dtype=np.uint8)
-            chunk = max(1, (64 << 20) // max(1, row))  # rows read at a time: 64 MB
-            for start in range(0, total, chunk):
-                count = min(chunk, total - start)
-                data = f.read(count * row)
-                if len(data) != count * row:
-                    raise UsageError(f"{shown}: '{IMAGES}' is cut short ({start + len(data) // row} of {total} images)")
-                block = np.frombuffer(data, dtype=np.uint8).reshape(count, *shape[1:])
-                lo, hi = np.searchsorted(picked, [start, start + count])
-                out[lo:hi] = block[picked[lo:hi] - start]
+        try:
+            out = _read_rows(zf, n, seed, shown)
+        except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:  # a bad CRC, a broken deflate stream
+            raise UsageError(f"{shown}: '{IMAGES}' is damaged ({e})") from None
     images = torch.from_numpy(out).permute(0, 3, 1, 2)
     return (images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images).contiguous()
+
+
+def _read_rows(zf: zipfile.ZipFile, n: int | None, seed: int, shown: str) -> np.ndarray:
+    from .metrics.reference import real_indices
+
+    member = zf.getinfo(f"{IMAGES}.npy")
+    with zf.open(member) as f:
+        shape = _read_header(f, shown)
+        total, row = shape[0], int(np.prod(shape[1:]))
+        if f.tell() + total * row > member.file_size:  # before allocating what the header claims
+            have = max(0, member.file_size - f.tell()) // row
+            raise UsageError(f"{shown}: '{IMAGES}' is cut short ({have} of the {total:,} images its header names)")
+        picked = (real_indices(total, n, seed) if n is not None else torch.arange(total)).numpy()
+        out = np.empty((len(picked), *shape[1:]), dtype=np.uint8)
+        chunk = max(1, (64 << 20) // max(1, row))  # rows read at a time: 64 MB
+        for start in range(0, total, chunk):
+            count = min(chunk, total - start)
+            data = f.read(count * row)
+            if len(data) != count * row:
+                raise UsageError(f"{shown}: '{IMAGES}' is cut short ({start + len(data) // row} of {total} images)")
+            block = np.frombuffer(data, dtype=np.uint8).reshape(count, *shape[1:])
+            lo, hi = np.searchsorted(picked, [start, start + count])
+            out[lo:hi] = block[picked[lo:hi] - start]
+    return out
 
 
 def _read_header(f, shown: str) -> tuple[int, ...]:

@@ -311,6 +311,8 @@ def test_a_preset_file_name_that_cannot_name_a_folder_is_said(monkeypatch, capsy
     code, _, err = run_cli(monkeypatch, capsys, "train", "--preset", tmp_path / "two words.toml", "--quiet")
     assert code == 0, err
     assert "the preset file's name 'two words' cannot name a run folder" in err and (tmp_path / "runs" / "custom-001").is_dir()
+    code, _, err = run_cli(monkeypatch, capsys, "train", "--preset", "quickstart", "--set", "name=custom", "--steps", 1)
+    assert code == 0 and "cannot name a run folder" not in err, err  # a name chosen, not a file name refused
 
 
 def test_out_of_memory_advice_fits_the_command(capsys):

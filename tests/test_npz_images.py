@@ -141,3 +141,20 @@ def test_sample_npz_bad_names_fail_before_any_work(runs, tmp_path, monkeypatch, 
     (tmp_path / "dir.npz").mkdir()
     code, _, err = run_cli(monkeypatch, capsys, "sample", runs / "cond", "--npz", tmp_path / "dir.npz")
     assert code == 2 and "is a folder" in err
+
+
+def test_a_damaged_member_or_a_header_claiming_too_much_is_one_line(tmp_path):
+    import io
+
+    path = write_raw(tmp_path / "f.npz", np.zeros((50, 8, 8, 3), np.uint8))
+    data = bytearray((tmp_path / "f.npz").read_bytes())
+    data[2000] ^= 0xFF  # a stored member's pixel byte: the CRC no longer matches
+    (tmp_path / "crc.npz").write_bytes(bytes(data))
+    with pytest.raises(UsageError, match="'arr_0' is damaged"):
+        load_images(str(tmp_path / "crc.npz"))
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "|u1", "fortran_order": False, "shape": (10**11, 8, 8, 3)})
+    with zipfile.ZipFile(tmp_path / "huge.npz", "w") as z:
+        z.writestr("arr_0.npy", header.getvalue() + bytes(192 * 3))
+    with pytest.raises(UsageError, match="cut short .3 of the 100,000,000,000 images its header names"):
+        load_images(str(tmp_path / "huge.npz"), n=10)  # said before 10^11 indices are shuffled

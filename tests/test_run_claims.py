@@ -114,3 +114,79 @@ def test_resume_auto_takes_an_intact_last_copy_over_older_step_files(tmp_path):
     assert ck.path.name == "last.safetensors" and ck.step == 4 and any("step-0000004" in s for s in said)
     (copy / "checkpoints" / "last.safetensors").unlink()
     assert find_resume("auto", copy, said.append).step == 2  # then the newest step file that loads
+
+
+def test_a_refused_command_leaves_the_holders_folder_and_lock_alone(tmp_path):
+    """Two jobs with the same new --out both saw it missing: the one refused removed the winner's lock file
+    and folder (its cleanup ran although it never held the lock)."""
+    root = tmp_path / "new"
+    with run_folder.run_lock(root):
+        with pytest.raises(run_folder.UsageError, match="is training in this run folder"):
+            with run_folder.run_lock(root, made=[root]):
+                pass
+        assert held_by_someone(root)
+
+
+def test_a_lock_file_removed_between_open_and_flock_is_taken_again(tmp_path, monkeypatch):
+    root = tmp_path / "run"
+    real = run_folder._lock_or_refuse
+    calls = []
+
+    def removed_meanwhile(fd, where):  # a failed command's cleanup, between this one's open and its flock
+        calls.append(fd)
+        if len(calls) == 1:
+            (where / run_folder.LOCK_NAME).unlink()
+        real(fd, where)
+
+    monkeypatch.setattr(run_folder, "_lock_or_refuse", removed_meanwhile)
+    with run_folder.run_lock(root):
+        assert len(calls) == 2 and held_by_someone(root)  # the file that is there now, not the unlinked one
+
+
+def test_a_run_that_fails_before_writing_anything_of_value_goes(tmp_path, monkeypatch, capsys):
+    """Out of memory at the first step, say: config.toml and an empty checkpoints/ were left, and the next
+    run took the next number."""
+    from aigc_cli.cli import output
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "notes.txt").write_text("mine")
+
+    def no_memory(self, *args):
+        raise MemoryError
+
+    monkeypatch.setattr(output.ConsoleReporter, "start", no_memory)
+    for out in ([], ["--out", tmp_path / "a" / "run"], ["--out", tmp_path / "kept"]):
+        code, _, err = run_cli(monkeypatch, capsys, "train", "--preset", "quickstart", "--steps", 2, *out)
+        assert code == 2 and "out of memory" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"]  # no runs/, no a/
+    assert (tmp_path / "kept" / "notes.txt").read_text() == "mine"  # a folder it did not make: nothing removed
+
+
+def test_a_dangling_runs_link_is_one_line_not_a_hang(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").symlink_to(tmp_path / "purged")
+    code, _, err = run_cli(monkeypatch, capsys, "train", "--preset", "quickstart", "--steps", 1)
+    assert code == 2 and "runs is a symbolic link to" in err, err
+    code, _, err = run_cli(monkeypatch, capsys, "train", "--preset", "quickstart", "--out", tmp_path / "runs" / "x")
+    assert code == 2 and "runs is a symbolic link to" in err, err
+
+
+def test_a_lower_keep_checkpoints_frees_space_before_the_first_save(tmp_path, monkeypatch):
+    """A full disk: resuming with a lower train.keep_checkpoints failed as before, since pruning came only
+    after a successful save."""
+    out = tmp_path / "run"
+    base = {"train.ckpt_every": "1", "train.log_every": "1", "train.sample_every": "100"}
+    train(tiny("dcgan").with_overrides({**base, "train.steps": "4", "train.keep_checkpoints": "5"}), out, Silent())
+    seen = []
+    real = run_folder.RunFolder.save_checkpoint
+
+    def save(self, step, *args, **kwargs):
+        seen.append(sorted(p.name for p in self.checkpoints.glob("step-*")))
+        return real(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(run_folder.RunFolder, "save_checkpoint", save)
+    train(tiny("dcgan").with_overrides({**base, "train.steps": "5", "train.keep_checkpoints": "2"}), out, Silent(),
+          resume=find_resume("auto", out, print))
+    assert seen[0] == ["step-0000003.safetensors", "step-0000004.safetensors"]
+    assert ckpt_io.load(out).step == 5

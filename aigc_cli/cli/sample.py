@@ -162,7 +162,7 @@ def sample(
     before = pngs_in(individual)
     with contextlib.ExitStack() as stack:
         stack.enter_context(filling(individual, n, f"--individual {individual}", warn))
-        stack.enter_context(showing_progress(console, "loading the generator"))
+        stack.enter_context(showing_progress(console, "generating"))
         progress.phase("generating", n)
         add_to_npz = None if npz is None else stack.enter_context(
             image_npz_writer(npz, n, labels if drawn is not None else None))

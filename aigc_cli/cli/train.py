@@ -32,6 +32,8 @@ def next_run_dir(name: str, base: Path = Path("runs")) -> tuple[Path, list[Path]
             path.mkdir(parents=True)
             return path, [path, *made]
         except FileExistsError:
+            if not (path.exists() or path.is_symlink()):  # not the number taken: something on the way
+                raise
             number += 1
 
 
@@ -85,7 +87,7 @@ def train(
     quiet: bool = typer.Option(False, "--quiet", "-q", metavar="", help=QUIET_HELP),
 ) -> None:
     """Train a model from a preset; writes checkpoints, sample grids and metrics.jsonl to the run folder."""
-    from ..config import check_for_training, load_preset, parse_assignments
+    from ..config import RUN_NAME, check_for_training, is_preset_file, load_preset, parse_assignments
     from ..data import BUILTIN_SOURCES
     from ..errors import Interrupted, UsageError
     from ..training.run_folder import check_writable_run, run_lock
@@ -143,7 +145,7 @@ def train(
 
         run_dir = out
         if run_dir is None:
-            if preset is not None and cfg.name == "custom" and Path(preset).stem != "custom":
+            if preset is not None and is_preset_file(preset) and cfg.name == "custom" and not RUN_NAME.fullmatch(Path(preset).stem):
                 warn(f"the preset file's name {Path(preset).stem!r} cannot name a run folder (letters, digits, '.', "
                      "'_', '+' and '-'), so the run goes to runs/custom-NNN; set `name` in the file, or give --out")
             run_dir, made = next_run_dir(cfg.name)

@@ -248,6 +248,7 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup, run_lock
                 and not run.relink_best(best_value, best_step)):
             best_value = best_step = None  # its checkpoint is not in this branch (or this fork): find its own
         run.write_config(cfg)
+        run.prune()  # the resumed checkpoint is the newest step file here: it stays
     labels_fixed, nrow = grid_labels(cfg)
     z_fixed = latents(len(labels_fixed) if labels_fixed is not None else cfg.train.n_samples,
                       cfg.model.latent_dim, cfg.train.seed)

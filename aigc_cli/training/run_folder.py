@@ -13,7 +13,7 @@ from typing import Iterator
 from .. import checkpoint as ckpt_io
 from ..config import Config
 from ..errors import UsageError
-from ..files import atomic_write, json_line
+from ..files import make_parent, remove_empty, atomic_write, json_line
 
 
 LOCK_NAME = ".aigc-train.lock"
@@ -49,36 +49,72 @@ def run_lock(root: Path, made: list[Path] | None = None) -> Iterator[None]:
     runs) would prune and overwrite each other's checkpoints and interleave metrics.jsonl. An flock, so a
     crash or a kill -9 releases it; a file system without locks (some network mounts) goes unguarded.
     `aigc train` takes it before it looks into the folder (which checkpoint to resume, whether it holds a
-    run), so that two commands cannot both decide on what they saw before either wrote. The folders it
-    makes (or `made`, those the caller just made for the run, deepest first) are removed again when the block fails before
-    anything but the lock was written in them."""
-    made = made if made is not None else [p for p in (root, *root.parents) if not p.exists()]
-    root.mkdir(parents=True, exist_ok=True)
+    run), so that two commands cannot both decide on what they saw before either wrote.
+    When the block fails with nothing of a run written (no checkpoint, metrics line or grid), what it set
+    up goes again: the lock file it made, config.toml and empty checkpoints/ and samples/ in a folder it
+    made, and the folders it made (`made`: those the caller made for the run, deepest first)."""
+    made = made if made is not None else make_parent(root / LOCK_NAME)
     lock = root / LOCK_NAME
-    try:  # 0o666: the umask decides, as for every other file of the run (a group's shared folder)
-        fd, writable = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666), True
-    except PermissionError:  # another user's lock file: flock needs no write access
-        try:
-            fd, writable = os.open(lock, os.O_RDONLY), False
-        except OSError as e:
-            raise UsageError(f"--out {root}: cannot open {lock} ({e.strerror})") from None
+    fd, created = _take(lock, root)
     try:
-        _lock_or_refuse(fd, root)
-        if writable:
-            os.ftruncate(fd, 0)
-            os.write(fd, str(os.getpid()).encode())
         yield
     except BaseException:
-        if made and {p.name for p in root.iterdir()} <= {LOCK_NAME} and writable:
-            lock.unlink(missing_ok=True)
-            for folder in made:  # deepest first; one something else has meanwhile filled stays
-                try:
-                    folder.rmdir()
-                except OSError:
-                    break
+        with contextlib.suppress(OSError):
+            _undo_setup(root, lock, made, created)
         raise
     finally:
         os.close(fd)  # releases the lock
+
+
+def _take(lock: Path, root: Path) -> tuple[int, bool]:
+    """The lock file open and flocked (refused at once when another process holds it); whether this call
+    made the file."""
+    while True:
+        created = not lock.exists()
+        try:  # 0o666: the umask decides, as for every other file of the run (a group's shared folder)
+            fd, writable = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666), True
+        except PermissionError:  # another user's lock file: flock needs no write access
+            try:
+                fd, writable = os.open(lock, os.O_RDONLY), False
+            except OSError as e:
+                raise UsageError(f"--out {root}: cannot open {lock} ({e.strerror})") from None
+        try:
+            _lock_or_refuse(fd, root)
+            # A failed command removes the lock file it made: one opened just before that guards nothing.
+            try:
+                current = os.stat(lock)
+                mine = os.fstat(fd)
+                same = (current.st_ino, current.st_dev) == (mine.st_ino, mine.st_dev)
+            except FileNotFoundError:
+                same = False
+        except BaseException:
+            os.close(fd)
+            raise
+        if same:
+            break
+        os.close(fd)
+    if writable:
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+    return fd, created
+
+
+_SETUP = {LOCK_NAME, "config.toml", "checkpoints", "samples"}
+
+
+def _undo_setup(root: Path, lock: Path, made: list[Path], created: bool) -> None:
+    entries = {p.name: p for p in root.iterdir()}
+    if not set(entries) <= _SETUP or any(any(entries[d].iterdir()) for d in ("checkpoints", "samples")
+                                         if d in entries and entries[d].is_dir()):
+        return  # a run's work is here (or someone else's files): all stays
+    if root in made:
+        for name in ("config.toml", "checkpoints", "samples"):
+            p = entries.get(name)
+            if p is not None:
+                p.rmdir() if p.is_dir() and not p.is_symlink() else p.unlink()
+    if created or root in made:
+        lock.unlink(missing_ok=True)
+    remove_empty(made)
 
 
 def check_writable_run(root: Path) -> None:
@@ -86,8 +122,9 @@ def check_writable_run(root: Path) -> None:
     write in, would otherwise fail at the first save, after the data load and the first interval's
     training."""
     for path in (root, root / "checkpoints", root / "samples"):
-        if path.is_symlink() and not path.exists():
-            raise UsageError(f"--out {root}: {path} is a symbolic link to {os.readlink(path)}, which does not exist")
+        for p in (path, *path.parents):  # a link to nothing on the way: mkdir would say only "File exists"
+            if p.is_symlink() and not p.exists():
+                raise UsageError(f"--out {root}: {p} is a symbolic link to {os.readlink(p)}, which does not exist")
         nearest = next(p for p in (path, *path.parents) if p.exists())
         if not nearest.is_dir():
             raise UsageError(f"--out {root}: {nearest} is a file, not a folder")
@@ -255,10 +292,13 @@ class RunFolder:
             previous = self.checkpoints / "last.safetensors"
             kept = f"; the previous checkpoint {previous} is intact" if previous.exists() else ""
             raise UsageError(f"cannot write checkpoint {path}: {e.strerror or e}{kept}") from None
-        self._prune()
+        self.prune()
         return path
 
-    def _prune(self) -> None:
+    def prune(self) -> None:
+        """Only the newest `keep` step files stay (keep <= 0: all). After each save, and when a run
+        (re)starts: a resume with a lower train.keep_checkpoints frees the space before its first save,
+        which a full disk may need."""
         if self.keep <= 0:
             return
         steps = sorted(self.checkpoints.glob("step-*.safetensors"), key=ckpt_io.step_of)
