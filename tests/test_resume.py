@@ -264,7 +264,7 @@ def test_checkpoints_past_ten_million_steps_sort_by_number(tmp_path):
     run = RunFolder(tmp_path / "r", keep=1)
     for step in (9_999_999, 10_000_000):
         (run.checkpoints / f"step-{step:07d}.safetensors").write_bytes(b"x")
-    run._prune()
+    run.prune()
     assert ckpt_names(tmp_path / "r") == ["step-10000000.safetensors"]
 
 
