@@ -110,12 +110,18 @@ def _read_rows(zf: zipfile.ZipFile, n: int | None, seed: int, shown: str) -> np.
 
     member = zf.getinfo(f"{IMAGES}.npy")
     with zf.open(member) as f:
-        shape = _read_header(f, shown)
+        shape, fortran = _read_header(f, shown)
         total, row = shape[0], int(np.prod(shape[1:]))
         if f.tell() + total * row > member.file_size:  # before allocating what the header claims
             have = max(0, member.file_size - f.tell()) // row
             raise UsageError(f"{shown}: '{IMAGES}' is cut short ({have} of the {total:,} images its header names)")
         picked = (real_indices(total, n, seed) if n is not None else torch.arange(total)).numpy()
+        if fortran:  # numpy writes any F-contiguous array so (x.T, say): pixels of all images interleave
+            data = f.read(total * row)
+            if len(data) != total * row:
+                raise UsageError(f"{shown}: '{IMAGES}' is cut short ({len(data) // row} of {total} images)")
+            whole = np.frombuffer(data, dtype=np.uint8).reshape(shape[::-1]).transpose()
+            return np.ascontiguousarray(whole[picked])
         out = np.empty((len(picked), *shape[1:]), dtype=np.uint8)
         chunk = max(1, (64 << 20) // max(1, row))  # rows read at a time: 64 MB
         for start in range(0, total, chunk):
@@ -129,8 +135,8 @@ def _read_rows(zf: zipfile.ZipFile, n: int | None, seed: int, shown: str) -> np.
     return out
 
 
-def _read_header(f, shown: str) -> tuple[int, ...]:
-    """The shape of an npy member holding uint8 (N, H, W, C) images, from its header (a Python literal,
+def _read_header(f, shown: str) -> tuple[tuple[int, ...], bool]:
+    """The shape of an npy member holding uint8 (N, H, W, C) images, and whether it is in Fortran order, from its header (a Python literal,
     read with ast.literal_eval as numpy does, never unpickled); anything else is a one-line error."""
     try:
         version = np.lib.format.read_magic(f)
@@ -140,10 +146,10 @@ def _read_header(f, shown: str) -> tuple[int, ...]:
         raise UsageError(f"{shown}: '{IMAGES}' is not a readable npy array ({e})") from None
     if dtype != np.uint8:
         raise UsageError(f"{shown}: '{IMAGES}' holds {dtype} values; images must be uint8 (0..255)")
-    if len(shape) != 4 or shape[3] not in (1, 3) or fortran:
+    if len(shape) != 4 or shape[3] not in (1, 3):
         raise UsageError(f"{shown}: '{IMAGES}' has shape {tuple(shape)}; images must be (N, H, W, C) with C 1 or 3, "
                          "as guided-diffusion's and StyleGAN's scripts write them")
     if shape[0] < 1 or min(shape[1:3]) < 1:
         raise UsageError(f"{shown}: '{IMAGES}' holds no images (shape {tuple(shape)})")
-    return tuple(int(s) for s in shape)
+    return tuple(int(s) for s in shape), bool(fortran)
 

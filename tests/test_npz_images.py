@@ -158,3 +158,18 @@ def test_a_damaged_member_or_a_header_claiming_too_much_is_one_line(tmp_path):
         z.writestr("arr_0.npy", header.getvalue() + bytes(192 * 3))
     with pytest.raises(UsageError, match="cut short .3 of the 100,000,000,000 images its header names"):
         load_images(str(tmp_path / "huge.npz"), n=10)  # said before 10^11 indices are shuffled
+
+
+def test_fortran_order_reads_as_numpy_reads_it(tmp_path):
+    a = np.random.default_rng(2).integers(0, 256, (7, 5, 4, 3), dtype=np.uint8)
+    np.savez(tmp_path / "f.npz", np.asfortranarray(a))  # numpy writes it so for any F-contiguous array
+    assert torch.equal(load_images(str(tmp_path / "f.npz")), torch.from_numpy(a).permute(0, 3, 1, 2))
+    assert torch.equal(load_images(str(tmp_path / "f.npz"), n=3, seed=1),
+                       load_images(write_raw(tmp_path / "c.npz", a), n=3, seed=1))
+
+
+def test_fake_that_is_some_other_file_says_what_fake_takes(runs, tmp_path, monkeypatch, capsys):
+    np.save(tmp_path / "plain.npy", np.zeros((4, 8, 8, 3), np.uint8))
+    code, _, err = run_cli(monkeypatch, capsys, "eval", "--fake", tmp_path / "plain.npy", "--data", "shapes",
+                           "--features", runs / "clf")
+    assert code == 2 and "is a file; --fake takes a folder of images or a .npz of them" in err, err

@@ -10,6 +10,7 @@ import os
 import shutil
 
 import pytest
+import torch
 
 from aigc_cli import checkpoint as ckpt_io
 from aigc_cli.cli.train import next_run_dir
@@ -190,3 +191,22 @@ def test_a_lower_keep_checkpoints_frees_space_before_the_first_save(tmp_path, mo
           resume=find_resume("auto", out, print))
     assert seen[0] == ["step-0000003.safetensors", "step-0000004.safetensors"]
     assert ckpt_io.load(out).step == 5
+
+
+def test_resume_auto_skips_a_checkpoint_whose_optimizer_state_is_damaged(tmp_path, capsys, monkeypatch):
+    """load() checks the networks; a damaged optimizer moment was found only by the restore, after the data
+    load, and ended the command although an older checkpoint was fine."""
+    from safetensors.torch import save_file
+
+    out = tmp_path / "run"
+    train(tiny("dcgan").with_overrides({"train.steps": "4", "train.ckpt_every": "2", "train.keep_checkpoints": "5"}),
+          out, Silent())
+    (out / "checkpoints" / "last.safetensors").unlink()
+    newest = ckpt_io.load(out / "checkpoints" / "step-0000004.safetensors")
+    tensors = dict(newest.tensors)
+    key = next(k for k in tensors if k.startswith("opt.D.") and k.endswith("exp_avg_sq"))
+    tensors[key] = torch.full_like(tensors[key], float("nan"))
+    save_file(tensors, str(newest.path), metadata=newest.meta)
+    said = []
+    assert find_resume("auto", out, said.append).step == 2
+    assert any(key in s and "step-0000004" in s for s in said), said

@@ -316,6 +316,8 @@ def evaluate_folder(fake_dir: str, *, data: str | None, root: str | None, downlo
     if extractor is None:  # before reading the folder: missing weights are said at once
         extractor = open_extractor(features, inception_weights, dev, precision, download_weights, warn)
     progress.phase(f"reading {fake_dir}")
+    if os.path.isfile(os.path.expanduser(fake_dir)) and not is_npz(fake_dir):
+        raise UsageError(f"--fake {one_line(str(fake_dir))}: is a file; --fake takes a folder of images or a .npz of them")
     if is_npz(fake_dir) and not os.path.isdir(os.path.expanduser(fake_dir)):
         fakes = load_npz_images(os.path.expanduser(fake_dir), n=n, seed=seed)
     else:

@@ -129,6 +129,16 @@ def resume_position(ck: Checkpoint) -> dict[str, int]:
         raise _invalid_state(ck.path, e) from None
 
 
+def check_resumable(ck: Checkpoint) -> None:
+    """What restore would find damaged and load() does not check (it checks the networks): the optimizer
+    state's values and the data position. `--resume auto` then takes the next checkpoint instead of
+    stopping after the data load."""
+    resume_position(ck)
+    for key, value in ck.tensors.items():
+        if key.startswith("opt.") and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise _invalid_state(ck.path, ValueError(f"{key} holds NaN or infinite values"))
+
+
 def data_position(meta: dict[str, str]) -> dict[str, int]:
     """(epoch, image) where the data order goes on. Checkpoints before image counts held (epoch, index)
     in batches of their own batch size."""
@@ -228,6 +238,8 @@ def find_resume(resume: str | None, run_dir: Path, warn) -> Checkpoint | None:
             continue
         try:
             ck = ckpt_io.load(path)
+            if ck.kind == "checkpoint":
+                check_resumable(ck)
         except UsageError as e:
             warn(f"skipping unusable checkpoint: {e}")
             continue
