@@ -173,3 +173,20 @@ def test_fake_that_is_some_other_file_says_what_fake_takes(runs, tmp_path, monke
     code, _, err = run_cli(monkeypatch, capsys, "eval", "--fake", tmp_path / "plain.npy", "--data", "shapes",
                            "--features", runs / "clf")
     assert code == 2 and "is a file; --fake takes a folder of images or a .npz of them" in err, err
+
+
+def test_eval_save_fakes_to_an_npz_holds_what_it_scored(runs, tmp_path, monkeypatch, capsys):
+    args = ["eval", runs / "cond", "--n", 20, "-b", 8, "--metrics", "fid", "--features", runs / "clf",
+            "--data", "shapes", "--stats-dir", tmp_path / "stats", "--json"]
+    code, out, err = run_cli(monkeypatch, capsys, *args, "--save-fakes", tmp_path / "f.npz")
+    assert code == 0, err
+    with np.load(tmp_path / "f.npz") as z:
+        images, labels = z["arr_0"], z["arr_1"]
+    assert images.shape == (20, 16, 16, 1) and labels.shape == (20,) and set(labels.tolist()) <= set(range(4))
+    code, pngs_out, err = run_cli(monkeypatch, capsys, *args, "--save-fakes", tmp_path / "pngs")
+    assert code == 0, err
+    assert np.array_equal(images[..., 0], pngs(tmp_path / "pngs"))  # the same images as the PNG folder
+    scored = __import__("json").loads(out)
+    again = run_cli(monkeypatch, capsys, "eval", "--fake", tmp_path / "f.npz", "--data", "shapes", "--n", 20,
+                    "--metrics", "fid", "--features", runs / "clf", "--stats-dir", tmp_path / "stats2", "--json")
+    assert again[0] == 0 and scored["protocol"]["saved_fakes"] == str(tmp_path / "f.npz")

@@ -51,7 +51,7 @@ def evaluate(
     stats_dir: Optional[str] = typer.Option(None, "--stats-dir", help=STATS_DIR_HELP),
     ref: Optional[str] = typer.Option(None, "--ref", help="Precomputed reference statistics (.npz from `aigc eval stats`, or pytorch-fid's with only mu and sigma: FID only) instead of real data."),
     fake: Optional[str] = typer.Option(None, "--fake", help="Score this folder of generated images (from any tool), or a .npz of them (arr_0 uint8 (N, H, W, C), as `aigc sample --npz` and guided-diffusion write it), instead of a checkpoint."),
-    save_fakes: Optional[str] = typer.Option(None, "--save-fakes", help="Also write the generated images as PNGs into this folder."),
+    save_fakes: Optional[str] = typer.Option(None, "--save-fakes", help="Also write the generated images as PNGs into this folder, or into one .npz (a name ending in .npz: arr_0 uint8 (N, H, W, C), arr_1 the classes of a conditional model, as `aigc sample --npz`)."),
     no_ema: bool = typer.Option(False, "--no-ema", metavar="", help="Score the raw generator weights, not their EMA."),
     json_out: bool = typer.Option(False, "--json", metavar="", help="Print one JSON object with metrics and protocol."),
     quiet: bool = typer.Option(False, "--quiet", "-q", metavar="", help=QUIET_HELP),
@@ -63,6 +63,8 @@ def evaluate(
     from ..errors import UsageError
     from ..metrics.evaluate import evaluate as run_eval
     from ..metrics.evaluate import evaluate_folder, parse_metrics
+    from ..files import check_writable
+    from ..image_npz import is_npz
     from ..sampling import filling, pngs_in, warn_stale_pngs
 
     if checkpoint and fake:
@@ -80,7 +82,10 @@ def evaluate(
         return
     if not checkpoint and not fake:
         raise UsageError("nothing to score: give a CHECKPOINT (or run folder), or --fake DIR with --data SOURCE")
-    if save_fakes and Path(save_fakes).exists() and not Path(save_fakes).is_dir():
+    npz_fakes = bool(save_fakes) and is_npz(save_fakes)
+    if npz_fakes:
+        check_writable(save_fakes, "--save-fakes")  # now, not after generating and scoring
+    elif save_fakes and Path(save_fakes).exists() and not Path(save_fakes).is_dir():
         raise UsageError(f"--save-fakes {save_fakes}: exists and is not a folder")
     if fake and save_fakes:
         raise UsageError("--save-fakes applies to a checkpoint; --fake images are files already")
@@ -104,8 +109,9 @@ def evaluate(
             warn(f"--data {data} was not used: {', '.join(names)} need{'s' if len(names) == 1 else ''} no real images")
     else:
         ck = ckpt_io.load(checkpoint)
-        before = pngs_in(save_fakes)
-        with (filling(save_fakes, n, f"--save-fakes {save_fakes}", warn),
+        folder = None if npz_fakes else save_fakes
+        before = pngs_in(folder)
+        with (filling(folder, n, f"--save-fakes {save_fakes}", warn),
               showing_progress(console, "evaluating")):
             result = run_eval(ck, data=data or ck.config.data.source,
                               root=data_root or ck.config.data.root or None, download=download, ema=not no_ema,
@@ -113,7 +119,7 @@ def evaluate(
         title = f"{result['checkpoint']} (step {result['step']})"
         if ref and data and "heldout_data" not in result["protocol"]:  # a VAE's held-out scores read --data
             warn(f"--data {data} was not used: --ref {ref} supplies the real side")
-        if save_fakes:
+        if folder:
             warn_stale_pngs(before, n, f"--save-fakes {save_fakes}", warn)
     if json_out:
         emit_json(result)

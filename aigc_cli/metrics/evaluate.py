@@ -8,6 +8,7 @@ features (and, for IS, class probabilities) are kept, so --n 50000 never holds 5
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from pathlib import Path
@@ -20,7 +21,7 @@ from .. import checkpoint as ckpt_io
 from .. import progress
 from ..data import load_images
 from ..errors import UsageError, one_line
-from ..image_npz import is_npz, load_images as load_npz_images
+from ..image_npz import image_npz_writer, is_npz, load_images as load_npz_images
 from ..losses import decoded_image, vae_terms
 from ..sampling import from_uint8, generate, generator_from, latent_batches, latents, save_png
 from ..training.precision import Precision, resolve_device, slow_precision_note
@@ -123,8 +124,10 @@ class FakeEmbedder:
     """Accumulates the generated side batch by batch: feature statistics (plus the features when
     KID/PR need them) and class probabilities when IS needs them."""
 
-    def __init__(self, extractor, metrics: list[str], save_dir: str | os.PathLike | None = None):
-        self.extractor = extractor
+    def __init__(self, extractor, metrics: list[str], save_dir: str | os.PathLike | None = None,
+                 sink: Callable[[torch.Tensor], None] | None = None):
+        """save_dir: each image also written as a PNG there; sink: each batch also handed to it, on the CPU."""
+        self.extractor, self.sink = extractor, sink
         self.stats = FeatureStats(keep=any(m in metrics for m in NEEDS_REAL_FEATURES))
         self.want_probs = "is" in metrics
         self.want_feats = any(m in metrics for m in NEEDS_REAL)
@@ -137,6 +140,8 @@ class FakeEmbedder:
         if self.save_dir is not None:
             for i, img in enumerate(images.cpu()):
                 save_png(img, self.save_dir / f"{self.count + i:06d}.png")
+        if self.sink is not None:
+            self.sink(images.cpu())
         self.count += len(images)
         if self.want_feats or self.want_probs:
             f, p = self.extractor.embed(images, batch_size, on_device=True)
@@ -277,10 +282,16 @@ def evaluate(ckpt: ckpt_io.Checkpoint, *, data: str, root: str | None, download:
                      f"{'x'.join(map(str, shape))}: the two sides reach the extractor from different {what}")
         protocol.update(_reference_protocol(reference))
     _say_if_few_for_fid(chosen, n, reference.n if reference is not None else None, extractor, warn)
-    fake = FakeEmbedder(extractor, chosen, save_fakes)
-    if generating:
-        progress.phase("generating and embedding" if fake.want_feats or fake.want_probs else "generating", n)
-        fake.add_generated(G, *seeded_inputs(m, n, seed), amp, batch_size)
+    z, labels = seeded_inputs(m, n, seed)
+    with contextlib.ExitStack() as saving:  # an .npz is complete once generation ends, whatever scoring does
+        sink = None
+        if save_fakes and is_npz(save_fakes):
+            sink = saving.enter_context(image_npz_writer(save_fakes, n, None if labels is None else
+                                                         lambda start, stop: labels[start:stop]))
+        fake = FakeEmbedder(extractor, chosen, None if sink else save_fakes, sink)
+        if generating:
+            progress.phase("generating and embedding" if fake.want_feats or fake.want_probs else "generating", n)
+            fake.add_generated(G, z, labels, amp, batch_size)
     values, extra = score(chosen, fake=fake.stats, probs=fake.all_probs(), ref=reference, seed=seed, warn=warn)
     protocol.update(extra)
     if save_fakes:
