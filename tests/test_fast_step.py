@@ -226,3 +226,38 @@ def test_warm_up_runs_with_the_capture_s_autocast_cache_setting(simulated_captur
         graphed({}, {}, amp, lambda: batch, tiny("dcgan"), step, Aids())
     assert seen == [True] * (WARMUP + 1)  # warm-up steps and the capture; replays run no Python
     assert amp.graph_safe is False  # and the run's own setting is back afterwards
+
+
+def test_a_failure_in_gs_update_leaves_d_trainable(monkeypatch):
+    """A CUDA-graph capture failing in G's update reran the step eagerly with D still frozen."""
+    from aigc_cli import losses
+    from aigc_cli.models import build_nets
+    from aigc_cli.training.precision import Precision
+    from aigc_cli.training.steps import Aids, gan_step, make_optimizers
+
+    cfg = tiny("dcgan")
+    nets = build_nets(cfg.model)
+    opts = make_optimizers("gan", nets, cfg.train)
+    cpu = torch.device("cpu")
+    batch = lambda: (torch.rand(4, 1, 16, 16) * 2 - 1, None)  # noqa: E731
+    monkeypatch.setattr(losses, "g_loss", lambda kind, fake: (_ for _ in ()).throw(RuntimeError("capture failed")))
+    with pytest.raises(RuntimeError, match="capture failed"):
+        gan_step(nets, opts, Precision("fp32", cpu), batch, cfg, 1, Aids())
+    assert all(p.requires_grad for p in nets["D"].parameters())
+
+
+def test_the_gradient_penalty_sees_d_through_diffaugment_as_its_loss_does(monkeypatch):
+    from aigc_cli import losses
+    from aigc_cli.models import build_nets
+    from aigc_cli.training.augment import parse_policy
+    from aigc_cli.training.precision import Precision
+    from aigc_cli.training.steps import Aids, gan_step, make_optimizers
+
+    cfg = tiny("dcgan", d_norm="none").with_overrides({"loss.gan": "wgan-gp", "train.diffaugment": "translation"})
+    nets = build_nets(cfg.model)
+    seen = []
+    real = losses.gradient_penalty
+    monkeypatch.setattr(losses, "gradient_penalty", lambda D, *a: seen.append(D) or real(D, *a))
+    gan_step(nets, make_optimizers("gan", nets, cfg.train), Precision("fp32", torch.device("cpu")),
+             lambda: (torch.rand(4, 1, 16, 16) * 2 - 1, None), cfg, 1, Aids(augment=parse_policy("translation")))
+    assert len(seen) == 1 and seen[0] is not nets["D"]  # D composed with the augmentation

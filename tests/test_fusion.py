@@ -224,3 +224,12 @@ def test_nothing_is_compiled_again_when_the_graph_is_captured(simulated_capture,
     graphed(nets, opts, amp, lambda: batch, cfg, WARMUP + 1, Aids())  # the capture
     assert graphed.static_in is not None and not graphed.failed
     assert counters["stats"]["unique_graphs"] == compiled
+
+
+def test_r1_trains_with_fusion_on_leaving_d_unfused(tmp_path, aot_eager):
+    """R1 differentiates D twice, which compiled code cannot: the first step crashed."""
+    cfg = tiny("dcgan").with_overrides({"train.steps": 2, "train.fuse_norm_act": "on", "loss.r1_gamma": 1.0})
+    rep = Silent()
+    train(cfg, tmp_path / "r1", rep)
+    assert any("D's pairs are left unfused" in n for n in rep.notes), rep.notes
+    assert any(n.startswith("fused ") for n in rep.notes)  # G's still are

@@ -131,21 +131,31 @@ def report_to(note) -> None:
         note(f"fusing BatchNorm + activation failed earlier in this process ({_failed}); they run unfused")
 
 
-def fuse_norm_act(net: nn.Module) -> int:
-    """Fuse every plain BatchNorm2d directly followed by a ReLU or LeakyReLU inside a Sequential or
-    ModuleList of `net`; returns how many pairs were fused. Conditional BatchNorm, spectral norm and
-    other layers are left as they are."""
-    count = 0
+def _pairs(net: nn.Module):
+    """(container, index, slope) of each plain BatchNorm2d directly followed by a ReLU or LeakyReLU inside
+    a Sequential or ModuleList of `net`."""
     for container in list(net.modules()):
         if not isinstance(container, (nn.Sequential, nn.ModuleList)):
             continue
         mods = list(container)
         for i in range(len(mods) - 1):
-            bn, act = mods[i], mods[i + 1]
-            slope = _slope(act)
-            if type(bn) is nn.BatchNorm2d and slope is not None:
-                bn.__class__ = BatchNormAct2d  # same parameters and buffers: state_dict unchanged
-                bn.slope = slope
-                container[i + 1] = nn.Identity()
-                count += 1
+            slope = _slope(mods[i + 1])
+            if type(mods[i]) is nn.BatchNorm2d and slope is not None:
+                yield container, i, slope
+
+
+def has_pairs(net: nn.Module) -> bool:
+    return any(True for _ in _pairs(net))
+
+
+def fuse_norm_act(net: nn.Module) -> int:
+    """Fuse every pair _pairs finds; returns how many were fused. Conditional BatchNorm, spectral norm and
+    other layers are left as they are."""
+    count = 0
+    for container, i, slope in list(_pairs(net)):
+        bn = container[i]
+        bn.__class__ = BatchNormAct2d  # same parameters and buffers: state_dict unchanged
+        bn.slope = slope
+        container[i + 1] = nn.Identity()
+        count += 1
     return count

@@ -178,7 +178,12 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup, run_lock
     if cfg.train.fuse_norm_act == "on":
         fusion.report_to(reporter.note)
         cleanup.callback(fusion.report_to, None)
-        fused = sum(fusion.fuse_norm_act(net) for net in nets.values())
+        # Not D under an R1 penalty: its double backward cannot go through torch.compile'd code.
+        skip = {"D"} if cfg.loss.r1_gamma > 0 and family.objective == "gan" else set()
+        fused = sum(fusion.fuse_norm_act(net) for name, net in nets.items() if name not in skip)
+        if skip and fusion.has_pairs(nets["D"]):
+            reporter.note("train.fuse_norm_act=on: D's pairs are left unfused, since loss.r1_gamma differentiates "
+                          "D twice, which torch.compile'd code cannot")
         reporter.note(f"fused {fused} BatchNorm + activation pairs with torch.compile; the first steps compile them"
                       if fused else f"train.fuse_norm_act=on: {cfg.model.kind} has no plain BatchNorm + ReLU/LeakyReLU "
                       "pairs to fuse, so it changes nothing")

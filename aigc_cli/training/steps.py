@@ -76,11 +76,12 @@ def gan_step(nets, opts, amp, next_batch, cfg, step: int, aids: Aids) -> dict[st
             fake = G(z, y)
             loss_d = losses.d_loss(kind, D(aug(x), y), D(aug(fake.detach()), y))
         total = loss_d
-        if kind == "wgan-gp":
-            out["gp"] = losses.gradient_penalty(D, x, fake, y)
+        seen = (lambda t, labels: D(aug(t), labels)) if aids.augment else D  # D as its loss sees its input
+        if kind == "wgan-gp":  # the Lipschitz bound on the function the critic loss scores: through DiffAugment too
+            out["gp"] = losses.gradient_penalty(seen, x, fake, y)
             total = total + cfg.loss.gp_weight * out["gp"]
         elif cfg.loss.r1_gamma > 0:  # through the augmentation, as StyleGAN2-ADA does: D's view of x
-            out["r1"] = losses.r1_penalty(lambda t, labels: D(aug(t), labels), x, y)
+            out["r1"] = losses.r1_penalty(seen, x, y)
             total = total + 0.5 * cfg.loss.r1_gamma * out["r1"]
         opts["D"].zero_grad(set_to_none=True)
         amp.backward(total)
@@ -88,14 +89,16 @@ def gan_step(nets, opts, amp, next_batch, cfg, step: int, aids: Aids) -> dict[st
         amp.update()  # fp16: GradScaler allows one step per optimizer between updates
 
     D.requires_grad_(False)  # the G step needs gradients through D, not for D's weights
-    with amp.autocast():
-        if cfg.train.n_critic > 1:  # a fresh sample for G, as in WGAN-GP's algorithm
-            fake = G(torch.randn(x.shape[0], latent, device=x.device), y)
-        loss_g = losses.g_loss(kind, D(aug(fake), y))
-    opts["G"].zero_grad(set_to_none=True)
-    amp.backward(loss_g)
-    amp.step(opts["G"])
-    D.requires_grad_(True)
+    try:  # and back on whatever happens (a CUDA-graph capture that fails here reruns the step eagerly)
+        with amp.autocast():
+            if cfg.train.n_critic > 1:  # a fresh sample for G, as in WGAN-GP's algorithm
+                fake = G(torch.randn(x.shape[0], latent, device=x.device), y)
+            loss_g = losses.g_loss(kind, D(aug(fake), y))
+        opts["G"].zero_grad(set_to_none=True)
+        amp.backward(loss_g)
+        amp.step(opts["G"])
+    finally:
+        D.requires_grad_(True)
     amp.update()
     if aids.ema is not None:
         aids.ema.update(G, step)
