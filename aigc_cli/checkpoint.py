@@ -181,6 +181,9 @@ def load(path_or_run: str | os.PathLike, *, device: str = "cpu") -> Checkpoint:
         if path.suffix.lower() == ".onnx":
             raise UsageError(f"{path}: an ONNX model, for runtimes such as onnxruntime; aigc reads its "
                              "checkpoints and .safetensors exports") from None
+        if path.suffix.lower() == ".npz":
+            raise UsageError(f"{path}: an .npz file (images from `aigc sample --npz`, or statistics from `aigc eval "
+                             "stats`), not a checkpoint: score images with `aigc eval --fake`") from None
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UsageError(f"{path}: not a readable safetensors checkpoint ({reason})") from None
     if meta["aigc.format"] != str(FORMAT):

@@ -190,3 +190,10 @@ def test_eval_save_fakes_to_an_npz_holds_what_it_scored(runs, tmp_path, monkeypa
     again = run_cli(monkeypatch, capsys, "eval", "--fake", tmp_path / "f.npz", "--data", "shapes", "--n", 20,
                     "--metrics", "fid", "--features", runs / "clf", "--stats-dir", tmp_path / "stats2", "--json")
     assert again[0] == 0 and scored["protocol"]["saved_fakes"] == str(tmp_path / "f.npz")
+
+
+def test_an_npz_given_as_a_checkpoint_says_what_it_is(tmp_path, monkeypatch, capsys):
+    write_raw(tmp_path / "a.npz", np.zeros((2, 4, 4, 3), np.uint8))
+    for command in ("sample", "info"):
+        code, _, err = run_cli(monkeypatch, capsys, command, tmp_path / "a.npz")
+        assert code == 2 and "not a checkpoint: score images with `aigc eval --fake`" in err, err
