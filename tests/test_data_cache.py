@@ -331,3 +331,23 @@ def test_a_file_rewritten_in_place_with_its_old_size_and_mtime_is_decoded_again(
     os.utime(d / "a.bmp", ns=(st.st_atime_ns, st.st_mtime_ns))  # the old mtime put back
     again, _ = load(d)
     assert not again.cached and again.images[0, :, 0, 0].tolist() == [200, 100, 50]
+
+
+def test_a_limited_load_reads_only_the_files_it_uses_for_its_key(tmp_path, monkeypatch, decodes):
+    """data.limit=N on a huge folder: the cache key hashed every file's bytes before the N were decoded."""
+    d = tmp_path / "many"
+    d.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(30):
+        Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).save(d / f"{i:02d}.png")
+    age(d)
+    hashed = []
+    real = cache.file_digest
+    monkeypatch.setattr(cache, "file_digest", lambda path: hashed.append(os.path.basename(path)) or real(path))
+    first = load_images(str(d), channels=3, resolution=RES, limit=5, warn=print)
+    assert sorted(hashed) == [f"{i:02d}.png" for i in range(5)]
+    assert load_images(str(d), channels=3, resolution=RES, limit=5, warn=print).cached
+    Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).save(d / "29.png")  # beyond the limit
+    age(d / "29.png", OLD + 10)
+    again = load_images(str(d), channels=3, resolution=RES, limit=5, warn=print)
+    assert not again.cached and torch.equal(again.images, first.images)  # its stat is in the key: decoded anew

@@ -147,7 +147,7 @@ def load_images(source: str, *, channels: int, resolution: int, root: str | None
                   "source": source if source in BUILTIN_SOURCES else ""}
 
     relist = (lambda: list_images(path)) if kind == "folder" else None
-    key = decoded_cache.make_key(path, files, params, relist) if cache else None
+    key = decoded_cache.make_key(path, files, params, relist, read_first=limit if kind == "folder" else 0) if cache else None
     if key is not None:
         hit = decoded_cache.load(key, warn)
         # --strict must stop on a bad file that an earlier, lenient run skipped: decode again.

@@ -94,26 +94,34 @@ def _listing(folder: str, rel_paths: list[str], params: dict) -> tuple[str, bool
                                   sort_keys=True).encode())
     fresh = False
     for rel in rel_paths:
-        try:
-            st = os.stat(os.path.join(folder, rel))
-            # ctime too, as git's index keeps it: a chmod that makes an unreadable file readable, or an
-            # edit that put the old mtime back, changes only the ctime.
-            entry = f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}"
-            fresh = fresh or st.st_mtime_ns > now - RACY_NS
-        except OSError as e:
-            entry = f"error:{e.errno}"
+        entry = _stat_entry(os.path.join(folder, rel))
+        mtime = entry.split(":")[1] if not entry.startswith("error:") else "0"
+        fresh = fresh or int(mtime) > now - RACY_NS
         _record(h, rel, entry)
     return h.hexdigest(), fresh
 
 
+def _stat_entry(path: str) -> str:
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        return f"error:{e.errno}"
+    # ctime too, as git's index keeps it: a chmod that makes an unreadable file readable, or an edit
+    # that put the old mtime back, changes only the ctime.
+    return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}"
+
+
 def make_key(folder: str, rel_paths: Iterable[str], params: dict,
-             relist: Callable[[], list[str]] | None = None) -> Key:
+             relist: Callable[[], list[str]] | None = None, read_first: int = 0) -> Key:
     """Key for the files `rel_paths` under `folder` converted with `params` (JSON-able); `relist`
     lists the source again (a folder: its image files now), so that a file added later is noticed.
 
     An unchanged listing reads its key from the index (one stat per file); otherwise every file is
     hashed (regular files only) and the index remembers the result. A file that cannot be read is
     part of the key as such, so its later appearance changes the key too.
+    read_first > 0 (data.limit): only the first files are read; the others enter the key by their stat
+    (size, times, inode), since only a replacement for an unreadable one among the first is ever decoded:
+    `limit=5000` on a folder of a million photos reads 5,000 of them, not the folder.
     """
     rel_paths = list(rel_paths)
     listing, fresh = _listing(folder, rel_paths, params)
@@ -131,8 +139,9 @@ def make_key(folder: str, rel_paths: Iterable[str], params: dict,
         except (OSError, UnicodeDecodeError):
             pass
     h = hashlib.sha256(json.dumps({"format": FORMAT, **params}, sort_keys=True).encode())
-    for rel in rel_paths:
-        _record(h, rel, file_digest(os.path.join(folder, rel)))
+    for i, rel in enumerate(rel_paths):
+        path = os.path.join(folder, rel)
+        _record(h, rel, file_digest(path) if not read_first or i < read_first else "stat:" + _stat_entry(path))
     # Files this fresh may change again within their mtime tick: an entry keyed by the bytes just read
     # may be read (it is what those bytes decode to) but neither it nor the index is written now.
     key = Key(h.hexdigest(), not fresh, unchanged)
