@@ -199,3 +199,22 @@ def test_one_data_set_named_two_ways_is_one_for_the_classifier_warning(tmp_path)
     assert _data_folder(str(folder) + "/", None) == _data_folder(str(folder), None)
     assert _data_folder("shapes", None) != _data_folder(str(folder), None)
     assert _data_folder("mnist", str(tmp_path / "root")) == "mnist"  # not found: by its name
+
+
+def test_eval_of_a_run_that_streamed_its_folder_decodes_only_the_images_it_scores(runs, tmp_path, monkeypatch):
+    """aigc eval decoded the whole training folder (and cached it) although the run had streamed it for not
+    fitting in memory: the real side now takes training's choice, data.device_max_mb."""
+    from aigc_cli.data import lazy
+    from conftest import write_image_folder
+
+    folder = write_image_folder(tmp_path / "imgs", n_per_class=20, size=16)
+    cfg = tiny("dcgan").with_overrides({"data.source": str(folder), "data.device_max_mb": "0", "data.limit": "0",
+                                        "train.steps": "1"})
+    train(cfg, tmp_path / "run", Silent())
+    decoded = []
+    real = lazy.LazyFolder._decode
+    monkeypatch.setattr(lazy.LazyFolder, "_decode", lambda self, i: decoded.append(i) or real(self, i))
+    result = evaluate_mod.evaluate(ckpt_io.load(tmp_path / "run"), data=str(folder), root=None, download=False,
+                                   features=str(runs / "clf"), n=10, batch_size=8, seed=0, device="cpu",
+                                   precision="fp32", warn=print, stats_dir=tmp_path / "stats", metrics=["fid"])
+    assert len(decoded) == 10 and result["protocol"]["n_real"] == 10

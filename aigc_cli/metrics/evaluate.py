@@ -272,7 +272,8 @@ def evaluate(ckpt: ckpt_io.Checkpoint, *, data: str, root: str | None, download:
             # through the same conversion to the extractor's input: a perfect generator scores near 0.
             reference = real_reference(data, extractor=extractor, n=n, seed=seed, batch_size=batch_size,
                                        stats_dir=_stats_dir(stats_dir), warn=warn, root=root, download=download,
-                                       strict=ckpt.config.data.strict, channels=m.channels, resolution=m.resolution)
+                                       strict=ckpt.config.data.strict, channels=m.channels, resolution=m.resolution,
+                                       lazy_above_mb=ckpt.config.data.device_max_mb)
         else:
             check_reference_matches(reference, extractor, warn)
             theirs = reference.protocol.get("real_shape")
@@ -517,7 +518,8 @@ class TrainingEvaluator:
             if images is None:
                 self.reference = real_reference(cfg.data.source, **common, root=cfg.data.root or None,
                                                 download=False, strict=cfg.data.strict, channels=m.channels,
-                                                resolution=m.resolution, limit=cfg.data.limit)
+                                                resolution=m.resolution, limit=cfg.data.limit,
+                                                lazy_above_mb=cfg.data.device_max_mb)
             else:  # the training images, in memory or a lazy folder: only the n picked are decoded
                 from ..data.transforms import conform  # noqa: PLC0415
 

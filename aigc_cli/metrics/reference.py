@@ -306,14 +306,16 @@ def _own_channels(source: str) -> int:
 def load_real(source: str, *, root: str | None, download: bool, split: str, seed: int,
               warn: Callable[[str], None], strict: bool = False, channels: int | None = None,
               resolution: int | None = None, native_resolution: int = 32, limit: int = 0,
-              n: int | None = None) -> tuple[torch.Tensor, str]:
+              n: int | None = None, lazy_above_mb: int | None = None) -> tuple[torch.Tensor, str]:
     """Images of a data source as uint8 (N, C, H, W) and a description. With channels and resolution,
     exactly as training sees them (data.load_images). Without, at the source's own size: an image
     folder at its images' size (RGB), MNIST-like 1x28x28, CIFAR-10 3x32x32, `shapes` drawn at
     `native_resolution`; a given channels alone is then applied on top (a resolution alone gets the
     source's own channels and takes training's path). limit > 0: only
     the source's first `limit` images (data.limit). n: an image folder read at its own size decodes
-    only the seeded subset real_indices(total, n, seed) takes (other sources are in memory already)."""
+    only the seeded subset real_indices(total, n, seed) takes (other sources are in memory already);
+    so does, with channels and resolution, a folder whose decoded images would exceed lazy_above_mb (as
+    training streams it: the images come back lazy, and only those real_reference picks are decoded)."""
     from ..data import cifar, idx, load_images
     from ..data.transforms import resize_square, to_channels
 
@@ -321,7 +323,8 @@ def load_real(source: str, *, root: str | None, download: bool, split: str, seed
         channels = _own_channels(source)
     if channels is not None and resolution is not None:
         data = load_images(source, channels=channels, resolution=resolution, root=root, download=download,
-                           split=split, seed=seed, warn=warn, strict=strict, limit=limit)
+                           split=split, seed=seed, warn=warn, strict=strict, limit=limit,
+                           lazy_above_mb=lazy_above_mb if split == "train" else None)
         return data.images, data.name
     if source in NATIVE or source == "shapes":
         c, r = NATIVE.get(source, (3, native_resolution))
