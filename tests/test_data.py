@@ -454,6 +454,14 @@ def test_a_class_folder_with_no_readable_image_keeps_the_numbering_in_memory_and
     assert memory.num_classes == streamed.num_classes == 3
     assert memory.labels.tolist() == [1] * 4 + [2] * 4
     assert any("class folder a_bad: none of its images could be read" in w for w in warnings), warnings
+    from aigc_cli.training.streaming import StreamBatches  # streamed, it is said once all its files have failed
+
+    said = []
+    batches = StreamBatches(streamed.images, 4, torch.device("cpu"), 0, warn=said.append)
+    for _ in range(3):
+        batches.next()
+    assert sum("skipping a_bad" in w for w in said) == 4, said
+    assert sum("class folder a_bad: none of its images could be read" in w for w in said) == 1, said
 
 
 @pytest.mark.parametrize("streamed", [False, True])

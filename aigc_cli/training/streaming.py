@@ -10,14 +10,16 @@ memory. A sampler that starts at any (epoch, image) makes seek(), and so resume,
 
 from __future__ import annotations
 
+import os
 import signal
 import warnings
+from collections import Counter
 from typing import Callable, Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ..errors import UsageError
+from ..errors import UsageError, one_line
 from .batches import Augment, gather, permutation, to_float
 
 
@@ -147,6 +149,23 @@ class StreamBatches:
                 self._reported.add(rel)
                 if self.warn is not None and substitute:  # none: the whole batch failed, an error follows
                     self.warn(f"skipping {rel}: {reason}; {substitute} is used in its place")
+                    self._class_lost(rel)
+
+    def _class_lost(self, rel: str) -> None:
+        """Said once a class folder's every file has failed, as the in-memory load says it: its images
+        are all replaced by other classes' from then on, so a conditional model never sees it."""
+        names = getattr(self.source, "class_names", ())
+        if not names or os.sep not in rel:
+            return
+        if not hasattr(self, "_class_sizes"):
+            self._class_sizes = Counter(one_line(p).split(os.sep)[0] for p in self.source.paths)
+            self._class_failed: Counter = Counter()
+        name = rel.split(os.sep)[0]
+        self._class_failed[name] += 1
+        if self._class_failed[name] == self._class_sizes.get(name, -1):
+            self.warn(f"class folder {name}: none of its images could be read; the class keeps the number its "
+                      "folder name gives it, its images are replaced by other classes', and a conditional model or "
+                      "classifier never sees it")
 
     def close(self) -> None:
         """Stop the worker processes now (dropping the last reference to the DataLoader and its
