@@ -210,3 +210,20 @@ def test_resume_auto_skips_a_checkpoint_whose_optimizer_state_is_damaged(tmp_pat
     said = []
     assert find_resume("auto", out, said.append).step == 2
     assert any(key in s and "step-0000004" in s for s in said), said
+
+
+def test_a_resume_on_data_of_another_size_says_so(tmp_path):
+    """Files removed from a folder between runs: the saved position could point past the new epoch's end,
+    and the run went on in another order without a word."""
+    out = tmp_path / "run"
+    base = {"train.ckpt_every": "2", "train.log_every": "2", "train.sample_every": "100"}
+    train(tiny("dcgan").with_overrides({**base, "train.steps": "2", "data.limit": "256"}), out, Silent())
+    assert ckpt_io.load(out).meta["aigc.data_images"] == "256"
+    same, fewer = Silent(), Silent()
+    train(tiny("dcgan").with_overrides({**base, "train.steps": "3", "data.limit": "256"}), out, same,
+          resume=find_resume("auto", out, print))
+    train(tiny("dcgan").with_overrides({**base, "train.steps": "4", "data.limit": "128"}), out, fewer,
+          resume=find_resume("auto", out, print))
+    assert not any("images when" in n for n in same.notes)
+    assert any("the data held 256 images when step-0000003.safetensors was saved and holds 128 now" in n
+               for n in fewer.notes), fewer.notes

@@ -165,6 +165,10 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup, run_lock
             state.check_same_classes(resume, data.class_names, cfg.model.num_classes)
         for change in state.check_compatible(resume.config, cfg, resume.path):
             reporter.note(f"resuming with a changed setting: {change}")
+        if (then := state.data_images_then(resume)) is not None and then != len(data.images):
+            reporter.note(f"the data held {then:,} images when {resume.path.name} was saved and holds "
+                          f"{len(data.images):,} now (files added or removed?): the order of images from here on "
+                          "is not the uninterrupted run's")
     at = (resume.step, state.resume_position(resume)) if resume is not None else ()
     steps = total_steps(cfg, len(data.images), *at)
 
@@ -332,7 +336,8 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup, run_lock
         is_best = beats_best(value)
         best_value, best_step = (value, step) if is_best else (best_value, best_step)
         extra = {"aigc.best_metric": json.dumps(metric), "aigc.best_value": json.dumps(best_value),
-                 "aigc.best_step": json.dumps(best_step), "aigc.log_sums": state.log_sums_meta(sums, n_sum), **names}
+                 "aigc.best_step": json.dumps(best_step), "aigc.log_sums": state.log_sums_meta(sums, n_sum),
+                 "aigc.data_images": str(len(data.images)), **names}
         good = state.capture(cfg, nets, opts, amp, batches, step, images_seen, extra)
         good_scale = lr_scale
         good_path = run.save_checkpoint(step, *good, best=is_best)

@@ -129,6 +129,13 @@ def resume_position(ck: Checkpoint) -> dict[str, int]:
         raise _invalid_state(ck.path, e) from None
 
 
+def data_images_then(ck: Checkpoint) -> int | None:
+    """How many training images the run had when the checkpoint was saved (None: not recorded, before
+    aigc.data_images existed)."""
+    text = ck.meta.get("aigc.data_images", "")
+    return int(text) if text.isdigit() and len(text) < 19 else None
+
+
 def check_resumable(ck: Checkpoint) -> None:
     """What restore would find damaged and load() does not check (it checks the networks): the optimizer
     state's values and the data position. `--resume auto` then takes the next checkpoint instead of
