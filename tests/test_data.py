@@ -492,3 +492,16 @@ def test_a_folder_above_an_idx_folder_points_at_it(tmp_path, idx_data):
     with pytest.raises(UsageError, match=r"no images .* found under .*datasets; point at a folder that holds images; "
                                          r".*datasets/fashion holds IDX files: pass that folder as --data"):
         load_images(str(tmp_path / "datasets"), channels=1, resolution=28)
+
+
+@pytest.mark.parametrize("lazy", [None, 0])
+def test_a_limit_that_keeps_only_some_classes_is_said_in_memory_and_streamed(tmp_path, lazy):
+    root = tmp_path / "cls"
+    for k, name in enumerate(("a", "b", "c")):
+        (root / name).mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (8, 8), (60 * k, i, 0)).save(root / name / f"{i}.png")
+    said = []
+    data = load_images(str(root), channels=3, resolution=8, cache=False, limit=5, lazy_above_mb=lazy, warn=said.append)
+    assert data.class_names == ("a", "b") and len(data.images) == 5
+    assert [w for w in said if "data.limit=5 keeps the first 5 images" in w and "from 2 of the folder's 3 classes" in w], said

@@ -16,7 +16,7 @@ import torch
 
 from aigc_cli.data import cache as decoded_cache
 from aigc_cli.data import cifar, idx, torchvision_sources
-from aigc_cli.data.folder import list_images, load_folder, pixel_limit, report_listing
+from aigc_cli.data.folder import list_images, load_folder, pixel_limit, report_listing, say_limited_classes
 from aigc_cli.data.lazy import LazyFolder
 from aigc_cli.data.shapes import CLASSES as SHAPE_CLASSES
 from aigc_cli.data.shapes import draw_shapes
@@ -137,7 +137,7 @@ def load_images(source: str, *, channels: int, resolution: int, root: str | None
         if lazy_above_mb is not None and files:
             wanted = files[:limit] if limit > 0 else files
             if len(wanted) * channels * resolution * resolution > lazy_above_mb * 2**20:
-                return _lazy_folder(path, wanted, channels, resolution, name, warn, strict)
+                return _lazy_folder(path, wanted, channels, resolution, name, warn, strict, limit, files)
         # A folder has no split of its own: "test" is the same images, so both share one entry.
         params = {"kind": kind, "channels": channels, "resolution": resolution, "limit": limit,
                   "pixel_limit": pixel_limit()}
@@ -211,7 +211,7 @@ def load_images(source: str, *, channels: int, resolution: int, root: str | None
 
 
 def _lazy_folder(path: str, files: list[str], channels: int, resolution: int, name: str,
-                 warn: Callable[[str], None], strict: bool) -> ImageData:
+                 warn: Callable[[str], None], strict: bool, limit: int = 0, listed: list[str] = ()) -> ImageData:
     def refuse(line: str) -> None:
         raise UsageError(f"cannot use image file {line.removeprefix('skipping ')} (stopped by --strict; "
                          "without it, unreadable files are skipped with a warning)")
@@ -221,6 +221,8 @@ def _lazy_folder(path: str, files: list[str], channels: int, resolution: int, na
         raise UsageError(f"none of the {len(files)} image files under {path} could be read "
                          "(reasons above); check that they are valid images")
     lazy = LazyFolder(path, usable, channels, resolution, among=files)
+    if lazy.labels is not None:  # as load_folder says it in memory
+        say_limited_classes(limit, len(usable), lazy.class_names, list(listed), warn)
     details = [f"{len(usable)} images"]
     if lazy.labels is not None:
         details.append(f"{lazy.num_classes} classes")

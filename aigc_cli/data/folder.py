@@ -283,11 +283,8 @@ def load_folder(folder: str, resolution: int, limit: int, warn: Callable[[str], 
              f"{'their' if len(unseen) > 1 else 'its'} images could be read; the classes keep the numbers their "
              "folder names give them, and a conditional model or classifier never sees "
              f"{'these' if len(unseen) > 1 else 'this one'}")
-    listed = class_labels(paths)[1] if labels is not None and limit > 0 else ()
-    if len(classes) < len(listed):  # class folders come in name order: the first N may be one class
-        warn(f"data.limit={limit} keeps the first {len(kept)} images in file-name order, from {len(classes)} of the "
-             f"folder's {len(listed)} classes ({', '.join(one_line(c) for c in classes)}): a conditional model or a "
-             "classifier learns only those")
+    if labels is not None:
+        say_limited_classes(limit, len(kept), classes, paths, warn)
     return images, labels, classes, skipped
 
 
@@ -323,6 +320,16 @@ def unlabelled_reason(folder: str) -> str:
     verb = "sits" if len(loose) == 1 else "sit"
     return (f"; {len(loose)} of its {len(paths)} images {verb} directly in {one_line(folder)} (e.g. {one_line(loose[0])}) "
             "next to its class subfolders: move them into one")
+
+
+def say_limited_classes(limit: int, kept: int, classes: tuple[str, ...], paths: list[str], warn) -> None:
+    """data.limit keeps the first files in name order, and class folders come in name order: the first N
+    may hold only some of the classes."""
+    listed = class_labels(paths)[1] if limit > 0 else ()
+    if len(classes) < len(listed):
+        warn(f"data.limit={limit} keeps the first {kept} images in file-name order, from {len(classes)} of the "
+             f"folder's {len(listed)} classes ({', '.join(one_line(c) for c in classes)}): a conditional model or a "
+             "classifier learns only those")
 
 
 def class_labels(rel_paths: list[str], among: list[str] = ()) -> tuple[torch.Tensor | None, tuple[str, ...]]:
