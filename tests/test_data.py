@@ -505,3 +505,18 @@ def test_a_limit_that_keeps_only_some_classes_is_said_in_memory_and_streamed(tmp
     data = load_images(str(root), channels=3, resolution=8, cache=False, limit=5, lazy_above_mb=lazy, warn=said.append)
     assert data.class_names == ("a", "b") and len(data.images) == 5
     assert [w for w in said if "data.limit=5 keeps the first 5 images" in w and "from 2 of the folder's 3 classes" in w], said
+
+
+def test_a_class_folder_of_empty_files_is_said_at_once_when_streamed(tmp_path):
+    root = tmp_path / "cls"
+    for name in ("a", "b"):
+        (root / name).mkdir(parents=True)
+        for i in range(3):
+            if name == "a":
+                Image.new("RGB", (8, 8), (i, 0, 0)).save(root / name / f"{i}.png")
+            else:
+                (root / name / f"{i}.png").write_bytes(b"")  # a stat() rejects these before any decoding
+    said = []
+    data = load_images(str(root), channels=3, resolution=8, cache=False, lazy_above_mb=0, warn=said.append)
+    assert data.class_names == ("a", "b")
+    assert any("class folder b: none of its images could be read" in w for w in said), said

@@ -218,3 +218,20 @@ def test_eval_of_a_run_that_streamed_its_folder_decodes_only_the_images_it_score
                                    features=str(runs / "clf"), n=10, batch_size=8, seed=0, device="cpu",
                                    precision="fp32", warn=print, stats_dir=tmp_path / "stats", metrics=["fid"])
     assert len(decoded) == 10 and result["protocol"]["n_real"] == 10
+
+
+def test_a_streamed_real_side_says_which_file_it_replaced_and_strict_refuses(tmp_path):
+    from aigc_cli.metrics.reference import load_real
+    from conftest import write_image_folder
+
+    folder = write_image_folder(tmp_path / "imgs", n_per_class=6, size=16)
+    bad = sorted(folder.rglob("*.png"))[3]
+    bad.write_bytes(b"junk, not a png")
+    said = []
+    args = dict(n=100, seed=0, channels=1, resolution=16, root=None, download=False, lazy_above_mb=0)
+    real, _ = load_real(str(folder), split="train", warn=said.append, **args)
+    assert len(real) == 12  # streamed: the bad file is still listed, found only when decoded
+    picked = evaluate_mod._fetch_reporting(real, list(range(12)), said.append, strict=False)
+    assert len(picked) == 12 and any(f"skipping {bad.parent.name}/{bad.name}" in w for w in said), said
+    with pytest.raises(UsageError, match="stopped by --strict"):
+        evaluate_mod._fetch_reporting(real, list(range(12)), said.append, strict=True)

@@ -197,3 +197,10 @@ def test_an_npz_given_as_a_checkpoint_says_what_it_is(tmp_path, monkeypatch, cap
     for command in ("sample", "info"):
         code, _, err = run_cli(monkeypatch, capsys, command, tmp_path / "a.npz")
         assert code == 2 and "not a checkpoint: score images with `aigc eval --fake`" in err, err
+
+
+def test_save_fakes_onto_the_ref_file_is_refused(runs, tmp_path, monkeypatch, capsys):
+    np.savez(tmp_path / "ref.npz", mu=np.zeros(3), sigma=np.eye(3))
+    code, _, err = run_cli(monkeypatch, capsys, "eval", runs / "cond", "--ref", tmp_path / "ref.npz",
+                           "--save-fakes", tmp_path / "ref.npz")
+    assert code == 2 and "is the --ref file, which it would overwrite" in err, err

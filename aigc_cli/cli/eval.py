@@ -82,13 +82,15 @@ def evaluate(
         return
     if not checkpoint and not fake:
         raise UsageError("nothing to score: give a CHECKPOINT (or run folder), or --fake DIR with --data SOURCE")
+    if fake and save_fakes:
+        raise UsageError("--save-fakes applies to a checkpoint; --fake images are files already")
     npz_fakes = bool(save_fakes) and is_npz(save_fakes)
     if npz_fakes:
+        if ref and Path(ref).expanduser().resolve() == Path(save_fakes).expanduser().resolve():
+            raise UsageError(f"--save-fakes {save_fakes}: is the --ref file, which it would overwrite")
         check_writable(save_fakes, "--save-fakes")  # now, not after generating and scoring
     elif save_fakes and Path(save_fakes).exists() and not Path(save_fakes).is_dir():
         raise UsageError(f"--save-fakes {save_fakes}: exists and is not a folder")
-    if fake and save_fakes:
-        raise UsageError("--save-fakes applies to a checkpoint; --fake images are files already")
     if fake and no_ema:
         raise UsageError("--no-ema applies to a checkpoint; --fake images are files already")
     _check_common(n, batch_size, precision)

@@ -16,7 +16,7 @@ import torch
 
 from aigc_cli.data import cache as decoded_cache
 from aigc_cli.data import cifar, idx, torchvision_sources
-from aigc_cli.data.folder import list_images, load_folder, pixel_limit, report_listing, say_limited_classes
+from aigc_cli.data.folder import list_images, load_folder, pixel_limit, report_listing, say_limited_classes, say_unseen_classes
 from aigc_cli.data.lazy import LazyFolder
 from aigc_cli.data.shapes import CLASSES as SHAPE_CLASSES
 from aigc_cli.data.shapes import draw_shapes
@@ -221,7 +221,9 @@ def _lazy_folder(path: str, files: list[str], channels: int, resolution: int, na
         raise UsageError(f"none of the {len(files)} image files under {path} could be read "
                          "(reasons above); check that they are valid images")
     lazy = LazyFolder(path, usable, channels, resolution, among=files)
-    if lazy.labels is not None:  # as load_folder says it in memory
+    if lazy.labels is not None:  # as load_folder says them in memory
+        present = {p.split(os.sep)[0] for p in usable}  # a class whose files a stat() rejected, all of them
+        say_unseen_classes([c for c in lazy.class_names if c not in present], warn)
         say_limited_classes(limit, len(usable), lazy.class_names, list(listed), warn)
     details = [f"{len(usable)} images"]
     if lazy.labels is not None:

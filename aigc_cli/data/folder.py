@@ -277,12 +277,7 @@ def load_folder(folder: str, resolution: int, limit: int, warn: Callable[[str], 
                          f"(all {skipped} rejected, reasons above); check that they are valid images")
     images = torch.from_numpy(out[:len(kept)])
     labels, classes = class_labels(kept, among=paths[:wanted])
-    unseen = [c for i, c in enumerate(classes) if labels is not None and not bool((labels == i).any())]
-    if unseen:
-        warn(f"class folder{'s' * (len(unseen) > 1)} {', '.join(one_line(c) for c in unseen)}: none of "
-             f"{'their' if len(unseen) > 1 else 'its'} images could be read; the classes keep the numbers their "
-             "folder names give them, and a conditional model or classifier never sees "
-             f"{'these' if len(unseen) > 1 else 'this one'}")
+    say_unseen_classes([c for i, c in enumerate(classes) if labels is not None and not bool((labels == i).any())], warn)
     if labels is not None:
         say_limited_classes(limit, len(kept), classes, paths, warn)
     return images, labels, classes, skipped
@@ -320,6 +315,14 @@ def unlabelled_reason(folder: str) -> str:
     verb = "sits" if len(loose) == 1 else "sit"
     return (f"; {len(loose)} of its {len(paths)} images {verb} directly in {one_line(folder)} (e.g. {one_line(loose[0])}) "
             "next to its class subfolders: move them into one")
+
+
+def say_unseen_classes(unseen: list[str], warn) -> None:
+    if unseen:
+        warn(f"class folder{'s' * (len(unseen) > 1)} {', '.join(one_line(c) for c in unseen)}: none of "
+             f"{'their' if len(unseen) > 1 else 'its'} images could be read; the classes keep the numbers their "
+             "folder names give them, and a conditional model or classifier never sees "
+             f"{'these' if len(unseen) > 1 else 'this one'}")
 
 
 def say_limited_classes(limit: int, kept: int, classes: tuple[str, ...], paths: list[str], warn) -> None:

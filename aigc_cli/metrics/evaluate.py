@@ -27,6 +27,7 @@ from ..sampling import from_uint8, generate, generator_from, latent_batches, lat
 from ..training.precision import Precision, resolve_device, slow_precision_note
 from .extractors import ClassifierFeatures, extractor_precision, make_extractor  # noqa: F401 (re-export)
 from .fid import frechet_distance, kid
+from ..data.lazy import LazyFolder
 from ..data.native import load_folder_native
 from .reference import (EvaluationStopped, FeatureStats, Reference, data_identity, default_stats_dir, load_npz,
                         load_real, real_indices, reference_for)
@@ -386,9 +387,24 @@ def real_reference(data: str, *, extractor, n: int, seed: int, batch_size: int, 
     when given); `load` goes to load_real (root, download, strict, channels/resolution, ...)."""
     progress.phase(f"loading the real data ({data})")
     real, name = load_real(data, split=split, seed=seed, warn=warn, n=n, **load)
-    real = real[real_indices(len(real), n, seed)]  # a folder's is picked already: then all of it
+    picked = real_indices(len(real), n, seed)  # a folder's is picked already: then all of it
+    if isinstance(real, LazyFolder):  # streamed, as training streamed it: a bad file is found only now
+        real = _fetch_reporting(real, picked.tolist(), warn, bool(load.get("strict")))
+    else:
+        real = real[picked]
     return reference_for(real, extractor=extractor, data=data_identity(data), data_name=name, split=split,
                          seed=seed, batch_size=batch_size, stats_dir=stats_dir, warn=warn, should_stop=should_stop)
+
+
+def _fetch_reporting(real: LazyFolder, indices: list[int], warn, strict: bool) -> torch.Tensor:
+    """The picked images of a streamed folder; a file that does not decode is replaced by the next readable
+    one, as in streamed training, with a warning (--strict: an error)."""
+    images, _, failures = real.fetch(indices)
+    for rel, reason, substitute in failures:
+        if strict or not substitute:
+            raise UsageError(f"cannot use image file {rel}: {reason}" + (" (stopped by --strict)" if strict else ""))
+        warn(f"skipping {rel}: {reason}; {substitute} is used in its place")
+    return images
 
 
 def _stats_dir(stats_dir):

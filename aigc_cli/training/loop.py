@@ -185,12 +185,14 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup, run_lock
         # Not D under an R1 penalty: its double backward cannot go through torch.compile'd code.
         skip = {"D"} if cfg.loss.r1_gamma > 0 and family.objective == "gan" else set()
         fused = sum(fusion.fuse_norm_act(net) for name, net in nets.items() if name not in skip)
-        if skip and fusion.has_pairs(nets["D"]):
+        unfused_d = bool(skip) and fusion.has_pairs(nets["D"])
+        if unfused_d:
             reporter.note("train.fuse_norm_act=on: D's pairs are left unfused, since loss.r1_gamma differentiates "
                           "D twice, which torch.compile'd code cannot")
-        reporter.note(f"fused {fused} BatchNorm + activation pairs with torch.compile; the first steps compile them"
-                      if fused else f"train.fuse_norm_act=on: {cfg.model.kind} has no plain BatchNorm + ReLU/LeakyReLU "
-                      "pairs to fuse, so it changes nothing")
+        if fused or not unfused_d:
+            reporter.note(f"fused {fused} BatchNorm + activation pairs with torch.compile; the first steps compile them"
+                          if fused else f"train.fuse_norm_act=on: {cfg.model.kind} has no plain BatchNorm + "
+                          "ReLU/LeakyReLU pairs to fuse, so it changes nothing")
     scheduled = cfg.train.lr_warmup > 0 or cfg.train.lr_decay != "none"
     graphed = use_graph(cfg, amp, device, scheduled, reporter.note)
     flags = optimizer_flags(device, capturable=graphed)
