@@ -17,7 +17,12 @@ def main() -> None:
     except KeyboardInterrupt:
         sys.stderr.write("stopped: SIGINT (Ctrl-C)\n")
         sys.exit(130)
-    run()
+    try:
+        run()
+    except SystemExit as e:
+        if not e.code:  # done: a SIGTERM during the interpreter's shutdown must not turn that into 143
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise
 
 
 def _fill_closed_std_streams() -> None:

@@ -227,3 +227,70 @@ def test_a_resume_on_data_of_another_size_says_so(tmp_path):
     assert not any("images when" in n for n in same.notes)
     assert any("the data held 256 images when step-0000003.safetensors was saved and holds 128 now" in n
                for n in fewer.notes), fewer.notes
+
+
+def test_a_sigterm_right_after_the_folder_is_made_removes_it_and_says_stopped(tmp_path, monkeypatch, capsys):
+    """train had no SIGTERM handler until its training loop began: a stop just after the run folder and lock
+    were made killed the process on the spot and left them behind."""
+    import signal
+
+    from aigc_cli import config
+
+    monkeypatch.chdir(tmp_path)
+    real = config.check_for_training
+
+    def stopped_meanwhile(*args, **kwargs):  # the folder (with --out) and lock are made by now
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    def unexpected(signum, frame):  # without the command's own handler, a failure here, not a killed test run
+        raise AssertionError("SIGTERM reached the test's handler")
+
+    monkeypatch.setattr(config, "check_for_training", stopped_meanwhile)
+    old = signal.signal(signal.SIGTERM, unexpected)
+    try:
+        for out in ([], ["--out", tmp_path / "new"]):
+            code, _, err = run_cli(monkeypatch, capsys, "train", "--preset", "quickstart", "--steps", 1, *out)
+            assert code == 143 and "stopped: SIGTERM" in err, err
+        assert signal.getsignal(signal.SIGTERM) is unexpected  # handed back
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_failure_removes_only_what_the_command_added_to_an_existing_folder(tmp_path, monkeypatch, capsys):
+    from aigc_cli.cli import output
+
+    def no_memory(self, *args):
+        raise MemoryError
+
+    monkeypatch.setattr(output.ConsoleReporter, "start", no_memory)  # after config.toml and checkpoints/
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for out in (mine, empty):
+        code, _, err = run_cli(monkeypatch, capsys, "train", "--preset", "quickstart", "--steps", 2, "--out", out)
+        assert code == 2 and "out of memory" in err, err
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"] and list(empty.iterdir()) == []
+
+
+def test_sigterm_is_ignored_once_a_command_has_succeeded(monkeypatch):
+    """A SIGTERM during the interpreter's shutdown turned a finished run's exit code 0 into 143."""
+    import signal
+
+    import aigc_cli
+    from aigc_cli import cli
+
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        for code, after in ((0, signal.SIG_IGN), (2, before)):
+            signal.signal(signal.SIGTERM, before)
+            monkeypatch.setattr(cli, "main", lambda code=code: (_ for _ in ()).throw(SystemExit(code)))
+            with pytest.raises(SystemExit):
+                aigc_cli.main()
+            assert signal.getsignal(signal.SIGTERM) == after
+    finally:
+        signal.signal(signal.SIGTERM, before)
+        signal.signal(signal.SIGUSR1, signal.SIG_DFL)

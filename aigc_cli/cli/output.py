@@ -130,29 +130,37 @@ def sigterm_interrupts(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        import signal
-        import threading
-
-        from ..training.signals import RaiseOutsideImports
-
-        if threading.current_thread() is not threading.main_thread():  # tests calling the command directly
+        with sigterm_raises():
             return fn(*args, **kwargs)
-        stopper = RaiseOutsideImports(Terminated)
-        with stopper:
-            old = signal.signal(signal.SIGTERM, lambda signum, frame: stopper(frame))
-            try:
-                result = fn(*args, **kwargs)
-            except Exception:
-                if stopper.pending:  # a stop waiting for an import, which then failed (perhaps of it): the stop
-                    raise Terminated from None
-                raise
-            finally:
-                signal.signal(signal.SIGTERM, old)
-            if stopper.pending:
-                raise Terminated
-            return result
 
     return wrapper
+
+
+@contextlib.contextmanager
+def sigterm_raises():
+    """The block of sigterm_interrupts; `train` uses it for its set-up, before its own handler takes over
+    (a stop there removes the run folder or lock file it has just made, with a `stopped:` line)."""
+    import signal
+    import threading
+
+    from ..training.signals import RaiseOutsideImports
+
+    if threading.current_thread() is not threading.main_thread():  # tests calling the command directly
+        yield
+        return
+    stopper = RaiseOutsideImports(Terminated)
+    with stopper:
+        old = signal.signal(signal.SIGTERM, lambda signum, frame: stopper(frame))
+        try:
+            yield
+        except Exception:
+            if stopper.pending:  # a stop waiting for an import, which then failed (perhaps of it): the stop
+                raise Terminated from None
+            raise
+        finally:
+            signal.signal(signal.SIGTERM, old)
+        if stopper.pending:
+            raise Terminated
 
 
 def _out_of_memory(e: BaseException) -> bool:

@@ -9,7 +9,7 @@ from typing import List, Optional
 
 import typer
 
-from .output import QUIET_HELP, emit_json, handles_errors, human_console, warn
+from .output import QUIET_HELP, emit_json, handles_errors, human_console, sigterm_raises, warn
 
 
 def next_run_dir(name: str, base: Path = Path("runs")) -> tuple[Path, list[Path]]:
@@ -111,58 +111,61 @@ def train(
     if resume == "auto" and out is None:
         raise UsageError("--resume auto needs --out, the run folder to continue")
     with contextlib.ExitStack() as held:
-        if out is not None:
-            if out.exists() and not out.is_dir():
-                raise UsageError(f"--out {out}: exists and is not a folder")
-            check_writable_run(out)
-            # Held from here to the end: what to resume, and whether the folder holds a run, are decided by
-            # one process at a time (a second is refused at once, not after loading the data).
-            held.enter_context(run_lock(out))
-        ckpt = find_resume(resume, out, warn) if resume is not None else None
-        if preset is not None:
-            cfg = load_preset(preset)
-        elif ckpt is not None:
-            cfg = ckpt.config  # resuming without a preset: the run's own config, plus any overrides
-            if resume != "auto":
-                cfg = cfg.with_overrides(_run_target(ckpt, out, assignments))
-        else:
-            raise UsageError("--preset is required (see `aigc presets list`)" +
-                             (f"; --resume auto found no checkpoint in {out}" if resume == "auto" else ""))
-        # --set values are checked first even where a flag then overrides them; all before any heavy work.
-        cfg = cfg.with_overrides(assignments).with_overrides(flags)
-        # Paths are stored absolute, so eval and resume from another working folder find the same files: the
-        # data root always (`--download` may be about to make it), the others where they name a file here.
-        paths = {"data.source": cfg.data.source if cfg.data.source not in BUILTIN_SOURCES else "",
-                 "data.root": cfg.data.root, "train.eval_features": cfg.train.eval_features}
-        cfg = cfg.with_overrides({key: str(Path(v).expanduser().resolve()) for key, v in paths.items()
-                                  if v and (key == "data.root" or Path(v).expanduser().exists())})
-        # Steps asked for win over a preset's epochs: --steps always (flags win over --set), --set train.steps
-        # unless a --set train.epochs came with it.
-        steps_given = steps is not None or "train.steps" in assignments and "train.epochs" not in assignments
-        if steps_given and epochs is None and cfg.train.epochs:
-            cfg = cfg.with_overrides({"train.epochs": 0})
-        check_for_training(cfg, ckpt.config if ckpt is not None else None)
+        # SIGTERM raises until training's own handler takes over, so that a stop now removes what the command
+        # has just made (run_lock) and says `stopped:`, rather than killing the process on the spot.
+        with sigterm_raises():
+            if out is not None:
+                if out.exists() and not out.is_dir():
+                    raise UsageError(f"--out {out}: exists and is not a folder")
+                check_writable_run(out)
+                # Held from here to the end: what to resume, and whether the folder holds a run, are decided by
+                # one process at a time (a second is refused at once, not after loading the data).
+                held.enter_context(run_lock(out))
+            ckpt = find_resume(resume, out, warn) if resume is not None else None
+            if preset is not None:
+                cfg = load_preset(preset)
+            elif ckpt is not None:
+                cfg = ckpt.config  # resuming without a preset: the run's own config, plus any overrides
+                if resume != "auto":
+                    cfg = cfg.with_overrides(_run_target(ckpt, out, assignments))
+            else:
+                raise UsageError("--preset is required (see `aigc presets list`)" +
+                                 (f"; --resume auto found no checkpoint in {out}" if resume == "auto" else ""))
+            # --set values are checked first even where a flag then overrides them; all before any heavy work.
+            cfg = cfg.with_overrides(assignments).with_overrides(flags)
+            # Paths are stored absolute, so eval and resume from another working folder find the same files: the
+            # data root always (`--download` may be about to make it), the others where they name a file here.
+            paths = {"data.source": cfg.data.source if cfg.data.source not in BUILTIN_SOURCES else "",
+                     "data.root": cfg.data.root, "train.eval_features": cfg.train.eval_features}
+            cfg = cfg.with_overrides({key: str(Path(v).expanduser().resolve()) for key, v in paths.items()
+                                      if v and (key == "data.root" or Path(v).expanduser().exists())})
+            # Steps asked for win over a preset's epochs: --steps always (flags win over --set), --set train.steps
+            # unless a --set train.epochs came with it.
+            steps_given = steps is not None or "train.steps" in assignments and "train.epochs" not in assignments
+            if steps_given and epochs is None and cfg.train.epochs:
+                cfg = cfg.with_overrides({"train.epochs": 0})
+            check_for_training(cfg, ckpt.config if ckpt is not None else None)
 
-        run_dir = out
-        if run_dir is None:
-            if preset is not None and is_preset_file(preset) and cfg.name == "custom" and not RUN_NAME.fullmatch(Path(preset).stem):
-                warn(f"the preset file's name {Path(preset).stem!r} cannot name a run folder (letters, digits, '.', "
-                     "'_', '+' and '-'), so the run goes to runs/custom-NNN; set `name` in the file, or give --out")
-            run_dir, made = next_run_dir(cfg.name)
-            held.enter_context(run_lock(run_dir, made=made))
-        holds_run = any((run_dir / "checkpoints").glob("*.safetensors"))
-        if resume is None and holds_run:
-            raise UsageError(f"--out {run_dir}: already holds a run; pass --resume auto to continue it, "
-                             "or choose another folder")
-        own = (run_dir / "checkpoints").resolve()
-        if ckpt is not None and holds_run and ckpt.path.resolve().parent != own:
-            aside = ckpt.path.resolve().parent.parent == own
-            raise UsageError(f"--out {run_dir}: already holds a run, and --resume {resume} is a checkpoint of "
-                             + ("a branch set aside from it" if aside else "another one")
-                             + "; continue that in a new --out (a fork)")
+            run_dir = out
+            if run_dir is None:
+                if preset is not None and is_preset_file(preset) and cfg.name == "custom" and not RUN_NAME.fullmatch(Path(preset).stem):
+                    warn(f"the preset file's name {Path(preset).stem!r} cannot name a run folder (letters, digits, '.', "
+                         "'_', '+' and '-'), so the run goes to runs/custom-NNN; set `name` in the file, or give --out")
+                run_dir, made = next_run_dir(cfg.name)
+                held.enter_context(run_lock(run_dir, made=made))
+            holds_run = any((run_dir / "checkpoints").glob("*.safetensors"))
+            if resume is None and holds_run:
+                raise UsageError(f"--out {run_dir}: already holds a run; pass --resume auto to continue it, "
+                                 "or choose another folder")
+            own = (run_dir / "checkpoints").resolve()
+            if ckpt is not None and holds_run and ckpt.path.resolve().parent != own:
+                aside = ckpt.path.resolve().parent.parent == own
+                raise UsageError(f"--out {run_dir}: already holds a run, and --resume {resume} is a checkpoint of "
+                                 + ("a branch set aside from it" if aside else "another one")
+                                 + "; continue that in a new --out (a fork)")
 
-        from ..training.loop import train as run_training
-        from .output import ConsoleReporter
+            from ..training.loop import train as run_training
+            from .output import ConsoleReporter
 
         try:
             summary = run_training(cfg, run_dir, ConsoleReporter(console), resume=ckpt, exit_on_usr1=exit_on_usr1,

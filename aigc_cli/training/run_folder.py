@@ -50,27 +50,25 @@ def run_lock(root: Path, made: list[Path] | None = None) -> Iterator[None]:
     crash or a kill -9 releases it; a file system without locks (some network mounts) goes unguarded.
     `aigc train` takes it before it looks into the folder (which checkpoint to resume, whether it holds a
     run), so that two commands cannot both decide on what they saw before either wrote.
-    When the block fails with nothing of a run written (no checkpoint, metrics line or grid), what it set
-    up goes again: the lock file it made, config.toml and empty checkpoints/ and samples/ in a folder it
-    made, and the folders it made (`made`: those the caller made for the run, deepest first)."""
+    When the block fails, what it set up goes again (see _undo_setup; `made`: the folders the caller made
+    for the run, deepest first)."""
     made = made if made is not None else make_parent(root / LOCK_NAME)
     lock = root / LOCK_NAME
-    fd, created = _take(lock, root)
+    before = {p.name for p in root.iterdir()}
+    fd = _take(lock, root)
     try:
         yield
     except BaseException:
         with contextlib.suppress(OSError):
-            _undo_setup(root, lock, made, created)
+            _undo_setup(root, made, before)
         raise
     finally:
         os.close(fd)  # releases the lock
 
 
-def _take(lock: Path, root: Path) -> tuple[int, bool]:
-    """The lock file open and flocked (refused at once when another process holds it); whether this call
-    made the file."""
+def _take(lock: Path, root: Path) -> int:
+    """The lock file open and flocked (refused at once when another process holds it)."""
     while True:
-        created = not lock.exists()
         try:  # 0o666: the umask decides, as for every other file of the run (a group's shared folder)
             fd, writable = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666), True
         except PermissionError:  # another user's lock file: flock needs no write access
@@ -96,24 +94,24 @@ def _take(lock: Path, root: Path) -> tuple[int, bool]:
     if writable:
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
-    return fd, created
+    return fd
 
 
-_SETUP = {LOCK_NAME, "config.toml", "checkpoints", "samples"}
-
-
-def _undo_setup(root: Path, lock: Path, made: list[Path], created: bool) -> None:
+def _undo_setup(root: Path, made: list[Path], before: set[str]) -> None:
+    """After a failure: the lock file, if this command made it; and, when no checkpoint, metrics line or
+    grid is in the folder, the config.toml and empty checkpoints/ and samples/ this command added, and
+    the folders it made. Nothing that was there before it began is touched."""
     entries = {p.name: p for p in root.iterdir()}
-    if not set(entries) <= _SETUP or any(any(entries[d].iterdir()) for d in ("checkpoints", "samples")
-                                         if d in entries and entries[d].is_dir()):
-        return  # a run's work is here (or someone else's files): all stays
-    if root in made:
+    ours = {name: p for name, p in entries.items() if name not in before}
+    work = "metrics.jsonl" in entries or any(
+        p.is_dir() and any(p.iterdir()) for name, p in entries.items() if name in ("checkpoints", "samples"))
+    if not work:
         for name in ("config.toml", "checkpoints", "samples"):
-            p = entries.get(name)
+            p = ours.get(name)
             if p is not None:
                 p.rmdir() if p.is_dir() and not p.is_symlink() else p.unlink()
-    if created or root in made:
-        lock.unlink(missing_ok=True)
+    if LOCK_NAME in ours:
+        ours[LOCK_NAME].unlink(missing_ok=True)
     remove_empty(made)
 
 
