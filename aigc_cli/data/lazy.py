@@ -30,6 +30,26 @@ from aigc_cli.errors import UsageError, one_line
 Failure = tuple[str, str, str]  # (relative path, one-line reason, relative path used instead)
 
 
+def report_failures(failures: list[Failure], warn: Callable[[str], None] | None, strict: bool,
+                    seen: set[str] | None = None) -> list[str]:
+    """What fetch replaced, said as streamed training and `aigc eval` both say it: --strict, the one-line
+    error; else a warning per file (once per file, given `seen`). A failure without a substitute (no file
+    decodes) is left to the caller's error. Returns the files newly warned of."""
+    warned = []
+    for rel, reason, substitute in failures:
+        if strict:
+            raise UsageError(f"cannot use image file {rel}: {reason} (stopped by --strict; without it, "
+                             "an unreadable file is replaced by the next readable one with a warning)")
+        if seen is not None:
+            if rel in seen:  # it comes up again every epoch
+                continue
+            seen.add(rel)
+        if warn is not None and substitute:
+            warn(f"skipping {rel}: {reason}; {substitute} is used in its place")
+            warned.append(rel)
+    return warned
+
+
 class LazyFolder:
     """The images of a folder, decoded on demand to `channels` x `resolution` x `resolution`.
 

@@ -27,7 +27,7 @@ from ..sampling import from_uint8, generate, generator_from, latent_batches, lat
 from ..training.precision import Precision, resolve_device, slow_precision_note
 from .extractors import ClassifierFeatures, extractor_precision, make_extractor  # noqa: F401 (re-export)
 from .fid import frechet_distance, kid
-from ..data.lazy import LazyFolder
+from ..data.lazy import LazyFolder, report_failures
 from ..data.native import load_folder_native
 from .reference import (EvaluationStopped, FeatureStats, Reference, data_identity, default_stats_dir, load_npz,
                         load_real, real_indices, reference_for)
@@ -400,10 +400,10 @@ def _fetch_reporting(real: LazyFolder, indices: list[int], warn, strict: bool) -
     """The picked images of a streamed folder; a file that does not decode is replaced by the next readable
     one, as in streamed training, with a warning (--strict: an error)."""
     images, _, failures = real.fetch(indices)
-    for rel, reason, substitute in failures:
-        if strict or not substitute:
-            raise UsageError(f"cannot use image file {rel}: {reason}" + (" (stopped by --strict)" if strict else ""))
-        warn(f"skipping {rel}: {reason}; {substitute} is used in its place")
+    report_failures(failures, warn, strict)
+    if images is None:
+        raise UsageError(f"none of the image files under {one_line(real.folder)} could be decoded "
+                         f"({failures[0][0]}: {failures[0][1]}); check that they are valid images")
     return images
 
 

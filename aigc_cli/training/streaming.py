@@ -19,6 +19,7 @@ from typing import Callable, Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ..data.lazy import report_failures
 from ..errors import UsageError, one_line
 from .batches import Augment, gather, permutation, to_float
 
@@ -141,15 +142,8 @@ class StreamBatches:
         return x, y
 
     def _report(self, failures) -> None:
-        for rel, reason, substitute in failures:
-            if self.strict:
-                raise UsageError(f"cannot use image file {rel}: {reason} (stopped by --strict; without it, "
-                                 "an unreadable file is replaced by the next readable one with a warning)")
-            if rel not in self._reported:  # once per file, although it comes up every epoch
-                self._reported.add(rel)
-                if self.warn is not None and substitute:  # none: the whole batch failed, an error follows
-                    self.warn(f"skipping {rel}: {reason}; {substitute} is used in its place")
-                    self._class_lost(rel)
+        for rel in report_failures(failures, self.warn, self.strict, self._reported):
+            self._class_lost(rel)
 
     def _class_lost(self, rel: str) -> None:
         """Said once a class folder's every file has failed, as the in-memory load says it: its images
