@@ -37,6 +37,10 @@ class Interrupted(AigcError):
 
 
 class Terminated(BaseException):
-    """SIGTERM raised in the main thread of `sample`, `export` and `eval`. A BaseException, like
-    KeyboardInterrupt, so that no `except Exception` on the way (torch's import, a library's
-    error-collecting loader) swallows the stop or wraps it into another error."""
+    """SIGTERM (or SIGHUP, the terminal closed) raised in the main thread of `sample`, `export` and
+    `eval`. A BaseException, like KeyboardInterrupt, so that no `except Exception` on the way (torch's
+    import, a library's error-collecting loader) swallows the stop or wraps it into another error."""
+
+    def __init__(self, name: str = "SIGTERM", exit_code: int = 143):
+        super().__init__(name)
+        self.name, self.exit_code = name, exit_code

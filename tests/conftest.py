@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -99,6 +100,20 @@ def write_image_folder(root: Path, n_per_class: int = 6, size: int = 24, classes
 @pytest.fixture
 def image_folder(tmp_path) -> Path:
     return write_image_folder(tmp_path / "my images")
+
+
+class TerminalBuffer(io.StringIO):
+    """A StringIO that says it is a terminal: the live bar is drawn only on a real terminal."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def terminal_console(buf: io.StringIO, width: int = 120, **kw):
+    """A console on a pretend terminal (TerminalBuffer), whatever TERM the tests run under."""
+    from rich.console import Console
+
+    return Console(file=buf, force_terminal=True, width=width, _environ={"TERM": "xterm"}, **kw)
 
 
 class Silent:

@@ -415,19 +415,21 @@ def test_sigterm_inside_an_import_waits_for_it_and_then_stops(cli, gan_run, tmp_
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL and signal.getsignal(signal.SIGALRM) is signal.SIG_DFL
 
 
-def test_sigterm_during_sample_leaves_no_temporary_files(aigc_env, gan_run, tmp_path):
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGHUP, 129)])
+def test_sigterm_during_sample_leaves_no_temporary_files(aigc_env, gan_run, tmp_path, sig, code):
+    """Also SIGHUP, a terminal closed under the command: it was killed on the spot."""
     each = tmp_path / "each"
     proc = subprocess.Popen([*aigc_command(), "sample", gan_run[0], "--n", "500000", "--individual", each],
                             env=aigc_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not (each.is_dir() and len(os.listdir(each)) >= 50):
         time.sleep(0.02)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
     names = os.listdir(each)
-    assert proc.returncode == 143 and err == (f"warning: --individual {each}: stopped after {len(names)} of the "
-                                              "500000 images were written; the folder holds an incomplete set\n"
-                                              "stopped: SIGTERM\n"), err
+    assert proc.returncode == code and err == (f"warning: --individual {each}: stopped after {len(names)} of the "
+                                               "500000 images were written; the folder holds an incomplete set\n"
+                                               f"stopped: {signal.Signals(sig).name}\n"), err
     assert len(names) >= 50 and not [s for s in names if s.startswith(".")]  # whole PNGs only
 
 

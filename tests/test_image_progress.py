@@ -69,8 +69,10 @@ def test_plain_lines_come_only_every_so_often_with_rate_and_eta():
 
 
 def test_a_terminal_gets_a_bar_that_goes_when_the_command_ends():
-    buf = io.StringIO()
-    with ImageProgress(Console(file=buf, force_terminal=True, width=120), "loading") as shown:
+    from conftest import TerminalBuffer, terminal_console
+
+    buf = TerminalBuffer()
+    with ImageProgress(terminal_console(buf), "loading") as shown:
         shown.phase("generating", 64)
         shown.advance(64)
     text = buf.getvalue()

@@ -45,8 +45,10 @@ def test_eta_after_a_resume_counts_only_this_processes_steps(monkeypatch):
 
 def _bar_and_note(err_on_terminal: bool) -> tuple[str, Console]:
     """A live bar on a (pretend) terminal stdout; one note printed while it runs."""
-    out = io.StringIO()
-    rep = ConsoleReporter(Console(file=out, force_terminal=True, width=120))
+    from conftest import TerminalBuffer, terminal_console
+
+    out = TerminalBuffer()
+    rep = ConsoleReporter(terminal_console(out))
     err = io.StringIO()
     rep.err = Console(file=err, force_terminal=err_on_terminal, soft_wrap=True, highlight=False, markup=False)
     rep.start(10, {"model": "dcgan", "data": "d", "run_dir": "r", "steps": 10, "batch_size": 64,

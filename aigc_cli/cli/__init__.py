@@ -72,20 +72,20 @@ def main() -> None:
             raise
         code = 0
     if code == 130 and not output.stop_said():
-        sys.stderr.write("stopped: SIGINT (Ctrl-C)\n")
+        output._to_stderr("stopped: SIGINT (Ctrl-C)\n")
     sys.exit(code)
 
 
 def _run(args: list[str]) -> int:
     """Typer has moved click inside itself across versions, so its exceptions are matched by shape
     (exit_code + format_message) rather than imported from one place."""
-    import sys
+    from .output import _to_stderr, discard_output
 
     _help_width()
     try:
         args = tidy_args(args)
     except ValueError as e:
-        sys.stderr.write(f"error: {e}\n")
+        _to_stderr(f"error: {e}\n")
         return 2
     target, prog = app, "aigc"
     if args[:1] == ["eval"]:  # a checkpoint or run folder called "stats" is ./stats
@@ -102,12 +102,16 @@ def _run(args: list[str]) -> int:
             target, prog, args = eval_stats_app, "aigc eval stats", args[1:i] + args[i + 1:]
     try:
         code = target(args=args, prog_name=prog, standalone_mode=False)
+    except OSError as e:  # printing help (commands map their own): `--help >/dev/full`, a closed terminal
+        discard_output()
+        _to_stderr(f"error: stdout: {e.strerror or e}\n")
+        return 2
     except Exception as e:
         name = type(e).__name__
         if name == "Abort":  # click wraps a Ctrl-C (some versions) or the end of input in it
             if isinstance(e.__cause__ or e.__context__, KeyboardInterrupt):
                 return 130
-            sys.stderr.write("error: unexpected end of input\n")
+            _to_stderr("error: unexpected end of input\n")
             return 2
         if not (hasattr(e, "format_message") and hasattr(e, "exit_code")):
             raise
@@ -116,7 +120,7 @@ def _run(args: list[str]) -> int:
             return 0
         ctx = getattr(e, "ctx", None)
         hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
-        sys.stderr.write(f"error: {e.format_message()}{hint}\n")
+        _to_stderr(f"error: {e.format_message()}{hint}\n")
         code = e.exit_code
     return code if isinstance(code, int) else 0
 

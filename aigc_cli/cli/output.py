@@ -30,10 +30,41 @@ def discard_output(stream=None) -> None:
         pass
 
 
+def stream_failed(stream, error: OSError) -> None:
+    """A write to stdout or stderr failed for good: the terminal closed under a run that outlives it
+    (EIO), or the log's disk is full (ENOSPC). As for a reader that has gone, the rest of that stream's
+    output is dropped and the command carries on to its normal end: a training run keeps training and
+    saving (it stopped with exit 2, where the last checkpoint could be many steps old). Said once on
+    stderr when it was stdout that failed, naming the stream, since "No space left" reads as if the
+    checkpoints' disk were full."""
+    discard_output(stream)
+    if stream is sys.stdout and not isinstance(error, BrokenPipeError):
+        warn(f"stdout: {error.strerror or error}; the rest of its output is dropped")
+
+
+def live_display(console: Console) -> bool:
+    """Whether a redrawn bar suits this console: a real terminal that can move the cursor. FORCE_COLOR
+    with a log file asks for colour, not a bar whose redraws make the log one long line; TERM=dumb
+    (Emacs' shell, some IDE consoles) showed no bar until the end, so both get the plain lines."""
+    try:
+        tty = console.file.isatty()
+    except (AttributeError, ValueError):
+        tty = False
+    return tty and console.is_terminal and not console.is_dumb_terminal and not console.quiet
+
+
 class _Console(Console):
     def on_broken_pipe(self) -> None:
         self.quiet = True
         discard_output(self.file)
+
+    def _check_buffer(self) -> None:
+        try:
+            super()._check_buffer()
+        except OSError as e:  # a reader that has gone is on_broken_pipe; see stream_failed for the rest
+            self.quiet = True
+            del self._buffer[:]
+            stream_failed(self.file, e)
 
 
 def human_console(json_mode: bool = False, quiet: bool = False) -> Console:
@@ -44,12 +75,17 @@ def human_console(json_mode: bool = False, quiet: bool = False) -> Console:
 
 
 def write_out(text: str) -> None:
-    """Text as it is on stdout (JSON, a preset's TOML); a closed pipe discards it (see discard_output)."""
+    """Text as it is on stdout (JSON, a preset's TOML); a closed pipe discards it (see discard_output).
+    Any other failure is an error (exit 2): this text is the command's result, and a script reading it
+    from a full disk must not take an empty file for success."""
     try:
         sys.stdout.write(text)
         sys.stdout.flush()
     except BrokenPipeError:
         discard_output()
+    except OSError as e:
+        discard_output()  # also what Python flushes at exit
+        raise OSError(e.errno, e.strerror, "stdout") from None
 
 
 def emit_json(obj: dict) -> None:
@@ -60,7 +96,7 @@ def _to_stderr(line: str) -> None:
     try:
         sys.stderr.write(line)
         sys.stderr.flush()
-    except BrokenPipeError:  # `2>&1 | head -1`: the reader has gone; the command still finishes its work
+    except OSError:  # `2>&1 | head -1`, a closed terminal, a full disk: the command still finishes its work
         discard_output(sys.stderr)
 
 
@@ -106,8 +142,8 @@ def handles_errors(fn):
             fail(str(e), e.exit_code)
         except KeyboardInterrupt:
             fail("SIGINT (Ctrl-C)", 130, "stopped")
-        except Terminated:
-            fail("SIGTERM", 143, "stopped")
+        except Terminated as e:
+            fail(e.name, e.exit_code, "stopped")
         except OSError as e:  # a path that cannot be read or written: the user's to fix
             where = f"{e.filename}: " if e.filename else ""
             fail(f"{where}{e.strerror or e}", 2)
@@ -139,28 +175,36 @@ def sigterm_interrupts(fn):
 @contextlib.contextmanager
 def sigterm_raises():
     """The block of sigterm_interrupts; `train` uses it for its set-up, before its own handler takes over
-    (a stop there removes the run folder or lock file it has just made, with a `stopped:` line)."""
+    (a stop there removes the run folder or lock file it has just made, with a `stopped:` line). A SIGHUP
+    (the terminal closed) is taken the same way, with its own exit code, 129."""
     import signal
     import threading
 
-    from ..training.signals import RaiseOutsideImports
+    from ..training.signals import EXIT_CODES, RaiseOutsideImports, stop_signals
 
     if threading.current_thread() is not threading.main_thread():  # tests calling the command directly
         yield
         return
-    stopper = RaiseOutsideImports(Terminated)
+    came: list[int] = []  # the first stop names the exit code
+    stopper = RaiseOutsideImports(lambda: Terminated(signal.Signals(came[0]).name, EXIT_CODES[came[0]]))
+
+    def handle(signum, frame):
+        came.append(signum)
+        stopper(frame)
+
     with stopper:
-        old = signal.signal(signal.SIGTERM, lambda signum, frame: stopper(frame))
+        old = {s: signal.signal(s, handle) for s in stop_signals() if s != signal.SIGINT}
         try:
             yield
         except Exception:
             if stopper.pending:  # a stop waiting for an import, which then failed (perhaps of it): the stop
-                raise Terminated from None
+                raise stopper.make() from None
             raise
         finally:
-            signal.signal(signal.SIGTERM, old)
+            for s, h in old.items():
+                signal.signal(s, h)
         if stopper.pending:
-            raise Terminated
+            raise stopper.make()
 
 
 def _out_of_memory(e: BaseException) -> bool:
@@ -202,7 +246,7 @@ class ImageProgress:
         self.console, self.every, self.clock = console, self.EVERY if every is None else every, clock
         self.label, self.total, self.done = label, None, 0
         self.bar: Progress | None = None
-        if console.is_terminal and not console.quiet:
+        if live_display(console):
             self.bar = Progress(SpinnerColumn(), TextColumn("{task.description}", markup=False), BarColumn(),
                                 MofNCompleteColumn(), TextColumn("{task.fields[rate]}", markup=False),
                                 TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True)
@@ -260,7 +304,7 @@ class ConsoleReporter:
         self.first = info.get("start_step", 0)  # a resumed run's ETA counts only the steps taken in this process
         self.console.print(f"training {info['model']} on {info['data']} -> {info['run_dir']}  "
                            f"({info['steps']} steps, batch {info['batch_size']}, {info['device']}, {info['precision']})")
-        if self.console.is_terminal and not self.console.quiet:
+        if live_display(self.console):
             # With stderr on the terminal too, stderr is printed above the live bar (rich's redirect);
             # with stderr sent elsewhere (`2>log`), it must stay stderr, not be drawn on stdout.
             self.err_above_bar = self.err.is_terminal

@@ -1,6 +1,6 @@
 """Signal handling in the Lightning style: a handler only sets a flag, the loop acts at a step boundary.
 
-SIGINT / SIGTERM: finish the step, save, exit 130 / 143. A second SIGINT stops at once; checkpoint
+SIGINT / SIGTERM / SIGHUP: finish the step, save, exit 130 / 143 / 129. A second SIGINT stops at once; checkpoint
 writes are atomic, so the last good file survives. SIGUSR1 (what SLURM sends before preemption with
 --signal=USR1@SECONDS): save and go on, or save and exit 75 with --exit-on-usr1.
 """
@@ -13,6 +13,13 @@ import threading
 from typing import Iterator
 
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
+if hasattr(signal, "SIGHUP"):  # the terminal or ssh session closed: killed on the spot, nothing saved, before
+    EXIT_CODES[signal.SIGHUP] = 129
+
+
+def stop_signals() -> list[int]:
+    """The stops to handle: a SIGHUP that is ignored (`nohup aigc train ...`) stays ignored."""
+    return [s for s in EXIT_CODES if s != getattr(signal, "SIGHUP", None) or signal.getsignal(s) != signal.SIG_IGN]
 USR1_EXIT_CODE = 75  # EX_TEMPFAIL from sysexits.h: "try again later", i.e. requeue and resume
 
 
@@ -76,7 +83,7 @@ class StoppedNow(BaseException):
 
 class StopFlag:
     def __init__(self):
-        self.signum: int | None = None  # a pending stop (SIGINT/SIGTERM)
+        self.signum: int | None = None  # a pending stop (SIGINT/SIGTERM/SIGHUP)
         self.save_requested = False  # a pending SIGUSR1
         self._old: dict[int, object] = {}
         self._at_once = False  # inside at_once(), and StoppedNow not asked for yet
@@ -112,7 +119,7 @@ class StopFlag:
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
             self._raising = self._raiser.__enter__() is not None
-            for s in (*EXIT_CODES, signal.SIGUSR1):
+            for s in (*stop_signals(), signal.SIGUSR1):
                 self._old[s] = signal.signal(s, self._handle)
         return self
 
@@ -125,7 +132,7 @@ class StopFlag:
 
     @property
     def name(self) -> str:
-        """SIGINT or SIGTERM: what the stop messages say."""
+        """SIGINT, SIGTERM or SIGHUP: what the stop messages say."""
         return signal.Signals(self.signum).name if self.signum is not None else "a signal"
 
     @property

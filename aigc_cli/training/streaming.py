@@ -22,14 +22,16 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from ..data.lazy import report_failures
 from ..errors import UsageError, one_line
 from .batches import Augment, gather, permutation, to_float
+from .signals import stop_signals
 
 
 def _leave_stops_to_the_parent(_worker_id: int) -> None:
     """A SIGTERM sent to the whole process group (`timeout`, SLURM at a time limit) reached the workers
     too; they died, and torch raised "DataLoader worker ... killed" mid-step in the parent, before its
-    own handler could save. The parent stops its workers itself (StreamBatches.close)."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    own handler could save. The parent stops its workers itself (StreamBatches.close). So with Ctrl-C
+    and a closed terminal (SIGHUP, also sent to the whole foreground group)."""
+    for s in stop_signals():
+        signal.signal(s, signal.SIG_IGN)
 
 
 def _without_torchs_worker_advice(make):
