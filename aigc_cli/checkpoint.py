@@ -49,7 +49,7 @@ class Checkpoint:
 
     @property
     def step(self) -> int:
-        return int(self.meta.get("aigc.step", 0))
+        return int(self.meta["aigc.step"])
 
     @property
     def images_seen(self) -> int:
@@ -167,8 +167,36 @@ def resolve(path_or_run: str | os.PathLike) -> Path:
     return p
 
 
-def load(path_or_run: str | os.PathLike, *, device: str = "cpu") -> Checkpoint:
+def load(path_or_run: str | os.PathLike, *, device: str = "cpu", warn=None) -> Checkpoint:
+    """The checkpoint at a path, or a run folder's newest. With `warn`, a run folder whose newest file is
+    damaged (a disk that filled up, a copy cut short) gives its newest step file that reads, and `warn`
+    says so; without, the damage is the error (`--resume auto` does its own search)."""
     path = resolve(path_or_run)
+    if warn is None or not Path(path_or_run).is_dir():
+        return _load(path, device)
+    try:
+        return _load(path, device)
+    except UsageError as damaged:
+        for older in sorted(path.parent.glob("step-*.safetensors"), key=step_of, reverse=True):
+            if step_of(older) < 0 or older == path or _same_file(older, path):
+                continue
+            try:
+                ck = _load(older, device)
+            except UsageError:
+                continue
+            warn(f"{damaged}; using {older}, the newest checkpoint of the folder that reads")
+            return ck
+        raise
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.samefile(b)  # last.safetensors is a link to a step file: damaged too
+    except OSError:
+        return False
+
+
+def _load(path: Path, device: str) -> Checkpoint:
     try:
         with safe_open(str(path), framework="pt", device=device) as f:
             meta = dict(f.metadata() or {})
@@ -202,6 +230,8 @@ def load(path_or_run: str | os.PathLike, *, device: str = "cpu") -> Checkpoint:
                          f"{cfg.model.num_classes})")
     if meta.get("aigc.model") != cfg.model.kind:
         raise UsageError(f"{path}: aigc.model {meta.get('aigc.model')!r} does not match its config ({cfg.model.kind})")
+    if "aigc.step" not in meta:  # every aigc file has it: `info` said step 0 and a resume failed on a KeyError
+        raise UsageError(f"{path}: metadata aigc.step is missing (damaged, or not written by aigc)")
     for key in ("aigc.step", "aigc.images_seen"):
         if not COUNT_RE.fullmatch(meta.get(key, "0")):  # ASCII digits only: str.isdigit() takes "²" and "٣"
             raise UsageError(f"{path}: metadata {key} is not a non-negative integer")

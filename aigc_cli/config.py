@@ -459,10 +459,12 @@ def preset_names() -> list[str]:
 def preset_text(name: str) -> str:
     path = _preset_dir() / f"{name}.toml"
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or not path.is_file():
+        if Path(name).is_dir():
+            raise UsageError(f"{name}: is a folder, not a preset file (a .toml file or a name from `aigc presets list`)")
+        if Path(name).is_file():  # the user's own file, named without the suffix that marks a preset file
+            raise UsageError(f"{name}: a preset file's name must end in .toml")
         if name.endswith(".toml") or "/" in name:
             raise UsageError(f"{name}: no such preset file")
-        if Path(name).is_file():  # the user's own file, named without the suffix that marks a preset file
-            raise UsageError(f"unknown preset {name!r}; a preset file's name must end in .toml")
         close = difflib.get_close_matches(name, preset_names(), n=1)
         raise UsageError(f"unknown preset {name!r}; " + (f"did you mean {close[0]!r}? (`aigc presets list` shows "
                          "them all)" if close else f"available: {', '.join(preset_names())}"))
@@ -507,8 +509,9 @@ def load_preset(name: str) -> Config:
     return cfg if cfg.name != "custom" else dataclasses.replace(cfg, name=name)
 
 
-def parse_assignments(items: list[str]) -> dict[str, str]:
-    """`--set key=value` strings to a dict; keys are checked here so typos fail early."""
+def parse_assignments(items: list[str], warn=None) -> dict[str, str]:
+    """`--set key=value` strings to a dict; keys are checked here so typos fail early. A key set twice to
+    different values takes the last, and `warn` says so (a script that appends its own --set)."""
     out = {}
     for item in items:
         key, eq, value = item.partition("=")
@@ -516,5 +519,7 @@ def parse_assignments(items: list[str]) -> dict[str, str]:
         if not eq or not key:
             raise UsageError(f"--set expects key=value, got {item!r}")
         _split_key(key)
+        if warn is not None and key in out and out[key].strip() != value.strip():
+            warn(f"--set {key} is given twice ({out[key]!r}, then {value!r}); the last is used")
         out[key] = value
     return out

@@ -76,6 +76,26 @@ def image_npz_writer(path: str | os.PathLike, n: int, labels: Callable[[int, int
         zf.close()
 
 
+def check_replaceable(path: str | os.PathLike, option: str, *, images: bool) -> None:
+    """An existing .npz is replaced only by one of its kind: images (`sample --npz`, `eval --save-fakes`)
+    by images, reference statistics (`eval stats --out`) by statistics. Statistics can take an hour to
+    compute, and an image file may be the set a paper's numbers came from; any other arrays are someone
+    else's. A file that is not a zip at all (a write cut short) may be replaced."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = {n.removesuffix(".npy") for n in zf.namelist()}
+    except (zipfile.BadZipFile, OSError):  # none there, a folder, or not a zip: others say what is wrong
+        return
+    if images and names <= {IMAGES, LABELS}:
+        return
+    if not images and {"mu", "sigma"} <= names:
+        return
+    held = ("reference statistics (from `aigc eval stats`)" if {"mu", "sigma"} <= names
+            else "images (from `aigc sample --npz`)" if IMAGES in names
+            else f"other arrays ({', '.join(sorted(names)[:6]) or 'none'})")
+    raise UsageError(f"{option} {path}: holds {held}, which this would overwrite; name another file or remove it first")
+
+
 def is_npz(path: str | os.PathLike) -> bool:
     return str(path).lower().endswith(".npz")
 

@@ -74,7 +74,8 @@ def test_run_folder_resolves_to_newest(tmp_path, saved):
     assert ck.resolve(tmp_path / "run").name == "last.safetensors"
 
 
-@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty", "foreign", "bad-config", "bad-format", "mismatch"])
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty", "foreign", "bad-config", "bad-format", "mismatch",
+                                    "no-step"])
 def test_bad_files_give_usage_errors(tmp_path, saved, damage):
     cfg, path = saved[0], saved[3]
     bad = tmp_path / "bad.safetensors"
@@ -94,6 +95,8 @@ def test_bad_files_give_usage_errors(tmp_path, saved, damage):
             meta["aigc.config"] = "{not json"
         elif damage == "bad-format":
             meta["aigc.format"] = "99"
+        elif damage == "no-step":  # `info` said step 0, a resume failed on a KeyError
+            del meta["aigc.step"]
         tensors = dict(loaded.tensors)
         if damage == "mismatch":
             key = next(k for k in tensors if k.startswith("G.") and tensors[k].dim() == 4)

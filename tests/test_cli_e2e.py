@@ -149,6 +149,14 @@ def test_eval_with_domain_classifier(aigc, gan_run, classifier_ckpt):
     assert bad.code == 2 and "does not generate images" in bad.stderr
 
 
+def test_eval_says_the_classifier_saw_other_data_once_that_data_has_loaded(cli, gan_run, classifier_ckpt,
+                                                                          image_folder):
+    other = cli("eval", gan_run[0], "--data", image_folder, "--features", classifier_ckpt, "--n", "8", "--metrics", "fid")
+    assert other.code == 0 and "the feature classifier was trained on 'shapes'" in other.stderr, other.stderr
+    missing = cli("eval", gan_run[0], "--data", "/no/such/folder", "--features", classifier_ckpt, "--n", "8")
+    assert "/no/such/folder" in one_line_error(missing)  # the warning came first: two lines
+
+
 def test_train_on_an_image_folder_with_spaces(aigc, cli, image_folder, tmp_path):
     out = tmp_path / "folder run"
     r = aigc("train", "--preset", "folder-dcgan-64", "--data", image_folder, "--out", out, "--steps", "3",
@@ -197,6 +205,8 @@ def one_line_error(r) -> str:
     (["train", "--preset", "quickstart", "--precision", "fp8"], "train.precision"),
     (["train", "--preset", "quickstart", "--data", "mnist"], "--download"),
     (["sample", "/no/such/ckpt.safetensors"], "no such checkpoint"),
+    (["train", "--preset", "quickstart", "--out", "-"], "--out -: standard output is not supported"),  # made ./-
+    (["sample", "/no/such/run", "--individual=-"], "--individual -: standard output is not supported"),
 ])
 def test_bad_input_is_one_line_exit_2(cli, args, expect):
     assert expect in one_line_error(cli(*args))
@@ -225,6 +235,29 @@ def test_damaged_checkpoints_are_one_line_exit_2(aigc, cli, gan_run, tmp_path):
     assert "tampered.safetensors" in one_line_error(cli("info", tmp_path / "tampered.safetensors"))
     assert "tampered.safetensors" in one_line_error(
         cli("train", "--resume", tmp_path / "tampered.safetensors", "--out", tmp_path / "r"))
+
+
+def test_a_run_folder_whose_last_checkpoint_is_damaged_gives_its_newest_readable_one(cli, gan_run, tmp_path):
+    """A disk that filled up or a copy cut short: `info`, `sample`, `export` and `--resume RUN` refused the
+    whole folder, though a run folder means its newest checkpoint and an older one was whole."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(gan_run[0], run, symlinks=True)
+    last = run / "checkpoints" / "last.safetensors"
+    steps = sorted((run / "checkpoints").glob("step-*.safetensors"))
+    data = last.read_bytes()
+    last.unlink()
+    last.write_bytes(data[: len(data) // 3])
+    r = cli("info", run, "--json")
+    assert r.code == 0 and r.json()["step"] == ckpt_io.load(steps[-1]).step, r.stderr
+    assert r.stderr.startswith(f"warning: {last}: not a readable safetensors checkpoint") and \
+        f"using {steps[-1]}, the newest checkpoint of the folder that reads" in r.stderr, r.stderr
+    assert cli("sample", run, "--n", "4", "--out", tmp_path / "g.png").code == 0
+    assert cli("export", run, "--out", tmp_path / "g.safetensors", "-q").code == 0
+    for step in steps:
+        step.write_bytes(b"")
+    assert "last.safetensors" in one_line_error(cli("info", run))  # nothing reads: the newest file's error
 
 
 def test_bad_image_files_warn_or_fail_with_strict(aigc, cli, image_folder, tmp_path):
@@ -273,7 +306,9 @@ def test_other_families_train_sample_and_eval(aigc, cli, classifier_ckpt, tmp_pa
     (["train", "--preset", "quickstart", "--steps", "3", "--epochs", "1"], "give --steps or --epochs, not both"),
     (["train", "--preset", "quickstart", "--epochs", "0"], "--epochs must be at least 1, got 0"),  # trained the preset's steps
     (["train", "--preset", "quickstrat"], "unknown preset 'quickstrat'; did you mean 'quickstart'?"),
-    (["train", "--preset", "g.png"], "unknown preset 'g.png'; a preset file's name must end in .toml"),
+    (["train", "--preset", "g.png"], "g.png: a preset file's name must end in .toml"),
+    (["train", "--preset", "./g.png"], "./g.png: a preset file's name must end in .toml"),  # "no such preset file"
+    (["presets", "show", "{tmp}"], "is a folder, not a preset file"),
     (["train", "--preset", "quickstart", "--set", "model.g_widht=8"], "did you mean 'model.g_width'? (model.* keys: kind,"),
     (["train", "--preset", "quickstart", "--set", "model.foo=8"], "'model.foo'; model.* keys: kind, resolution,"),  # no wild guess
     (["train", "--preset", "quickstart", "--out", ""], "an empty value for --out (an unset shell variable?)"),
@@ -443,6 +478,33 @@ def test_set_train_steps_counts_in_steps_over_a_presets_epochs(cli, tmp_path):
     r = cli("train", "--preset", "quickstart", "--out", tmp_path / "f", "--json", "--steps", "2", "--set",
             "train.epochs=1", "--set", "data.limit=128", "--set", "model.g_width=8", "--set", "model.d_width=8")
     assert r.code == 0 and r.json()["steps"] == 2, r.stderr  # the flag wins over --set, as flags do
+
+
+def test_an_option_over_a_set_of_the_same_key_and_a_key_set_twice_are_said(cli):
+    """`--steps 1 --set train.steps=2` trained 1 step without a word; a repeated --set took the last."""
+    r = cli("train", "--preset", "quickstart", "--steps", "1", "--set", "train.steps=2", "--set", "train.steps=3",
+            "--set", "train.epochs=1", "--seed", "4", "--set", "train.seed=4", "--data", "/no/such/folder")
+    assert r.code == 2 and r.stderr.splitlines()[:3] == [
+        "warning: --set train.steps is given twice ('2', then '3'); the last is used",
+        "warning: --steps 1 is used over --set train.steps=3",
+        "warning: --steps 1 is used over --set train.epochs=1"], r.stderr  # the same seed twice: nothing to say
+    assert r.stderr.count("warning") == 3 and "/no/such/folder" in r.stderr.splitlines()[3]
+
+
+def test_a_run_folder_name_that_is_not_utf8_is_refused_before_training(cli, tmp_path):
+    """Its checkpoints were written, but safetensors opens only UTF-8 paths: `info` and `sample` failed on
+    them, and `--resume auto` skipped each as unusable and began again at step 0, in every requeue."""
+    out = Path(os.fsdecode(bytes(tmp_path) + b"/r\xff"))
+    line = one_line_error(cli("train", "--preset", "quickstart", "--steps", "1", "--out", out))
+    assert "r\\xff: its path is not valid UTF-8" in line and not out.exists(), line
+
+
+def test_a_resume_into_another_architecture_is_refused_before_the_data_is_looked_for(cli, gan_run, tmp_path):
+    """mnist is not on disk here: the refusal asked for --download first, so a user could download a data
+    set only to be refused."""
+    line = one_line_error(cli("train", "--preset", "mnist-dcgan", "--resume", gan_run[0], "--out", tmp_path / "new"))
+    assert "the config changes the architecture" in line and "--download" not in line, line
+    assert not (tmp_path / "new").exists()
 
 
 def test_an_export_removes_a_killed_exports_leftover(cli, gan_run, tmp_path):

@@ -351,3 +351,18 @@ def test_a_limited_load_reads_only_the_files_it_uses_for_its_key(tmp_path, monke
     age(d / "29.png", OLD + 10)
     again = load_images(str(d), channels=3, resolution=RES, limit=5, warn=print)
     assert not again.cached and torch.equal(again.images, first.images)  # its stat is in the key: decoded anew
+
+
+def test_a_tilde_left_in_the_cache_and_data_variables_is_the_home_folder(monkeypatch, tmp_path):
+    """`AIGC_CACHE_DIR="~/x"` (quoted, so the shell kept the ~) made a folder named "~" in the current one."""
+    from aigc_cli.data.cache import cache_root
+    from aigc_cli.data.torchvision_sources import default_root
+    from aigc_cli.metrics.reference import default_stats_dir
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("AIGC_CACHE_DIR", "~/cache")
+    monkeypatch.setenv("AIGC_DATA_ROOT", "~/data")
+    assert cache_root() == str(tmp_path / "cache") and default_stats_dir() == tmp_path / "cache" / "stats"
+    assert default_root() == str(tmp_path / "data")
+    monkeypatch.delenv("AIGC_CACHE_DIR")
+    assert cache_root() == str(tmp_path / ".cache" / "aigc")

@@ -442,7 +442,21 @@ def test_cifar_download_fetches_the_binary_archive(tmp_path, small_cifar, monkey
 
     monkeypatch.setattr(cifar, "_fetch", failing_fetch)
     with pytest.raises(UsageError, match="could not download cifar10 .*File not found or corrupted"):
-        load_images("cifar10", channels=3, resolution=32, root=str(tmp_path / "fresh"), download=True)
+        load_images("cifar10", channels=3, resolution=32, root=str(tmp_path / "fresh" / "data"), download=True)
+    assert not (tmp_path / "fresh").exists()  # the folders made for the download went with it
+
+
+def test_a_failed_mnist_download_leaves_no_empty_folders(tmp_path, monkeypatch):
+    import torchvision.datasets.utils as tv_utils
+
+    def offline(url, **kwargs):
+        raise OSError("Temporary failure in name resolution")
+
+    monkeypatch.setattr(tv_utils, "download_and_extract_archive", offline)
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(UsageError, match="could not download mnist file .*name resolution"):
+        load_images("mnist", channels=1, resolution=28, root=str(tmp_path / "mine" / "root"), download=True)
+    assert os.listdir(tmp_path / "mine") == []  # root/MNIST/raw was left behind; the user's folder stays
 
 
 def test_builtin_sources_stay_offline_without_download(tmp_path):
@@ -518,7 +532,7 @@ def test_unreadable_subfolders_are_named_and_strict_stops(tmp_path, monkeypatch)
     real = os.scandir
 
     def scandir(path="."):  # what a folder without read permission gives (root would read it anyway)
-        if os.fspath(path).endswith("dogs"):
+        if not isinstance(path, int) and os.fspath(path).endswith("dogs"):  # an int: rmtree's own, by descriptor
             raise PermissionError(13, "Permission denied", os.fspath(path))
         return real(path)
 

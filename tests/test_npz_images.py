@@ -204,3 +204,29 @@ def test_save_fakes_onto_the_ref_file_is_refused(runs, tmp_path, monkeypatch, ca
     code, _, err = run_cli(monkeypatch, capsys, "eval", runs / "cond", "--ref", tmp_path / "ref.npz",
                            "--save-fakes", tmp_path / "ref.npz")
     assert code == 2 and "is the --ref file, which it would overwrite" in err, err
+
+
+def test_an_npz_of_another_kind_is_not_overwritten(runs, tmp_path, monkeypatch, capsys):
+    """`sample --npz` onto reference statistics, `eval stats --out` onto a file of images: each replaced
+    the other's file without a word."""
+    stats, images, other = tmp_path / "ref.npz", tmp_path / "images.npz", tmp_path / "other.npz"
+    np.savez(stats, mu=np.zeros(3), sigma=np.eye(3))
+    np.savez(images, np.zeros((2, 4, 4, 3), np.uint8))
+    np.savez(other, weights=np.ones(2))
+    before = {p: p.read_bytes() for p in (stats, images, other)}
+    for argv, expect in [
+        (["sample", runs / "cond", "--n", "2", "--npz", stats], "--npz {}: holds reference statistics"),
+        (["sample", runs / "cond", "--n", "2", "--npz", other], "--npz {}: holds other arrays (weights)"),
+        (["eval", runs / "cond", "--features", runs / "clf", "--n", "4", "--data", "shapes", "--save-fakes", stats],
+         "--save-fakes {}: holds reference statistics"),
+        (["eval", "stats", "--data", "shapes", "--features", runs / "clf", "--n", "4", "--out", images],
+         "--out {}: holds images (from `aigc sample --npz`)"),
+    ]:
+        code, _, err = run_cli(monkeypatch, capsys, *argv)
+        target = argv[-1]
+        assert code == 2 and expect.format(target) in err and err.count("\n") == 1, err
+    assert {p: p.read_bytes() for p in before} == before
+    code, _, err = run_cli(monkeypatch, capsys, "sample", runs / "cond", "--n", "2", "--npz", images)
+    assert code == 0, err  # images by images: as any output file is replaced
+    with np.load(images) as z:
+        assert z["arr_0"].shape[1:] != (4, 4, 3)  # the model's images now

@@ -235,6 +235,7 @@ def test_conditional_labels_are_made_batch_by_batch_one_class_per_row(monkeypatc
 @pytest.mark.parametrize("args, expect", [
     (["--n", str(10**9 + 1)], "--n must be at most 1,000,000,000"),
     (["--n", "99999999999999999999", "--individual", "{tmp}/i"], "--n must be at most"),
+    (["--n", "4", "--batch-size", str(2**63), "--individual", "{tmp}/i"], "--batch-size must be at most"),  # a traceback
     (["--n", str(10**8), "--out", "{tmp}/g.png"], "a grid of 100000000 images would be"),  # not an out of memory
     (["--individual", "{tmp}/i", "--out", "{tmp}/i/grid.png"], "is inside the --individual folder"),
     (["--individual", "{tmp}/i", "--out", "{tmp}/i/sub/grid.png"], "is inside the --individual folder"),

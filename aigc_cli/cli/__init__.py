@@ -32,6 +32,9 @@ app.add_typer(presets.app, name="presets")
 
 # Values that are not paths although they may start with "~" (a class folder named so).
 NOT_PATHS = {"--class", "--set", "--metrics"}
+# Options naming what a command writes: "-" there is the Unix "standard output", which they cannot be (a
+# folder named "-" was made instead, where other options' checks refused it only by its file ending).
+WRITE_OPTIONS = {"--out", "-o", "--individual", "--npz", "--save-fakes"}
 
 
 def tidy_args(args: list[str]) -> list[str]:
@@ -46,6 +49,8 @@ def tidy_args(args: list[str]) -> list[str]:
         if a == "" or (eq and value == ""):
             after = option or (args[i - 1] if i and args[i - 1].startswith("-") else "")
             raise ValueError(f"an empty {'value for ' + after if after else 'argument'} (an unset shell variable?)")
+        if value == "-" and (option if eq else args[i - 1] if i else "") in WRITE_OPTIONS:
+            raise ValueError(f"{option or args[i - 1]} -: standard output is not supported here; name a file or folder")
         path_like = option not in NOT_PATHS if eq else not a.startswith("-") and (not i or args[i - 1] not in NOT_PATHS)
         if value.startswith("~") and path_like:
             a = f"{option}={os.path.expanduser(value)}" if eq else os.path.expanduser(value)

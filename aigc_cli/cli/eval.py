@@ -26,8 +26,12 @@ STATS_DIR_HELP = "Cache of real-data reference statistics (default: $AIGC_CACHE_
 def _check_common(n: int, batch_size: int, precision: str) -> None:
     from ..errors import UsageError
 
+    from .sample import MAX_N
+
     if n < 2 or batch_size < 1:
         raise UsageError("--n must be at least 2 and --batch-size positive")
+    if n > MAX_N or batch_size > MAX_N:  # torch fails past 2^63 with a traceback
+        raise UsageError(f"--n and --batch-size must be at most {MAX_N:,}")
     if precision not in ("auto", "bf16", "fp16", "fp32"):
         raise UsageError(f"--precision must be auto, bf16, fp16 or fp32, got '{precision}'")
 
@@ -64,7 +68,7 @@ def evaluate(
     from ..metrics.evaluate import evaluate as run_eval
     from ..metrics.evaluate import evaluate_folder, parse_metrics
     from ..files import check_writable
-    from ..image_npz import is_npz
+    from ..image_npz import check_replaceable, is_npz
     from ..sampling import filling, pngs_in, warn_stale_pngs
 
     if checkpoint and fake:
@@ -89,6 +93,7 @@ def evaluate(
         if ref and Path(ref).expanduser().resolve() == Path(save_fakes).expanduser().resolve():
             raise UsageError(f"--save-fakes {save_fakes}: is the --ref file, which it would overwrite")
         check_writable(save_fakes, "--save-fakes")  # now, not after generating and scoring
+        check_replaceable(save_fakes, "--save-fakes", images=True)
     elif save_fakes and Path(save_fakes).exists() and not Path(save_fakes).is_dir():
         raise UsageError(f"--save-fakes {save_fakes}: exists and is not a folder")
     if fake and no_ema:
@@ -110,7 +115,7 @@ def evaluate(
             names = [k for k in result["metrics"] if not k.endswith("_std")]
             warn(f"--data {data} was not used: {', '.join(names)} need{'s' if len(names) == 1 else ''} no real images")
     else:
-        ck = ckpt_io.load(checkpoint)
+        ck = ckpt_io.load(checkpoint, warn=warn)
         folder = None if npz_fakes else save_fakes
         before = pngs_in(folder)
         with (filling(folder, n, f"--save-fakes {save_fakes}", warn),

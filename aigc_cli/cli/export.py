@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from .output import QUIET_HELP, emit_json, handles_errors, human_console, sigterm_interrupts
+from .output import QUIET_HELP, emit_json, handles_errors, human_console, sigterm_interrupts, warner
 
 
 @handles_errors
@@ -24,7 +24,7 @@ def export(
     from ..errors import one_line
     from ..export import export_generator
 
-    result = export_generator(ckpt_io.load(checkpoint), out, dtype, ema=not no_ema)
+    result = export_generator(ckpt_io.load(checkpoint, warn=warner(quiet)), out, dtype, ema=not no_ema)
     if json_out:
         emit_json(result)
     else:

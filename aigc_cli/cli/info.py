@@ -6,7 +6,7 @@ import json
 
 import typer
 
-from .output import emit_json, handles_errors, human_console
+from .output import emit_json, handles_errors, human_console, warn
 
 
 @handles_errors
@@ -19,7 +19,7 @@ def info(
     from ..errors import one_line
     from ..models import FAMILIES
 
-    ck = ckpt_io.load(checkpoint)
+    ck = ckpt_io.load(checkpoint, warn=warn)
     # absolute, as sample and eval name a checkpoint: the step file behind last/best, which the next save replaces
     result = {"path": str(ck.step_file), "kind": ck.kind, "model": ck.config.model.kind, "step": ck.step,
               "images_seen": ck.images_seen, "parameters": ckpt_io.param_counts(ck),

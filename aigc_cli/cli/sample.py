@@ -99,6 +99,8 @@ def sample(
                          f"{MAX_N:,}, got {interpolate}")
     if n > MAX_N:
         raise UsageError(f"--n must be at most {MAX_N:,} (run again with another --seed for more)")
+    if batch_size > MAX_N:  # torch cannot even split by a size past 2^63 (a traceback)
+        raise UsageError(f"--batch-size must be at most {MAX_N:,}")
     if precision not in ("auto", "bf16", "fp16", "fp32"):
         raise UsageError(f"--precision must be auto, bf16, fp16 or fp32, got '{precision}'")
     if out is not None and out.is_dir():
@@ -114,11 +116,15 @@ def sample(
     for path, option in ((out, "--out"), (npz, "--npz")):
         if path is not None:
             check_writable(path, option)  # now, not after generating every image
+    if npz is not None:
+        from ..image_npz import check_replaceable
+
+        check_replaceable(npz, "--npz", images=True)
     if out is not None and individual is not None and individual.resolve() in out.resolve().parents:
         raise UsageError(f"--out {out}: is inside the --individual folder, where it would be taken for one more "
                          "sample (by `aigc eval --fake`, say); write the grid elsewhere")
     warn = warner(quiet)
-    ck = ckpt_io.load(checkpoint)
+    ck = ckpt_io.load(checkpoint, warn=warn)
     check_generates(ck)
     if classes is not None and not ck.config.model.conditional:
         raise UsageError(f"{ck.path}: --class needs a class-conditional model; this {ck.config.model.kind} is unconditional")

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
-from .output import QUIET_HELP, emit_json, handles_errors, human_console, sigterm_raises, warn
+from .output import QUIET_HELP, emit_json, handles_errors, human_console, sigterm_raises, warn, warner
 
 
 def next_run_dir(name: str, base: Path = Path("runs")) -> tuple[Path, list[Path]]:
@@ -98,7 +99,7 @@ def train(
         raise UsageError("give --steps or --epochs, not both (--epochs N means N passes over the data)")
     if epochs is not None and epochs < 1:  # train.epochs=0 means "count in steps": never what --epochs 0 asks
         raise UsageError(f"--epochs must be at least 1, got {epochs}")
-    assignments = parse_assignments(overrides or [])
+    assignments = parse_assignments(overrides or [], warner(quiet))
     if "model.num_classes" in assignments:  # training sets it from the data; a --set would be overwritten unseen
         raise UsageError("model.num_classes is set from the data (the classes it holds); drop --set model.num_classes")
     flags = {"data.source": data, "data.root": data_root, "data.download": True if download else None,
@@ -117,6 +118,12 @@ def train(
             if out is not None:
                 if out.exists() and not out.is_dir():
                     raise UsageError(f"--out {out}: exists and is not a folder")
+                try:
+                    str(out.absolute()).encode("utf-8")
+                except UnicodeEncodeError:  # bytes that are not UTF-8: checkpoints could be written, never read
+                    shown = os.fsencode(out).decode("utf-8", "backslashreplace")
+                    raise UsageError(f"--out {shown}: its path is not valid UTF-8, and safetensors opens only UTF-8 "
+                                     "paths (its checkpoints could never be read back); choose another name") from None
                 check_writable_run(out)
                 # Held from here to the end: what to resume, and whether the folder holds a run, are decided by
                 # one process at a time (a second is refused at once, not after loading the data).
@@ -133,6 +140,7 @@ def train(
                                  (f"; --resume auto found no checkpoint in {out}" if resume == "auto" else ""))
             # --set values are checked first even where a flag then overrides them; all before any heavy work.
             cfg = cfg.with_overrides(assignments).with_overrides(flags)
+            _say_flags_over_settings(flags, assignments, warner(quiet))  # the values are good: now worth saying
             # Paths are stored absolute, so eval and resume from another working folder find the same files: the
             # data root always (`--download` may be about to make it), the others where they name a file here.
             paths = {"data.source": cfg.data.source if cfg.data.source not in BUILTIN_SOURCES else "",
@@ -145,6 +153,14 @@ def train(
             if steps_given and epochs is None and cfg.train.epochs:
                 cfg = cfg.with_overrides({"train.epochs": 0})
             check_for_training(cfg, ckpt.config if ckpt is not None else None)
+            if ckpt is not None:  # an architecture change is refused now, not after loading (or downloading) data
+                import dataclasses
+
+                from ..training.state import check_compatible
+
+                # The class count comes from the data (checked once it has loaded); all else must match now.
+                same_classes = dataclasses.replace(cfg.model, num_classes=ckpt.config.model.num_classes)
+                check_compatible(ckpt.config, dataclasses.replace(cfg, model=same_classes), ckpt.path)
 
             run_dir = out
             if run_dir is None:
@@ -188,3 +204,22 @@ def train(
         if "train_accuracy" in summary:  # an image folder has no held-out split
             console.print(f"accuracy on {summary['accuracy_images']} training images: {summary['train_accuracy']:.4f} "
                           "(an image folder has no held-out split)")
+
+
+# The option that sets each key; --steps and --epochs each also decide the other (the run counts in one).
+FLAG_OF = {"data.source": "--data", "data.root": "--data-root", "data.download": "--download", "data.strict": "--strict",
+           "train.steps": "--steps", "train.epochs": "--epochs", "train.batch_size": "--batch-size",
+           "train.precision": "--precision", "train.device": "--device", "train.seed": "--seed"}
+ALSO_DECIDES = {"train.steps": "train.epochs", "train.epochs": "train.steps"}
+
+
+def _say_flags_over_settings(flags: dict, assignments: dict[str, str], warn) -> None:
+    """An option wins over a --set of the same key, as options do; said, since `--steps 1 --set
+    train.steps=2` trained 1 step without a word."""
+    for key, value in flags.items():
+        shown = str(value).lower() if isinstance(value, bool) else str(value)
+        for other in (key, ALSO_DECIDES.get(key)):
+            given = assignments.get(other) if other else None
+            if given is not None and (other != key or given.strip() != shown):
+                flag = FLAG_OF[key] + ("" if isinstance(value, bool) else f" {value}")
+                warn(f"{flag} is used over --set {other}={given}")

@@ -41,8 +41,9 @@ _META_KEY = "aigc.decoded"
 
 
 def cache_root() -> str:
-    """$AIGC_CACHE_DIR, else ~/.cache/aigc; decoded data sets go in its "decoded" folder."""
-    return os.environ.get("AIGC_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "aigc")
+    """$AIGC_CACHE_DIR, else ~/.cache/aigc; decoded data sets go in its "decoded" folder, statistics in
+    "stats". A "~" the shell left (a quoted or `VAR=~/x` value) is the home folder, not a folder named "~"."""
+    return os.path.expanduser(os.environ.get("AIGC_CACHE_DIR") or os.path.join("~", ".cache", "aigc"))
 
 
 def decoded_dir() -> str:

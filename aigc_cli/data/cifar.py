@@ -8,6 +8,7 @@ test_batch.bin (test), 10000 records each. A record is one label byte (0-9) foll
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -122,10 +123,14 @@ def _fetch(url: str, root: str, filename: str, md5: str) -> None:
 
 
 def _download(root: str) -> None:
+    from ..files import make_parent, remove_empty
+
+    made = []
     try:
-        os.makedirs(root, exist_ok=True)
+        made = make_parent(Path(root) / ARCHIVE)
         _fetch(URL, root, ARCHIVE, MD5)
     except Exception as e:  # noqa: BLE001 - URLError, RuntimeError (bad MD5), OSError, tarfile errors
+        remove_empty(made)  # the folders it made for the download, while they are empty
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UsageError(f"could not download cifar10 from {URL} into {root} ({reason}); check the network, "
                          f"or unpack {ARCHIVE} into {root} yourself") from None

@@ -9,6 +9,7 @@ the Python version of CIFAR-10; torchvision only downloads (URLs, mirrors and MD
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 
@@ -44,7 +45,7 @@ def known_class_names(source: str, kind: str, path: str, num_classes: int) -> tu
 
 
 def default_root() -> str:
-    return os.environ.get("AIGC_DATA_ROOT") or os.path.join(os.path.expanduser("~"), ".cache", "aigc", "datasets")
+    return os.path.expanduser(os.environ.get("AIGC_DATA_ROOT") or os.path.join("~", ".cache", "aigc", "datasets"))
 
 
 def _torchvision_class(source: str):
@@ -102,9 +103,11 @@ def load_mnist_like(source: str, root: str, root_given: bool, download: bool,
 def _download_mnist_like(source: str, root: str) -> None:
     from torchvision.datasets.utils import download_and_extract_archive
 
+    from ..files import make_parent, remove_empty
+
     cls = _torchvision_class(source)
     raw = os.path.join(root, _class_name(source), "raw")
-    os.makedirs(raw, exist_ok=True)
+    made = make_parent(Path(raw) / "file")  # removed again while empty if nothing could be fetched
     for filename, md5 in cls.resources:  # same files, checksums and mirrors torchvision uses
         errors = []
         for mirror in cls.mirrors:
@@ -114,6 +117,7 @@ def _download_mnist_like(source: str, root: str) -> None:
             except Exception as e:  # noqa: BLE001 - URLError, RuntimeError (bad MD5), OSError, ...
                 errors.append(f"{mirror}: {e}")
         else:
+            remove_empty(made)
             raise UsageError(f"could not download {source} file {filename} into {raw} "
                              f"({'; '.join(errors)}); check the network or copy the files there")
 

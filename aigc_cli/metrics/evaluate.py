@@ -254,10 +254,9 @@ def evaluate(ckpt: ckpt_io.Checkpoint, *, data: str, root: str | None, download:
     _say_if_unused(ref, chosen, warn)
     if extractor is None and any(x in chosen for x in GAN_METRICS):
         extractor = open_extractor(features, inception_weights, amp.device, precision, download_weights)
-    if (isinstance(extractor, ClassifierFeatures) and reference is None
-            and _data_folder(extractor.data_source, extractor.data_root) != _data_folder(data, root)):
-        warn(f"the feature classifier was trained on '{extractor.data_source}', the real data is '{data}': "
-             "distances in its feature space may mean little")
+    # Said once the real data has loaded: a --data that does not exist is then one error line, alone.
+    other_data = (isinstance(extractor, ClassifierFeatures) and reference is None
+                  and _data_folder(extractor.data_source, extractor.data_root) != _data_folder(data, root))
     protocol: dict = {}
     if extractor is not None:
         protocol.update(extractor.protocol)
@@ -283,6 +282,9 @@ def evaluate(ckpt: ckpt_io.Checkpoint, *, data: str, root: str | None, download:
                 warn(f"the reference images were {'x'.join(map(str, theirs))}, the generator draws "
                      f"{'x'.join(map(str, shape))}: the two sides reach the extractor from different {what}")
         protocol.update(_reference_protocol(reference))
+    if other_data:
+        warn(f"the feature classifier was trained on '{extractor.data_source}', the real data is '{data}': "
+             "distances in its feature space may mean little")
     _say_if_few_for_fid(chosen, n, reference.n if reference is not None else None, extractor, warn)
     z, labels = seeded_inputs(m, n, seed)
     with contextlib.ExitStack() as saving:  # an .npz is complete once generation ends, whatever scoring does
@@ -367,8 +369,10 @@ def write_stats(data: str, out: str, *, root: str | None, download: bool, featur
     if not str(out).endswith(".npz"):
         raise UsageError(f"--out {out}: the statistics file name must end in .npz")
     from ..files import check_writable  # noqa: PLC0415
+    from ..image_npz import check_replaceable  # noqa: PLC0415
 
     check_writable(out, "--out")  # before minutes of embedding, not after
+    check_replaceable(out, "--out", images=False)
     dev = resolve_device(device)
     if extractor is None:
         extractor = open_extractor(features, inception_weights, dev, precision, download_weights, warn)

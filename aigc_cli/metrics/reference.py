@@ -195,8 +195,9 @@ PROTOCOL_FIELDS = {
 
 
 def default_stats_dir() -> Path:
-    base = os.environ.get("AIGC_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "aigc")
-    return Path(base) / "stats"
+    from ..data.cache import cache_root
+
+    return Path(cache_root()) / "stats"
 
 
 def content_sha256(images: torch.Tensor) -> str:

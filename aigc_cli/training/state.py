@@ -228,7 +228,7 @@ def find_resume(resume: str | None, run_dir: Path, warn) -> Checkpoint | None:
     if resume is None:
         return None
     if resume != "auto":
-        ck = ckpt_io.load(resume)
+        ck = ckpt_io.load(resume, warn=warn)
         if ck.kind != "checkpoint":
             raise UsageError(f"--resume {resume}: an exported generator has no training state to resume from")
         return ck
