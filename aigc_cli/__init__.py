@@ -24,8 +24,10 @@ def main() -> None:
     try:
         run()
     except SystemExit as e:
-        if not e.code:  # done: a SIGTERM during the interpreter's shutdown must not turn that into 143
+        if not e.code:  # done: a SIGTERM (or SIGHUP) during the interpreter's shutdown must not turn that into 143
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            if hasattr(signal, "SIGHUP"):
+                signal.signal(signal.SIGHUP, signal.SIG_IGN)
         raise
 
 

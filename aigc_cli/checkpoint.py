@@ -177,14 +177,17 @@ def load(path_or_run: str | os.PathLike, *, device: str = "cpu", warn=None) -> C
     try:
         return _load(path, device)
     except UsageError as damaged:
-        for older in sorted(path.parent.glob("step-*.safetensors"), key=step_of, reverse=True):
-            if step_of(older) < 0 or older == path or _same_file(older, path):
+        steps = [s for s in sorted(path.parent.glob("step-*.safetensors"), key=step_of, reverse=True) if step_of(s) >= 0]
+        twin = next((s for s in steps if s != path and _same_file(s, path)), None)  # last is a link to a step file
+        for older in steps:
+            if older == path or older == twin:
                 continue
             try:
                 ck = _load(older, device)
             except UsageError:
                 continue
-            warn(f"{damaged}; using {older}, the newest checkpoint of the folder that reads")
+            warn(f"{damaged}" + (f" (it is {twin.name})" if twin else "")
+                 + f"; using {older}, the newest checkpoint of the folder that reads")
             return ck
         raise
 

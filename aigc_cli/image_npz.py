@@ -88,9 +88,10 @@ def check_replaceable(path: str | os.PathLike, option: str, *, images: bool) -> 
         return
     if images and names <= {IMAGES, LABELS}:
         return
-    if not images and {"mu", "sigma"} <= names:
+    if not images and {"mu", "sigma"} <= names and IMAGES not in names:  # guided-diffusion's batches hold both
         return
-    held = ("reference statistics (from `aigc eval stats`)" if {"mu", "sigma"} <= names
+    held = ("images and their statistics (a reference batch)" if {"mu", "sigma", IMAGES} <= names
+            else "reference statistics (from `aigc eval stats`)" if {"mu", "sigma"} <= names
             else "images (from `aigc sample --npz`)" if IMAGES in names
             else f"other arrays ({', '.join(sorted(names)[:6]) or 'none'})")
     raise UsageError(f"{option} {path}: holds {held}, which this would overwrite; name another file or remove it first")

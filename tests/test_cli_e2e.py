@@ -255,7 +255,9 @@ def test_a_run_folder_whose_last_checkpoint_is_damaged_gives_its_newest_readable
         f"using {steps[-1]}, the newest checkpoint of the folder that reads" in r.stderr, r.stderr
     assert cli("sample", run, "--n", "4", "--out", tmp_path / "g.png").code == 0
     assert cli("export", run, "--out", tmp_path / "g.safetensors", "-q").code == 0
-    for step in steps:
+    quiet = cli("train", "--resume", run, "--steps", str(ckpt_io.load(steps[-1]).step + 1), "-q")
+    assert quiet.code == 0 and quiet.stderr == "", quiet.stderr  # --quiet: nothing but errors
+    for step in (run / "checkpoints").glob("*.safetensors"):
         step.write_bytes(b"")
     assert "last.safetensors" in one_line_error(cli("info", run))  # nothing reads: the newest file's error
 
@@ -489,6 +491,9 @@ def test_an_option_over_a_set_of_the_same_key_and_a_key_set_twice_are_said(cli):
         "warning: --steps 1 is used over --set train.steps=3",
         "warning: --steps 1 is used over --set train.epochs=1"], r.stderr  # the same seed twice: nothing to say
     assert r.stderr.count("warning") == 3 and "/no/such/folder" in r.stderr.splitlines()[3]
+    same = cli("train", "--preset", "quickstart", "--steps", "2", "--set", "train.steps=02", "--set", "train.epochs=0",
+               "--strict", "--set", "data.strict=True", "--data", "/no/such/folder")
+    assert same.code == 2 and "warning" not in same.stderr, same.stderr  # the same values, parsed
 
 
 def test_a_run_folder_name_that_is_not_utf8_is_refused_before_training(cli, tmp_path):

@@ -213,7 +213,9 @@ def test_an_npz_of_another_kind_is_not_overwritten(runs, tmp_path, monkeypatch, 
     np.savez(stats, mu=np.zeros(3), sigma=np.eye(3))
     np.savez(images, np.zeros((2, 4, 4, 3), np.uint8))
     np.savez(other, weights=np.ones(2))
-    before = {p: p.read_bytes() for p in (stats, images, other)}
+    batch = tmp_path / "batch.npz"  # guided-diffusion's reference batch: images and their statistics
+    np.savez(batch, arr_0=np.zeros((2, 4, 4, 3), np.uint8), mu=np.zeros(3), sigma=np.eye(3))
+    before = {p: p.read_bytes() for p in (stats, images, other, batch)}
     for argv, expect in [
         (["sample", runs / "cond", "--n", "2", "--npz", stats], "--npz {}: holds reference statistics"),
         (["sample", runs / "cond", "--n", "2", "--npz", other], "--npz {}: holds other arrays (weights)"),
@@ -221,6 +223,8 @@ def test_an_npz_of_another_kind_is_not_overwritten(runs, tmp_path, monkeypatch, 
          "--save-fakes {}: holds reference statistics"),
         (["eval", "stats", "--data", "shapes", "--features", runs / "clf", "--n", "4", "--out", images],
          "--out {}: holds images (from `aigc sample --npz`)"),
+        (["eval", "stats", "--data", "shapes", "--features", runs / "clf", "--n", "4", "--out", batch],
+         "--out {}: holds images and their statistics"),
     ]:
         code, _, err = run_cli(monkeypatch, capsys, *argv)
         target = argv[-1]

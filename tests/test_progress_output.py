@@ -49,8 +49,9 @@ def _bar_and_note(err_on_terminal: bool) -> tuple[str, Console]:
 
     out = TerminalBuffer()
     rep = ConsoleReporter(terminal_console(out))
-    err = io.StringIO()
-    rep.err = Console(file=err, force_terminal=err_on_terminal, soft_wrap=True, highlight=False, markup=False)
+    err = TerminalBuffer() if err_on_terminal else io.StringIO()
+    # force_terminal either way, as FORCE_COLOR=1 gives: `2>log` with it drew the notes on the terminal instead
+    rep.err = Console(file=err, force_terminal=True, soft_wrap=True, highlight=False, markup=False)
     rep.start(10, {"model": "dcgan", "data": "d", "run_dir": "r", "steps": 10, "batch_size": 64,
                    "device": "cpu", "precision": "fp32"})
     assert rep.progress is not None

@@ -43,10 +43,27 @@ def test_a_full_log_disk_drops_stdout_and_training_goes_on_to_its_end(aigc_env, 
     assert ckpt_io.load(tmp_path / "run").step == 4
 
 
-def test_json_that_cannot_be_written_is_an_error_not_an_empty_success(aigc_env, trained):
+@pytest.mark.parametrize("args", [["info", "{run}", "--json"], ["info", "{run}"], ["presets", "list"]])
+def test_a_result_that_cannot_be_written_is_an_error_not_an_empty_success(aigc_env, trained, args):
     with open("/dev/full", "w") as full:
-        proc = run(aigc_env, ["info", trained, "--json"], stdout=full)
-    assert (proc.returncode, proc.stderr) == (2, "error: stdout: No space left on device\n")
+        proc = run(aigc_env, [a.format(run=trained) for a in args], stdout=full)
+    assert proc.returncode == 2 and proc.stderr.endswith("error: stdout: No space left on device\n"), proc.stderr
+
+
+def test_a_stop_keeps_its_exit_code_when_its_json_summary_cannot_be_written(aigc_env, tmp_path):
+    """A requeue script reads 143; an unwritable --json summary turned it into 2 ("bad input")."""
+    out = tmp_path / "run"
+    with open("/dev/full", "w") as full:
+        proc = subprocess.Popen(aigc_command() + ["train", *TINY, "--steps", "100000", "--out", str(out), "--json"],
+                                env=aigc_env, stdout=full, stderr=subprocess.PIPE, text=True)
+        metrics = out / "metrics.jsonl"
+        deadline = time.time() + 120
+        while time.time() < deadline and (not metrics.exists() or not metrics.read_text().strip()):
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and "the --json summary of the stop is lost" in err, err
+    assert err.splitlines()[-1].startswith("stopped: SIGTERM at step")
 
 
 @pytest.mark.parametrize("args", [["--help"], ["train", "--help"], ["train", "--bogus"]])

@@ -66,6 +66,7 @@ def main() -> None:
     from . import output
 
     output._stop_said = False  # main() runs more than once in one process under the tests
+    output._stdout_lost = None
     try:
         code = _run(sys.argv[1:])
     except KeyboardInterrupt:

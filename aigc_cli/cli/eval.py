@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from .output import QUIET_HELP, emit_json, handles_errors, human_console, showing_progress, sigterm_interrupts, warner
+from .output import QUIET_HELP, check_result_written, emit_json, handles_errors, human_console, showing_progress, sigterm_interrupts, warner
 
 METRICS_HELP = ("Comma list of fid, kid, is, precision, recall (VAE: also recon_mse, neg_elbo, bpd); "
                 "only these are computed (default: all that apply).")
@@ -140,6 +140,7 @@ def evaluate(
     console.print(f"{title}{against}" + (f": {', '.join(counts)}" if counts else ""))
     for k, v in result["metrics"].items():
         console.print(f"  {k:<10} {v:.6g}" if isinstance(v, float) else f"  {k:<10} n/a")
+    check_result_written()
 
 
 @handles_errors

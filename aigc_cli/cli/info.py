@@ -6,7 +6,7 @@ import json
 
 import typer
 
-from .output import emit_json, handles_errors, human_console, warn
+from .output import check_result_written, emit_json, handles_errors, human_console, warn
 
 
 @handles_errors
@@ -47,3 +47,4 @@ def info(
     for line in lines:  # metadata is anyone's text: no terminal escape sequences reach the terminal
         c.print(one_line(line))
     c.print("config: " + json.dumps(result["config"], indent=2))  # JSON escapes control characters itself
+    check_result_written()

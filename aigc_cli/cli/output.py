@@ -37,20 +37,35 @@ def stream_failed(stream, error: OSError) -> None:
     saving (it stopped with exit 2, where the last checkpoint could be many steps old). Said once on
     stderr when it was stdout that failed, naming the stream, since "No space left" reads as if the
     checkpoints' disk were full."""
+    global _stdout_lost
     discard_output(stream)
     if stream is sys.stdout and not isinstance(error, BrokenPipeError):
+        _stdout_lost = error
         warn(f"stdout: {error.strerror or error}; the rest of its output is dropped")
+
+
+_stdout_lost: OSError | None = None
+
+
+def check_result_written() -> None:
+    """For commands whose printed text is their result (`info`, `presets`, `eval`'s scores): stdout that
+    could not be written is then an error (exit 2), as --json's is; a training run's log is not its result."""
+    if _stdout_lost is not None:
+        raise OSError(_stdout_lost.errno, _stdout_lost.strerror, "stdout")
 
 
 def live_display(console: Console) -> bool:
     """Whether a redrawn bar suits this console: a real terminal that can move the cursor. FORCE_COLOR
     with a log file asks for colour, not a bar whose redraws make the log one long line; TERM=dumb
     (Emacs' shell, some IDE consoles) showed no bar until the end, so both get the plain lines."""
+    return _isatty(console.file) and console.is_terminal and not console.is_dumb_terminal and not console.quiet
+
+
+def _isatty(stream) -> bool:
     try:
-        tty = console.file.isatty()
+        return stream.isatty()
     except (AttributeError, ValueError):
-        tty = False
-    return tty and console.is_terminal and not console.is_dumb_terminal and not console.quiet
+        return False
 
 
 class _Console(Console):
@@ -307,7 +322,7 @@ class ConsoleReporter:
         if live_display(self.console):
             # With stderr on the terminal too, stderr is printed above the live bar (rich's redirect);
             # with stderr sent elsewhere (`2>log`), it must stay stderr, not be drawn on stdout.
-            self.err_above_bar = self.err.is_terminal
+            self.err_above_bar = _isatty(self.err.file)  # FORCE_COLOR with `2>log` made notes miss the log
             self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
                                      TextColumn("{task.fields[stats]}", markup=False), TimeElapsedColumn(), TextColumn("eta"),
                                      TimeRemainingColumn(), console=self.console, transient=False,

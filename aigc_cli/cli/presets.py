@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from ..config import is_preset_file, load_preset, preset_file_text, preset_names, preset_text
-from .output import handles_errors, human_console, write_out
+from .output import check_result_written, handles_errors, human_console, write_out
 
 app = typer.Typer(no_args_is_help=True, help="List and show the built-in training presets.")
 
@@ -35,6 +35,7 @@ def list_presets() -> None:
     for row in rows:
         table.add_row(*row)
     console.print(table)
+    check_result_written()
 
 
 @app.command("show")

@@ -10,7 +10,7 @@ from typing import List, Optional
 
 import typer
 
-from .output import QUIET_HELP, emit_json, handles_errors, human_console, sigterm_raises, warn, warner
+from .output import QUIET_HELP, emit_json, handles_errors, human_console, sigterm_raises, warner
 
 
 def next_run_dir(name: str, base: Path = Path("runs")) -> tuple[Path, list[Path]]:
@@ -95,11 +95,12 @@ def train(
     from ..training.state import find_resume
 
     console = human_console(json_out, quiet)
+    warn = warner(quiet)
     if steps is not None and epochs is not None:
         raise UsageError("give --steps or --epochs, not both (--epochs N means N passes over the data)")
     if epochs is not None and epochs < 1:  # train.epochs=0 means "count in steps": never what --epochs 0 asks
         raise UsageError(f"--epochs must be at least 1, got {epochs}")
-    assignments = parse_assignments(overrides or [], warner(quiet))
+    assignments = parse_assignments(overrides or [], warn)
     if "model.num_classes" in assignments:  # training sets it from the data; a --set would be overwritten unseen
         raise UsageError("model.num_classes is set from the data (the classes it holds); drop --set model.num_classes")
     flags = {"data.source": data, "data.root": data_root, "data.download": True if download else None,
@@ -139,8 +140,9 @@ def train(
                 raise UsageError("--preset is required (see `aigc presets list`)" +
                                  (f"; --resume auto found no checkpoint in {out}" if resume == "auto" else ""))
             # --set values are checked first even where a flag then overrides them; all before any heavy work.
-            cfg = cfg.with_overrides(assignments).with_overrides(flags)
-            _say_flags_over_settings(flags, assignments, warner(quiet))  # the values are good: now worth saying
+            with_sets = cfg.with_overrides(assignments)
+            cfg = with_sets.with_overrides(flags)
+            _say_flags_over_settings(flags, assignments, with_sets, cfg, warn)  # values are good: now worth saying
             # Paths are stored absolute, so eval and resume from another working folder find the same files: the
             # data root always (`--download` may be about to make it), the others where they name a file here.
             paths = {"data.source": cfg.data.source if cfg.data.source not in BUILTIN_SOURCES else "",
@@ -188,7 +190,10 @@ def train(
                                    run_locked=True)
         except Interrupted as e:  # a stop that saved: scripts get the object too (the `stopped:` line follows)
             if json_out and e.summary is not None:
-                emit_json(e.summary)
+                try:
+                    emit_json(e.summary)
+                except OSError as unwritten:  # the stop's own exit code (143: requeue) matters more
+                    warn(f"{unwritten.filename}: {unwritten.strerror}; the --json summary of the stop is lost")
             raise
     if json_out:
         emit_json(summary)
@@ -213,13 +218,19 @@ FLAG_OF = {"data.source": "--data", "data.root": "--data-root", "data.download":
 ALSO_DECIDES = {"train.steps": "train.epochs", "train.epochs": "train.steps"}
 
 
-def _say_flags_over_settings(flags: dict, assignments: dict[str, str], warn) -> None:
+def _say_flags_over_settings(flags: dict, assignments: dict[str, str], with_sets, final, warn) -> None:
     """An option wins over a --set of the same key, as options do; said, since `--steps 1 --set
-    train.steps=2` trained 1 step without a word."""
-    for key, value in flags.items():
-        shown = str(value).lower() if isinstance(value, bool) else str(value)
-        for other in (key, ALSO_DECIDES.get(key)):
-            given = assignments.get(other) if other else None
-            if given is not None and (other != key or given.strip() != shown):
-                flag = FLAG_OF[key] + ("" if isinstance(value, bool) else f" {value}")
-                warn(f"{flag} is used over --set {other}={given}")
+    train.steps=2` trained 1 step without a word. Compared as parsed values (02 is 2, ~/d is the home's d),
+    and an epochs=0 ("count in steps") that --steps overrides is no conflict."""
+    def value(cfg, key):
+        section, name = key.split(".")
+        v = getattr(getattr(cfg, section), name)
+        return os.path.expanduser(v) if isinstance(v, str) else v
+
+    for key, given in flags.items():
+        flag = FLAG_OF[key] + ("" if isinstance(given, bool) else f" {given}")
+        if key in assignments and value(with_sets, key) != value(final, key):
+            warn(f"{flag} is used over --set {key}={assignments[key]}")
+        other = ALSO_DECIDES.get(key)
+        if other in assignments and value(with_sets, other) and other not in flags:
+            warn(f"{flag} is used over --set {other}={assignments[other]}")
