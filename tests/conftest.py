@@ -102,6 +102,13 @@ def image_folder(tmp_path) -> Path:
     return write_image_folder(tmp_path / "my images")
 
 
+def default_sighup() -> None:
+    """preexec_fn for a child that is to get SIGHUP: one ignored where the tests run (nohup) is inherited."""
+    import signal
+
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+
 class TerminalBuffer(io.StringIO):
     """A StringIO that says it is a terminal: the live bar is drawn only on a real terminal."""
 

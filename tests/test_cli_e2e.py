@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from conftest import aigc_command
+from conftest import aigc_command, default_sighup
 from safetensors import safe_open
 
 from aigc_cli import checkpoint as ckpt_io
@@ -457,7 +457,8 @@ def test_sigterm_during_sample_leaves_no_temporary_files(aigc_env, gan_run, tmp_
     """Also SIGHUP, a terminal closed under the command: it was killed on the spot."""
     each = tmp_path / "each"
     proc = subprocess.Popen([*aigc_command(), "sample", gan_run[0], "--n", "500000", "--individual", each],
-                            env=aigc_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=aigc_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=default_sighup)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not (each.is_dir() and len(os.listdir(each)) >= 50):
         time.sleep(0.02)

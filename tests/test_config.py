@@ -308,7 +308,7 @@ def test_a_preset_file_name_that_cannot_name_a_folder_is_said(monkeypatch, capsy
     (tmp_path / "two words.toml").write_text('[model]\nkind = "dcgan"\nresolution = 16\nchannels = 1\ng_width = 8\n'
                                              'd_width = 8\nlatent_dim = 8\n[data]\nsource = "shapes"\nlimit = 64\n'
                                              '[train]\nsteps = 1\nbatch_size = 16\n')
-    code, _, err = run_cli(monkeypatch, capsys, "train", "--preset", tmp_path / "two words.toml", "--quiet")
+    code, _, err = run_cli(monkeypatch, capsys, "train", "--preset", tmp_path / "two words.toml")
     assert code == 0, err
     assert "the preset file's name 'two words' cannot name a run folder" in err and (tmp_path / "runs" / "custom-001").is_dir()
     code, _, err = run_cli(monkeypatch, capsys, "train", "--preset", "quickstart", "--set", "name=custom", "--steps", 1)

@@ -277,20 +277,23 @@ def test_a_failure_removes_only_what_the_command_added_to_an_existing_folder(tmp
 
 
 def test_sigterm_is_ignored_once_a_command_has_succeeded(monkeypatch):
-    """A SIGTERM during the interpreter's shutdown turned a finished run's exit code 0 into 143."""
+    """A SIGTERM during the interpreter's shutdown turned a finished run's exit code 0 into 143 (a SIGHUP,
+    a terminal closing then, into 129)."""
     import signal
 
     import aigc_cli
     from aigc_cli import cli
 
-    before = signal.getsignal(signal.SIGTERM)
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}
     try:
-        for code, after in ((0, signal.SIG_IGN), (2, before)):
-            signal.signal(signal.SIGTERM, before)
+        for code, ignored in ((0, True), (2, False)):
+            for s, h in before.items():
+                signal.signal(s, h)
             monkeypatch.setattr(cli, "main", lambda code=code: (_ for _ in ()).throw(SystemExit(code)))
             with pytest.raises(SystemExit):
                 aigc_cli.main()
-            assert signal.getsignal(signal.SIGTERM) == after
-    finally:
-        signal.signal(signal.SIGTERM, before)
+            assert all(signal.getsignal(s) == (signal.SIG_IGN if ignored else h) for s, h in before.items())
+    finally:  # an ignored SIGHUP left here would be inherited by every later test's subprocess (as nohup)
+        for s, h in before.items():
+            signal.signal(s, h)
         signal.signal(signal.SIGUSR1, signal.SIG_DFL)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from aigc_cli import checkpoint as ckpt_io
-from conftest import aigc_command
+from conftest import aigc_command, default_sighup
 
 TINY = ["--preset", "quickstart", "--set", "train.log_every=1", "--set", "data.limit=256", "--set", "model.g_width=8",
         "--set", "model.d_width=8", "--set", "train.n_samples=4", "--set", "train.sample_every=100000",
@@ -23,7 +23,7 @@ TINY = ["--preset", "quickstart", "--set", "train.log_every=1", "--set", "data.l
 
 def start(aigc_env, out: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(aigc_command() + ["train", *TINY, "--out", str(out), *extra], env=aigc_env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_sighup)
 
 
 def wait_for_steps(proc: subprocess.Popen, out: Path, n: int) -> None:
