@@ -119,12 +119,6 @@ def train(
             if out is not None:
                 if out.exists() and not out.is_dir():
                     raise UsageError(f"--out {out}: exists and is not a folder")
-                try:
-                    str(out.absolute()).encode("utf-8")
-                except UnicodeEncodeError:  # bytes that are not UTF-8: checkpoints could be written, never read
-                    shown = os.fsencode(out).decode("utf-8", "backslashreplace")
-                    raise UsageError(f"--out {shown}: its path is not valid UTF-8, and safetensors opens only UTF-8 "
-                                     "paths (its checkpoints could never be read back); choose another name") from None
                 check_writable_run(out)
                 # Held from here to the end: what to resume, and whether the folder holds a run, are decided by
                 # one process at a time (a second is refused at once, not after loading the data).

@@ -119,6 +119,12 @@ def check_writable_run(root: Path) -> None:
     """Before any work: a run folder whose checkpoints/ or samples/ is a file, or that this user cannot
     write in, would otherwise fail at the first save, after the data load and the first interval's
     training."""
+    try:
+        str(root.absolute()).encode("utf-8")
+    except UnicodeEncodeError:  # bytes that are not UTF-8: checkpoints could be written, never read back
+        shown = os.fsencode(root).decode("utf-8", "backslashreplace")
+        raise UsageError(f"--out {shown}: its path is not valid UTF-8, and safetensors opens only UTF-8 "
+                         "paths (its checkpoints could never be read back); choose another name") from None
     for path in (root, root / "checkpoints", root / "samples"):
         for p in (path, *path.parents):  # a link to nothing on the way: mkdir would say only "File exists"
             if p.is_symlink() and not p.exists():
