@@ -29,8 +29,9 @@ demo: $(STAMP)
 	$(BIN)/aigc sample runs/demo --n 64 --seed 0 --out runs/demo/grid.png
 	@echo "sample grid: $(CURDIR)/runs/demo/grid.png"
 
+# One pytest worker per core (pytest-xdist); each runs torch on one thread (tests/conftest.py).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto
 
 clean:
 	rm -rf $(VENV) runs/demo .pytest_cache *.egg-info

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -33,12 +35,50 @@ class Result:
         return json.loads(self.stdout)
 
 
+def pytest_configure(config):
+    """One compute thread per test process. `make test` runs one pytest worker per core (pytest-xdist),
+    and torch's default of a thread per core in each would oversubscribe them; the tests' tiny models
+    gain nothing from a second thread anyway. OMP_NUM_THREADS reaches the `aigc` subprocesses."""
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def aigc_env(tmp_path_factory) -> dict:
-    """Environment for subprocess runs: no GPU, no colour, datasets looked up in an empty folder."""
+    """Environment for subprocess runs: no GPU, no colour, datasets looked up in an empty folder.
+    HOME_FOR_TESTS, unique to this test process, also marks its children (see no_leftover_commands)."""
     home = tmp_path_factory.mktemp("home")
     return {**os.environ, "AIGC_DATA_ROOT": str(home / "datasets"), "AIGC_CACHE_DIR": str(home / "cache"),
             "CUDA_VISIBLE_DEVICES": "", "NO_COLOR": "1", "COLUMNS": "200", "HOME_FOR_TESTS": str(home)}
+
+
+def _processes_with(marker: bytes) -> dict[int, str]:
+    """pid -> command line of each live process whose environment holds `marker` (Linux /proc)."""
+    found = {}
+    for entry in Path("/proc").iterdir() if Path("/proc/self/environ").exists() else ():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if marker in (entry / "environ").read_bytes().split(b"\0"):
+                    found[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:  # gone meanwhile, or not ours
+                continue
+    return found
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_commands(aigc_env):
+    """A test that fails or times out while its `aigc` child runs must not leave that child training on
+    the cores under every later test: one did, for 7 minutes of a CI run. Its children (and theirs,
+    even once orphaned) carry this process's HOME_FOR_TESTS; any still running are killed, and the test
+    that left them errors."""
+    yield
+    left = _processes_with(f"HOME_FOR_TESTS={aigc_env['HOME_FOR_TESTS']}".encode())
+    for pid in left:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    assert not left, f"the test left commands running (now killed): {sorted(left.values())}"
 
 
 @pytest.fixture(autouse=True)
@@ -104,8 +144,6 @@ def image_folder(tmp_path) -> Path:
 
 def default_sighup() -> None:
     """preexec_fn for a child that is to get SIGHUP: one ignored where the tests run (nohup) is inherited."""
-    import signal
-
     signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
 
@@ -175,8 +213,6 @@ def simulated_capture(monkeypatch):
     """CUDA streams and graphs stood in for on the CPU: GraphedStep's warm-up and capture run their
     Python as on a GPU (the "capture" runs the step once, replays do nothing). Set `.capture = True`
     on the GraphedStep to take that path."""
-    import contextlib
-
     import aigc_cli.training.graph as graph_mod
 
     class Stream:
