@@ -29,9 +29,10 @@ demo: $(STAMP)
 	$(BIN)/aigc sample runs/demo --n 64 --seed 0 --out runs/demo/grid.png
 	@echo "sample grid: $(CURDIR)/runs/demo/grid.png"
 
-# One pytest worker per core (pytest-xdist); each runs torch on one thread (tests/conftest.py).
+# One pytest worker per core, at most 8 (pytest-xdist; more gain little and each holds torch in
+# memory); each runs torch on one thread (tests/conftest.py).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n auto
+	$(BIN)/python -m pytest -q -n auto --maxprocesses 8
 
 clean:
 	rm -rf $(VENV) runs/demo .pytest_cache *.egg-info
