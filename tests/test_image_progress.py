@@ -79,6 +79,23 @@ def test_a_terminal_gets_a_bar_that_goes_when_the_command_ends():
     assert "generating" in text and "64/64" in text and "img/s" in text
 
 
+@pytest.mark.parametrize("width", [60, 80])
+def test_a_narrow_terminal_keeps_the_counts_whole_and_shortens_the_bar(width):
+    """rich's bar kept its 40 columns and cut the counts and times to "12…" and "0:…" at 80 columns."""
+    import re
+
+    from conftest import TerminalBuffer, terminal_console
+
+    buf = TerminalBuffer()
+    with ImageProgress(terminal_console(buf, width=width), "sampling") as shown:
+        shown.phase("sampling", 50000)
+        shown.advance(12345)
+        shown.bar.refresh()
+        text = re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", buf.getvalue()).replace("\r", "\n")
+    line = [line for line in text.splitlines() if "sampling" in line][-1].rstrip()
+    assert len(line) <= width and "12345/50000" in line and "img/s 0:00:00 -:--:--" in line and "…" not in line, line
+
+
 def test_sample_prints_progress_lines_in_a_log(runs, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(output.ImageProgress, "EVERY", 0.0)  # a line per batch
     code, out, err = run_cli(monkeypatch, capsys, "sample", runs / "gan", "--n", 40, "-b", 16, "--out", tmp_path / "g.png")

@@ -71,6 +71,34 @@ def test_notes_under_a_live_bar_print_above_it_when_both_are_the_terminal():
     assert "note: skipping 0008.png: truncated" in re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", out) and err == ""
 
 
+def _live_train_line(width: int) -> str:
+    """The training bar's line on a pretend terminal `width` columns wide, with a full set of losses."""
+    from conftest import TerminalBuffer, terminal_console
+
+    out = TerminalBuffer()
+    rep = ConsoleReporter(terminal_console(out, width=width))
+    rep.start(5000, {"model": "dcgan", "data": "d", "run_dir": "r", "steps": 5000, "batch_size": 64,
+                     "device": "cpu", "precision": "fp32"})
+    rep.advance(1234)
+    rep.log({"step": 1234, "img_per_s": 1532.4, "loss_d": 1.2345, "loss_g": 0.98765, "d_real": 0.61, "d_fake": 0.33})
+    rep.finish()
+    lines = re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", out.getvalue()).replace("\r", "\n").splitlines()
+    return [line for line in lines if line.strip()][-1]
+
+
+@pytest.mark.parametrize("width", [50, 60, 80, 100])
+def test_a_narrow_terminal_keeps_the_step_count_and_time_left_and_cuts_the_losses(width):
+    """At 80 columns the losses took the step count's and the ETA's room: "train   1532 img/s  loss_d ... eta …"."""
+    line = _live_train_line(width)
+    assert len(line.rstrip()) <= width and "1234/5000" in line and re.search(r"eta \S:\S\S:\S\S$", line.rstrip()), line
+    assert "1532 img/s  " in line and "…" in line and "d_fake" not in line, line  # cut at the end
+
+
+def test_a_wide_terminal_shows_the_bar_and_every_loss():
+    line = _live_train_line(160)
+    assert "━" * 20 in line and "loss_g 0.9877  d_real 0.61  d_fake 0.33 " in line and "…" not in line, line
+
+
 def test_a_closed_stdout_discards_output_and_the_command_finishes(aigc_env, tmp_path):
     """`aigc ... | head -1`: the reader has gone before anything is written. Rich exited 1 ("a bug"),
     print() gave "error: Broken pipe" (exit 2), and a training run died unsaved."""

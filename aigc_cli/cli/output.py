@@ -10,9 +10,9 @@ import time
 
 import typer
 from rich.console import Console
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn,
-                           TimeRemainingColumn)
+from rich.progress import MofNCompleteColumn, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from .bars import Bar, Cut, FittedProgress
 from ..errors import AigcError, Interrupted, Terminated, one_line
 from ..files import json_line
 
@@ -262,9 +262,9 @@ class ImageProgress:
         self.label, self.total, self.done = label, None, 0
         self.bar: Progress | None = None
         if live_display(console):
-            self.bar = Progress(SpinnerColumn(), TextColumn("{task.description}", markup=False), BarColumn(),
-                                MofNCompleteColumn(), TextColumn("{task.fields[rate]}", markup=False),
-                                TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True)
+            self.bar = FittedProgress(SpinnerColumn(), TextColumn("{task.description}", markup=False), Bar(),
+                                      MofNCompleteColumn(), TextColumn("{task.fields[rate]}", markup=False),
+                                      TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True)
             self.task = self.bar.add_task(label, total=None, rate="")
             self.bar.start()
         self.t0 = self.said = clock()
@@ -323,10 +323,9 @@ class ConsoleReporter:
             # With stderr on the terminal too, stderr is printed above the live bar (rich's redirect);
             # with stderr sent elsewhere (`2>log`), it must stay stderr, not be drawn on stdout.
             self.err_above_bar = _isatty(self.err.file)  # FORCE_COLOR with `2>log` made notes miss the log
-            self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                                     TextColumn("{task.fields[stats]}", markup=False), TimeElapsedColumn(), TextColumn("eta"),
-                                     TimeRemainingColumn(), console=self.console, transient=False,
-                                     redirect_stderr=self.err_above_bar)
+            self.progress = FittedProgress(TextColumn("[bold]train"), Bar(), MofNCompleteColumn(), Cut("stats"),
+                                           TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                                           console=self.console, transient=False, redirect_stderr=self.err_above_bar)
             self.task = self.progress.add_task("train", total=total_steps, completed=self.first, stats="")
             self.progress.start()
 
