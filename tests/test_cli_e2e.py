@@ -262,6 +262,19 @@ def test_a_run_folder_whose_last_checkpoint_is_damaged_gives_its_newest_readable
     assert "last.safetensors" in one_line_error(cli("info", run))  # nothing reads: the newest file's error
 
 
+def test_a_features_run_folder_whose_last_checkpoint_is_damaged_gives_its_newest_readable_one(cli, gan_run,
+                                                                                               classifier_ckpt, tmp_path):
+    """--features RUN refused the folder over its damaged newest file, as sample and info no longer do."""
+    checkpoints = tmp_path / "clf" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    (checkpoints / classifier_ckpt.name).write_bytes(classifier_ckpt.read_bytes())
+    (checkpoints / "last.safetensors").write_bytes(classifier_ckpt.read_bytes()[:1000])
+    r = cli("eval", gan_run[0], "--features", tmp_path / "clf", "--n", "16", "--metrics", "fid", "--json")
+    assert r.code == 0 and r.json()["protocol"]["extractor"] == f"classifier:{checkpoints / classifier_ckpt.name}", r.stderr
+    assert f"warning: --features {checkpoints / 'last.safetensors'}: not a readable safetensors checkpoint" in r.stderr
+    assert f"using {checkpoints / classifier_ckpt.name}, the newest checkpoint of the folder that reads" in r.stderr
+
+
 def test_bad_image_files_warn_or_fail_with_strict(aigc, cli, image_folder, tmp_path):
     (image_folder / "cats" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     (image_folder / "cats" / "empty.jpg").write_bytes(b"")

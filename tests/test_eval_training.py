@@ -114,6 +114,23 @@ def test_missing_inception_weights_fail_before_anything_is_written(tmp_path, mon
         train(cfg.with_overrides({"train.eval_features": str(gan)}), tmp_path / "run", Silent())
 
 
+def test_a_classifier_run_folder_whose_last_checkpoint_is_damaged_gives_its_newest_readable_one(tmp_path, classifier):
+    import shutil
+
+    clf = tmp_path / "clf"
+    shutil.copytree(classifier, clf)  # last.safetensors becomes a file of its own, not a link
+    last = clf / "checkpoints" / "last.safetensors"
+    last.write_bytes(last.read_bytes()[:1000])
+    cfg = tiny("dcgan").with_overrides({"train.steps": "5", "train.eval_every": "5", "train.eval_n": "16",
+                                        "train.eval_features": str(clf)})
+    rep = Silent()
+    train(cfg, tmp_path / "run", rep)
+    [said] = [n for n in rep.notes if "not a readable safetensors checkpoint" in n]
+    assert said.startswith(f"train.eval_features {last}: ") and "using " in said and "step-0000030" in said, said
+    evals = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any("fid" in r for r in evals)
+
+
 def test_images_per_second_leave_evaluation_time_out(tmp_path, classifier, monkeypatch):
     import time
     from aigc_cli.metrics.evaluate import TrainingEvaluator

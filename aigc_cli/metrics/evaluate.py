@@ -221,17 +221,19 @@ def _say_if_few_for_fid(chosen: list[str], n_fake: int, n_real: int | None, extr
          "compare it only with FIDs from the same numbers of images (10,000 or 50,000 is usual)")
 
 
-def open_extractor(features, inception_weights, device, precision, download_weights: bool = False, warn=None):
+def open_extractor(features, inception_weights, device, precision, download_weights: bool = False, warn=None,
+                   precision_said: bool = False):
     """The extractor for --features (else Inception); `warn` hears of a precision that is slow there
-    (`aigc eval CHECKPOINT` passes None: it has warned already, for the generator at the same precision)."""
-    if warn is not None and (slow := slow_precision_note(extractor_precision(precision), device)):
+    (unless `precision_said`: `aigc eval CHECKPOINT` has warned for the generator at the same precision)
+    and of a damaged newest checkpoint in a --features run folder, passed over."""
+    if warn is not None and not precision_said and (slow := slow_precision_note(extractor_precision(precision), device)):
         warn(slow)
     if download_weights and not features:
         from .weights import ensure_weights  # noqa: PLC0415
 
         # to where the file is looked for: --inception-weights, $AIGC_INCEPTION_WEIGHTS, else the hub cache
         inception_weights = str(ensure_weights(inception_weights, download=True))
-    return make_extractor(features, inception_weights, device, precision)
+    return make_extractor(features, inception_weights, device, precision, warn=warn)
 
 
 def evaluate(ckpt: ckpt_io.Checkpoint, *, data: str, root: str | None, download: bool, features: str | None,
@@ -253,7 +255,8 @@ def evaluate(ckpt: ckpt_io.Checkpoint, *, data: str, root: str | None, download:
                             ref_note=f"--ref {ref} holds only mu and sigma (no features)")
     _say_if_unused(ref, chosen, warn)
     if extractor is None and any(x in chosen for x in GAN_METRICS):
-        extractor = open_extractor(features, inception_weights, amp.device, precision, download_weights)
+        extractor = open_extractor(features, inception_weights, amp.device, precision, download_weights, warn,
+                                   precision_said=True)
     # Said once the real data has loaded: a --data that does not exist is then one error line, alone.
     other_data = (isinstance(extractor, ClassifierFeatures) and reference is None
                   and _data_folder(extractor.data_source, extractor.data_root) != _data_folder(data, root))
@@ -527,7 +530,7 @@ class TrainingEvaluator:
         self.cfg = cfg
         try:
             self.extractor = make_extractor(t.eval_features or None, None, self.device,
-                                            extractor_precision(t.precision), option="train.eval_features")
+                                            extractor_precision(t.precision), option="train.eval_features", warn=warn)
         except UsageError as e:  # its advice names `aigc eval`'s flags: say which setting led here
             advice = str(e).replace(" or --inception-weights PATH", "")  # not an option of `aigc train`
             raise UsageError(f"evaluation during training (train.eval_every={t.eval_every}): {advice}") from None

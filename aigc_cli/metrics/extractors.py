@@ -38,9 +38,10 @@ def state_sha256(state: dict[str, torch.Tensor]) -> str:
 class ClassifierFeatures:
     """The penultimate layer of a classifier trained by `aigc train` on the domain's labelled data."""
 
-    def __init__(self, path: str, device: torch.device, amp: Precision | str, option: str = "--features"):
-        try:
-            ck = ckpt_io.load(path)
+    def __init__(self, path: str, device: torch.device, amp: Precision | str, option: str = "--features",
+                 warn=None):
+        try:  # with `warn`, a run folder whose newest checkpoint is damaged gives its newest that reads
+            ck = ckpt_io.load(path, warn=None if warn is None else lambda text: warn(f"{option} {text}"))
         except UsageError as e:  # name the option too: the checkpoint being scored is another file
             text = str(e)
             raise UsageError(f"{option} {text}" if text.startswith(str(path)) else f"{option} {path}: {text}") from None
@@ -86,10 +87,11 @@ class ClassifierFeatures:
 
 
 def make_extractor(features: str | None, inception_weights: str | None, device: torch.device | str,
-                   precision: str | Precision = "fp32", option: str = "--features"):
+                   precision: str | Precision = "fp32", option: str = "--features", warn=None):
     """features None or "": Inception (pool3 features, 1008-way probabilities), with the weights from
     `inception_weights`, else $AIGC_INCEPTION_WEIGHTS or the cache (see metrics/weights.py); missing
-    weights are a UsageError here, before any work. Otherwise a classifier checkpoint or run folder."""
+    weights are a UsageError here, before any work. Otherwise a classifier checkpoint or run folder
+    (`warn`: see ClassifierFeatures)."""
     device = torch.device(device)
     prec = extractor_precision(precision)
     if prec not in PRECISIONS:
@@ -98,7 +100,7 @@ def make_extractor(features: str | None, inception_weights: str | None, device: 
         if inception_weights:
             raise UsageError("--inception-weights applies to the Inception extractor; "
                              "it cannot be combined with --features CLASSIFIER_CKPT")
-        return ClassifierFeatures(features, device, Precision(prec, device), option)
+        return ClassifierFeatures(features, device, Precision(prec, device), option, warn)
     from .inception import InceptionFeatures  # noqa: PLC0415 - heavy, and only this path needs it
 
     return InceptionFeatures(inception_weights, device, prec)
