@@ -518,6 +518,19 @@ def test_a_run_folder_name_that_is_not_utf8_is_refused_before_training(cli, tmp_
     assert "r\\xff: its path is not valid UTF-8" in line and not out.exists(), line
 
 
+def test_a_data_path_or_setting_that_is_not_utf8_is_refused_before_training(cli, image_folder, tmp_path):
+    """config.toml held it as an escaped lone surrogate, which is not TOML: the run's config could not be
+    read back (`--preset RUN/config.toml` failed), though the run trained."""
+    data = Path(os.fsdecode(bytes(tmp_path) + b"/d\xffata"))
+    image_folder.rename(data)
+    args = ["train", "--preset", "folder-dcgan-64", "--steps", "1", "--out", tmp_path / "run"]
+    line = one_line_error(cli(*args, "--data", data))
+    assert line.endswith("d\\xffata: not valid UTF-8, which the run's config.toml cannot hold; rename it"), line
+    line = one_line_error(cli(*args, "--data", tmp_path, "--set", "name=" + os.fsdecode(b"x\xff")))
+    assert "name 'x\\xff': not valid UTF-8" in line, line
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_resume_into_another_architecture_is_refused_before_the_data_is_looked_for(cli, gan_run, tmp_path):
     """mnist is not on disk here: the refusal asked for --download first, so a user could download a data
     set only to be refused."""
