@@ -119,3 +119,33 @@ def test_nan_before_any_checkpoint_rolls_back_to_the_start(monkeypatch, tmp_path
     rep = Silent()
     train(cfg(), tmp_path / "r", rep)
     assert any("rolled back to step 0" in n for n in rep.notes)
+
+
+def test_a_rollback_point_is_not_changed_by_the_training_after_it():
+    """A second rollback before the next save restored moments that the steps after the first had updated
+    in place: load_state_dict kept the rollback point's own tensors as the optimizer's state."""
+    from aigc_cli.training import state
+
+    class Batches:
+        def position(self): return {"epoch": 0, "image": 0}
+        def seek(self, epoch, image): pass
+
+    class Amp:
+        name, scaler = "fp32", None
+
+    net = torch.nn.Linear(3, 2)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+
+    def train_step():
+        opt.zero_grad()
+        net(torch.randn(4, 3)).square().sum().backward()
+        opt.step()
+
+    train_step()
+    good = state.capture(tiny("dcgan"), {"G": net}, {"G": opt}, Amp(), Batches(), 1, 4)
+    before = {k: v.clone() for k, v in good[0].items()}
+    for _ in range(2):  # two rollbacks to the same point, with training between
+        state.restore(*good, {"G": net}, {"G": opt}, Amp(), Batches(), "the in-memory rollback point")
+        train_step()
+    for key, value in before.items():
+        assert torch.equal(good[0][key], value), key

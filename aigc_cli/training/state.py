@@ -95,7 +95,10 @@ def restore(tensors: dict[str, torch.Tensor], meta: dict[str, str], nets: dict, 
                                          f"the parameter {tuple(params[idx].shape)}")
                     elif value.is_floating_point() and not bool(torch.isfinite(value).all()):
                         raise ValueError(f"opt.{name}.{idx}.{key} holds NaN or infinite values")
-            opt.load_state_dict({"state": state, "param_groups": groups})
+            # copies: load_state_dict keeps tensors of the right dtype and device as they are, and Adam then
+            # updates them in place, which changed the in-memory rollback point under a second rollback
+            opt.load_state_dict({"state": {i: {k: v.clone() for k, v in per.items()} for i, per in state.items()},
+                                 "param_groups": groups})
         if amp.scaler is not None and "aigc.scaler" in meta:
             amp.scaler.load_state_dict(json.loads(meta["aigc.scaler"]))
         torch.set_rng_state(tensors["rng.torch"])
