@@ -374,6 +374,18 @@ def test_epochs_count_real_images_shown_whatever_n_critic():
     assert total_steps(wgan, 40) == 1  # less than one step's worth: still one step
 
 
+def test_epochs_on_a_resume_after_the_data_shrank_count_the_epochs_left():
+    """48 of 64 images drawn at step 6, then resumed on 16 images with 3 epochs: the first epoch is over
+    and 2 passes of 2 batches remain. The count went negative: "already at step 6 of 6", nothing trained."""
+    from conftest import tiny
+
+    from aigc_cli.training.loop import total_steps
+
+    cfg = tiny("dcgan").with_overrides({"train.epochs": "3", "train.batch_size": "8"})
+    assert total_steps(cfg, 16, step=6, position={"epoch": 0, "image": 48}) == 10
+    assert total_steps(cfg, 64, step=6, position={"epoch": 0, "image": 48}) == 6 + 2 + 16
+
+
 def test_epochs_on_a_resume_at_another_batch_size_still_make_that_many_passes(tmp_path):
     """`--epochs 2` after one pass at batch 16 counted 2 passes at batch 32 in steps (8), all of them
     already made: nothing was trained, one pass in all."""

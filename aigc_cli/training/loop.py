@@ -59,7 +59,8 @@ def total_steps(cfg: Config, n_images: int, step: int = 0, position: dict | None
     epoch, image = (position["epoch"], position["image"]) if position else (0, 0)
     if epoch >= epochs:
         return step
-    left = (n_images - image) // bs + (epochs - epoch - 1) * (n_images // bs)
+    # a resume on data that has shrunk below the images already drawn: that epoch is over, not negative
+    left = max(0, n_images - image) // bs + (epochs - epoch - 1) * (n_images // bs)
     return step + left // cfg.train.n_critic if position else max(1, left // cfg.train.n_critic)
 
 
