@@ -213,7 +213,9 @@ def groups_with(loaded, **change):
 
 @pytest.mark.parametrize("case", ["negative lr", "text lr", "one beta", "duplicate params", "no optimizer state",
                                   "negative adam step", "scalar moment", "negative data position",
-                                  "short numpy rng", "bad best value"])
+                                  "short numpy rng", "bad best value", "lr of a million", "text base_lr",
+                                  "no first moment", "negative second moment", "integer moment", "true step",
+                                  "text scaler scale", "odd parameter index"])
 def test_tampered_training_state_is_refused_on_resume(tmp_path, base, case):
     cfg, loaded = base
     moment = next(k for k in loaded.tensors if k.startswith("opt.G.") and k.endswith("exp_avg"))
@@ -238,9 +240,59 @@ def test_tampered_training_state_is_refused_on_resume(tmp_path, base, case):
         tensors = {"rng.numpy": loaded.tensors["rng.numpy"][:10]}
     elif case == "bad best value":
         meta = {"aigc.best_value": "not json"}
+    elif case == "lr of a million":  # trained on with it
+        meta = groups_with(loaded, lr=1e6)
+    elif case == "text base_lr":  # a TypeError at the first step of a schedule
+        meta = groups_with(loaded, base_lr="x")
+    elif case == "no first moment":  # a KeyError at the first step
+        tensors = {moment: None}
+    elif case == "negative second moment":  # its square root at the first step: NaN
+        tensors = {moment + "_sq": -loaded.tensors[moment + "_sq"] - 1}
+    elif case == "integer moment":
+        tensors = {moment: loaded.tensors[moment].to(torch.int64)}
+    elif case == "true step":
+        tensors = {moment.replace("exp_avg", "step"): torch.tensor(True)}
+    elif case == "text scaler scale":  # a TypeError in the GradScaler
+        meta = {"aigc.scaler": json.dumps({"scale": "x", "growth_factor": 2.0, "backoff_factor": 0.5,
+                                           "growth_interval": 2000, "_growth_tracker": 2})}
+    elif case == "odd parameter index":  # opt.G.01.* beside opt.G.1.*: one of them won
+        tensors = {moment.replace("opt.G.", "opt.G.0", 1): loaded.tensors[moment].clone()}
     message = resume_error(tmp_path, cfg, tampered(tmp_path, loaded, tensors, meta))
     assert "bad.safetensors: cannot resume from it" in message, message
     assert not (tmp_path / "fork" / "checkpoints").exists() or not list((tmp_path / "fork" / "checkpoints").iterdir())
+
+
+def test_optimizer_settings_aigc_never_uses_are_the_runs_own_whatever_the_file_says(tmp_path, base):
+    """amsgrad gave a KeyError at the first step, differentiable an AssertionError, and maximize made G
+    climb its loss: none is a setting of aigc's, so a file's are not taken."""
+    cfg, loaded = base
+    bad = tampered(tmp_path, loaded, meta=groups_with(loaded, amsgrad=True, maximize=True, differentiable=True))
+    summary = train(cfg.with_overrides({"train.steps": "4"}), tmp_path / "fork", Silent(), resume=ck.load(bad))
+    groups = json.loads(ck.load(tmp_path / "fork").meta["aigc.opt.G.param_groups"])
+    assert summary["steps"] == 4 and not any(g[k] for g in groups for k in ("amsgrad", "maximize", "differentiable"))
+
+
+@pytest.mark.parametrize("case", ["no torch rng", "no param groups", "moment of another shape", "text scaler scale"])
+def test_resume_auto_passes_over_a_checkpoint_whose_training_state_is_damaged(tmp_path, base, case):
+    """It took the newest file that loaded and failed on its training state after the data had loaded,
+    where an older checkpoint of the run was whole."""
+    cfg, loaded = base
+    run = tmp_path / "run"
+    train(cfg.with_overrides({"train.steps": "4", "train.ckpt_every": "2", "train.keep_checkpoints": "0"}), run, Silent())
+    newest = run / "checkpoints" / "step-0000004.safetensors"
+    (run / "checkpoints" / "last.safetensors").unlink()
+    four = ck.load(newest)
+    moment = next(k for k in four.tensors if k.startswith("opt.D.") and k.endswith("exp_avg"))
+    change = {"no torch rng": ({"rng.torch": None}, {}),
+              "no param groups": ({}, {"aigc.opt.D.param_groups": "[]"}),
+              "moment of another shape": ({moment: torch.zeros(33)}, {}),
+              "text scaler scale": ({}, {"aigc.scaler": json.dumps({"scale": "x"})})}[case]
+    tampered(tmp_path, four, *change, name="t.safetensors").replace(newest)
+    notes = []
+    rng = torch.get_rng_state()
+    assert state.find_resume("auto", run, notes.append).step == 2
+    assert torch.equal(torch.get_rng_state(), rng)  # a file's RNG states, tried, are put back
+    assert len(notes) == 1 and "step-0000004.safetensors: cannot resume from it" in notes[0], notes
 
 
 def test_an_untampered_checkpoint_resumes(tmp_path, base):

@@ -17,7 +17,7 @@ from .. import checkpoint as ckpt_io
 from ..checkpoint import Checkpoint, base_meta, load_net
 from ..config import Config
 from ..errors import UsageError, one_line
-from ..models import needs_labels
+from ..models import FAMILIES, needs_labels
 
 
 def _optimizer(name: str, opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], str]:
@@ -72,47 +72,98 @@ def restore(tensors: dict[str, torch.Tensor], meta: dict[str, str], nets: dict, 
     try:
         step = int(meta["aigc.step"])
         for name, opt in opts.items():
-            groups = json.loads(meta[f"aigc.opt.{name}.param_groups"])
-            _check_groups(name, groups, opt.state_dict()["param_groups"])
-            state: dict[int, dict] = {}
-            prefix = f"opt.{name}."
-            for key, value in tensors.items():
-                if key.startswith(prefix):
-                    idx, sub = key[len(prefix):].split(".", 1)
-                    state.setdefault(int(idx), {})[sub] = value
-            if step > 0 and not state:  # Adam's moments exist from the first step on: without them no exact resume
-                raise ValueError(f"no optimizer state for {name}")
-            params = [p for group in opt.param_groups for p in group["params"]]
-            for idx, per_param in state.items():  # a tampered file must not load mismatched moments
-                if not 0 <= idx < len(params):
-                    raise ValueError(f"optimizer {name} has state for parameter {idx} of {len(params)}")
-                for key, value in per_param.items():
-                    if key == "step":
-                        if value.numel() != 1 or not 0 <= float(value) <= step * 1000:
-                            raise ValueError(f"opt.{name}.{idx}.step is {value.tolist()}")
-                    elif value.shape != params[idx].shape:
-                        raise ValueError(f"opt.{name}.{idx}.{key} has shape {tuple(value.shape)}, "
-                                         f"the parameter {tuple(params[idx].shape)}")
-                    elif value.is_floating_point() and not bool(torch.isfinite(value).all()):
-                        raise ValueError(f"opt.{name}.{idx}.{key} holds NaN or infinite values")
-            # copies: load_state_dict keeps tensors of the right dtype and device as they are, and Adam then
-            # updates them in place, which changed the in-memory rollback point under a second rollback
-            opt.load_state_dict({"state": {i: {k: v.clone() for k, v in per.items()} for i, per in state.items()},
-                                 "param_groups": groups})
-        if amp.scaler is not None and "aigc.scaler" in meta:
-            amp.scaler.load_state_dict(json.loads(meta["aigc.scaler"]))
-        torch.set_rng_state(tensors["rng.torch"])
-        cuda = sorted(k for k in tensors if k.startswith("rng.cuda."))
-        if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all([tensors[k] for k in cuda])
-        py = json.loads(meta["aigc.rng.python"])
-        random.setstate((py[0], tuple(py[1]), py[2]))
-        kind, pos, has_gauss, gauss = json.loads(meta["aigc.rng.numpy"])
-        np.random.set_state((kind, tensors["rng.numpy"].numpy().astype(np.uint32), pos, has_gauss, gauss))
+            opt.load_state_dict(_optimizer_state(name, tensors, meta, opt, step))
+        scaler = _scaler_state(meta)
+        if amp.scaler is not None and scaler is not None:
+            amp.scaler.load_state_dict(scaler)
+        _set_rng(tensors, meta)
         batches.seek(**data_position(meta))
         return step, int(meta["aigc.images_seen"])
     except _INVALID as e:
         raise _invalid_state(origin, e) from None
+
+
+# What a run may change in its optimizers' param groups (a resume with other rates or betas, a schedule,
+# a rollback); every other setting (amsgrad, maximize, fused, ...) is this run's own, whatever a file says.
+_GROUP_KEYS = ("lr", "betas", "eps", "weight_decay", "base_lr", "initial_lr")
+_ADAM_STATE = {"step", "exp_avg", "exp_avg_sq"}
+
+
+def _optimizer_state(name: str, tensors: dict[str, torch.Tensor], meta: dict[str, str], opt, step: int) -> dict:
+    """The state dict to load into `opt` from a captured state, checked: a tampered or damaged file must not
+    load mismatched, partial or negative moments, nor settings Adam would fail on or misuse."""
+    groups = json.loads(meta[f"aigc.opt.{name}.param_groups"])
+    ours = opt.state_dict()["param_groups"]
+    _check_groups(name, groups, ours)
+    state: dict[int, dict] = {}
+    prefix = f"opt.{name}."
+    for key, value in tensors.items():
+        if key.startswith(prefix):
+            idx, sub = key[len(prefix):].split(".", 1)
+            if not idx.isdigit() or idx != str(int(idx)):
+                raise ValueError(f"optimizer {name} has state for parameter {idx!r}")
+            state.setdefault(int(idx), {})[sub] = value
+    if step > 0 and not state:  # Adam's moments exist from the first step on: without them no exact resume
+        raise ValueError(f"no optimizer state for {name}")
+    params = [p for group in opt.param_groups for p in group["params"]]
+    for idx, per_param in state.items():
+        if not 0 <= idx < len(params):
+            raise ValueError(f"optimizer {name} has state for parameter {idx} of {len(params)}")
+        if set(per_param) != _ADAM_STATE:
+            raise ValueError(f"optimizer {name}: parameter {idx} has state {sorted(per_param)}, "
+                             f"Adam's is {sorted(_ADAM_STATE)}")
+        for key, value in per_param.items():
+            if key == "step":
+                if (value.numel() != 1 or not (value.is_floating_point() or value.dtype == torch.int64)
+                        or not 0 <= float(value) <= step * 1000):
+                    raise ValueError(f"opt.{name}.{idx}.step is {value.tolist()}")
+            elif value.shape != params[idx].shape or not value.is_floating_point():
+                raise ValueError(f"opt.{name}.{idx}.{key} is {str(value.dtype).removeprefix('torch.')} of shape "
+                                 f"{tuple(value.shape)}, the parameter {tuple(params[idx].shape)}")
+            elif not bool(torch.isfinite(value).all()):
+                raise ValueError(f"opt.{name}.{idx}.{key} holds NaN or infinite values")
+            elif key == "exp_avg_sq" and bool((value < 0).any()):
+                raise ValueError(f"opt.{name}.{idx}.{key} holds negative values")
+    # copies: load_state_dict keeps tensors of the right dtype and device as they are, and Adam then
+    # updates them in place, which changed the in-memory rollback point under a second rollback
+    return {"state": {i: {k: v.clone() for k, v in per.items()} for i, per in state.items()},
+            "param_groups": [{**o, **{k: g[k] for k in _GROUP_KEYS if k in g}} for g, o in zip(groups, ours)]}
+
+
+def _scaler_state(meta: dict[str, str]) -> dict | None:
+    """The fp16 GradScaler's state, checked (None when the run had no scaler)."""
+    if "aigc.scaler" not in meta:
+        return None
+    saved = json.loads(meta["aigc.scaler"])
+    if not isinstance(saved, dict):
+        raise ValueError(f"GradScaler state {meta['aigc.scaler'][:100]}")
+    if not saved:  # a scaler that never stepped saves nothing
+        return saved
+
+    def number(key, lo, hi=float("inf"), kind=(int, float)):
+        v = saved.get(key)
+        if type(v) not in kind or not (math.isfinite(v) and lo <= v <= hi):
+            raise ValueError(f"GradScaler {key} is {v!r}")
+
+    number("scale", 0.0)
+    if saved["scale"] == 0:
+        raise ValueError("GradScaler scale is 0")
+    number("growth_factor", 1.0)
+    number("backoff_factor", 0.0, 1.0)
+    number("growth_interval", 1, kind=(int,))
+    number("_growth_tracker", 0, kind=(int,))
+    return saved
+
+
+def _set_rng(tensors: dict[str, torch.Tensor], meta: dict[str, str], cuda_too: bool = True) -> None:
+    torch.set_rng_state(tensors["rng.torch"])
+    cuda = sorted(k for k in tensors if k.startswith("rng.cuda."))
+    if cuda_too and cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([tensors[k] for k in cuda])
+    py = json.loads(meta["aigc.rng.python"])
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    kind, pos, has_gauss, gauss = json.loads(meta["aigc.rng.numpy"])
+    np.random.set_state((kind, tensors["rng.numpy"].numpy().astype(np.uint32), pos, has_gauss, gauss))
 
 
 _INVALID = (KeyError, ValueError, TypeError, RuntimeError, IndexError, OverflowError, RecursionError)
@@ -140,13 +191,28 @@ def data_images_then(ck: Checkpoint) -> int | None:
 
 
 def check_resumable(ck: Checkpoint) -> None:
-    """What restore would find damaged and load() does not check (it checks the networks): the optimizer
-    state's values and the data position. `--resume auto` then takes the next checkpoint instead of
-    stopping after the data load."""
+    """Restore's own checks, before the data is loaded (load() has checked the networks): the optimizer
+    state against the model's parameters (laid out on the meta device: no memory), the GradScaler, the RNG
+    states (each set, then put back) and the data position. `--resume auto` then takes the next checkpoint
+    instead of stopping after the data load."""
+    from .steps import make_optimizers
+
     resume_position(ck)
-    for key, value in ck.tensors.items():
-        if key.startswith("opt.") and value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            raise _invalid_state(ck.path, ValueError(f"{key} holds NaN or infinite values"))
+    nets = ckpt_io.shapes_of(ck.config)
+    opts = make_optimizers(FAMILIES[ck.config.model.kind].objective, nets, ck.config.train)
+    saved = (torch.get_rng_state(), random.getstate(), np.random.get_state())
+    try:
+        step = int(ck.meta["aigc.step"])
+        for name, opt in opts.items():
+            _optimizer_state(name, ck.tensors, ck.meta, opt, step)
+        _scaler_state(ck.meta)
+        _set_rng(ck.tensors, ck.meta, cuda_too=False)  # not put back below; restore sets them (or not) anyway
+    except _INVALID as e:
+        raise _invalid_state(ck.path, e) from None
+    finally:
+        torch.set_rng_state(saved[0])
+        random.setstate(saved[1])
+        np.random.set_state(saved[2])
 
 
 def data_position(meta: dict[str, str]) -> dict[str, int]:
@@ -164,7 +230,8 @@ def data_position(meta: dict[str, str]) -> dict[str, int]:
 
 def _check_groups(name: str, groups, ours: list[dict]) -> None:
     """Stored param groups: the same parameters as the model's optimizer, and hyperparameters Adam accepts
-    (a negative or non-numeric learning rate would otherwise train, or fail at the first step)."""
+    (a negative, non-numeric or huge learning rate would otherwise train, or fail at the first step; the
+    config allows rates below 1)."""
     if not isinstance(groups, list) or len(groups) != len(ours):
         raise ValueError(f"optimizer {name}: {len(groups) if isinstance(groups, list) else 'no'} param groups, "
                          f"the model has {len(ours)}")
@@ -174,7 +241,8 @@ def _check_groups(name: str, groups, ours: list[dict]) -> None:
 
     for g, o in zip(groups, ours):
         betas = g.get("betas") if isinstance(g, dict) else None
-        if (not isinstance(g, dict) or g.get("params") != o["params"] or not number(g.get("lr"), 0)
+        if (not isinstance(g, dict) or g.get("params") != o["params"] or not number(g.get("lr"), 0, 1)
+                or not all(number(g[k], 0, 1) for k in ("base_lr", "initial_lr") if k in g)
                 or not number(g.get("eps"), 1e-30, 1) or not number(g.get("weight_decay", 0), 0)
                 or not isinstance(betas, list) or len(betas) != 2 or not all(number(b, 0) and b < 1 for b in betas)):
             shown = {k: v for k, v in g.items() if k != "params"} if isinstance(g, dict) else g
