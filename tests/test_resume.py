@@ -150,6 +150,10 @@ def test_resuming_from_an_earlier_checkpoint_of_the_run_starts_a_branch_and_keep
     summary = train(tiny("dcgan").with_overrides({**base, "train.steps": "12"}), run, rep, resume=found)
     assert summary["steps"] == 15 and any("nothing to train" in n for n in rep.notes), rep.notes
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.name != ".aigc-train.lock"} == before
+    # the summary names the step file, also when the resume was from last.safetensors, which moves on
+    again = train(tiny("dcgan").with_overrides({**base, "train.steps": "12"}), run, Silent(),
+                  resume=ckpt_io.load(run / "checkpoints" / "last.safetensors"))
+    assert again["checkpoint"] == str((run / "checkpoints" / "step-0000015.safetensors").resolve()), again
 
 
 def test_a_branch_from_best_survives_a_crash_before_its_first_save(tmp_path):

@@ -315,7 +315,8 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup, run_lock
 
     # The rollback point for the divergence guard: the last state known to be finite, in memory.
     good = state.capture(cfg, nets, opts, amp, batches, step, images_seen)
-    good_path: Path | None = resume.path if resume is not None else None
+    # resumed and nothing to train: the step file, not the last.safetensors that the next save replaces
+    good_path: Path | None = resume.step_file if resume is not None else None
     recoveries = 0
     # Learning rates now, and in `good`, relative to this process's starting rates: a rollback sets
     # them to recover_lr_factor ** recoveries of those, whatever rates the snapshot it restores holds.
