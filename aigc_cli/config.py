@@ -463,6 +463,8 @@ def preset_text(name: str) -> str:
             raise UsageError(f"{name}: is a folder, not a preset file (a .toml file or a name from `aigc presets list`)")
         if Path(name).is_file():  # the user's own file, named without the suffix that marks a preset file
             raise UsageError(f"{name}: a preset file's name must end in .toml")
+        if Path(name).exists():  # /dev/null, a fifo: "no such preset file" was wrong
+            raise UsageError(f"{name}: not a regular file, so not a preset file")
         if name.endswith(".toml") or "/" in name:
             raise UsageError(f"{name}: no such preset file")
         close = difflib.get_close_matches(name, preset_names(), n=1)

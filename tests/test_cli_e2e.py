@@ -207,6 +207,8 @@ def one_line_error(r) -> str:
     (["sample", "/no/such/ckpt.safetensors"], "no such checkpoint"),
     (["train", "--preset", "quickstart", "--out", "-"], "--out -: standard output is not supported"),  # made ./-
     (["sample", "/no/such/run", "--individual=-"], "--individual -: standard output is not supported"),
+    (["sample", "/no/such/run", "--nrow", "0"], "--nrow must be positive, got 0"),  # named all three options
+    (["train", "--preset", "/dev/null"], "/dev/null: not a regular file"),  # said "no such preset file"
 ])
 def test_bad_input_is_one_line_exit_2(cli, args, expect):
     assert expect in one_line_error(cli(*args))

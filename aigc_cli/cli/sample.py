@@ -90,8 +90,9 @@ def sample(
     from ..sampling import (check_generates, check_grid_size, class_labels, generate, generator_from,
                             pngs_in, filling, sample_latents, save_grid, save_individual, warn_stale_pngs)
 
-    if n < 1 or batch_size < 1 or (nrow is not None and nrow < 1):
-        raise UsageError("--n, --batch-size and --nrow must be positive")
+    for option, value in (("--n", n), ("--batch-size", batch_size), ("--nrow", nrow)):
+        if value is not None and value < 1:
+            raise UsageError(f"{option} must be positive, got {value}")
     if truncation is not None and not 0 < truncation < math.inf:
         raise UsageError(f"--truncation must be a positive number (0.5 to 1 is usual), got {truncation}")
     if interpolate is not None and not 2 <= interpolate <= MAX_N:
