@@ -180,6 +180,10 @@ def test_eval_stats_writes_a_file_that_ref_accepts_and_pytorch_fid_files_work_fo
     assert code == 0 and json.loads(out)["metrics"] == from_ref["metrics"]
     assert f"--data elsewhere was not used: --ref {ref} supplies the real side" in err  # not silently ignored
     assert from_ref["metrics"] == from_data["metrics"]  # the same real images, the same numbers
+    made_by = from_ref["protocol"]["extractor"].removeprefix("classifier:")
+    for scored in ([runs / "gan"], ["--fake", runs / "gan" / "samples"]):  # Inception's weights were asked for
+        line = one_error_line(*run_cli(monkeypatch, capsys, "eval", *scored, "--ref", ref, "--n", 50)[::2])
+        assert line.endswith(f"holds features of classifier:{made_by}: pass --features {made_by} to score against it"), line
 
     # pytorch-fid's format: only mu and sigma. FID (and IS) work; KID and precision/recall cannot.
     pfid = tmp_path / "pfid.npz"

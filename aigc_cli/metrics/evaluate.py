@@ -190,6 +190,15 @@ def check_reference_matches(ref: Reference, extractor, warn) -> None:
              f"precision moves features (bf16 by about 1%); pass --precision {theirs} to compare like with like")
 
 
+def check_reference_extractor(ref: Reference | None, features: str | None) -> None:
+    """Before the extractor opens: a reference of a classifier's features scored with Inception (no
+    --features) asked for Inception weights, which were not the problem."""
+    made_by = str(ref.protocol.get("extractor", "")) if ref is not None else ""
+    if made_by.startswith("classifier:") and not features:
+        raise UsageError(f"the reference ({ref.source}) holds features of {made_by}: pass --features "
+                         f"{made_by.removeprefix('classifier:')} to score against it")
+
+
 def _data_folder(source: str, root: str | None) -> str:
     """Where a data source's files are (a built-in name as found without downloading, e.g. fashion-mnist in
     /usr/share/datasets), so that one data set named two ways is seen as one; the name where not found."""
@@ -255,6 +264,7 @@ def evaluate(ckpt: ckpt_io.Checkpoint, *, data: str, root: str | None, download:
                             ref_note=f"--ref {ref} holds only mu and sigma (no features)")
     _say_if_unused(ref, chosen, warn)
     if extractor is None and any(x in chosen for x in GAN_METRICS):
+        check_reference_extractor(reference, features)
         extractor = open_extractor(features, inception_weights, amp.device, precision, download_weights, warn,
                                    precision_said=True)
     # Said once the real data has loaded: a --data that does not exist is then one error line, alone.
@@ -332,6 +342,7 @@ def evaluate_folder(fake_dir: str, *, data: str | None, root: str | None, downlo
     if needs_real and reference is None and not data:
         raise UsageError("--fake DIR needs --data SOURCE (or --ref FILE) for the real side")
     if extractor is None:  # before reading the folder: missing weights are said at once
+        check_reference_extractor(reference, features)
         extractor = open_extractor(features, inception_weights, dev, precision, download_weights, warn)
     progress.phase(f"reading {fake_dir}")
     if os.path.isfile(os.path.expanduser(fake_dir)) and not is_npz(fake_dir):
