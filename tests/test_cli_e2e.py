@@ -119,6 +119,9 @@ def test_export_sample_and_info(aigc, cli, gan_run, tmp_path):
     assert META_KEYS <= set(meta)
     assert keys and all(k.startswith("G.") for k in keys)
     assert art.stat().st_size < (out / "checkpoints" / "last.safetensors").stat().st_size / 4
+    assert {k: r.json()[k] for k in ("format", "dtype", "source", "step", "weights")} == {
+        "format": "safetensors", "dtype": "fp16", "source": str((out / "checkpoints" / "step-0000020.safetensors").resolve()),
+        "step": 20, "weights": meta["aigc.weights"]}
 
     r = aigc("sample", art, "--n", "4", "--out", tmp_path / "from-export.png")
     assert r.code == 0, r.stderr

@@ -24,7 +24,10 @@ def export(
     from ..errors import one_line
     from ..export import export_generator
 
-    result = export_generator(ckpt_io.load(checkpoint, warn=warner(quiet)), out, dtype, ema=not no_ema)
+    ckpt = ckpt_io.load(checkpoint, warn=warner(quiet))
+    result = export_generator(ckpt, out, dtype, ema=not no_ema)
+    # what it came from, as `info` shows an export's source (the step file: last.safetensors moves on)
+    result.update({"source": str(ckpt.step_file), "step": ckpt.step, "weights": ckpt.generator_weights(not no_ema)[1]})
     if json_out:
         emit_json(result)
     else:
