@@ -386,6 +386,18 @@ def test_outputs_that_cannot_be_written_are_refused_before_the_work(cli, gan_run
     assert "afile is a file, not a folder" in line
 
 
+def test_a_run_folder_named_stats_is_pointed_to_as_dot_slash_stats(cli, gan_run, tmp_path, monkeypatch):
+    """`aigc eval "$RUN"` with RUN=stats runs `eval stats`, which refused eval's options with no word why."""
+    import shutil
+
+    shutil.copytree(gan_run[0], tmp_path / "stats", symlinks=True)
+    monkeypatch.chdir(tmp_path)
+    line = one_line_error(cli("eval", "stats", "--n", "8", "--metrics", "fid"))
+    assert "No such option: --metrics" in line and line.endswith("write ./stats"), line
+    monkeypatch.chdir(gan_run[0])  # no folder named stats here: no such hint
+    assert "./stats" not in one_line_error(cli("eval", "stats", "--metrics", "fid"))
+
+
 def test_bad_output_paths_and_devices_are_one_line_exit_2(cli, gan_run, tmp_path):
     out, _ = gan_run
     assert "is a folder" in one_line_error(cli("sample", out, "--n", "1", "--out", tmp_path))

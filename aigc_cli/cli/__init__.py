@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import typer
 
 from . import eval as eval_cmd
@@ -41,7 +43,6 @@ def tidy_args(args: list[str]) -> list[str]:
     """What a shell leaves undone: `~` is expanded where the shell does not (`--out=~/x`, a quoted
     "~/x"); an empty argument is refused, since it is an unset variable far more often than a choice
     (an empty --out used to mean the current folder, and a run's files were scattered there)."""
-    import os
 
     out = []
     for i, a in enumerate(args):
@@ -126,6 +127,8 @@ def _run(args: list[str]) -> int:
             return 0
         ctx = getattr(e, "ctx", None)
         hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        if prog == "aigc eval stats" and os.path.exists("stats"):  # `aigc eval "$RUN"` with RUN=stats
+            hint += "; to score the checkpoint or run folder here named stats, write ./stats"
         _to_stderr(f"error: {e.format_message()}{hint}\n")
         code = e.exit_code
     return code if isinstance(code, int) else 0
@@ -135,7 +138,6 @@ def _help_width() -> None:
     """Help piped to a file or a pager would be laid out 80 columns wide, where the help column of
     `aigc eval` is too narrow for a file name or an environment variable and rich cuts them with an
     ellipsis. Lay it out 100 wide there, unless the user set a width (COLUMNS, TERMINAL_WIDTH)."""
-    import os
     import sys
 
     if not sys.stdout.isatty() and not (os.environ.get("COLUMNS") or os.environ.get("TERMINAL_WIDTH")):
