@@ -43,6 +43,7 @@ def test_fake_folder_against_real_folders_for_real(aigc, clf, tmp_path):
     assert res["metrics"]["precision"] == res["metrics"]["recall"] == 1.0
     p = res["protocol"]
     assert p["n_fake"] == p["n_real"] == 12 and p["fake_folder"] == str(a) and p["reference"] == "computed"
+    assert (res["checkpoint"], res["model"], res["step"], res["fake_folder"]) == (None, None, None, str(a))
     assert "most common size" in same.stderr  # its images have six widths: conformed, with a warning
     other = aigc("eval", "--fake", b, "--data", a, *common)
     assert other.code == 0, other.stderr

@@ -372,7 +372,9 @@ def evaluate_folder(fake_dir: str, *, data: str | None, root: str | None, downlo
         fake.add(chunk, batch_size)
     values, extra = score(chosen, fake=fake.stats, probs=fake.all_probs(), ref=reference, seed=seed, warn=warn)
     protocol.update(extra)
-    return {"fake_folder": str(fake_dir), "metrics": values, "protocol": protocol}
+    # the keys of a checkpoint's scores too, empty: a script reads the same keys of either
+    return {"checkpoint": None, "model": None, "step": None, "fake_folder": str(fake_dir), "metrics": values,
+            "protocol": protocol}
 
 
 def write_stats(data: str, out: str, *, root: str | None, download: bool, features: str | None, n: int,
