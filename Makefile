@@ -30,9 +30,10 @@ demo: $(STAMP)
 	@echo "sample grid: $(CURDIR)/runs/demo/grid.png"
 
 # One pytest worker per core, at most 8 (pytest-xdist; more gain little and each holds torch in
-# memory); each runs torch on one thread (tests/conftest.py).
+# memory); each runs torch on one thread (tests/conftest.py). worksteal: an idle worker takes tests
+# from a busy one, so the long end-to-end tests do not queue behind one worker at the end.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n auto --maxprocesses 8
+	$(BIN)/python -m pytest -q -n auto --maxprocesses 8 --dist worksteal
 
 clean:
 	rm -rf $(VENV) runs/demo .pytest_cache *.egg-info
