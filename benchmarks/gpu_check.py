@@ -15,12 +15,14 @@ machine there starts bare, so carry the Fashion-MNIST files (and a pytorch-fid w
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import math
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -36,10 +38,16 @@ STEPS_SCALE = 1.0
 DEVICE = "cuda"  # --device cpu: a smoke test of the parts that allow it, on a machine without a GPU
 
 
-def fresh(path: str) -> Path:
-    """A run folder emptied first: a rerun (or the next part) must not find an earlier run there."""
+# Scratch runs, caches and weights: one folder, removed at exit (about 1.5 GB per run, on a shared disk here).
+SCRATCH = Path(tempfile.mkdtemp(prefix="aigc-gpu-check-"))
+atexit.register(shutil.rmtree, SCRATCH, ignore_errors=True)
+
+
+def fresh(name: str) -> Path:
+    """A run folder in SCRATCH, emptied first: a rerun (or the next part) must not find an earlier run there."""
+    path = SCRATCH / name
     shutil.rmtree(path, ignore_errors=True)
-    return Path(path)
+    return path
 
 
 def record(out: Path, name: str, value) -> None:
@@ -76,7 +84,7 @@ def graph_equivalence(data_dir: str) -> dict:
                 "train.sample_every": 1000, "train.ckpt_every": 1000, "train.precision": precision,
                 "train.cuda_graph": graph, "train.batch_size": 64, "train.device": "cuda"})
             rep = Silent()
-            train(cfg, fresh(f"/tmp/graph-eq-{precision}-{graph}"), rep)
+            train(cfg, fresh(f"graph-eq-{precision}-{graph}"), rep)
             runs[graph] = [(r["loss_d"], r["loss_g"]) for r in rep.records]
             runs[graph + "_notes"] = rep.notes
         diffs = [max(abs(a - b) / max(abs(a), 1e-6) for a, b in zip(e, g)) for e, g in zip(runs["off"], runs["on"])]
@@ -101,7 +109,7 @@ def aigc_train_speed(data_dir: str, batch: int, graph: str, steps: int, fuse: st
     if DEVICE == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    summary = train(cfg, fresh(f"/tmp/speed-{batch}-{graph}"), rep)
+    summary = train(cfg, fresh(f"speed-{batch}-{graph}"), rep)
     rates = sorted(r["img_per_s"] for r in rep.records[1:])
     return {"batch": batch, "graph": graph, "fuse": fuse, "img_per_s_median": rates[len(rates) // 2] if rates else None,
             "img_per_s_all": [r["img_per_s"] for r in rep.records], "wall_s": round(time.perf_counter() - t0, 1),
@@ -189,7 +197,7 @@ def rollback_under_graph(args, out) -> dict:
 
     loop_mod.build_nets = keep
     try:
-        summary = train(_dcgan(args.data, DEVICE, 40), fresh("/tmp/gpu-rollback"), rep)
+        summary = train(_dcgan(args.data, DEVICE, 40), fresh("gpu-rollback"), rep)
     finally:
         loop_mod.build_nets = real_build
     return {"recoveries": summary["recoveries"], "steps": summary["steps"], "notes": rep.notes,
@@ -203,7 +211,7 @@ def resume_under_graph(args, out) -> dict:
     from aigc_cli.training.loop import train
     from conftest import Silent
 
-    run = fresh("/tmp/gpu-resume")
+    run = fresh("gpu-resume")
     train(_dcgan(args.data, DEVICE, 20), run, Silent())
     rep = Silent()
     summary = train(_dcgan(args.data, DEVICE, 40), run, rep, resume=ckpt_io.load(run / "checkpoints" / "last.safetensors"))
@@ -213,7 +221,7 @@ def resume_under_graph(args, out) -> dict:
 
 
 def fid_agreement(args, out) -> dict:
-    return run_cmd([sys.executable, "benchmarks/fid_agreement.py", "--make-folders", "/tmp/fa", "--data", args.data,
+    return run_cmd([sys.executable, "benchmarks/fid_agreement.py", "--make-folders", str(SCRATCH / "fa"), "--data", args.data,
                     "--n", "5000", "--random-weights"], timeout=240)
 
 
@@ -247,10 +255,10 @@ def kernel_profile(args, out) -> dict:
         extra = {"train.batch_size": 1024 if DEVICE == "cuda" else 64, "data.limit": 0, "train.cuda_graph": "off",
                  "train.fuse_norm_act": fuse, "train.log_every": steps, "train.ckpt_every": 10**6}
         # An unprofiled run first: compiling (and cuDNN's benchmark search) must not count.
-        train(_dcgan(args.data, DEVICE, 4, **extra), fresh(f"/tmp/profile-warm-{fuse}"), Silent())
+        train(_dcgan(args.data, DEVICE, 4, **extra), fresh(f"profile-warm-{fuse}"), Silent())
         rep = Silent()
         with torch.profiler.profile(activities=[activity]) as prof:
-            train(_dcgan(args.data, DEVICE, steps, **extra), fresh(f"/tmp/profile-{fuse}"), rep)
+            train(_dcgan(args.data, DEVICE, steps, **extra), fresh(f"profile-{fuse}"), rep)
             if DEVICE == "cuda":
                 torch.cuda.synchronize()
         totals: dict[str, float] = {}
@@ -274,17 +282,16 @@ def kernel_profile(args, out) -> dict:
 def eval_speed(args, out) -> dict:
     """`aigc eval` of a short DCGAN run: FID+IS at 10k (real statistics computed, then a cache hit) and
     all metrics at 10k, with random Inception weights in the real layout (timing only)."""
-    import tempfile
 
     from aigc_cli.training.loop import train
     from conftest import Silent
     from test_inception import random_state_dict
 
-    run = fresh("/tmp/gpu-eval-run")
+    run = fresh("gpu-eval-run")
     train(_dcgan(args.data, DEVICE, 20, **{"data.limit": 0}), run, Silent())
-    weights = Path(tempfile.mkdtemp()) / "random-inception.pth"
+    weights = Path(tempfile.mkdtemp(dir=SCRATCH)) / "random-inception.pth"
     torch.save(random_state_dict(), weights)
-    env = {"AIGC_UNVERIFIED_INCEPTION_WEIGHTS_FOR_TESTS": "1", "AIGC_CACHE_DIR": tempfile.mkdtemp()}
+    env = {"AIGC_UNVERIFIED_INCEPTION_WEIGHTS_FOR_TESTS": "1", "AIGC_CACHE_DIR": tempfile.mkdtemp(dir=SCRATCH)}
     n = "10000" if DEVICE == "cuda" else "20"
     base = [sys.executable, "-m", "aigc_cli", "eval", str(run), "--data", args.data, "--n", n,
             "--inception-weights", str(weights), "--json", "--device", DEVICE]
