@@ -12,8 +12,10 @@ weights_only=True). Needs `pip install pytorch-fid`. The issue asks for agreemen
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -45,10 +47,15 @@ def make_folders(out: Path, data: str, n: int) -> tuple[Path, Path]:
     return a, b
 
 
+# The statistics cache and random weights (95 MB) of one run, removed at exit.
+SCRATCH = Path(tempfile.mkdtemp(prefix="fid-agreement-"))
+atexit.register(shutil.rmtree, SCRATCH, ignore_errors=True)
+
+
 def ours(a: Path, b: Path, weights: Path, device: str, env: dict) -> float:
     cmd = [sys.executable, "-m", "aigc_cli", "eval", "--fake", str(a), "--data", str(b), "--metrics", "fid",
            "--inception-weights", str(weights), "--device", device, "--precision", "fp32", "--json",
-           "--n", "1000000", "--stats-dir", tempfile.mkdtemp()]
+           "--n", "1000000", "--stats-dir", tempfile.mkdtemp(dir=SCRATCH)]
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     if p.returncode:
         raise SystemExit(f"aigc eval failed ({p.returncode}): {p.stderr.strip()}")
@@ -85,7 +92,7 @@ def main() -> None:
     if args.random_weights:
         sys.path.insert(0, str(ROOT / "tests"))
         from test_inception import random_state_dict
-        weights = Path(tempfile.mkdtemp()) / "random-inception.pth"
+        weights = SCRATCH / "random-inception.pth"
         torch.save(random_state_dict(), weights)
         env["AIGC_UNVERIFIED_INCEPTION_WEIGHTS_FOR_TESTS"] = "1"
     if weights is None:
