@@ -272,7 +272,8 @@ def test_optimizer_settings_aigc_never_uses_are_the_runs_own_whatever_the_file_s
     assert summary["steps"] == 4 and not any(g[k] for g in groups for k in ("amsgrad", "maximize", "differentiable"))
 
 
-@pytest.mark.parametrize("case", ["no torch rng", "no param groups", "moment of another shape", "text scaler scale"])
+@pytest.mark.parametrize("case", ["no torch rng", "no param groups", "moment of another shape", "text scaler scale",
+                                  "another step in the name"])
 def test_resume_auto_passes_over_a_checkpoint_whose_training_state_is_damaged(tmp_path, base, case):
     """It took the newest file that loaded and failed on its training state after the data had loaded,
     where an older checkpoint of the run was whole."""
@@ -286,13 +287,16 @@ def test_resume_auto_passes_over_a_checkpoint_whose_training_state_is_damaged(tm
     change = {"no torch rng": ({"rng.torch": None}, {}),
               "no param groups": ({}, {"aigc.opt.D.param_groups": "[]"}),
               "moment of another shape": ({moment: torch.zeros(33)}, {}),
-              "text scaler scale": ({}, {"aigc.scaler": json.dumps({"scale": "x"})})}[case]
+              "text scaler scale": ({}, {"aigc.scaler": json.dumps({"scale": "x"})}),
+              # resumed at step 1 from step 4's weights, and step 4's file set aside as "after step 1"
+              "another step in the name": ({}, {"aigc.step": "1"})}[case]
     tampered(tmp_path, four, *change, name="t.safetensors").replace(newest)
     notes = []
     rng = torch.get_rng_state()
     assert state.find_resume("auto", run, notes.append).step == 2
     assert torch.equal(torch.get_rng_state(), rng)  # a file's RNG states, tried, are put back
-    assert len(notes) == 1 and "step-0000004.safetensors: cannot resume from it" in notes[0], notes
+    said = "its name says step 4, its metadata step 1" if case == "another step in the name" else "cannot resume from it"
+    assert len(notes) == 1 and f"step-0000004.safetensors: {said}" in notes[0], notes
 
 
 def test_an_untampered_checkpoint_resumes(tmp_path, base):

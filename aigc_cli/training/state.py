@@ -316,6 +316,9 @@ def find_resume(resume: str | None, run_dir: Path, warn) -> Checkpoint | None:
             continue
         try:
             ck = ckpt_io.load(path)
+            if path.name.startswith("step-") and ckpt_io.step_of(path) != ck.step:
+                # it would be resumed at its own step, and the files after that (itself among them) set aside
+                raise UsageError(f"{path}: its name says step {ckpt_io.step_of(path)}, its metadata step {ck.step}")
             if ck.kind == "checkpoint":
                 check_resumable(ck)
         except UsageError as e:
