@@ -189,6 +189,13 @@ def test_presets_list_and_show(aigc, cli):
         assert name in r.stdout
     r = cli("presets", "show", "mnist-mlp-gan")
     assert r.code == 0 and 'kind = "mlp_gan"' in r.stdout
+    from aigc_cli.config import load_preset, preset_names
+
+    listed = cli("presets", "list", "--json").json()["presets"]  # for scripts: the table is for people
+    assert [p["name"] for p in listed] == preset_names()
+    quick, cfg = next(p for p in listed if p["name"] == "quickstart"), load_preset("quickstart")
+    assert quick == {"name": "quickstart", "model": cfg.model.kind, "data": cfg.data.source,
+                     "resolution": cfg.model.resolution, "description": cfg.description}
 
 
 def one_line_error(r) -> str:

@@ -8,17 +8,23 @@ import typer
 from rich.table import Table
 
 from ..config import is_preset_file, load_preset, preset_file_text, preset_names, preset_text
-from .output import check_result_written, handles_errors, human_console, write_out
+from .output import check_result_written, emit_json, handles_errors, human_console, write_out
 
 app = typer.Typer(no_args_is_help=True, help="List and show the built-in training presets.")
 
 
 @app.command("list")
 @handles_errors
-def list_presets() -> None:
+def list_presets(json_out: bool = typer.Option(False, "--json", metavar="",
+                                               help="Print one JSON object: the presets, each with its name, model, data, resolution and description.")) -> None:
     """List the presets with their model, data and resolution."""
     rows = [(name, cfg.model.kind, cfg.data.source, str(cfg.model.resolution), cfg.description)
             for name, cfg in ((name, load_preset(name)) for name in preset_names())]
+    if json_out:  # for scripts: the table is laid out for people (box rules, cut descriptions)
+        emit_json({"presets": [{"name": r[0], "model": r[1], "data": r[2], "resolution": int(r[3]),
+                                "description": r[4]} for r in rows]})
+        check_result_written()
+        return
     table = Table(caption="`aigc presets show NAME` prints a preset in full, its description included")
     # Names are what `--preset` takes: never cut or wrapped, whatever the width. One line a preset (a
     # wrapped description made 300 lines at 80 columns): on a terminal the description is cut to the width
