@@ -51,14 +51,14 @@ def _meta(ckpt: ckpt_io.Checkpoint, dtype: str, label: str) -> dict[str, str]:
     """What an export says of itself: the config it rebuilds from, where it was trained, which weights."""
     meta = ckpt_io.base_meta(ckpt.config, "export", ckpt.step, ckpt.images_seen, ckpt.meta.get("aigc.precision", ""))
     meta["aigc.dtype"] = dtype
-    meta["aigc.source"] = _source_of(ckpt)
+    meta["aigc.source"] = source_of(ckpt)
     meta["aigc.weights"] = label
     if "aigc.class_names" in ckpt.meta:
         meta["aigc.class_names"] = ckpt.meta["aigc.class_names"]
     return meta
 
 
-def _source_of(ckpt: ckpt_io.Checkpoint) -> str:
+def source_of(ckpt: ckpt_io.Checkpoint) -> str:
     """Where the weights were trained: an export's own source carries over (re-exported at another
     dtype, say), and last.safetensors or best.safetensors by their step file."""
     if ckpt.kind == "export" and ckpt.meta.get("aigc.source"):

@@ -16,6 +16,7 @@ import atexit
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -50,6 +51,7 @@ def make_folders(out: Path, data: str, n: int) -> tuple[Path, Path]:
 # The statistics cache and random weights (95 MB) of one run, removed at exit.
 SCRATCH = Path(tempfile.mkdtemp(prefix="fid-agreement-"))
 atexit.register(shutil.rmtree, SCRATCH, ignore_errors=True)
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `timeout` stops with SIGTERM: atexit still runs
 
 
 def ours(a: Path, b: Path, weights: Path, device: str, env: dict) -> float:

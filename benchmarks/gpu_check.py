@@ -20,6 +20,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -41,6 +42,7 @@ DEVICE = "cuda"  # --device cpu: a smoke test of the parts that allow it, on a m
 # Scratch runs, caches and weights: one folder, removed at exit (about 1.5 GB per run, on a shared disk here).
 SCRATCH = Path(tempfile.mkdtemp(prefix="aigc-gpu-check-"))
 atexit.register(shutil.rmtree, SCRATCH, ignore_errors=True)
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `timeout` stops with SIGTERM: atexit still runs
 
 
 def fresh(name: str) -> Path:

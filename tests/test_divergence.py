@@ -76,6 +76,23 @@ def test_each_rollback_halves_the_starting_rates_once_even_from_a_checkpoint_sav
     assert read_lr(tmp_path / "r") == pytest.approx(2e-4 * 0.25)
 
 
+def test_two_rollbacks_to_a_snapshot_from_before_the_schedule_lower_its_rates_once_each(monkeypatch, tmp_path):
+    """The start's snapshot has no base_lr (the schedule records it at its first step): restoring it kept the
+    live base_lr, which the first rollback had halved, and the second halved it twice (x0.125, not x0.25)."""
+    inject(monkeypatch, (2, 4))
+    rep = Silent()
+    from aigc_cli.training.loop import train
+
+    summary = train(cfg(**{"train.lr_decay": "linear", "train.log_every": "1", "train.ckpt_every": "100",
+                           "train.steps": "6"}), tmp_path / "r", rep)
+    rollbacks = [n for n in rep.notes if "rolled back" in n]
+    assert summary["recoveries"] == 2 and all("to step 0" in n for n in rollbacks), rollbacks
+    from aigc_cli import checkpoint as ckpt_io
+
+    [group] = json.loads(ckpt_io.load(tmp_path / "r").meta["aigc.opt.G.param_groups"])
+    assert group["base_lr"] == pytest.approx(2e-4 * 0.25)
+
+
 def test_fp16_switches_to_bf16_on_divergence(monkeypatch, tmp_path):
     inject(monkeypatch, 8)
     from aigc_cli.training.loop import train

@@ -13,6 +13,7 @@ def test_children_left_running_are_found_even_once_orphaned(aigc_env):
     subprocess.run(["bash", "-c", "sleep 60 >/dev/null 2>&1 & echo $!"], env=aigc_env, check=True,
                    capture_output=True, timeout=30)
     other = subprocess.Popen(["sleep", "60"])  # not a test command: no marker
+    found = {}
     try:
         found = _processes_with(marker)
         assert len(found) == 1 and next(iter(found.values())).startswith("sleep 60"), found

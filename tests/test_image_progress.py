@@ -86,13 +86,20 @@ def test_a_narrow_terminal_keeps_the_counts_whole_and_shortens_the_bar(width):
 
     from conftest import TerminalBuffer, terminal_console
 
-    buf = TerminalBuffer()
-    with ImageProgress(terminal_console(buf, width=width), "sampling") as shown:
-        shown.phase("sampling", 50000)
-        shown.advance(12345)
+    def last_line():
         shown.bar.refresh()
         text = re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", buf.getvalue()).replace("\r", "\n")
-    line = [line for line in text.splitlines() if "sampling" in line][-1].rstrip()
+        return [line for line in text.splitlines() if "sampling" in line][-1].rstrip()
+
+    buf = TerminalBuffer()
+    with ImageProgress(terminal_console(buf, width=width), "sampling") as shown:
+        shown.phase("sampling", None)  # no total yet: no time left, whose empty column still takes a cell
+        shown.advance(12345)
+        line = last_line()
+        assert len(line) <= width and "12345/?" in line and "0:00:00" in line and "…" not in line, line
+        shown.phase("sampling", 50000)
+        shown.advance(12345)
+        line = last_line()
     assert len(line) <= width and "12345/50000" in line and "img/s 0:00:00 -:--:--" in line and "…" not in line, line
 
 

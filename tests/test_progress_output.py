@@ -91,7 +91,7 @@ def test_a_narrow_terminal_keeps_the_step_count_and_time_left_and_cuts_the_losse
     """At 80 columns the losses took the step count's and the ETA's room: "train   1532 img/s  loss_d ... eta …"."""
     line = _live_train_line(width)
     assert len(line.rstrip()) <= width and "1234/5000" in line and re.search(r"eta \S:\S\S:\S\S$", line.rstrip()), line
-    assert "1532 img/s  " in line and "…" in line and "d_fake" not in line, line  # cut at the end
+    assert "1532 img/s" in line and "…" in line and "d_fake" not in line, line  # cut at the end
 
 
 def test_a_wide_terminal_shows_the_bar_and_every_loss():

@@ -53,10 +53,10 @@ class FittedProgress(Progress):
         bar = next(c for c in self.columns if isinstance(c, Bar))
         cut = next((c for c in self.columns if isinstance(c, Cut)), None)
         whole = [c for c in self.columns if c is not bar and c is not cut]
-        # one space between columns, also beside a bar or text left empty
-        used = sum(self.console.measure(c.render(task)).maximum for c in whole) + len(self.columns) - 1
+        # rich gives an empty column one cell (a time left not yet known, say), and one space between columns
+        used = sum(max(1, self.console.measure(c.render(task)).maximum) for c in whole) + len(self.columns) - 1
         room = self.console.width - used
-        wanted = len(str(task.fields.get(cut.key, ""))) if cut else 0
+        wanted = max(1, len(str(task.fields.get(cut.key, "")))) if cut else 0
         if room >= wanted + BAR_MIN:
             bar.bar_width = min(BAR_MAX, room - wanted)
         elif room >= 2 * BAR_MIN + 20:  # a short bar still, and the text cut
@@ -64,5 +64,5 @@ class FittedProgress(Progress):
         else:
             bar.bar_width = 0
         if cut:  # text cut to under 10 columns says nothing: then none
-            left = room - (bar.bar_width if bar.bar_width >= BAR_MIN else 0)
+            left = room - (bar.bar_width if bar.bar_width >= BAR_MIN else 1)
             cut.width = left if left >= 10 else 0

@@ -22,12 +22,12 @@ def export(
     """Write the generator (a VAE's decoder) with its config: safetensors, which `aigc sample` and `aigc info` accept, or ONNX."""
     from .. import checkpoint as ckpt_io
     from ..errors import one_line
-    from ..export import export_generator
+    from ..export import export_generator, source_of
 
     ckpt = ckpt_io.load(checkpoint, warn=warner(quiet))
     result = export_generator(ckpt, out, dtype, ema=not no_ema)
-    # what it came from, as `info` shows an export's source (the step file: last.safetensors moves on)
-    result.update({"source": str(ckpt.step_file), "step": ckpt.step, "weights": ckpt.generator_weights(not no_ema)[1]})
+    # what it came from, as the file records it (`info` shows it as source)
+    result.update({"source": source_of(ckpt), "step": ckpt.step, "weights": ckpt.generator_weights(not no_ema)[1]})
     if json_out:
         emit_json(result)
     else:

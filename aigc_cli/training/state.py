@@ -89,9 +89,11 @@ _GROUP_KEYS = ("lr", "betas", "eps", "weight_decay", "base_lr", "initial_lr")
 _ADAM_STATE = {"step", "exp_avg", "exp_avg_sq"}
 
 
-def _optimizer_state(name: str, tensors: dict[str, torch.Tensor], meta: dict[str, str], opt, step: int) -> dict:
+def _optimizer_state(name: str, tensors: dict[str, torch.Tensor], meta: dict[str, str], opt, step: int,
+                     copy: bool = True) -> dict:
     """The state dict to load into `opt` from a captured state, checked: a tampered or damaged file must not
-    load mismatched, partial or negative moments, nor settings Adam would fail on or misuse."""
+    load mismatched, partial or negative moments, nor settings Adam would fail on or misuse. `copy`: the
+    moments are copies (False for a check only)."""
     groups = json.loads(meta[f"aigc.opt.{name}.param_groups"])
     ours = opt.state_dict()["param_groups"]
     _check_groups(name, groups, ours)
@@ -126,8 +128,11 @@ def _optimizer_state(name: str, tensors: dict[str, torch.Tensor], meta: dict[str
                 raise ValueError(f"opt.{name}.{idx}.{key} holds negative values")
     # copies: load_state_dict keeps tensors of the right dtype and device as they are, and Adam then
     # updates them in place, which changed the in-memory rollback point under a second rollback
-    return {"state": {i: {k: v.clone() for k, v in per.items()} for i, per in state.items()},
-            "param_groups": [{**o, **{k: g[k] for k in _GROUP_KEYS if k in g}} for g, o in zip(groups, ours)]}
+    # _GROUP_KEYS from the file alone: a snapshot without base_lr (taken before a schedule's first step)
+    # must not keep the live one, which a rollback had lowered and the next rollback would lower again
+    return {"state": {i: {k: v.clone() if copy else v for k, v in per.items()} for i, per in state.items()},
+            "param_groups": [{**{k: v for k, v in o.items() if k not in _GROUP_KEYS},
+                              **{k: g[k] for k in _GROUP_KEYS if k in g}} for g, o in zip(groups, ours)]}
 
 
 def _scaler_state(meta: dict[str, str]) -> dict | None:
@@ -137,7 +142,7 @@ def _scaler_state(meta: dict[str, str]) -> dict | None:
     saved = json.loads(meta["aigc.scaler"])
     if not isinstance(saved, dict):
         raise ValueError(f"GradScaler state {meta['aigc.scaler'][:100]}")
-    if not saved:  # a scaler that never stepped saves nothing
+    if not saved:  # a disabled scaler saves nothing
         return saved
 
     def number(key, lo, hi=float("inf"), kind=(int, float)):
@@ -204,7 +209,7 @@ def check_resumable(ck: Checkpoint) -> None:
     try:
         step = int(ck.meta["aigc.step"])
         for name, opt in opts.items():
-            _optimizer_state(name, ck.tensors, ck.meta, opt, step)
+            _optimizer_state(name, ck.tensors, ck.meta, opt, step, copy=False)
         _scaler_state(ck.meta)
         _set_rng(ck.tensors, ck.meta, cuda_too=False)  # not put back below; restore sets them (or not) anyway
     except _INVALID as e:

@@ -33,8 +33,9 @@ def optimizer_flags(device: torch.device, capturable: bool) -> dict[str, bool]:
 
 
 def conform_optimizers(opts: dict, flags: dict[str, bool]) -> None:
-    """A restored optimizer takes its group settings from the file (fused, capturable, ... of the run
-    that saved it); put this run's back, and its step counters where they then must live."""
+    """This run's group settings (fused, foreach, capturable) on its optimizers, and their step counters
+    where those settings need them (on the device for fused or capturable Adam): after a restore, the
+    counters are where the run that saved them kept them."""
     for opt in opts.values():
         for group in opt.param_groups:
             group.update(flags)
