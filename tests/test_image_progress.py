@@ -100,7 +100,16 @@ def test_a_narrow_terminal_keeps_the_counts_whole_and_shortens_the_bar(width):
         shown.phase("sampling", 50000)
         shown.advance(12345)
         line = last_line()
-    assert len(line) <= width and "12345/50000" in line and "img/s 0:00:00 -:--:--" in line and "…" not in line, line
+        assert len(line) <= width and "12345/50000" in line and "img/s 0:00:00 -:--:--" in line and "…" not in line, line
+        long = "sampling the images in /data/" + "a_rather_long_folder_name/" * 4  # eval's labels hold paths
+        shown.phase(long, 50000)
+        shown.advance(2048)
+        shown.bar.refresh()
+        text = re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", buf.getvalue()).replace("\r", "\n")
+        line = [line for line in text.splitlines() if "2048/50000" in line][-1].rstrip()
+    # the label is cut, not the count and times ("204…" read as a count of 204)
+    assert len(line) <= width and "sampling th" in line and "…" in line, line
+    assert line.endswith(" img/s 0:00:00 -:--:--"), line
 
 
 def test_sample_prints_progress_lines_in_a_log(runs, tmp_path, monkeypatch, capsys):

@@ -92,6 +92,8 @@ def test_a_narrow_terminal_keeps_the_step_count_and_time_left_and_cuts_the_losse
     line = _live_train_line(width)
     assert len(line.rstrip()) <= width and "1234/5000" in line and re.search(r"eta \S:\S\S:\S\S$", line.rstrip()), line
     assert "1532 img/s" in line and "…" in line and "d_fake" not in line, line  # cut at the end
+    if width >= 80:  # between two values, not inside one ("loss_d 1.2…" reads as a value)
+        assert re.search(r"\d  … ", line), line
 
 
 def test_a_wide_terminal_shows_the_bar_and_every_loss():

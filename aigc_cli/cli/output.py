@@ -262,7 +262,7 @@ class ImageProgress:
         self.label, self.total, self.done = label, None, 0
         self.bar: Progress | None = None
         if live_display(console):
-            self.bar = FittedProgress(SpinnerColumn(), TextColumn("{task.description}", markup=False), Bar(),
+            self.bar = FittedProgress(SpinnerColumn(), Cut(lambda task: task.description), Bar(),
                                       MofNCompleteColumn(), TextColumn("{task.fields[rate]}", markup=False),
                                       TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True)
             self.task = self.bar.add_task(label, total=None, rate="")
@@ -323,7 +323,8 @@ class ConsoleReporter:
             # With stderr on the terminal too, stderr is printed above the live bar (rich's redirect);
             # with stderr sent elsewhere (`2>log`), it must stay stderr, not be drawn on stdout.
             self.err_above_bar = _isatty(self.err.file)  # FORCE_COLOR with `2>log` made notes miss the log
-            self.progress = FittedProgress(TextColumn("[bold]train"), Bar(), MofNCompleteColumn(), Cut("stats"),
+            self.progress = FittedProgress(TextColumn("[bold]train"), Bar(), MofNCompleteColumn(),
+                                           Cut(lambda task: task.fields.get("stats", ""), sep="  "),
                                            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
                                            console=self.console, transient=False, redirect_stderr=self.err_above_bar)
             self.task = self.progress.add_task("train", total=total_steps, completed=self.first, stats="")
