@@ -49,29 +49,41 @@ class Bar(BarColumn):
 
 
 class FittedProgress(Progress):
-    """A Progress whose columns (one Bar, at most one Cut, the rest kept whole) fit the console's width."""
+    """A Progress whose columns (one Bar, at most one Cut, the rest kept whole) fit the console's width.
+    A bar or text with no room is left out of the line, with the space beside it."""
 
     def get_renderables(self):
+        columns = self.columns
         if self.tasks:
-            self.fit(self.tasks[0])
-        yield self.make_tasks_table(self.tasks)
+            self.columns = self.fit(self.tasks[0])
+        table = self.make_tasks_table(self.tasks)  # renders every cell now, with the columns kept
+        self.columns = columns
+        yield table
 
-    def fit(self, task: Task) -> None:
+    def fit(self, task: Task) -> tuple:
+        """Sets the bar's and the text's widths; returns the columns to draw."""
         bar = next(c for c in self.columns if isinstance(c, Bar))
         cut = next((c for c in self.columns if isinstance(c, Cut)), None)
         whole = [c for c in self.columns if c is not bar and c is not cut]
-        # rich gives an empty column one cell (a time left not yet known, say), and one space between columns
-        used = sum(max(1, self.console.measure(c.render(task)).maximum) for c in whole) + len(self.columns) - 1
-        room = self.console.width - used
-        wanted = max(1, len(str(cut.text(task)))) if cut else 1
-        if room >= wanted + BAR_MIN:  # all of it, and a bar of what is left
-            bar_width, text_width = min(BAR_MAX, room - wanted), wanted
-        else:  # the text cut; a bar that grows with the room alone, so it does not jump with the text
-            bar_width = min(BAR_MAX, max(0, (room - 30) // 2))
-            bar_width = bar_width if bar_width >= BAR_MIN else 0
-            text_width = room - max(1, bar_width)
-            if text_width < TEXT_MIN:
+        # rich gives an empty column one cell (a time left not yet known, say); one space between columns
+        used = sum(max(1, self.console.measure(c.render(task)).maximum) for c in whole) + len(whole) - 1
+        room = self.console.width - used  # for the bar and the text, each with its space
+        wanted = len(str(cut.text(task))) if cut else 0
+        if room >= wanted + 1 + BAR_MIN + 1:  # all of the text, and a bar of what is left
+            text_width, bar_width = wanted, min(BAR_MAX, room - (wanted + 1 if cut else 0) - 1)
+        else:  # the text cut, beside a bar of a third of the room
+            bar_width = room // 3 - 1 if room // 3 - 1 >= BAR_MIN else 0
+            text_width = room - (bar_width + 1 if bar_width else 0) - 1
+            if text_width < TEXT_MIN:  # too little to say anything: the bar instead
                 text_width, bar_width = 0, room - 1
+            elif cut:  # cut between two values, the text may take less: the bar has the rest
+                cut.width = text_width
+                shown = len(cut.render(task).plain)
+                bar_width = min(BAR_MAX, bar_width + (text_width - shown) if bar_width else
+                                (text_width - shown - 1 if text_width - shown - 1 >= BAR_MIN else 0))
+                text_width = shown
         bar.bar_width = bar_width if bar_width >= BAR_MIN else 0
         if cut:
             cut.width = text_width
+        return tuple(c for c in self.columns
+                     if not (c is bar and not bar.bar_width) and not (c is cut and not text_width))
