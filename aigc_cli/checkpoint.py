@@ -149,6 +149,11 @@ def write_atomic(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, s
 
 # ---- reading -----------------------------------------------------------------------------
 
+def step_files(folder: Path) -> list[Path]:
+    """The step-N.safetensors files of a checkpoints folder, newest first."""
+    return sorted((f for f in folder.glob("step-*.safetensors") if step_of(f) >= 0), key=step_of, reverse=True)
+
+
 def resolve(path_or_run: str | os.PathLike) -> Path:
     """A checkpoint file, or a run folder (its newest checkpoint)."""
     p = Path(path_or_run)
@@ -156,9 +161,9 @@ def resolve(path_or_run: str | os.PathLike) -> Path:
         ckdir = p / "checkpoints" if (p / "checkpoints").is_dir() else p
         if (ckdir / "last.safetensors").is_file():
             return ckdir / "last.safetensors"
-        steps = sorted((f for f in ckdir.glob("step-*.safetensors") if step_of(f) >= 0), key=step_of)
+        steps = step_files(ckdir)
         if steps:
-            return steps[-1]
+            return steps[0]
         raise UsageError(f"{p}: no checkpoint found in this folder (expected checkpoints/last.safetensors)")
     if not p.exists():
         raise UsageError(f"{p}: no such checkpoint file or run folder")
@@ -177,7 +182,7 @@ def load(path_or_run: str | os.PathLike, *, device: str = "cpu", warn=None) -> C
     try:
         return _load(path, device)
     except UsageError as damaged:
-        steps = [s for s in sorted(path.parent.glob("step-*.safetensors"), key=step_of, reverse=True) if step_of(s) >= 0]
+        steps = step_files(path.parent)
         twin = next((s for s in steps if s != path and _same_file(s, path)), None)  # last is a link to a step file
         for older in steps:
             if older == path or older == twin:

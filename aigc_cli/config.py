@@ -17,7 +17,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .errors import UsageError
+from .errors import UsageError, not_utf8_shown
 
 
 @dataclass(frozen=True)
@@ -381,11 +381,19 @@ FAMILY_OPTIONS = {"spectral_norm": "dcgan (resnet_gan always has it)", "d_norm":
 
 def check_for_training(cfg: Config, base: Config | None = None) -> None:
     """At the start of training: a model option the family does not read (spectral norm on an MLP GAN)
-    is refused rather than silently ignored, and INT_CAPS hold. Not part of validate(): a stored config
+    is refused rather than silently ignored, INT_CAPS hold, and every text is UTF-8. Not part of validate(): a stored config
     from before these checks must still load. `base` is the resumed run's config, whose own values are
     let be."""
     from .models import FAMILIES
 
+    for key, v in _numbers(cfg, str):
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError:  # a path's bytes in another encoding: config.toml would be TOML nothing reads
+            given = f"--data {not_utf8_shown(v)}" if key == "data.source" else f"{key} '{not_utf8_shown(v)}'"
+            # paths are stored resolved: a link with a UTF-8 name would not help
+            hint = "rename it" if key in ("data.source", "data.root", "train.eval_features") else "choose another"
+            raise UsageError(f"{given}: not valid UTF-8, which the run's config.toml cannot hold; {hint}") from None
     for key, v in _numbers(cfg, int):
         cap = INT_CAPS.get(key)
         if cap is not None and abs(v) > cap and (base is None or v != _value(base, key)):

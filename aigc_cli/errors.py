@@ -2,6 +2,14 @@
 keeps every error and warning about a hostile name on a single line."""
 
 
+def not_utf8_shown(text) -> str:
+    """A name from the file system whose bytes are not UTF-8 (lone surrogates in Python), with those bytes
+    shown as \\xNN: UTF-8 output cannot print it as it is."""
+    import os
+
+    return os.fsencode(text).decode("utf-8", "backslashreplace")
+
+
 def one_line(text: str) -> str:
     """`text` with control characters (newlines in file names, ...) escaped, so that a warning
     or error about a hostile file is always a single line."""

@@ -26,14 +26,17 @@ def export_generator(ckpt: ckpt_io.Checkpoint, out: Path, dtype: str, ema: bool 
     if dtype not in DTYPES:
         raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
     check_writable(out, "--out")
+    source, label = ckpt.generator_weights(ema)  # the EMA weights are the better generator
+    meta = _meta(ckpt, dtype, label)
+    # what the file says it came from, for --json too
+    origin = {"source": meta["aigc.source"], "step": ckpt.step, "weights": label}
     if out.suffix.lower() == ".onnx":
         from .export_onnx import export_onnx  # noqa: PLC0415 (onnx is an optional extra)
 
-        return export_onnx(ckpt, out, dtype, ema, _meta(ckpt, dtype, ckpt.generator_weights(ema)[1]))
+        return {**export_onnx(ckpt, out, dtype, ema, meta), **origin}
     _refuse_training_checkpoint(out)
     target = DTYPES[dtype]
     # Floating weights take the requested dtype; integer buffers (BN's num_batches_tracked) stay as they are.
-    source, label = ckpt.generator_weights(ema)  # the EMA weights are the better generator
     tensors = {f"G.{k}": (v.to(target) if v.is_floating_point() else v) for k, v in ckpt.net_state(source).items()}
     if not tensors:
         raise UsageError(f"{ckpt.path}: holds no generator weights")
@@ -41,24 +44,24 @@ def export_generator(ckpt: ckpt_io.Checkpoint, out: Path, dtype: str, ema: bool 
         if v.is_floating_point() and not bool(torch.isfinite(v).all()):
             raise UsageError(f"--dtype {dtype}: {key} has values beyond {dtype}'s range "
                              f"(largest {torch.finfo(target).max:g}); export as bf16 or fp32")
-    ckpt_io.write_atomic(out, tensors, _meta(ckpt, dtype, label))
+    ckpt_io.write_atomic(out, tensors, meta)
     return {"out": str(out), "format": "safetensors", "dtype": dtype, "tensors": len(tensors),
             "parameters": ckpt_io.param_counts(ckpt)["G"],  # as `aigc info` counts them: no BN buffers
-            "bytes": out.stat().st_size}
+            "bytes": out.stat().st_size, **origin}
 
 
 def _meta(ckpt: ckpt_io.Checkpoint, dtype: str, label: str) -> dict[str, str]:
     """What an export says of itself: the config it rebuilds from, where it was trained, which weights."""
     meta = ckpt_io.base_meta(ckpt.config, "export", ckpt.step, ckpt.images_seen, ckpt.meta.get("aigc.precision", ""))
     meta["aigc.dtype"] = dtype
-    meta["aigc.source"] = source_of(ckpt)
+    meta["aigc.source"] = _source_of(ckpt)
     meta["aigc.weights"] = label
     if "aigc.class_names" in ckpt.meta:
         meta["aigc.class_names"] = ckpt.meta["aigc.class_names"]
     return meta
 
 
-def source_of(ckpt: ckpt_io.Checkpoint) -> str:
+def _source_of(ckpt: ckpt_io.Checkpoint) -> str:
     """Where the weights were trained: an export's own source carries over (re-exported at another
     dtype, say), and last.safetensors or best.safetensors by their step file."""
     if ckpt.kind == "export" and ckpt.meta.get("aigc.source"):

@@ -30,8 +30,6 @@ class Cut(ProgressColumn):
         full = str(self.text(task))
         if self.width is None or len(full) <= self.width:
             return Text(full, no_wrap=True)
-        if self.width <= 0:
-            return Text("")
         head = full[:self.width - 1]
         if self.sep and self.sep in head:
             head = head[:head.rindex(self.sep) + len(self.sep)]
@@ -39,13 +37,10 @@ class Cut(ProgressColumn):
 
 
 class Bar(BarColumn):
-    """A bar whose width the line sets; none at all where it would be under BAR_MIN columns."""
+    """A bar whose width the line sets (FittedProgress leaves it out where it would be under BAR_MIN)."""
 
     def __init__(self):
         super().__init__(bar_width=BAR_MAX, table_column=Column(no_wrap=True))
-
-    def render(self, task: Task):
-        return Text("") if self.bar_width < BAR_MIN else super().render(task)
 
 
 class FittedProgress(Progress):
@@ -66,7 +61,8 @@ class FittedProgress(Progress):
         cut = next((c for c in self.columns if isinstance(c, Cut)), None)
         whole = [c for c in self.columns if c is not bar and c is not cut]
         # rich gives an empty column one cell (a time left not yet known, say); one space between columns
-        used = sum(max(1, self.console.measure(c.render(task)).maximum) for c in whole) + len(whole) - 1
+        # c(task): rich's cached rendering, the one the table then draws
+        used = sum(max(1, self.console.measure(c(task)).maximum) for c in whole) + len(whole) - 1
         room = self.console.width - used  # for the bar and the text, each with its space
         wanted = len(str(cut.text(task))) if cut else 0
         if room >= wanted + 1 + BAR_MIN + 1:  # all of the text, and a bar of what is left

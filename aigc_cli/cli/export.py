@@ -22,12 +22,9 @@ def export(
     """Write the generator (a VAE's decoder) with its config: safetensors, which `aigc sample` and `aigc info` accept, or ONNX."""
     from .. import checkpoint as ckpt_io
     from ..errors import one_line
-    from ..export import export_generator, source_of
+    from ..export import export_generator
 
-    ckpt = ckpt_io.load(checkpoint, warn=warner(quiet))
-    result = export_generator(ckpt, out, dtype, ema=not no_ema)
-    # what it came from, as the file records it (`info` shows it as source)
-    result.update({"source": source_of(ckpt), "step": ckpt.step, "weights": ckpt.generator_weights(not no_ema)[1]})
+    result = export_generator(ckpt_io.load(checkpoint, warn=warner(quiet)), out, dtype, ema=not no_ema)
     if json_out:
         emit_json(result)
     else:

@@ -143,7 +143,6 @@ def train(
                      "data.root": cfg.data.root, "train.eval_features": cfg.train.eval_features}
             cfg = cfg.with_overrides({key: str(Path(v).expanduser().resolve()) for key, v in paths.items()
                                       if v and (key == "data.root" or Path(v).expanduser().exists())})
-            _check_utf8(cfg)
             # Steps asked for win over a preset's epochs: --steps always (flags win over --set), --set train.steps
             # unless a --set train.epochs came with it.
             steps_given = steps is not None or "train.steps" in assignments and "train.epochs" not in assignments
@@ -211,24 +210,6 @@ FLAG_OF = {"data.source": "--data", "data.root": "--data-root", "data.download":
            "train.steps": "--steps", "train.epochs": "--epochs", "train.batch_size": "--batch-size",
            "train.precision": "--precision", "train.device": "--device", "train.seed": "--seed"}
 ALSO_DECIDES = {"train.steps": "train.epochs", "train.epochs": "train.steps"}
-
-
-def _check_utf8(cfg) -> None:
-    """A value that is not UTF-8 text (a path's bytes in another encoding reach Python as lone surrogates)
-    cannot be written in the run's config.toml: it came out as TOML that nothing reads, a preset included."""
-    from ..errors import UsageError
-
-    for section, values in cfg.to_dict().items():
-        for key, value in (values.items() if isinstance(values, dict) else [(None, values)]):
-            name = f"{section}.{key}" if key else section
-            try:
-                str(value).encode("utf-8")
-            except UnicodeEncodeError:
-                shown = str(value).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-                given = f"--data {shown}" if name == "data.source" else f"{name} '{shown}'"
-                # paths are stored resolved: a link with a UTF-8 name would not help
-                hint = "rename it" if name in ("data.source", "data.root", "train.eval_features") else "choose another"
-                raise UsageError(f"{given}: not valid UTF-8, which the run's config.toml cannot hold; {hint}") from None
 
 
 def _say_flags_over_settings(flags: dict, assignments: dict[str, str], with_sets, final, warn) -> None:

@@ -12,7 +12,7 @@ from typing import Iterator
 
 from .. import checkpoint as ckpt_io
 from ..config import Config
-from ..errors import UsageError
+from ..errors import UsageError, not_utf8_shown
 from ..files import make_parent, remove_empty, atomic_write, json_line
 
 
@@ -122,8 +122,7 @@ def check_writable_run(root: Path) -> None:
     try:
         str(root.absolute()).encode("utf-8")
     except UnicodeEncodeError:  # bytes that are not UTF-8: checkpoints could be written, never read back
-        shown = os.fsencode(root).decode("utf-8", "backslashreplace")
-        raise UsageError(f"--out {shown}: its path is not valid UTF-8, and safetensors opens only UTF-8 "
+        raise UsageError(f"--out {not_utf8_shown(root)}: its path is not valid UTF-8, and safetensors opens only UTF-8 "
                          "paths (its checkpoints could never be read back); choose another name") from None
     for path in (root, root / "checkpoints", root / "samples"):
         for p in (path, *path.parents):  # a link to nothing on the way: mkdir would say only "File exists"
