@@ -323,10 +323,11 @@ def test_other_families_train_sample_and_eval(aigc, cli, classifier_ckpt, tmp_pa
 
 
 @pytest.mark.parametrize("args, expect", [
-    (["train", "--preset", "quickstart", "--seed", "99999999999999999999"], "Invalid value for '--seed'"),
+    (["train", "--preset", "quickstart", "--seed", "99999999999999999999"], "'--seed': 99999999999999999999 is not from 0"),
+    (["eval", "stats", "--data", "shapes", "--out", "{tmp}/s.npz", "--seed", "4294967296"], "'--seed': 4294967296 is not"),
     (["train", "--preset", "quickstart", "--set", "train.steps=abc", "--steps", "1"], "expects int"),
     (["train", "--preset", "quickstart", "--out", "/proc/no-such/run"], "/proc/no-such"),
-    (["sample", "/no/ckpt", "--seed", "-1"], "--seed"),
+    (["sample", "/no/ckpt", "--seed", "-1"], "'--seed': -1 is not from 0 to 4294967295"),
     (["train", "--preset", "quickstart", "--seed", "-1"], "Invalid value for '--seed'"),  # named the option, not train.seed
     (["eval", "stats", "--data", "shapes", "--out", "{tmp}/s.npz", "--channels", "5"], "--channels must be 1 (grey) or 3"),
     (["sample", "/no/ckpt", "--out", "grid.jpg"], ".png"),

@@ -108,7 +108,7 @@ def _run(args: list[str]) -> int:
         if args[i:i + 1] == ["stats"]:
             target, prog, args = eval_stats_app, "aigc eval stats", args[1:i] + args[i + 1:]
     try:
-        code = target(args=args, prog_name=prog, standalone_mode=False)
+        code = _command(target)(args=args, prog_name=prog, standalone_mode=False)
     except OSError as e:  # printing help (commands map their own): `--help >/dev/full`, a closed terminal
         discard_output()
         _to_stderr(f"error: stdout: {e.strerror or e}\n")
@@ -132,6 +132,22 @@ def _run(args: list[str]) -> int:
         _to_stderr(f"error: {e.format_message()}{hint}\n")
         code = e.exit_code
     return code if isinstance(code, int) else 0
+
+
+def _command(target: typer.Typer):
+    """The click command typer builds (what calling the app runs), with --help shown as the flag it is:
+    typer 0.29 printed `--help <bool>`, as if it took a value. Our own flags say so with metavar=""."""
+    command = typer.main.get_command(target)
+
+    def walk(cmd) -> None:
+        help_option = cmd.get_help_option(cmd.context_class(cmd))  # made once per command, then cached
+        if help_option is not None:
+            help_option.metavar = ""
+        for sub in getattr(cmd, "commands", {}).values():
+            walk(sub)
+
+    walk(command)
+    return command
 
 
 def _help_width() -> None:

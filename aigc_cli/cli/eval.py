@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from .output import QUIET_HELP, check_result_written, emit_json, handles_errors, human_console, showing_progress, sigterm_interrupts, warner
+from .output import QUIET_HELP, check_result_written, emit_json, handles_errors, human_console, seed_in_range, showing_progress, sigterm_interrupts, warner
 
 METRICS_HELP = ("Comma list of fid, kid, is, precision, recall (VAE: also recon_mse, neg_elbo, bpd); "
                 "only these are computed (default: all that apply).")
@@ -40,22 +40,22 @@ def _check_common(n: int, batch_size: int, precision: str) -> None:
 @sigterm_interrupts
 def evaluate(
     checkpoint: Optional[str] = typer.Argument(None, metavar="CHECKPOINT", help="Checkpoint file, run folder or exported generator (omit with --fake)."),
-    data: Optional[str] = typer.Option(None, "--data", help="Real data source (default: the one it was trained on; required with --fake unless --ref is given)."),
-    data_root: Optional[str] = typer.Option(None, "--data-root", help="Folder holding torchvision datasets."),
+    data: Optional[str] = typer.Option(None, "--data", metavar="SOURCE", help="Real data source (default: the one it was trained on; required with --fake unless --ref is given)."),
+    data_root: Optional[str] = typer.Option(None, "--data-root", metavar="DIR", help="Folder holding torchvision datasets."),
     download: bool = typer.Option(False, "--download", metavar="", help="Allow downloading a missing torchvision dataset."),
-    features: Optional[str] = typer.Option(None, "--features", help=FEATURES_HELP),
-    metrics: Optional[str] = typer.Option(None, "--metrics", help=METRICS_HELP),
-    n: int = typer.Option(10000, "--n", "-n", help="Generated images (and at most this many real ones)."),
-    batch_size: int = typer.Option(256, "--batch-size", "-b", help="Images per forward pass."),
-    seed: int = typer.Option(0, "--seed", min=0, max=2**32 - 1, help="Seed for latents and the real subset."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
-    precision: str = typer.Option("auto", "--precision", help="auto, bf16, fp16 or fp32 (auto: the generator in bf16 on a GPU that has it, the extractor in fp32)."),
-    inception_weights: Optional[str] = typer.Option(None, "--inception-weights", help=WEIGHTS_HELP),
+    features: Optional[str] = typer.Option(None, "--features", metavar="RUN|FILE", help=FEATURES_HELP),
+    metrics: Optional[str] = typer.Option(None, "--metrics", metavar="LIST", help=METRICS_HELP),
+    n: int = typer.Option(10000, "--n", "-n", metavar="N", help="Generated images (and at most this many real ones)."),
+    batch_size: int = typer.Option(256, "--batch-size", "-b", metavar="N", help="Images per forward pass."),
+    seed: int = typer.Option(0, "--seed", metavar="SEED", callback=seed_in_range, help="Seed for latents and the real subset."),
+    device: str = typer.Option("auto", "--device", metavar="DEVICE", help="auto, cpu, cuda, cuda:N or mps."),
+    precision: str = typer.Option("auto", "--precision", metavar="PRECISION", help="auto, bf16, fp16 or fp32 (auto: the generator in bf16 on a GPU that has it, the extractor in fp32)."),
+    inception_weights: Optional[str] = typer.Option(None, "--inception-weights", metavar="FILE", help=WEIGHTS_HELP),
     download_weights: bool = typer.Option(False, "--download-weights", metavar="", help="Download the pytorch-fid Inception weights into the cache first (checked against their sha256)."),
-    stats_dir: Optional[str] = typer.Option(None, "--stats-dir", help=STATS_DIR_HELP),
-    ref: Optional[str] = typer.Option(None, "--ref", help="Precomputed reference statistics (.npz from `aigc eval stats`, or pytorch-fid's with only mu and sigma: FID only) instead of real data."),
-    fake: Optional[str] = typer.Option(None, "--fake", help="Score this folder of generated images (from any tool), or a .npz of them (arr_0 uint8 (N, H, W, C), as `aigc sample --npz` and guided-diffusion write it), instead of a checkpoint."),
-    save_fakes: Optional[str] = typer.Option(None, "--save-fakes", help="Also write the generated images as PNGs into this folder, or into one .npz (a name ending in .npz: arr_0 uint8 (N, H, W, C), arr_1 the classes of a conditional model, as `aigc sample --npz`)."),
+    stats_dir: Optional[str] = typer.Option(None, "--stats-dir", metavar="DIR", help=STATS_DIR_HELP),
+    ref: Optional[str] = typer.Option(None, "--ref", metavar="FILE", help="Precomputed reference statistics (.npz from `aigc eval stats`, or pytorch-fid's with only mu and sigma: FID only) instead of real data."),
+    fake: Optional[str] = typer.Option(None, "--fake", metavar="DIR|FILE", help="Score this folder of generated images (from any tool), or a .npz of them (arr_0 uint8 (N, H, W, C), as `aigc sample --npz` and guided-diffusion write it), instead of a checkpoint."),
+    save_fakes: Optional[str] = typer.Option(None, "--save-fakes", metavar="DIR|FILE", help="Also write the generated images as PNGs into this folder, or into one .npz (a name ending in .npz: arr_0 uint8 (N, H, W, C), arr_1 the classes of a conditional model, as `aigc sample --npz`)."),
     no_ema: bool = typer.Option(False, "--no-ema", metavar="", help="Score the raw generator weights, not their EMA."),
     json_out: bool = typer.Option(False, "--json", metavar="", help="Print one JSON object with metrics and protocol."),
     quiet: bool = typer.Option(False, "--quiet", "-q", metavar="", help=QUIET_HELP),
@@ -146,21 +146,21 @@ def evaluate(
 @handles_errors
 @sigterm_interrupts
 def stats(
-    data: str = typer.Option(..., "--data", help="Real data source: a built-in name or a folder (images, IDX, CIFAR-10 binary)."),
-    out: str = typer.Option(..., "--out", "-o", help="The .npz to write (mu, sigma, features, protocol); `aigc eval --ref` reads it."),
-    n: int = typer.Option(10000, "--n", "-n", help="At most this many real images (a seeded subset)."),
-    features: Optional[str] = typer.Option(None, "--features", help=FEATURES_HELP),
-    inception_weights: Optional[str] = typer.Option(None, "--inception-weights", help=WEIGHTS_HELP),
+    data: str = typer.Option(..., "--data", metavar="SOURCE", help="Real data source: a built-in name or a folder (images, IDX, CIFAR-10 binary)."),
+    out: str = typer.Option(..., "--out", "-o", metavar="FILE", help="The .npz to write (mu, sigma, features, protocol); `aigc eval --ref` reads it."),
+    n: int = typer.Option(10000, "--n", "-n", metavar="N", help="At most this many real images (a seeded subset)."),
+    features: Optional[str] = typer.Option(None, "--features", metavar="RUN|FILE", help=FEATURES_HELP),
+    inception_weights: Optional[str] = typer.Option(None, "--inception-weights", metavar="FILE", help=WEIGHTS_HELP),
     download_weights: bool = typer.Option(False, "--download-weights", metavar="", help="Download the pytorch-fid Inception weights into the cache first."),
-    resolution: Optional[int] = typer.Option(None, "--resolution", min=4, max=4096, help="Conform the images to this square size first, as a model of that resolution sees them (default: their own size)."),
-    channels: Optional[int] = typer.Option(None, "--channels", help="Conform the images to 1 (grey) or 3 (RGB) channels first (default: their own)."),
-    split: str = typer.Option("train", "--split", help="train or test."),
-    data_root: Optional[str] = typer.Option(None, "--data-root", help="Folder holding torchvision datasets."),
+    resolution: Optional[int] = typer.Option(None, "--resolution", metavar="PIXELS", min=4, max=4096, help="Conform the images to this square size first, as a model of that resolution sees them (default: their own size)."),
+    channels: Optional[int] = typer.Option(None, "--channels", metavar="1|3", help="Conform the images to 1 (grey) or 3 (RGB) channels first (default: their own)."),
+    split: str = typer.Option("train", "--split", metavar="train|test", help="train or test."),
+    data_root: Optional[str] = typer.Option(None, "--data-root", metavar="DIR", help="Folder holding torchvision datasets."),
     download: bool = typer.Option(False, "--download", metavar="", help="Allow downloading a missing torchvision dataset."),
-    batch_size: int = typer.Option(256, "--batch-size", "-b", help="Images per forward pass."),
-    seed: int = typer.Option(0, "--seed", min=0, max=2**32 - 1, help="Seed for the real subset."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
-    precision: str = typer.Option("auto", "--precision", help="auto (fp32), bf16, fp16 or fp32 for the extractor."),
+    batch_size: int = typer.Option(256, "--batch-size", "-b", metavar="N", help="Images per forward pass."),
+    seed: int = typer.Option(0, "--seed", metavar="SEED", callback=seed_in_range, help="Seed for the real subset."),
+    device: str = typer.Option("auto", "--device", metavar="DEVICE", help="auto, cpu, cuda, cuda:N or mps."),
+    precision: str = typer.Option("auto", "--precision", metavar="PRECISION", help="auto (fp32), bf16, fp16 or fp32 for the extractor."),
     json_out: bool = typer.Option(False, "--json", metavar="", help="Print one JSON object: the file written and its protocol."),
     quiet: bool = typer.Option(False, "--quiet", "-q", metavar="", help=QUIET_HELP),
 ) -> None:

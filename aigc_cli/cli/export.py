@@ -13,8 +13,8 @@ from .output import QUIET_HELP, emit_json, handles_errors, human_console, sigter
 @sigterm_interrupts
 def export(
     checkpoint: str = typer.Argument(..., metavar="CHECKPOINT", help="Checkpoint file, run folder, or an export (to change its dtype)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Output path: .safetensors (for aigc sample/info/eval) or .onnx (an ONNX model for onnxruntime and others; needs pip install 'aigc\\[onnx]')."),
-    dtype: str = typer.Option("fp32", "--dtype", help="Weight dtype: fp32, fp16 or bf16 (ONNX: fp32)."),
+    out: Path = typer.Option(..., "--out", "-o", metavar="FILE", help="Output path: .safetensors (for aigc sample/info/eval) or .onnx (an ONNX model for onnxruntime and others; needs pip install 'aigc\\[onnx]')."),
+    dtype: str = typer.Option("fp32", "--dtype", metavar="DTYPE", help="Weight dtype: fp32, fp16 or bf16 (ONNX: fp32)."),
     no_ema: bool = typer.Option(False, "--no-ema", metavar="", help="Export the raw generator weights, not their EMA."),
     json_out: bool = typer.Option(False, "--json", metavar="", help="Print one JSON object describing the artifact."),
     quiet: bool = typer.Option(False, "--quiet", "-q", metavar="", help=QUIET_HELP),

@@ -122,6 +122,14 @@ def warn(message: str) -> None:
 QUIET_HELP = "Print nothing but errors (and --json output)."
 
 
+def seed_in_range(value: int | None) -> int | None:
+    """--seed's check. typer's min/max did it too, but printed `[0<=x<=4294967295]` beside the option,
+    a third of the width of every command's help."""
+    if value is not None and not 0 <= value <= 2**32 - 1:
+        raise typer.BadParameter(f"{value} is not from 0 to 4294967295 (2^32 - 1)")
+    return value
+
+
 def warner(quiet: bool):
     """warn, or with --quiet a function that says nothing."""
     return (lambda message: None) if quiet else warn

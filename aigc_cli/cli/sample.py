@@ -10,7 +10,7 @@ from typing import Optional
 
 import typer
 
-from .output import QUIET_HELP, emit_json, handles_errors, human_console, showing_progress, sigterm_interrupts, warner
+from .output import QUIET_HELP, emit_json, handles_errors, human_console, seed_in_range, showing_progress, sigterm_interrupts, warner
 
 
 CLASS_NUMBER = re.compile(r"-?[0-9]{1,18}")  # ASCII digits, as checkpoint metadata: "²" or "٣" is no number
@@ -63,19 +63,19 @@ def parse_classes(text: str | None, names: list[str], warn=lambda message: None)
 @sigterm_interrupts
 def sample(
     checkpoint: str = typer.Argument(..., metavar="CHECKPOINT", help="Checkpoint file, run folder (its newest checkpoint) or exported .safetensors."),
-    n: int = typer.Option(64, "--n", "-n", help="Number of images (at most 10^9; a grid holds far fewer, --individual any)."),
-    seed: int = typer.Option(0, "--seed", min=0, max=2**32 - 1, help="Latent seed: the same seed gives the same images."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Grid PNG path (default: samples.png, unless --individual is given)."),
-    nrow: Optional[int] = typer.Option(None, "--nrow", help="Images per grid row (default: one class per row, else sqrt(n) rounded up)."),
-    individual: Optional[Path] = typer.Option(None, "--individual", help="Write one PNG per image into this folder (with --out, the grid too)."),
-    npz: Optional[Path] = typer.Option(None, "--npz", help="Write every image into one .npz file instead (with --out, the grid too): arr_0 uint8 (N, H, W, C), arr_1 the class labels of a conditional model, as guided-diffusion's and StyleGAN's evaluation scripts read them; `aigc eval --fake` reads it too."),
-    classes: Optional[str] = typer.Option(None, "--class", help="Conditional models: a class number or name, or a comma list (e.g. 3, dogs or 0,2,5); one class per grid row (default: all classes; `aigc info` lists them)."),
-    truncation: Optional[float] = typer.Option(None, "--truncation", help="Truncation trick: each latent value drawn from a normal cut to [-T, T]; a smaller T (0.5 to 1, say) gives more typical, less varied images (default: no truncation; with --interpolate, of the walks' ends)."),
-    interpolate: Optional[int] = typer.Option(None, "--interpolate", help="Latent walks: each grid row goes in this many steps from one latent to another (spherical interpolation); --n is rounded to whole rows."),
+    n: int = typer.Option(64, "--n", "-n", metavar="N", help="Number of images (at most 10^9; a grid holds far fewer, --individual any)."),
+    seed: int = typer.Option(0, "--seed", metavar="SEED", callback=seed_in_range, help="Latent seed: the same seed gives the same images."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", metavar="FILE", help="Grid PNG path (default: samples.png, unless --individual is given)."),
+    nrow: Optional[int] = typer.Option(None, "--nrow", metavar="N", help="Images per grid row (default: one class per row, else sqrt(n) rounded up)."),
+    individual: Optional[Path] = typer.Option(None, "--individual", metavar="DIR", help="Write one PNG per image into this folder (with --out, the grid too)."),
+    npz: Optional[Path] = typer.Option(None, "--npz", metavar="FILE", help="Write every image into one .npz file instead (with --out, the grid too): arr_0 uint8 (N, H, W, C), arr_1 the class labels of a conditional model, as guided-diffusion's and StyleGAN's evaluation scripts read them; `aigc eval --fake` reads it too."),
+    classes: Optional[str] = typer.Option(None, "--class", metavar="CLASSES", help="Conditional models: a class number or name, or a comma list (e.g. 3, dogs or 0,2,5); one class per grid row (default: all classes; `aigc info` lists them)."),
+    truncation: Optional[float] = typer.Option(None, "--truncation", metavar="T", help="Truncation trick: each latent value drawn from a normal cut to [-T, T]; a smaller T (0.5 to 1, say) gives more typical, less varied images (default: no truncation; with --interpolate, of the walks' ends)."),
+    interpolate: Optional[int] = typer.Option(None, "--interpolate", metavar="STEPS", help="Latent walks: each grid row goes in this many steps from one latent to another (spherical interpolation); --n is rounded to whole rows."),
     no_ema: bool = typer.Option(False, "--no-ema", metavar="", help="Use the raw generator weights, not their EMA."),
-    batch_size: int = typer.Option(512, "--batch-size", "-b", help="Images generated per forward pass."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
-    precision: str = typer.Option("auto", "--precision", help="auto, bf16, fp16 or fp32."),
+    batch_size: int = typer.Option(512, "--batch-size", "-b", metavar="N", help="Images generated per forward pass."),
+    device: str = typer.Option("auto", "--device", metavar="DEVICE", help="auto, cpu, cuda, cuda:N or mps."),
+    precision: str = typer.Option("auto", "--precision", metavar="PRECISION", help="auto, bf16, fp16 or fp32."),
     json_out: bool = typer.Option(False, "--json", metavar="", help="Print one JSON object with the written paths."),
     quiet: bool = typer.Option(False, "--quiet", "-q", metavar="", help=QUIET_HELP),
 ) -> None:

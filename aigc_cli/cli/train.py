@@ -10,7 +10,7 @@ from typing import List, Optional
 
 import typer
 
-from .output import QUIET_HELP, emit_json, handles_errors, human_console, sigterm_raises, warner
+from .output import QUIET_HELP, emit_json, handles_errors, human_console, seed_in_range, sigterm_raises, warner
 
 
 def next_run_dir(name: str, base: Path = Path("runs")) -> tuple[Path, list[Path]]:
@@ -69,19 +69,19 @@ def _run_target(ckpt, out: Path | None, assignments: dict) -> dict:
 
 @handles_errors
 def train(
-    preset: Optional[str] = typer.Option(None, "--preset", "-p", help="Preset name (see `aigc presets list`) or a path to a TOML file; optional with --resume."),
-    data: Optional[str] = typer.Option(None, "--data", help="Data source: shapes, mnist, fashion-mnist, cifar10, or an image/IDX folder."),
-    data_root: Optional[str] = typer.Option(None, "--data-root", help="Folder holding torchvision datasets."),
+    preset: Optional[str] = typer.Option(None, "--preset", "-p", metavar="NAME|FILE", help="Preset name (see `aigc presets list`) or a path to a TOML file; optional with --resume."),
+    data: Optional[str] = typer.Option(None, "--data", metavar="SOURCE", help="Data source: shapes, mnist, fashion-mnist, cifar10, or an image/IDX folder."),
+    data_root: Optional[str] = typer.Option(None, "--data-root", metavar="DIR", help="Folder holding torchvision datasets."),
     download: bool = typer.Option(False, "--download", metavar="", help="Allow downloading a missing torchvision dataset."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default: runs/<preset>-NNN)."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Training steps (overrides the preset)."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="Passes over the data (instead of --steps)."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Images per step."),
-    precision: Optional[str] = typer.Option(None, "--precision", help="auto, bf16, fp16 or fp32 (auto: bf16 on a capable GPU, fp32 on CPU)."),
-    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps."),
-    seed: Optional[int] = typer.Option(None, "--seed", min=0, max=2**32 - 1, help="Random seed for weights, data order and latents."),
-    overrides: Optional[List[str]] = typer.Option(None, "--set", help="Override any config key, e.g. --set train.lr_g=1e-4 (repeatable)."),
-    resume: Optional[str] = typer.Option(None, "--resume", help="auto: continue the run in --out from its newest valid checkpoint (or start fresh); or a checkpoint file / run folder."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", metavar="DIR", help="Run folder (default: runs/<preset>-NNN)."),
+    steps: Optional[int] = typer.Option(None, "--steps", metavar="N", help="Training steps (overrides the preset)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", metavar="N", help="Passes over the data (instead of --steps)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", metavar="N", help="Images per step."),
+    precision: Optional[str] = typer.Option(None, "--precision", metavar="PRECISION", help="auto, bf16, fp16 or fp32 (auto: bf16 on a capable GPU, fp32 on CPU)."),
+    device: Optional[str] = typer.Option(None, "--device", metavar="DEVICE", help="auto, cpu, cuda, cuda:N or mps."),
+    seed: Optional[int] = typer.Option(None, "--seed", metavar="SEED", callback=seed_in_range, help="Random seed for weights, data order and latents."),
+    overrides: Optional[List[str]] = typer.Option(None, "--set", metavar="KEY=VALUE", help="Override any config key, e.g. --set train.lr_g=1e-4 (repeatable)."),
+    resume: Optional[str] = typer.Option(None, "--resume", metavar="auto|PATH", help="auto: continue the run in --out from its newest valid checkpoint (or start fresh); or a checkpoint file / run folder."),
     exit_on_usr1: bool = typer.Option(False, "--exit-on-usr1", metavar="", help="On SIGUSR1 save and exit with code 75 (default: save and go on)."),
     strict: bool = typer.Option(False, "--strict", metavar="", help="Any unreadable image file is an error (default: skip it with a warning)."),
     json_out: bool = typer.Option(False, "--json", metavar="", help="Print one JSON summary on stdout; progress goes to stderr."),
