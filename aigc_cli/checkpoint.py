@@ -13,8 +13,8 @@ import errno
 import json
 import os
 import re
-import time
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import torch
@@ -122,10 +122,16 @@ def load_net(tensors: dict[str, torch.Tensor], name: str, net: torch.nn.Module, 
 
 # ---- writing -----------------------------------------------------------------------------
 
+def created_now() -> str:
+    """Local time with its UTC offset as RFC 3339 writes it (`+01:00`), which Python before 3.11 and
+    other tools parse; strftime's `%z` gave `+0100`."""
+    return datetime.now().astimezone().isoformat(timespec="seconds")
+
+
 def base_meta(cfg: Config, kind: str, step: int, images_seen: int, precision: str) -> dict[str, str]:
     return {"aigc.format": str(FORMAT), "aigc.kind": kind, "aigc.model": cfg.model.kind,
             "aigc.config": cfg.to_json(), "aigc.step": str(step), "aigc.images_seen": str(images_seen),
-            "aigc.precision": precision, "aigc.created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "aigc.precision": precision, "aigc.created": created_now(),
             "aigc.torch": torch.__version__}
 
 

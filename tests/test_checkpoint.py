@@ -5,6 +5,8 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
+from datetime import datetime, timedelta, timezone
 
 import pytest
 import torch
@@ -61,6 +63,13 @@ def test_round_trip_restores_weights_and_optimizer(saved):
             assert torch.equal(got["state"][idx][key], value)
     assert torch.equal(loaded.tensors["rng.torch"], rng)
     assert "scale" in json.loads(loaded.meta["aigc.scaler"])
+
+
+def test_created_is_rfc3339_local_time_with_its_offset(saved):
+    created = ck.load(saved[3]).meta["aigc.created"]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d", created), created
+    when = datetime.fromisoformat(created)
+    assert when.utcoffset() is not None and abs(datetime.now(timezone.utc) - when) < timedelta(minutes=5)
 
 
 def test_run_folder_resolves_to_newest(tmp_path, saved):
