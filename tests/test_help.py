@@ -57,6 +57,20 @@ def test_flags_show_no_value_placeholder_and_arguments_are_named():
                 assert param.metavar == param.metavar.upper() != "", (path, param.name)
 
 
+def test_no_option_shows_an_environment_variable_it_does_not_read():
+    # typer sets show_envvar on every option; under click 8.2.0 and 8.2.1 each option error then ended
+    # with "(env var: 'None')". What main() runs is _command's click command.
+    from aigc_cli.cli import _command
+
+    for target in (app, eval_stats_app):
+        stack = [_command(target)]
+        while stack:
+            cmd = stack.pop()
+            stack += getattr(cmd, "commands", {}).values()
+            for param in cmd.params:
+                assert param.envvar is not None or not getattr(param, "show_envvar", False), (cmd.name, param.name)
+
+
 def test_command_summaries_have_no_hard_line_breaks():
     # `aigc --help` lists each command with the first paragraph of its help; rich keeps a line break there,
     # so a summary wrapped in the source came out broken mid-sentence in the list.

@@ -136,13 +136,18 @@ def _run(args: list[str]) -> int:
 
 def _command(target: typer.Typer):
     """The click command typer builds (what calling the app runs), with --help shown as the flag it is:
-    typer 0.29 printed `--help <bool>`, as if it took a value. Our own flags say so with metavar=""."""
+    typer 0.29 printed `--help <bool>`, as if it took a value. Our own flags say so with metavar="".
+    No option reads an environment variable, yet typer asks click to show one: click 8.2.0 and 8.2.1
+    then ended every option error with `(env var: 'None')`."""
     command = typer.main.get_command(target)
 
     def walk(cmd) -> None:
         help_option = cmd.get_help_option(cmd.context_class(cmd))  # made once per command, then cached
         if help_option is not None:
             help_option.metavar = ""
+        for param in cmd.params:
+            if getattr(param, "envvar", None) is None:
+                param.show_envvar = False
         for sub in getattr(cmd, "commands", {}).values():
             walk(sub)
 
