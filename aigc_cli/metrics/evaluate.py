@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import shlex
 from pathlib import Path
 from typing import Callable
 
@@ -199,6 +200,22 @@ def check_reference_extractor(ref: Reference | None, features: str | None) -> No
                          f"{made_by.removeprefix('classifier:')} to score against it")
 
 
+def _say_if_sides_differ(ref: Reference, shape: list[int], fake_is: str, data: str | None, warn) -> None:
+    """Real and generated images resized to the extractor's input from different sizes differ in
+    blur alone, which FID counts (28x28 Fashion-MNIST against the same images at 32x32: 9 against 53)."""
+    theirs = ref.protocol.get("real_shape")
+    if not theirs or list(theirs) == list(shape):
+        return
+    what = "channels" if list(theirs[1:]) == list(shape[1:]) else "sizes"
+    hint = ""
+    if what == "sizes" and shape[1] == shape[2]:
+        hint = (f"; to score as `aigc eval CHECKPOINT` does, make the reference at their size with `aigc eval stats "
+                f"--data {shlex.quote(data) if data else 'SOURCE'} --resolution {shape[1]} --out ref.npz` and pass "
+                "--ref ref.npz")
+    warn(f"the real images are {'x'.join(map(str, theirs))}, {fake_is} {'x'.join(map(str, shape))}: the two "
+         f"sides reach the extractor from different {what}{hint}")
+
+
 def _data_folder(source: str, root: str | None) -> str:
     """Where a data source's files are (a built-in name as found without downloading, e.g. fashion-mnist in
     /usr/share/datasets), so that one data set named two ways is seen as one; the name where not found."""
@@ -289,11 +306,7 @@ def evaluate(ckpt: ckpt_io.Checkpoint, *, data: str, root: str | None, download:
                                        lazy_above_mb=ckpt.config.data.device_max_mb)
         else:
             check_reference_matches(reference, extractor, warn)
-            theirs = reference.protocol.get("real_shape")
-            if theirs and list(theirs) != shape:
-                what = "channels" if theirs[1:] == shape[1:] else "sizes"
-                warn(f"the reference images were {'x'.join(map(str, theirs))}, the generator draws "
-                     f"{'x'.join(map(str, shape))}: the two sides reach the extractor from different {what}")
+            _say_if_sides_differ(reference, shape, "the generator draws", None, warn)
         protocol.update(_reference_protocol(reference))
     if other_data:
         warn(f"the feature classifier was trained on '{extractor.data_source}', the real data is '{data}': "
@@ -364,6 +377,9 @@ def evaluate_folder(fake_dir: str, *, data: str | None, root: str | None, downlo
                                        strict=strict, native_resolution=fakes.shape[3])
         else:
             check_reference_matches(reference, extractor, warn)
+        # the --fake images are read as RGB, and a grey image's three equal channels embed as it does
+        _say_if_sides_differ(reference, [reference.protocol.get("real_shape", [3])[0], *fakes.shape[2:]],
+                             "the --fake images are", data, warn)
         protocol.update(_reference_protocol(reference))
     _say_if_few_for_fid(chosen, len(fakes), reference.n if reference is not None else None, extractor, warn)
     fake = FakeEmbedder(extractor, chosen)
