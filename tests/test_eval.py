@@ -93,6 +93,7 @@ def test_vae_bits_per_dim_follow_from_the_negative_elbo(tmp_path, likelihood):
     m = r["metrics"]
     assert set(m) == {"neg_elbo", "bpd"} and m["neg_elbo"] > 0 and r["protocol"]["n_heldout"] == 40
     assert r["protocol"]["n_fake"] == 0  # the VAE scores generate nothing
+    assert r["protocol"]["heldout_split"] == "test"
     for batch_size in (1, 7, 40):  # the posterior noise per image does not depend on how they are batched
         again = evaluate_mod.evaluate(ck, data="shapes", root=None, download=False, features=None, n=40,
                                       batch_size=batch_size, seed=0, device="cpu", precision="fp32", warn=print,
@@ -235,3 +236,31 @@ def test_a_streamed_real_side_says_which_file_it_replaced_and_strict_refuses(tmp
     assert len(picked) == 12 and any(f"skipping {bad.parent.name}/{bad.name}" in w for w in said), said
     with pytest.raises(UsageError, match="stopped by --strict"):
         evaluate_mod._fetch_reporting(real, list(range(12)), said.append, strict=True)
+
+
+def test_vae_scores_say_when_they_cannot_be_or_are_not_on_held_out_images(runs, tmp_path, monkeypatch, capsys):
+    from aigc_cli.export import export_generator
+    from conftest import write_image_folder
+
+    train(tiny("vae", channels=3).with_overrides({"train.steps": "2"}), tmp_path / "vae", Silent())
+    folder = write_image_folder(tmp_path / "folder", n_per_class=4, size=16)
+    common = ["--features", runs / "clf", "--n", 8, "--stats-dir", tmp_path / "stats"]
+    # an image folder has no held-out split: its own images are used, and the output says so
+    code, out, err = run_cli(monkeypatch, capsys, "eval", tmp_path / "vae", "--data", folder, *common,
+                             "--metrics", "recon_mse", "--json")
+    assert code == 0, err
+    assert json.loads(out)["protocol"]["heldout_split"].startswith("train (an image folder has no held-out split)")
+    code, out, err = run_cli(monkeypatch, capsys, "eval", tmp_path / "vae", "--data", folder, *common,
+                             "--metrics", "recon_mse")
+    assert code == 0 and "8 of its training images for the VAE scores" in out and "held-out" not in out, out
+    # an exported decoder has no encoder: the default metrics leave the VAE scores out, and say why
+    export_generator(ckpt_io.load(tmp_path / "vae"), tmp_path / "dec.safetensors", "fp32")
+    code, out, err = run_cli(monkeypatch, capsys, "eval", tmp_path / "dec.safetensors", "--data", "shapes", *common,
+                             "--json")
+    assert code == 0, err
+    assert set(json.loads(out)["metrics"]).isdisjoint({"recon_mse", "neg_elbo", "bpd"})
+    assert "warning: no recon_mse, neg_elbo, bpd: an exported VAE decoder has no encoder" in err, err
+    code, out, err = run_cli(monkeypatch, capsys, "info", tmp_path / "dec.safetensors")
+    assert code == 0 and "exported the decoder from" in out and "generator" not in out, out
+    code, out, err = run_cli(monkeypatch, capsys, "eval", tmp_path / "vae", "--data", "shapes", "--n", 8, "-b", 0)
+    assert code == 2 and err == "error: --batch-size must be positive, got 0\n", err

@@ -28,8 +28,10 @@ def _check_common(n: int, batch_size: int, precision: str) -> None:
 
     from .sample import MAX_N
 
-    if n < 2 or batch_size < 1:
-        raise UsageError("--n must be at least 2 and --batch-size positive")
+    if n < 2:
+        raise UsageError(f"--n must be at least 2, got {n}")
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be positive, got {batch_size}")
     if n > MAX_N or batch_size > MAX_N:  # torch fails past 2^63 with a traceback
         raise UsageError(f"--n and --batch-size must be at most {MAX_N:,}")
     if precision not in ("auto", "bf16", "fp16", "fp32"):
@@ -135,7 +137,8 @@ def evaluate(
     against = f" vs {p.get('real_data', p.get('reference', ''))}" if "reference" in p else ""
     counts = ([f"{p['n_fake']} generated"] if p.get("n_fake") else []) + (
         [f"{p['n_real']} real ({p['reference']})"] if "n_real" in p else []) + (
-        [f"{p['n_heldout']} held-out"] if "n_heldout" in p else []) + (
+        [f"{p['n_heldout']} held-out" if p.get("heldout_split") == "test" else
+         f"{p['n_heldout']} of its training images for the VAE scores"] if "n_heldout" in p else []) + (
         [f"features {p['extractor']}"] if "extractor" in p else [])
     console.print(f"{title}{against}" + (f": {', '.join(counts)}" if counts else ""))
     for k, v in result["metrics"].items():

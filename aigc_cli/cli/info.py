@@ -37,7 +37,9 @@ def info(
              f"step {result['step']}, {result['images_seen']:,} images seen, trained in {result['precision']}, "
              f"weights {result['dtype']}, created {result['created']} with torch {result['torch']}"]
     if "weights" in result:
-        lines.append(f"exported {'the EMA generator' if result['weights'] == 'G_ema' else 'the raw generator'} "
+        what = ("the decoder" if ck.config.model.kind == "vae" else  # a VAE has no EMA
+                "the EMA generator" if result["weights"] == "G_ema" else "the raw generator")
+        lines.append(f"exported {what} "
                      f"from {result['source'] or 'an unrecorded checkpoint'}")
     if "class_names" in result:
         sampled = ck.config.model.conditional and FAMILIES[ck.config.model.kind].generative

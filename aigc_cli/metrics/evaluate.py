@@ -20,7 +20,7 @@ import torch
 
 from .. import checkpoint as ckpt_io
 from .. import progress
-from ..data import load_images
+from ..data import has_test_split, load_images
 from ..errors import UsageError, one_line
 from ..image_npz import image_npz_writer, is_npz, load_images as load_npz_images
 from ..losses import decoded_image, vae_terms
@@ -280,6 +280,8 @@ def evaluate(ckpt: ckpt_io.Checkpoint, *, data: str, root: str | None, download:
                             real_features=reference is None or reference.features is not None,
                             ref_note=f"--ref {ref} holds only mu and sigma (no features)")
     _say_if_unused(ref, chosen, warn)
+    if metrics is None and m.kind == "vae" and not has_encoder:
+        warn(f"no {', '.join(VAE_METRICS)}: {vae_reason}")
     if extractor is None and any(x in chosen for x in GAN_METRICS):
         check_reference_extractor(reference, features)
         extractor = open_extractor(features, inception_weights, amp.device, precision, download_weights, warn,
@@ -330,7 +332,7 @@ def evaluate(ckpt: ckpt_io.Checkpoint, *, data: str, root: str | None, download:
               "metrics": values, "protocol": protocol}
     if any(x in chosen for x in VAE_METRICS):
         scores = vae_scores(ckpt, data=data, root=root, n=n, batch_size=batch_size, seed=seed, amp=amp, warn=warn)
-        for key in ("n_heldout", "heldout_data", "bpd_formula"):  # protocol facts, not metrics
+        for key in ("n_heldout", "heldout_data", "heldout_split", "bpd_formula"):  # protocol facts, not metrics
             if key in scores:
                 protocol[key] = scores.pop(key)
         result["metrics"].update({k: v for k, v in scores.items() if k in chosen})
@@ -528,7 +530,8 @@ def vae_scores(ckpt, *, data, root, n, batch_size, seed, amp, warn) -> dict:
         bpd, formula = None, ("none: a Bernoulli decoder's likelihood is not a density on 8-bit pixels "
                               "(it treats intensities in [0, 1] as probabilities)")
     return {"recon_mse": total["mse"] / len(images), "neg_elbo": neg_elbo, "bpd": bpd,
-            "n_heldout": len(images), "heldout_data": test.name, "bpd_formula": formula}
+            "n_heldout": len(images), "heldout_data": test.name, "heldout_split": "test" if has_test_split(data) else
+            "train (an image folder has no held-out split)", "bpd_formula": formula}
 
 
 # --------------------------------------------------------------------------------------------------
