@@ -288,6 +288,10 @@ def test_walks_fill_grid_rows_and_take_the_classes_in_turn(monkeypatch, capsys, 
     code, _, err = run_cli(monkeypatch, capsys, "sample", runs["cond"], "--class", "3,1,0", "--n", "8",
                            "--interpolate", "4", "--out", tmp_path / "w2.png")
     assert code == 0 and "2 walks, so the first 2 of the 3 classes only; --n 12 gives one walk per class" in err, err
+    code, _, err = run_cli(monkeypatch, capsys, "sample", runs["cond"], "--class", "3,1,0", "--n", "5",
+                           "--interpolate", "4", "--out", tmp_path / "w3.png")
+    # the --n asked for, not the 4 it was rounded to (said in the line before)
+    assert code == 0 and "--interpolate 4 with --n 5: 1 walk, so the first 1 of the 3 classes" in err, err
     res = tiny("dcgan").model.resolution
     assert Image.open(tmp_path / "w.png").size == (4 * (res + 2) + 2, 3 * (res + 2) + 2)  # a walk a row
 

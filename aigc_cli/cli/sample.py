@@ -136,9 +136,9 @@ def sample(
         if walks * interpolate != n:
             warn(f"--n {n} with --interpolate {interpolate}: {walks} walk{'s' * (walks != 1)} of {interpolate} "
                  f"images, {walks * interpolate} in all")
-        n, per_row = walks * interpolate, interpolate
+        asked, n, per_row = n, walks * interpolate, interpolate
         if drawn is not None and walks < len(drawn):
-            warn(f"--interpolate {interpolate} with --n {n}: {walks} walk{'s' * (walks != 1)}, so the first "
+            warn(f"--interpolate {interpolate} with --n {asked}: {walks} walk{'s' * (walks != 1)}, so the first "
                  f"{walks} of the {len(drawn)} classes only; --n {len(drawn) * interpolate} gives one walk per class")
     elif drawn is not None and len(drawn) * per_row != n:
         warn(f"--n {n} with {len(drawn)} class{'es' * (len(drawn) != 1)}: {per_row} image{'s' if per_row > 1 else ''} "
