@@ -80,8 +80,14 @@ class Checkpoint:
 
     def numbered_classes(self) -> str:
         """'0 cats, 1 dogs, ...': what `aigc sample --class K` draws (names cut at 60 characters: they
-        come from anyone's folder names or metadata)."""
-        return ", ".join(f"{i} {name if len(name) <= 60 else name[:57] + '...'}" for i, name in enumerate(self.class_names))
+        come from anyone's folder names or metadata). A name that could be misread in the list (a comma,
+        spaces at its ends, digits only, a quote) is quoted, as --class's messages quote it."""
+        def shown(name: str) -> str:
+            name = name if len(name) <= 60 else name[:57] + "..."
+            plain = name and name == name.strip() and not name.isdigit() and not set(",'") & set(name)
+            return name if plain else "'" + name.replace("'", "\\'") + "'"
+
+        return ", ".join(f"{i} {shown(name)}" for i, name in enumerate(self.class_names))
 
     def net_state(self, name: str) -> dict[str, torch.Tensor]:
         return net_state(self.tensors, name)

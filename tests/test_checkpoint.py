@@ -72,6 +72,14 @@ def test_created_is_rfc3339_local_time_with_its_offset(saved):
     assert when.utcoffset() is not None and abs(datetime.now(timezone.utc) - when) < timedelta(minutes=5)
 
 
+def test_class_names_that_could_be_misread_in_the_list_are_quoted():
+    from types import SimpleNamespace
+
+    names = ["2", "Dogs", "a,b", " dog", "it's", "T-shirt/top", "x" * 70]
+    listed = ck.Checkpoint.numbered_classes(SimpleNamespace(class_names=names))
+    assert listed == "0 '2', 1 Dogs, 2 'a,b', 3 ' dog', 4 'it\\'s', 5 T-shirt/top, 6 " + "x" * 57 + "..."
+
+
 def test_run_folder_resolves_to_newest(tmp_path, saved):
     path = saved[3]
     run = tmp_path / "run" / "checkpoints"
