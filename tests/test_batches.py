@@ -172,6 +172,41 @@ def test_streamed_folder_equals_device_batches_and_seeks(noise_folder, workers):
     again.close()
 
 
+def test_workers_start_with_the_stops_blocked_and_ignore_them_once_started(noise_folder, tmp_path, monkeypatch):
+    """A group-wide SIGTERM (`timeout`, SLURM) in the ~20 ms between a worker's start and its
+    worker_init_fn killed the worker, and the run with it (exit 1, nothing saved). Workers now start
+    with the stops blocked: a signal then waits, and is discarded once the worker ignores it."""
+    import json
+    import os
+    import signal
+
+    from aigc_cli.training import streaming
+
+    report = tmp_path / "worker.json"
+    real_init = streaming._leave_stops_to_the_parent
+
+    def recording_init(worker_id):  # runs in the worker process
+        at_start = sorted(int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, []))
+        real_init(worker_id)
+        report.write_text(json.dumps({
+            "blocked_at_start": at_start,
+            "blocked_after": sorted(int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, [])),
+            "ignored_after": sorted(int(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
+                              if signal.getsignal(s) == signal.SIG_IGN), "pid": os.getpid()}))
+
+    monkeypatch.setattr(streaming, "_leave_stops_to_the_parent", recording_init)
+    mask_before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    _, stream = device_and_stream(noise_folder, 1)
+    stream.next()
+    stops = sorted(int(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1))
+    seen = json.loads(report.read_text())
+    assert seen["pid"] != os.getpid()
+    assert set(stops) <= set(seen["blocked_at_start"]), seen  # blocked from the worker's first instruction
+    assert not set(stops) & set(seen["blocked_after"]) and seen["ignored_after"] == stops, seen
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == mask_before  # this process lets them in again
+    stream.close()
+
+
 def test_more_workers_than_usable_cpus_is_one_note_not_torchs_warning(noise_folder):
     import warnings
 

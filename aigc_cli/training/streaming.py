@@ -10,6 +10,7 @@ memory. A sampler that starts at any (epoch, image) makes seek(), and so resume,
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import warnings
@@ -25,13 +26,39 @@ from .batches import Augment, gather, permutation, to_float
 from .signals import stop_signals
 
 
+def _left_to_the_parent() -> list[int]:
+    """The signals a worker ignores: the stops, and SIGUSR1 (`srun` with `--signal=USR1@T` sends it to
+    every process of the step; its default action kills)."""
+    return [*stop_signals(), signal.SIGUSR1]
+
+
 def _leave_stops_to_the_parent(_worker_id: int) -> None:
     """A SIGTERM sent to the whole process group (`timeout`, SLURM at a time limit) reached the workers
     too; they died, and torch raised "DataLoader worker ... killed" mid-step in the parent, before its
     own handler could save. The parent stops its workers itself (StreamBatches.close). So with Ctrl-C
-    and a closed terminal (SIGHUP, also sent to the whole foreground group)."""
-    for s in stop_signals():
+    and a closed terminal (SIGHUP, also sent to the whole foreground group). A worker starts with these
+    blocked (_held_while_workers_start): ignoring them discards any that came since, then they are let in."""
+    signals = _left_to_the_parent()  # once: an ignored SIGHUP is left out of stop_signals()
+    for s in signals:
         signal.signal(s, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
+
+
+@contextlib.contextmanager
+def _held_while_workers_start() -> Iterator[None]:
+    """Block the stops in this thread while torch starts the workers, which inherit the mask: a worker
+    ignores them only once worker_init_fn runs, and a group-wide SIGTERM in the ~20 ms before (a tester's
+    `timeout` hit it 2 times in 40) killed it and so the run, exit 1, unsaved. Blocked, they wait: the
+    parent gets its own when the mask is restored, the worker discards its own."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, _left_to_the_parent())
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 def _without_torchs_worker_advice(make):
@@ -124,8 +151,11 @@ class StreamBatches:
             self.epoch, self.image = self.epoch + 1, 0
         if self._it is None:
             self.sampler.start = (self.epoch, self.image)
-            self._it = (_without_torchs_worker_advice(lambda: iter(self._loader)) if self._loader is not None
-                        else self._fetch_all())
+            if self._loader is not None:
+                with _held_while_workers_start():
+                    self._it = _without_torchs_worker_advice(lambda: iter(self._loader))
+            else:
+                self._it = self._fetch_all()
         images, labels, failures = next(self._it)
         self._report(failures)
         if images is None:
