@@ -400,6 +400,65 @@ def test_a_sample_grid_that_cannot_be_written_stops_the_run_after_saving_that_st
     assert ckpt_io.load(out).step == 10
 
 
+def test_a_metrics_line_that_cannot_be_written_stops_the_run_after_saving_that_step(tmp_path, monkeypatch):
+    """A full disk while logging: was `error: No space left on device`, no file named, no checkpoint tried."""
+    import errno
+
+    from aigc_cli.training.run_folder import RunFolder
+
+    out, real = tmp_path / "run", RunFolder.append_metrics
+
+    def full_at_step_4(self, record):
+        if record["step"] == 4:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(self, record)
+
+    monkeypatch.setattr(RunFolder, "append_metrics", full_at_step_4)
+    cfg = run_cfg("dcgan", 10, {"train.log_every": "2", "train.ckpt_every": "100"})
+    with pytest.raises(UsageError) as e:
+        train(cfg, out, Silent())
+    assert str(e.value) == (f"cannot write to {out / 'metrics.jsonl'}: No space left on device; "
+                            f"saved {out / 'checkpoints' / 'step-0000004.safetensors'}; resume with --resume auto")
+    assert ckpt_io.load(out).step == 4
+    monkeypatch.setattr(RunFolder, "append_metrics", real)
+    train(cfg, out, Silent(), resume=find_resume("auto", out, print))
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [2, 6, 8, 10]  # the line that failed is the one missing
+
+
+def test_a_resume_with_nothing_to_trim_leaves_metrics_jsonl_the_same_file(tmp_path):
+    # every resume replaced it, and `tail -f` or a log shipper following it lost the rest of the run
+    out = tmp_path / "run"
+    train(run_cfg("dcgan", 6, {"train.log_every": "2"}), out, Silent())
+    inode = (out / "metrics.jsonl").stat().st_ino
+    train(run_cfg("dcgan", 10, {"train.log_every": "2"}), out, Silent(), resume=find_resume("auto", out, print))
+    assert (out / "metrics.jsonl").stat().st_ino == inode
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [2, 4, 6, 8, 10]
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 12, "loss_d": 1.0}\n{"step": 1')  # a line past the checkpoint, and a torn one
+    train(run_cfg("dcgan", 12, {"train.log_every": "2"}), out, Silent(), resume=find_resume("auto", out, print))
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [2, 4, 6, 8, 10, 12]
+
+
+def test_the_lock_is_taken_on_a_full_disk_where_its_pid_cannot_be_written(tmp_path, monkeypatch):
+    # a resume that prunes checkpoints is the documented way out of a full disk: writing the
+    # holder's pid into the lock file refused it with a bare `No space left on device`
+    import errno
+
+    from aigc_cli.training import run_folder
+
+    def full(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    tmp_path.joinpath("run").mkdir()
+    monkeypatch.setattr(run_folder.os, "write", full)
+    with run_folder.run_lock(tmp_path / "run"):
+        monkeypatch.undo()
+        with pytest.raises(UsageError, match="is training in this run folder"):  # and it still locks
+            with run_folder.run_lock(tmp_path / "run"):
+                pass
+
+
 @pytest.mark.parametrize("schedule", [{"train.lr_decay": "linear"}, {"train.lr_warmup": "20"}])
 def test_switching_the_schedule_off_on_resume_restores_the_full_rate(schedule, tmp_path):
     """The restored optimizer holds the rate where the schedule left it (decayed, or mid warm-up)."""

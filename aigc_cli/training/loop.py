@@ -285,6 +285,15 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup, run_lock
             if "E" in nets:
                 nets["E"].train()
 
+    write_error: tuple[OSError, str] | None = None  # a file the run could not write: save, then stop
+
+    def log_line(record: dict) -> None:
+        nonlocal write_error
+        try:
+            run.append_metrics(record)
+        except OSError as e:  # a full disk, a lost mount: as a grid that cannot be written
+            write_error = write_error or (e, f"to {run.root / 'metrics.jsonl'}")
+
     def evaluate_now() -> dict | None:
         """The evaluator's scores (it puts G in eval mode and back), logged; None when a signal that asks
         to stop arrived meanwhile: a long evaluation must not eat the batch system's grace period."""
@@ -304,7 +313,7 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup, run_lock
             t_log += time.perf_counter() - t_eval  # images/s counts training, not evaluation
         scores = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in scores.items()}
         evaluated_at = step
-        run.append_metrics({"step": step, "images_seen": images_seen, **scores})
+        log_line({"step": step, "images_seen": images_seen, **scores})
         reporter.log({"step": step, "images_seen": images_seen, **scores, "eval": True})
         return scores
 
@@ -454,14 +463,13 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup, run_lock
                 reporter.note(f"train.best_metric={metric} is not a value this run logs ({logged}): "
                               "no best.safetensors will be written")
             last_record = record
-            run.append_metrics(record)
+            log_line(record)
             reporter.log(record)
-        grid_error = None
         if step % cfg.train.sample_every == 0 or step == steps:
             try:
                 write_samples(step)
             except OSError as e:  # a full disk, a lost mount: save this step's state first, then stop
-                grid_error = e
+                write_error = write_error or (e, f"sample grid {e.filename or run.samples}")
         path = None  # the checkpoint written at this step, if any
         # A pending signal skips the evaluation: the save it asks for must fit in the job's grace period.
         if evaluator is not None and (step % cfg.train.eval_every == 0 or step == steps) and stop.signum is None:
@@ -473,7 +481,7 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup, run_lock
                     continue
                 path = save_best(value)
         want_save = (step % cfg.train.ckpt_every == 0 or step == steps or stop.signum is not None
-                     or stop.save_requested or grid_error is not None)
+                     or stop.save_requested or write_error is not None)
         if want_save:
             if path is None:
                 if not state.all_finite(nets, grads=amp.scaler is None):  # never write a broken state over a good one
@@ -481,10 +489,10 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup, run_lock
                     continue
                 path = save()
             final = step == steps  # the run is complete: nothing to resume, so no stop code either
-            if grid_error is not None:
+            if write_error is not None:
                 reporter.finish()
-                raise UsageError(f"cannot write sample grid {grid_error.filename or run.samples}: "
-                                 f"{grid_error.strerror or grid_error}; saved {path}; " +
+                raise UsageError(f"cannot write {write_error[1]}: {write_error[0].strerror or write_error[0]}; "
+                                 f"saved {path}; " +
                                  ("the run is complete (`aigc sample` draws from it)" if final else
                                   "resume with --resume auto"))
             if stop.save_requested:
@@ -514,7 +522,10 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup, run_lock
         else:
             summary[key], summary["accuracy_images"] = value, count
             if step > start_step:  # a resume that trained nothing leaves the run folder as it was
-                run.append_metrics({"step": step, key: value})
+                log_line({"step": step, key: value})
+                if write_error is not None:
+                    raise UsageError(f"cannot write the held-out accuracy {write_error[1]}: "
+                                     f"{write_error[0].strerror or write_error[0]}; the run is complete")
     return summary
 
 

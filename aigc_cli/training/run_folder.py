@@ -92,8 +92,11 @@ def _take(lock: Path, root: Path) -> int:
             break
         os.close(fd)
     if writable:
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
+        try:  # the pid only tells a refused command who holds the lock: a full disk, where a resume that
+            os.ftruncate(fd, 0)  # prunes checkpoints is the way out, must not refuse it
+            os.write(fd, str(os.getpid()).encode())
+        except OSError:
+            pass
     return fd
 
 
@@ -191,11 +194,14 @@ class RunFolder:
     def trim_metrics(self, step: int) -> None:
         """Keep the lines logged up to `step` (on resume or rollback: what the restored state had seen;
         0 for a fresh start)."""
-        if not (self.root / "metrics.jsonl").exists():
+        path = self.root / "metrics.jsonl"
+        if not path.exists():
             return
-        kept = [line for logged, line in self._metrics_lines() if logged <= step]
-        with atomic_write(self.root / "metrics.jsonl") as tmp:
-            tmp.write_text("".join(s + "\n" for s in kept), encoding="utf-8")
+        kept = "".join(line + "\n" for logged, line in self._metrics_lines() if logged <= step)
+        if path.read_bytes() == kept.encode("utf-8"):
+            return  # nothing to trim: the file stays the one `tail -f` and log shippers follow
+        with atomic_write(path) as tmp:
+            tmp.write_text(kept, encoding="utf-8")
 
     def set_aside_after(self, step: int, source=None) -> tuple[Path | None, bool]:
         """A resume from an earlier checkpoint of this run (`source`, at `step`) starts a new branch;
