@@ -79,15 +79,8 @@ class Checkpoint:
         return path
 
     def numbered_classes(self) -> str:
-        """'0 cats, 1 dogs, ...': what `aigc sample --class K` draws (names cut at 60 characters: they
-        come from anyone's folder names or metadata). A name that could be misread in the list (a comma,
-        spaces at its ends, digits only, a quote) is quoted, as --class's messages quote it."""
-        def shown(name: str) -> str:
-            name = name if len(name) <= 60 else name[:57] + "..."
-            plain = name and name == name.strip() and not name.isdigit() and not set(",'") & set(name)
-            return name if plain else "'" + name.replace("'", "\\'") + "'"
-
-        return ", ".join(f"{i} {shown(name)}" for i, name in enumerate(self.class_names))
+        """'0 cats, 1 dogs, ...': what `aigc sample --class K` draws."""
+        return ", ".join(f"{i} {class_shown(name)}" for i, name in enumerate(self.class_names))
 
     def net_state(self, name: str) -> dict[str, torch.Tensor]:
         return net_state(self.tensors, name)
@@ -124,6 +117,18 @@ def load_net(tensors: dict[str, torch.Tensor], name: str, net: torch.nn.Module, 
     except RuntimeError as e:
         first = str(e).strip().splitlines()
         raise UsageError(f"{origin}: weights do not fit the model in its config ({first[-1].strip()})") from None
+
+
+CLASS_NUMBER = re.compile(r"-?[0-9]{1,18}")  # ASCII digits, as checkpoint metadata: "²" or "٣" is no number
+
+
+def class_shown(name: str) -> str:
+    """A class name as lists and messages show it: quoted where it could be misread (a comma, spaces at
+    its ends, a quote, or a number, which --class would read as one); cut at 60 characters, as names
+    come from anyone's folder names or metadata."""
+    plain = name and name == name.strip() and not set(",'\"") & set(name) and not CLASS_NUMBER.fullmatch(name)
+    text = name if plain else repr(name)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 # ---- writing -----------------------------------------------------------------------------

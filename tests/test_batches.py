@@ -20,6 +20,7 @@ from aigc_cli.errors import UsageError
 from aigc_cli.sampling import from_uint8
 from aigc_cli.training.batches import DeviceBatches, _reflect, make_batches, permutation, to_float
 from aigc_cli.training.streaming import StreamBatches
+from aigc_cli.training.streaming import _leave_stops_to_the_parent as real_worker_init  # before a test patches it
 
 CPU = torch.device("cpu")
 RES = 8
@@ -172,39 +173,55 @@ def test_streamed_folder_equals_device_batches_and_seeks(noise_folder, workers):
     again.close()
 
 
-def test_workers_start_with_the_stops_blocked_and_ignore_them_once_started(noise_folder, tmp_path, monkeypatch):
+def recording_worker_init(worker_id):
+    """Runs in a DataLoader worker (module level: spawn and forkserver pickle it): the signal mask the
+    worker started with, and its state once aigc's worker_init_fn has run, into $WORKER_REPORT."""
+    import json
+    import os
+    import signal
+
+    def mask():
+        return sorted(int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, []))
+
+    at_start = mask()
+    real_worker_init(worker_id)
+    stops = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
+    with open(os.environ["WORKER_REPORT"], "w") as f:
+        json.dump({"blocked_at_start": at_start, "blocked_after": mask(), "pid": os.getpid(),
+                   "ignored_after": sorted(int(s) for s in stops if signal.getsignal(s) == signal.SIG_IGN)}, f)
+
+
+@pytest.mark.parametrize("start_method", ["fork", "forkserver"])
+def test_workers_start_with_the_stops_blocked_and_ignore_them_once_started(noise_folder, tmp_path, monkeypatch,
+                                                                            start_method):
     """A group-wide SIGTERM (`timeout`, SLURM) in the ~20 ms between a worker's start and its
     worker_init_fn killed the worker, and the run with it (exit 1, nothing saved). Workers now start
-    with the stops blocked: a signal then waits, and is discarded once the worker ignores it."""
+    with the stops blocked: a signal then waits, and is discarded once the worker ignores it. Under
+    forkserver (Python 3.14's default on Linux) starting the resource tracker unblocked two of them."""
     import json
+    import multiprocessing
     import os
     import signal
 
     from aigc_cli.training import streaming
 
-    report = tmp_path / "worker.json"
-    real_init = streaming._leave_stops_to_the_parent
-
-    def recording_init(worker_id):  # runs in the worker process
-        at_start = sorted(int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, []))
-        real_init(worker_id)
-        report.write_text(json.dumps({
-            "blocked_at_start": at_start,
-            "blocked_after": sorted(int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, [])),
-            "ignored_after": sorted(int(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
-                              if signal.getsignal(s) == signal.SIG_IGN), "pid": os.getpid()}))
-
-    monkeypatch.setattr(streaming, "_leave_stops_to_the_parent", recording_init)
-    mask_before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
-    _, stream = device_and_stream(noise_folder, 1)
-    stream.next()
+    monkeypatch.setenv("WORKER_REPORT", str(tmp_path / "worker.json"))
+    monkeypatch.setattr(streaming, "_leave_stops_to_the_parent", recording_worker_init)
+    method = multiprocessing.get_start_method(allow_none=True)
+    multiprocessing.set_start_method(start_method, force=True)
+    try:
+        mask_before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+        _, stream = device_and_stream(noise_folder, 1)
+        stream.next()
+        assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == mask_before  # this process lets them in again
+        stream.close()
+    finally:
+        multiprocessing.set_start_method(method, force=True)
     stops = sorted(int(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1))
-    seen = json.loads(report.read_text())
+    seen = json.loads((tmp_path / "worker.json").read_text())
     assert seen["pid"] != os.getpid()
     assert set(stops) <= set(seen["blocked_at_start"]), seen  # blocked from the worker's first instruction
     assert not set(stops) & set(seen["blocked_after"]) and seen["ignored_after"] == stops, seen
-    assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == mask_before  # this process lets them in again
-    stream.close()
 
 
 def test_more_workers_than_usable_cpus_is_one_note_not_torchs_warning(noise_folder):

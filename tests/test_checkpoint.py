@@ -75,9 +75,14 @@ def test_created_is_rfc3339_local_time_with_its_offset(saved):
 def test_class_names_that_could_be_misread_in_the_list_are_quoted():
     from types import SimpleNamespace
 
-    names = ["2", "Dogs", "a,b", " dog", "it's", "T-shirt/top", "x" * 70]
+    from aigc_cli.cli.sample import parse_classes
+
+    names = ["2", "Dogs", "a,b", " dog", "it's", "T-shirt/top", "x" * 70, "-3"]
     listed = ck.Checkpoint.numbered_classes(SimpleNamespace(class_names=names))
-    assert listed == "0 '2', 1 Dogs, 2 'a,b', 3 ' dog', 4 'it\\'s', 5 T-shirt/top, 6 " + "x" * 57 + "..."
+    assert listed == "0 '2', 1 Dogs, 2 'a,b', 3 ' dog', 4 \"it's\", 5 T-shirt/top, 6 " + "x" * 57 + "..., 7 '-3'"
+    with pytest.raises(UsageError) as e:  # --class's messages show them the same way
+        parse_classes("cats", names)
+    assert "this model's classes are '2', Dogs, 'a,b', ' dog', \"it's\", T-shirt/top, xxx" in str(e.value)
 
 
 def test_run_folder_resolves_to_newest(tmp_path, saved):

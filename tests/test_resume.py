@@ -424,6 +424,15 @@ def test_a_metrics_line_that_cannot_be_written_stops_the_run_after_saving_that_s
     train(cfg, out, Silent(), resume=find_resume("auto", out, print))
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [2, 6, 8, 10]  # the line that failed is the one missing
+    # A SIGTERM at the same step keeps its own exit code (a requeue script reads it); the failure is a note.
+    monkeypatch.setattr(RunFolder, "append_metrics", full_at_step_4)
+    rep = SignalsAt(4, signal.SIGTERM)
+    with pytest.raises(Interrupted) as stopped:
+        train(cfg, tmp_path / "run2", rep)
+    assert stopped.value.exit_code == 143 and ckpt_io.load(tmp_path / "run2").step == 4
+    assert rep.notes[-1] == f"cannot write to {tmp_path / 'run2' / 'metrics.jsonl'}: No space left on device"
+    with pytest.raises(UsageError, match="No space left on device; saved .*; the run is complete"):
+        train(run_cfg("dcgan", 4, {"train.log_every": "2"}), tmp_path / "run3", SignalsAt(4, signal.SIGTERM))
 
 
 def test_a_resume_with_nothing_to_trim_leaves_metrics_jsonl_the_same_file(tmp_path):

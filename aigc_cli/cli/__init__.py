@@ -142,7 +142,8 @@ def _command(target: typer.Typer):
     command = typer.main.get_command(target)
 
     def walk(cmd) -> None:
-        help_option = cmd.get_help_option(cmd.context_class(cmd))  # made once per command, then cached
+        # made once per command and cached (click 8.2+; before, each call made a new one: no <bool> there)
+        help_option = cmd.get_help_option(cmd.context_class(cmd, **(cmd.context_settings or {})))
         if help_option is not None:
             help_option.metavar = ""
         for param in cmd.params:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import re
 from pathlib import Path
 from typing import Optional
 
@@ -13,14 +12,7 @@ import typer
 from .output import QUIET_HELP, emit_json, handles_errors, human_console, seed_in_range, showing_progress, sigterm_interrupts, warner
 
 
-CLASS_NUMBER = re.compile(r"-?[0-9]{1,18}")  # ASCII digits, as checkpoint metadata: "²" or "٣" is no number
 MAX_N = 10**9
-
-
-def _shown(name: str) -> str:
-    """A class name as messages list it: quoted when spaces or commas would blur it; long ones cut."""
-    text = name if name and name == name.strip() and "," not in name and "'" not in name else repr(name)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def parse_classes(text: str | None, names: list[str], warn=lambda message: None) -> list[int] | None:
@@ -28,6 +20,7 @@ def parse_classes(text: str | None, names: list[str], warn=lambda message: None)
     folders, shapes' kinds), mixed in one comma list. A number is a number even where a class folder
     has that name (folders 1..10 number 0..9); the warning says so. A name with a comma or spaces at
     its ends is matched exactly, as the whole value or as one item."""
+    from ..checkpoint import CLASS_NUMBER, class_shown
     from ..errors import UsageError
 
     if text is None:
@@ -50,11 +43,11 @@ def parse_classes(text: str | None, names: list[str], warn=lambda message: None)
         else:
             folded = [i for i, name in enumerate(names) if name.strip().casefold() == t.casefold()]
             if len(folded) > 1:
-                raise UsageError(f"--class {_shown(t)}: matches the classes " + " and ".join(_shown(names[i]) for i in folded)
+                raise UsageError(f"--class {class_shown(t)}: matches the classes " + " and ".join(class_shown(names[i]) for i in folded)
                                  + " but for case; give one exactly, or its number")
             if not folded:
-                known = f"this model's classes are {', '.join(map(_shown, names))}" if names else "this model has no class names"
-                raise UsageError(f"--class {_shown(t)}: not a class number or name ({known})")
+                known = f"this model's classes are {', '.join(map(class_shown, names))}" if names else "this model has no class names"
+                raise UsageError(f"--class {class_shown(t)}: not a class number or name ({known})")
             out.append(folded[0])
     return out
 

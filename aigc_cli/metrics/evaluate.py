@@ -308,7 +308,7 @@ def evaluate(ckpt: ckpt_io.Checkpoint, *, data: str, root: str | None, download:
                                        lazy_above_mb=ckpt.config.data.device_max_mb)
         else:
             check_reference_matches(reference, extractor, warn)
-            _say_if_sides_differ(reference, shape, "the generator draws", None, warn)
+            _say_if_sides_differ(reference, shape, "the generator draws", data, warn)
         protocol.update(_reference_protocol(reference))
     if other_data:
         warn(f"the feature classifier was trained on '{extractor.data_source}', the real data is '{data}': "
@@ -530,8 +530,8 @@ def vae_scores(ckpt, *, data, root, n, batch_size, seed, amp, warn) -> dict:
         bpd, formula = None, ("none: a Bernoulli decoder's likelihood is not a density on 8-bit pixels "
                               "(it treats intensities in [0, 1] as probabilities)")
     return {"recon_mse": total["mse"] / len(images), "neg_elbo": neg_elbo, "bpd": bpd,
-            "n_heldout": len(images), "heldout_data": test.name, "heldout_split": "test" if has_test_split(data) else
-            "train (an image folder has no held-out split)", "bpd_formula": formula}
+            "n_heldout": len(images), "heldout_data": test.name, "heldout_split": "test" if has_test_split(data) else "train",  # an image folder has none
+            "bpd_formula": formula}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -289,6 +289,8 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup, run_lock
 
     def log_line(record: dict) -> None:
         nonlocal write_error
+        if write_error is not None:  # after a failed write: the run stops at this step's save
+            return
         try:
             run.append_metrics(record)
         except OSError as e:  # a full disk, a lost mount: as a grid that cannot be written
@@ -490,11 +492,14 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup, run_lock
                 path = save()
             final = step == steps  # the run is complete: nothing to resume, so no stop code either
             if write_error is not None:
-                reporter.finish()
-                raise UsageError(f"cannot write {write_error[1]}: {write_error[0].strerror or write_error[0]}; "
-                                 f"saved {path}; " +
-                                 ("the run is complete (`aigc sample` draws from it)" if final else
-                                  "resume with --resume auto"))
+                failed = f"cannot write {write_error[1]}: {write_error[0].strerror or write_error[0]}"
+                if stop.signum is not None and not final:  # the stop's own exit code tells a requeue what to do
+                    reporter.note(failed)
+                else:
+                    reporter.finish()
+                    raise UsageError(f"{failed}; saved {path}; " +
+                                     ("the run is complete (`aigc sample` draws from it)" if final else
+                                      "resume with --resume auto"))
             if stop.save_requested:
                 stop.save_requested = False
                 if exit_on_usr1 and not final:

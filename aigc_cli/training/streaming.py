@@ -11,6 +11,7 @@ memory. A sampler that starts at any (epoch, image) makes seek(), and so resume,
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
 import os
 import signal
 import warnings
@@ -54,6 +55,11 @@ def _held_while_workers_start() -> Iterator[None]:
     if not hasattr(signal, "pthread_sigmask"):
         yield
         return
+    if multiprocessing.get_start_method() != "fork":  # spawn (macOS), forkserver (Linux from Python 3.14)
+        # Starting Python's resource tracker unblocks SIGINT and SIGTERM in this thread: start it first.
+        from multiprocessing import resource_tracker
+
+        resource_tracker.ensure_running()
     before = signal.pthread_sigmask(signal.SIG_BLOCK, _left_to_the_parent())
     try:
         yield
