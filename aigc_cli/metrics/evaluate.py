@@ -530,8 +530,8 @@ def vae_scores(ckpt, *, data, root, n, batch_size, seed, amp, warn) -> dict:
         bpd, formula = None, ("none: a Bernoulli decoder's likelihood is not a density on 8-bit pixels "
                               "(it treats intensities in [0, 1] as probabilities)")
     return {"recon_mse": total["mse"] / len(images), "neg_elbo": neg_elbo, "bpd": bpd,
-            "n_heldout": len(images), "heldout_data": test.name, "heldout_split": "test" if has_test_split(data) else "train",  # an image folder has none
-            "bpd_formula": formula}
+            "n_heldout": len(images), "heldout_data": test.name, "bpd_formula": formula,
+            "heldout_split": "test" if has_test_split(data) else "train"}  # an image folder has no test split
 
 
 # --------------------------------------------------------------------------------------------------

@@ -177,12 +177,15 @@ class RunFolder:
         with open(self.root / "metrics.jsonl", "a", encoding="utf-8") as f:
             f.write(json_line(record) + "\n")
 
-    def _metrics_lines(self) -> list[tuple[int, str]]:
-        """(step, line) of each aigc record in metrics.jsonl; torn lines from a crash and lines that
-        are not records are left out (bytes that are not UTF-8 too: a crash can cut a character)."""
+    def _metrics_lines(self, raw: bytes | None = None) -> list[tuple[int, str]]:
+        """(step, line) of each aigc record in metrics.jsonl (or in `raw`, its bytes already read); torn
+        lines from a crash and lines that are not records are left out (bytes that are not UTF-8 too: a
+        crash can cut a character)."""
         path = self.root / "metrics.jsonl"
+        if raw is None:
+            raw = path.read_bytes() if path.exists() else b""
         out = []
-        for line in (path.read_text(encoding="utf-8", errors="replace").splitlines() if path.exists() else []):
+        for line in raw.decode("utf-8", errors="replace").splitlines():
             try:
                 record_step = json.loads(line).get("step")
             except (json.JSONDecodeError, AttributeError):
@@ -197,8 +200,9 @@ class RunFolder:
         path = self.root / "metrics.jsonl"
         if not path.exists():
             return
-        kept = "".join(line + "\n" for logged, line in self._metrics_lines() if logged <= step)
-        if path.read_bytes() == kept.encode("utf-8"):
+        raw = path.read_bytes()
+        kept = "".join(line + "\n" for logged, line in self._metrics_lines(raw) if logged <= step)
+        if raw == kept.encode("utf-8"):
             return  # nothing to trim: the file stays the one `tail -f` and log shippers follow
         with atomic_write(path) as tmp:
             tmp.write_text(kept, encoding="utf-8")
