@@ -143,19 +143,16 @@ def main() -> None:
     DEVICE, STEPS_SCALE = args.device, args.steps_scale
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    want = lambda p: args.parts == "all" or p in args.parts.split(",")  # noqa: E731
     record(out, "device", {"name": torch.cuda.get_device_name() if DEVICE == "cuda" else DEVICE, "torch": torch.__version__})
 
-    if want("equivalence"):
-        part(out, "graph_equivalence", graph_equivalence, args.data)
-    if want("train"):
-        for batch in (64, 128, 256, 1024):
-            steps = {64: 600, 128: 500, 256: 300, 1024: 120}[batch]
-            for graph in ("auto", "off"):
-                part(out, f"aigc_train_b{batch}_graph_{graph}", aigc_train_speed, args.data, batch, graph, steps)
-    for name, extra in EXTRA_PARTS:
-        if want(name):
-            part(out, name, extra, args, out)
+    # In the order asked: a lease may end mid-call, so the parts that matter most go first.
+    names = list(PARTS) if args.parts == "all" else args.parts.split(",")
+    unknown = [n for n in names if n not in PARTS]
+    if unknown:
+        sys.exit(f"unknown parts: {', '.join(unknown)} (known: {', '.join(PARTS)})")
+    for name in names:
+        PARTS[name](args, out)
+
     def brief(v):  # images/s where a part measured them (one run or several), else whether it failed
         if not isinstance(v, dict):
             return v
@@ -312,10 +309,35 @@ def sample_speed(args, out) -> dict:
                     "--batch-size", "4096", "--repeats", "2"], timeout=240)
 
 
-# (name, fn(args, out)); --parts picks by name
-EXTRA_PARTS: list = [("fusion", fusion_speed), ("profile", kernel_profile),
-                     ("rollback", rollback_under_graph), ("resume", resume_under_graph), ("eval", eval_speed),
-                     ("fid_agreement", fid_agreement), ("sample", sample_speed)]
+def train_speeds(args, out, fuse: str = "off", batches=(64, 128, 256, 1024), graphs=("auto", "off")) -> None:
+    """aigc's train() at each batch size, graphed and eager: one record per run."""
+    for batch in batches:
+        steps = {64: 600, 128: 500, 256: 300, 1024: 120}[batch]
+        for graph in graphs:
+            suffix = "" if fuse == "off" else "_fuse_on"
+            part(out, f"aigc_train_b{batch}_graph_{graph}{suffix}", aigc_train_speed, args.data, batch, graph, steps, fuse)
+
+
+def vs_reference(args, out) -> dict:
+    """benchmarks/train_speed.py on the GPU: the pytorch/examples loop against aigc at its defaults."""
+    r = run_cmd([sys.executable, "benchmarks/train_speed.py", "--device", DEVICE, "--batch-sizes", "64,256,1024",
+                 "--workers", "64:2,256:12,1024:12", "--precision", "auto", "--steps", "200", "--warmup", "100",
+                 "--interval", "50", "--repeats", "1", "--data", args.data, "--json", str(out / "train_speed.json")],
+                timeout=300)
+    return r
+
+
+# name -> fn(args, out); parts that record several results call part() themselves
+PARTS: dict = {
+    "equivalence": lambda args, out: part(out, "graph_equivalence", graph_equivalence, args.data),
+    "train": train_speeds,
+    # fused BatchNorm + activation at the launch-bound batch sizes (fusion covers 256 and 1024)
+    "train_fuse": lambda args, out: train_speeds(args, out, "on", (64, 128), ("auto",)),
+    **{name: (lambda fn, name: lambda args, out: part(out, name, fn, args, out))(fn, name) for name, fn in [
+        ("fusion", fusion_speed), ("profile", kernel_profile), ("rollback", rollback_under_graph),
+        ("resume", resume_under_graph), ("eval", eval_speed), ("fid_agreement", fid_agreement),
+        ("sample", sample_speed), ("vs_reference", vs_reference)]},
+}
 
 if __name__ == "__main__":
     main()
