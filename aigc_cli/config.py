@@ -90,7 +90,7 @@ class TrainConfig:
     eval_features: str = ""  # feature extractor for those evaluations: "" = Inception, or a classifier checkpoint path
     cuda_graph: str = "auto"  # auto | on | off: capture the whole training step in one CUDA graph (auto: on CUDA where the step allows)
     channels_last: str = "auto"  # auto | on | off: channels-last memory format for conv models (auto: on CUDA and CPU)
-    fuse_norm_act: str = "off"  # on | off: torch.compile each BatchNorm + ReLU/LeakyReLU pair into fused kernels (the first steps compile)
+    fuse_norm_act: str = "auto"  # auto | on | off: torch.compile each BatchNorm + ReLU/LeakyReLU pair into fused kernels (the first steps compile; auto: on CUDA)
     max_recoveries: int = 3  # rollbacks after non-finite values before giving up with exit code 3
     recover_lr_factor: float = 0.5  # learning rates are multiplied by this at each rollback
     recover_to_bf16: bool = True  # at a rollback, switch fp16 to bf16 where the device supports it
@@ -369,7 +369,7 @@ def validate(cfg: Config) -> None:
         _need(FAMILIES[m.kind].generative, f"train.eval_every applies to generative models, not to a {m.kind}")
     for name in ("cuda_graph", "channels_last"):
         _need(getattr(t, name) in ("auto", "on", "off"), f"train.{name} must be auto, on or off, got {getattr(t, name)!r}")
-    _need(t.fuse_norm_act in ("on", "off"), f"train.fuse_norm_act must be on or off, got {t.fuse_norm_act!r}")
+    _need(t.fuse_norm_act in ("auto", "on", "off"), f"train.fuse_norm_act must be auto, on or off, got {t.fuse_norm_act!r}")
     _need(t.precision in PRECISIONS, f"train.precision must be one of {', '.join(PRECISIONS)}, got {t.precision!r}")
     _need(re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", t.device) is not None,
           f"train.device must be auto, cpu, cuda, cuda:N or mps, got {t.device!r}")

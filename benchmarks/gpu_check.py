@@ -97,7 +97,7 @@ def graph_equivalence(data_dir: str) -> dict:
     return out
 
 
-def aigc_train_speed(data_dir: str, batch: int, graph: str, steps: int, fuse: str = "off") -> dict:
+def aigc_train_speed(data_dir: str, batch: int, graph: str, steps: int, fuse: str | None = None) -> dict:
     from aigc_cli.config import load_preset
     from aigc_cli.training.loop import train
     from conftest import Silent
@@ -106,14 +106,14 @@ def aigc_train_speed(data_dir: str, batch: int, graph: str, steps: int, fuse: st
         "data.source": data_dir, "train.epochs": 0, "train.steps": max(4, int(steps * STEPS_SCALE)),
         "train.log_every": max(2, int(steps * STEPS_SCALE) // 10),
         "train.sample_every": 10**6, "train.ckpt_every": 10**6, "train.batch_size": batch,
-        "train.cuda_graph": graph, "train.device": DEVICE, "train.fuse_norm_act": fuse})
+        "train.cuda_graph": graph, "train.device": DEVICE, **({"train.fuse_norm_act": fuse} if fuse else {})})
     rep = Silent()
     if DEVICE == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     summary = train(cfg, fresh(f"speed-{batch}-{graph}"), rep)
     rates = sorted(r["img_per_s"] for r in rep.records[1:])
-    return {"batch": batch, "graph": graph, "fuse": fuse, "img_per_s_median": rates[len(rates) // 2] if rates else None,
+    return {"batch": batch, "graph": graph, "fuse": cfg.train.fuse_norm_act, "img_per_s_median": rates[len(rates) // 2] if rates else None,
             "img_per_s_all": [r["img_per_s"] for r in rep.records], "wall_s": round(time.perf_counter() - t0, 1),
             "precision": summary["precision"],
             "peak_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if DEVICE == "cuda" else None,
@@ -124,7 +124,8 @@ def run_cmd(cmd: list[str], timeout: int, env: dict | None = None) -> dict:
     t0 = time.perf_counter()
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-                           env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
+                           env={**os.environ, **(env or {}), "PYTHONPATH": os.pathsep.join(
+                               filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))})
         return {"rc": p.returncode, "stdout": p.stdout[-3000:], "stderr": p.stderr[-2000:],
                 "wall_s": round(time.perf_counter() - t0, 1)}
     except subprocess.TimeoutExpired as e:
@@ -229,7 +230,7 @@ def fusion_speed(args, out) -> dict:
     res = {}
     for batch, steps in ((1024, 150), (256, 300)):
         for fuse in ("on", "off"):
-            r = aigc_train_speed(args.data, batch, "auto", steps, fuse)
+            r = aigc_train_speed(args.data, batch, "auto", steps, fuse)  # explicit on/off
             res[f"b{batch}_fuse_{fuse}"] = {k: r[k] for k in ("img_per_s_median", "wall_s", "peak_gb", "notes")}
     return res
 
@@ -309,12 +310,12 @@ def sample_speed(args, out) -> dict:
                     "--batch-size", "4096", "--repeats", "2"], timeout=240)
 
 
-def train_speeds(args, out, fuse: str = "off", batches=(64, 128, 256, 1024), graphs=("auto", "off")) -> None:
-    """aigc's train() at each batch size, graphed and eager: one record per run."""
+def train_speeds(args, out, fuse: str | None = None, batches=(64, 128, 256, 1024), graphs=("auto", "off")) -> None:
+    """aigc's train() at each batch size, graphed and eager (fuse None: the preset's setting): one record per run."""
     for batch in batches:
         steps = {64: 600, 128: 500, 256: 300, 1024: 120}[batch]
         for graph in graphs:
-            suffix = "" if fuse == "off" else "_fuse_on"
+            suffix = f"_fuse_{fuse}" if fuse else ""
             part(out, f"aigc_train_b{batch}_graph_{graph}{suffix}", aigc_train_speed, args.data, batch, graph, steps, fuse)
 
 
@@ -327,6 +328,27 @@ def vs_reference(args, out) -> dict:
     return r
 
 
+def layout_copies(args, out) -> dict:
+    """Which ops of an eager step at batch 1024 copy or convert whole tensors (layout changes, casts), with
+    their input shapes and GPU time: what is left between the convolutions after fusion."""
+    from aigc_cli.training.loop import train
+    from conftest import Silent
+
+    extra = {"train.batch_size": 1024 if DEVICE == "cuda" else 64, "data.limit": 0, "train.cuda_graph": "off",
+             "train.fuse_norm_act": "on", "train.log_every": 10, "train.ckpt_every": 10**6}
+    train(_dcgan(args.data, DEVICE, 4, **extra), fresh("copies-warm"), Silent())
+    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
+    with torch.profiler.profile(activities=acts, record_shapes=True) as prof:
+        train(_dcgan(args.data, DEVICE, 10, **extra), fresh("copies"), Silent())
+    keys = ("copy_", "_to_copy", "contiguous", "clone", "convolution", "cat", "batch_norm")
+    rows = []
+    for ev in prof.key_averages(group_by_input_shape=True):
+        if any(k in ev.key for k in keys):
+            dev = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
+            rows.append((round(dev / 1e3, 2), ev.count, ev.key, str(ev.input_shapes)[:160]))
+    return {"rows_by_gpu_ms": sorted(rows, reverse=True)[:40]}
+
+
 # name -> fn(args, out); parts that record several results call part() themselves
 PARTS: dict = {
     "equivalence": lambda args, out: part(out, "graph_equivalence", graph_equivalence, args.data),
@@ -336,7 +358,7 @@ PARTS: dict = {
     **{name: (lambda fn, name: lambda args, out: part(out, name, fn, args, out))(fn, name) for name, fn in [
         ("fusion", fusion_speed), ("profile", kernel_profile), ("rollback", rollback_under_graph),
         ("resume", resume_under_graph), ("eval", eval_speed), ("fid_agreement", fid_agreement),
-        ("sample", sample_speed), ("vs_reference", vs_reference)]},
+        ("sample", sample_speed), ("vs_reference", vs_reference), ("copies", layout_copies)]},
 }
 
 if __name__ == "__main__":

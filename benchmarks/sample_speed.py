@@ -31,7 +31,9 @@ from pathlib import Path
 
 def aigc() -> list[str]:
     exe = Path(sys.executable).with_name("aigc")
-    return [str(exe)] if exe.exists() else [shutil.which("aigc") or "aigc"]
+    found = str(exe) if exe.exists() else shutil.which("aigc")
+    # Not installed (a checkout run with PYTHONPATH=.): the same command through the module
+    return [found] if found else [sys.executable, "-m", "aigc_cli"]
 
 
 def make_checkpoint(run_dir: Path, data: str) -> Path:

@@ -174,6 +174,28 @@ def test_restored_optimizer_takes_this_runs_flags():
     fresh["G"].step()  # and it still steps
 
 
+def test_restored_moments_take_their_parameters_memory_layout():
+    """Checkpoints hold contiguous moments (safetensors); channels-last parameters need channels-last
+    moments, or fused Adam on CUDA refuses to step after every resume and rollback."""
+    nets = build_nets(tiny("dcgan").model)
+    for net in nets.values():
+        net.to(memory_format=torch.channels_last)
+    saved = make_optimizers("gan", nets, tiny("dcgan").train, {"foreach": True})
+    nets["G"](torch.randn(2, 8)).sum().backward()
+    saved["G"].step()
+    sd = saved["G"].state_dict()
+    stored = {i: {k: v.contiguous() for k, v in per.items()} for i, per in sd["state"].items()}  # as capture() does
+    fresh = make_optimizers("gan", nets, tiny("dcgan").train, optimizer_flags(CPU, False))
+    fresh["G"].load_state_dict({"state": stored, "param_groups": sd["param_groups"]})
+    params = fresh["G"].param_groups[0]["params"]
+    assert any(fresh["G"].state[p]["exp_avg"].stride() != p.stride() for p in params)  # the case at hand
+    conform_optimizers(fresh, optimizer_flags(CPU, False))
+    for i, p in enumerate(params):
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert fresh["G"].state[p][key].stride() == p.stride(), (i, key)
+            assert torch.equal(fresh["G"].state[p][key], sd["state"][i][key])
+
+
 def test_a_failed_capture_falls_back_to_eager_with_a_note(monkeypatch):
     """Simulated on the CPU: capture raises (as for an op that syncs with the host); the step that was
     being captured runs eagerly, one note says why, and every later step stays eager and exact."""

@@ -145,8 +145,17 @@ def test_training_with_fusion_matches_and_saves_plain_checkpoints(tmp_path, aot_
 
 
 def test_bad_setting_is_a_usage_error():
-    with pytest.raises(UsageError, match="fuse_norm_act must be on or off"):
-        tiny("dcgan").with_overrides({"train.fuse_norm_act": "auto"})
+    with pytest.raises(UsageError, match="fuse_norm_act must be auto, on or off, got 'yes'"):
+        tiny("dcgan").with_overrides({"train.fuse_norm_act": "yes"})
+
+
+def test_auto_fuses_on_cuda_only(tmp_path):
+    assert fusion.wanted("auto", torch.device("cuda")) and fusion.wanted("on", torch.device("cpu"))
+    assert not fusion.wanted("auto", torch.device("cpu")) and not fusion.wanted("off", torch.device("cuda"))
+    assert tiny("dcgan").train.fuse_norm_act == "auto"
+    rep = Silent()  # the default on the CPU: nothing compiled, nothing said
+    train(tiny("dcgan").with_overrides({"train.steps": 1}), tmp_path / "run", rep)
+    assert not any("fuse" in n for n in rep.notes), rep.notes
 
 
 def _broken_forward(gm, example_inputs):

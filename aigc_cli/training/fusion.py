@@ -107,6 +107,13 @@ class BatchNormAct2d(nn.BatchNorm2d):
         seen.add(kind)
 
 
+def wanted(setting: str, device: torch.device) -> bool:
+    """auto fuses on CUDA only. Measured on an H200 (64x64 DCGAN, bf16, whole step in a CUDA graph):
+    1.06-1.13x images/s at batch 64-1024, for 12-35 s of compiling at the start. On 2 CPU cores the
+    compiled pair was slower than oneDNN's kernels."""
+    return setting == "on" or (setting == "auto" and device.type == "cuda")
+
+
 def _describe(e: BaseException) -> str:
     """One line for a compile failure: dynamo wraps the backend's own error, which says more."""
     inner = getattr(e, "inner_exception", None) or e.__cause__ or e

@@ -180,17 +180,18 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup, run_lock
     memory_format = torch.channels_last if channels_last(cfg, device, nets, reporter.note) else torch.contiguous_format
     for net in nets.values():
         net.to(memory_format=memory_format)
-    if cfg.train.fuse_norm_act == "on":
+    if fusion.wanted(cfg.train.fuse_norm_act, device):
+        asked = cfg.train.fuse_norm_act == "on"  # auto fuses where it can and says nothing where it cannot
         fusion.report_to(reporter.note)
         cleanup.callback(fusion.report_to, None)
         # Not D under an R1 penalty: its double backward cannot go through torch.compile'd code.
         skip = {"D"} if cfg.loss.r1_gamma > 0 and family.objective == "gan" else set()
         fused = sum(fusion.fuse_norm_act(net) for name, net in nets.items() if name not in skip)
         unfused_d = bool(skip) and fusion.has_pairs(nets["D"])
-        if unfused_d:
+        if unfused_d and asked:
             reporter.note("train.fuse_norm_act=on: D's pairs are left unfused, since loss.r1_gamma differentiates "
                           "D twice, which torch.compile'd code cannot")
-        if fused or not unfused_d:
+        if fused or (asked and not unfused_d):
             reporter.note(f"fused {fused} BatchNorm + activation pairs with torch.compile; the first steps compile them"
                           if fused else f"train.fuse_norm_act=on: {cfg.model.kind} has no plain BatchNorm + "
                           "ReLU/LeakyReLU pairs to fuse, so it changes nothing")

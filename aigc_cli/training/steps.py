@@ -33,9 +33,11 @@ def optimizer_flags(device: torch.device, capturable: bool) -> dict[str, bool]:
 
 
 def conform_optimizers(opts: dict, flags: dict[str, bool]) -> None:
-    """This run's group settings (fused, foreach, capturable) on its optimizers, and their step counters
-    where those settings need them (on the device for fused or capturable Adam): after a restore, the
-    counters are where the run that saved them kept them."""
+    """This run's group settings (fused, foreach, capturable) on its optimizers, their step counters
+    where those settings need them (on the device for fused or capturable Adam), and their moments in
+    their parameters' memory layout: after a restore, the counters are where the run that saved them
+    kept them, and the moments are contiguous (as safetensors stores them) where a parameter is
+    channels-last. Fused Adam on CUDA refuses moments whose strides differ from the parameter's."""
     for opt in opts.values():
         for group in opt.param_groups:
             group.update(flags)
@@ -44,6 +46,9 @@ def conform_optimizers(opts: dict, flags: dict[str, bool]) -> None:
                 if "step" in st and torch.is_tensor(st["step"]):
                     on_device = flags["fused"] or flags["capturable"]
                     st["step"] = st["step"].to(p.device if on_device else "cpu", torch.float32)
+                for key in ("exp_avg", "exp_avg_sq"):
+                    if key in st and st[key].stride() != p.stride():
+                        st[key] = torch.empty_like(p, dtype=st[key].dtype).copy_(st[key])
 
 
 def make_optimizers(objective: str, nets: dict, train_cfg, flags: dict[str, bool] | None = None
