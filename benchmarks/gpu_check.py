@@ -354,6 +354,7 @@ PARTS: dict = {
     "equivalence": lambda args, out: part(out, "graph_equivalence", graph_equivalence, args.data),
     "train": train_speeds,
     # fused BatchNorm + activation at the launch-bound batch sizes (fusion covers 256 and 1024)
+    "train_graphed": lambda args, out: train_speeds(args, out, None, graphs=("auto",)),  # the defaults, graphed only
     "train_fuse": lambda args, out: train_speeds(args, out, "on", (64, 128), ("auto",)),
     **{name: (lambda fn, name: lambda args, out: part(out, name, fn, args, out))(fn, name) for name, fn in [
         ("fusion", fusion_speed), ("profile", kernel_profile), ("rollback", rollback_under_graph),
