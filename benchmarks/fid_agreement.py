@@ -64,11 +64,36 @@ def ours(a: Path, b: Path, weights: Path, device: str, env: dict) -> float:
     return json.loads(p.stdout)["metrics"]["fid"]
 
 
+def _sqrtm_without_disp() -> None:
+    """pytorch-fid 0.3.0 calls scipy.linalg.sqrtm(..., disp=False), which newer SciPy dropped (a TypeError
+    on the H200 machine's SciPy): give it the old call's (root, error estimate) answer, computed as SciPy's
+    disp=False did, so their side of the comparison still runs their code."""
+    import inspect
+    import types
+
+    import numpy as np
+    import pytorch_fid.fid_score as pfs
+    from scipy import linalg
+
+    if "disp" in inspect.signature(linalg.sqrtm).parameters:
+        return
+
+    def sqrtm(a, disp=True, **kw):
+        root = linalg.sqrtm(a, **kw)
+        if disp:
+            return root
+        return root, np.linalg.norm(root @ root - a, "fro") ** 2 / np.linalg.norm(a, "fro")
+
+    pfs.linalg = types.SimpleNamespace(**{**{k: getattr(linalg, k) for k in dir(linalg) if not k.startswith("_")},
+                                          "sqrtm": sqrtm})
+
+
 def theirs(a: Path, b: Path, weights: Path, device: str) -> float:
     import pytorch_fid.inception as pfi
     from pytorch_fid.fid_score import calculate_fid_given_paths
 
     pfi.load_state_dict_from_url = lambda *args, **kw: torch.load(weights, map_location="cpu", weights_only=True)
+    _sqrtm_without_disp()
     return float(calculate_fid_given_paths([str(a), str(b)], 50, device, 2048, num_workers=min(8, os.cpu_count() or 1)))
 
 
