@@ -5,11 +5,15 @@ reports what it measured.
 
     PYTHONPATH=. python benchmarks/gpu_check.py --data .devdata/fashion-mnist --out $OUT [--parts equivalence,train,...]
 
-Parts: equivalence, train, fusion (train.fuse_norm_act on/off at batch 1024 and 256), profile (GPU
-time per kernel family of an eager step at batch 1024), rollback, resume, eval (`aigc eval` wall
-times), fid_agreement (needs pytorch-fid), sample. All of them take about 10 minutes on an H200; a
-machine there starts bare, so carry the Fashion-MNIST files (and a pytorch-fid wheel) with the call.
-`--device cpu --steps-scale 0.03` smoke-tests the fusion, profile, eval, rollback and resume parts here (minutes).
+Parts (run in the order --parts names them, so a lease that ends mid-call keeps the most important):
+equivalence, train (graphed and eager, at the defaults), train_graphed (the same, graphed only), train_fuse (fused
+BN + activation at batch 64 and 128), fusion (fused on/off at 1024 and 256), vs_reference
+(benchmarks/train_speed.py), profile (GPU time per kernel family of an eager step at batch 1024), copies
+(GPU time of copies and convolutions by input shape), rollback, resume, eval (`aigc eval` wall times),
+fid_agreement (needs pytorch-fid), sample. On 2026-11-29 on an H200 the first eleven took 411 s and the
+rest 308 s (see benchmarks/README.md); a machine there starts bare, so carry the Fashion-MNIST files
+(and a pytorch-fid wheel) with the call. `--device cpu --steps-scale 0.01` smoke-tests the parts that
+do not need CUDA here (minutes).
 """
 
 from __future__ import annotations
