@@ -9,7 +9,7 @@ Parts (run in the order --parts names them, so a lease that ends mid-call keeps 
 equivalence, train (graphed and eager, at the defaults), train_graphed (the same, graphed only), train_fuse (fused
 BN + activation at batch 64 and 128), fusion (fused on/off at 1024 and 256), vs_reference
 (benchmarks/train_speed.py), profile (GPU time per kernel family of an eager step at batch 1024), copies
-(GPU time of copies and convolutions by input shape), rollback, resume, eval (`aigc eval` wall times),
+(GPU time of copies and convolutions by input shape), one_channel (benchmarks/one_channel.py), rollback, resume, eval (`aigc eval` wall times),
 fid_agreement (needs pytorch-fid), sample. On 2026-11-29 on an H200 the first eleven took 411 s and the
 rest 308 s (see benchmarks/README.md); a machine there starts bare, so carry the Fashion-MNIST files
 (and a pytorch-fid wheel) with the call. `--device cpu --steps-scale 0.01` smoke-tests the parts that
@@ -353,6 +353,12 @@ def layout_copies(args, out) -> dict:
     return {"rows_by_gpu_ms": sorted(rows, reverse=True)[:40]}
 
 
+def one_channel(args, out) -> dict:
+    """benchmarks/one_channel.py: the one-channel layers in other formulations, batch 1024."""
+    return run_cmd([sys.executable, "benchmarks/one_channel.py", "--device", DEVICE,
+                    "--batch", "1024" if DEVICE == "cuda" else "64", "--json", str(out / "one_channel.json")], timeout=200)
+
+
 # name -> fn(args, out); parts that record several results call part() themselves
 PARTS: dict = {
     "equivalence": lambda args, out: part(out, "graph_equivalence", graph_equivalence, args.data),
@@ -363,7 +369,8 @@ PARTS: dict = {
     **{name: (lambda fn, name: lambda args, out: part(out, name, fn, args, out))(fn, name) for name, fn in [
         ("fusion", fusion_speed), ("profile", kernel_profile), ("rollback", rollback_under_graph),
         ("resume", resume_under_graph), ("eval", eval_speed), ("fid_agreement", fid_agreement),
-        ("sample", sample_speed), ("vs_reference", vs_reference), ("copies", layout_copies)]},
+        ("sample", sample_speed), ("vs_reference", vs_reference), ("copies", layout_copies),
+        ("one_channel", one_channel)]},
 }
 
 if __name__ == "__main__":
