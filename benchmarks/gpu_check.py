@@ -10,8 +10,9 @@ equivalence, train (graphed and eager, at the defaults), train_graphed (the same
 BN + activation at batch 64 and 128), fusion (fused on/off at 1024 and 256), vs_reference
 (benchmarks/train_speed.py), profile (GPU time per kernel family of an eager step at batch 1024), copies
 (GPU time of copies and convolutions by input shape), one_channel (benchmarks/one_channel.py), rollback, resume, eval (`aigc eval` wall times),
-fid_agreement (needs pytorch-fid), sample. On 2026-11-29 on an H200 the first eleven took 411 s and the
-rest 308 s (see benchmarks/README.md); a machine there starts bare, so carry the Fashion-MNIST files
+fid_agreement (needs pytorch-fid), sample. On 2026-11-29 on an H200 one call of fusion, train, vs_reference,
+sample, train_fuse, equivalence, rollback, resume, profile, eval and fid_agreement took 411 s, and one of
+resume, rollback, train_graphed, sample, fid_agreement and copies 308 s (see benchmarks/README.md); a machine there starts bare, so carry the Fashion-MNIST files
 (and a pytorch-fid wheel) with the call. `--device cpu --steps-scale 0.01` smoke-tests the parts that
 do not need CUDA here (minutes).
 """

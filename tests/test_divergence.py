@@ -166,3 +166,26 @@ def test_a_rollback_point_is_not_changed_by_the_training_after_it():
         train_step()
     for key, value in before.items():
         assert torch.equal(good[0][key], value), key
+
+
+def test_moments_after_a_rollback_and_a_resume_are_in_their_parameters_layout(monkeypatch, tmp_path):
+    """Snapshots and checkpoints hold contiguous moments; the parameters here are channels-last (the CPU's
+    default too). Fused Adam on CUDA refuses mismatched strides, so every restore must conform them."""
+    import aigc_cli.training.loop as loop_mod
+    from aigc_cli import checkpoint as ckpt_io
+
+    real, restores = loop_mod.conform_optimizers, []
+
+    def checked(opts, flags):
+        real(opts, flags)
+        pairs = [(p, st[k]) for opt in opts.values() for p, st in opt.state.items() for k in ("exp_avg", "exp_avg_sq")]
+        assert any(not p.is_contiguous() for p, _ in pairs)  # channels-last parameters: the case at hand
+        assert all(m.stride() == p.stride() for p, m in pairs)
+        restores.append(len(pairs))
+
+    monkeypatch.setattr(loop_mod, "conform_optimizers", checked)
+    inject(monkeypatch, 8)
+    run = tmp_path / "r"
+    assert loop_mod.train(cfg(), run, Silent())["recoveries"] == 1
+    loop_mod.train(cfg(**{"train.steps": "20"}), run, Silent(), resume=ckpt_io.load(run / "checkpoints" / "last.safetensors"))
+    assert len(restores) == 2  # the rollback and the resume

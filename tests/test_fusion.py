@@ -149,9 +149,12 @@ def test_bad_setting_is_a_usage_error():
         tiny("dcgan").with_overrides({"train.fuse_norm_act": "yes"})
 
 
-def test_auto_fuses_on_cuda_only(tmp_path):
+def test_auto_fuses_on_cuda_only(tmp_path, monkeypatch):
+    monkeypatch.setattr(fusion, "_triton_usable", lambda: True)
     assert fusion.wanted("auto", torch.device("cuda")) and fusion.wanted("on", torch.device("cpu"))
     assert not fusion.wanted("auto", torch.device("cpu")) and not fusion.wanted("off", torch.device("cuda"))
+    monkeypatch.setattr(fusion, "_triton_usable", lambda: False)  # no Triton, or a GPU too old for it
+    assert not fusion.wanted("auto", torch.device("cuda")) and fusion.wanted("on", torch.device("cuda"))
     assert tiny("dcgan").train.fuse_norm_act == "auto"
     rep = Silent()  # the default on the CPU: nothing compiled, nothing said
     train(tiny("dcgan").with_overrides({"train.steps": 1}), tmp_path / "run", rep)
@@ -233,6 +236,15 @@ def test_nothing_is_compiled_again_when_the_graph_is_captured(simulated_capture,
     graphed(nets, opts, amp, lambda: batch, cfg, WARMUP + 1, Aids())  # the capture
     assert graphed.static_in is not None and not graphed.failed
     assert counters["stats"]["unique_graphs"] == compiled
+
+
+def test_auto_fuses_quietly_where_it_can(tmp_path, aot_eager, monkeypatch):
+    """auto (as on CUDA) under R1: G's pairs fused with the one note saying so, D left unfused without one."""
+    monkeypatch.setattr(fusion, "wanted", lambda setting, device: setting in ("auto", "on"))
+    rep = Silent()
+    train(tiny("dcgan").with_overrides({"train.steps": 2, "loss.r1_gamma": 1.0}), tmp_path / "auto", rep)
+    assert [n for n in rep.notes if "fuse" in n] == [
+        "fused 2 BatchNorm + activation pairs with torch.compile; the first steps compile them"], rep.notes  # G's two
 
 
 def test_r1_trains_with_fusion_on_leaving_d_unfused(tmp_path, aot_eager):

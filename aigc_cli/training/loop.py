@@ -184,8 +184,10 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup, run_lock
         asked = cfg.train.fuse_norm_act == "on"  # auto fuses where it can and says nothing where it cannot
         fusion.report_to(reporter.note)
         cleanup.callback(fusion.report_to, None)
-        # Not D under an R1 penalty: its double backward cannot go through torch.compile'd code.
-        skip = {"D"} if cfg.loss.r1_gamma > 0 and family.objective == "gan" else set()
+        # Not D under an R1 penalty: its double backward cannot go through torch.compile'd code. (WGAN-GP's
+        # penalty differentiates D twice too; its D has no batch norm, which config refuses, but stay safe.)
+        twice = cfg.loss.r1_gamma > 0 or cfg.loss.gan == "wgan-gp"
+        skip = {"D"} if twice and family.objective == "gan" else set()
         fused = sum(fusion.fuse_norm_act(net) for name, net in nets.items() if name not in skip)
         unfused_d = bool(skip) and fusion.has_pairs(nets["D"])
         if unfused_d and asked:
