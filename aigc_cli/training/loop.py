@@ -288,7 +288,7 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup, run_lock
             if "E" in nets:
                 nets["E"].train()
 
-    write_error: tuple[OSError, str] | None = None  # a file the run could not write: save, then stop
+    write_error: tuple[str, str] | None = None  # (what, why) the run could not write: save, then stop
 
     def log_line(record: dict) -> None:
         nonlocal write_error
@@ -297,7 +297,7 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup, run_lock
         try:
             run.append_metrics(record)
         except OSError as e:  # a full disk, a lost mount: as a grid that cannot be written
-            write_error = write_error or (e, f"to {run.root / 'metrics.jsonl'}")
+            write_error = write_error or (f"to {run.root / 'metrics.jsonl'}", str(e.strerror or e))
 
     def evaluate_now() -> dict | None:
         """The evaluator's scores (it puts G in eval mode and back), logged; None when a signal that asks
@@ -474,7 +474,7 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup, run_lock
             try:
                 write_samples(step)
             except OSError as e:  # a full disk, a lost mount: save this step's state first, then stop
-                write_error = write_error or (e, f"sample grid {e.filename or run.samples}")
+                write_error = write_error or (f"sample grid {e.filename or run.samples}", str(e.strerror or e))
         path = None  # the checkpoint written at this step, if any
         # A pending signal skips the evaluation: the save it asks for must fit in the job's grace period.
         if evaluator is not None and (step % cfg.train.eval_every == 0 or step == steps) and stop.signum is None:
@@ -495,7 +495,7 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup, run_lock
                 path = save()
             final = step == steps  # the run is complete: nothing to resume, so no stop code either
             if write_error is not None:
-                failed = f"cannot write {write_error[1]}: {write_error[0].strerror or write_error[0]}"
+                failed = "cannot write {}: {}".format(*write_error)
                 if stop.signum is not None and not final:  # the stop's own exit code tells a requeue what to do
                     reporter.note(failed)
                 else:
@@ -532,8 +532,7 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup, run_lock
             if step > start_step:  # a resume that trained nothing leaves the run folder as it was
                 log_line({"step": step, key: value})
                 if write_error is not None:
-                    raise UsageError(f"cannot write the held-out accuracy {write_error[1]}: "
-                                     f"{write_error[0].strerror or write_error[0]}; the run is complete")
+                    raise UsageError("cannot write the held-out accuracy {}: {}; the run is complete".format(*write_error))
     return summary
 
 
