@@ -91,6 +91,7 @@ class TrainConfig:
     cuda_graph: str = "auto"  # auto | on | off: capture the whole training step in one CUDA graph (auto: on CUDA where the step allows)
     channels_last: str = "auto"  # auto | on | off: channels-last memory format for conv models (auto: on CUDA and CPU)
     fuse_norm_act: str = "auto"  # auto | on | off: torch.compile each BatchNorm + ReLU/LeakyReLU pair into fused kernels (the first steps compile; auto: on CUDA)
+    subpixel_convs: str = "auto"  # auto | on | off: run D's first and G's last 4x4 stride-2 layers (1-4 image channels) as sub-pixel convolutions, the same function (auto: off until measured faster)
     max_recoveries: int = 3  # rollbacks after non-finite values before giving up with exit code 3
     recover_lr_factor: float = 0.5  # learning rates are multiplied by this at each rollback
     recover_to_bf16: bool = True  # at a rollback, switch fp16 to bf16 where the device supports it
@@ -367,9 +368,8 @@ def validate(cfg: Config) -> None:
               f"train.best_metric={t.best_metric} needs train.eval_every > 0 and train.eval_metric={t.best_metric}")
     if t.eval_every:
         _need(FAMILIES[m.kind].generative, f"train.eval_every applies to generative models, not to a {m.kind}")
-    for name in ("cuda_graph", "channels_last"):
+    for name in ("cuda_graph", "channels_last", "fuse_norm_act", "subpixel_convs"):
         _need(getattr(t, name) in ("auto", "on", "off"), f"train.{name} must be auto, on or off, got {getattr(t, name)!r}")
-    _need(t.fuse_norm_act in ("auto", "on", "off"), f"train.fuse_norm_act must be auto, on or off, got {t.fuse_norm_act!r}")
     _need(t.precision in PRECISIONS, f"train.precision must be one of {', '.join(PRECISIONS)}, got {t.precision!r}")
     _need(re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", t.device) is not None,
           f"train.device must be auto, cpu, cuda, cuda:N or mps, got {t.device!r}")

@@ -9,7 +9,8 @@ Parts (run in the order --parts names them, so a lease that ends mid-call keeps 
 equivalence, train (graphed and eager, at the defaults), train_graphed (the same, graphed only), train_fuse (fused
 BN + activation at batch 64 and 128), fusion (fused on/off at 1024 and 256), vs_reference
 (benchmarks/train_speed.py), profile (GPU time per kernel family of an eager step at batch 1024), copies
-(GPU time of copies and convolutions by input shape), one_channel (benchmarks/one_channel.py), rollback, resume, eval (`aigc eval` wall times),
+(GPU time of copies and convolutions by input shape), one_channel (benchmarks/one_channel.py), subpixel
+(train.subpixel_convs on/off at 1024, 256 and 64, each half alone at 1024), rollback, resume, eval (`aigc eval` wall times),
 fid_agreement (needs pytorch-fid), sample. On 2026-11-29 on an H200 one call of fusion, train, vs_reference,
 sample, train_fuse, equivalence, rollback, resume, profile, eval and fid_agreement took 411 s, and one of
 resume, rollback, train_graphed, sample, fid_agreement and copies 308 s (see benchmarks/README.md); a machine there starts bare, so carry the Fashion-MNIST files
@@ -102,7 +103,8 @@ def graph_equivalence(data_dir: str) -> dict:
     return out
 
 
-def aigc_train_speed(data_dir: str, batch: int, graph: str, steps: int, fuse: str | None = None) -> dict:
+def aigc_train_speed(data_dir: str, batch: int, graph: str, steps: int, fuse: str | None = None,
+                     sets: dict | None = None) -> dict:
     from aigc_cli.config import load_preset
     from aigc_cli.training.loop import train
     from conftest import Silent
@@ -111,14 +113,15 @@ def aigc_train_speed(data_dir: str, batch: int, graph: str, steps: int, fuse: st
         "data.source": data_dir, "train.epochs": 0, "train.steps": max(4, int(steps * STEPS_SCALE)),
         "train.log_every": max(2, int(steps * STEPS_SCALE) // 10),
         "train.sample_every": 10**6, "train.ckpt_every": 10**6, "train.batch_size": batch,
-        "train.cuda_graph": graph, "train.device": DEVICE, **({"train.fuse_norm_act": fuse} if fuse else {})})
+        "train.cuda_graph": graph, "train.device": DEVICE, **({"train.fuse_norm_act": fuse} if fuse else {}),
+        **(sets or {})})
     rep = Silent()
     if DEVICE == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     summary = train(cfg, fresh(f"speed-{batch}-{graph}"), rep)
     rates = sorted(r["img_per_s"] for r in rep.records[1:])
-    return {"batch": batch, "graph": graph, "fuse": cfg.train.fuse_norm_act, "img_per_s_median": rates[len(rates) // 2] if rates else None,
+    return {"batch": batch, "graph": graph, "fuse": cfg.train.fuse_norm_act, "sets": sets, "img_per_s_median": rates[len(rates) // 2] if rates else None,
             "img_per_s_all": [r["img_per_s"] for r in rep.records], "wall_s": round(time.perf_counter() - t0, 1),
             "precision": summary["precision"],
             "peak_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if DEVICE == "cuda" else None,
@@ -237,6 +240,27 @@ def fusion_speed(args, out) -> dict:
         for fuse in ("on", "off"):
             r = aigc_train_speed(args.data, batch, "auto", steps, fuse)  # explicit on/off
             res[f"b{batch}_fuse_{fuse}"] = {k: r[k] for k in ("img_per_s_median", "wall_s", "peak_gb", "notes")}
+    return res
+
+
+def subpixel_speed(args, out) -> dict:
+    """train.subpixel_convs on/off at the defaults otherwise (graphed, fused), alternating, and at batch 1024 each
+    rewrite alone: whether `auto` should turn it (or one half) on for CUDA. 1024 first: the 100k img/s goal."""
+    from aigc_cli.training import subpixel
+
+    res = {}
+    runs = [(1024, 150, "on", None), (1024, 150, "off", None), (1024, 150, "on", ("conv",)),
+            (1024, 150, "on", ("transposed",)), (256, 300, "on", None), (256, 300, "off", None),
+            (64, 600, "on", None), (64, 600, "off", None)]
+    for batch, steps, setting, kinds in runs:
+        subpixel.KINDS = kinds or ("conv", "transposed")
+        try:
+            r = aigc_train_speed(args.data, batch, "auto", steps, sets={"train.subpixel_convs": setting})
+        finally:
+            subpixel.KINDS = ("conv", "transposed")
+        res[f"b{batch}_{setting}{'_' + kinds[0] if kinds else ''}"] = {
+            k: r[k] for k in ("img_per_s_median", "wall_s", "peak_gb", "notes")}
+        record(out, "subpixel_so_far", res)  # a lease that ends mid-part keeps what it measured
     return res
 
 
@@ -371,7 +395,7 @@ PARTS: dict = {
         ("fusion", fusion_speed), ("profile", kernel_profile), ("rollback", rollback_under_graph),
         ("resume", resume_under_graph), ("eval", eval_speed), ("fid_agreement", fid_agreement),
         ("sample", sample_speed), ("vs_reference", vs_reference), ("copies", layout_copies),
-        ("one_channel", one_channel)]},
+        ("one_channel", one_channel), ("subpixel", subpixel_speed)]},
 }
 
 if __name__ == "__main__":

@@ -13,8 +13,11 @@ each of the two layers, forward + backward (input and weight gradients) at one b
   sub-pixel phases and pixel_shuffle(2).
 
 Every variant's output is checked against the layer's own in fp32 first (max abs difference printed; one off
-by more than 1e-4 of the output's scale stops the script). s2d and d2s time the gradient of the transformed
-weight: training in them would keep the checkpoint's layout by transforming the weight in the forward pass.
+by more than 1e-4 of the output's scale stops the script). s2d and d2s are train.subpixel_convs' rewrites
+(aigc_cli/training/subpixel.py), here timed with the rewritten weight as the leaf; in training, the forward
+pass derives it from the 4x4 kernel each step, which keeps the checkpoint's layout.
+`--whole-step N` then times aigc's own eager DCGAN training step (fashion-mnist-dcgan, random data, the
+device's default precision) with train.subpixel_convs off and on, alternating over N rounds of 4 steps.
 Not part of `make test`. `python benchmarks/one_channel.py --device cpu --batch 64 --repeats 3` runs it here.
 """
 
@@ -27,14 +30,15 @@ import time
 import torch
 import torch.nn.functional as F
 
+from aigc_cli.training.subpixel import space_to_depth_weight, sub_pixel_weight
+
 CL = torch.channels_last
 
 
 def s2d_weight(w: torch.Tensor, channels: int = 4) -> torch.Tensor:
-    """(O, 1, 4, 4) stride-2 pad-1 kernel -> (O, channels, 2, 2) over pixel_unshuffle(2) of the padded input:
-    w2[o, dy*2+dx, ka, kb] = w[o, 0, 2ka+dy, 2kb+dx]."""
-    o = w.shape[0]
-    w2 = w.reshape(o, 2, 2, 2, 2).permute(0, 2, 4, 1, 3).reshape(o, 4, 2, 2)
+    """(O, 1, 4, 4) stride-2 pad-1 kernel -> (O, channels, 2, 2) over pixel_unshuffle(2) of the padded input
+    (aigc's own rewrite, zero-padded to `channels`)."""
+    w2 = space_to_depth_weight(w)
     return F.pad(w2, (0, 0, 0, 0, 0, channels - 4)) if channels > 4 else w2
 
 
@@ -43,19 +47,6 @@ def s2d_conv(x: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     if w2.shape[1] > 4:
         u = F.pad(u, (0, 0, 0, 0, 0, w2.shape[1] - 4))
     return F.conv2d(u.contiguous(memory_format=CL), w2)
-
-
-# Which kernel tap of a stride-2 pad-1 4x4 transposed convolution feeds sub-pixel phase d from input offset k-1.
-_TAP = {(0, 0): 3, (0, 1): 1, (1, 1): 2, (1, 2): 0}
-
-
-def d2s_weight(w: torch.Tensor) -> torch.Tensor:
-    """(C, 1, 4, 4) ConvTranspose2d(C, 1, 4, 2, 1) kernel -> (4, C, 3, 3) convolution to its 4 phases."""
-    w3 = w.new_zeros(4, w.shape[0], 3, 3)
-    for (dy, ki), a in _TAP.items():
-        for (dx, kj), b in _TAP.items():
-            w3[dy * 2 + dx, :, ki, kj] = w[:, 0, a, b]
-    return w3
 
 
 def d2s_convt(h: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
@@ -76,7 +67,7 @@ def variants(n: int, width: int, device: torch.device):
         ("D first conv", "s2d8", xd, s2d_conv, s2d_weight(wd, 8).contiguous(memory_format=CL)),
         ("G last conv", "channels_last", hg.contiguous(memory_format=CL), lambda h, w: F.conv_transpose2d(h, w, None, 2, 1), wg.contiguous(memory_format=CL)),
         ("G last conv", "nchw", hg.contiguous(memory_format=CL), lambda h, w: F.conv_transpose2d(h.contiguous(), w, None, 2, 1), wg),
-        ("G last conv", "d2s", hg.contiguous(memory_format=CL), d2s_convt, d2s_weight(wg).contiguous(memory_format=CL)),
+        ("G last conv", "d2s", hg.contiguous(memory_format=CL), d2s_convt, sub_pixel_weight(wg).contiguous(memory_format=CL)),
     ]
 
 
@@ -114,6 +105,42 @@ def time_variant(x, fn, w, dtype, repeats: int, steps: int, device: torch.device
     return sorted(times)[len(times) // 2]
 
 
+def whole_step(device: torch.device, batch: int, rounds: int) -> dict:
+    """ms per eager aigc GAN step (median), the same networks without and with the sub-pixel rewrites."""
+    import copy
+
+    from aigc_cli.config import load_preset
+    from aigc_cli.models import build_nets
+    from aigc_cli.training import subpixel
+    from aigc_cli.training.precision import Precision, resolve_precision
+    from aigc_cli.training.steps import STEPS, Aids, make_optimizers, optimizer_flags
+
+    torch.manual_seed(0)
+    cfg = load_preset("fashion-mnist-dcgan")
+    base = build_nets(cfg.model)
+    setups = {}
+    for name in ("off", "on"):
+        nets = {k: copy.deepcopy(v).to(device).train().to(memory_format=CL) for k, v in base.items()}
+        if name == "on":
+            assert subpixel.use_subpixel(nets["G"], CL) + subpixel.use_subpixel(nets["D"], CL) == 2
+        setups[name] = nets, make_optimizers("gan", nets, cfg.train, optimizer_flags(device, capturable=False))
+    x = (torch.rand(batch, 1, 64, 64, device=device) * 2 - 1).contiguous(memory_format=CL)
+    y = torch.zeros(batch, dtype=torch.long, device=device)
+    amp = Precision(resolve_precision("auto", device), device)
+    times: dict = {k: [] for k in setups}
+    for r in range(rounds + 1):  # round 0 warms up; the order alternates against drift
+        for name in (("off", "on") if r % 2 else ("on", "off")):
+            nets, opts = setups[name]
+            for _ in range(4):
+                t0 = time.perf_counter()
+                float(STEPS["gan"](nets, opts, amp, lambda: (x, y), cfg, 0, Aids())["loss_d"])  # syncs
+                if r:
+                    times[name].append((time.perf_counter() - t0) * 1e3)
+    ms = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    return {"batch": batch, "precision": amp.name, "step_ms": {k: round(v, 2) for k, v in ms.items()},
+            "speedup": round(ms["off"] / ms["on"], 3)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda")
@@ -122,6 +149,8 @@ def main() -> None:
     p.add_argument("--dtype", default="auto", help="bf16 on CUDA, fp32 elsewhere (auto), or bf16/fp32")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--steps", type=int, default=20, help="forward + backward passes per timed repeat")
+    p.add_argument("--whole-step", type=int, default=0, metavar="N",
+                   help="also time aigc's whole eager step with train.subpixel_convs off and on, N rounds")
     p.add_argument("--json", help="also write the results here")
     a = p.parse_args()
     device = torch.device(a.device)
@@ -134,6 +163,10 @@ def main() -> None:
     print(f"batch {a.batch}, {dtype}, {device}: ms per forward + backward (median of {a.repeats})")
     for k, ms in result["ms"].items():
         print(f"  {k:28s} {ms:9.4f}   (fp32 check: max abs diff {result['max_abs_diff_fp32'][k]:.2e})")
+    if a.whole_step:
+        result["whole_step"] = w = whole_step(device, a.batch, a.whole_step)
+        print(f"whole aigc step, batch {a.batch}, {w['precision']}: {w['step_ms']['off']:.1f} ms off, "
+              f"{w['step_ms']['on']:.1f} ms with train.subpixel_convs: {w['speedup']:.3f}x")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(result, f, indent=1)

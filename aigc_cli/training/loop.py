@@ -22,7 +22,7 @@ from ..data.folder import unlabelled_reason
 from ..errors import DivergedError, Interrupted, UsageError
 from ..models import FAMILIES, build_nets, needs_labels
 from ..sampling import from_uint8, generate, latents, save_grid, to_uint8
-from . import fusion, state
+from . import fusion, state, subpixel
 from .augment import parse_policy
 from .batches import make_batches
 from .ema import EMA
@@ -180,6 +180,10 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup, run_lock
     memory_format = torch.channels_last if channels_last(cfg, device, nets, reporter.note) else torch.contiguous_format
     for net in nets.values():
         net.to(memory_format=memory_format)
+    if subpixel.wanted(cfg.train.subpixel_convs, device):
+        if not sum(subpixel.use_subpixel(net, memory_format) for net in nets.values()):
+            reporter.note(f"train.subpixel_convs=on: {cfg.model.kind} has no 4x4 stride-2 layer on 1-{subpixel.MAX_CHANNELS} "
+                          "image channels to rewrite, so it changes nothing")
     if fusion.wanted(cfg.train.fuse_norm_act, device):
         asked = cfg.train.fuse_norm_act == "on"  # auto fuses where it can and says nothing where it cannot
         fusion.report_to(reporter.note)

@@ -1,0 +1,118 @@
+"""The image-side 4x4 stride-2 layers run as sub-pixel convolutions (train.subpixel_convs).
+
+D's first convolution (1-4 input channels) and G's last transposed convolution (1-4 output channels) are
+where cuDNN runs its slowest kernels: in a profile of the 64x64 DCGAN step at batch 1024 on an H200 they
+and the layout copies beside them took 5-6 ms of 12-13 (benchmarks/README.md). Both have an exact rewrite
+with more channels and stride 1 (Shi et al. 2016), which the libraries run with their common kernels:
+
+- Conv2d(C, O, 4, stride 2, padding 1)(x) == conv2d(pixel_unshuffle(pad(x, 1), 2), w2): space-to-depth and a
+  2x2 convolution over 4C channels, w2[o, 4c + 2dy + dx, a, b] = w[o, c, 2a + dy, 2b + dx].
+- ConvTranspose2d(C, O, 4, stride 2, padding 1)(h) == pixel_shuffle(conv2d(h, w3, padding=1), 2): a 3x3
+  convolution to the 4 sub-pixel phases of each output channel, then depth-to-space. Output pixel
+  (2i + dy, 2j + dx) sums input pixels i-1..i+1 with the kernel taps that reach it: the kernel flipped,
+  every other tap, offset by the phase. 9/4 of the transposed layer's multiply-adds.
+
+`use_subpixel(net, memory_format)` changes a network in place without changing its state_dict: the
+parameters stay the 4x4 kernels (checkpoints, EMA copies and sampling see the usual layers), and each
+forward pass derives the rewritten kernel from them, so gradients reach the same parameters. Spectral
+normalisation, a parametrization of `weight`, applies before the rewrite as before.
+
+On 2 CPU cores the whole DCGAN step gained nothing measurable (1.00-1.04x, benchmarks/README.md): the
+layers are a few percent of the step there. `auto` is off everywhere until a GPU measures it
+(`benchmarks/gpu_check.py --parts subpixel`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Image-side layers only: between wide layers the library's own kernels are fast.
+MAX_CHANNELS = 4
+# Which rewrites use_subpixel applies; benchmarks/gpu_check.py narrows it to time each one alone.
+KINDS = ("conv", "transposed")
+
+
+def space_to_depth_weight(w: torch.Tensor) -> torch.Tensor:
+    """(O, C, 4, 4) -> (O, 4C, 2, 2): the kernel over pixel_unshuffle(2) of the padded input."""
+    o, c = w.shape[:2]
+    return w.reshape(o, c, 2, 2, 2, 2).permute(0, 1, 3, 5, 2, 4).reshape(o, 4 * c, 2, 2)
+
+
+def sub_pixel_weight(w: torch.Tensor) -> torch.Tensor:
+    """(C, O, 4, 4) transposed kernel -> (4O, C, 3, 3) convolution to the 4 phases of each output channel.
+
+    Flipped and padded with one zero each side, a dimension's 6 taps reshape to (3 input offsets, 2);
+    phase d takes column 1 - d, hence the second flip."""
+    c, o = w.shape[:2]
+    wp = F.pad(w.flip(2, 3), (1, 1, 1, 1)).reshape(c, o, 3, 2, 3, 2).flip(3, 5)
+    return wp.permute(1, 3, 5, 0, 2, 4).reshape(4 * o, c, 3, 3)
+
+
+class _SpaceToDepth:
+    """Mixed in before a Conv2d class, plain or spectral-norm parametrized (whose class torch generates)."""
+
+    subpixel_format = torch.contiguous_format  # the network's: the layers after this one expect it
+
+    def _conv_forward(self, x, weight, bias):
+        u = F.pixel_unshuffle(F.pad(x, (1, 1, 1, 1)), 2).contiguous(memory_format=self.subpixel_format)
+        return F.conv2d(u, space_to_depth_weight(weight).contiguous(memory_format=self.subpixel_format), bias)
+
+
+class _DepthToSpace:
+    """Mixed in before a ConvTranspose2d class."""
+
+    subpixel_format = torch.contiguous_format
+
+    def forward(self, x, output_size=None):
+        if output_size is not None:  # another output size needs output_padding, which the rewrite lacks
+            return super().forward(x, output_size)
+        w3 = sub_pixel_weight(self.weight).contiguous(memory_format=self.subpixel_format)
+        bias = self.bias.repeat_interleave(4) if self.bias is not None else None
+        return F.pixel_shuffle(F.conv2d(x, w3, bias, padding=1), 2)
+
+
+_classes: dict[type, type] = {}
+
+
+def _rewritten(cls: type, mixin: type) -> type:
+    if cls not in _classes:
+        _classes[cls] = type(f"SubPixel{cls.__name__}", (mixin, cls), {})
+    return _classes[cls]
+
+
+def _fits(m: nn.Module) -> bool:
+    """A 4x4, stride-2, padding-1, ungrouped, undilated, zero-padded layer with no output_padding."""
+    return (m.kernel_size == (4, 4) and m.stride == (2, 2) and m.padding == (1, 1) and m.dilation == (1, 1)
+            and m.groups == 1 and m.padding_mode == "zeros" and tuple(m.output_padding) == (0, 0))
+
+
+def candidates(net: nn.Module) -> list[tuple[nn.Module, type]]:
+    """(layer, mixin) for each layer use_subpixel rewrites: image-side 4x4 stride-2 (transposed) convolutions
+    of the KINDS asked for, not rewritten yet."""
+    found = []
+    for m in net.modules():
+        rewritten = isinstance(m, (_SpaceToDepth, _DepthToSpace))
+        if rewritten or not isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)) or not _fits(m):
+            continue
+        if isinstance(m, nn.ConvTranspose2d):
+            if "transposed" in KINDS and m.out_channels <= MAX_CHANNELS:
+                found.append((m, _DepthToSpace))
+        elif "conv" in KINDS and m.in_channels <= MAX_CHANNELS:
+            found.append((m, _SpaceToDepth))
+    return found
+
+
+def use_subpixel(net: nn.Module, memory_format: torch.memory_format) -> int:
+    """Rewrite every candidate layer of `net` in place; returns how many. The state_dict is unchanged."""
+    found = candidates(net)
+    for m, mixin in found:
+        m.__class__ = _rewritten(type(m), mixin)
+        m.subpixel_format = memory_format
+    return len(found)
+
+
+def wanted(setting: str, device: torch.device) -> bool:
+    """`auto` is off on every device for now: no gain on the CPU, not yet measured on CUDA."""
+    return setting == "on"
