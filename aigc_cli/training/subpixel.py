@@ -69,7 +69,8 @@ class _DepthToSpace:
         if output_size is not None:  # another output size needs output_padding, which the rewrite lacks
             return super().forward(x, output_size)
         w3 = sub_pixel_weight(self.weight).contiguous(memory_format=self.subpixel_format)
-        bias = self.bias.repeat_interleave(4) if self.bias is not None else None
+        # Each output channel's bias on its 4 phases (expand, not repeat_interleave: nothing a CUDA graph could trip on)
+        bias = self.bias.reshape(-1, 1).expand(-1, 4).reshape(-1) if self.bias is not None else None
         return F.pixel_shuffle(F.conv2d(x, w3, bias, padding=1), 2)
 
 
