@@ -81,6 +81,7 @@ class TrainConfig:
     log_every: int = 50  # steps between metrics lines
     sample_every: int = 500  # steps between sample grids (a grid is always written at the end)
     ckpt_every: int = 1000  # steps between checkpoints (one is always written at the end)
+    ckpt_minutes: float = 30.0  # also a checkpoint when this many minutes have passed since the last (0: by steps only)
     keep_checkpoints: int = 3  # step checkpoints kept besides last.safetensors
     n_samples: int = 64  # images in the training sample grids
     best_metric: str = "auto"  # logged value that picks best.safetensors (auto: neg_elbo for VAEs, loss for classifiers, none for GANs)
@@ -349,6 +350,7 @@ def validate(cfg: Config) -> None:
     _need(t.epochs >= 0, "train.epochs must be >= 0")
     _need(0 <= t.seed < 2**32, f"train.seed must be in [0, 2^32), got {t.seed}")
     _need(t.keep_checkpoints >= 0, "train.keep_checkpoints must be >= 0")
+    _need(t.ckpt_minutes >= 0, f"train.ckpt_minutes must be >= 0 (0: checkpoints by steps only), got {t.ckpt_minutes}")
     _need(t.max_recoveries >= 0, "train.max_recoveries must be >= 0")
     _need(0 < t.recover_lr_factor <= 1, f"train.recover_lr_factor must be in (0, 1], got {t.recover_lr_factor}")
     _need(re.fullmatch(r"auto|none|[A-Za-z_][A-Za-z0-9_]*", t.best_metric) is not None,

@@ -42,6 +42,15 @@ class Reporter(Protocol):
     def finish(self) -> None: ...
 
 
+# train.ckpt_minutes' clock; tests replace it to make minutes pass between steps.
+clock = time.monotonic
+
+
+def save_due(minutes: float) -> float:
+    """When the next checkpoint by time is due (train.ckpt_minutes; 0: never)."""
+    return clock() + minutes * 60 if minutes else math.inf
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -353,7 +362,7 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup, run_lock
         """A checkpoint; best.safetensors too when it beats the best so far by the metric. An eval
         metric counts only at the evaluation that measured these weights. The losses summed since the
         last log line go with it, so that a resume logs the same averages as an uninterrupted run."""
-        nonlocal good, good_path, best_value, best_step, good_scale
+        nonlocal good, good_path, best_value, best_step, good_scale, due
         value = eval_value if metric_from_eval else last_record.get(metric) if metric else None
         is_best = beats_best(value)
         best_value, best_step = (value, step) if is_best else (best_value, best_step)
@@ -363,6 +372,7 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup, run_lock
         good = state.capture(cfg, nets, opts, amp, batches, step, images_seen, extra)
         good_scale = lr_scale
         good_path = run.save_checkpoint(step, *good, best=is_best)
+        due = save_due(cfg.train.ckpt_minutes)
         return good_path
 
     def recover(reason: str) -> None:
@@ -417,6 +427,8 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup, run_lock
     reporter.start(steps, info)
     sums, n_sum = state.log_sums(resume.meta, device) if resume is not None else ({}, 0)
     t_log, seen_log, t_start = time.perf_counter(), images_seen, time.perf_counter()
+    # A crash or a kill that gives no warning (the OOM killer, a lost node) loses at most this much work.
+    due = save_due(cfg.train.ckpt_minutes)
     start_step = step
     if stop.signum is not None:
         raise Interrupted(f"{stop.name} before the first step; nothing to save", stop.exit_code)
@@ -490,7 +502,7 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup, run_lock
                     continue
                 path = save_best(value)
         want_save = (step % cfg.train.ckpt_every == 0 or step == steps or stop.signum is not None
-                     or stop.save_requested or write_error is not None)
+                     or stop.save_requested or write_error is not None or clock() >= due)
         if want_save:
             if path is None:
                 if not state.all_finite(nets, grads=amp.scaler is None):  # never write a broken state over a good one
