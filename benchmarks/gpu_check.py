@@ -43,6 +43,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 RESULTS: dict = {}
 STEPS_SCALE = 1.0
 DEVICE = "cuda"  # --device cpu: a smoke test of the parts that allow it, on a machine without a GPU
+AIGC_SETS: dict = {}  # --aigc-set: config overrides for every training the parts run (a part's own win)
 
 
 # Scratch runs, caches and weights: one folder, removed at exit (about 1.5 GB per run, on a shared disk here).
@@ -114,7 +115,7 @@ def aigc_train_speed(data_dir: str, batch: int, graph: str, steps: int, fuse: st
         "train.log_every": max(2, int(steps * STEPS_SCALE) // 10),
         "train.sample_every": 10**6, "train.ckpt_every": 10**6, "train.batch_size": batch,
         "train.cuda_graph": graph, "train.device": DEVICE, **({"train.fuse_norm_act": fuse} if fuse else {}),
-        **(sets or {})})
+        **AIGC_SETS, **(sets or {})})
     rep = Silent()
     if DEVICE == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -147,9 +148,12 @@ def main() -> None:
     ap.add_argument("--parts", default="all", help="comma list of parts to run (default all)")
     ap.add_argument("--device", default="cuda", help="cpu: smoke-test the fusion and profile parts without a GPU")
     ap.add_argument("--steps-scale", type=float, default=1.0, help="multiply the step counts (smoke tests: 0.05)")
+    ap.add_argument("--aigc-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override for every training the parts run, e.g. train.subpixel_convs=on (repeatable)")
     args = ap.parse_args()
     global DEVICE, STEPS_SCALE
     DEVICE, STEPS_SCALE = args.device, args.steps_scale
+    AIGC_SETS.update(item.split("=", 1) for item in args.aigc_set)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     record(out, "device", {"name": torch.cuda.get_device_name() if DEVICE == "cuda" else DEVICE, "torch": torch.__version__})
@@ -178,7 +182,8 @@ def _dcgan(data_dir: str, device: str, steps: int, **extra):
 
     return load_preset("fashion-mnist-dcgan").with_overrides({
         "data.source": data_dir, "data.limit": 4096, "train.epochs": 0, "train.steps": steps, "train.log_every": 10,
-        "train.sample_every": 10**6, "train.ckpt_every": 10, "train.batch_size": 64, "train.device": device, **extra})
+        "train.sample_every": 10**6, "train.ckpt_every": 10, "train.batch_size": 64, "train.device": device,
+        **AIGC_SETS, **extra})
 
 
 def rollback_under_graph(args, out) -> dict:
