@@ -179,6 +179,23 @@ class Silent:
     def finish(self): pass
 
 
+class Timed(Silent):
+    """A reporter whose every step takes `minutes` on train.ckpt_minutes' clock, once `.on(monkeypatch)`."""
+
+    def __init__(self, minutes: float):
+        super().__init__()
+        self.minutes, self.steps_done = minutes, 0
+
+    def advance(self, step):
+        self.steps_done += 1  # steps run, not the step number: a rollback does not turn the clock back
+
+    def on(self, monkeypatch) -> "Timed":
+        from aigc_cli.training import loop
+
+        monkeypatch.setattr(loop, "clock", lambda: self.steps_done * self.minutes * 60)
+        return self
+
+
 def tiny(kind: str, **model) -> Config:
     return config_from_dict({
         "name": f"test-{kind}",

@@ -214,21 +214,13 @@ def test_a_checkpoint_that_does_not_fit_is_one_usage_error_and_the_previous_one_
 def test_checkpoints_by_time_between_those_by_steps(tmp_path, monkeypatch, minutes, saved):
     """train.ckpt_minutes: a checkpoint once that many minutes have passed since the last one, whatever
     ckpt_every says. The clock is the step count here: 7 minutes a step."""
-    from conftest import Silent, tiny
+    from conftest import Timed, tiny
 
-    from aigc_cli.training import loop
+    from aigc_cli.training.loop import train
 
-    class SevenMinuteSteps(Silent):
-        step = 0
-
-        def advance(self, step):
-            self.step = step
-
-    rep = SevenMinuteSteps()
-    monkeypatch.setattr(loop, "clock", lambda: rep.step * 7 * 60)
     cfg = tiny("dcgan").with_overrides({"train.steps": 10, "train.ckpt_every": 100, "train.sample_every": 100,
                                         "train.keep_checkpoints": 0, "train.ckpt_minutes": minutes})
-    loop.train(cfg, tmp_path / "r", rep)
+    train(cfg, tmp_path / "r", Timed(7).on(monkeypatch))
     assert sorted(ck.step_of(p) for p in (tmp_path / "r" / "checkpoints").glob("step-*.safetensors")) == saved
     if minutes:  # each a full, resumable checkpoint
         assert ck.load(tmp_path / "r" / "checkpoints" / "step-0000006.safetensors").step == 6

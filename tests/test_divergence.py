@@ -189,3 +189,21 @@ def test_moments_after_a_rollback_and_a_resume_are_in_their_parameters_layout(mo
     assert loop_mod.train(cfg(), run, Silent())["recoveries"] == 1
     loop_mod.train(cfg(**{"train.steps": "20"}), run, Silent(), resume=ckpt_io.load(run / "checkpoints" / "last.safetensors"))
     assert len(restores) == 2  # the rollback and the resume
+
+
+def test_a_save_between_log_lines_rolls_back_from_losses_that_are_not_finite(monkeypatch, tmp_path):
+    """Step 8's loss is NaN; the next log line would be at 10, but train.ckpt_minutes saves at 9 first: that
+    save must not store the NaN sums (a resume would read them back) nor become the rollback point."""
+    from aigc_cli import checkpoint as ckpt_io
+    from aigc_cli.training.loop import train
+    from conftest import Timed
+
+    inject(monkeypatch, 8)
+    rep = Timed(7).on(monkeypatch)  # saves by time at steps 3, 6 and 9 (20 minutes, 7 a step)
+    summary = train(cfg(**{"train.ckpt_every": "100", "train.ckpt_minutes": "20", "train.keep_checkpoints": "0"}),
+                    tmp_path / "r", rep)
+    assert summary["recoveries"] == 1
+    assert any("(non-finite weights or losses at a checkpoint); rolled back to step 6" in n for n in rep.notes), rep.notes
+    for path in (tmp_path / "r" / "checkpoints").glob("step-*.safetensors"):
+        sums = json.loads(ckpt_io.load(path).meta["aigc.log_sums"])["sums"]
+        assert all(math.isfinite(v) for v, _ in sums.values()), (path.name, sums)

@@ -46,15 +46,14 @@ def test_rewritten_layer_computes_the_same_outputs_and_gradients(transposed, cha
     plain = _layer(transposed, channels, bias, spectral).to(memory_format=fmt)
     fast = copy.deepcopy(plain)
     assert use_subpixel(fast, fmt) == 1
-    assert isinstance(fast, type(plain)) and type(fast) is not type(plain)
+    assert type(fast) is type(plain) and subpixel.rewritten(fast)
     assert list(fast.state_dict()) == list(plain.state_dict())
     shape = (3, 8, 6, 7) if transposed else (3, channels, 12, 14)  # not square: rows and columns kept apart
     x = torch.randn(shape).to(memory_format=fmt)
     y0, g0 = _out_and_grads(plain, x)
     y1, g1 = _out_and_grads(fast, x)
     assert y1.shape == y0.shape == ((3, channels, 12, 14) if transposed else (3, 8, 6, 7))
-    if not transposed:  # the layers after it get the network's format
-        assert y1.is_contiguous(memory_format=fmt)
+    assert y1.is_contiguous(memory_format=fmt)  # the layers after it (D after G) get the network's format
     torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-5)
     for a, b in zip(g0, g1, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
@@ -82,29 +81,54 @@ def test_sub_pixel_weight_matches_the_transposed_layer_tap_by_tap():
                                    F.conv_transpose2d(h, w, None, 2, 1))
 
 
-def test_only_image_side_4x4_stride_2_layers_are_candidates(monkeypatch):
-    net = nn.Sequential(
-        nn.Conv2d(1, 8, 4, 2, 1), nn.Conv2d(8, 16, 4, 2, 1),  # the first only: 8 channels is not image-side
-        nn.Conv2d(3, 8, 3, 1, 1), nn.Conv2d(3, 8, 4, 1, 0), nn.Conv2d(4, 8, 4, 2, 1, padding_mode="reflect"),
-        nn.ConvTranspose2d(8, 1, 4, 2, 1), nn.ConvTranspose2d(8, 16, 4, 2, 1), nn.ConvTranspose2d(8, 1, 4, 2, 1, 1),
-        nn.Conv2d(4, 8, 4, 2, 1, dilation=2), nn.Conv2d(4, 8, 4, 2, 1))
-    assert [list(net).index(m) for m, _ in candidates(net)] == [0, 5, 9]
+def _picked(net):
+    return [list(net).index(m) for m, _ in candidates(net)]
+
+
+def test_only_the_image_side_ends_are_candidates(monkeypatch):
+    net = nn.Sequential(nn.Conv2d(1, 8, 4, 2, 1), nn.Conv2d(8, 16, 4, 2, 1), nn.Conv2d(4, 8, 4, 2, 1),
+                        nn.ConvTranspose2d(16, 4, 4, 2, 1), nn.ConvTranspose2d(4, 1, 4, 2, 1))
+    assert _picked(net) == [0, 4]  # the first conv and the last transposed one; not the narrow ones between
+    for not_fitting in (nn.Conv2d(3, 8, 3, 1, 1), nn.Conv2d(3, 8, 4, 1, 0), nn.Conv2d(3, 8, 4, 2, 1, dilation=2),
+                        nn.Conv2d(3, 8, 4, 2, 1, padding_mode="reflect"), nn.Conv2d(8, 8, 4, 2, 1)):
+        assert _picked(nn.Sequential(not_fitting, nn.Conv2d(3, 8, 4, 2, 1))) == []  # only the first is image-side
+    assert _picked(nn.Sequential(nn.ConvTranspose2d(8, 1, 4, 2, 1, 1))) == []  # output_padding
+    assert _picked(nn.Sequential(nn.ConvTranspose2d(8, 1, 4, 2, 1), nn.ConvTranspose2d(1, 8, 4, 2, 1))) == []
     monkeypatch.setattr(subpixel, "KINDS", ("transposed",))
-    assert [list(net).index(m) for m, _ in candidates(net)] == [5]
+    assert _picked(net) == [4]
     monkeypatch.setattr(subpixel, "KINDS", ("conv", "transposed"))
-    assert use_subpixel(net, torch.contiguous_format) == 3
+    assert use_subpixel(net, torch.contiguous_format) == 2
     assert use_subpixel(net, torch.contiguous_format) == 0  # already rewritten
 
 
 def test_dcgan_and_vae_have_one_each_side_and_deep_copies_keep_them():
-    for kind, sides in (("dcgan", {"G": 1, "D": 1}), ("vae", {"E": 1, "G": 1})):
-        nets = build_nets(tiny(kind, resolution=32).model)
-        assert {name: len(candidates(net)) for name, net in nets.items()} == sides, kind
+    for kind, extra, sides in (("dcgan", {}, {"G": 1, "D": 1}), ("vae", {}, {"E": 1, "G": 1}),
+                               ("dcgan", {"g_width": 2, "d_width": 2}, {"G": 1, "D": 1}),  # hidden layers narrow too
+                               ("vae", {"conditional": True, "num_classes": 4}, {"E": 0, "G": 1})):
+        nets = build_nets(tiny(kind, resolution=32, **extra).model)
+        assert {name: len(candidates(net)) for name, net in nets.items()} == sides, (kind, extra)
         for net in nets.values():
             use_subpixel(net, CL)
-            copied = copy.deepcopy(net)  # as the EMA copies G
-            assert [type(m) for m in copied.modules()] == [type(m) for m in net.modules()]
+            copied = copy.deepcopy(net)  # as the EMA copies G: the rewrite goes along, bound to the copy
+            layers = [m for m in copied.modules() if subpixel.rewritten(m)]
+            assert len(layers) == sum(subpixel.rewritten(m) for m in net.modules())
+            for m in layers:
+                bound = m.__dict__.get("forward") or m.__dict__["_conv_forward"]
+                assert bound.__self__ is m
     assert not any(candidates(net) for net in build_nets(tiny("resnet_gan").model).values())
+
+
+def test_spectral_norm_can_still_be_removed_from_a_rewritten_layer():
+    from torch.nn.utils import parametrize
+
+    layer = sn(nn.Conv2d(1, 8, 4, 2, 1))
+    x = torch.randn(2, 1, 8, 8)
+    use_subpixel(layer, torch.contiguous_format)
+    layer.eval()
+    before = layer(x)
+    parametrize.remove_parametrizations(layer, "weight")  # keeps the normalised weight as a plain one
+    assert type(layer) is nn.Conv2d
+    torch.testing.assert_close(layer(x), before)
 
 
 @pytest.mark.parametrize("kind", ["dcgan", "vae"])

@@ -363,6 +363,8 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup, run_lock
         metric counts only at the evaluation that measured these weights. The losses summed since the
         last log line go with it, so that a resume logs the same averages as an uninterrupted run."""
         nonlocal good, good_path, best_value, best_step, good_scale, due
+        # A logged metric is an average over its log interval's steps, never a measure of these exact weights:
+        # a save between log lines (a stop, SIGUSR1, train.ckpt_minutes) is judged by the last line, like any.
         value = eval_value if metric_from_eval else last_record.get(metric) if metric else None
         is_best = beats_best(value)
         best_value, best_step = (value, step) if is_best else (best_value, best_step)
@@ -497,16 +499,18 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup, run_lock
             scores = evaluate_now()
             value = scores.get(metric) if metric_from_eval and scores is not None else None
             if beats_best(value):
-                if not state.all_finite(nets, grads=amp.scaler is None):
-                    recover("non-finite weights at an evaluation")
+                if not state.all_finite(nets, grads=amp.scaler is None, also=sums.values()):
+                    recover("non-finite weights or losses at an evaluation")
                     continue
                 path = save_best(value)
         want_save = (step % cfg.train.ckpt_every == 0 or step == steps or stop.signum is not None
                      or stop.save_requested or write_error is not None or clock() >= due)
         if want_save:
             if path is None:
-                if not state.all_finite(nets, grads=amp.scaler is None):  # never write a broken state over a good one
-                    recover("non-finite weights at a checkpoint")
+                # Never write a broken state over a good one, nor one whose pending losses are not finite
+                # (a save between log lines: SIGUSR1, a stop, train.ckpt_minutes).
+                if not state.all_finite(nets, grads=amp.scaler is None, also=sums.values()):
+                    recover("non-finite weights or losses at a checkpoint")
                     continue
                 path = save()
             final = step == steps  # the run is complete: nothing to resume, so no stop code either

@@ -287,13 +287,15 @@ def log_sums(meta: dict[str, str], device) -> tuple[dict[str, torch.Tensor], int
 
 
 @torch.no_grad()
-def all_finite(nets: dict, grads: bool = True) -> bool:
-    """One device sync: are all weights and buffers, and the last step's gradients, finite? Used at log intervals
-    and before every save. Pass grads=False under fp16: there inf gradients are routine, the
-    GradScaler skips those steps and lowers its scale."""
+def all_finite(nets: dict, grads: bool = True, also=()) -> bool:
+    """One device sync: are all weights and buffers, the last step's gradients and the tensors in `also`
+    finite? Used at log intervals and before every save (with the losses summed since the last log line, which
+    a save between log lines stores and which nothing else has checked yet). Pass grads=False under fp16:
+    there inf gradients are routine, the GradScaler skips those steps and lowers its scale."""
     tensors = [t for net in nets.values() for p in net.parameters() for t in (p, p.grad if grads else None)
                if t is not None]
     tensors += [b for net in nets.values() for b in net.buffers() if b.is_floating_point()]  # BN running stats
+    tensors += list(also)
     return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
 

@@ -24,11 +24,14 @@ layers are a few percent of the step there. `auto` is off everywhere until a GPU
 
 from __future__ import annotations
 
+import types
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Image-side layers only: between wide layers the library's own kernels are fast.
+# Image-side layers only (the image's 1 or 3 channels): between wide layers the library's own kernels are
+# fast. A conditional VAE's encoder takes its label maps as channels too, which leaves it out.
 MAX_CHANNELS = 4
 # Which rewrites use_subpixel applies; benchmarks/gpu_check.py narrows it to time each one alone.
 KINDS = ("conv", "transposed")
@@ -50,37 +53,31 @@ def sub_pixel_weight(w: torch.Tensor) -> torch.Tensor:
     return wp.permute(1, 3, 5, 0, 2, 4).reshape(4 * o, c, 3, 3)
 
 
-class _SpaceToDepth:
-    """Mixed in before a Conv2d class, plain or spectral-norm parametrized (whose class torch generates)."""
-
-    subpixel_format = torch.contiguous_format  # the network's: the layers after this one expect it
-
-    def _conv_forward(self, x, weight, bias):
-        u = F.pixel_unshuffle(F.pad(x, (1, 1, 1, 1)), 2).contiguous(memory_format=self.subpixel_format)
-        return F.conv2d(u, space_to_depth_weight(weight).contiguous(memory_format=self.subpixel_format), bias)
+def _space_to_depth_conv(self, x, weight, bias):
+    """Bound to a Conv2d as its _conv_forward, which its forward calls with `weight` after any
+    parametrization (spectral norm) has been applied."""
+    fmt = self.subpixel_format  # the network's: the layers after this one expect it
+    u = F.pixel_unshuffle(F.pad(x, (1, 1, 1, 1)), 2).contiguous(memory_format=fmt)
+    return F.conv2d(u, space_to_depth_weight(weight).contiguous(memory_format=fmt), bias)
 
 
-class _DepthToSpace:
-    """Mixed in before a ConvTranspose2d class."""
-
-    subpixel_format = torch.contiguous_format
-
-    def forward(self, x, output_size=None):
-        if output_size is not None:  # another output size needs output_padding, which the rewrite lacks
-            return super().forward(x, output_size)
-        w3 = sub_pixel_weight(self.weight).contiguous(memory_format=self.subpixel_format)
-        # Each output channel's bias on its 4 phases (expand, not repeat_interleave: nothing a CUDA graph could trip on)
-        bias = self.bias.reshape(-1, 1).expand(-1, 4).reshape(-1) if self.bias is not None else None
-        return F.pixel_shuffle(F.conv2d(x, w3, bias, padding=1), 2)
-
-
-_classes: dict[type, type] = {}
+def _depth_to_space_forward(self, x, output_size=None):
+    """Bound to a ConvTranspose2d as its forward."""
+    if output_size is not None:  # another output size needs output_padding, which the rewrite lacks
+        return type(self).forward(self, x, output_size)
+    fmt = self.subpixel_format
+    w3 = sub_pixel_weight(self.weight).contiguous(memory_format=fmt)
+    # Each output channel's bias on its 4 phases (expand, not repeat_interleave: nothing a CUDA graph could trip on)
+    bias = self.bias.reshape(-1, 1).expand(-1, 4).reshape(-1) if self.bias is not None else None
+    # pixel_shuffle keeps channels-last on the CPU only (torch's own meta function says so): back to the
+    # network's format, free for one channel, where both formats are the same bytes.
+    return F.pixel_shuffle(F.conv2d(x, w3, bias, padding=1), 2).contiguous(memory_format=fmt)
 
 
-def _rewritten(cls: type, mixin: type) -> type:
-    if cls not in _classes:
-        _classes[cls] = type(f"SubPixel{cls.__name__}", (mixin, cls), {})
-    return _classes[cls]
+# Which method each kind replaces, by an attribute of the instance: the class stays what it was, so that
+# torch's parametrize (which takes a parametrized class's first base for the original), deep copies (the
+# EMA's, which rebind the method to the copy) and type checks see the usual layer.
+_METHODS = {"conv": ("_conv_forward", _space_to_depth_conv), "transposed": ("forward", _depth_to_space_forward)}
 
 
 def _fits(m: nn.Module) -> bool:
@@ -89,28 +86,31 @@ def _fits(m: nn.Module) -> bool:
             and m.groups == 1 and m.padding_mode == "zeros" and tuple(m.output_padding) == (0, 0))
 
 
-def candidates(net: nn.Module) -> list[tuple[nn.Module, type]]:
-    """(layer, mixin) for each layer use_subpixel rewrites: image-side 4x4 stride-2 (transposed) convolutions
-    of the KINDS asked for, not rewritten yet."""
+def rewritten(m: nn.Module) -> bool:
+    return "subpixel_format" in m.__dict__
+
+
+def candidates(net: nn.Module) -> list[tuple[nn.Module, str]]:
+    """(layer, kind) for what use_subpixel rewrites in `net`: its first Conv2d (D's, an encoder's) when that
+    takes at most MAX_CHANNELS, and its last ConvTranspose2d (G's, a decoder's) when that gives at most
+    MAX_CHANNELS, either only when 4x4 stride-2 and of the KINDS asked for, and not rewritten yet."""
+    convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
+    ups = [m for m in net.modules() if isinstance(m, nn.ConvTranspose2d)]
     found = []
-    for m in net.modules():
-        rewritten = isinstance(m, (_SpaceToDepth, _DepthToSpace))
-        if rewritten or not isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)) or not _fits(m):
-            continue
-        if isinstance(m, nn.ConvTranspose2d):
-            if "transposed" in KINDS and m.out_channels <= MAX_CHANNELS:
-                found.append((m, _DepthToSpace))
-        elif "conv" in KINDS and m.in_channels <= MAX_CHANNELS:
-            found.append((m, _SpaceToDepth))
-    return found
+    if "conv" in KINDS and convs and convs[0].in_channels <= MAX_CHANNELS:
+        found.append((convs[0], "conv"))
+    if "transposed" in KINDS and ups and ups[-1].out_channels <= MAX_CHANNELS:
+        found.append((ups[-1], "transposed"))
+    return [(m, kind) for m, kind in found if _fits(m) and not rewritten(m)]
 
 
 def use_subpixel(net: nn.Module, memory_format: torch.memory_format) -> int:
-    """Rewrite every candidate layer of `net` in place; returns how many. The state_dict is unchanged."""
+    """Rewrite the candidate layers of `net` in place; returns how many. The state_dict is unchanged."""
     found = candidates(net)
-    for m, mixin in found:
-        m.__class__ = _rewritten(type(m), mixin)
+    for m, kind in found:
+        name, fn = _METHODS[kind]
         m.subpixel_format = memory_format
+        setattr(m, name, types.MethodType(fn, m))
     return len(found)
 
 
