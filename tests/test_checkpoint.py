@@ -210,20 +210,75 @@ def test_a_checkpoint_that_does_not_fit_is_one_usage_error_and_the_previous_one_
     assert not [p for p in (tmp_path / "r" / "checkpoints").iterdir() if p.name.startswith(".")]
 
 
-@pytest.mark.parametrize("minutes, saved", [(20, [3, 6, 9, 10]), (0, [10])])
-def test_checkpoints_by_time_between_those_by_steps(tmp_path, monkeypatch, minutes, saved):
-    """train.ckpt_minutes: a checkpoint once that many minutes have passed since the last one, whatever
-    ckpt_every says. The clock is the step count here: 7 minutes a step."""
-    from conftest import Timed, tiny
+class _Watching:
+    """Mixed into conftest.Timed: the step files in the run folder as each step begins (after the last
+    step's save), and a crash at step `crash_at`."""
+
+    def __init__(self, run, minutes, crash_at=None):
+        super().__init__(minutes)
+        self.run, self.crash_at, self.seen = run, crash_at, {}
+
+    def advance(self, step):
+        super().advance(step)
+        self.seen[step] = _step_files(self.run)
+        if step == self.crash_at:
+            raise RuntimeError("killed")
+
+
+def _step_files(run):
+    return sorted(ck.step_of(p) for p in (run / "checkpoints").glob("step-*.safetensors"))
+
+
+def _timed_cfg(**extra):
+    from conftest import tiny
+
+    return tiny("dcgan").with_overrides({"train.steps": 10, "train.ckpt_every": 5, "train.sample_every": 100,
+                                         "train.ckpt_minutes": 20, **extra})
+
+
+def test_a_checkpoint_by_time_is_replaced_by_the_next_save_and_pushes_none_out(tmp_path, monkeypatch):
+    """train.ckpt_minutes=20 at 7 minutes a step (ckpt_every 5, keep 1): by time at 3 and 8, by steps at 5
+    and 10. Each save by time is the resume point until the next save replaces it, and never counts
+    towards keep_checkpoints."""
+    from conftest import Timed
 
     from aigc_cli.training.loop import train
 
-    cfg = tiny("dcgan").with_overrides({"train.steps": 10, "train.ckpt_every": 100, "train.sample_every": 100,
-                                        "train.keep_checkpoints": 0, "train.ckpt_minutes": minutes})
-    train(cfg, tmp_path / "r", Timed(7).on(monkeypatch))
-    assert sorted(ck.step_of(p) for p in (tmp_path / "r" / "checkpoints").glob("step-*.safetensors")) == saved
-    if minutes:  # each a full, resumable checkpoint
-        assert ck.load(tmp_path / "r" / "checkpoints" / "step-0000006.safetensors").step == 6
+    run = tmp_path / "r"
+    rep = type("Watch", (_Watching, Timed), {})(run, 7).on(monkeypatch)
+    train(_timed_cfg(**{"train.keep_checkpoints": 1}), run, rep)
+    assert {s: rep.seen[s] for s in (4, 6, 9)} == {4: [3], 6: [5], 9: [5, 8]}
+    assert _step_files(run) == [10]
+    assert ck.load(run).step == 10
+
+
+def test_a_run_killed_after_a_checkpoint_by_time_resumes_from_it_and_the_next_save_replaces_it(tmp_path, monkeypatch):
+    from conftest import Silent, Timed
+
+    from aigc_cli.training.loop import train
+
+    run = tmp_path / "r"
+    rep = type("Watch", (_Watching, Timed), {})(run, 7, crash_at=9).on(monkeypatch)
+    cfg = _timed_cfg(**{"train.keep_checkpoints": 2})
+    with pytest.raises(RuntimeError, match="killed"):
+        train(cfg, run, rep)
+    assert _step_files(run) == [5, 8]
+    assert ck.read_meta(run / "checkpoints" / "step-0000008.safetensors")["aigc.saved_for"] == "time"
+    assert "aigc.saved_for" not in ck.read_meta(run / "checkpoints" / "step-0000005.safetensors")
+    resumed = Silent()
+    train(cfg, run, resumed, resume=ck.load(run))  # as --resume auto: the newest, step 8
+    assert resumed.info["start_step"] == 8
+    assert _step_files(run) == [5, 10]  # 8 replaced by the final save, 5 kept (keep 2)
+
+
+def test_without_checkpoints_by_time_only_those_by_steps(tmp_path, monkeypatch):
+    from conftest import Timed
+
+    from aigc_cli.training.loop import train
+
+    train(_timed_cfg(**{"train.ckpt_minutes": 0, "train.keep_checkpoints": 0}), tmp_path / "r",
+          Timed(7).on(monkeypatch))
+    assert _step_files(tmp_path / "r") == [5, 10]
 
 
 def test_checkpoint_minutes_default_and_bad_values():

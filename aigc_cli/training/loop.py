@@ -276,6 +276,7 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup, run_lock
                 and not run.relink_best(best_value, best_step)):
             best_value = best_step = None  # its checkpoint is not in this branch (or this fork): find its own
         run.write_config(cfg)
+        run.adopt_transient()
         run.prune()  # the resumed checkpoint is the newest step file here: it stays
     labels_fixed, nrow = grid_labels(cfg)
     z_fixed = latents(len(labels_fixed) if labels_fixed is not None else cfg.train.n_samples,
@@ -358,7 +359,7 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup, run_lock
     def beats_best(value) -> bool:
         return value is not None and (best_value is None or (value > best_value if higher_is_better else value < best_value))
 
-    def save(eval_value: float | None = None) -> Path:
+    def save(eval_value: float | None = None, transient: bool = False) -> Path:
         """A checkpoint; best.safetensors too when it beats the best so far by the metric. An eval
         metric counts only at the evaluation that measured these weights. The losses summed since the
         last log line go with it, so that a resume logs the same averages as an uninterrupted run."""
@@ -373,7 +374,7 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup, run_lock
                  "aigc.data_images": str(len(data.images)), **names}
         good = state.capture(cfg, nets, opts, amp, batches, step, images_seen, extra)
         good_scale = lr_scale
-        good_path = run.save_checkpoint(step, *good, best=is_best)
+        good_path = run.save_checkpoint(step, *good, best=is_best, transient=transient)
         due = save_due(cfg.train.ckpt_minutes)
         return good_path
 
@@ -503,16 +504,16 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup, run_lock
                     recover("non-finite weights or losses at an evaluation")
                     continue
                 path = save_best(value)
-        want_save = (step % cfg.train.ckpt_every == 0 or step == steps or stop.signum is not None
-                     or stop.save_requested or write_error is not None or clock() >= due)
-        if want_save:
+        regular = (step % cfg.train.ckpt_every == 0 or step == steps or stop.signum is not None
+                   or stop.save_requested or write_error is not None)
+        if regular or clock() >= due:
             if path is None:
                 # Never write a broken state over a good one, nor one whose pending losses are not finite
                 # (a save between log lines: SIGUSR1, a stop, train.ckpt_minutes).
                 if not state.all_finite(nets, grads=amp.scaler is None, also=sums.values()):
                     recover("non-finite weights or losses at a checkpoint")
                     continue
-                path = save()
+                path = save(transient=not regular)
             final = step == steps  # the run is complete: nothing to resume, so no stop code either
             if write_error is not None:
                 failed = "cannot write {}: {}".format(*write_error)

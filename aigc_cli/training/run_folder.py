@@ -17,6 +17,7 @@ from ..files import make_parent, remove_empty, atomic_write, json_line
 
 
 LOCK_NAME = ".aigc-train.lock"
+TRANSIENT_KEY = "aigc.saved_for"  # "time" in a checkpoint written by train.ckpt_minutes alone
 
 
 def _holder(lock: Path) -> str:
@@ -155,6 +156,9 @@ _LEFTOVERS = {
 class RunFolder:
     def __init__(self, root: Path, keep: int):
         self.root, self.keep = Path(root), keep
+        # The newest checkpoint when it was written by time (train.ckpt_minutes): the next save replaces it,
+        # and it does not count towards `keep`, so saves by time never push out those by steps.
+        self.transient: Path | None = None
         self.samples = self.root / "samples"  # made by the first grid written (classifiers write none)
         self.checkpoints = self.root / "checkpoints"
         self.checkpoints.mkdir(parents=True, exist_ok=True)
@@ -294,10 +298,10 @@ class RunFolder:
             else:
                 ckpt_io.write_atomic(self.checkpoints / name, tensors, meta)
 
-    def save_checkpoint(self, step: int, tensors: dict, meta: dict, best: bool = False) -> Path:
+    def save_checkpoint(self, step: int, tensors: dict, meta: dict, best: bool = False, transient: bool = False) -> Path:
         path = self.checkpoints / f"step-{step:07d}.safetensors"
         try:
-            ckpt_io.write_atomic(path, tensors, meta)
+            ckpt_io.write_atomic(path, tensors, {**meta, TRANSIENT_KEY: "time"} if transient else meta)
             self._link(path, "last.safetensors", tensors, meta)
             if best:
                 self._link(path, "best.safetensors", tensors, meta)
@@ -305,8 +309,18 @@ class RunFolder:
             previous = self.checkpoints / "last.safetensors"
             kept = f"; the previous checkpoint {previous} is intact" if previous.exists() else ""
             raise UsageError(f"cannot write checkpoint {path}: {e.strerror or e}{kept}") from None
+        replaced, self.transient = self.transient, path if transient else None
+        if replaced is not None and replaced != path:
+            replaced.unlink(missing_ok=True)  # a best.safetensors linked to it keeps its data
         self.prune()
         return path
+
+    def adopt_transient(self) -> None:
+        """A resumed run's newest checkpoint, when written by time, is replaced by the next save as it would
+        have been had the run gone on."""
+        steps = sorted(self.checkpoints.glob("step-*.safetensors"), key=ckpt_io.step_of)
+        if steps and (ckpt_io.read_meta(steps[-1]) or {}).get(TRANSIENT_KEY) == "time":
+            self.transient = steps[-1]
 
     def prune(self) -> None:
         """Only the newest `keep` step files stay (keep <= 0: all). After each save, and when a run
@@ -314,7 +328,7 @@ class RunFolder:
         which a full disk may need."""
         if self.keep <= 0:
             return
-        steps = sorted(self.checkpoints.glob("step-*.safetensors"), key=ckpt_io.step_of)
+        steps = [p for p in sorted(self.checkpoints.glob("step-*.safetensors"), key=ckpt_io.step_of) if p != self.transient]
         for old in steps[:-self.keep]:
             old.unlink(missing_ok=True)  # best/last are hard links: their data stays
 
