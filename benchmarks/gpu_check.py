@@ -10,7 +10,8 @@ equivalence, train (graphed and eager, at the defaults), train_graphed (the same
 BN + activation at batch 64 and 128), fusion (fused on/off at 1024 and 256), vs_reference
 (benchmarks/train_speed.py), profile (GPU time per kernel family of an eager step at batch 1024), copies
 (GPU time of copies and convolutions by input shape), one_channel (benchmarks/one_channel.py), subpixel
-(train.subpixel_convs on/off at 1024, 256 and 64, each half alone at 1024), rollback, resume, eval (`aigc eval` wall times),
+(train.subpixel_convs on/off at 1024, 256 and 64, each half alone at 1024), cudnn_search (cuDNN's benchmark
+trying all algorithms, not 10, at 1024), rollback, resume, eval (`aigc eval` wall times),
 fid_agreement (needs pytorch-fid), sample. On 2026-11-29 on an H200 one call of fusion, train, vs_reference,
 sample, train_fuse, equivalence, rollback, resume, profile, eval and fid_agreement took 411 s, and one of
 resume, rollback, train_graphed, sample, fid_agreement and copies 308 s (see benchmarks/README.md); a machine there starts bare, so carry the Fashion-MNIST files
@@ -269,6 +270,21 @@ def subpixel_speed(args, out) -> dict:
     return res
 
 
+def cudnn_search_speed(args, out) -> dict:
+    """cuDNN's benchmark mode tries 10 algorithms per convolution by default (torch.backends.cudnn.benchmark_limit);
+    0 tries all. At batch 1024, graphed and fused: whether a kernel outside the first 10 is faster."""
+    res = {}
+    try:
+        for i, limit in enumerate((0, 10, 0, 10)):  # twice each, alternating
+            torch.backends.cudnn.benchmark_limit = limit
+            r = aigc_train_speed(args.data, 1024, "auto", 150)
+            res[f"limit_{limit}_{'ab'[i // 2]}"] = {k: r[k] for k in ("img_per_s_median", "wall_s")}
+            record(out, "cudnn_search_so_far", res)
+    finally:
+        torch.backends.cudnn.benchmark_limit = 10
+    return res
+
+
 def kernel_profile(args, out) -> dict:
     """Where the GPU time of an eager step goes at batch 1024 (eager: a replayed graph hides its kernels),
     by kernel family, with and without fusion: what any further speed-up can still win."""
@@ -400,7 +416,7 @@ PARTS: dict = {
         ("fusion", fusion_speed), ("profile", kernel_profile), ("rollback", rollback_under_graph),
         ("resume", resume_under_graph), ("eval", eval_speed), ("fid_agreement", fid_agreement),
         ("sample", sample_speed), ("vs_reference", vs_reference), ("copies", layout_copies),
-        ("one_channel", one_channel), ("subpixel", subpixel_speed)]},
+        ("one_channel", one_channel), ("subpixel", subpixel_speed), ("cudnn_search", cudnn_search_speed)]},
 }
 
 if __name__ == "__main__":
