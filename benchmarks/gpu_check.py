@@ -11,7 +11,7 @@ BN + activation at batch 64 and 128), fusion (fused on/off at 1024 and 256), vs_
 (benchmarks/train_speed.py), profile (GPU time per kernel family of an eager step at batch 1024), copies
 (GPU time of copies and convolutions by input shape), one_channel (benchmarks/one_channel.py), subpixel
 (train.subpixel_convs on/off at 1024, 256 and 64, each half alone at 1024), cudnn_search (cuDNN's benchmark
-trying all algorithms, not 10, at 1024), rollback, resume, eval (`aigc eval` wall times),
+trying all algorithms, not 10, at 1024, each run in its own process: b1024), b1024 (one run at the defaults), rollback, resume, eval (`aigc eval` wall times),
 fid_agreement (needs pytorch-fid), sample. On 2026-11-29 on an H200 one call of fusion, train, vs_reference,
 sample, train_fuse, equivalence, rollback, resume, profile, eval and fid_agreement took 411 s, and one of
 resume, rollback, train_graphed, sample, fid_agreement and copies 308 s (see benchmarks/README.md); a machine there starts bare, so carry the Fashion-MNIST files
@@ -150,11 +150,27 @@ def main() -> None:
     ap.add_argument("--device", default="cuda", help="cpu: smoke-test the fusion and profile parts without a GPU")
     ap.add_argument("--steps-scale", type=float, default=1.0, help="multiply the step counts (smoke tests: 0.05)")
     ap.add_argument("--aigc-set", action="append", default=[], metavar="KEY=VALUE",
-                    help="config override for every training the parts run, e.g. train.subpixel_convs=on (repeatable)")
+                    help="config override, e.g. train.subpixel_convs=on (repeatable), for the trainings this script "
+                         "runs itself (not equivalence, and not the other benchmark scripts it calls); it wins over "
+                         "a part's own settings, so leave batch sizes and steps to the parts")
+    ap.add_argument("--cudnn-benchmark-limit", type=int,
+                    help="torch.backends.cudnn.benchmark_limit for this process (0: cuDNN tries every algorithm)")
     args = ap.parse_args()
     global DEVICE, STEPS_SCALE
     DEVICE, STEPS_SCALE = args.device, args.steps_scale
+    if args.cudnn_benchmark_limit is not None:
+        torch.backends.cudnn.benchmark_limit = args.cudnn_benchmark_limit
+    bad = [item for item in args.aigc_set if "=" not in item]
+    if bad:
+        sys.exit(f"--aigc-set takes KEY=VALUE, got {', '.join(bad)}")
     AIGC_SETS.update(item.split("=", 1) for item in args.aigc_set)
+    from aigc_cli.config import load_preset
+    from aigc_cli.errors import UsageError
+
+    try:  # a misspelt key or a bad value fails here, at once, not in each part
+        load_preset("fashion-mnist-dcgan").with_overrides(AIGC_SETS)
+    except UsageError as e:
+        sys.exit(f"--aigc-set: {e}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     record(out, "device", {"name": torch.cuda.get_device_name() if DEVICE == "cuda" else DEVICE, "torch": torch.__version__})
@@ -272,16 +288,21 @@ def subpixel_speed(args, out) -> dict:
 
 def cudnn_search_speed(args, out) -> dict:
     """cuDNN's benchmark mode tries 10 algorithms per convolution by default (torch.backends.cudnn.benchmark_limit);
-    0 tries all. At batch 1024, graphed and fused: whether a kernel outside the first 10 is faster."""
+    0 tries all. At batch 1024, graphed and fused: whether a kernel outside the first 10 is faster. Each run in
+    its own process: torch caches the algorithm it picked per convolution shape for the life of a process,
+    whatever the limit, so in this one the first search would decide for all."""
     res = {}
-    try:
-        for i, limit in enumerate((0, 10, 0, 10)):  # twice each, alternating
-            torch.backends.cudnn.benchmark_limit = limit
-            r = aigc_train_speed(args.data, 1024, "auto", 150)
-            res[f"limit_{limit}_{'ab'[i // 2]}"] = {k: r[k] for k in ("img_per_s_median", "wall_s")}
-            record(out, "cudnn_search_so_far", res)
-    finally:
-        torch.backends.cudnn.benchmark_limit = 10
+    for i, limit in enumerate((0, 10, 0, 10)):  # twice each, alternating
+        sub = out / f"cudnn-search-{limit}-{'ab'[i // 2]}"
+        cmd = [sys.executable, "benchmarks/gpu_check.py", "--data", args.data, "--out", str(sub), "--device", DEVICE,
+               "--steps-scale", str(STEPS_SCALE), "--parts", "b1024", "--cudnn-benchmark-limit", str(limit)]
+        r = run_cmd(cmd + [f"--aigc-set={k}={v}" for k, v in AIGC_SETS.items()], timeout=240)
+        try:
+            got = json.loads((sub / "gpu_check.json").read_text())["b1024"]
+            res[f"limit_{limit}_{'ab'[i // 2]}"] = {k: got.get(k) for k in ("img_per_s_median", "wall_s", "error")}
+        except (OSError, ValueError, KeyError):
+            res[f"limit_{limit}_{'ab'[i // 2]}"] = {"error": r}
+        record(out, "cudnn_search_so_far", res)
     return res
 
 
@@ -412,6 +433,8 @@ PARTS: dict = {
     # fused BatchNorm + activation at the launch-bound batch sizes (fusion covers 256 and 1024)
     "train_graphed": lambda args, out: train_speeds(args, out, None, graphs=("auto",)),  # the defaults, graphed only
     "train_fuse": lambda args, out: train_speeds(args, out, "on", (64, 128), ("auto",)),
+    # one graphed, fused run at batch 1024 (cudnn_search runs it in subprocesses)
+    "b1024": lambda args, out: part(out, "b1024", aigc_train_speed, args.data, 1024, "auto", 150),
     **{name: (lambda fn, name: lambda args, out: part(out, name, fn, args, out))(fn, name) for name, fn in [
         ("fusion", fusion_speed), ("profile", kernel_profile), ("rollback", rollback_under_graph),
         ("resume", resume_under_graph), ("eval", eval_speed), ("fid_agreement", fid_agreement),

@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import re
+import shutil
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -265,10 +266,13 @@ def test_a_run_killed_after_a_checkpoint_by_time_resumes_from_it_and_the_next_sa
     assert _step_files(run) == [5, 8]
     assert ck.read_meta(run / "checkpoints" / "step-0000008.safetensors")["aigc.saved_for"] == "time"
     assert "aigc.saved_for" not in ck.read_meta(run / "checkpoints" / "step-0000005.safetensors")
+    # A kill between a save and the removal of the transient before it leaves that one behind (made here
+    # by copying): the resume removes it, or it would count towards keep and push step 5 out.
+    shutil.copyfile(run / "checkpoints" / "step-0000008.safetensors", run / "checkpoints" / "step-0000007.safetensors")
     resumed = Silent()
     train(cfg, run, resumed, resume=ck.load(run))  # as --resume auto: the newest, step 8
     assert resumed.info["start_step"] == 8
-    assert _step_files(run) == [5, 10]  # 8 replaced by the final save, 5 kept (keep 2)
+    assert _step_files(run) == [5, 10]  # 8 replaced by the final save, 7 gone, 5 kept (keep 2)
 
 
 def test_without_checkpoints_by_time_only_those_by_steps(tmp_path, monkeypatch):

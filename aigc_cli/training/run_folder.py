@@ -317,10 +317,14 @@ class RunFolder:
 
     def adopt_transient(self) -> None:
         """A resumed run's newest checkpoint, when written by time, is replaced by the next save as it would
-        have been had the run gone on."""
+        have been had the run gone on. An older one written by time is a leftover: a kill came between the
+        save after it and its removal. It goes now, or it would count towards `keep` from here on."""
         steps = sorted(self.checkpoints.glob("step-*.safetensors"), key=ckpt_io.step_of)
-        if steps and (ckpt_io.read_meta(steps[-1]) or {}).get(TRANSIENT_KEY) == "time":
-            self.transient = steps[-1]
+        timed = [p for p in steps if (ckpt_io.read_meta(p) or {}).get(TRANSIENT_KEY) == "time"]
+        self.transient = steps[-1] if timed and timed[-1] == steps[-1] else None
+        for leftover in timed:
+            if leftover != self.transient:
+                leftover.unlink(missing_ok=True)
 
     def prune(self) -> None:
         """Only the newest `keep` step files stay (keep <= 0: all). After each save, and when a run
