@@ -421,8 +421,9 @@ def layout_copies(args, out) -> dict:
 
 
 def one_channel(args, out) -> dict:
-    """benchmarks/one_channel.py: the one-channel layers in other formulations, batch 1024."""
-    return run_cmd([sys.executable, "benchmarks/one_channel.py", "--device", DEVICE,
+    """benchmarks/one_channel.py: the one-channel layers in other formulations, batch 1024, then aigc's whole
+    eager step with train.subpixel_convs off and on."""
+    return run_cmd([sys.executable, "benchmarks/one_channel.py", "--device", DEVICE, "--whole-step", "4",
                     "--batch", "1024" if DEVICE == "cuda" else "64", "--json", str(out / "one_channel.json")], timeout=200)
 
 
