@@ -253,8 +253,9 @@ def test_a_checkpoint_by_time_is_replaced_by_the_next_save_and_pushes_none_out(t
     assert ck.load(run).step == 10
 
 
-def test_a_run_killed_after_a_checkpoint_by_time_resumes_from_it_and_the_next_save_replaces_it(tmp_path, monkeypatch):
-    from conftest import Silent, Timed
+def test_a_run_killed_after_a_checkpoint_by_time_resumes_from_it_and_the_next_save_replaces_it(tmp_path, monkeypatch,
+                                                                                                capsys):
+    from conftest import Silent, Timed, run_cli
 
     from aigc_cli.training.loop import train
 
@@ -266,6 +267,10 @@ def test_a_run_killed_after_a_checkpoint_by_time_resumes_from_it_and_the_next_sa
     assert _step_files(run) == [5, 8]
     assert ck.read_meta(run / "checkpoints" / "step-0000008.safetensors")["aigc.saved_for"] == "time"
     assert "aigc.saved_for" not in ck.read_meta(run / "checkpoints" / "step-0000005.safetensors")
+    code, out, _ = run_cli(monkeypatch, capsys, "info", run)  # the run folder: its newest, step 8
+    assert code == 0 and "written by train.ckpt_minutes: the run's next checkpoint deletes this step file" in out
+    code, out, _ = run_cli(monkeypatch, capsys, "info", run / "checkpoints" / "step-0000005.safetensors", "--json")
+    assert code == 0 and "saved_for" not in json.loads(out)
     # A kill between a save and the removal of the transient before it leaves that one behind (made here
     # by copying): the resume removes it, or it would count towards keep and push step 5 out.
     shutil.copyfile(run / "checkpoints" / "step-0000008.safetensors", run / "checkpoints" / "step-0000007.safetensors")

@@ -15,7 +15,13 @@ def test_children_left_running_are_found_even_once_orphaned(aigc_env):
     other = subprocess.Popen(["sleep", "60"])  # not a test command: no marker
     found = {}
     try:
-        found = _processes_with(marker)
+        # bash may exit before its background child has exec'd sleep: that child is still a "bash" for a moment
+        deadline = time.monotonic() + 10
+        while True:
+            found = _processes_with(marker)
+            if any(cmd.startswith("sleep 60") for cmd in found.values()) or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
         assert len(found) == 1 and next(iter(found.values())).startswith("sleep 60"), found
         assert other.pid not in found
     finally:

@@ -18,6 +18,7 @@ def info(
     from .. import checkpoint as ckpt_io
     from ..errors import one_line
     from ..models import FAMILIES
+    from ..training.run_folder import TRANSIENT_KEY
 
     ck = ckpt_io.load(checkpoint, warn=warn)
     # absolute, as sample and eval name a checkpoint: the step file behind last/best, which the next save replaces
@@ -28,6 +29,8 @@ def info(
               "format": int(ck.meta["aigc.format"]), "config": ck.config.to_dict()}
     if ck.class_names:
         result["class_names"] = ck.class_names
+    if ck.meta.get(TRANSIENT_KEY):  # "time": written by train.ckpt_minutes; the run's next save deletes it
+        result["saved_for"] = ck.meta[TRANSIENT_KEY]
     if ck.kind == "export":  # which weights it holds, and where from
         result.update(weights=ck.generator_weights()[1], source=ck.meta.get("aigc.source", ""))
     if json_out:
@@ -41,6 +44,9 @@ def info(
                 "the EMA generator" if result["weights"] == "G_ema" else "the raw generator")
         lines.append(f"exported {what} "
                      f"from {result['source'] or 'an unrecorded checkpoint'}")
+    if "saved_for" in result:
+        lines.append("written by train.ckpt_minutes: the run's next checkpoint deletes this step file "
+                     "(copy it to keep it)")
     if "class_names" in result:
         sampled = ck.config.model.conditional and FAMILIES[ck.config.model.kind].generative
         lines.append(f"classes{' (for `aigc sample --class`)' if sampled else ''}: {ck.numbered_classes()}")
