@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 RESULTS: dict = {}
 STEPS_SCALE = 1.0
 DEVICE = "cuda"  # --device cpu: a smoke test of the parts that allow it, on a machine without a GPU
-AIGC_SETS: dict = {}  # --aigc-set: config overrides for every training the parts run (a part's own win)
+AIGC_SETS: dict = {}  # --aigc-set: over each part's base settings, under what a part sets on purpose
 
 
 # Scratch runs, caches and weights: one folder, removed at exit (about 1.5 GB per run, on a shared disk here).
@@ -105,8 +105,7 @@ def graph_equivalence(data_dir: str) -> dict:
     return out
 
 
-def aigc_train_speed(data_dir: str, batch: int, graph: str, steps: int, fuse: str | None = None,
-                     sets: dict | None = None) -> dict:
+def aigc_train_speed(data_dir: str, batch: int, graph: str, steps: int, sets: dict | None = None) -> dict:
     from aigc_cli.config import load_preset
     from aigc_cli.training.loop import train
     from conftest import Silent
@@ -115,8 +114,7 @@ def aigc_train_speed(data_dir: str, batch: int, graph: str, steps: int, fuse: st
         "data.source": data_dir, "train.epochs": 0, "train.steps": max(4, int(steps * STEPS_SCALE)),
         "train.log_every": max(2, int(steps * STEPS_SCALE) // 10),
         "train.sample_every": 10**6, "train.ckpt_every": 10**6, "train.batch_size": batch,
-        "train.cuda_graph": graph, "train.device": DEVICE, **({"train.fuse_norm_act": fuse} if fuse else {}),
-        **AIGC_SETS, **(sets or {})})
+        "train.cuda_graph": graph, "train.device": DEVICE, **AIGC_SETS, **(sets or {})})
     rep = Silent()
     if DEVICE == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -260,7 +258,7 @@ def fusion_speed(args, out) -> dict:
     res = {}
     for batch, steps in ((1024, 150), (256, 300)):
         for fuse in ("on", "off"):
-            r = aigc_train_speed(args.data, batch, "auto", steps, fuse)  # explicit on/off
+            r = aigc_train_speed(args.data, batch, "auto", steps, {"train.fuse_norm_act": fuse})  # explicit on/off
             res[f"b{batch}_fuse_{fuse}"] = {k: r[k] for k in ("img_per_s_median", "wall_s", "peak_gb", "notes")}
     return res
 
@@ -387,7 +385,8 @@ def train_speeds(args, out, fuse: str | None = None, batches=(64, 128, 256, 1024
         steps = {64: 600, 128: 500, 256: 300, 1024: 120}[batch]
         for graph in graphs:
             suffix = f"_fuse_{fuse}" if fuse else ""
-            part(out, f"aigc_train_b{batch}_graph_{graph}{suffix}", aigc_train_speed, args.data, batch, graph, steps, fuse)
+            part(out, f"aigc_train_b{batch}_graph_{graph}{suffix}", aigc_train_speed, args.data, batch, graph, steps,
+                 {"train.fuse_norm_act": fuse} if fuse else None)
 
 
 def vs_reference(args, out) -> dict:

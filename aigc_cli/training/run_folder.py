@@ -300,8 +300,9 @@ class RunFolder:
 
     def save_checkpoint(self, step: int, tensors: dict, meta: dict, best: bool = False, transient: bool = False) -> Path:
         path = self.checkpoints / f"step-{step:07d}.safetensors"
+        meta = {**meta, TRANSIENT_KEY: "time"} if transient else meta  # last's copy too, where links fail
         try:
-            ckpt_io.write_atomic(path, tensors, {**meta, TRANSIENT_KEY: "time"} if transient else meta)
+            ckpt_io.write_atomic(path, tensors, meta)
             self._link(path, "last.safetensors", tensors, meta)
             if best:
                 self._link(path, "best.safetensors", tensors, meta)
