@@ -148,11 +148,16 @@ def remove_dead_temps(path: Path, suffix: str = ".tmp") -> int:
     failure: for an export or a decoded-data cache entry, one hidden file as large as the data). A live
     writer holds a lock on its temporary file until the rename, and the lock goes with its process, so
     a lock we can take is a dead writer's. Returns how many were removed."""
-    prefix = f".{path.name[:80]}."
-    pattern = re.compile(re.escape(prefix) + "[0-9a-f]{8}" + re.escape(suffix))
+    return remove_dead_temps_in(path.parent, re.escape(f".{path.name[:80]}."), suffix)
+
+
+def remove_dead_temps_in(folder: Path, name: str, suffix: str = ".tmp") -> int:
+    """remove_dead_temps for every file `name` (a regular expression) in `folder`: one sweep before a
+    command writes thousands of files there, each then written without its own sweep."""
+    pattern = re.compile(name + "[0-9a-f]{8}" + re.escape(suffix))
     removed = 0
     try:
-        entries = [e for e in os.scandir(path.parent) if pattern.fullmatch(e.name)]
+        entries = [e for e in os.scandir(folder) if pattern.fullmatch(e.name)]
     except OSError:
         return 0
     for entry in entries:

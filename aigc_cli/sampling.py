@@ -18,7 +18,7 @@ from PIL import Image
 
 from .checkpoint import Checkpoint, build_net
 from .errors import UsageError
-from .files import atomic_write
+from .files import atomic_write, remove_dead_temps_in
 from .models import FAMILIES
 from .training.precision import Precision, resolve_device, resolve_precision, slow_precision_note
 
@@ -246,6 +246,9 @@ def filling(folder: str | os.PathLike | None, n: int, what: str, warn) -> Iterat
         tempfile.TemporaryFile(dir=folder).close()
     except OSError as e:
         raise OSError(e.errno, e.strerror, str(folder)) from None
+    # What killed writers (kill -9, the OOM killer) left of their PNGs: hidden files that tools globbing
+    # *.png would take for images. Swept once here; each PNG is then written without a sweep of its own.
+    remove_dead_temps_in(folder, r"\.\d{6,}\.png\.", ".png")
     start = time.time_ns() - 1_000_000_000  # a second of slack for coarse file-system timestamps
     try:
         yield

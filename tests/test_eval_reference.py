@@ -4,6 +4,11 @@ features, the cache (reused, invalidated), `aigc eval stats` files and pytorch-f
 from __future__ import annotations
 
 import json
+import os
+import struct
+import time
+import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -208,6 +213,9 @@ def test_eval_stats_writes_a_file_that_ref_accepts_and_pytorch_fid_files_work_fo
     (None, "no 'sigma'"),
     ("object", "not a readable statistics .npz"),
     ("npy", "a single .npy array"),  # np.load returns the array itself: no context manager
+    ("deflate", "not a readable statistics .npz"),  # zlib.error, which is no OSError
+    ({"mu": np.zeros(4), "sigma": np.eye(4), "protocol": np.array("[" * 100000 + "]" * 100000)},
+     "not a readable statistics .npz"),  # json's RecursionError
     # FID from a matrix that is no covariance would be a number without meaning.
     ({"mu": np.zeros(4), "sigma": -np.eye(4)}, "'sigma' has negative eigenvalues"),
     ({"mu": np.zeros(4), "sigma": np.eye(4) + np.triu(np.ones((4, 4)), 1)}, "'sigma' is not symmetric"),
@@ -225,6 +233,15 @@ def test_bad_reference_files_are_one_line_errors(runs, tmp_path, monkeypatch, ca
         np.savez(bad, mu=np.array([{"a": 1}], dtype=object), sigma=np.eye(2))
     elif isinstance(content, dict):
         np.savez(bad, **content)
+    elif content == "deflate":  # a compressed file with its sigma's deflate stream damaged
+        np.savez_compressed(bad, mu=np.zeros(64), sigma=np.eye(64))
+        with zipfile.ZipFile(bad) as z:
+            info = z.getinfo("sigma.npy")
+        data = bytearray(bad.read_bytes())
+        name_len, extra_len = struct.unpack_from("<HH", data, info.header_offset + 26)  # the local header's
+        start = info.header_offset + 30 + name_len + extra_len
+        data[start:start + 3] = b"\xff\xff\xff"
+        bad.write_bytes(bytes(data))
     elif content == "npy":
         with open(bad, "wb") as f:
             np.save(f, np.zeros(3))
@@ -245,6 +262,26 @@ def test_save_fakes_points_out_pngs_it_did_not_write(runs, tmp_path, monkeypatch
     assert code == 0, err
     assert "--save-fakes" in err and "also holds 1 PNG file this command did not write" in err
     assert len(list(fakes.glob("*.png"))) == 11
+
+
+def test_save_fakes_sweeps_killed_writers_leftovers_once_not_per_png(runs, tmp_path, monkeypatch, capsys):
+    """A PNG writer killed mid-write leaves a hidden temporary PNG; each of thousands of PNGs sweeping the
+    whole folder for them made --save-fakes slow down with the square of --n."""
+    from aigc_cli import files
+
+    fakes = tmp_path / "fakes"
+    fakes.mkdir()
+    dead, live = fakes / ".000003.png.0123abcd.png", fakes / ".000004.png.4567cdef.png"
+    dead.write_bytes(b"half a png")
+    live.write_bytes(b"a writer still at it")
+    os.utime(dead, (time.time() - 3600,) * 2)
+    sweeps = []
+    monkeypatch.setattr(files, "remove_dead_temps", lambda *a, **k: sweeps.append(a) or 0)
+    code, _, err = run_cli(monkeypatch, capsys, "eval", runs / "gan", "--features", runs / "clf", "--n", 10,
+                           "--metrics", "fid", "--save-fakes", fakes, "--stats-dir", tmp_path / "stats")
+    assert code == 0, err
+    assert not dead.exists() and live.exists() and len(list(fakes.glob("[0-9]*.png"))) == 10
+    assert not [a for a in sweeps if Path(a[0]).parent == fakes]
 
 
 def test_a_reference_from_another_extractor_precision_is_pointed_out(runs, tmp_path, monkeypatch, capsys):

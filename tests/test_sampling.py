@@ -4,6 +4,8 @@ grid limits, notices; `aigc export` refusals. In-process CLI runs (run_cli) for 
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -122,6 +124,21 @@ def test_individual_only_streams_the_same_files_as_with_a_grid(monkeypatch, caps
     code, out, err = run_cli(monkeypatch, capsys, "sample", runs["gan"], "--n", "30", "--individual", tmp_path / "each",
                              "--quiet")
     assert (code, out, err) == (0, "", "")
+
+
+def test_individual_sweeps_what_killed_writers_left(monkeypatch, capsys, runs, tmp_path):
+    """kill -9 mid-write leaves a hidden .NNNNNN.png.XXXXXXXX.png, which a glob of *.png takes for an image;
+    the next run into the folder removes it (once, before writing: not per PNG)."""
+    each = tmp_path / "each"
+    each.mkdir()
+    dead, live, other = each / ".000001.png.89abcdef.png", each / ".000002.png.01234567.png", each / ".notes.png"
+    for f in (dead, live, other):
+        f.write_bytes(b"x")
+    os.utime(dead, (time.time() - 3600,) * 2)
+    os.utime(other, (time.time() - 3600,) * 2)
+    code, _, err = run_cli(monkeypatch, capsys, "sample", runs["gan"], "--n", "3", "--individual", each)
+    assert code == 0, err
+    assert not dead.exists() and live.exists() and other.exists()
 
 
 def test_a_grid_too_large_to_hold_is_one_line_exit_2_before_generating(monkeypatch, capsys, runs, tmp_path):

@@ -141,7 +141,7 @@ class FakeEmbedder:
     def add(self, images: torch.Tensor, batch_size: int) -> None:
         if self.save_dir is not None:
             for i, img in enumerate(images.cpu()):
-                save_png(img, self.save_dir / f"{self.count + i:06d}.png")
+                save_png(img, self.save_dir / f"{self.count + i:06d}.png", sweep=False)  # swept once: filling()
         if self.sink is not None:
             self.sink(images.cpu())
         self.count += len(images)

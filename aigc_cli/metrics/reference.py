@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -142,7 +143,8 @@ def load_npz(path: str | os.PathLike, what: str = "--ref", check_covariance: boo
             protocol = json.loads(str(z["protocol"])) if "protocol" in z.files else {}
     except UsageError:
         raise
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError, json.JSONDecodeError) as e:
+    # zlib.error: a damaged compressed member; RecursionError: a protocol of deeply nested JSON
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error, KeyError, RecursionError) as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         if "Object arrays cannot be loaded" in reason:  # an npz of object arrays
             reason = "it holds object (pickled) arrays, which aigc does not load"
