@@ -207,6 +207,19 @@ def test_folder_with_top_level_image_has_no_labels(tmp_path):
     assert data.labels is None and data.num_classes == 0
 
 
+@pytest.mark.parametrize("lazy", [None, 0])
+def test_a_loose_file_that_does_not_decode_still_means_no_labels_in_memory_as_streamed(tmp_path, lazy):
+    """Streamed, a file is only decoded while training, so its place in the folder decides: held in memory,
+    a broken file directly in the folder used to be dropped first, and the folder got labels there only."""
+    d = tmp_path / "cls"
+    for cls in ("a", "b"):
+        for i in range(3):
+            save(d / cls / f"{i}.png", Image.new("RGB", (8, 8)))
+    (d / "loose.png").write_bytes(b"junk, not a png")
+    data = load_images(str(d), channels=3, resolution=8, cache=False, lazy_above_mb=lazy, warn=lambda s: None)
+    assert data.labels is None and data.num_classes == 0
+
+
 def test_folder_errors(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -186,6 +186,34 @@ def test_a_conditional_vae_scored_on_other_classes_warns_and_gives_no_vae_scores
         assert r["metrics"] == {"neg_elbo": None} and any(expect in w for w in warnings), warnings
 
 
+@pytest.mark.parametrize("conditional", [False, True])
+def test_vae_scores_on_a_folder_too_large_to_hold_decode_only_the_n_picked(tmp_path, monkeypatch, conditional):
+    """As training streams such a folder (data.device_max_mb), so do the VAE scores: the whole folder was
+    decoded into memory to score --n of its images. The labels are those of the images picked."""
+    from conftest import write_image_folder
+    from aigc_cli.data import folder as folder_mod, lazy as lazy_mod
+
+    folder = write_image_folder(tmp_path / "folder", n_per_class=10, classes=("a", "b", "c", "d"), size=16)
+    cfg = tiny("vae", conditional=conditional, channels=3).with_overrides({
+        "data.source": str(folder), "data.device_max_mb": "0", "train.steps": "2", "train.batch_size": "4"})
+    train(cfg, tmp_path / "vae", Silent())
+    ck = ckpt_io.load(tmp_path / "vae")
+    run = lambda: evaluate_mod.evaluate(ck, data=str(folder), root=None, download=False, features=None, n=6,
+                                        batch_size=4, seed=0, device="cpu", precision="fp32", warn=print,
+                                        stats_dir=None, metrics=["recon_mse", "neg_elbo"])
+    decoded = []
+    original = folder_mod.decode
+    for module in (folder_mod, lazy_mod):
+        monkeypatch.setattr(module, "decode", lambda path, *a, **k: decoded.append(path) or original(path, *a, **k))
+    streamed = run()
+    assert len(decoded) == 6 and streamed["protocol"]["n_heldout"] == 6
+    held = ck.config.with_overrides({"data.device_max_mb": "1024"})
+    monkeypatch.setattr(ck, "config", held)
+    in_memory = run()  # the same images, decoded whole: the same scores
+    assert streamed["metrics"] == pytest.approx(in_memory["metrics"], rel=1e-5)
+    assert all(v is not None for v in streamed["metrics"].values())
+
+
 def test_one_data_set_named_two_ways_is_one_for_the_classifier_warning(tmp_path):
     """A classifier trained on `fashion-mnist` (found in a folder) scoring a run trained on that folder by its
     path was warned about as other data ("distances may mean little")."""
@@ -232,7 +260,7 @@ def test_a_streamed_real_side_says_which_file_it_replaced_and_strict_refuses(tmp
     args = dict(n=100, seed=0, channels=1, resolution=16, root=None, download=False, lazy_above_mb=0)
     real, _ = load_real(str(folder), split="train", warn=said.append, **args)
     assert len(real) == 12  # streamed: the bad file is still listed, found only when decoded
-    picked = evaluate_mod._fetch_reporting(real, list(range(12)), said.append, strict=False)
+    picked = evaluate_mod._fetch_reporting(real, list(range(12)), said.append, strict=False)[0]
     assert len(picked) == 12 and any(f"skipping {bad.parent.name}/{bad.name}" in w for w in said), said
     with pytest.raises(UsageError, match="stopped by --strict"):
         evaluate_mod._fetch_reporting(real, list(range(12)), said.append, strict=True)

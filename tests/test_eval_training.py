@@ -197,6 +197,40 @@ def test_evaluation_on_a_streamed_folder_with_no_readable_image_is_one_usage_err
         train(cfg, tmp_path / "run", Silent())
 
 
+@pytest.mark.parametrize("strict", [False, True])
+def test_an_evaluation_image_of_a_streamed_folder_that_does_not_decode_is_said(tmp_path, classifier, monkeypatch, strict):
+    """The evaluator's real images from a streamed folder: a bad file is replaced by the next one with a
+    warning, or stops the run under data.strict, as `aigc eval` and streamed training treat it (it was
+    replaced silently, --strict or not)."""
+    import numpy as np
+    from PIL import Image
+    from aigc_cli.data import load_images
+    from aigc_cli.errors import UsageError
+    from aigc_cli.metrics.evaluate import TrainingEvaluator
+    import torch
+    from aigc_cli.training.precision import Precision
+
+    src = tmp_path / "pngs"
+    src.mkdir()
+    for i in range(12):
+        Image.fromarray(np.full((16, 16), 20 * i, np.uint8)).save(src / f"{i:02d}.png")
+    (src / "05.png").write_bytes(b"not a png")
+    monkeypatch.setenv("AIGC_CACHE_DIR", str(tmp_path / "cache"))
+    cfg = tiny("dcgan").with_overrides({"data.source": str(src), "data.strict": str(strict).lower(),
+                                        "train.eval_every": "2", "train.eval_n": "12",
+                                        "train.eval_features": str(classifier)})
+    images = load_images(str(src), channels=1, resolution=16, cache=False, lazy_above_mb=0).images
+    said = []
+    make = lambda: TrainingEvaluator(cfg, torch.device("cpu"), Precision("fp32", torch.device("cpu")), said.append,
+                                     images=images, stats_dir=None)
+    if strict:
+        with pytest.raises(UsageError, match="cannot use image file 05.png"):
+            make()
+    else:
+        make()
+        assert any("skipping 05.png" in s and "06.png is used in its place" in s for s in said), said
+
+
 def test_lazy_training_data_decodes_only_the_evaluation_images(tmp_path, classifier, monkeypatch):
     """A folder streamed because it is large: the evaluator picks eval_n of its images, it does not
     decode (and cache) the whole folder."""

@@ -32,7 +32,8 @@ from ..files import atomic_write
 
 # Bump whenever decoding or conversion changes what a given file turns into, so that entries
 # written by an older aigc are not reused. 3: a class folder none of whose files decode keeps its number.
-FORMAT = 3
+# 4: a file directly in the folder that does not decode still means no labels.
+FORMAT = 4
 # A file modified this close to (or after) the moment it was listed could be modified again within
 # the same timestamp tick (file systems keep mtimes at jiffy, not nanosecond, resolution) without
 # its size or mtime changing; such listings are not cached ("racy git" problem, same remedy).

@@ -340,9 +340,10 @@ def class_labels(rel_paths: list[str], among: list[str] = ()) -> tuple[torch.Ten
     (None, ()) when any image sits directly in the folder. `among`: more files whose class folders
     are numbered too (all those listed, when rel_paths are the ones that decoded), so that a class
     folder none of whose files can be read keeps its number, and the others theirs, in memory as
-    when streamed (where a bad file is only found, and replaced, while training)."""
+    when streamed (where a bad file is only found, and replaced, while training). For the same
+    reason a file of `among` directly in the folder means no labels, even if it does not decode."""
     parts = [p.split(os.sep) for p in rel_paths]
-    if any(len(p) < 2 for p in parts):
+    if any(len(p) < 2 for p in parts) or any(os.sep not in p for p in among):
         return None, ()
     classes = sorted({p[0] for p in parts} | {p.split(os.sep)[0] for p in among if os.sep in p})
     index = {name: i for i, name in enumerate(classes)}

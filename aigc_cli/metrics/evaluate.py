@@ -427,22 +427,23 @@ def real_reference(data: str, *, extractor, n: int, seed: int, batch_size: int, 
     real, name = load_real(data, split=split, seed=seed, warn=warn, n=n, **load)
     picked = real_indices(len(real), n, seed)  # a folder's is picked already: then all of it
     if isinstance(real, LazyFolder):  # streamed, as training streamed it: a bad file is found only now
-        real = _fetch_reporting(real, picked.tolist(), warn, bool(load.get("strict")))
+        real = _fetch_reporting(real, picked.tolist(), warn, bool(load.get("strict")))[0]
     else:
         real = real[picked]
     return reference_for(real, extractor=extractor, data=data_identity(data), data_name=name, split=split,
                          seed=seed, batch_size=batch_size, stats_dir=stats_dir, warn=warn, should_stop=should_stop)
 
 
-def _fetch_reporting(real: LazyFolder, indices: list[int], warn, strict: bool) -> torch.Tensor:
-    """The picked images of a streamed folder; a file that does not decode is replaced by the next readable
-    one, as in streamed training, with a warning (--strict: an error)."""
-    images, _, failures = real.fetch(indices)
+def _fetch_reporting(real: LazyFolder, indices: list[int], warn, strict: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The picked images of a streamed folder, and their labels (those of the files used); a file that
+    does not decode is replaced by the next readable one, as in streamed training, with a warning
+    (--strict: an error)."""
+    images, labels, failures = real.fetch(indices)
     report_failures(failures, warn, strict)
     if images is None:
         raise UsageError(f"none of the image files under {one_line(real.folder)} could be decoded "
                          f"({failures[0][0]}: {failures[0][1]}); check that they are valid images")
-    return images
+    return images, labels
 
 
 def _stats_dir(stats_dir):
@@ -487,8 +488,10 @@ def vae_scores(ckpt, *, data, root, n, batch_size, seed, amp, warn) -> dict:
     m = ckpt.config.model
     E, G = (ckpt_io.build_net(ckpt, name).to(amp.device).eval() for name in ("E", "G"))
     try:
+        # A folder too large to hold streams, as in training: only the n picked are decoded.
         test = load_images(data, channels=m.channels, resolution=m.resolution, root=root, download=False,
-                           split="test", seed=seed, warn=warn)
+                           split="test", seed=seed, warn=warn, strict=ckpt.config.data.strict,
+                           lazy_above_mb=ckpt.config.data.device_max_mb)
     except UsageError as e:  # e.g. an IDX folder without its t10k files: FID/KID still stand
         warn(f"no held-out images for the VAE scores ({e})")
         return none
@@ -504,8 +507,11 @@ def vae_scores(ckpt, *, data, root, n, batch_size, seed, amp, warn) -> dict:
              f"({', '.join(ckpt.class_names)}): no VAE scores")
         return none
     idx = real_indices(len(test.images), n, seed)
-    images = test.images[idx]
-    labels = test.labels[idx] if m.conditional else None
+    if isinstance(test.images, LazyFolder):
+        images, labels = _fetch_reporting(test.images, idx.tolist(), warn, ckpt.config.data.strict)
+    else:
+        images, labels = test.images[idx], test.labels[idx] if test.labels is not None else None
+    labels = labels if m.conditional else None
     total = {"mse": 0.0, "neg_elbo": 0.0}
     start = 0
     # The posterior noise is the same per image whatever --batch-size cuts the images into.
@@ -579,7 +585,8 @@ class TrainingEvaluator:
                 from ..data.transforms import conform  # noqa: PLC0415
 
                 idx = real_indices(len(images), self.n, t.seed)
-                picked = images[idx] if torch.is_tensor(images) else images[idx.tolist()]
+                picked = (images[idx] if torch.is_tensor(images)  # a file that does not decode is said, as in eval
+                          else _fetch_reporting(images, idx.tolist(), warn, cfg.data.strict)[0])
                 self.reference = reference_for(conform(picked.cpu(), m.channels, m.resolution),
                                                extractor=self.extractor, data=data_identity(cfg.data.source),
                                                data_name=cfg.data.source, split="train", seed=t.seed,
