@@ -92,6 +92,7 @@ def private_cache_dir(tmp_path_factory, monkeypatch) -> Path:
     ~/.cache/aigc, and one test's decoded-image cache cannot satisfy another test's load."""
     path = tmp_path_factory.mktemp("cache")
     monkeypatch.setenv("AIGC_CACHE_DIR", str(path))
+    monkeypatch.delenv("AIGC_CACHE_MAX_GB", raising=False)
     return path
 
 

@@ -154,6 +154,49 @@ def test_unwritable_cache_folder_only_warns(photos, monkeypatch, tmp_path):
     assert warned[-1].startswith(f"cannot write the decoded-image cache in {blocker}") and "\n" not in warned[-1]
 
 
+def test_the_cache_stays_under_its_size_limit_removing_what_was_used_longest_ago(tmp_path, monkeypatch, decodes):
+    rng = np.random.default_rng(1)
+    folders = []
+    for name in "abcd":
+        d = tmp_path / name
+        d.mkdir()
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 256, (RES, RES, 3), dtype=np.uint8)).save(d / f"{i}.png")
+        age(d)
+        folders.append(d)
+    a, b, c, d = folders
+    load(a)
+    size = os.path.getsize(os.path.join(cache.decoded_dir(), entries()[0]))
+    monkeypatch.setenv("AIGC_CACHE_MAX_GB", repr(2.5 * size / 2**30))  # room for two entries, not three
+    load(b)
+    assert len(entries()) == 2
+    for i, path in enumerate(os.path.join(cache.decoded_dir(), e) for e in entries()):
+        os.utime(path, (OLD + i, OLD + i))  # distinct last uses, whatever the clock's resolution
+    first_of_a = load(a)[0]  # a hit marks a as used now: b, used before it, goes first
+    assert first_of_a.cached
+    _, warned = load(c)
+    assert len(entries()) == 2 and any("removed 1 entry used longest ago" in w and "AIGC_CACHE_MAX_GB=" in w
+                                       for w in warned), warned
+    decodes.clear()
+    assert load(a)[0].cached and not load(b)[0].cached and decodes  # b was decoded again
+    # An entry larger than the whole limit is not written (nor does it empty the cache for nothing).
+    monkeypatch.setenv("AIGC_CACHE_MAX_GB", repr(0.5 * size / 2**30))
+    before = entries()
+    _, warned = load(d)
+    assert entries() == before and any("not caching the decoded images" in w for w in warned), warned
+    monkeypatch.setenv("AIGC_CACHE_MAX_GB", "0")  # no limit
+    load(d)
+    assert len(entries()) == len(before) + 1
+
+
+@pytest.mark.parametrize("value", ["lots", "-1", "nan", "inf"])
+def test_a_cache_size_limit_that_is_no_size_is_one_error_before_decoding(photos, monkeypatch, decodes, value):
+    monkeypatch.setenv("AIGC_CACHE_MAX_GB", value)
+    with pytest.raises(UsageError, match="AIGC_CACHE_MAX_GB=.*expected a size in GB"):
+        load(photos)
+    assert decodes == []
+
+
 def test_files_modified_just_now_are_not_cached(photos):
     Image.new("RGB", (8, 8)).save(photos / "dogs" / "new.png")  # mtime: now
     load(photos)

@@ -47,6 +47,27 @@ def cache_root() -> str:
     return os.path.expanduser(os.environ.get("AIGC_CACHE_DIR") or os.path.join("~", ".cache", "aigc"))
 
 
+# The decoded cache keeps at most this many GB ($AIGC_CACHE_MAX_GB; 0: no limit); past it, the entries
+# used longest ago go first. An entry is up to data.device_max_mb (4 GB by default), and a folder that
+# changes between runs (a data set still growing) adds one per run: on a cluster's home quota the cache
+# would otherwise fill it unseen.
+DEFAULT_MAX_GB = 20.0
+
+
+def max_bytes() -> int | None:
+    """The cache's size limit in bytes (None: no limit); a value that is no number is a UsageError."""
+    from ..errors import UsageError  # noqa: PLC0415
+
+    raw = os.environ.get("AIGC_CACHE_MAX_GB", "").strip()
+    try:
+        gb = float(raw) if raw else DEFAULT_MAX_GB
+    except ValueError:
+        gb = -1.0
+    if not gb >= 0 or gb == float("inf"):  # NaN fails >= too
+        raise UsageError(f"AIGC_CACHE_MAX_GB={raw!r}: expected a size in GB, e.g. 20 (0: no limit)")
+    return int(gb * 2**30) if gb else None
+
+
 def decoded_dir() -> str:
     return os.path.join(cache_root(), "decoded")
 
@@ -125,6 +146,7 @@ def make_key(folder: str, rel_paths: Iterable[str], params: dict,
     (size, times, inode), since only a replacement for an unreadable one among the first is ever decoded:
     `limit=5000` on a folder of a million photos reads 5,000 of them, not the folder.
     """
+    max_bytes()  # a bad AIGC_CACHE_MAX_GB is said now, not after decoding
     rel_paths = list(rel_paths)
     listing, fresh = _listing(folder, rel_paths, params)
 
@@ -235,7 +257,37 @@ def load(key: Key, warn: Callable[[str], None]) -> Entry | None:
         except OSError:
             pass
         return None
+    try:  # its last use, which the size limit goes by (access times are often not kept: relatime, noatime)
+        os.utime(path)
+    except OSError:  # a cache shared read-only: the entry is still good
+        pass
     return Entry(images, labels, info)
+
+
+def _make_room(folder: str, needed: int, limit: int) -> tuple[int, int]:
+    """Remove the entries used longest ago until `needed` more bytes fit under `limit`; returns how
+    many were removed and their bytes. Temporary files of live writers are not entries, and are left."""
+    found = []
+    try:
+        with os.scandir(folder) as it:
+            for e in it:
+                if e.name.endswith(".safetensors") and not e.name.startswith("."):
+                    st = e.stat(follow_symlinks=False)
+                    found.append((st.st_mtime, st.st_size, e.path))
+    except OSError:
+        return 0, 0
+    total = sum(size for _, size, _ in found)
+    count = freed = 0
+    for _, size, path in sorted(found):
+        if total + needed <= limit:
+            break
+        try:
+            os.unlink(path)
+        except OSError:
+            continue
+        total -= size
+        count, freed = count + 1, freed + size
+    return count, freed
 
 
 def store(key: Key, entry: Entry, warn: Callable[[str], None]) -> None:
@@ -248,6 +300,17 @@ def store(key: Key, entry: Entry, warn: Callable[[str], None]) -> None:
     tensors = {"images": entry.images.contiguous()}
     if entry.labels is not None:
         tensors["labels"] = entry.labels.contiguous()
+    limit = max_bytes()
+    if limit is not None:
+        size = sum(t.numel() * t.element_size() for t in tensors.values())
+        shown = os.environ.get("AIGC_CACHE_MAX_GB") or f"{DEFAULT_MAX_GB:g} (the default)"
+        if size > limit:
+            warn(f"not caching the decoded images ({size / 2**30:.1f} GB): more than AIGC_CACHE_MAX_GB={shown}")
+            return
+        count, freed = _make_room(folder, size, limit)
+        if count:
+            warn(f"decoded-image cache {folder}: removed {count} entr{'y' if count == 1 else 'ies'} used longest "
+                 f"ago ({freed / 2**30:.2f} GB) to stay under AIGC_CACHE_MAX_GB={shown}")
     meta = {_META_KEY: json.dumps({**entry.info, "key": key.digest, "format": FORMAT})}
     try:
         # A unique temporary name in the same folder: a concurrent run writing the same entry cannot
