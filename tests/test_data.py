@@ -18,6 +18,7 @@ from PIL import Image
 
 from aigc_cli.data import BUILTIN_SOURCES, ImageData, load_images
 from aigc_cli.data import transforms
+from aigc_cli.data.folder import unlabelled_reason
 from aigc_cli.data.idx import read_idx
 from aigc_cli.errors import UsageError
 
@@ -215,9 +216,20 @@ def test_a_loose_file_that_does_not_decode_still_means_no_labels_in_memory_as_st
     for cls in ("a", "b"):
         for i in range(3):
             save(d / cls / f"{i}.png", Image.new("RGB", (8, 8)))
+    # What a stat() already rules out is never listed streamed: it leaves the labels be, either way.
+    (d / "empty.png").write_bytes(b"")
+    (d / "dangling.png").symlink_to(tmp_path / "nowhere.png")
+    data = load_images(str(d), channels=3, resolution=8, cache=False, lazy_above_mb=lazy, warn=lambda s: None)
+    assert data.labels.tolist() == [0, 0, 0, 1, 1, 1] and data.class_names == ("a", "b")
     (d / "loose.png").write_bytes(b"junk, not a png")
     data = load_images(str(d), channels=3, resolution=8, cache=False, lazy_above_mb=lazy, warn=lambda s: None)
     assert data.labels is None and data.num_classes == 0
+    # ... and the error a labelled model gives says what to do with such a file
+    reason = unlabelled_reason(str(d))
+    assert "loose.png, which is no readable image" in reason and "delete it" in reason and "move" not in reason
+    (d / "loose.png").unlink()
+    save(d / "good.png", Image.new("RGB", (8, 8)))
+    assert "(e.g. good.png) next to its class subfolders: move them into one" in unlabelled_reason(str(d))
 
 
 def test_folder_errors(tmp_path):

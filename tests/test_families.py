@@ -85,4 +85,4 @@ def test_labels_required_for_classifier(tmp_path, image_folder):
     with pytest.raises(UsageError, match="no labels") as e:
         train(cfg, tmp_path / "y", Silent())
     n = len(list(mixed.rglob("*.*")))
-    assert f"1 of its {n} images sits directly in {mixed} (e.g. stray.png) next to its class subfolders" in str(e.value)
+    assert f"1 of its {n} image files sits directly in {mixed} (e.g. stray.png) next to its class subfolders" in str(e.value)

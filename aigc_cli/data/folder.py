@@ -214,6 +214,16 @@ def describe_error(e: BaseException) -> str:
     return one_line(reason)
 
 
+def stat_problem(path: str) -> str | None:
+    """Why a stat() already shows `path` cannot be an image (a special file, which would block a reader
+    for good; a dangling link; an empty file), or None."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        return describe_error(e)
+    return "not a regular file" if not stat.S_ISREG(st.st_mode) else "empty file (0 bytes)" if st.st_size == 0 else None
+
+
 def _try_decode(folder: str, rel: str, resolution: int) -> np.ndarray | str:
     try:
         return decode(os.path.join(folder, rel), resolution)
@@ -276,7 +286,7 @@ def load_folder(folder: str, resolution: int, limit: int, warn: Callable[[str], 
         raise UsageError(f"none of the {len(paths)} image files under {one_line(folder)} could be read "
                          f"(all {skipped} rejected, reasons above); check that they are valid images")
     images = torch.from_numpy(out[:len(kept)])
-    labels, classes = class_labels(kept, among=paths[:wanted])
+    labels, classes = class_labels(kept, among=paths[:wanted], folder=folder)
     say_unseen_classes([c for i, c in enumerate(classes) if labels is not None and not bool((labels == i).any())], warn)
     if labels is not None:
         say_limited_classes(limit, len(kept), classes, paths, warn)
@@ -309,12 +319,15 @@ def unlabelled_reason(folder: str) -> str:
     if not os.path.isdir(folder):
         return ""
     paths = list_images(folder)
-    loose = [p for p in paths if os.sep not in p]
+    loose = [p for p in paths if os.sep not in p and stat_problem(os.path.join(folder, p)) is None]
     if not loose or len(loose) == len(paths):
         return ""
     verb = "sits" if len(loose) == 1 else "sit"
-    return (f"; {len(loose)} of its {len(paths)} images {verb} directly in {one_line(folder)} (e.g. {one_line(loose[0])}) "
-            "next to its class subfolders: move them into one")
+    said = f"; {len(loose)} of its {len(paths)} image files {verb} directly in {one_line(folder)}"
+    problem = _try_decode(folder, loose[0], 8)
+    if isinstance(problem, str):  # streamed, whether a file decodes is known only later: its place decides
+        return f"{said} next to its class subfolders, e.g. {one_line(loose[0])}, which is no readable image ({problem}): delete it"
+    return f"{said} (e.g. {one_line(loose[0])}) next to its class subfolders: move them into one"
 
 
 def say_unseen_classes(unseen: list[str], warn) -> None:
@@ -335,15 +348,17 @@ def say_limited_classes(limit: int, kept: int, classes: tuple[str, ...], paths: 
              "classifier learns only those")
 
 
-def class_labels(rel_paths: list[str], among: list[str] = ()) -> tuple[torch.Tensor | None, tuple[str, ...]]:
+def class_labels(rel_paths: list[str], among: list[str] = (), folder: str | None = None) -> tuple[torch.Tensor | None, tuple[str, ...]]:
     """Labels from first-level subfolders (indices into their sorted names), and those names;
     (None, ()) when any image sits directly in the folder. `among`: more files whose class folders
     are numbered too (all those listed, when rel_paths are the ones that decoded), so that a class
     folder none of whose files can be read keeps its number, and the others theirs, in memory as
     when streamed (where a bad file is only found, and replaced, while training). For the same
-    reason a file of `among` directly in the folder means no labels, even if it does not decode."""
+    reason a file of `among` directly in `folder` means no labels even if it does not decode, unless a
+    stat() already rules it out (a dangling link, an empty file): streamed, it is never listed."""
     parts = [p.split(os.sep) for p in rel_paths]
-    if any(len(p) < 2 for p in parts) or any(os.sep not in p for p in among):
+    loose = (p for p in among if os.sep not in p)
+    if any(len(p) < 2 for p in parts) or any(stat_problem(os.path.join(folder or "", p)) is None for p in loose):
         return None, ()
     classes = sorted({p[0] for p in parts} | {p.split(os.sep)[0] for p in among if os.sep in p})
     index = {name: i for i, name in enumerate(classes)}

@@ -16,14 +16,13 @@ process. Files that are obviously unusable (not regular, empty) are dropped up f
 from __future__ import annotations
 
 import os
-import stat
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
-from aigc_cli.data.folder import class_labels, decode, describe_error
+from aigc_cli.data.folder import class_labels, decode, describe_error, stat_problem
 from aigc_cli.data.transforms import to_channels
 from aigc_cli.errors import UsageError, one_line
 
@@ -64,7 +63,7 @@ class LazyFolder:
         self.folder = folder
         self.paths = list(rel_paths)
         self.channels, self.resolution = channels, resolution
-        self.labels, self.class_names = class_labels(self.paths, among=list(among))  # as folder.load_folder
+        self.labels, self.class_names = class_labels(self.paths, among=list(among), folder=folder)  # as load_folder
         self.num_classes = len(self.class_names)
         self._bad: dict[int, str] = {}  # per process: files already known not to decode
 
@@ -74,12 +73,7 @@ class LazyFolder:
         special files (a FIFO would block a worker forever), dangling links, empty files."""
         kept = []
         for rel in rel_paths:
-            try:
-                st = os.stat(os.path.join(folder, rel))
-                reason = ("not a regular file" if not stat.S_ISREG(st.st_mode)
-                          else "empty file (0 bytes)" if st.st_size == 0 else None)
-            except OSError as e:
-                reason = describe_error(e)
+            reason = stat_problem(os.path.join(folder, rel))
             if reason is None:
                 kept.append(rel)
             else:
