@@ -68,6 +68,26 @@ def test_a_command_that_fails_before_training_leaves_no_folder(tmp_path, monkeyp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["few"]  # no runs/, no new/
 
 
+def test_a_run_folder_inside_the_image_folder_it_trains_on_is_refused_and_not_made(tmp_path, monkeypatch, capsys):
+    """Its sample grids joined the data: a resume listed them as images (a third class, `samples`)."""
+    from PIL import Image
+    data = tmp_path / "cls"
+    for cls in ("cats", "dogs"):
+        (data / cls).mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(data / cls / f"{i}.png")
+    listing = sorted(data.rglob("*"))
+    common = ["--preset", "quickstart", "--data", data, "--steps", "1", "-b", "4"]
+    for out in (["--out", data], ["--out", data / "cats" / "run"], []):
+        monkeypatch.chdir(data if not out else tmp_path)  # no --out: runs/ under the working folder
+        code, _, err = run_cli(monkeypatch, capsys, "train", *common, *out)
+        assert code == 2 and err.count("\n") == 1 and "is inside the image folder --data" in err, err
+        assert sorted(data.rglob("*")) == listing  # no run folder or lock file left in the data
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(monkeypatch, capsys, "train", *common, "--out", tmp_path / "cls-run")  # a sibling: fine
+    assert code == 0, err
+
+
 def test_the_lock_file_follows_the_umask_and_works_read_only(tmp_path, monkeypatch):
     old = os.umask(0o002)
     try:

@@ -38,6 +38,22 @@ def next_run_dir(name: str, base: Path = Path("runs")) -> tuple[Path, list[Path]
             number += 1
 
 
+def _check_outside_data(run_dir: Path, source: str) -> None:
+    """A run folder inside an image folder that is the data adds its sample grids to the images: a resume
+    (which lists the folder again) or the next run trains on them, as a class of their own where the
+    folder has classes."""
+    from ..data import BUILTIN_SOURCES, folder_kind
+    from ..errors import UsageError
+
+    data = Path(source).expanduser()
+    if source in BUILTIN_SOURCES or not data.is_dir() or folder_kind(str(data)) != "folder":
+        return
+    data, run = data.resolve(), run_dir.resolve()
+    if run == data or data in run.parents:
+        raise UsageError(f"the run folder {run_dir} is inside the image folder --data {source}: its sample grids "
+                         "would become training images; give --out a folder outside it")
+
+
 def resume_run_dir(path: Path) -> Path:
     """The run folder a checkpoint (or a run's checkpoints/ folder) belongs to: run/checkpoints/x.safetensors
     -> run, and run/checkpoints/after-step-N/x.safetensors (a branch set aside) -> run too."""
@@ -165,6 +181,7 @@ def train(
                          "'_', '+' and '-'), so the run goes to runs/custom-NNN; set `name` in the file, or give --out")
                 run_dir, made = next_run_dir(cfg.name)
                 held.enter_context(run_lock(run_dir, made=made))
+            _check_outside_data(run_dir, cfg.data.source)
             holds_run = any((run_dir / "checkpoints").glob("*.safetensors"))
             if resume is None and holds_run:
                 raise UsageError(f"--out {run_dir}: already holds a run; pass --resume auto to continue it, "
