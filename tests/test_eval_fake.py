@@ -5,6 +5,7 @@ download the real ones); bad input is one `error:` line with exit code 2."""
 from __future__ import annotations
 
 import json
+import shlex
 
 import numpy as np
 import pytest
@@ -187,12 +188,16 @@ def test_real_and_fake_images_of_different_sizes_are_pointed_out_with_the_remedy
     assert code == 0 and "different" not in err, err
     code, _, err = run_cli(monkeypatch, capsys, "eval", "--fake", big, "--data", real, *common)
     assert code == 0, err
+    said = err.replace("\n", " ")
     assert "the real images are 3x16x16, the --fake images are 3x24x24: the two sides reach the extractor from " \
            f"different sizes; to score as `aigc eval CHECKPOINT` does, make the reference at their size with " \
-           f"`aigc eval stats --data {real} --resolution 24 --out ref.npz`" in err.replace("\n", " "), err
-    ref = tmp_path / "ref24.npz"
-    code, _, err = run_cli(monkeypatch, capsys, "eval", "stats", "--data", real, "--resolution", 24, "--out", ref,
-                           "--features", clf)
+           f"`aigc eval stats --data {real} --resolution 24 --channels 3 --features " in said, err
+    # The remedy as said, word for word: it used to leave out --features (and --channels), so the file it
+    # made was an Inception reference, which --features CLF then refused; and it wrote over ref.npz.
+    command, ref = said.split("`aigc ")[2].split("`")[0], "ref-3x24.npz"
+    assert f"`aigc {command}` and pass --ref {ref}" in said and command.endswith(f"--out {ref}"), said
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(monkeypatch, capsys, *shlex.split(command))
     assert code == 0, err
     code, _, err = run_cli(monkeypatch, capsys, "eval", "--fake", big, "--ref", ref, *common)
     assert code == 0 and "different" not in err, err  # the remedy: the same sizes on both sides

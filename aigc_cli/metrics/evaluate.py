@@ -209,9 +209,14 @@ def _say_if_sides_differ(ref: Reference, shape: list[int], fake_is: str, data: s
     what = "channels" if list(theirs[1:]) == list(shape[1:]) else "sizes"
     hint = ""
     if what == "sizes" and shape[1] == shape[2]:
+        # The whole command, so that the file it writes passes check_reference_matches; a new name, so that
+        # following it overwrites no reference of the user's.
+        extractor = str(ref.protocol.get("extractor", ""))
+        features = f" --features {shlex.quote(extractor.removeprefix('classifier:'))}" if extractor.startswith("classifier:") else ""
+        out = f"ref-{shape[0]}x{shape[1]}.npz"
         hint = (f"; to score as `aigc eval CHECKPOINT` does, make the reference at their size with `aigc eval stats "
-                f"--data {shlex.quote(data) if data else 'SOURCE'} --resolution {shape[1]} --out ref.npz` and pass "
-                "--ref ref.npz")
+                f"--data {shlex.quote(data) if data else 'SOURCE'} --resolution {shape[1]} --channels {shape[0]}{features} "
+                f"--out {out}` and pass --ref {out}")
     warn(f"the real images are {'x'.join(map(str, theirs))}, {fake_is} {'x'.join(map(str, shape))}: the two "
          f"sides reach the extractor from different {what}{hint}")
 
