@@ -387,6 +387,7 @@ def check_for_training(cfg: Config, base: Config | None = None) -> None:
     from before these checks must still load. `base` is the resumed run's config, whose own values are
     let be."""
     from .models import FAMILIES
+    from .training.augment import OPS as AUGMENT_OPS
 
     for key, v in _numbers(cfg, str):
         try:
@@ -400,6 +401,13 @@ def check_for_training(cfg: Config, base: Config | None = None) -> None:
         cap = INT_CAPS.get(key)
         if cap is not None and abs(v) > cap and (base is None or v != _value(base, key)):
             raise UsageError(f"{key} must be at most {cap:,}, got {_count_text(v)}")
+    ops = [op.strip() for op in cfg.train.diffaugment.split(",")]
+    if cfg.train.diffaugment.strip() and (base is None or cfg.train.diffaugment != base.train.diffaugment):
+        twice = sorted({op for op in ops if ops.count(op) > 1 and op})
+        if twice or "" in ops:  # a typo more often than a wish: an op twice is applied twice
+            raise UsageError(f"train.diffaugment={cfg.train.diffaugment!r}: "
+                             + (f"{', '.join(twice)} given twice" if twice else "an empty item")
+                             + f"; give a comma list of distinct ops from {', '.join(AUGMENT_OPS)}")
     m, default = cfg.model, ModelConfig()
     for name, owner in FAMILY_OPTIONS.items():
         value = getattr(m, name)

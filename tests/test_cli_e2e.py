@@ -211,8 +211,10 @@ def one_line_error(r) -> str:
     (["train", "--preset", "no-such-preset"], "unknown preset 'no-such-preset'"),
     (["train", "--preset", "quickstart", "--set", "train.bogus=1"], "unknown config key 'train.bogus'"),
     (["train", "--preset", "quickstart", "--set", "train.batch_size=many"], "expects int"),
-    (["train", "--preset", "quickstart", "--batch-size", "0"], "train.batch_size must be positive"),
-    (["train", "--preset", "quickstart", "--precision", "fp8"], "train.precision"),
+    (["train", "--preset", "quickstart", "--batch-size", "0"], "--batch-size must be positive, got 0"),
+    (["train", "--preset", "quickstart", "--precision", "fp8"], "--precision must be one of"),
+    (["train", "--preset", "quickstart", "--device", "cuda:x"], "--device must be auto, cpu"),  # named train.device
+    (["train", "--preset", "quickstart", "--set", "train.steps=0"], "train.steps must be positive"),  # a --set: its key
     (["train", "--preset", "quickstart", "--data", "mnist"], "--download"),
     (["sample", "/no/such/ckpt.safetensors"], "no such checkpoint"),
     (["train", "--preset", "quickstart", "--out", "-"], "--out -: standard output is not supported"),  # made ./-

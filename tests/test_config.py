@@ -215,6 +215,21 @@ def test_tighter_caps_hold_when_training_starts_but_stored_configs_still_load(it
     check_for_training(cfg, base=cfg)  # resuming a run saved before the caps
 
 
+@pytest.mark.parametrize("policy, expect", [
+    ("translation,translation", "translation given twice"), ("translation,,cutout", "an empty item"),
+    (", ", "an empty item"), ("color,", "an empty item"),
+])
+def test_a_diffaugment_policy_with_an_op_twice_or_an_empty_item_is_refused_when_training_starts(policy, expect):
+    """An op given twice was applied twice; empty items were dropped without a word."""
+    from aigc_cli.config import check_for_training
+
+    cfg = Config().with_overrides({"train.diffaugment": policy})
+    with pytest.raises(UsageError, match=expect):
+        check_for_training(cfg)
+    check_for_training(cfg, base=cfg)  # a run that already has it resumes as it was
+    check_for_training(Config().with_overrides({"train.diffaugment": " translation, cutout,color"}))
+
+
 def test_settings_a_family_does_not_read_are_noted_not_ignored_in_silence(tmp_path):
     from aigc_cli.config import load_preset, unused_settings, preset_names
     from aigc_cli.training.loop import train

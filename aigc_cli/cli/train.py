@@ -151,7 +151,10 @@ def train(
                                  (f"; --resume auto found no checkpoint in {out}" if resume == "auto" else ""))
             # --set values are checked first even where a flag then overrides them; all before any heavy work.
             with_sets = cfg.with_overrides(assignments)
-            cfg = with_sets.with_overrides(flags)
+            try:
+                cfg = with_sets.with_overrides(flags)
+            except UsageError as e:  # the settings passed: an option's value is wrong, and is named as given
+                raise UsageError(_named_as_option(str(e), flags)) from None
             _say_flags_over_settings(flags, assignments, with_sets, cfg, warn)  # values are good: now worth saying
             # Paths are stored absolute, so eval and resume from another working folder find the same files: the
             # data root always (`--download` may be about to make it), the others where they name a file here.
@@ -227,6 +230,14 @@ FLAG_OF = {"data.source": "--data", "data.root": "--data-root", "data.download":
            "train.steps": "--steps", "train.epochs": "--epochs", "train.batch_size": "--batch-size",
            "train.precision": "--precision", "train.device": "--device", "train.seed": "--seed"}
 ALSO_DECIDES = {"train.steps": "train.epochs", "train.epochs": "train.steps"}
+
+
+def _named_as_option(message: str, flags: dict) -> str:
+    """"train.batch_size must be positive" -> "--batch-size must be positive": the user typed the option."""
+    for key in flags:
+        if message.startswith(f"{key} "):
+            return FLAG_OF[key] + message[len(key):]
+    return message
 
 
 def _say_flags_over_settings(flags: dict, assignments: dict[str, str], with_sets, final, warn) -> None:
