@@ -249,6 +249,17 @@ def test_conditional_labels_are_made_batch_by_batch_one_class_per_row(monkeypatc
     assert [t.tolist() for t in seen] == [[3, 3, 0, 0], [2, 2]]
 
 
+def test_a_grid_of_one_class_is_square_not_one_long_row(monkeypatch, capsys, runs, tmp_path):
+    from PIL import Image
+
+    res = 16 + 2  # tiny()'s resolution and make_grid's padding
+    for classes, n, cells in (("1", 16, (4, 4)), ("1,2", 6, (3, 2))):  # two classes: one a row
+        code, _, err = run_cli(monkeypatch, capsys, "sample", runs["cond"], "--class", classes, "--n", str(n),
+                               "--out", tmp_path / "g.png")
+        assert code == 0, err
+        assert Image.open(tmp_path / "g.png").size == (cells[0] * res + 2, cells[1] * res + 2)
+
+
 @pytest.mark.parametrize("args, expect", [
     (["--n", str(10**9 + 1)], "--n must be at most 1,000,000,000"),
     (["--n", "99999999999999999999", "--individual", "{tmp}/i"], "--n must be at most"),

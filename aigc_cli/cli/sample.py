@@ -59,7 +59,7 @@ def sample(
     n: int = typer.Option(64, "--n", "-n", metavar="N", help="Number of images (at most 10^9; a grid holds far fewer, --individual any)."),
     seed: int = typer.Option(0, "--seed", metavar="SEED", callback=seed_in_range, help="Latent seed: the same seed gives the same images."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", metavar="FILE", help="Grid PNG path (default: samples.png, unless --individual is given)."),
-    nrow: Optional[int] = typer.Option(None, "--nrow", metavar="N", help="Images per grid row (default: one class per row, else sqrt(n) rounded up)."),
+    nrow: Optional[int] = typer.Option(None, "--nrow", metavar="N", help="Images per grid row (default: one class per row for two or more classes, else sqrt(n) rounded up)."),
     individual: Optional[Path] = typer.Option(None, "--individual", metavar="DIR", help="Write one PNG per image into this folder (with --out, the grid too)."),
     npz: Optional[Path] = typer.Option(None, "--npz", metavar="FILE", help="Write every image into one .npz file instead (with --out, the grid too): arr_0 uint8 (N, H, W, C), arr_1 the class labels of a conditional model, as guided-diffusion's and StyleGAN's evaluation scripts read them; `aigc eval --fake` reads it too."),
     classes: Optional[str] = typer.Option(None, "--class", metavar="CLASSES", help="Conditional models: a class number or name, or a comma list (e.g. 3, dogs or 0,2,5); one class per grid row (default: all classes; `aigc info` lists them)."),
@@ -140,7 +140,8 @@ def sample(
     write_grid = out is not None or (individual is None and npz is None)
     if write_grid:
         out = out or Path("samples.png")
-        nrow = nrow or per_row or math.ceil(math.sqrt(n))
+        one_class = drawn is not None and len(drawn) == 1 and not interpolate  # a row of 64 would be a strip
+        nrow = nrow or (None if one_class else per_row) or math.ceil(math.sqrt(n))
         check_grid_size(n, nrow, ck.config.model.resolution)
     G, amp = generator_from(ck, device, precision, ema=not no_ema, warn=warn)
     dim = ck.config.model.latent_dim
