@@ -34,6 +34,18 @@ def test_vae_loss_goes_down(tmp_path):
     assert (tmp_path / "vae" / "samples" / "recon-step-0000020.png").is_file()
 
 
+def test_a_vae_on_fewer_images_than_a_grid_row_shows_inputs_above_reconstructions(tmp_path):
+    """6 images and rows of 8 (64 samples) put inputs and reconstructions side by side in one row."""
+    from PIL import Image
+    from conftest import write_image_folder
+
+    folder = write_image_folder(tmp_path / "few", n_per_class=3, classes=("a", "b"), size=16)
+    cfg = tiny("vae").with_overrides({"data.source": str(folder), "train.steps": "1", "train.batch_size": "2",
+                                      "train.n_samples": "64"})
+    train(cfg, tmp_path / "vae", Silent())
+    assert Image.open(tmp_path / "vae" / "samples" / "recon-step-0000001.png").size == (6 * 18 + 2, 2 * 18 + 2)
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_steps_run_on_cpu(precision, tmp_path):
     cfg = tiny("dcgan").with_overrides({"train.precision": precision, "train.steps": "5", "train.log_every": "5"})

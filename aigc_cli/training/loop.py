@@ -290,13 +290,15 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup, run_lock
             save_grid(generate(G, z_fixed, amp, labels=labels_fixed), run.samples / f"step-{step:07d}.png", nrow)
             if family.objective == "vae":  # inputs above, their reconstructions below
                 k = min(len(data.images), max(nrow, cfg.train.n_samples // 2 // nrow * nrow))
+                row = min(nrow, k)  # whole rows of each (fewer images than a row: one row of each)
+                k = k // row * row
                 real = from_uint8(data.images[:k].to(device))
                 y = data.labels[:k].to(device) if cfg.model.conditional else None
                 nets["E"].eval()
                 with torch.inference_mode(), amp.autocast():
                     mu, _ = nets["E"](real, y)
                     recon = to_uint8(G(mu, y)).cpu()
-                save_grid(torch.cat([data.images[:k], recon]), run.samples / f"recon-step-{step:07d}.png", nrow)
+                save_grid(torch.cat([data.images[:k], recon]), run.samples / f"recon-step-{step:07d}.png", row)
         finally:  # also when a grid cannot be written: training goes on in train mode (the EMA copy stays in eval)
             nets["G"].train()
             if "E" in nets:
