@@ -424,7 +424,7 @@ def test_conditional_sampling_by_class_and_ema(aigc, cli, image_folder, gan_run,
              "--set", "model.d_width=16", "--set", "train.ema_decay=0.5", "--set", "train.n_critic=1", "--json")
     assert r.code == 0, r.stderr
     r = aigc("sample", out, "--class", "1", "--n", "3", "--out", tmp_path / "one-class.png")
-    assert r.code == 0 and png_size(tmp_path / "one-class.png") == (3 * 18 + 2, 18 + 2)  # one row: class 1
+    assert r.code == 0 and png_size(tmp_path / "one-class.png") == (2 * 18 + 2, 2 * 18 + 2)  # one class: square
     r = cli("sample", out, "--class", "Dogs", "--n", "3", "--out", tmp_path / "by-name.png")  # its folder's name
     assert r.code == 0 and (tmp_path / "by-name.png").read_bytes() == (tmp_path / "one-class.png").read_bytes()
     r = cli("sample", out, "--class", "dogs,0", "--n", "2", "--out", tmp_path / "mixed.png")

@@ -266,6 +266,19 @@ def test_a_streamed_real_side_says_which_file_it_replaced_and_strict_refuses(tmp
         evaluate_mod._fetch_reporting(real, list(range(12)), said.append, strict=True)
 
 
+def test_a_skipped_file_of_a_folder_eval_reads_twice_is_said_once(runs, tmp_path, monkeypatch, capsys):
+    """A VAE's scores read --data for the real statistics and again for its held-out images."""
+    from conftest import write_image_folder
+
+    train(tiny("vae", channels=3).with_overrides({"train.steps": "2"}), tmp_path / "vae", Silent())
+    folder = write_image_folder(tmp_path / "folder", n_per_class=4, size=16)
+    (folder / "cats" / "zz-broken.png").write_bytes(b"not a png")
+    code, out, err = run_cli(monkeypatch, capsys, "eval", tmp_path / "vae", "--data", folder, "--features",
+                             runs / "clf", "--n", 8, "--stats-dir", tmp_path / "stats", "--metrics", "fid,recon_mse")
+    assert code == 0, err
+    assert err.count("skipping cats/zz-broken.png") == 1, err
+
+
 def test_vae_scores_say_when_they_cannot_be_or_are_not_on_held_out_images(runs, tmp_path, monkeypatch, capsys):
     from aigc_cli.export import export_generator
     from conftest import write_image_folder

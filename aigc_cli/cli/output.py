@@ -131,8 +131,18 @@ def seed_in_range(value: int | None) -> int | None:
 
 
 def warner(quiet: bool):
-    """warn, or with --quiet a function that says nothing."""
-    return (lambda message: None) if quiet else warn
+    """warn, each message once (`aigc eval` of a VAE reads its data folder twice, for the real statistics
+    and the held-out scores, and said each skipped file twice), or with --quiet a function that says nothing."""
+    if quiet:
+        return lambda message: None
+    said: set[str] = set()
+
+    def once(message: str) -> None:
+        if message not in said:
+            said.add(message)
+            warn(message)
+
+    return once
 
 
 def fail(message: str, code: int, prefix: str = "error") -> None:
