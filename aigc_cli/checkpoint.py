@@ -181,7 +181,10 @@ def resolve(path_or_run: str | os.PathLike) -> Path:
         steps = step_files(ckdir)
         if steps:
             return steps[0]
-        raise UsageError(f"{p}: no checkpoint found in this folder (expected checkpoints/last.safetensors)")
+        if (ckdir / "best.safetensors").is_file():  # all that was kept of a run (the others deleted for space)
+            return ckdir / "best.safetensors"
+        raise UsageError(f"{p}: no checkpoint found in this folder (expected checkpoints/last.safetensors, "
+                         "step-N.safetensors or best.safetensors)")
     if not p.exists():
         raise UsageError(f"{p}: no such checkpoint file or run folder")
     if not p.is_file():  # a FIFO or device would block or never end

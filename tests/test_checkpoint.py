@@ -95,6 +95,12 @@ def test_run_folder_resolves_to_newest(tmp_path, saved):
     assert ck.resolve(tmp_path / "run").name == "step-0000040.safetensors"
     (run / "last.safetensors").write_bytes(path.read_bytes())
     assert ck.resolve(tmp_path / "run").name == "last.safetensors"
+    for f in run.iterdir():  # all that was kept of a run: its best ("no checkpoint found" before)
+        f.rename(run / "best.safetensors") if f.name == "step-0000040.safetensors" else f.unlink()
+    assert ck.resolve(tmp_path / "run").name == "best.safetensors"
+    (run / "best.safetensors").unlink()
+    with pytest.raises(UsageError, match="no checkpoint found in this folder"):
+        ck.resolve(tmp_path / "run")
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "empty", "foreign", "bad-config", "bad-format", "mismatch",
