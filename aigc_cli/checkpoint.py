@@ -246,6 +246,8 @@ def _load(path: Path, device: str) -> Checkpoint:
         raise UsageError(f"{path}: checkpoint format {meta['aigc.format']!r} is not supported (this aigc reads {FORMAT})")
     if meta.get("aigc.kind") not in ("checkpoint", "export"):
         raise UsageError(f"{path}: unknown aigc.kind {meta.get('aigc.kind')!r}")
+    if "aigc.config" not in meta:
+        raise UsageError(f"{path}: metadata aigc.config is missing (damaged, or not written by aigc)")
     try:
         cfg = config_from_dict(json.loads(meta.get("aigc.config", "")))
     except (ValueError, UsageError) as e:  # ValueError: bad JSON, or an integer of over 4300 digits

@@ -104,7 +104,7 @@ def test_run_folder_resolves_to_newest(tmp_path, saved):
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "empty", "foreign", "bad-config", "bad-format", "mismatch",
-                                    "no-step"])
+                                    "no-step", "no-config"])
 def test_bad_files_give_usage_errors(tmp_path, saved, damage):
     cfg, path = saved[0], saved[3]
     bad = tmp_path / "bad.safetensors"
@@ -126,6 +126,8 @@ def test_bad_files_give_usage_errors(tmp_path, saved, damage):
             meta["aigc.format"] = "99"
         elif damage == "no-step":  # `info` said step 0, a resume failed on a KeyError
             del meta["aigc.step"]
+        elif damage == "no-config":  # said "its stored config is invalid (Expecting value: line 1 column 1)"
+            del meta["aigc.config"]
         tensors = dict(loaded.tensors)
         if damage == "mismatch":
             key = next(k for k in tensors if k.startswith("G.") and tensors[k].dim() == 4)
@@ -135,6 +137,8 @@ def test_bad_files_give_usage_errors(tmp_path, saved, damage):
         loaded = ck.load(bad)
         loaded.load_net("G", build_nets(cfg.model)["G"])
     assert "bad.safetensors" in str(e.value) and "\n" not in str(e.value)
+    if damage == "no-config":
+        assert "aigc.config is missing" in str(e.value)
 
 
 def test_failed_write_keeps_previous_file(tmp_path, saved, monkeypatch):
