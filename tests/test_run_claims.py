@@ -84,8 +84,8 @@ def test_a_run_folder_inside_the_image_folder_it_trains_on_is_refused_and_not_ma
         assert code == 2 and err.count("\n") == 1 and "is inside the image folder --data" in err, err
         assert sorted(data.rglob("*")) == listing  # no run folder or lock file left in the data
     monkeypatch.chdir(tmp_path)
-    code, _, err = run_cli(monkeypatch, capsys, "train", *common, "--out", tmp_path / "cls-run")  # a sibling: fine
-    assert code == 0, err
+    code, out, err = run_cli(monkeypatch, capsys, "train", *common, "--out", tmp_path / "cls-run")  # a sibling: fine
+    assert code == 0 and "(1 step, batch 4" in out and "done: 1 step in" in out, (out, err)
 
 
 def test_the_lock_file_follows_the_umask_and_works_read_only(tmp_path, monkeypatch):

@@ -336,7 +336,7 @@ class ConsoleReporter:
         self.total, self.t0 = total_steps, time.perf_counter()
         self.first = info.get("start_step", 0)  # a resumed run's ETA counts only the steps taken in this process
         self.console.print(f"training {info['model']} on {info['data']} -> {info['run_dir']}  "
-                           f"({info['steps']} steps, batch {info['batch_size']}, {info['device']}, {info['precision']})")
+                           f"({info['steps']} step{'s' * (info['steps'] != 1)}, batch {info['batch_size']}, {info['device']}, {info['precision']})")
         if live_display(self.console):
             # With stderr on the terminal too, stderr is printed above the live bar (rich's redirect);
             # with stderr sent elsewhere (`2>log`), it must stay stderr, not be drawn on stdout.

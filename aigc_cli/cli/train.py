@@ -213,7 +213,8 @@ def train(
         emit_json(summary)
     else:
         ran = summary["steps"] - summary["start_step"]
-        span = (f"{ran} steps" if not summary["start_step"] else f"{ran} steps (step {summary['start_step']} to "
+        steps_ran = f"{ran} step{'s' * (ran != 1)}"
+        span = (steps_ran if not summary["start_step"] else f"{steps_ran} (step {summary['start_step']} to "
                 f"{summary['steps']})" if ran else f"0 steps (already at step {summary['steps']})")
         console.print(f"done: {span} in {summary['seconds']:.1f}s; checkpoint {summary['checkpoint']}")
         if "samples" in summary:
