@@ -157,7 +157,7 @@ def stats(
     download_weights: bool = typer.Option(False, "--download-weights", metavar="", help="Download the pytorch-fid Inception weights into the cache first."),
     resolution: Optional[int] = typer.Option(None, "--resolution", metavar="PIXELS", min=4, max=4096, help="Conform the images to this square size first, as a model of that resolution sees them (default: their own size)."),
     channels: Optional[int] = typer.Option(None, "--channels", metavar="1|3", help="Conform the images to 1 (grey) or 3 (RGB) channels first (default: their own)."),
-    split: str = typer.Option("train", "--split", metavar="train|test", help="train or test."),
+    split: str = typer.Option("train", "--split", metavar="train|test", help="Which split of --data: train, or the held-out test images (built-in, IDX and CIFAR-10 folders; an image folder has none)."),
     data_root: Optional[str] = typer.Option(None, "--data-root", metavar="DIR", help="Folder holding torchvision datasets."),
     download: bool = typer.Option(False, "--download", metavar="", help="Allow downloading a missing torchvision dataset."),
     batch_size: int = typer.Option(256, "--batch-size", "-b", metavar="N", help="Images per forward pass."),
