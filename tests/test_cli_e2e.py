@@ -535,6 +535,9 @@ def test_an_option_over_a_set_of_the_same_key_and_a_key_set_twice_are_said(cli):
     same = cli("train", "--preset", "quickstart", "--steps", "2", "--set", "train.steps=02", "--set", "train.epochs=0",
                "--strict", "--set", "data.strict=True", "--data", "/no/such/folder")
     assert same.code == 2 and "warning" not in same.stderr, same.stderr  # the same values, parsed
+    both = cli("train", "--preset", "quickstart", "--set", "train.steps=3", "--set", "train.epochs=1",
+               "--data", "/no/such/folder")  # epochs win: said, where the steps were dropped without a word
+    assert both.stderr.startswith("warning: --set train.epochs=1 is used over --set train.steps=3"), both.stderr
 
 
 def test_a_run_folder_name_that_is_not_utf8_is_refused_before_training(cli, tmp_path):

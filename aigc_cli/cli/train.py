@@ -167,6 +167,9 @@ def train(
             steps_given = steps is not None or "train.steps" in assignments and "train.epochs" not in assignments
             if steps_given and epochs is None and cfg.train.epochs:
                 cfg = cfg.with_overrides({"train.epochs": 0})
+            if {"train.steps", "train.epochs"} <= set(assignments) and steps is None and epochs is None and cfg.train.epochs:
+                warn(f"--set train.epochs={assignments['train.epochs']} is used over --set "
+                     f"train.steps={assignments['train.steps']} (epochs, when set, decide the length)")
             check_for_training(cfg, ckpt.config if ckpt is not None else None)
             if ckpt is not None:  # an architecture change is refused now, not after loading (or downloading) data
                 import dataclasses
