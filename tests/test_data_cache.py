@@ -189,6 +189,19 @@ def test_the_cache_stays_under_its_size_limit_removing_what_was_used_longest_ago
     assert len(entries()) == len(before) + 1
 
 
+def test_an_entry_removed_by_another_run_between_check_and_read_is_a_quiet_miss(photos, monkeypatch):
+    load(photos)
+    real_read = cache._read
+
+    def removed_first(path):
+        os.unlink(path)  # another run making room, just after this one saw the file
+        return real_read(path)
+
+    monkeypatch.setattr(cache, "_read", removed_first)
+    data, warned = load(photos)
+    assert not data.cached and not any("damaged" in w for w in warned), warned
+
+
 @pytest.mark.parametrize("value", ["lots", "-1", "nan", "inf"])
 def test_a_cache_size_limit_that_is_no_size_is_one_error_before_decoding(photos, monkeypatch, decodes, value):
     monkeypatch.setenv("AIGC_CACHE_MAX_GB", value)

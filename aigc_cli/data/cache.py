@@ -249,6 +249,8 @@ def load(key: Key, warn: Callable[[str], None]) -> Entry | None:
             raise ValueError(f"labels are {labels.dtype} {tuple(labels.shape)}, expected int64 ({images.shape[0]},)")
         if not all(isinstance(info.get(k), t) for k, t in (("warnings", list), ("details", str), ("folder", str))):
             raise ValueError("its metadata lacks the description, folder or warnings")
+    except FileNotFoundError:  # removed since the check: another run made room (AIGC_CACHE_MAX_GB)
+        return None
     except Exception as e:  # noqa: BLE001 - a damaged cache file of any kind is rebuilt, never fatal
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         warn(f"ignoring damaged decoded-image cache file {path} ({reason}); decoding again")
