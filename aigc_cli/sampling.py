@@ -225,7 +225,9 @@ def save_individual(batches: Iterable[torch.Tensor], folder: str | os.PathLike, 
 def pngs_in(folder: str | os.PathLike | None) -> set[str]:
     """Names of the PNG files in `folder` (none when it is None or not there yet)."""
     try:
-        return {e.name for e in os.scandir(folder) if e.name.endswith(".png")} if folder is not None else set()
+        # hidden names are writers' temporary files (swept, or live), not images: --fake skips them too
+        return ({e.name for e in os.scandir(folder) if e.name.endswith(".png") and not e.name.startswith(".")}
+                if folder is not None else set())
     except OSError:
         return set()
 
@@ -248,7 +250,7 @@ def filling(folder: str | os.PathLike | None, n: int, what: str, warn) -> Iterat
         raise OSError(e.errno, e.strerror, str(folder)) from None
     # What killed writers (kill -9, the OOM killer) left of their PNGs: hidden files that tools globbing
     # *.png would take for images. Swept once here; each PNG is then written without a sweep of its own.
-    remove_dead_temps_in(folder, r"\.\d{6,}\.png\.", ".png")
+    remove_dead_temps_in(folder, r"\.[0-9]{6,}\.png\.", ".png")
     start = time.time_ns() - 1_000_000_000  # a second of slack for coarse file-system timestamps
     try:
         yield

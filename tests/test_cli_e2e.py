@@ -214,6 +214,7 @@ def one_line_error(r) -> str:
     (["train", "--preset", "quickstart", "--batch-size", "0"], "--batch-size must be positive, got 0"),
     (["train", "--preset", "quickstart", "--precision", "fp8"], "--precision must be one of"),
     (["train", "--preset", "quickstart", "--device", "cuda:x"], "--device must be auto, cpu"),  # named train.device
+    (["train", "--preset", "quickstart", "--batch-size", "2000000"], "--batch-size must be at most 1,048,576"),
     (["train", "--preset", "quickstart", "--set", "train.steps=0"], "train.steps must be positive"),  # a --set: its key
     (["train", "--preset", "quickstart", "--data", "mnist"], "--download"),
     (["sample", "/no/such/ckpt.safetensors"], "no such checkpoint"),

@@ -230,6 +230,11 @@ def test_a_loose_file_that_does_not_decode_still_means_no_labels_in_memory_as_st
     (d / "loose.png").unlink()
     save(d / "good.png", Image.new("RGB", (8, 8)))
     assert "(e.g. good.png) next to its class subfolders: move them into one" in unlabelled_reason(str(d))
+    flat = tmp_path / "flat"  # no class folders at all: nothing to move into, so nothing to say
+    for i in range(3):
+        save(flat / f"{i}.png", Image.new("RGB", (8, 8)))
+    (flat / "empty.png").write_bytes(b"")
+    assert unlabelled_reason(str(flat)) == ""
 
 
 def test_folder_errors(tmp_path):

@@ -189,6 +189,45 @@ def test_the_cache_stays_under_its_size_limit_removing_what_was_used_longest_ago
     assert len(entries()) == len(before) + 1
 
 
+def test_making_room_counts_past_an_entry_another_run_removed_and_clears_killed_writes(tmp_path, monkeypatch):
+    folder = tmp_path / "decoded"
+    folder.mkdir()
+    for i in range(5):
+        f = folder / f"{i:064x}.safetensors"
+        f.write_bytes(b"x" * 1000)
+        os.utime(f, (OLD + i, OLD + i))
+    dead = folder / f".{5:064x}.safetensors.0123abcd.tmp"  # a kill -9 during a write: as large as an entry
+    dead.write_bytes(b"x" * 1000)
+    age(dead)
+    real_scandir = os.scandir
+
+    class Gone:  # listed, then removed by another run before its stat
+        name, path = f"{9:064x}.safetensors", str(folder / f"{9:064x}.safetensors")
+
+        def stat(self, follow_symlinks=True):
+            raise FileNotFoundError(2, "No such file or directory", self.path)
+
+    class Listing:
+        def __init__(self, path):
+            with real_scandir(path) as it:
+                self.entries = [Gone(), *it]
+
+        def __iter__(self):
+            return iter(self.entries)
+
+        def __enter__(self):
+            return self.entries
+
+        def __exit__(self, *exc):
+            pass
+
+    with monkeypatch.context() as m:  # os.scandir of every module: only around the call
+        m.setattr(cache.os, "scandir", Listing)
+        count, freed = cache._make_room(str(folder), 1000, 3000)  # room for 2 of the 5, and the new one
+    assert (count, freed) == (3, 3000) and not dead.exists()
+    assert sorted(p.name for p in folder.iterdir()) == [f"{3:064x}.safetensors", f"{4:064x}.safetensors"]
+
+
 def test_an_entry_removed_by_another_run_between_check_and_read_is_a_quiet_miss(photos, monkeypatch):
     load(photos)
     real_read = cache._read

@@ -139,6 +139,7 @@ def test_individual_sweeps_what_killed_writers_left(monkeypatch, capsys, runs, t
     code, _, err = run_cli(monkeypatch, capsys, "sample", runs["gan"], "--n", "3", "--individual", each)
     assert code == 0, err
     assert not dead.exists() and live.exists() and other.exists()
+    assert "did not write" not in err, err  # hidden files are no images: none of them is "from an earlier run"
 
 
 def test_a_grid_too_large_to_hold_is_one_line_exit_2_before_generating(monkeypatch, capsys, runs, tmp_path):

@@ -170,7 +170,10 @@ def train(
             if {"train.steps", "train.epochs"} <= set(assignments) and steps is None and epochs is None and cfg.train.epochs:
                 warn(f"--set train.epochs={assignments['train.epochs']} is used over --set "
                      f"train.steps={assignments['train.steps']} (epochs, when set, decide the length)")
-            check_for_training(cfg, ckpt.config if ckpt is not None else None)
+            try:
+                check_for_training(cfg, ckpt.config if ckpt is not None else None)
+            except UsageError as e:
+                raise UsageError(_named_as_option(str(e), flags)) from None
             if ckpt is not None:  # an architecture change is refused now, not after loading (or downloading) data
                 import dataclasses
 

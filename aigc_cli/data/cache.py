@@ -24,11 +24,12 @@ import os
 import stat
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
 
-from ..files import atomic_write
+from ..files import atomic_write, remove_dead_temps_in
 
 # Bump whenever decoding or conversion changes what a given file turns into, so that entries
 # written by an older aigc are not reused. 3: a class folder none of whose files decode keeps its number.
@@ -269,12 +270,17 @@ def load(key: Key, warn: Callable[[str], None]) -> Entry | None:
 def _make_room(folder: str, needed: int, limit: int) -> tuple[int, int]:
     """Remove the entries used longest ago until `needed` more bytes fit under `limit`; returns how
     many were removed and their bytes. Temporary files of live writers are not entries, and are left."""
+    # What killed writers left (as large as an entry each) goes first: it is in no entry's place.
+    remove_dead_temps_in(Path(folder), r"\.[0-9a-f]{64}\.safetensors\.")
     found = []
     try:
         with os.scandir(folder) as it:
             for e in it:
                 if e.name.endswith(".safetensors") and not e.name.startswith("."):
-                    st = e.stat(follow_symlinks=False)
+                    try:
+                        st = e.stat(follow_symlinks=False)
+                    except OSError:  # removed meanwhile (another run making room): not counted
+                        continue
                     found.append((st.st_mtime, st.st_size, e.path))
     except OSError:
         return 0, 0

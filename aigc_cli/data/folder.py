@@ -318,8 +318,8 @@ def unlabelled_reason(folder: str) -> str:
     images directly in it next to class subfolders is an easy mistake to miss."""
     if not os.path.isdir(folder):
         return ""
-    paths = list_images(folder)
-    loose = [p for p in paths if os.sep not in p and stat_problem(os.path.join(folder, p)) is None]
+    paths = [p for p in list_images(folder) if stat_problem(os.path.join(folder, p)) is None]  # as class_labels
+    loose = [p for p in paths if os.sep not in p]
     if not loose or len(loose) == len(paths):
         return ""
     verb = "sits" if len(loose) == 1 else "sit"
@@ -354,11 +354,12 @@ def class_labels(rel_paths: list[str], among: list[str] = (), folder: str | None
     are numbered too (all those listed, when rel_paths are the ones that decoded), so that a class
     folder none of whose files can be read keeps its number, and the others theirs, in memory as
     when streamed (where a bad file is only found, and replaced, while training). For the same
-    reason a file of `among` directly in `folder` means no labels even if it does not decode, unless a
-    stat() already rules it out (a dangling link, an empty file): streamed, it is never listed."""
+    reason a file of `among` directly in `folder` (when given) means no labels even if it does not decode,
+    unless a stat() already rules it out (a dangling link, an empty file): streamed, it is never listed."""
     parts = [p.split(os.sep) for p in rel_paths]
     loose = (p for p in among if os.sep not in p)
-    if any(len(p) < 2 for p in parts) or any(stat_problem(os.path.join(folder or "", p)) is None for p in loose):
+    if any(len(p) < 2 for p in parts) or (folder is not None and any(stat_problem(os.path.join(folder, p)) is None
+                                                                     for p in loose)):
         return None, ()
     classes = sorted({p[0] for p in parts} | {p.split(os.sep)[0] for p in among if os.sep in p})
     index = {name: i for i, name in enumerate(classes)}
