@@ -431,12 +431,17 @@ def real_reference(data: str, *, extractor, n: int, seed: int, batch_size: int, 
     progress.phase(f"loading the real data ({data})")
     real, name = load_real(data, split=split, seed=seed, warn=warn, n=n, **load)
     picked = real_indices(len(real), n, seed)  # a folder's is picked already: then all of it
-    if isinstance(real, LazyFolder):  # streamed, as training streamed it: a bad file is found only now
-        real = _fetch_reporting(real, picked.tolist(), warn, bool(load.get("strict")))[0]
-    else:
-        real = real[picked]
+    real = pick(real, None, picked, warn, bool(load.get("strict")))[0]
     return reference_for(real, extractor=extractor, data=data_identity(data), data_name=name, split=split,
                          seed=seed, batch_size=batch_size, stats_dir=stats_dir, warn=warn, should_stop=should_stop)
+
+
+def pick(images, labels: torch.Tensor | None, indices: torch.Tensor, warn,
+         strict: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """images[indices] and labels[indices] (labels may be None), from a tensor or a streamed folder."""
+    if isinstance(images, LazyFolder):  # streamed, as training streamed it: a bad file is found only now
+        return _fetch_reporting(images, indices.tolist(), warn, strict)
+    return images[indices], labels[indices] if labels is not None else None
 
 
 def _fetch_reporting(real: LazyFolder, indices: list[int], warn, strict: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -512,10 +517,7 @@ def vae_scores(ckpt, *, data, root, n, batch_size, seed, amp, warn) -> dict:
              f"({', '.join(ckpt.class_names)}): no VAE scores")
         return none
     idx = real_indices(len(test.images), n, seed)
-    if isinstance(test.images, LazyFolder):
-        images, labels = _fetch_reporting(test.images, idx.tolist(), warn, ckpt.config.data.strict)
-    else:
-        images, labels = test.images[idx], test.labels[idx] if test.labels is not None else None
+    images, labels = pick(test.images, test.labels, idx, warn, ckpt.config.data.strict)
     labels = labels if m.conditional else None
     total = {"mse": 0.0, "neg_elbo": 0.0}
     start = 0
@@ -590,8 +592,7 @@ class TrainingEvaluator:
                 from ..data.transforms import conform  # noqa: PLC0415
 
                 idx = real_indices(len(images), self.n, t.seed)
-                picked = (images[idx] if torch.is_tensor(images)  # a file that does not decode is said, as in eval
-                          else _fetch_reporting(images, idx.tolist(), warn, cfg.data.strict)[0])
+                picked = pick(images, None, idx, warn, cfg.data.strict)[0]  # a bad file is said, as in eval
                 self.reference = reference_for(conform(picked.cpu(), m.channels, m.resolution),
                                                extractor=self.extractor, data=data_identity(cfg.data.source),
                                                data_name=cfg.data.source, split="train", seed=t.seed,
