@@ -284,6 +284,23 @@ def test_save_fakes_sweeps_killed_writers_leftovers_once_not_per_png(runs, tmp_p
     assert not [a for a in sweeps if Path(a[0]).parent == fakes]
 
 
+def test_the_statistics_cache_stays_under_the_cache_size_limit_too(runs, tmp_path, monkeypatch, capsys):
+    stats = tmp_path / "stats"
+    common = ["--features", runs / "clf", "--metrics", "fid", "--stats-dir", stats]
+    code, _, err = run_cli(monkeypatch, capsys, "eval", runs / "gan", "--n", 10, *common)
+    assert code == 0, err
+    (first,) = stats.iterdir()
+    monkeypatch.setenv("AIGC_CACHE_MAX_GB", repr(1.5 * first.stat().st_size / 2**30))  # room for one
+    code, out, err = run_cli(monkeypatch, capsys, "eval", runs / "gan", "--n", 10, *common, "--json")
+    assert code == 0 and json.loads(out)["protocol"]["reference"] == "cache hit", err
+    code, _, err = run_cli(monkeypatch, capsys, "eval", runs / "gan", "--n", 12, *common)  # other real images
+    assert code == 0 and "removed 1 entry used longest ago" in err, err
+    assert [p.name for p in stats.iterdir()] != [first.name] and len(list(stats.iterdir())) == 1
+    monkeypatch.setenv("AIGC_CACHE_MAX_GB", "many")
+    code, _, err = run_cli(monkeypatch, capsys, "eval", runs / "gan", "--n", 14, *common)
+    assert code == 2 and "AIGC_CACHE_MAX_GB='many'" in err, err
+
+
 def test_a_reference_from_another_extractor_precision_is_pointed_out(runs, tmp_path, monkeypatch, capsys):
     ref = tmp_path / "fp32.npz"
     code, _, err = run_cli(monkeypatch, capsys, "eval", "stats", "--data", "shapes", "--features", runs / "clf",

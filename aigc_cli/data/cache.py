@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import stat
 import time
 from dataclasses import dataclass
@@ -267,16 +268,36 @@ def load(key: Key, warn: Callable[[str], None]) -> Entry | None:
     return Entry(images, labels, info)
 
 
-def _make_room(folder: str, needed: int, limit: int) -> tuple[int, int]:
+def room_for(folder: str, needed: int, warn: Callable[[str], None], what: str,
+             entries: str = r"[0-9a-f]{64}\.safetensors") -> bool:
+    """Whether an entry of `needed` bytes may go into the cache `folder` under AIGC_CACHE_MAX_GB: the
+    entries (names matching `entries`) used longest ago are removed first to make room, with a warning.
+    False, with a warning, when it alone is over the limit (the caller then writes nothing)."""
+    limit = max_bytes()
+    if limit is None:
+        return True
+    shown = os.environ.get("AIGC_CACHE_MAX_GB") or f"{DEFAULT_MAX_GB:g} (the default)"
+    if needed > limit:
+        warn(f"not caching {what} ({needed / 2**30:.1f} GiB): more than AIGC_CACHE_MAX_GB={shown}")
+        return False
+    count, freed = _make_room(folder, needed, limit, entries)
+    if count:
+        warn(f"cache {folder}: removed {count} entr{'y' if count == 1 else 'ies'} used longest ago "
+             f"({freed / 2**30:.2f} GiB) to stay under AIGC_CACHE_MAX_GB={shown}")
+    return True
+
+
+def _make_room(folder: str, needed: int, limit: int, entries: str = r"[0-9a-f]{64}\.safetensors") -> tuple[int, int]:
     """Remove the entries used longest ago until `needed` more bytes fit under `limit`; returns how
     many were removed and their bytes. Temporary files of live writers are not entries, and are left."""
     # What killed writers left (as large as an entry each) goes first: it is in no entry's place.
-    remove_dead_temps_in(Path(folder), r"\.[0-9a-f]{64}\.safetensors\.")
+    remove_dead_temps_in(Path(folder), rf"\.{entries}\.")
+    entry = re.compile(entries)
     found = []
     try:
         with os.scandir(folder) as it:
             for e in it:
-                if e.name.endswith(".safetensors") and not e.name.startswith("."):
+                if entry.fullmatch(e.name):
                     try:
                         st = e.stat(follow_symlinks=False)
                     except OSError:  # removed meanwhile (another run making room): not counted
@@ -308,17 +329,8 @@ def store(key: Key, entry: Entry, warn: Callable[[str], None]) -> None:
     tensors = {"images": entry.images.contiguous()}
     if entry.labels is not None:
         tensors["labels"] = entry.labels.contiguous()
-    limit = max_bytes()
-    if limit is not None:
-        size = sum(t.numel() * t.element_size() for t in tensors.values())
-        shown = os.environ.get("AIGC_CACHE_MAX_GB") or f"{DEFAULT_MAX_GB:g} (the default)"
-        if size > limit:
-            warn(f"not caching the decoded images ({size / 2**30:.1f} GB): more than AIGC_CACHE_MAX_GB={shown}")
-            return
-        count, freed = _make_room(folder, size, limit)
-        if count:
-            warn(f"decoded-image cache {folder}: removed {count} entr{'y' if count == 1 else 'ies'} used longest "
-                 f"ago ({freed / 2**30:.2f} GB) to stay under AIGC_CACHE_MAX_GB={shown}")
+    if not room_for(folder, sum(t.numel() * t.element_size() for t in tensors.values()), warn, "the decoded images"):
+        return
     meta = {_META_KEY: json.dumps({**entry.info, "key": key.digest, "format": FORMAT})}
     try:
         # A unique temporary name in the same folder: a concurrent run writing the same entry cannot

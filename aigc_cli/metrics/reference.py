@@ -14,6 +14,7 @@ allow_pickle=False: a file that needs pickle is refused.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -27,6 +28,7 @@ import numpy as np
 import torch
 
 from .. import progress
+from ..data.cache import max_bytes, room_for
 from ..data.native import load_folder_native, seeded_permutation
 from ..errors import UsageError
 from ..files import atomic_write
@@ -268,6 +270,8 @@ def reference_for(images: torch.Tensor, *, extractor, data: str, data_name: str,
                 "n_real": len(images), "seed": seed, "real_shape": list(shape), "real_content_sha256": content,
                 **{f"extractor_{k}" if k in ("precision",) else k: v for k, v in extractor.protocol.items()}}
     path = Path(stats_dir) / f"{key[:40]}.npz" if stats_dir else None
+    if path is not None:
+        max_bytes()  # a bad AIGC_CACHE_MAX_GB is said now, not after the embedding
     if path is not None and path.is_file():
         try:
             # Written by aigc from features it checked, under a key of their content: the 2048-dim
@@ -275,11 +279,14 @@ def reference_for(images: torch.Tensor, *, extractor, data: str, data_name: str,
             ref = load_npz(path, "cached statistics", check_covariance=False)
             if ref.protocol.get("cache_key") == key and ref.features is not None:
                 ref.source, ref.protocol = "cache hit", {**protocol, "cache_file": str(path)}
+                with contextlib.suppress(OSError):  # its last use, which the size limit goes by
+                    os.utime(path)
                 return ref
         except UsageError as e:
             warn(f"ignoring a damaged cache entry ({e}); recomputing it")
     ref = compute_reference(extractor, images, batch_size, protocol, should_stop)
-    if path is not None:
+    size = ref.mu.nbytes + ref.sigma.nbytes + (ref.features.nbytes if ref.features is not None else 0)
+    if path is not None and room_for(str(path.parent), size, warn, "the real-image statistics", r"[0-9a-f]{40}\.npz"):
         try:
             save_npz(path, ref)
             ref.protocol["cache_file"] = str(path)
