@@ -49,15 +49,15 @@ def cache_root() -> str:
     return os.path.expanduser(os.environ.get("AIGC_CACHE_DIR") or os.path.join("~", ".cache", "aigc"))
 
 
-# The decoded cache keeps at most this many GB ($AIGC_CACHE_MAX_GB; 0: no limit); past it, the entries
-# used longest ago go first. An entry is up to data.device_max_mb (4 GB by default), and a folder that
-# changes between runs (a data set still growing) adds one per run: on a cluster's home quota the cache
-# would otherwise fill it unseen.
+# Each cache folder (decoded images; eval's statistics) is kept under this many GiB ($AIGC_CACHE_MAX_GB;
+# 0: no limit); the entries used longest ago go first. A decoded entry is up to data.device_max_mb (4 GB by
+# default), and a folder that changes between runs (a data set still growing) adds one per run: on a
+# cluster's home quota the cache would otherwise fill it unseen.
 DEFAULT_MAX_GB = 20.0
 
 
 def max_bytes() -> int | None:
-    """The cache's size limit in bytes (None: no limit); a value that is no number is a UsageError."""
+    """A cache folder's size limit in bytes (None: no limit); a value that is no size is a UsageError."""
     from ..errors import UsageError  # noqa: PLC0415
 
     raw = os.environ.get("AIGC_CACHE_MAX_GB", "").strip()
