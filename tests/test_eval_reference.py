@@ -26,6 +26,7 @@ from aigc_cli.training.loop import train
 from conftest import Counting, Silent, run_cli, tiny, write_image_folder
 
 CPU = torch.device("cpu")
+OLD = time.time() - 3600
 
 
 @pytest.fixture(scope="module")
@@ -284,21 +285,52 @@ def test_save_fakes_sweeps_killed_writers_leftovers_once_not_per_png(runs, tmp_p
     assert not [a for a in sweeps if Path(a[0]).parent == fakes]
 
 
-def test_the_statistics_cache_stays_under_the_cache_size_limit_too(runs, tmp_path, monkeypatch, capsys):
-    stats = tmp_path / "stats"
-    common = ["--features", runs / "clf", "--metrics", "fid", "--stats-dir", stats]
-    code, _, err = run_cli(monkeypatch, capsys, "eval", runs / "gan", "--n", 10, *common)
-    assert code == 0, err
-    (first,) = stats.iterdir()
-    monkeypatch.setenv("AIGC_CACHE_MAX_GB", repr(1.5 * first.stat().st_size / 2**30))  # room for one
-    code, out, err = run_cli(monkeypatch, capsys, "eval", runs / "gan", "--n", 10, *common, "--json")
-    assert code == 0 and json.loads(out)["protocol"]["reference"] == "cache hit", err
-    code, _, err = run_cli(monkeypatch, capsys, "eval", runs / "gan", "--n", 12, *common)  # other real images
-    assert code == 0 and "removed 1 entry used longest ago" in err, err
-    assert [p.name for p in stats.iterdir()] != [first.name] and len(list(stats.iterdir())) == 1
+def test_the_statistics_cache_stays_under_the_cache_size_limit_too(runs, tmp_path, monkeypatch, capsys, private_cache_dir):
+    stats = private_cache_dir / "stats"  # aigc's own folder: --stats-dir not given
+    common = ["--features", runs / "clf", "--metrics", "fid"]
+
+    def eval_n(n, *more):
+        code, out, err = run_cli(monkeypatch, capsys, "eval", runs / "gan", "--n", n, *common, "--json", *more)
+        assert code == 0, err
+        return json.loads(out)["protocol"], err
+
+    a, b = (eval_n(n)[0]["cache_file"] for n in (10, 12))
+    os.utime(a, (OLD, OLD))
+    os.utime(b, (OLD + 10, OLD + 10))
+    size = os.path.getsize(b)
+    monkeypatch.setenv("AIGC_CACHE_MAX_GB", repr(2.2 * size / 2**30))  # room for two
+    assert eval_n(10)[0]["reference"] == "cache hit"  # a's use: b is now the one used longest ago
+    c, err = eval_n(14)
+    assert "removed 1 entry used longest ago" in err and sorted(stats.iterdir()) == sorted(map(Path, (a, c["cache_file"])))
+    # A --stats-dir the user names may hold the user's own files: nothing there is removed.
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    theirs = mine / f"{'da39a3ee' * 5}.npz"  # named like an entry (a commit hash, say)
+    theirs.write_bytes(b"x" * size)
+    os.utime(theirs, (OLD, OLD))
+    monkeypatch.setenv("AIGC_CACHE_MAX_GB", repr(1.5 * size / 2**30))
+    eval_n(16, "--stats-dir", mine)
+    assert theirs.exists() and len(list(mine.iterdir())) == 2
+    # A bad value is said before any image is read (here, before the missing --fake folder is noticed).
     monkeypatch.setenv("AIGC_CACHE_MAX_GB", "many")
-    code, _, err = run_cli(monkeypatch, capsys, "eval", runs / "gan", "--n", 14, *common)
+    code, _, err = run_cli(monkeypatch, capsys, "eval", "--fake", tmp_path / "nowhere", "--data", "shapes", *common)
     assert code == 2 and "AIGC_CACHE_MAX_GB='many'" in err, err
+
+
+def test_a_statistics_entry_removed_by_another_run_before_its_read_is_a_quiet_miss(runs, monkeypatch, capsys):
+    from aigc_cli.metrics import reference
+
+    common = ["eval", runs / "gan", "--n", 10, "--features", runs / "clf", "--metrics", "fid"]
+    assert run_cli(monkeypatch, capsys, *common)[0] == 0
+    real_load = reference.load_npz
+
+    def removed_first(path, *a, **k):
+        Path(path).unlink(missing_ok=True)  # another run making room, just after this one saw the file
+        return real_load(path, *a, **k)
+
+    monkeypatch.setattr(reference, "load_npz", removed_first)
+    code, out, err = run_cli(monkeypatch, capsys, *common, "--json")
+    assert code == 0 and json.loads(out)["protocol"]["reference"] == "computed" and "damaged" not in err, err
 
 
 def test_a_reference_from_another_extractor_precision_is_pointed_out(runs, tmp_path, monkeypatch, capsys):

@@ -66,6 +66,7 @@ def evaluate(
 
     `aigc eval stats --data SOURCE --out ref.npz` precomputes reference statistics for `--ref`."""
     from .. import checkpoint as ckpt_io
+    from ..data.cache import max_bytes
     from ..errors import UsageError
     from ..metrics.evaluate import evaluate as run_eval
     from ..metrics.evaluate import evaluate_folder, parse_metrics
@@ -101,6 +102,7 @@ def evaluate(
     if fake and no_ema:
         raise UsageError("--no-ema applies to a checkpoint; --fake images are files already")
     _check_common(n, batch_size, precision)
+    max_bytes()  # a bad AIGC_CACHE_MAX_GB is said before any image is read, not at the cache write
     asked = parse_metrics(metrics)
     warn = warner(quiet)
     console = human_console(json_out, quiet)

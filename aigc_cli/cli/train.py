@@ -106,12 +106,14 @@ def train(
     """Train a model from a preset; writes checkpoints, sample grids and metrics.jsonl to the run folder."""
     from ..config import RUN_NAME, check_for_training, is_preset_file, load_preset, parse_assignments
     from ..data import BUILTIN_SOURCES
+    from ..data.cache import max_bytes
     from ..errors import Interrupted, UsageError
     from ..training.run_folder import check_writable_run, run_lock
     from ..training.state import find_resume
 
     console = human_console(json_out, quiet)
     warn = warner(quiet)
+    max_bytes()  # a bad AIGC_CACHE_MAX_GB is said now, not at a cache write after the data has loaded
     if steps is not None and epochs is not None:
         raise UsageError("give --steps or --epochs, not both (--epochs N means N passes over the data)")
     if epochs is not None and epochs < 1:  # train.epochs=0 means "count in steps": never what --epochs 0 asks

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from .. import progress
-from ..data.cache import max_bytes, room_for
+from ..data.cache import room_for
 from ..data.native import load_folder_native, seeded_permutation
 from ..errors import UsageError
 from ..files import atomic_write
@@ -270,8 +270,6 @@ def reference_for(images: torch.Tensor, *, extractor, data: str, data_name: str,
                 "n_real": len(images), "seed": seed, "real_shape": list(shape), "real_content_sha256": content,
                 **{f"extractor_{k}" if k in ("precision",) else k: v for k, v in extractor.protocol.items()}}
     path = Path(stats_dir) / f"{key[:40]}.npz" if stats_dir else None
-    if path is not None:
-        max_bytes()  # a bad AIGC_CACHE_MAX_GB is said now, not after the embedding
     if path is not None and path.is_file():
         try:
             # Written by aigc from features it checked, under a key of their content: the 2048-dim
@@ -283,16 +281,27 @@ def reference_for(images: torch.Tensor, *, extractor, data: str, data_name: str,
                     os.utime(path)
                 return ref
         except UsageError as e:
-            warn(f"ignoring a damaged cache entry ({e}); recomputing it")
+            if path.is_file():  # else removed meanwhile, by another run making room: a plain miss
+                warn(f"ignoring a damaged cache entry ({e}); recomputing it")
     ref = compute_reference(extractor, images, batch_size, protocol, should_stop)
-    size = ref.mu.nbytes + ref.sigma.nbytes + (ref.features.nbytes if ref.features is not None else 0)
-    if path is not None and room_for(str(path.parent), size, warn, "the real-image statistics", r"[0-9a-f]{40}\.npz"):
+    if path is not None and _room_for_stats(path, ref, warn):
         try:
             save_npz(path, ref)
             ref.protocol["cache_file"] = str(path)
         except OSError as e:
             warn(f"could not write the statistics cache {path} ({e.strerror or e}); continuing without it")
     return ref
+
+
+def _room_for_stats(path: Path, ref: Reference, warn: Callable[[str], None]) -> bool:
+    """Room under AIGC_CACHE_MAX_GB in aigc's own statistics folder; a --stats-dir the user named may hold
+    the user's files, which a name alone cannot tell from entries: nothing there is removed."""
+    try:
+        ours = path.parent.resolve() == default_stats_dir().resolve()
+    except OSError:
+        ours = False
+    size = ref.mu.nbytes + ref.sigma.nbytes + (ref.features.nbytes if ref.features is not None else 0)
+    return not ours or room_for(str(path.parent), size, warn, "the real-image statistics", r"[0-9a-f]{40}\.npz")
 
 
 # --------------------------------------------------------------------------------------------------
