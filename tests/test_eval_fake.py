@@ -178,6 +178,24 @@ def test_a_folder_scored_on_n_images_decodes_only_those(tmp_path, monkeypatch):
     assert any(f"skipping {first:02d}.png" in w for w in warnings), warnings
 
 
+def test_the_size_remedy_carries_the_inception_weights_and_data_root_given():
+    """Made without them, the reference would be computed with other weights (refused by --ref, which checks
+    their hash) or would not find a built-in data set kept under --data-root."""
+    import numpy as np
+
+    from aigc_cli.metrics.evaluate import _say_if_sides_differ
+    from aigc_cli.metrics.reference import Reference
+
+    ref = Reference(np.zeros(2), np.eye(2), None, {"real_shape": [1, 28, 28], "extractor": "inception-v3-fid"})
+    said = []
+    _say_if_sides_differ(ref, [1, 32, 32], "the generator draws", "fashion-mnist", said.append, "/data sets",
+                         "/w/pt_inception.pth")
+    command = said[0].split("`aigc ")[2].split("`")[0]
+    assert shlex.split(command) == ["eval", "stats", "--data", "fashion-mnist", "--resolution", "32", "--channels", "1",
+                                    "--inception-weights", "/w/pt_inception.pth", "--data-root", "/data sets",
+                                    "--out", "ref-1x32.npz"], command
+
+
 def test_real_and_fake_images_of_different_sizes_are_pointed_out_with_the_remedy(clf, tmp_path, monkeypatch, capsys):
     # 28x28 Fashion-MNIST against the same images at 32x32 scored FID 53 instead of 9 with no word said;
     # `aigc eval CHECKPOINT` conforms the real side to the generator's size, --fake reads each at its own.

@@ -200,7 +200,8 @@ def check_reference_extractor(ref: Reference | None, features: str | None) -> No
                          f"{made_by.removeprefix('classifier:')} to score against it")
 
 
-def _say_if_sides_differ(ref: Reference, shape: list[int], fake_is: str, data: str | None, warn) -> None:
+def _say_if_sides_differ(ref: Reference, shape: list[int], fake_is: str, data: str | None, warn,
+                         root: str | None = None, inception_weights: str | None = None) -> None:
     """Real and generated images resized to the extractor's input from different sizes differ in
     blur alone, which FID counts (28x28 Fashion-MNIST against the same images at 32x32: 9 against 53)."""
     theirs = ref.protocol.get("real_shape")
@@ -213,6 +214,8 @@ def _say_if_sides_differ(ref: Reference, shape: list[int], fake_is: str, data: s
         # following it overwrites no reference of the user's.
         extractor = str(ref.protocol.get("extractor", ""))
         features = f" --features {shlex.quote(extractor.removeprefix('classifier:'))}" if extractor.startswith("classifier:") else ""
+        features += f" --inception-weights {shlex.quote(inception_weights)}" if inception_weights and not features else ""
+        features += f" --data-root {shlex.quote(root)}" if root else ""
         out = f"ref-{shape[0]}x{shape[1]}.npz"
         hint = (f"; to score as `aigc eval CHECKPOINT` does, make the reference at their size with `aigc eval stats "
                 f"--data {shlex.quote(data) if data else 'SOURCE'} --resolution {shape[1]} --channels {shape[0]}{features} "
@@ -313,7 +316,7 @@ def evaluate(ckpt: ckpt_io.Checkpoint, *, data: str, root: str | None, download:
                                        lazy_above_mb=ckpt.config.data.device_max_mb)
         else:
             check_reference_matches(reference, extractor, warn)
-            _say_if_sides_differ(reference, shape, "the generator draws", data, warn)
+            _say_if_sides_differ(reference, shape, "the generator draws", data, warn, root, inception_weights)
         protocol.update(_reference_protocol(reference))
     if other_data:
         warn(f"the feature classifier was trained on '{extractor.data_source}', the real data is '{data}': "
@@ -386,7 +389,7 @@ def evaluate_folder(fake_dir: str, *, data: str | None, root: str | None, downlo
             check_reference_matches(reference, extractor, warn)
         # the --fake images are read as RGB, and a grey image's three equal channels embed as it does
         _say_if_sides_differ(reference, [reference.protocol.get("real_shape", [3])[0], *fakes.shape[2:]],
-                             "the --fake images are", data, warn)
+                             "the --fake images are", data, warn, root, inception_weights)
         protocol.update(_reference_protocol(reference))
     _say_if_few_for_fid(chosen, len(fakes), reference.n if reference is not None else None, extractor, warn)
     fake = FakeEmbedder(extractor, chosen)
