@@ -41,6 +41,7 @@ FORMAT = 4
 # its size or mtime changing; such listings are not cached ("racy git" problem, same remedy).
 RACY_NS = 2_000_000_000
 _META_KEY = "aigc.decoded"
+ENTRY_NAME = r"[0-9a-f]{64}\.safetensors"  # _path's names: what room_for may remove from decoded_dir()
 
 
 def cache_root() -> str:
@@ -269,7 +270,7 @@ def load(key: Key, warn: Callable[[str], None]) -> Entry | None:
 
 
 def room_for(folder: str, needed: int, warn: Callable[[str], None], what: str,
-             entries: str = r"[0-9a-f]{64}\.safetensors") -> bool:
+             entries: str = ENTRY_NAME) -> bool:
     """Whether an entry of `needed` bytes may go into the cache `folder` under AIGC_CACHE_MAX_GB: the
     entries (names matching `entries`) used longest ago are removed first to make room, with a warning.
     False, with a warning, when it alone is over the limit (the caller then writes nothing)."""
@@ -287,7 +288,7 @@ def room_for(folder: str, needed: int, warn: Callable[[str], None], what: str,
     return True
 
 
-def _make_room(folder: str, needed: int, limit: int, entries: str = r"[0-9a-f]{64}\.safetensors") -> tuple[int, int]:
+def _make_room(folder: str, needed: int, limit: int, entries: str = ENTRY_NAME) -> tuple[int, int]:
     """Remove the entries used longest ago until `needed` more bytes fit under `limit`; returns how
     many were removed and their bytes. Temporary files of live writers are not entries, and are left."""
     # What killed writers left (as large as an entry each) goes first: it is in no entry's place.
