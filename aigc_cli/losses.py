@@ -31,9 +31,9 @@ def _input_gradients(D, x: torch.Tensor, y) -> torch.Tensor:
     """dD/dx with a graph for the double backward, computed in fp32: the penalty is a small
     difference of norms that bf16/fp16 would swamp, and GradScaler scaling does not apply here."""
     x = x.detach().float().requires_grad_(True)
-    with torch.autocast(x.device.type, enabled=False):
+    with torch.autocast(x.device.type, enabled=False):  # the backward graph too: its products stay fp32
         out = D(x, y)
-    (grad,) = torch.autograd.grad(out.sum(), x, create_graph=True)
+        (grad,) = torch.autograd.grad(out.sum(), x, create_graph=True)
     return grad
 
 

@@ -24,6 +24,14 @@ def test_required_presets_exist_and_validate():
         assert cfg.name == name and cfg.description
 
 
+def test_presets_augment_colour_before_the_ops_that_zero_fill():
+    """As DiffAugment's own policy, color,translation,cutout: colour after them lit the zeroed holes."""
+    augmented = [load_preset(n).train.diffaugment.split(",") for n in preset_names() if load_preset(n).train.diffaugment]
+    assert augmented
+    for ops in augmented:
+        assert ops[0] == "color" and set(ops) == {"color", "translation", "cutout"}, ops
+
+
 def test_mlp_gan_preset_is_the_classic_one():
     m = load_preset("mnist-mlp-gan")
     assert (m.model.kind, m.model.hidden, m.train.lr_g, m.train.lr_d) == ("mlp_gan", 128, 2e-4, 2e-4)

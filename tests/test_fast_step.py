@@ -283,3 +283,25 @@ def test_the_gradient_penalty_sees_d_through_diffaugment_as_its_loss_does(monkey
     gan_step(nets, make_optimizers("gan", nets, cfg.train), Precision("fp32", torch.device("cpu")),
              lambda: (torch.rand(4, 1, 16, 16) * 2 - 1, None), cfg, 1, Aids(augment=parse_policy("translation")))
     assert len(seen) == 1 and seen[0] is not nets["D"]  # D composed with the augmentation
+
+
+def test_d_losses_logged_are_the_mean_over_the_critic_steps(monkeypatch):
+    """With n_critic 3 the step returned the last critic step's loss_d and gp: two thirds unseen."""
+    from aigc_cli import losses
+    from aigc_cli.models import build_nets
+    from aigc_cli.training.precision import Precision
+    from aigc_cli.training.steps import Aids, gan_step, make_optimizers
+
+    cfg = tiny("dcgan", d_norm="none").with_overrides({"loss.gan": "wgan-gp", "train.n_critic": 3})
+    nets = build_nets(cfg.model)
+    seen = {"loss_d": [], "gp": []}
+    real_d, real_gp = losses.d_loss, losses.gradient_penalty
+    monkeypatch.setattr(losses, "d_loss", lambda *a: seen["loss_d"].append(v := real_d(*a)) or v)
+    monkeypatch.setattr(losses, "gradient_penalty", lambda *a: seen["gp"].append(v := real_gp(*a)) or v)
+    out = gan_step(nets, make_optimizers("gan", nets, cfg.train), Precision("fp32", torch.device("cpu")),
+                   lambda: (torch.rand(4, 1, 16, 16) * 2 - 1, None), cfg, 1, Aids())
+    assert list(out) == ["loss_d", "loss_g", "gp"]
+    for key, values in seen.items():
+        values = [float(v) for v in values]
+        assert len(values) == 3 and len(set(values)) == 3
+        assert float(out[key]) == pytest.approx(sum(values) / 3, rel=1e-6)

@@ -73,15 +73,16 @@ def gan_step(nets, opts, amp, next_batch, cfg, step: int, aids: Aids) -> dict[st
     def aug(t):
         return diff_augment(t, aids.augment) if aids.augment else t
 
-    out: dict[str, torch.Tensor] = {}
+    sums: dict[str, torch.Tensor] = {}  # D's losses summed over its n_critic steps: logged as their mean
     for _ in range(cfg.train.n_critic):
+        out: dict[str, torch.Tensor] = {}
         x, y = next_batch()
         y = y if cond else None  # conditional: fakes get the real batch's labels (its class balance)
         z = torch.randn(x.shape[0], latent, device=x.device)
         with amp.autocast():
             fake = G(z, y)
-            loss_d = losses.d_loss(kind, D(aug(x), y), D(aug(fake.detach()), y))
-        total = loss_d
+            out["loss_d"] = losses.d_loss(kind, D(aug(x), y), D(aug(fake.detach()), y))
+        total = out["loss_d"]
         seen = (lambda t, labels: D(aug(t), labels)) if aids.augment else D  # D as its loss sees its input
         if kind == "wgan-gp":  # the Lipschitz bound on the function the critic loss scores: through DiffAugment too
             out["gp"] = losses.gradient_penalty(seen, x, fake, y)
@@ -93,6 +94,8 @@ def gan_step(nets, opts, amp, next_batch, cfg, step: int, aids: Aids) -> dict[st
         amp.backward(total)
         amp.step(opts["D"])
         amp.update()  # fp16: GradScaler allows one step per optimizer between updates
+        for k, v in out.items():
+            sums[k] = sums[k] + v.detach() if k in sums else v.detach()
 
     D.requires_grad_(False)  # the G step needs gradients through D, not for D's weights
     try:  # and back on whatever happens (a CUDA-graph capture that fails here reruns the step eagerly)
@@ -108,7 +111,8 @@ def gan_step(nets, opts, amp, next_batch, cfg, step: int, aids: Aids) -> dict[st
     amp.update()
     if aids.ema is not None:
         aids.ema.update(G, step)
-    return {"loss_d": loss_d.detach(), "loss_g": loss_g.detach(), **{k: v.detach() for k, v in out.items()}}
+    means = {k: v / cfg.train.n_critic if cfg.train.n_critic > 1 else v for k, v in sums.items()}
+    return {"loss_d": means.pop("loss_d"), "loss_g": loss_g.detach(), **means}
 
 
 def kl_weight(cfg, step: int) -> float:
