@@ -84,6 +84,28 @@ def test_gradient_penalty_matches_a_direct_computation():
     assert losses.r1_penalty(square_critic, real).item() == pytest.approx((2 * real).flatten(1).pow(2).sum(1).mean().item(), rel=1e-5)
 
 
+def test_penalties_stay_fp32_under_autocast_through_the_double_backward():
+    """D's forward ran without autocast but the input gradient, taken under the caller's bf16 autocast,
+    ran its matrix products in bf16 (0.3% off): a caller inside autocast got a bf16 penalty."""
+    torch.manual_seed(0)
+    w1, w2 = torch.randn(64, 48, requires_grad=True), torch.randn(48, requires_grad=True)
+    real, fake = torch.randn(8, 1, 8, 8), torch.randn(8, 1, 8, 8)
+
+    def critic(x, y=None):
+        return torch.tanh(x.flatten(1) @ w1) @ w2
+
+    for penalty in (lambda: losses.gradient_penalty(critic, real, fake), lambda: losses.r1_penalty(critic, real)):
+        torch.manual_seed(1)
+        want = penalty()
+        want_grad = torch.autograd.grad(want, w1)[0]
+        torch.manual_seed(1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = penalty()
+        got_grad = torch.autograd.grad(got, w1)[0]  # the step's backward, outside autocast as torch advises
+        assert got.dtype == torch.float32 and got.item() == pytest.approx(want.item(), rel=1e-6)
+        assert torch.allclose(got_grad, want_grad, rtol=1e-5, atol=1e-7)
+
+
 def test_gradient_penalty_reaches_the_critic_weights():
     cfg = tiny("dcgan").with_overrides({"model.d_norm": "layer"})
     D = build_nets(cfg.model)["D"]
