@@ -108,6 +108,17 @@ def test_vae_bits_per_dim_follow_from_the_negative_elbo(tmp_path, likelihood):
         assert m["bpd"] is None and "not a density" in r["protocol"]["bpd_formula"]
 
 
+@pytest.mark.parametrize("sigma, floor", [(1.0, 8.32), (0.1, 5.00)])
+def test_a_fixed_sigma_puts_a_floor_under_bpd_as_the_readme_says(sigma, floor):
+    """A perfect reconstruction with a posterior equal to the prior: what is left is the density's height."""
+    from aigc_cli import losses
+
+    x = torch.rand(3, 1, 16, 16) * 2 - 1
+    zero = torch.zeros(3, 4)
+    neg_elbo = losses.vae_terms(x, torch.atanh(x), zero, zero, sigma, "gaussian")["neg_elbo"]  # tanh(logits) = x
+    assert evaluate_mod.bits_per_dim(float(neg_elbo), 16 * 16) == pytest.approx(floor, abs=0.005)
+
+
 def test_the_training_evaluator_is_deterministic_and_leaves_g_as_it_was(runs, tmp_path, monkeypatch):
     cfg = tiny("dcgan").with_overrides({"train.eval_every": "10", "train.eval_n": "40",
                                         "train.eval_features": str(runs / "clf")})
