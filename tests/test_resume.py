@@ -78,6 +78,28 @@ def test_stop_and_resume_is_bit_identical(kind, extra, tmp_path):
         {k: v for k, v in r.items() if k not in timing} for r in logged["split"]]
 
 
+@pytest.mark.parametrize("before, after", [("1", "0"), ("0", "1")])
+def test_a_resume_that_turns_a_penalty_on_or_off_logs_means_over_its_own_steps(before, after, tmp_path):
+    """The sums saved at the stop went on into the next line: turned off, r1's sum was dropped and the
+    stop's loss_d and loss_g mixed in; turned on, r1's sum was divided by steps that had none (2 of 5)."""
+    cfg = run_cfg("dcgan", 9, {"model.d_norm": "none", "loss.r1_gamma": before})
+    with pytest.raises(Interrupted):
+        train(cfg, tmp_path / "run", StopsAt(5))
+    shutil.copytree(tmp_path / "run", tmp_path / "each")  # for the same resume, logging every step
+    changed = {"loss.r1_gamma": after, "train.steps": "7"}
+    for run, extra in (("run", {}), ("each", {"train.log_every": "1"})):
+        train(cfg.with_overrides({**changed, **extra}), tmp_path / run, Silent(),
+              resume=find_resume("auto", tmp_path / run, print))
+
+    def lines(run):
+        return {r["step"]: r for r in map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines())}
+
+    line, each = lines("run")[7], lines("each")
+    assert ("r1" in line) == (after == "1") and ("r1" in lines("run")[4]) == (before == "1")
+    for key in ("loss_d", "loss_g", "r1")[: 2 + (after == "1")]:
+        assert line[key] == pytest.approx((each[6][key] + each[7][key]) / 2, abs=2e-6), key
+
+
 def test_architecture_change_is_refused_and_harmless_change_allowed(tmp_path):
     train(run_cfg("dcgan", 4), tmp_path / "r", Silent())
     resume = find_resume("auto", tmp_path / "r", print)

@@ -464,6 +464,8 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup, run_lock
         if scheduled:
             set_lr(opts, lr_factor(step - 1, steps, cfg.train.lr_warmup, cfg.train.lr_decay))
         out = step_fn(nets, opts, amp, next_batch, cfg, step, aids)
+        if sums.keys() != out.keys():  # restored sums of other losses (a resume turned a penalty on or off)
+            sums, n_sum = {}, 0  # would mix two objectives, or divide one loss's sum by steps it had none in
         sums = {k: sums.get(k, 0) + v for k, v in out.items()}  # stays on the device: no sync
         n_sum += 1
         reporter.advance(step)
