@@ -108,6 +108,7 @@ def test_fp16_switches_to_bf16_on_divergence(monkeypatch, tmp_path):
     assert summary["precision"] == "bf16"
     assert any("fp16 -> bf16" in n for n in rep.notes)
     assert seen[0] == (5, "fp16") and seen[-1] == (15, "bf16")  # not the fp16 it was built with
+    assert 'precision = "bf16"' in (tmp_path / "r" / "config.toml").read_text()  # it said fp16 still
 
 
 def test_persistent_nan_gives_up_with_exit_code_3(monkeypatch, tmp_path):

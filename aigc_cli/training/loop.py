@@ -393,6 +393,8 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup, run_lock
             amp = Precision("bf16", device)
             cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision="bf16"))
             changes.append("fp16 -> bf16")
+            with contextlib.suppress(OSError):  # config.toml says how the run trains; the checkpoints hold it too
+                run.write_config(cfg)
         failed_at = step
         step, images_seen = state.restore(*good, nets, opts, amp, batches, "the in-memory rollback point")
         conform_optimizers(opts, flags)
