@@ -186,10 +186,11 @@ def _split_key(key: str) -> tuple[str | None, str]:
             listed = f"{section + '.* ' if section else 'top-level '}keys: {', '.join(names)}"
         else:
             close, listed = difflib.get_close_matches(key, all_keys(), n=1), f"valid keys: {', '.join(all_keys())}"
-        # Better guesses first: the key in other case (train.LR_G), or a section left out (batch_size).
+        # Better guesses first: the key in other case (train.LR_G), or a section left out (batch_size) or
+        # another one's (train.hflip: data.hflip; no name is in two sections).
         begun = [k for k in all_keys() if section in SECTIONS and k.startswith(f"{section}.{name.lower()}")]
         close = ([k for k in all_keys() if k.lower() == key.lower()]
-                 or [k for k in all_keys() if section is None and k.rpartition(".")[2] == name.lower()]
+                 or [k for k in all_keys() if k.rpartition(".")[2] == name.lower() and k != key]
                  or (begun if len(begun) == 1 else close))
         raise UsageError(f"unknown config key {key!r}; " + (f"did you mean {close[0]!r}? ({listed})" if close else listed))
     return section, name

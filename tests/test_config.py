@@ -304,7 +304,9 @@ def test_more_settings_that_change_nothing_are_noted():
 
 
 @pytest.mark.parametrize("key, guess", [("batch_size", "train.batch_size"), ("train.LR_G", "train.lr_g"),
-                                        ("Train.LR_G", "train.lr_g"), ("model.res", "model.resolution")])
+                                        ("Train.LR_G", "train.lr_g"), ("model.res", "model.resolution"),
+                                        ("train.hflip", "data.hflip"), ("loss.lr_d", "train.lr_d"),
+                                        ("model.n_critic", "train.n_critic"), ("train.GAN", "loss.gan")])
 def test_unknown_keys_get_the_likely_one(key, guess):
     with pytest.raises(UsageError, match=f"did you mean '{guess}'"):
         parse_assignments([f"{key}=1"])
