@@ -264,6 +264,62 @@ def test_ema_copies_buffers_and_has_no_grad():
         assert torch.equal(a, b)
 
 
+def _generator(conditional: bool):
+    from conftest import tiny
+
+    from aigc_cli.models import build_nets
+
+    cfg = tiny("dcgan", conditional=conditional, num_classes=3 if conditional else 0)
+    torch.manual_seed(0)
+    return cfg, build_nets(cfg.model)["G"]
+
+
+@pytest.mark.parametrize("conditional", [False, True])
+def test_settled_ema_has_the_batch_norm_statistics_of_its_own_weights(conditional):
+    """The EMA copy sampled with the live G's statistics (FID 37 against 34 with its own)."""
+    import contextlib
+    import copy
+
+    from aigc_cli.training import ema as ema_mod
+
+    cfg, G = _generator(conditional)
+    ema = EMA(G, decay=0.5)
+    with torch.no_grad():  # the average drifts from G; G's statistics are of G's own batches
+        for p in G.parameters():
+            p.mul_(1.5)
+    G.train()
+    G(torch.randn(16, 8), torch.randint(3, (16,)) if conditional else None)
+    ema.update(G, 10)
+    layers = [m for m in ema.model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(layers) >= 2 and not ema.settled
+    copied = [m.running_var.clone() for m in layers]
+    probe = copy.deepcopy(ema.model).train()  # the averaged weights, to measure by hand
+    rng = torch.get_rng_state()
+    ema.settle_norm_stats(8, 3 if conditional else 0, 16, seed=4, autocast=contextlib.nullcontext())
+    assert torch.equal(torch.get_rng_state(), rng)  # the run's random stream is untouched
+    assert ema.settled and not ema.model.training and all(m.momentum == 0.1 for m in layers)
+    assert all(not torch.allclose(m.running_var, c) for m, c in zip(layers, copied))
+
+    # By hand: the batch statistics of each layer's input over the same generated batches, averaged
+    seen: dict[int, list] = {}
+    for k, m in enumerate(m for m in probe.modules() if isinstance(m, nn.BatchNorm2d)):
+        m.register_forward_hook(lambda m, i, o, k=k: seen.setdefault(k, []).append((i[0].mean((0, 2, 3)), i[0].var((0, 2, 3)))))
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for _ in range(round(ema_mod.NORM_STATS_IMAGES / 16)):
+            z = torch.randn(16, 8, generator=gen)
+            probe(z, torch.randint(3, (16,), generator=gen) if conditional else None)
+    for k, m in enumerate(layers):
+        mean, var = (torch.stack(v).mean(0) for v in zip(*seen[k]))
+        assert torch.allclose(m.running_mean, mean, atol=1e-5) and torch.allclose(m.running_var, var, rtol=1e-4)
+
+    again = [m.running_var.clone() for m in layers]
+    ema.settle_norm_stats(8, 3 if conditional else 0, 16, seed=4, autocast=contextlib.nullcontext())
+    assert all(torch.equal(m.running_var, a) for m, a in zip(layers, again))  # settled: nothing redone
+    ema.update(G, 11)
+    assert not ema.settled and all(torch.equal(m.running_var, c) for m, c in zip(layers, copied))
+
+
 def test_ema_rejects_bad_decay():
     with pytest.raises(ValueError):
         EMA(_Net(), decay=1.5)

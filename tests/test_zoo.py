@@ -54,6 +54,9 @@ def test_variant_trains_with_finite_losses(name, tmp_path):
         assert summary["images_seen"] == 10 * cfg.train.n_critic * cfg.train.batch_size
     ck = ckpt_io.load(tmp_path / name)
     assert bool(ck.net_state("G_ema")) == (cfg.train.ema_decay > 0)
+    stats = [k for k in ck.net_state("G") if k.endswith("running_var")]
+    if ck.net_state("G_ema") and stats:  # its own batch-norm statistics, not the live G's copied
+        assert all(not torch.equal(ck.net_state("G_ema")[k], ck.net_state("G")[k]) for k in stats)
 
 
 def test_gradient_penalty_matches_a_direct_computation():

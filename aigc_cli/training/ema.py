@@ -8,6 +8,12 @@ import torch
 from torch import nn
 
 
+# Generated images that settle_norm_stats measures. In the measurement its docstring cites, 512 to 8,192
+# gave FIDs from 33.0 to 35.1 in no order (the statistics' own sampling noise); 2,048 costs 3 s on 2 CPU
+# cores for the 64x64 DCGAN, at each grid, evaluation and checkpoint.
+NORM_STATS_IMAGES = 2048
+
+
 class EMA:
     """Keeps ``self.model``, a frozen deep copy of ``model`` in eval mode, tracking its weights.
 
@@ -16,8 +22,9 @@ class EMA:
     ``d = min(decay, (1 + k) / (10 + k))`` at the k-th averaged update when ``warmup`` is on (as
     TensorFlow's ExponentialMovingAverage with num_updates): without it a 0.999 average would still be
     mostly the random initialisation a thousand steps into a run. Buffers
-    (BatchNorm running statistics, counters) are always copied, never averaged. Checkpoints save and
-    load ``self.model``'s state dict; ``state_dict``/``load_state_dict`` here are the same.
+    (BatchNorm running statistics, counters) are copied, never averaged; ``settle_norm_stats`` then
+    measures the averaged weights' own statistics before the copy is used. Checkpoints save and load
+    ``self.model``'s state dict; ``state_dict``/``load_state_dict`` here are the same.
     """
 
     def __init__(self, model: nn.Module, decay: float, start: int = 0, warmup: bool = True):
@@ -29,9 +36,11 @@ class EMA:
         self.model = copy.deepcopy(model)
         self.model.eval()
         self.model.requires_grad_(False)
+        self.settled = False  # whether the batch-norm statistics are the averaged weights' own
 
     @torch.no_grad()
     def update(self, model: nn.Module, step: int) -> None:
+        self.settled = False
         ema_params = list(self.model.parameters())
         params = [p.detach() for p in model.parameters()]
         ema_buffers = list(self.model.buffers())
@@ -48,6 +57,38 @@ class EMA:
                 torch._foreach_lerp_(ema_params, params, 1.0 - decay)
         if ema_buffers:
             _copy(ema_buffers, buffers)
+
+    @torch.no_grad()
+    def settle_norm_stats(self, latent_dim: int, num_classes: int, batch_size: int, seed: int, autocast) -> None:
+        """Give the copy's batch norms the statistics of its own activations, measured on NORM_STATS_IMAGES
+        generated images (whole batches of `batch_size`, as training ran them), classes uniform when
+        `num_classes`: the copied ones are the live G's, whose weights differ from the average. Measured
+        on Fashion-MNIST (32x32 DCGAN, 3,000 steps, decay 0.999): the copy scored FID 37.2 with the
+        copied statistics, 34.2 with its own, the live G 34.5 (benchmarks/README.md, "EMA"). BigGAN's
+        "standing statistics". Seeded on its own (`seed`): the run's random streams are not touched, so
+        the same weights always get the same statistics. Does nothing until the next update once done."""
+        layers = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                  and m.track_running_stats]
+        if self.settled or not layers:
+            return
+        device = next(self.model.parameters()).device
+        gen = torch.Generator().manual_seed(seed)
+        momenta = [m.momentum for m in layers]
+        for m in layers:
+            m.reset_running_stats()
+            m.momentum = None  # a plain average over the batches (fused layers run eagerly with it)
+        self.model.train()
+        try:
+            with autocast:
+                for _ in range(max(1, round(NORM_STATS_IMAGES / batch_size))):
+                    z = torch.randn(batch_size, latent_dim, generator=gen).to(device)
+                    y = torch.randint(num_classes, (batch_size,), generator=gen).to(device) if num_classes else None
+                    self.model(z, y)
+        finally:
+            for m, momentum in zip(layers, momenta):
+                m.momentum = momentum
+            self.model.eval()
+        self.settled = True
 
     def state_dict(self, *args, **kwargs):
         return self.model.state_dict(*args, **kwargs)

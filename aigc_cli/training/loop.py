@@ -282,10 +282,18 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup, run_lock
     z_fixed = latents(len(labels_fixed) if labels_fixed is not None else cfg.train.n_samples,
                       cfg.model.latent_dim, cfg.train.seed)
 
+    def generator() -> torch.nn.Module | None:
+        """G to sample, evaluate and save: the EMA copy where there is one, its batch norms settled."""
+        if aids.ema is None:
+            return nets.get("G")  # a classifier has none
+        aids.ema.settle_norm_stats(cfg.model.latent_dim, cfg.model.num_classes if cfg.model.conditional else 0,
+                                   bs, cfg.train.seed, amp.autocast())
+        return aids.ema.model
+
     def write_samples(step: int) -> None:
         if not family.generative:
             return
-        G = nets.get("G_ema", nets["G"]).eval()
+        G = generator().eval()
         try:
             save_grid(generate(G, z_fixed, amp, labels=labels_fixed), run.samples / f"step-{step:07d}.png", nrow)
             if family.objective == "vae":  # inputs above, their reconstructions below
@@ -323,7 +331,7 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup, run_lock
         nonlocal evaluated_at, t_log
         t_eval = time.perf_counter()
         try:
-            scores = evaluator(nets.get("G_ema", nets["G"]), step, amp,
+            scores = evaluator(generator(), step, amp,
                                # at the last step there is nothing to come back to: SIGUSR1 lets it finish
                                should_stop=lambda: stop.signum is not None or (exit_on_usr1 and stop.save_requested
                                                                                and step < steps))
@@ -374,6 +382,7 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup, run_lock
         extra = {"aigc.best_metric": json.dumps(metric), "aigc.best_value": json.dumps(best_value),
                  "aigc.best_step": json.dumps(best_step), "aigc.log_sums": state.log_sums_meta(sums, n_sum),
                  "aigc.data_images": str(len(data.images)), **names}
+        generator()  # the EMA copy is saved as it samples
         good = state.capture(cfg, nets, opts, amp, batches, step, images_seen, extra)
         good_scale = lr_scale
         good_path = run.save_checkpoint(step, *good, best=is_best, transient=transient)
