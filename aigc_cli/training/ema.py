@@ -64,7 +64,7 @@ class EMA:
         generated images (whole batches of `batch_size`, as training ran them), classes uniform when
         `num_classes`: the copied ones are the live G's, whose weights differ from the average. Measured
         on Fashion-MNIST (32x32 DCGAN, 3,000 steps, decay 0.999): the copy scored FID 37.2 with the
-        copied statistics, 34.2 with its own, the live G 34.5 (benchmarks/README.md, "EMA"). BigGAN's
+        copied statistics, 33.3 with its own, the live G 34.5 (benchmarks/README.md, "EMA"). BigGAN's
         "standing statistics". Seeded on its own (`seed`): the run's random streams are not touched, so
         the same weights always get the same statistics. Does nothing until the next update once done."""
         layers = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
