@@ -43,6 +43,13 @@ def test_eta_after_a_resume_counts_only_this_processes_steps(monkeypatch):
     assert line.endswith("eta 1:23:10"), line
 
 
+def test_eta_leaves_out_the_start_up_of_the_first_interval(monkeypatch):
+    """40 s of compiling in the first 100 steps, then 1 s a step: the second line said 0:16:00 (240 s over
+    200 steps, times 800 left) for the 800 s left. From the first line on, the rate since that line."""
+    lines = _lines(monkeypatch, 0, 1000, [(100, 140.0), (200, 240.0)])
+    assert lines[0].endswith("eta 0:21:00") and lines[1].endswith("eta 0:13:20"), lines
+
+
 def _bar_and_note(err_on_terminal: bool) -> tuple[str, Console]:
     """A live bar on a (pretend) terminal stdout; one note printed while it runs."""
     from conftest import TerminalBuffer, terminal_console

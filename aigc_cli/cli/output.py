@@ -335,6 +335,7 @@ class ConsoleReporter:
     def start(self, total_steps: int, info: dict) -> None:
         self.total, self.t0 = total_steps, time.perf_counter()
         self.first = info.get("start_step", 0)  # a resumed run's ETA counts only the steps taken in this process
+        self.mark: tuple[float, int] | None = None  # (time, step) of the first line: the rate from there on
         self.console.print(f"training {info['model']} on {info['data']} -> {info['run_dir']}  "
                            f"({info['steps']} step{'s' * (info['steps'] != 1)}, batch {info['batch_size']}, {info['device']}, {info['precision']})")
         if live_display(self.console):
@@ -361,10 +362,14 @@ class ConsoleReporter:
         if self.progress:
             self.progress.update(self.task, stats=stats)
             return
-        step = record["step"]
-        elapsed = time.perf_counter() - self.t0
-        done = step - self.first
-        eta = elapsed / done * (self.total - step) if done > 0 else float("inf")
+        # From the first line on, the rate since that line: the first interval holds the one-off start-up
+        # (compiling, cuDNN's search, warm-up), which made a short run's ETA many times what was left.
+        # Later intervals hold the run's recurring evaluations and saves, as the steps to come will.
+        step, now = record["step"], time.perf_counter()
+        since, first = self.mark or (self.t0, self.first)
+        if self.mark is None:
+            self.mark = (now, step)
+        eta = (now - since) / (step - first) * (self.total - step) if step > first else float("inf")
         self.console.print(f"step {step}/{self.total}  {stats}  eta {duration(eta)}")
 
     def note(self, text: str) -> None:
