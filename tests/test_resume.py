@@ -502,6 +502,25 @@ def test_switching_the_schedule_off_on_resume_restores_the_full_rate(schedule, t
     assert [r["lr_G"] for r in rep.records] == [lr_g, lr_g], rep.records
 
 
+def test_a_longer_resume_of_a_decayed_run_says_the_rate_jumps(tmp_path):
+    """The schedule spans the new length, so the rate rose at once from its last value, unannounced."""
+    out, cosine = tmp_path / "run", {"train.lr_decay": "cosine", "train.lr_warmup": "2"}
+    with pytest.raises(Interrupted):
+        train(run_cfg("dcgan", 10, cosine), out, StopsAt(3))  # mid warm-up: a resume as long says nothing
+    same = Silent()
+    train(run_cfg("dcgan", 10, cosine), out, same, resume=find_resume("auto", out, print))
+    assert not [n for n in same.notes if "schedule" in n], same.notes
+    longer = Silent()
+    train(run_cfg("dcgan", 20, cosine), out, longer, resume=find_resume("auto", out, print))
+    [note] = [n for n in longer.notes if "schedule" in n]
+    from aigc_cli.training.schedule import lr_factor
+
+    last = same.records[-1]["lr_G"] / run_cfg("dcgan", 1).train.lr_g  # step 10's, of 10: near the end
+    assert last == pytest.approx(lr_factor(9, 10, 2, "cosine")) and last < 0.05
+    assert note == (f"the learning-rate schedule now spans 20 steps: the rates move from {last:.3g} to "
+                    f"{lr_factor(10, 20, 2, 'cosine'):.3g} of their base at step 11"), note
+
+
 def test_a_model_without_labels_carries_no_class_count(tmp_path):
     """A conditional run's config used with conditional=false kept num_classes = 4: `aigc info` listed
     classes for an unconditional model, and a resume without the stale count was refused as an

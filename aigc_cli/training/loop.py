@@ -57,6 +57,20 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def schedule_jump_note(opts, step: int, steps: int, cfg: Config, note) -> None:
+    """A schedule decays over the run's length: resumed with another length (--steps, --epochs), the rate
+    moves at once to where the new schedule has it, up or down. That is meant, but it should not surprise."""
+    group = next(iter(opts.values())).param_groups[0]
+    if not group.get("base_lr"):
+        return
+    before = group["lr"] / group["base_lr"]  # the factor of the last step taken, by the schedule it followed
+    then = lr_factor(step - 1, steps, cfg.train.lr_warmup, cfg.train.lr_decay)  # that step's, by the new one
+    after = lr_factor(step, steps, cfg.train.lr_warmup, cfg.train.lr_decay)
+    if abs(then - before) > 0.01 * max(before, then):
+        note(f"the learning-rate schedule now spans {steps:,} steps: the rates move from {before:.3g} to {after:.3g} "
+             f"of their base at step {step + 1:,}")
+
+
 def total_steps(cfg: Config, n_images: int, step: int = 0, position: dict | None = None) -> int:
     """train.steps, or for train.epochs the steps that show the data that many times: the batches of
     those epochs (each drops its last partial batch), n_critic of them a step for a GAN with critic
@@ -245,6 +259,8 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup, run_lock
         apply_changed_optimizer_settings(resume.config, cfg, opts)
         if not scheduled and any("base_lr" in g for opt in opts.values() for g in opt.param_groups):
             set_lr(opts, 1.0)  # the schedule was switched off: back to the full rate, not stuck where it stopped
+        elif scheduled and step < steps:
+            schedule_jump_note(opts, step, steps, cfg, reporter.note)
         chosen_by, best_value, best_step = state.best_of(resume.meta, resume.path)
         if chosen_by != metric and best_value is not None:
             reporter.note(f"best.safetensors was chosen by {chosen_by}; "
