@@ -422,6 +422,8 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup, run_lock
                 run.write_config(cfg)
         failed_at = step
         step, images_seen = state.restore(*good, nets, opts, amp, batches, "the in-memory rollback point")
+        if aids.ema is not None:
+            aids.ema.settled = False  # its batch norms hold what the rollback point held
         conform_optimizers(opts, flags)
         if graphed:
             step_fn.reset()  # new optimizer state tensors and learning rates: capture again
