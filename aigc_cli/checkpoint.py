@@ -67,6 +67,18 @@ class Checkpoint:
         return [str(n) for n in names]
 
     @property
+    def class_counts(self) -> list[int]:
+        """How many training images each class had (empty when the model has no classes, or an older file):
+        the class mix `aigc eval` draws a conditional model's images with."""
+        try:
+            counts = json.loads(self.meta.get("aigc.class_counts", "[]"))
+        except json.JSONDecodeError:
+            return []
+        ok = (isinstance(counts, list) and len(counts) == self.config.model.num_classes
+              and all(type(c) is int and c >= 0 for c in counts) and sum(counts) > 0)
+        return counts if ok else []
+
+    @property
     def step_file(self) -> Path:
         """The file to name for these weights: for last.safetensors or best.safetensors, links that the
         next save replaces, the step file holding the same checkpoint (same metadata, so a save between

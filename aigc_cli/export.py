@@ -56,8 +56,9 @@ def _meta(ckpt: ckpt_io.Checkpoint, dtype: str, label: str) -> dict[str, str]:
     meta["aigc.dtype"] = dtype
     meta["aigc.source"] = _source_of(ckpt)
     meta["aigc.weights"] = label
-    if "aigc.class_names" in ckpt.meta:
-        meta["aigc.class_names"] = ckpt.meta["aigc.class_names"]
+    for key in ("aigc.class_names", "aigc.class_counts"):
+        if key in ckpt.meta:
+            meta[key] = ckpt.meta[key]
     return meta
 
 

@@ -138,6 +138,23 @@ def test_the_training_evaluator_is_deterministic_and_leaves_g_as_it_was(runs, tm
     assert is_only.reference is None and set(is_only(G, 1)) == {"is"}
 
 
+def test_the_training_evaluator_draws_the_training_data_s_class_mix(runs, tmp_path, monkeypatch):
+    cfg = tiny("dcgan", conditional=True, num_classes=4).with_overrides(
+        {"train.eval_every": "10", "train.eval_n": "60", "train.eval_metric": "is", "train.eval_features": str(runs / "clf")})
+    amp = Precision("fp32", CPU)
+    ev = evaluate_mod.TrainingEvaluator(cfg, CPU, amp, print, class_counts=[0, 7, 0, 0])
+    assert ev.labels.tolist() == [1] * 60
+    assert len(set(evaluate_mod.TrainingEvaluator(cfg, CPU, amp, print).labels.tolist())) == 4  # none given: uniform
+
+    made = []  # what training hands it: the counts of its data's labels
+    real_init = evaluate_mod.TrainingEvaluator.__init__
+    monkeypatch.setattr(evaluate_mod.TrainingEvaluator, "__init__",
+                        lambda self, *a, **k: made.append(k.get("class_counts")) or real_init(self, *a, **k))
+    train(cfg.with_overrides({"train.steps": "1", "data.limit": "40"}), tmp_path / "run", Silent())
+    labels = load_images("shapes", channels=1, resolution=16, limit=40, seed=0, warn=print).labels
+    assert made == [torch.bincount(labels, minlength=4).tolist()] and sum(made[0]) == 40
+
+
 def test_the_training_evaluator_fails_at_construction_without_inception_weights(tmp_path, monkeypatch):
     monkeypatch.setenv("AIGC_INCEPTION_WEIGHTS", str(tmp_path / "missing.pth"))
     cfg = tiny("dcgan").with_overrides({"train.eval_every": "10", "train.eval_n": "40"})
@@ -316,3 +333,39 @@ def test_vae_scores_say_when_they_cannot_be_or_are_not_on_held_out_images(runs, 
     assert code == 0 and "exported the decoder from" in out and "generator" not in out, out
     code, out, err = run_cli(monkeypatch, capsys, "eval", tmp_path / "vae", "--data", "shapes", "--n", 8, "-b", 0)
     assert code == 2 and err == "error: --batch-size must be positive, got 0\n", err
+
+
+def test_a_conditional_model_is_scored_with_the_training_data_s_class_mix(runs, tmp_path):
+    """Classes were drawn uniformly, while the real subset has the data's mix: on data with 3 images of one
+    class to 1 of the other, a perfect generator was scored as far from it."""
+    import numpy as np
+
+    from aigc_cli.export import export_generator
+
+    rng = np.random.default_rng(0)
+    for name, count in (("many", 24), ("few", 8)):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        for i in range(count):
+            Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "data" / name / f"{i}.png")
+    cfg = tiny("dcgan", conditional=True, channels=3).with_overrides(
+        {"data.source": str(tmp_path / "data"), "train.steps": "1", "train.batch_size": "8"})
+    train(cfg, tmp_path / "run", Silent())
+    ck = ckpt_io.load(tmp_path / "run")
+    assert ck.class_names == ["few", "many"] and ck.class_counts == [8, 24]
+    export_generator(ck, tmp_path / "g.safetensors", "fp32")
+    assert ckpt_io.load(tmp_path / "g.safetensors").class_counts == [8, 24]
+
+    def drawn(ckpt):
+        r = evaluate_mod.evaluate(ckpt, data=str(tmp_path / "data"), root=None, download=False,
+                                  features=str(runs / "clf"), n=400, batch_size=200, seed=0, device="cpu",
+                                  precision="fp32", warn=lambda s: None, stats_dir=None, metrics=["fid"],
+                                  save_fakes=str(tmp_path / "fakes.npz"))
+        with np.load(tmp_path / "fakes.npz") as f:
+            return r["protocol"]["fake_classes"], float((f["arr_1"] == 1).mean())
+
+    kind, many = drawn(ck)
+    assert kind == "as in the training data" and 0.68 < many < 0.82  # 3/4
+    older = ckpt_io.Checkpoint(ck.path, ck.tensors, {k: v for k, v in ck.meta.items() if k != "aigc.class_counts"},
+                               ck.config)
+    kind, many = drawn(older)
+    assert kind == "uniform" and 0.43 < many < 0.57

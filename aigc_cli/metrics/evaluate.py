@@ -114,11 +114,20 @@ def score(metrics: list[str], *, fake: FeatureStats, probs: np.ndarray | None, r
     return out, proto
 
 
-def seeded_inputs(model_cfg, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Latents for n images, and for a conditional model classes drawn uniformly at random."""
+def seeded_inputs(model_cfg, n: int, seed: int, class_counts: list[int] | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Latents for n images, and for a conditional model classes drawn at random: as often as the training
+    data had them (`class_counts`; StyleGAN2-ADA draws the data's labels too), else uniformly. The real
+    side is a random subset of the data, with its class mix: uniform classes on data with unequal ones
+    scored a perfect generator as far from the data."""
     labels = None
     if model_cfg.conditional:
-        labels = torch.randint(model_cfg.num_classes, (n,), generator=torch.Generator().manual_seed(seed + 1))
+        gen = torch.Generator().manual_seed(seed + 1)
+        if class_counts:
+            weights = torch.tensor(class_counts, dtype=torch.float64)
+            labels = torch.multinomial(weights, n, replacement=True, generator=gen)
+        else:
+            labels = torch.randint(model_cfg.num_classes, (n,), generator=gen)
     return latents(n, model_cfg.latent_dim, seed), labels
 
 
@@ -322,7 +331,9 @@ def evaluate(ckpt: ckpt_io.Checkpoint, *, data: str, root: str | None, download:
         warn(f"the feature classifier was trained on '{extractor.data_source}', the real data is '{data}': "
              "distances in its feature space may mean little")
     _say_if_few_for_fid(chosen, n, reference.n if reference is not None else None, extractor, warn)
-    z, labels = seeded_inputs(m, n, seed)
+    z, labels = seeded_inputs(m, n, seed, ckpt.class_counts)
+    if m.conditional:
+        protocol["fake_classes"] = "as in the training data" if ckpt.class_counts else "uniform"
     with contextlib.ExitStack() as saving:  # an .npz is complete once generation ends, whatever scoring does
         sink = None
         if save_fakes and is_npz(save_fakes):
@@ -567,7 +578,8 @@ class TrainingEvaluator:
 
     def __init__(self, cfg, device: torch.device, amp: Precision, warn: Callable[[str], None],
                  images: torch.Tensor | None = None, stats_dir: str | os.PathLike | None = "default",
-                 batch_size: int | None = None, should_stop: Callable[[], bool] | None = None):
+                 batch_size: int | None = None, should_stop: Callable[[], bool] | None = None,
+                 class_counts: list[int] | None = None):
         t, m = cfg.train, cfg.model
         self.metric, self.n, self.seed = t.eval_metric, t.eval_n, t.seed
         if self.metric not in GAN_METRICS:
@@ -603,7 +615,7 @@ class TrainingEvaluator:
                                                should_stop=should_stop)
         _say_if_few_for_fid(self.metrics, self.n, self.reference.n if self.reference is not None else None,
                             self.extractor, warn)
-        self.z, self.labels = seeded_inputs(m, self.n, t.seed)
+        self.z, self.labels = seeded_inputs(m, self.n, t.seed, class_counts)
 
     def __call__(self, G: torch.nn.Module, step: int, amp: Precision | None = None,
                  should_stop: Callable[[], bool] | None = None) -> dict[str, float]:

@@ -235,11 +235,13 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup, run_lock
     step_fn = STEPS[family.objective]
     if graphed:
         step_fn = GraphedStep(step_fn, nets, opts, amp, cfg, aids, note=reporter.note)
+    class_counts = (torch.bincount(data.labels.cpu(), minlength=cfg.model.num_classes).tolist()
+                    if cfg.model.conditional and data.labels is not None else None)
     evaluator = None
     if cfg.train.eval_every:  # built before the run folder: missing Inception weights fail at once, leaving nothing
         from ..metrics.evaluate import EvaluationStopped, TrainingEvaluator
         try:
-            evaluator = TrainingEvaluator(cfg, device, amp, reporter.note, images=data.images,
+            evaluator = TrainingEvaluator(cfg, device, amp, reporter.note, images=data.images, class_counts=class_counts,
                                           should_stop=lambda: stop.signum is not None)
         except EvaluationStopped:
             raise Interrupted(f"{stop.name} while computing the real images' statistics, before the first "
@@ -381,6 +383,8 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup, run_lock
     # What `--class K` means to `aigc sample` (folder names, the shapes' kinds), when the model uses labels.
     names = ({"aigc.class_names": json.dumps(list(data.class_names))}
              if cfg.model.num_classes and len(data.class_names) == cfg.model.num_classes else {})
+    if class_counts:  # the class mix `aigc eval` draws with, as the evaluation here does
+        names["aigc.class_counts"] = json.dumps(class_counts)
 
     def beats_best(value) -> bool:
         return value is not None and (best_value is None or (value > best_value if higher_is_better else value < best_value))
