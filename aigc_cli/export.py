@@ -3,6 +3,7 @@ as safetensors here, as an ONNX model in export_onnx.py."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -11,6 +12,8 @@ from . import checkpoint as ckpt_io
 from .errors import UsageError
 from .files import check_writable
 from .models import FAMILIES
+from .sampling import copied_norms
+from .training.ema import EMA_NORMS_KEY, settle_norm_stats
 from .training.precision import DTYPES
 
 
@@ -37,7 +40,12 @@ def export_generator(ckpt: ckpt_io.Checkpoint, out: Path, dtype: str, ema: bool 
     _refuse_training_checkpoint(out)
     target = DTYPES[dtype]
     # Floating weights take the requested dtype; integer buffers (BN's num_batches_tracked) stay as they are.
-    tensors = {f"G.{k}": (v.to(target) if v.is_floating_point() else v) for k, v in ckpt.net_state(source).items()}
+    state = ckpt.net_state(source)
+    if state and copied_norms(ckpt, label):  # the EMA's own batch-norm statistics, as sampling measures them
+        G = ckpt_io.build_net(ckpt, "G", source)
+        if settle_norm_stats(G, ckpt.config, contextlib.nullcontext()):
+            state = G.state_dict()
+    tensors = {f"G.{k}": (v.to(target) if v.is_floating_point() else v) for k, v in state.items()}
     if not tensors:
         raise UsageError(f"{ckpt.path}: holds no generator weights")
     for key, v in tensors.items():  # load() refused non-finite sources: an inf here is fp16's range (65504)
@@ -56,6 +64,8 @@ def _meta(ckpt: ckpt_io.Checkpoint, dtype: str, label: str) -> dict[str, str]:
     meta["aigc.dtype"] = dtype
     meta["aigc.source"] = _source_of(ckpt)
     meta["aigc.weights"] = label
+    if label == "G_ema":  # settled by the training run or by this export (ONNX too, through generator_from)
+        meta[EMA_NORMS_KEY] = "settled"
     for key in ("aigc.class_names", "aigc.class_counts"):
         if key in ckpt.meta:
             meta[key] = ckpt.meta[key]

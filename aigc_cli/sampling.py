@@ -20,6 +20,7 @@ from .checkpoint import Checkpoint, build_net
 from .errors import UsageError
 from .files import atomic_write, remove_dead_temps_in
 from .models import FAMILIES
+from .training.ema import EMA_NORMS_KEY, NORM_STATS_IMAGES, settle_norm_stats
 from .training.precision import Precision, resolve_device, resolve_precision, slow_precision_note
 
 
@@ -295,9 +296,19 @@ def generator_from(ckpt: Checkpoint, device: str = "auto", precision: str = "aut
     weights when it has them (unless ema=False). `warn` hears of a precision that is slow there."""
     check_generates(ckpt)
     dev = resolve_device(device)
-    G = build_net(ckpt, "G", ckpt.generator_weights(ema)[0])
+    source, label = ckpt.generator_weights(ema)
+    G = build_net(ckpt, "G", source)
     G.to(dev).eval()
     amp = Precision(resolve_precision(precision, dev), dev)
     if warn is not None and (slow := slow_precision_note(amp.name, dev)):
         warn(slow)
+    if copied_norms(ckpt, label) and settle_norm_stats(G, ckpt.config, amp.autocast()) and warn is not None:
+        warn(f"measured the EMA generator's batch-norm statistics on {NORM_STATS_IMAGES:,} images: {ckpt.path.name} "
+             "holds the live G's (saved for a signal or by time, or by aigc before 2026-11-30)")
     return G, amp
+
+
+def copied_norms(ckpt: Checkpoint, label: str) -> bool:
+    """Whether the EMA generator in this file has the live G's batch-norm statistics, not its own: training
+    measures them at its regular saves, not at one a signal asks for (nor did aigc before 2026-11-30)."""
+    return label == "G_ema" and ckpt.meta.get(EMA_NORMS_KEY) != "settled"

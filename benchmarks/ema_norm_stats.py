@@ -25,19 +25,17 @@ import tempfile
 from pathlib import Path
 
 from aigc_cli import checkpoint as ckpt_io
-from aigc_cli.training.ema import EMA
+from aigc_cli.training.ema import EMA_NORMS_KEY, settle_norm_stats
 
 
 def variant(ck, settle: bool, seed: int) -> dict:
     """The checkpoint's tensors with G_ema's buffers either G's (copied) or measured on G_ema itself."""
     tensors = dict(ck.tensors)
     buffers = [k for k in ck.net_state("G_ema") if "running_" in k or "num_batches" in k]
-    if settle:
-        ema = EMA(ckpt_io.build_net(ck, "G", "G_ema"), decay=0.0)
-        m = ck.config.model
-        ema.settle_norm_stats(m.latent_dim, m.num_classes if m.conditional else 0, ck.config.train.batch_size,
-                              seed, contextlib.nullcontext())
-        state = ema.model.state_dict()
+    if settle:  # as training does it, with the run's seed replaced by `seed`
+        G = ckpt_io.build_net(ck, "G", "G_ema")
+        settle_norm_stats(G, ck.config.with_overrides({"train.seed": seed}), contextlib.nullcontext())
+        state = G.state_dict()
         tensors.update({f"G_ema.{k}": state[k].to(tensors[f"G_ema.{k}"].dtype) for k in buffers})
     else:
         tensors.update({f"G_ema.{k}": tensors[f"G.{k}"] for k in buffers})
@@ -75,7 +73,8 @@ def main() -> None:
             cells = []
             for settle, seed in [(False, 0), *((True, s) for s in seeds)]:
                 out = tmp / f"{'own' if settle else 'copied'}-{seed}-{path.name}"
-                ckpt_io.write_atomic(out, variant(ck, settle, seed), ck.meta)
+                # marked as settled either way, so that `aigc eval` scores the statistics as they are
+                ckpt_io.write_atomic(out, variant(ck, settle, seed), {**ck.meta, EMA_NORMS_KEY: "settled"})
                 cells.append(fid(out, args))
                 out.unlink()
             print(f"| {ck.step} | " + " | ".join(cells) + f" | {fid(path, args, '--no-ema')} |", flush=True)

@@ -12,6 +12,9 @@ from torch import nn
 # gave FIDs from 33.0 to 35.1 in no order (the statistics' own sampling noise); 2,048 costs 3 s on 2 CPU
 # cores for the 64x64 DCGAN, at each grid, evaluation and checkpoint.
 NORM_STATS_IMAGES = 2048
+# Checkpoint metadata: "settled" when G_ema's batch-norm statistics are its own, "copied" when they are the
+# live G's (a save for a signal or by time, which cannot wait); sampling settles those, and older files.
+EMA_NORMS_KEY = "aigc.ema_norms"
 
 
 class EMA:
@@ -58,43 +61,56 @@ class EMA:
         if ema_buffers:
             _copy(ema_buffers, buffers)
 
-    @torch.no_grad()
-    def settle_norm_stats(self, latent_dim: int, num_classes: int, batch_size: int, seed: int, autocast) -> None:
-        """Give the copy's batch norms the statistics of its own activations, measured on NORM_STATS_IMAGES
-        generated images (whole batches of `batch_size`, as training ran them), classes uniform when
-        `num_classes`: the copied ones are the live G's, whose weights differ from the average. Measured
-        on Fashion-MNIST (32x32 DCGAN, 3,000 steps, decay 0.999): the copy scored FID 37.2 with the
-        copied statistics, 33.3 with its own, the live G 34.5 (benchmarks/README.md, "EMA"). BigGAN's
-        "standing statistics". Seeded on its own (`seed`): the run's random streams are not touched, so
-        the same weights always get the same statistics. Does nothing until the next update once done."""
-        layers = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-                  and m.track_running_stats]
-        if self.settled or not layers:
-            return
-        device = next(self.model.parameters()).device
-        gen = torch.Generator().manual_seed(seed)
-        momenta = [m.momentum for m in layers]
-        for m in layers:
-            m.reset_running_stats()
-            m.momentum = None  # a plain average over the batches (fused layers run eagerly with it)
-        self.model.train()
-        try:
-            with autocast:
-                for _ in range(max(1, round(NORM_STATS_IMAGES / batch_size))):
-                    z = torch.randn(batch_size, latent_dim, generator=gen).to(device)
-                    y = torch.randint(num_classes, (batch_size,), generator=gen).to(device) if num_classes else None
-                    self.model(z, y)
-        finally:
-            for m, momentum in zip(layers, momenta):
-                m.momentum = momentum
-            self.model.eval()
-        self.settled = True
+    def settle_norm_stats(self, cfg, autocast) -> None:
+        """settle_norm_stats(self.model, ...) for the run's config, once after each update."""
+        if not self.settled:
+            settle_norm_stats(self.model, cfg, autocast)
+            self.settled = True
 
     def state_dict(self, *args, **kwargs):
         return self.model.state_dict(*args, **kwargs)
 
     def load_state_dict(self, state_dict, strict: bool = True):
         return self.model.load_state_dict(state_dict, strict=strict)
+
+
+# Mixed into the run's seed: the statistics' latents must not be the grid's or an evaluation's, which
+# draw from the seed itself (an FID on the images the statistics were fitted on reads a little better).
+SEED_MIX = 0x5E771E
+
+
+@torch.no_grad()
+def settle_norm_stats(model: nn.Module, cfg, autocast) -> bool:
+    """Give an averaged generator's batch norms the statistics of its own activations, measured on
+    NORM_STATS_IMAGES generated images (whole batches of the run's batch size, as training ran them;
+    a conditional model's classes uniform), in place; False when it has no batch norm. Its copied ones
+    are the live G's, whose weights differ from the average. Measured on Fashion-MNIST (32x32 DCGAN,
+    3,000 steps, decay 0.999): FID 37.2 with the copied statistics, 33.6 with its own, the live G 34.5
+    (benchmarks/README.md, "EMA"). BigGAN's "standing statistics". Seeded on its own (the run's seed,
+    mixed): no random stream of the run is touched, and the same weights always get the same statistics."""
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not layers:
+        return False
+    m_cfg, batch_size = cfg.model, cfg.train.batch_size
+    classes = m_cfg.num_classes if m_cfg.conditional else 0
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(cfg.train.seed ^ SEED_MIX)
+    was_training, momenta = model.training, [m.momentum for m in layers]
+    for m in layers:
+        m.reset_running_stats()
+        m.momentum = None  # a plain average over the batches (fused layers run eagerly with it)
+    model.train()
+    try:
+        with autocast:
+            for _ in range(max(1, round(NORM_STATS_IMAGES / batch_size))):
+                z = torch.randn(batch_size, m_cfg.latent_dim, generator=gen).to(device)
+                y = torch.randint(classes, (batch_size,), generator=gen).to(device) if classes else None
+                model(z, y)
+    finally:
+        for m, momentum in zip(layers, momenta):
+            m.momentum = momentum
+        model.train(was_training)
+    return True
 
 
 def _copy(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:

@@ -25,7 +25,7 @@ from ..sampling import from_uint8, generate, latents, save_grid, to_uint8
 from . import fusion, state, subpixel
 from .augment import parse_policy
 from .batches import make_batches
-from .ema import EMA
+from .ema import EMA, EMA_NORMS_KEY
 from .graph import GraphedStep, use_graph
 from .precision import Precision, resolve_device, resolve_precision, slow_precision_note
 from .run_folder import RunFolder, run_lock
@@ -304,8 +304,7 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup, run_lock
         """G to sample, evaluate and save: the EMA copy where there is one, its batch norms settled."""
         if aids.ema is None:
             return nets.get("G")  # a classifier has none
-        aids.ema.settle_norm_stats(cfg.model.latent_dim, cfg.model.num_classes if cfg.model.conditional else 0,
-                                   bs, cfg.train.seed, amp.autocast())
+        aids.ema.settle_norm_stats(cfg, amp.autocast())
         return aids.ema.model
 
     def write_samples(step: int) -> None:
@@ -402,7 +401,8 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup, run_lock
         extra = {"aigc.best_metric": json.dumps(metric), "aigc.best_value": json.dumps(best_value),
                  "aigc.best_step": json.dumps(best_step), "aigc.log_sums": state.log_sums_meta(sums, n_sum),
                  "aigc.data_images": str(len(data.images)), **names}
-        generator()  # the EMA copy is saved as it samples
+        if aids.ema is not None:  # "copied": a save for a signal or by time skips settling (sampling does it)
+            extra[EMA_NORMS_KEY] = "settled" if aids.ema.settled else "copied"
         good = state.capture(cfg, nets, opts, amp, batches, step, images_seen, extra)
         good_scale = lr_scale
         good_path = run.save_checkpoint(step, *good, best=is_best, transient=transient)
@@ -545,6 +545,8 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup, run_lock
                    or stop.save_requested or write_error is not None)
         if regular or clock() >= due:
             if path is None:
+                if regular and stop.signum is None and not stop.save_requested:
+                    generator()  # the EMA as it samples, checked below. Not for a signal: the grace period
                 # Never write a broken state over a good one, nor one whose pending losses are not finite
                 # (a save between log lines: SIGUSR1, a stop, train.ckpt_minutes).
                 if not state.all_finite(nets, grads=amp.scaler is None, also=sums.values()):

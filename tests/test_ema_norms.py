@@ -1,0 +1,87 @@
+"""The EMA generator's own batch-norm statistics in checkpoints: measured at regular saves, not at saves a
+signal asks for (the grace period), and then by whatever samples from such a file."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+import torch
+
+from aigc_cli import checkpoint as ckpt_io
+from aigc_cli.errors import DivergedError, Interrupted
+from aigc_cli.export import export_generator
+from aigc_cli.sampling import generator_from
+from aigc_cli.training import ema as ema_mod
+from aigc_cli.training.loop import train
+from conftest import Silent, tiny
+
+CFG = tiny("dcgan").with_overrides({"train.ema_decay": "0.9", "train.steps": "8", "train.log_every": "4",
+                                    "train.ckpt_every": "4", "train.sample_every": "100"})
+
+
+class StopsAt(Silent):
+    def __init__(self, k: int):
+        super().__init__()
+        self.k = k
+
+    def advance(self, step):
+        if step == self.k:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def norms(path) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in ckpt_io.load(path).net_state("G_ema").items() if "running" in k}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """Saved at step 4 (regular), then stopped by SIGTERM at step 5."""
+    root = tmp_path_factory.mktemp("ema-norms")
+    with pytest.raises(Interrupted):
+        train(CFG, root, StopsAt(5))
+    return root / "checkpoints"
+
+
+def test_regular_saves_settle_and_a_signal_s_save_does_not(run):
+    regular, stopped = (ckpt_io.load(run / f"step-000000{k}.safetensors") for k in (4, 5))
+    assert regular.meta[ema_mod.EMA_NORMS_KEY] == "settled" and stopped.meta[ema_mod.EMA_NORMS_KEY] == "copied"
+    for ck in (regular, stopped):
+        own, live = ck.net_state("G_ema"), ck.net_state("G")
+        stats = [k for k in own if k.endswith("running_var")]
+        assert stats and all(torch.equal(own[k], live[k]) == (ck is stopped) for k in stats)
+
+
+def test_sampling_from_a_file_with_copied_statistics_measures_them(run, tmp_path):
+    said = []
+    G, _ = generator_from(ckpt_io.load(run / "step-0000005.safetensors"), "cpu", "fp32", warn=said.append)
+    assert len(said) == 1 and "step-0000005.safetensors holds the live G's" in said[0]
+    copied = norms(run / "step-0000005.safetensors")
+    mine = {k: v for k, v in G.state_dict().items() if "running" in k}
+    assert mine.keys() == copied.keys() and all(not torch.equal(mine[k], copied[k]) for k in mine if "var" in k)
+
+    export_generator(ckpt_io.load(run / "step-0000005.safetensors"), tmp_path / "g.safetensors", "fp32")
+    exported = ckpt_io.load(tmp_path / "g.safetensors")
+    assert exported.meta[ema_mod.EMA_NORMS_KEY] == "settled"
+    assert all(torch.equal(v, mine[k]) for k, v in norms(tmp_path / "g.safetensors").items())
+    for settled in (run / "step-0000004.safetensors", tmp_path / "g.safetensors"):  # measured once is enough
+        said.clear()
+        G, _ = generator_from(ckpt_io.load(settled), "cpu", "fp32", warn=said.append)
+        assert said == [] and all(torch.equal(G.state_dict()[k], v) for k, v in norms(settled).items())
+
+
+def test_statistics_that_are_not_finite_are_never_saved(tmp_path, monkeypatch):
+    """The settle ran inside save(), after the finite check: a NaN it produced was written and became the
+    rollback point."""
+    real = ema_mod.settle_norm_stats
+
+    def poisoned(model, cfg, autocast):
+        real(model, cfg, autocast)
+        next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)).running_var.fill_(float("nan"))
+        return True
+
+    monkeypatch.setattr(ema_mod, "settle_norm_stats", poisoned)
+    with pytest.raises(DivergedError):
+        train(CFG, tmp_path / "run", Silent())
+    assert not list((tmp_path / "run" / "checkpoints").glob("*.safetensors"))
