@@ -85,7 +85,7 @@ def settle_norm_stats(model: nn.Module, cfg, autocast) -> bool:
     NORM_STATS_IMAGES generated images (whole batches of the run's batch size, as training ran them;
     a conditional model's classes uniform), in place; False when it has no batch norm. Its copied ones
     are the live G's, whose weights differ from the average. Measured on Fashion-MNIST (32x32 DCGAN,
-    3,000 steps, decay 0.999): FID 37.2 with the copied statistics, 33.6 with its own, the live G 34.5
+    3,000 steps, decay 0.999): FID 37.2 with the copied statistics, 34.3-34.6 with its own, the live G 34.5
     (benchmarks/README.md, "EMA"). BigGAN's "standing statistics". Seeded on its own (the run's seed,
     mixed): no random stream of the run is touched, and the same weights always get the same statistics."""
     layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
