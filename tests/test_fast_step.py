@@ -302,6 +302,6 @@ def test_d_losses_logged_are_the_mean_over_the_critic_steps(monkeypatch):
                    lambda: (torch.rand(4, 1, 16, 16) * 2 - 1, None), cfg, 1, Aids())
     assert list(out) == ["loss_d", "loss_g", "gp"]
     for key, values in seen.items():
-        values = [float(v) for v in values]
+        values = [float(v.detach()) for v in values]
         assert len(values) == 3 and len(set(values)) == 3
         assert float(out[key]) == pytest.approx(sum(values) / 3, rel=1e-6)
