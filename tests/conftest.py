@@ -180,6 +180,18 @@ class Silent:
     def finish(self): pass
 
 
+class StopsAt(Silent):
+    """Sends this process SIGTERM during step k, as a batch scheduler would."""
+
+    def __init__(self, k: int):
+        super().__init__()
+        self.k = k
+
+    def advance(self, step):
+        if step == self.k:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
 class Timed(Silent):
     """A reporter whose every step takes `minutes` on train.ckpt_minutes' clock, once `.on(monkeypatch)`."""
 

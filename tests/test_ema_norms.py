@@ -3,9 +3,6 @@ signal asks for (the grace period), and then by whatever samples from such a fil
 
 from __future__ import annotations
 
-import os
-import signal
-
 import pytest
 import torch
 
@@ -15,20 +12,10 @@ from aigc_cli.export import export_generator
 from aigc_cli.sampling import generator_from
 from aigc_cli.training import ema as ema_mod
 from aigc_cli.training.loop import train
-from conftest import Silent, tiny
+from conftest import Silent, StopsAt, tiny
 
 CFG = tiny("dcgan").with_overrides({"train.ema_decay": "0.9", "train.steps": "8", "train.log_every": "4",
                                     "train.ckpt_every": "4", "train.sample_every": "100"})
-
-
-class StopsAt(Silent):
-    def __init__(self, k: int):
-        super().__init__()
-        self.k = k
-
-    def advance(self, step):
-        if step == self.k:
-            os.kill(os.getpid(), signal.SIGTERM)
 
 
 def norms(path) -> dict[str, torch.Tensor]:

@@ -14,7 +14,7 @@ from aigc_cli import checkpoint as ckpt_io
 from aigc_cli.errors import Interrupted, UsageError
 from aigc_cli.training.loop import train
 from aigc_cli.training.state import find_resume
-from conftest import Silent, tiny
+from conftest import Silent, StopsAt, tiny
 
 
 def final_tensors(run):
@@ -31,18 +31,6 @@ def run_cfg(kind, steps, extra=None):
     # log and checkpoint intervals that do not divide the stop step, so the resume starts mid-interval
     return tiny(kind).with_overrides({"train.steps": str(steps), "train.log_every": "4", "train.ckpt_every": "6",
                                       "train.sample_every": "100", **(extra or {})})
-
-
-class StopsAt(Silent):
-    """Sends this process SIGTERM during step k, as a batch scheduler would."""
-
-    def __init__(self, k: int):
-        super().__init__()
-        self.k = k
-
-    def advance(self, step):
-        if step == self.k:
-            os.kill(os.getpid(), signal.SIGTERM)
 
 
 @pytest.mark.parametrize("kind, extra", [("dcgan", None), ("vae", None), ("resnet_gan", AIDS),
