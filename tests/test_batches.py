@@ -362,7 +362,8 @@ def test_resume_with_flips_and_shifts_is_bit_identical(tmp_path, monkeypatch):
     from aigc_cli.errors import Interrupted
     from aigc_cli.training import loop
     from aigc_cli.training.state import find_resume
-    from test_resume import StopsAt, run_cfg
+    from conftest import StopsAt
+    from test_resume import run_cfg
     from conftest import Silent
 
     cfg = run_cfg("dcgan", 7, {"data.hflip": "true", "data.translate": "3", "data.device_max_mb": device_max_mb,
@@ -391,7 +392,8 @@ def test_streamed_folder_with_worker_processes_resumes_bit_identically(tmp_path)
     from aigc_cli.errors import Interrupted
     from aigc_cli.training import loop
     from aigc_cli.training.state import find_resume
-    from test_resume import StopsAt, run_cfg
+    from conftest import StopsAt
+    from test_resume import run_cfg
     from conftest import Silent
 
     folder = tmp_path / "pngs"

@@ -464,7 +464,7 @@ def test_epochs_resumed_mid_epoch_at_another_batch_size_end_with_the_last_epoch(
     """Stopped in epoch 1 of 2 at batch 24 (each epoch drops its last 8 images), resumed at batch 16:
     counted from images_seen, the run went on one batch into a third epoch."""
     from conftest import Silent, tiny
-    from test_resume import StopsAt
+    from conftest import StopsAt
 
     from aigc_cli import checkpoint as ckpt_io
     from aigc_cli.errors import Interrupted
