@@ -10,7 +10,7 @@ from torch import nn
 
 # Generated images that settle_norm_stats measures. In the measurement its docstring cites, 512 to 8,192
 # gave FIDs from 33.0 to 35.1 in no order (the statistics' own sampling noise); 2,048 costs 3 s on 2 CPU
-# cores for the 64x64 DCGAN, at each grid, evaluation and checkpoint.
+# cores for the 64x64 DCGAN (20-70 s for the SNGAN presets), at each grid, evaluation and regular save.
 NORM_STATS_IMAGES = 2048
 # Checkpoint metadata: "settled" when G_ema's batch-norm statistics are its own, "copied" when they are the
 # live G's (a save for a signal or by time, which cannot wait); sampling settles those, and older files.
