@@ -12,12 +12,12 @@ from . import checkpoint as ckpt_io
 from .errors import UsageError
 from .files import check_writable
 from .models import FAMILIES
-from .sampling import copied_norms
+from .sampling import copied_norms, measured_note
 from .training.ema import EMA_NORMS_KEY, settle_norm_stats
 from .training.precision import DTYPES
 
 
-def export_generator(ckpt: ckpt_io.Checkpoint, out: Path, dtype: str, ema: bool = True) -> dict:
+def export_generator(ckpt: ckpt_io.Checkpoint, out: Path, dtype: str, ema: bool = True, warn=None) -> dict:
     if not FAMILIES[ckpt.config.model.kind].generative:
         raise UsageError(f"{ckpt.path}: a {ckpt.config.model.kind} has no generator to export")
     out = Path(out)
@@ -36,7 +36,7 @@ def export_generator(ckpt: ckpt_io.Checkpoint, out: Path, dtype: str, ema: bool 
     if out.suffix.lower() == ".onnx":
         from .export_onnx import export_onnx  # noqa: PLC0415 (onnx is an optional extra)
 
-        return {**export_onnx(ckpt, out, dtype, ema, meta), **origin}
+        return {**export_onnx(ckpt, out, dtype, ema, meta, warn), **origin}
     _refuse_training_checkpoint(out)
     target = DTYPES[dtype]
     # Floating weights take the requested dtype; integer buffers (BN's num_batches_tracked) stay as they are.
@@ -45,6 +45,8 @@ def export_generator(ckpt: ckpt_io.Checkpoint, out: Path, dtype: str, ema: bool 
         G = ckpt_io.build_net(ckpt, "G", source)
         if settle_norm_stats(G, ckpt.config, contextlib.nullcontext()):
             state = G.state_dict()
+            if warn is not None:
+                warn(measured_note(ckpt))
     tensors = {f"G.{k}": (v.to(target) if v.is_floating_point() else v) for k, v in state.items()}
     if not tensors:
         raise UsageError(f"{ckpt.path}: holds no generator weights")

@@ -32,7 +32,7 @@ class _Images(torch.nn.Module):
         return self.G(z, labels).float()
 
 
-def export_onnx(ckpt: ckpt_io.Checkpoint, out: Path, dtype: str, ema: bool, meta: dict[str, str]) -> dict:
+def export_onnx(ckpt: ckpt_io.Checkpoint, out: Path, dtype: str, ema: bool, meta: dict[str, str], warn=None) -> dict:
     if dtype != "fp32":
         raise UsageError(f"--dtype {dtype}: ONNX exports are fp32 (the runtimes' CPU kernels are); "
                          "export a .safetensors for fp16 or bf16")
@@ -45,7 +45,7 @@ def export_onnx(ckpt: ckpt_io.Checkpoint, out: Path, dtype: str, ema: bool, meta
     from . import __version__
     from .sampling import generator_from
 
-    G, _ = generator_from(ckpt, "cpu", "fp32", ema=ema)
+    G, _ = generator_from(ckpt, "cpu", "fp32", ema=ema, warn=warn)
     model = _Images(G).eval()
     m = ckpt.config.model
     batch = torch.export.Dim("batch", min=1)

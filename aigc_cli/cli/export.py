@@ -24,7 +24,7 @@ def export(
     from ..errors import one_line
     from ..export import export_generator
 
-    result = export_generator(ckpt_io.load(checkpoint, warn=warner(quiet)), out, dtype, ema=not no_ema)
+    result = export_generator(ckpt_io.load(checkpoint, warn=warner(quiet)), out, dtype, ema=not no_ema, warn=warner(quiet))
     if json_out:
         emit_json(result)
     else:
