@@ -3,7 +3,6 @@ as safetensors here, as an ONNX model in export_onnx.py."""
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import torch
@@ -12,8 +11,8 @@ from . import checkpoint as ckpt_io
 from .errors import UsageError
 from .files import check_writable
 from .models import FAMILIES
-from .sampling import copied_norms, measured_note
-from .training.ema import EMA_NORMS_KEY, settle_norm_stats
+from .sampling import generator_from
+from .training.ema import EMA_NORMS_KEY
 from .training.precision import DTYPES
 
 
@@ -29,7 +28,7 @@ def export_generator(ckpt: ckpt_io.Checkpoint, out: Path, dtype: str, ema: bool 
     if dtype not in DTYPES:
         raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
     check_writable(out, "--out")
-    source, label = ckpt.generator_weights(ema)  # the EMA weights are the better generator
+    label = ckpt.generator_weights(ema)[1]  # the EMA weights are the better generator
     meta = _meta(ckpt, dtype, label)
     # what the file says it came from, for --json too
     origin = {"source": meta["aigc.source"], "step": ckpt.step, "weights": label}
@@ -39,17 +38,10 @@ def export_generator(ckpt: ckpt_io.Checkpoint, out: Path, dtype: str, ema: bool 
         return {**export_onnx(ckpt, out, dtype, ema, meta, warn), **origin}
     _refuse_training_checkpoint(out)
     target = DTYPES[dtype]
-    # Floating weights take the requested dtype; integer buffers (BN's num_batches_tracked) stay as they are.
-    state = ckpt.net_state(source)
-    if state and copied_norms(ckpt, label):  # the EMA's own batch-norm statistics, as sampling measures them
-        G = ckpt_io.build_net(ckpt, "G", source)
-        if settle_norm_stats(G, ckpt.config, contextlib.nullcontext()):
-            state = G.state_dict()
-            if warn is not None:
-                warn(measured_note(ckpt))
-    tensors = {f"G.{k}": (v.to(target) if v.is_floating_point() else v) for k, v in state.items()}
-    if not tensors:
-        raise UsageError(f"{ckpt.path}: holds no generator weights")
+    # The generator as sampling loads it (an EMA's batch-norm statistics measured where the file holds the
+    # live G's). Floating weights take the requested dtype; integer buffers (num_batches_tracked) stay.
+    G, _ = generator_from(ckpt, "cpu", "fp32", ema=ema, warn=warn)
+    tensors = {f"G.{k}": (v.to(target) if v.is_floating_point() else v) for k, v in G.state_dict().items()}
     for key, v in tensors.items():  # load() refused non-finite sources: an inf here is fp16's range (65504)
         if v.is_floating_point() and not bool(torch.isfinite(v).all()):
             raise UsageError(f"--dtype {dtype}: {key} has values beyond {dtype}'s range "

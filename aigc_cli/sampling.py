@@ -303,13 +303,9 @@ def generator_from(ckpt: Checkpoint, device: str = "auto", precision: str = "aut
     if warn is not None and (slow := slow_precision_note(amp.name, dev)):
         warn(slow)
     if copied_norms(ckpt, label) and settle_norm_stats(G, ckpt.config, amp.autocast()) and warn is not None:
-        warn(measured_note(ckpt))
+        warn(f"measured the EMA generator's batch-norm statistics on {NORM_STATS_IMAGES:,} images: "
+             f"{ckpt.step_file.name} holds the live G's (saved for a signal or by time, or by aigc before 2026-11-30)")
     return G, amp
-
-
-def measured_note(ckpt: Checkpoint) -> str:
-    return (f"measured the EMA generator's batch-norm statistics on {NORM_STATS_IMAGES:,} images: "
-            f"{ckpt.step_file.name} holds the live G's (saved for a signal or by time, or by aigc before 2026-11-30)")
 
 
 def copied_norms(ckpt: Checkpoint, label: str) -> bool:
