@@ -3,6 +3,9 @@ signal asks for (the grace period), and then by whatever samples from such a fil
 
 from __future__ import annotations
 
+import os
+import signal
+
 import pytest
 import torch
 
@@ -65,8 +68,8 @@ def test_statistics_that_are_not_finite_are_never_saved(tmp_path, monkeypatch):
     rollback point."""
     real = ema_mod.settle_norm_stats
 
-    def poisoned(model, cfg, autocast):
-        real(model, cfg, autocast)
+    def poisoned(model, cfg, autocast, should_stop=None):
+        real(model, cfg, autocast, should_stop)
         next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)).running_var.fill_(float("nan"))
         return True
 
@@ -74,3 +77,30 @@ def test_statistics_that_are_not_finite_are_never_saved(tmp_path, monkeypatch):
     with pytest.raises(DivergedError):
         train(CFG, tmp_path / "run", Silent())
     assert not list((tmp_path / "run" / "checkpoints").glob("*.safetensors"))
+
+
+@pytest.mark.parametrize("when", ["before", "during"])
+def test_a_signal_at_a_grid_step_does_not_wait_for_the_statistics(tmp_path, monkeypatch, when):
+    """The grid at step 4 measured them first, although its checkpoint is for the signal: 20-70 s of the
+    grace period for an SNGAN on a CPU. Whether the signal came before the grid or while it measured."""
+    real, asked = ema_mod.settle_norm_stats, []
+
+    def signalled(model, cfg, autocast, should_stop=None):
+        def ask():
+            asked.append(1)
+            if len(asked) == 2 and when == "during":
+                os.kill(os.getpid(), signal.SIGTERM)
+            return should_stop is not None and should_stop()
+        return real(model, cfg, autocast, ask)
+
+    monkeypatch.setattr(ema_mod, "settle_norm_stats", signalled)
+    cfg = CFG.with_overrides({"train.sample_every": "4", "train.ckpt_every": "100"})
+    with pytest.raises(Interrupted) as e:
+        train(cfg, tmp_path, StopsAt(4 if when == "before" else 100))
+    assert e.value.exit_code == 143
+    ck = ckpt_io.load(tmp_path / "checkpoints" / "step-0000004.safetensors")
+    assert ck.meta[ema_mod.EMA_NORMS_KEY] == "copied"
+    own, live = ck.net_state("G_ema"), ck.net_state("G")
+    assert all(torch.equal(own[k], live[k]) for k in own if "running" in k)
+    assert (tmp_path / "samples" / "step-0000004.png").is_file()  # drawn all the same
+    assert len(asked) <= 4  # not 2048 / 16 batches

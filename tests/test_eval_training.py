@@ -3,6 +3,7 @@ metrics.jsonl and keeps best.safetensors at the evaluation that measured the bes
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -392,3 +393,46 @@ def test_sigusr1_with_exit_on_usr1_lets_the_final_evaluation_finish(tmp_path, cl
     assert sent and summary["steps"] == 4
     lines = [json.loads(s) for s in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines if "fid" in r] == [4]
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGUSR1"])
+def test_a_signal_while_the_ema_statistics_are_measured_for_an_evaluation(tmp_path, classifier, monkeypatch, sig):
+    """SIGTERM (or SIGUSR1 with --exit-on-usr1) stops the measuring, and the evaluation, which never scores
+    the EMA with the live G's statistics; a SIGUSR1 that lets the run go on lets both finish, as before."""
+    import os
+    import signal
+
+    from aigc_cli.errors import Interrupted
+    from aigc_cli.training import ema as ema_mod
+
+    real, asked = ema_mod.settle_norm_stats, []
+
+    def signalled(model, cfg, autocast, should_stop=None):
+        def ask():
+            asked.append(1)
+            if len(asked) == 2:
+                os.kill(os.getpid(), getattr(signal, sig))
+            return should_stop is not None and should_stop()
+        return real(model, cfg, autocast, ask)
+
+    monkeypatch.setattr(ema_mod, "settle_norm_stats", signalled)
+    cfg = tiny("dcgan").with_overrides({
+        "train.steps": "6", "train.eval_every": "5", "train.eval_n": "48", "train.eval_metric": "fid",
+        "train.eval_features": str(classifier), "train.ckpt_every": "100", "train.sample_every": "100",
+        "train.ema_decay": "0.9"})
+    for exit_on_usr1 in ((False, True) if sig == "SIGUSR1" else (False,)):
+        asked.clear()
+        run, rep = tmp_path / f"run-{exit_on_usr1}", Silent()
+        stops = sig == "SIGTERM" or exit_on_usr1
+        with pytest.raises(Interrupted) if stops else contextlib.nullcontext():
+            train(cfg, run, rep, exit_on_usr1=exit_on_usr1)
+        lines = [json.loads(s) for s in (run / "metrics.jsonl").read_text().splitlines()]
+        ck = ckpt_io.load(run / "checkpoints" / "step-0000005.safetensors")
+        if stops:
+            assert len(asked) <= 3 and not [r for r in lines if "fid" in r]
+            assert any("evaluation at step 5 was stopped by a signal" in n for n in rep.notes), rep.notes
+            assert ck.meta[ema_mod.EMA_NORMS_KEY] == "copied"
+        else:  # the run's end measures again at step 6 (a new EMA): two whole measurements
+            assert len(asked) == 2 * round(ema_mod.NORM_STATS_IMAGES / 16)
+            assert [r["step"] for r in lines if "fid" in r] == [5, 6]
+            assert ck.meta[ema_mod.EMA_NORMS_KEY] == "settled"

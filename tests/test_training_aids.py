@@ -321,6 +321,38 @@ def test_settled_ema_has_the_batch_norm_statistics_of_its_own_weights(conditiona
     assert not ema.settled and all(torch.equal(m.running_var, c) for m, c in zip(layers, copied))
 
 
+@pytest.mark.parametrize("fails", ["stop", "error"])
+def test_settling_stopped_midway_puts_the_copied_statistics_back(fails):
+    """A signal while the statistics are measured (a minute for an SNGAN on a CPU) must not wait for the
+    end; what it leaves must be the copied statistics, whole, not a half-measured average."""
+    import contextlib
+
+    cfg, G = _generator(False)
+    ema = EMA(G, decay=0.5)
+    G.train()
+    G(torch.randn(16, 8), None)
+    ema.update(G, 10)
+    layers = [m for m in ema.model.modules() if isinstance(m, nn.BatchNorm2d)]
+    copied = [[b.clone() for b in (m.running_mean, m.running_var, m.num_batches_tracked)] for m in layers]
+    asked = []
+
+    def should_stop():
+        asked.append(1)
+        if len(asked) == 3 and fails == "error":
+            raise RuntimeError("out of memory")
+        return len(asked) == 3
+
+    with pytest.raises(RuntimeError) if fails == "error" else contextlib.nullcontext():
+        ema.settle_norm_stats(cfg, contextlib.nullcontext(), should_stop)
+    assert len(asked) == 3 and not ema.settled and not ema.model.training
+    assert all(m.momentum == 0.1 for m in layers)
+    for m, kept in zip(layers, copied):
+        assert all(torch.equal(b, k) for b, k in zip((m.running_mean, m.running_var, m.num_batches_tracked), kept))
+    ema.settle_norm_stats(cfg, contextlib.nullcontext(), lambda: False)
+    assert ema.settled and len(asked) == 3
+    assert all(not torch.equal(m.running_var, kept[1]) for m, kept in zip(layers, copied))
+
+
 def test_ema_rejects_bad_decay():
     with pytest.raises(ValueError):
         EMA(_Net(), decay=1.5)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from typing import Callable
 
 import torch
 from torch import nn
@@ -61,11 +62,11 @@ class EMA:
         if ema_buffers:
             _copy(ema_buffers, buffers)
 
-    def settle_norm_stats(self, cfg, autocast) -> None:
-        """settle_norm_stats(self.model, ...) for the run's config, once after each update."""
+    def settle_norm_stats(self, cfg, autocast, should_stop: Callable[[], bool] | None = None) -> None:
+        """settle_norm_stats(self.model, ...) for the run's config, once after each update; left unsettled
+        (the copied statistics) when should_stop says so before it is done."""
         if not self.settled:
-            settle_norm_stats(self.model, cfg, autocast)
-            self.settled = True
+            self.settled = settle_norm_stats(self.model, cfg, autocast, should_stop) is not None
 
     def state_dict(self, *args, **kwargs):
         return self.model.state_dict(*args, **kwargs)
@@ -80,14 +81,18 @@ SEED_MIX = 0x5E771E
 
 
 @torch.no_grad()
-def settle_norm_stats(model: nn.Module, cfg, autocast) -> bool:
+def settle_norm_stats(model: nn.Module, cfg, autocast, should_stop: Callable[[], bool] | None = None) -> bool | None:
     """Give an averaged generator's batch norms the statistics of its own activations, measured on
     NORM_STATS_IMAGES generated images (whole batches of the run's batch size, as training ran them;
-    a conditional model's classes uniform), in place; False when it has no batch norm. Its copied ones
+    a conditional model's classes uniform), in place: True; False when it has no batch norm. Its copied ones
     are the live G's, whose weights differ from the average. Measured on Fashion-MNIST (32x32 DCGAN,
     3,000 steps, decay 0.999): FID 37.2 with the copied statistics, 34.3-34.6 with its own, the live G 34.5
     (benchmarks/README.md, "EMA"). BigGAN's "standing statistics". Seeded on its own (the run's seed,
-    mixed): no random stream of the run is touched, and the same weights always get the same statistics."""
+    mixed): no random stream of the run is touched, and the same weights always get the same statistics.
+
+    `should_stop` is asked before each batch: when it says so (a signal whose save must fit in a batch
+    system's grace period; this takes a minute for an SNGAN on a CPU), the statistics it found are put back
+    and the result is None."""
     layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if not layers:
         return False
@@ -96,19 +101,27 @@ def settle_norm_stats(model: nn.Module, cfg, autocast) -> bool:
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(cfg.train.seed ^ SEED_MIX)
     was_training, momenta = model.training, [m.momentum for m in layers]
+    found = [[b.clone() for b in (m.running_mean, m.running_var, m.num_batches_tracked)] for m in layers]
     for m in layers:
         m.reset_running_stats()
         m.momentum = None  # a plain average over the batches (fused layers run eagerly with it)
     model.train()
+    stopped = True  # also when a batch raises: what was found is put back
     try:
         with autocast:
             for _ in range(max(1, round(NORM_STATS_IMAGES / batch_size))):
+                if should_stop is not None and should_stop():
+                    return None
                 z = torch.randn(batch_size, m_cfg.latent_dim, generator=gen).to(device)
                 y = torch.randint(classes, (batch_size,), generator=gen).to(device) if classes else None
                 model(z, y)
+        stopped = False
     finally:
-        for m, momentum in zip(layers, momenta):
+        for m, momentum, kept in zip(layers, momenta, found):
             m.momentum = momentum
+            if stopped:
+                for b, k in zip((m.running_mean, m.running_var, m.num_batches_tracked), kept):
+                    b.copy_(k)
         model.train(was_training)
     return True
 

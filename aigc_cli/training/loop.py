@@ -300,11 +300,17 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup, run_lock
     z_fixed = latents(len(labels_fixed) if labels_fixed is not None else cfg.train.n_samples,
                       cfg.model.latent_dim, cfg.train.seed)
 
-    def generator() -> torch.nn.Module | None:
-        """G to sample, evaluate and save: the EMA copy where there is one, its batch norms settled."""
+    def save_pending() -> bool:
+        return stop.signum is not None or stop.save_requested
+
+    def generator(should_stop=save_pending) -> torch.nn.Module | None:
+        """G to sample, evaluate and save: the EMA copy where there is one, its batch norms settled, unless
+        `should_stop` says so before or while they are measured: the save a signal asks for must fit in the
+        batch system's grace period, so they stay the live G's (aids.ema.settled says which); the
+        checkpoint says so too."""
         if aids.ema is None:
             return nets.get("G")  # a classifier has none
-        aids.ema.settle_norm_stats(cfg, amp.autocast())
+        aids.ema.settle_norm_stats(cfg, amp.autocast(), should_stop)
         return aids.ema.model
 
     def write_samples(step: int) -> None:
@@ -347,11 +353,11 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup, run_lock
 
         nonlocal evaluated_at, t_log
         t_eval = time.perf_counter()
-        try:
-            scores = evaluator(generator(), step, amp,
-                               # at the last step there is nothing to come back to: SIGUSR1 lets it finish
-                               should_stop=lambda: stop.signum is not None or (exit_on_usr1 and stop.save_requested
-                                                                               and step < steps))
+        # At the last step there is nothing to come back to: SIGUSR1 lets it finish.
+        stopping = lambda: stop.signum is not None or (exit_on_usr1 and stop.save_requested and step < steps)  # noqa: E731
+        try:  # a measuring of the EMA's statistics that `stopping` cut short leaves it true: nothing is
+            # scored with the live G's statistics
+            scores = evaluator(generator(stopping), step, amp, should_stop=stopping)
         except EvaluationStopped:
             reporter.note(f"the evaluation at step {step} was stopped by a signal; saving instead")
             return None
@@ -545,8 +551,8 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup, run_lock
                    or stop.save_requested or write_error is not None)
         if regular or clock() >= due:
             if path is None:
-                if regular and stop.signum is None and not stop.save_requested:
-                    generator()  # the EMA as it samples, checked below. Not for a signal: the grace period
+                if regular:
+                    generator()  # the EMA as it samples, checked below (for a signal, as it is: see there)
                 # Never write a broken state over a good one, nor one whose pending losses are not finite
                 # (a save between log lines: SIGUSR1, a stop, train.ckpt_minutes).
                 if not state.all_finite(nets, grads=amp.scaler is None, also=sums.values()):
