@@ -104,3 +104,18 @@ def test_a_signal_at_a_grid_step_does_not_wait_for_the_statistics(tmp_path, monk
     assert all(torch.equal(own[k], live[k]) for k in own if "running" in k)
     assert (tmp_path / "samples" / "step-0000004.png").is_file()  # drawn all the same
     assert len(asked) <= 4  # not 2048 / 16 batches
+
+
+def test_eval_s_protocol_says_whether_it_measured_the_statistics(run, tmp_path):
+    from aigc_cli.metrics import evaluate as evaluate_mod
+
+    train(tiny("classifier").with_overrides({"train.steps": "5"}), tmp_path / "clf", Silent())
+    extractor = evaluate_mod.ClassifierFeatures(str(tmp_path / "clf"), torch.device("cpu"), "fp32")
+    said = {}
+    for step, ema in ((4, True), (5, True), (5, False)):
+        r = evaluate_mod.evaluate(ckpt_io.load(run / f"step-000000{step}.safetensors"), metrics=["is"],
+                                  extractor=extractor, data="shapes", root=None, download=False, features=None,
+                                  n=16, batch_size=16, seed=0, device="cpu", precision="fp32", warn=print,
+                                  stats_dir=None, ema=ema)
+        said[step, ema] = r["protocol"].get("ema_norms")
+    assert said == {(4, True): "as saved", (5, True): "measured on loading", (5, False): None}

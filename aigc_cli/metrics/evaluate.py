@@ -24,7 +24,8 @@ from ..data import has_test_split, load_images
 from ..errors import UsageError, one_line
 from ..image_npz import image_npz_writer, is_npz, load_images as load_npz_images
 from ..losses import decoded_image, vae_terms
-from ..sampling import from_uint8, generate, generator_from, latent_batches, latents, save_png
+from ..sampling import copied_norms, from_uint8, generate, generator_from, latent_batches, latents, save_png
+from ..training.ema import norm_layers
 from ..training.precision import Precision, resolve_device, slow_precision_note
 from .extractors import ClassifierFeatures, extractor_precision, make_extractor  # noqa: F401 (re-export)
 from .fid import frechet_distance, kid
@@ -287,7 +288,7 @@ def evaluate(ckpt: ckpt_io.Checkpoint, *, data: str, root: str | None, download:
     """Score a checkpoint. metrics None: all that apply. stats_dir "default": $AIGC_CACHE_DIR/stats;
     None: no cache. ref: a statistics npz used instead of real data."""
     G, amp = generator_from(ckpt, device, precision, ema=ema, warn=warn)
-    m = ckpt.config.model
+    label, m = ckpt.generator_weights(ema)[1], ckpt.config.model
     has_encoder = bool(ckpt.net_state("E"))
     vae_possible = m.kind == "vae" and has_encoder
     vae_reason = ("an exported VAE decoder has no encoder: pass the training checkpoint or run folder"
@@ -314,7 +315,7 @@ def evaluate(ckpt: ckpt_io.Checkpoint, *, data: str, root: str | None, download:
     shape = [m.channels, m.resolution, m.resolution]
     # Protocol keys are only ever added (README): n_fake is 0 when only the VAE scores were asked for.
     protocol.update({"n_fake": n if generating else 0, "seed": seed, "precision": amp.name,
-                     "generator_weights": ckpt.generator_weights(ema)[1], "generated_shape": shape})
+                     "generator_weights": label, "generated_shape": shape})
     if any(x in chosen for x in NEEDS_REAL):
         if reference is None:
             # Real images take the generator's channels and resolution first, so both sides then go
@@ -332,6 +333,8 @@ def evaluate(ckpt: ckpt_io.Checkpoint, *, data: str, root: str | None, download:
              "distances in its feature space may mean little")
     _say_if_few_for_fid(chosen, n, reference.n if reference is not None else None, extractor, warn)
     z, labels = seeded_inputs(m, n, seed, ckpt.class_counts)
+    if label == "G_ema" and norm_layers(G):  # whether generator_from measured them (its note says so too)
+        protocol["ema_norms"] = "measured on loading" if copied_norms(ckpt, label) else "as saved"
     if m.conditional:
         protocol["fake_classes"] = "as in the training data" if ckpt.class_counts else "uniform"
     with contextlib.ExitStack() as saving:  # an .npz is complete once generation ends, whatever scoring does

@@ -93,7 +93,7 @@ def settle_norm_stats(model: nn.Module, cfg, autocast, should_stop: Callable[[],
     `should_stop` is asked before each batch: when it says so (a signal whose save must fit in a batch
     system's grace period; this takes a minute for an SNGAN on a CPU), the statistics it found are put back
     and the result is None."""
-    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    layers = norm_layers(model)
     if not layers:
         return False
     m_cfg, batch_size = cfg.model, cfg.train.batch_size
@@ -124,6 +124,11 @@ def settle_norm_stats(model: nn.Module, cfg, autocast, should_stop: Callable[[],
                     b.copy_(k)
         model.train(was_training)
     return True
+
+
+def norm_layers(model: nn.Module) -> list[nn.Module]:
+    """The batch norms whose running statistics the model samples with."""
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
 
 
 def _copy(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
