@@ -9,7 +9,6 @@ aigc.step, aigc.images_seen, aigc.precision, aigc.created, aigc.torch. Loading n
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import re
@@ -19,10 +18,10 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from .config import Config, config_from_dict, value_error_reason
 from .errors import UsageError
+from . import safetensors_writer
 from .files import atomic_write
 
 FORMAT = 1
@@ -161,19 +160,8 @@ def base_meta(cfg: Config, kind: str, step: int, images_seen: int, precision: st
 def write_atomic(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
     """Write to a temporary file in the same folder, fsync, then rename over the target, so a crash
     or a full disk never leaves a half-written file where a good one was."""
-    # safetensors refuses tensors that share memory or are non-contiguous: give it clean copies.
-    clean = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     with atomic_write(path) as tmp:
-        try:
-            save_file(clean, tmp, metadata=meta)
-        except Exception as e:  # safetensors' own error type for I/O failures: a full disk, a quota, ...
-            if type(e).__name__ != "SafetensorError":
-                raise
-            found = re.search(r"os error (\d+)", str(e))
-            if found:
-                raise OSError(int(found.group(1)), os.strerror(int(found.group(1))), str(path)) from None
-            raise OSError(errno.EIO, (str(e).strip().splitlines() or ["safetensors could not write it"])[0],
-                          str(path)) from None
+        safetensors_writer.write(tmp, tensors, meta)
 
 
 # ---- reading -----------------------------------------------------------------------------

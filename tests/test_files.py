@@ -35,7 +35,7 @@ def test_files_get_the_mode_open_would_give_them(tmp_path, umask):
         umask(mask)
         target = tmp_path / f"m{mask:o}.bin"
         with atomic_write(target) as tmp:
-            tmp.unlink()  # as safetensors' save_file does: a file of its own, owner-only
+            tmp.unlink()  # as a library that writes a file of its own does (owner-only)
             os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT, 0o600))
             tmp.write_bytes(b"x")  # also under a umask without owner write (0o222), as open() allows
         assert mode(target) == expected and target.read_bytes() == b"x"

@@ -30,6 +30,7 @@ from typing import Callable, Iterable
 
 import torch
 
+from .. import safetensors_writer
 from ..files import atomic_write, remove_dead_temps_in
 
 # Bump whenever decoding or conversion changes what a given file turns into, so that entries
@@ -324,8 +325,6 @@ def store(key: Key, entry: Entry, warn: Callable[[str], None]) -> None:
     """Write `entry` for `key` atomically (temporary file, then rename); failures only warn."""
     if not key.cacheable or not key.unchanged():  # what was decoded may not be what the key says
         return
-    from safetensors.torch import save_file
-
     folder = decoded_dir()
     tensors = {"images": entry.images.contiguous()}
     if entry.labels is not None:
@@ -339,7 +338,7 @@ def store(key: Key, entry: Entry, warn: Callable[[str], None]) -> None:
         # rename: without it, a crash can leave some file systems (XFS) a file of the right size full
         # of zeros, which would pass every check of the entry and train on black images.
         with atomic_write(_path(key)) as tmp:
-            save_file(tensors, tmp, metadata=meta)
+            safetensors_writer.write(tmp, tensors, meta)
     except Exception as e:  # noqa: BLE001 - read-only home, full disk, ...: run without the cache
         reason = e.strerror if isinstance(e, OSError) and e.strerror else (str(e) or type(e).__name__)
         warn(f"cannot write the decoded-image cache in {folder} ({reason.splitlines()[0]}); "

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -151,6 +152,11 @@ _LEFTOVERS = {
     "checkpoints": re.compile(rf"\.(step-\d+|last|best)\.safetensors({_HEX}|\.link)\.tmp"),
     "samples": re.compile(rf"\.(recon-)?step-\d+\.png{_HEX}\.png"),
 }
+# What a killed checkpoint write left through safetensors' save_file (before 2026-11-30: its own temporary
+# file, which it then renamed over aigc's). Removed once an hour old: such names are not aigc's own, and a
+# live writer keeps its file's time current.
+_SAVE_FILE_LEFTOVER = re.compile(r"\.tmp[0-9A-Za-z]{6}")
+_SAVE_FILE_DEAD_S = 3600
 
 
 class RunFolder:
@@ -172,6 +178,11 @@ class RunFolder:
             for path in (folder.iterdir() if folder.is_dir() else ()):
                 if pattern.fullmatch(path.name) and path.is_file():
                     path.unlink(missing_ok=True)
+        for path in self.checkpoints.iterdir():
+            with contextlib.suppress(OSError):  # gone meanwhile, or not ours to remove
+                if (_SAVE_FILE_LEFTOVER.fullmatch(path.name) and path.is_file()
+                        and time.time() - path.stat().st_mtime > _SAVE_FILE_DEAD_S):
+                    path.unlink()
 
     def write_config(self, cfg: Config) -> None:
         with atomic_write(self.root / "config.toml") as tmp:

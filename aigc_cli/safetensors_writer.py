@@ -1,0 +1,48 @@
+"""Write a .safetensors file to the path given, streamed from the tensors.
+
+safetensors' own save_file (0.8) writes a temporary file of its own (`.tmpXXXXXX`, in the target's folder)
+and renames it over the target: a process killed meanwhile (SIGKILL after a batch system's grace period)
+leaves that file, checkpoint-sized, where no sweep of aigc's temporary names finds it. Its `save` returns
+the whole file as bytes instead, a second copy of every tensor in memory. The format is simple and fixed
+(https://github.com/huggingface/safetensors#format), and safe_open reads what this writes (tests check it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+
+import torch
+
+# In the order of safetensors' Dtype enum, which orders the file's tensors (last first, then by name); each
+# one's size is a multiple of the next's, so every tensor starts at a multiple of its element size.
+DTYPES = {torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.float16: "F16",
+          torch.bfloat16: "BF16", torch.int32: "I32", torch.float32: "F32", torch.float64: "F64",
+          torch.int64: "I64"}
+RANK = {dtype: k for k, dtype in enumerate(DTYPES)}
+
+
+def write(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Write `tensors` (any device, layout or sharing; copied to the CPU one at a time) and the string
+    `metadata` to `path`: the bytes safetensors' save_file writes (the header padded to 8 bytes)."""
+    for name, t in tensors.items():
+        if t.dtype not in DTYPES:
+            raise TypeError(f"{name}: dtype {t.dtype} is not written by aigc")
+    names = sorted(tensors, key=lambda k: (-RANK[tensors[k].dtype], k))
+    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for name in names:
+        t = tensors[name]
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)))
+        f.write(text)
+        for name in names:
+            t = tensors[name].detach().to("cpu").contiguous()
+            if t.numel():
+                f.write(t.reshape(-1).view(torch.uint8).numpy().data)
