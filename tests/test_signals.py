@@ -279,3 +279,22 @@ def test_the_first_stop_names_the_exit_code():
         os.kill(os.getpid(), signal.SIGTERM)
         os.kill(os.getpid(), signal.SIGINT)
         assert (stop.name, stop.exit_code) == ("SIGTERM", 143)
+
+
+def test_sigusr1_during_set_up_is_ignored_as_the_readme_says(tmp_path):
+    """It was remembered: the first step then saved, and --exit-on-usr1 exited 75 after one step."""
+    import os
+
+    from aigc_cli.training.loop import train
+    from conftest import Silent, tiny
+
+    class UsrAtStart(Silent):
+        def start(self, total_steps, info):
+            super().start(total_steps, info)
+            os.kill(os.getpid(), signal.SIGUSR1)  # the data has loaded; no step has run
+
+    rep = UsrAtStart()
+    summary = train(tiny("dcgan").with_overrides({"train.steps": "3", "train.ckpt_every": "3"}), tmp_path / "r", rep,
+                    exit_on_usr1=True)
+    assert summary["steps"] == 3 and "SIGUSR1 came before the first step: nothing to save, ignored" in rep.notes
+    assert [p.name for p in (tmp_path / "r" / "checkpoints").glob("step-*")] == ["step-0000003.safetensors"]

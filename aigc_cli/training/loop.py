@@ -476,6 +476,9 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup, run_lock
     start_step = step
     if stop.signum is not None:
         raise Interrupted(f"{stop.name} before the first step; nothing to save", stop.exit_code)
+    if stop.save_requested:  # as the README says: a checkpoint of what was not trained yet is no use
+        stop.save_requested = False
+        reporter.note("SIGUSR1 came before the first step: nothing to save, ignored")
     before = resume.config.train if resume is not None else None
     if (evaluator is not None and before is not None and ours and step < steps and before.eval_every
             and step % before.eval_every == 0 and step % cfg.train.eval_every == 0
