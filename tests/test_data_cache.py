@@ -137,6 +137,23 @@ def test_entry_with_wrong_contents_is_rebuilt(photos):
     assert not data.cached and len(data.images) == 6 and "does not match" in warned[0]
 
 
+@pytest.mark.parametrize("label", [2, -1])
+def test_an_entry_with_labels_outside_its_classes_is_rebuilt(photos, label):
+    """Well formed, so it passed every check: a 2-class folder trained as 8 classes."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    good, _ = load(photos)
+    path = os.path.join(cache.decoded_dir(), entries()[0])
+    with safe_open(path, "pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    tensors["labels"][3] = label
+    save_file(tensors, path, metadata=meta)
+    data, warned = load(photos)
+    assert not data.cached and torch.equal(data.labels, good.labels) and data.num_classes == 2
+    assert "labels outside 0..1" in warned[0]
+
+
 def test_cache_false_neither_reads_nor_writes(photos, decodes):
     load(photos, cache=False)
     assert entries() == []

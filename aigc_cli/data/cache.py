@@ -251,8 +251,11 @@ def load(key: Key, warn: Callable[[str], None]) -> Entry | None:
             raise ValueError(f"images are {images.dtype} {tuple(images.shape)}, expected uint8 (N, C, H, W)")
         if labels is not None and (labels.dtype != torch.int64 or labels.shape != images.shape[:1]):
             raise ValueError(f"labels are {labels.dtype} {tuple(labels.shape)}, expected int64 ({images.shape[0]},)")
-        if not all(isinstance(info.get(k), t) for k, t in (("warnings", list), ("details", str), ("folder", str))):
-            raise ValueError("its metadata lacks the description, folder or warnings")
+        if not all(isinstance(info.get(k), t) for k, t in (("warnings", list), ("details", str), ("folder", str),
+                                                            ("num_classes", int))):
+            raise ValueError("its metadata lacks the description, folder, warnings or class count")
+        if labels is not None and len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < info["num_classes"]:
+            raise ValueError(f"labels outside 0..{info['num_classes'] - 1}")  # a model would train on classes it has not
     except FileNotFoundError:  # removed since the check: another run made room (AIGC_CACHE_MAX_GB)
         return None
     except Exception as e:  # noqa: BLE001 - a damaged cache file of any kind is rebuilt, never fatal
