@@ -36,7 +36,7 @@ def export_generator(ckpt: ckpt_io.Checkpoint, out: Path, dtype: str, ema: bool 
         from .export_onnx import export_onnx  # noqa: PLC0415 (onnx is an optional extra)
 
         return {**export_onnx(ckpt, out, dtype, ema, meta, warn), **origin}
-    _refuse_training_checkpoint(out)
+    _refuse_replacing(out)
     target = DTYPES[dtype]
     # The generator as sampling loads it (an EMA's batch-norm statistics measured where the file holds the
     # live G's). Floating weights take the requested dtype; integer buffers (num_batches_tracked) stay.
@@ -74,10 +74,16 @@ def _source_of(ckpt: ckpt_io.Checkpoint) -> str:
     return str(ckpt.step_file)
 
 
-def _refuse_training_checkpoint(out: Path) -> None:
-    """An export holds the generator only: written over a training checkpoint (the source itself, say)
-    it would silently take the discriminator, optimizers and resume state with it."""
+def _refuse_replacing(out: Path) -> None:
+    """An export replaces an earlier export (or a file that is no safetensors file: a write cut short),
+    nothing else. Written over a training checkpoint (the source itself, say) it would silently take the
+    discriminator, optimizers and resume state with it; over another program's weights, those. As
+    `sample --npz` treats an .npz of other arrays."""
     meta = ckpt_io.read_meta(out) if out.is_file() else None
-    if meta and meta.get("aigc.format") and meta.get("aigc.kind") != "export":
+    if meta is None or meta.get("aigc.kind") == "export" and meta.get("aigc.format"):
+        return
+    if meta.get("aigc.format"):
         raise UsageError(f"--out {out}: holds a training checkpoint, which an export would replace "
                          "(losing what resuming needs); choose another file name")
+    raise UsageError(f"--out {out}: holds tensors that aigc did not write, which an export would replace; "
+                     "name another file or remove it first")

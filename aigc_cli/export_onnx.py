@@ -42,6 +42,15 @@ def export_onnx(ckpt: ckpt_io.Checkpoint, out: Path, dtype: str, ema: bool, meta
     except ImportError as e:
         raise UsageError(f"--out {out}: exporting ONNX needs the onnx and onnxscript packages ({e.name} is "
                          "not installed): pip install 'aigc[onnx]'") from None
+    if out.is_file():  # as a .safetensors export: only an earlier export of aigc's, or what is no model
+        try:
+            found = onnx.load(str(out), load_external_data=False)
+        except Exception:  # noqa: BLE001 - not ONNX (a write cut short, say): replaced
+            found = None
+        if found is not None and len(found.graph.node) and found.producer_name != "aigc":
+            raise UsageError(f"--out {out}: holds an ONNX model that aigc did not write "
+                             f"({found.producer_name or 'no producer named'}), which this would replace; "
+                             "name another file or remove it first")
     from . import __version__
     from .sampling import generator_from
 

@@ -70,6 +70,19 @@ def test_onnx_refusals_and_readers_say_what_to_do(monkeypatch, capsys, runs, tmp
     code, _, err = run_cli(monkeypatch, capsys, "export", runs["dcgan"], "--out", path)
     assert code == 2 and "needs the onnx and onnxscript packages" in err and "aigc[onnx]" in err, err
     assert not path.exists()
+    other = onnx.helper.make_model(onnx.helper.make_graph(
+        [onnx.helper.make_node("Relu", ["x"], ["y"])], "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])]), producer_name="pytorch")
+    onnx.save(other, str(tmp_path / "other.onnx"))
+    before = (tmp_path / "other.onnx").read_bytes()
+    monkeypatch.delitem(sys.modules, "onnxscript", raising=False)
+    code, _, err = run_cli(monkeypatch, capsys, "export", runs["dcgan"], "--out", tmp_path / "other.onnx")
+    assert code == 2 and "holds an ONNX model that aigc did not write (pytorch)" in err, err
+    assert (tmp_path / "other.onnx").read_bytes() == before
+    for _ in range(2):  # an earlier export of aigc's is replaced
+        code, _, err = run_cli(monkeypatch, capsys, "export", runs["dcgan"], "--out", tmp_path / "ours.onnx")
+        assert code == 0, err
     path.write_bytes(b"\x08\x07" + b"\0" * 100)  # what sample or info would be handed by mistake
     for command in ("info", "sample"):
         code, _, err = run_cli(monkeypatch, capsys, command, path)

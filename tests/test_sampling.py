@@ -181,6 +181,13 @@ def test_export_refuses_other_formats_and_training_checkpoints(monkeypatch, caps
     before = last.read_bytes()
     code, _, err = run_cli(monkeypatch, capsys, "export", runs["gan"], "--out", last)
     assert code == 2 and "holds a training checkpoint" in err and last.read_bytes() == before
+    foreign = tmp_path / "hub.safetensors"  # another program's weights
+    from safetensors.torch import save_file
+    save_file({"w": torch.zeros(3)}, str(foreign), metadata={"format": "pt"})
+    before = foreign.read_bytes()
+    code, _, err = run_cli(monkeypatch, capsys, "export", runs["gan"], "--out", foreign)
+    assert code == 2 and "holds tensors that aigc did not write" in err and foreign.read_bytes() == before, err
+    (tmp_path / "g.safetensors").write_bytes(b"cut sh")  # a write cut short: no safetensors file, replaced
     for quiet in ([], ["-q"]):  # an earlier export is replaced, as asked
         code, out, err = run_cli(monkeypatch, capsys, "export", runs["gan"], "--out", tmp_path / "g.safetensors", *quiet)
         assert code == 0 and ("wrote" in out) != bool(quiet) and not err, err
