@@ -16,6 +16,11 @@ def one_line(text: str) -> str:
     return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
+def counted(n: int, noun: str) -> str:
+    """`1 image`, `2 images`."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 class AigcError(Exception):
     """Base class: an expected failure with a one-line message and an exit code."""
 

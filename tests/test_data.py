@@ -550,3 +550,17 @@ def test_a_class_folder_of_empty_files_is_said_at_once_when_streamed(tmp_path):
     data = load_images(str(root), channels=3, resolution=8, cache=False, lazy_above_mb=0, warn=said.append)
     assert data.class_names == ("a", "b")
     assert any("class folder b: none of its images could be read" in w for w in said), said
+
+
+def test_one_image_is_one_image(tmp_path):
+    from aigc_cli.config import config_from_dict
+    from aigc_cli.training.loop import train
+    from conftest import Silent
+
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(tmp_path / "only.png")
+    data = load_images(str(tmp_path), channels=3, resolution=8, warn=print)
+    assert data.name == f"folder {tmp_path} (1 image)"
+    cfg = config_from_dict({"model": {"kind": "dcgan", "resolution": 16, "channels": 3},
+                            "data": {"source": str(tmp_path)}, "train": {"batch_size": 4}})
+    with pytest.raises(UsageError, match=r"^data has 1 image, fewer than --batch-size 4; pass --batch-size 1 "):
+        train(cfg, tmp_path / "run", Silent())

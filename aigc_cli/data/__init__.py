@@ -21,7 +21,7 @@ from aigc_cli.data.lazy import LazyFolder
 from aigc_cli.data.shapes import CLASSES as SHAPE_CLASSES
 from aigc_cli.data.shapes import draw_shapes
 from aigc_cli.data.transforms import conform
-from aigc_cli.errors import UsageError, one_line
+from aigc_cli.errors import UsageError, counted, one_line
 
 
 @dataclass
@@ -193,7 +193,7 @@ def load_images(source: str, *, channels: int, resolution: int, root: str | None
         labels = labels[:limit].contiguous() if labels is not None else None
     needs_conversion = tuple(images.shape[1:]) != (channels, resolution, resolution)
     images = conform(images, channels, resolution)
-    details = [f"{images.shape[0]} images"]
+    details = [counted(images.shape[0], "image")]
     if kind == "folder":
         if labels is not None:
             details.append(f"{num_classes} classes")
@@ -225,7 +225,7 @@ def _lazy_folder(path: str, files: list[str], channels: int, resolution: int, na
         present = {p.split(os.sep)[0] for p in usable}  # a class whose files a stat() rejected, all of them
         say_unseen_classes([c for c in lazy.class_names if c not in present], warn)
         say_limited_classes(limit, len(usable), lazy.class_names, list(listed), warn)
-    details = [f"{len(usable)} images"]
+    details = [counted(len(usable), "image")]
     if lazy.labels is not None:
         details.append(f"{lazy.num_classes} classes")
     return ImageData(images=lazy, labels=lazy.labels, num_classes=lazy.num_classes,

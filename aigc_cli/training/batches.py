@@ -19,7 +19,7 @@ import os
 
 import torch
 
-from ..errors import UsageError
+from ..errors import UsageError, counted
 
 _MASK64 = (1 << 64) - 1
 
@@ -122,7 +122,7 @@ class DeviceBatches:
         self.epoch = 0
         self.image = 0  # images of this epoch's order already drawn
         if len(images) < batch_size:  # would never yield a batch
-            raise UsageError(f"data has {len(images)} images, fewer than the batch size {batch_size}")
+            raise UsageError(f"data has {counted(len(images), 'image')}, fewer than the batch size {batch_size}")
         self._perm = self._permutation()
 
     def _permutation(self) -> torch.Tensor:

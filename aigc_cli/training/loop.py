@@ -19,7 +19,7 @@ from ..checkpoint import Checkpoint
 from ..config import EVAL_METRICS, MAX_WIDTH, Config, unused_settings
 from ..data import load_images
 from ..data.folder import unlabelled_reason
-from ..errors import DivergedError, Interrupted, UsageError
+from ..errors import DivergedError, Interrupted, UsageError, counted
 from ..models import FAMILIES, build_nets, needs_labels
 from ..sampling import from_uint8, generate, latents, save_grid, to_uint8
 from . import fusion, state, subpixel
@@ -182,7 +182,7 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup, run_lock
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_classes=0))
     bs = cfg.train.batch_size
     if len(data.images) < bs:
-        raise UsageError(f"data has {len(data.images)} images, fewer than --batch-size {bs}; pass --batch-size "
+        raise UsageError(f"data has {counted(len(data.images), 'image')}, fewer than --batch-size {bs}; pass --batch-size "
                          f"{len(data.images)} or less")
     if resume is not None:
         if needs_labels(cfg.model) and needs_labels(resume.config.model):  # else check_compatible says it

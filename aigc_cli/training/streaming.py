@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..data.lazy import report_failures
-from ..errors import UsageError, one_line
+from ..errors import UsageError, counted, one_line
 from .batches import Augment, gather, permutation, to_float
 from .signals import stop_signals
 
@@ -125,7 +125,7 @@ class StreamBatches:
         self.warn, self.strict = warn, strict
         self.epoch, self.image = 0, 0
         if len(source) < batch_size:  # the sampler would cycle through empty epochs for ever
-            raise UsageError(f"data has {len(source)} images, fewer than the batch size {batch_size}")
+            raise UsageError(f"data has {counted(len(source), 'image')}, fewer than the batch size {batch_size}")
         self.sampler = EpochBatchSampler(len(source), batch_size, seed)
         self.workers = workers
         self._loader = None
