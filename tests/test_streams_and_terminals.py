@@ -47,7 +47,7 @@ def test_a_full_log_disk_drops_stdout_and_training_goes_on_to_its_end(aigc_env, 
 def test_a_result_that_cannot_be_written_is_an_error_not_an_empty_success(aigc_env, trained, args):
     with open("/dev/full", "w") as full:
         proc = run(aigc_env, [a.format(run=trained) for a in args], stdout=full)
-    assert proc.returncode == 2 and proc.stderr.endswith("error: stdout: No space left on device\n"), proc.stderr
+    assert proc.returncode == 2 and proc.stderr == "error: stdout: No space left on device\n", proc.stderr  # one line
 
 
 def test_a_stop_keeps_its_exit_code_when_its_json_summary_cannot_be_written(aigc_env, tmp_path):

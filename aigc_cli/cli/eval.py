@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from .output import QUIET_HELP, check_result_written, emit_json, handles_errors, human_console, seed_in_range, showing_progress, sigterm_interrupts, warner
+from .output import QUIET_HELP, check_result_written, emit_json, stdout_is_result, handles_errors, human_console, seed_in_range, showing_progress, sigterm_interrupts, warner
 
 METRICS_HELP = ("Comma list of fid, kid, is, precision, recall (VAE: also recon_mse, neg_elbo, bpd); "
                 "only these are computed (default: all that apply).")
@@ -135,6 +135,7 @@ def evaluate(
     if json_out:
         emit_json(result)
         return
+    stdout_is_result()
     p = result["protocol"]
     against = f" vs {p.get('real_data', p.get('reference', ''))}" if "reference" in p else ""
     counts = ([f"{p['n_fake']} generated"] if p.get("n_fake") else []) + (

@@ -6,7 +6,7 @@ import json
 
 import typer
 
-from .output import check_result_written, emit_json, handles_errors, human_console, warn
+from .output import check_result_written, emit_json, handles_errors, human_console, stdout_is_result, warn
 
 
 @handles_errors
@@ -51,6 +51,7 @@ def info(
         sampled = ck.config.model.conditional and FAMILIES[ck.config.model.kind].generative
         lines.append(f"classes{' (for `aigc sample --class`)' if sampled else ''}: {ck.numbered_classes()}")
     lines.append("parameters: " + ", ".join(f"{k} {v:,}" for k, v in result["parameters"].items()))
+    stdout_is_result()
     c = human_console()
     for line in lines:  # metadata is anyone's text: no terminal escape sequences reach the terminal
         c.print(one_line(line))

@@ -41,15 +41,24 @@ def stream_failed(stream, error: OSError) -> None:
     discard_output(stream)
     if stream is sys.stdout and not isinstance(error, BrokenPipeError):
         _stdout_lost = error
-        warn(f"stdout: {error.strerror or error}; the rest of its output is dropped")
+        if not _stdout_is_result:  # else check_result_written's error says it, once
+            warn(f"stdout: {error.strerror or error}; the rest of its output is dropped")
 
 
 _stdout_lost: OSError | None = None
+_stdout_is_result = False
+
+
+def stdout_is_result() -> None:
+    """Said by commands that end with check_result_written, before they print."""
+    global _stdout_is_result
+    _stdout_is_result = True
 
 
 def check_result_written() -> None:
-    """For commands whose printed text is their result (`info`, `presets`, `eval`'s scores): stdout that
-    could not be written is then an error (exit 2), as --json's is; a training run's log is not its result."""
+    """For commands whose printed text is their result (`info`, `presets`, `eval`'s scores; they say
+    stdout_is_result() first): stdout that could not be written is then an error (exit 2), as --json's
+    is; a training run's log is not its result."""
     if _stdout_lost is not None:
         raise OSError(_stdout_lost.errno, _stdout_lost.strerror, "stdout")
 

@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from ..config import is_preset_file, load_preset, preset_file_text, preset_names, preset_text
-from .output import check_result_written, emit_json, handles_errors, human_console, write_out
+from .output import check_result_written, emit_json, handles_errors, human_console, stdout_is_result, write_out
 
 app = typer.Typer(no_args_is_help=True, help="List and show the built-in training presets.")
 
@@ -18,6 +18,7 @@ app = typer.Typer(no_args_is_help=True, help="List and show the built-in trainin
 def list_presets(json_out: bool = typer.Option(False, "--json", metavar="",
                                                help="Print one JSON object: the presets, each with its name, model, data, resolution and description.")) -> None:
     """List the presets with their model, data and resolution."""
+    stdout_is_result()
     rows = [(name, cfg.model.kind, cfg.data.source, str(cfg.model.resolution), cfg.description)
             for name, cfg in ((name, load_preset(name)) for name in preset_names())]
     if json_out:  # for scripts: the table is laid out for people (box rules, cut descriptions)
