@@ -24,6 +24,7 @@ from aigc_cli.metrics.fid import kid
 from aigc_cli.metrics.reference import FeatureStats, load_npz, real_indices
 from aigc_cli.training.loop import train
 from conftest import Counting, Silent, run_cli, tiny, write_image_folder
+from test_metrics_scores import naive_is
 
 CPU = torch.device("cpu")
 OLD = time.time() - 3600
@@ -50,14 +51,6 @@ def sqrtm_fid(x, y):
     s1, s2 = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
     covmean = scipy.linalg.sqrtm(s1 @ s2).real
     return float((mu1 - mu2) @ (mu1 - mu2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
-
-
-def naive_is(p, splits):
-    out = []
-    for part in np.array_split(p, splits):
-        py = part.mean(0)
-        out.append(np.exp(np.mean([sum(a * np.log(a / b) for a, b in zip(row, py) if a > 0) for row in part])))
-    return float(np.mean(out)), float(np.std(out))
 
 
 def naive_pr(real, fake, k):
@@ -121,7 +114,8 @@ def test_every_metric_of_a_run_equals_an_independent_computation(runs, tmp_path)
     f32, r32 = f_fake.astype(np.float32), f_real.astype(np.float32)
     assert (m["kid"], m["kid_std"]) == pytest.approx(kid(f32, r32, subsets=100, subset_size=n // 2, seed=seed),
                                                      rel=1e-6, abs=1e-9)
-    assert (m["is"], m["is_std"]) == pytest.approx(naive_is(p_fake, 10), rel=1e-6)
+    shuffled = p_fake[np.random.RandomState(seed).permutation(n)]  # as torch-fidelity, seeded by --seed
+    assert (m["is"], m["is_std"]) == pytest.approx(naive_is(shuffled, 10), rel=1e-6)
     assert (m["precision"], m["recall"]) == pytest.approx(naive_pr(r32.astype(np.float64), f32.astype(np.float64), 3))
     assert p["kid_subsets"] == 100 and p["is_splits"] == 10 and p["pr_k"] == 3 and p["saved_fakes"]
 

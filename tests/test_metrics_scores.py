@@ -10,7 +10,7 @@ from aigc_cli.metrics.scores import inception_score, precision_recall
 
 def naive_is(p, splits):
     out = []
-    for part in np.array_split(p, splits):
+    for part in (p[i * len(p) // splits:(i + 1) * len(p) // splits] for i in range(splits)):
         py = part.mean(0)
         kl = [sum(pi * np.log(pi / qi) for pi, qi in zip(row, py) if pi > 0) for row in part]
         out.append(np.exp(np.mean(kl)))
@@ -21,13 +21,29 @@ def test_inception_score_matches_a_naive_loop_and_known_values():
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(200, 7)) * 3
     p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
-    assert inception_score(p, 10) == pytest.approx(naive_is(p, 10), rel=1e-9)
-    confident = np.eye(5)[np.arange(100) % 5]  # sure of each class, all classes equally often
-    assert inception_score(confident, 10)[0] == pytest.approx(5.0, rel=1e-6)
+    shuffled = p[np.random.RandomState(0).permutation(len(p))]  # as torch-fidelity shuffles (seed 0 here)
+    assert inception_score(p, 10) == pytest.approx(naive_is(shuffled, 10), rel=1e-9)
+    confident = np.eye(5)[np.arange(20000) % 5]  # sure of each class, all classes equally often (up to the
+    assert inception_score(confident, 10)[0] == pytest.approx(5.0, rel=2e-3)  # shuffle's imbalance per split)
     same = np.full((100, 5), 0.2)  # no information: IS 1
     assert inception_score(same, 10) == pytest.approx((1.0, 0.0), abs=1e-9)
     with pytest.raises(ValueError):
         inception_score(np.full((5, 3), 0.5), 10)
+
+
+def test_inception_score_does_not_depend_on_the_images_order():
+    """A conditional model's `sample --npz` is in class order: each split held one class, and IS fell to ~1."""
+    in_order = np.eye(10)[np.repeat(np.arange(10), 300)] * 0.9 + 0.01  # sure of each class, classes in order
+    score, std = inception_score(in_order, 10)
+    assert score == pytest.approx(inception_score(in_order[::-1], 10, seed=1)[0], rel=0.02)
+    assert score > 5 and std < 0.3 * score
+    assert inception_score(in_order, 10, seed=0) == inception_score(in_order, 10, seed=0)  # seeded
+
+
+def test_inception_score_splits_as_the_original_code():
+    p = np.eye(7)[np.arange(23) % 7] * 0.93 + 0.01  # 23 images: splits of 2 or 3, at i * 23 // 10
+    assert inception_score(p, 10, seed=5) == pytest.approx(naive_is(p[np.random.RandomState(5).permutation(23)], 10),
+                                                           rel=1e-12)
 
 
 def naive_pr(real, fake, k):

@@ -96,7 +96,7 @@ def score(metrics: list[str], *, fake: FeatureStats, probs: np.ndarray | None, r
         proto.update(kid_subsets=KID_SUBSETS, kid_subset_size=subset)
     if "is" in metrics:
         if len(probs) >= IS_SPLITS:
-            out["is"], out["is_std"] = inception_score(probs, splits=IS_SPLITS)
+            out["is"], out["is_std"] = inception_score(probs, splits=IS_SPLITS, seed=seed)
         else:
             out["is"] = out["is_std"] = None
             warn(f"IS needs at least {IS_SPLITS} generated images (one per split), got {len(probs)}: n/a")

@@ -8,16 +8,19 @@ import numpy as np
 from .fid import _as_float64, _check_pair
 
 
-def inception_score(probs, splits: int = 10) -> tuple[float, float]:
-    """exp(E_x KL(p(y|x) || p(y))) per split, as in Salimans et al. 2016 and torch-fidelity: (mean, std)."""
+def inception_score(probs, splits: int = 10, seed: int = 0) -> tuple[float, float]:
+    """exp(E_x KL(p(y|x) || p(y))) per split, as in Salimans et al. 2016 and torch-fidelity: (mean, std).
+    Split after a seeded shuffle, as torch-fidelity does: images in class order (a conditional model's
+    `sample --npz`, read back by `eval --fake`) put one class in each split, and the score fell to about 1.
+    Split boundaries as theirs and the original code's: i * n // splits."""
     p = _as_float64(probs, "probs")
     if p.ndim != 2 or p.shape[0] < splits or splits < 1:
         raise ValueError(f"probs must be (samples, classes) with at least {splits} samples, got shape {p.shape}")
     if (p < 0).any() or not np.allclose(p.sum(1), 1.0, atol=1e-4):
         raise ValueError("probs rows must be probability distributions")
-    p = np.clip(p, 1e-12, 1.0)
+    p = np.clip(p, 1e-12, 1.0)[np.random.RandomState(seed).permutation(len(p))]
     scores = []
-    for part in np.array_split(p, splits):
+    for part in (p[i * len(p) // splits:(i + 1) * len(p) // splits] for i in range(splits)):
         py = part.mean(0, keepdims=True)
         scores.append(np.exp((part * (np.log(part) - np.log(py))).sum(1).mean()))
     return float(np.mean(scores)), float(np.std(scores))
