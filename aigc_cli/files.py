@@ -64,7 +64,7 @@ def _umask() -> int:
 
 def _final_mode(path: Path) -> int:
     """What open(path, "w") would leave: an existing file keeps its mode, a new one gets 0o666 less
-    the umask (mkstemp's 0o600, or safetensors' own, would make grids and checkpoints unreadable to
+    the umask (the temporary file's 0o600, or mkstemp's, would make grids and checkpoints unreadable to
     the user's group)."""
     try:
         return stat.S_IMODE(os.stat(path).st_mode)
@@ -139,7 +139,7 @@ def remove_empty(folders: list[Path]) -> None:
 
 # A leftover younger than this is left alone even when unlocked: a writer locks its file a moment after
 # creating it, and on NFS, where flock is emulated by POSIX locks, a writer's lock goes when it closes
-# any other descriptor of the file (safetensors' own, the fsync's): its last moments are unlocked.
+# any other descriptor of the file (a writer's own, the fsync's): its last moments are unlocked.
 _DEAD_AFTER_S = 60
 
 

@@ -26,9 +26,11 @@ RANK = {dtype: k for k, dtype in enumerate(DTYPES)}
 def write(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """Write `tensors` (any device, layout or sharing; copied to the CPU one at a time) and the string
     `metadata` to `path`: the bytes safetensors' save_file writes (the header padded to 8 bytes)."""
-    for name, t in tensors.items():
-        if t.dtype not in DTYPES:
-            raise TypeError(f"{name}: dtype {t.dtype} is not written by aigc")
+    for name, t in tensors.items():  # what save_file refused too: else a file that nothing reads
+        if t.dtype not in DTYPES or name == "__metadata__":
+            raise TypeError(f"{name}: a tensor of dtype {t.dtype} under this name is not written by aigc")
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in (metadata or {}).items()):
+        raise TypeError("safetensors metadata maps text to text")
     names = sorted(tensors, key=lambda k: (-RANK[tensors[k].dtype], k))
     header: dict = {"__metadata__": dict(metadata)} if metadata else {}
     offset = 0
@@ -43,6 +45,6 @@ def write(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: d
         f.write(struct.pack("<Q", len(text)))
         f.write(text)
         for name in names:
-            t = tensors[name].detach().to("cpu").contiguous()
-            if t.numel():
+            t = tensors[name].detach().to("cpu")
+            if t.numel():  # reshape: a contiguous copy of a view, else the tensor itself
                 f.write(t.reshape(-1).view(torch.uint8).numpy().data)

@@ -3,6 +3,7 @@ signal asks for (the grace period), and then by whatever samples from such a fil
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 
@@ -119,3 +120,26 @@ def test_eval_s_protocol_says_whether_it_measured_the_statistics(run, tmp_path):
                                   stats_dir=None, ema=ema)
         said[step, ema] = r["protocol"].get("ema_norms")
     assert said == {(4, True): "as saved", (5, True): "measured on loading", (5, False): None}
+
+
+@pytest.mark.parametrize("at, exit_on_usr1, measured, saved", [
+    (4, False, [True, True], "settled"),  # the run goes on: no grace period to fit in
+    (4, True, [None, None], "copied"),    # it exits after its save: as SIGTERM (the grid, the save)
+    (8, True, [True, True], "settled"),   # at the last step: the run ends complete, its checkpoint measured
+])
+def test_sigusr1_hurries_the_statistics_only_when_the_run_exits_after_its_save(tmp_path, monkeypatch, at,
+                                                                              exit_on_usr1, measured, saved):
+    real, results = ema_mod.settle_norm_stats, []
+    monkeypatch.setattr(ema_mod, "settle_norm_stats",
+                        lambda *a, **k: results.append(real(*a, **k)) or results[-1])
+
+    class UsrAt(Silent):
+        def advance(self, step):
+            if step == at:
+                os.kill(os.getpid(), signal.SIGUSR1)
+
+    cfg = CFG.with_overrides({"train.sample_every": "4", "train.ckpt_every": "100"})
+    with pytest.raises(Interrupted) if (at, exit_on_usr1) == (4, True) else contextlib.nullcontext():
+        train(cfg, tmp_path, UsrAt(), exit_on_usr1=exit_on_usr1)
+    assert results == measured  # a None: cut short (the grid drawn with the live G's statistics)
+    assert ckpt_io.load(tmp_path / "checkpoints" / f"step-000000{at}.safetensors").meta[ema_mod.EMA_NORMS_KEY] == saved

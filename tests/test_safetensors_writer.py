@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file, save
 
@@ -48,6 +49,24 @@ def test_views_and_shared_memory_are_written_as_their_values(tmp_path):
     assert back.keys() == tensors.keys() and all(torch.equal(back[k], v) for k, v in tensors.items())
 
 
+@pytest.mark.parametrize("tensors, meta", [({"w": torch.zeros(1)}, {"a": 1}), ({"__metadata__": torch.zeros(1)}, None),
+                                           ({"w": torch.zeros(1, dtype=torch.complex64)}, None)])
+def test_what_safetensors_refuses_is_refused_not_written_unreadable(tmp_path, tensors, meta):
+    with pytest.raises(TypeError):
+        safetensors_writer.write(tmp_path / "f.safetensors", tensors, meta)
+
+
+def written(folder: Path) -> bool:
+    """Whether any file in `folder` has data (one renamed meanwhile is looked at again next time)."""
+    for f in folder.iterdir():
+        try:
+            if f.stat().st_size:
+                return True
+        except FileNotFoundError:
+            pass
+    return False
+
+
 WRITER = """
 import sys, torch
 from pathlib import Path
@@ -66,14 +85,14 @@ def test_a_kill_mid_write_leaves_only_what_the_next_write_sweeps(tmp_path):
     for mb in (100, 400, 1200):  # until the kill lands while data is written
         p = subprocess.Popen([sys.executable, str(script), str(target), str(mb)],
                              env={**os.environ, "PYTHONPATH": str(Path(ckpt_io.__file__).parents[1])})
-        while p.poll() is None and not any(f.stat().st_size for f in folder.iterdir()):
+        while p.poll() is None and not written(folder):
             time.sleep(0.0005)
         p.send_signal(signal.SIGKILL)
         p.wait()
         if not target.exists():
             break
         target.unlink()
-    assert not target.exists() and any(f.stat().st_size for f in folder.iterdir())  # killed mid-write
+    assert not target.exists() and written(folder)  # killed mid-write
     for f in folder.iterdir():  # from a job before this one: a younger unlocked file may be a live writer's
         os.utime(f, (time.time() - 3600, time.time() - 3600))
     ckpt_io.write_atomic(target, {"w": torch.zeros(2)}, {"a": "b"})

@@ -102,12 +102,12 @@ def settle_norm_stats(model: nn.Module, cfg, autocast, should_stop: Callable[[],
     gen = torch.Generator().manual_seed(cfg.train.seed ^ SEED_MIX)
     was_training, momenta = model.training, [m.momentum for m in layers]
     found = [[b.clone() for b in (m.running_mean, m.running_var, m.num_batches_tracked)] for m in layers]
-    for m in layers:
-        m.reset_running_stats()
-        m.momentum = None  # a plain average over the batches (fused layers run eagerly with it)
-    model.train()
-    stopped = True  # also when a batch raises: what was found is put back
+    stopped = True  # also when a batch raises (or a second Ctrl-C): what was found is put back
     try:
+        for m in layers:
+            m.reset_running_stats()
+            m.momentum = None  # a plain average over the batches (fused layers run eagerly with it)
+        model.train()
         with autocast:
             for _ in range(max(1, round(NORM_STATS_IMAGES / batch_size))):
                 if should_stop is not None and should_stop():

@@ -300,17 +300,18 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup, run_lock
     z_fixed = latents(len(labels_fixed) if labels_fixed is not None else cfg.train.n_samples,
                       cfg.model.latent_dim, cfg.train.seed)
 
-    def save_pending() -> bool:
-        return stop.signum is not None or stop.save_requested
+    def hurry() -> bool:
+        """A save is due that must fit in a batch system's grace period: a stop, or SIGUSR1 with
+        --exit-on-usr1 (at the last step there is nothing to come back to: SIGUSR1 lets the work finish)."""
+        return stop.signum is not None or (exit_on_usr1 and stop.save_requested and step < steps)
 
-    def generator(should_stop=save_pending) -> torch.nn.Module | None:
+    def generator() -> torch.nn.Module | None:
         """G to sample, evaluate and save: the EMA copy where there is one, its batch norms settled, unless
-        `should_stop` says so before or while they are measured: the save a signal asks for must fit in the
-        batch system's grace period, so they stay the live G's (aids.ema.settled says which); the
-        checkpoint says so too."""
+        hurry() says so before or while they are measured: they then stay the live G's (aids.ema.settled
+        says which; the checkpoint too), and the evaluation that hurry() stops as well scores nothing."""
         if aids.ema is None:
             return nets.get("G")  # a classifier has none
-        aids.ema.settle_norm_stats(cfg, amp.autocast(), should_stop)
+        aids.ema.settle_norm_stats(cfg, amp.autocast(), hurry)
         return aids.ema.model
 
     def write_samples(step: int) -> None:
@@ -353,11 +354,8 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup, run_lock
 
         nonlocal evaluated_at, t_log
         t_eval = time.perf_counter()
-        # At the last step there is nothing to come back to: SIGUSR1 lets it finish.
-        stopping = lambda: stop.signum is not None or (exit_on_usr1 and stop.save_requested and step < steps)  # noqa: E731
-        try:  # a measuring of the EMA's statistics that `stopping` cut short leaves it true: nothing is
-            # scored with the live G's statistics
-            scores = evaluator(generator(stopping), step, amp, should_stop=stopping)
+        try:
+            scores = evaluator(generator(), step, amp, should_stop=hurry)
         except EvaluationStopped:
             reporter.note(f"the evaluation at step {step} was stopped by a signal; saving instead")
             return None
@@ -407,7 +405,7 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup, run_lock
         extra = {"aigc.best_metric": json.dumps(metric), "aigc.best_value": json.dumps(best_value),
                  "aigc.best_step": json.dumps(best_step), "aigc.log_sums": state.log_sums_meta(sums, n_sum),
                  "aigc.data_images": str(len(data.images)), **names}
-        if aids.ema is not None:  # "copied": a save for a signal or by time skips settling (sampling does it)
+        if aids.ema is not None:  # "copied": a save in a hurry() or by time skips settling (sampling does it)
             extra[EMA_NORMS_KEY] = "settled" if aids.ema.settled else "copied"
         good = state.capture(cfg, nets, opts, amp, batches, step, images_seen, extra)
         good_scale = lr_scale
@@ -555,7 +553,7 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup, run_lock
         if regular or clock() >= due:
             if path is None:
                 if regular:
-                    generator()  # the EMA as it samples, checked below (for a signal, as it is: see there)
+                    generator()  # the EMA as it samples, checked below (in a hurry(), as it is: see there)
                 # Never write a broken state over a good one, nor one whose pending losses are not finite
                 # (a save between log lines: SIGUSR1, a stop, train.ckpt_minutes).
                 if not state.all_finite(nets, grads=amp.scaler is None, also=sums.values()):
