@@ -21,7 +21,7 @@ from safetensors import safe_open
 
 from .config import Config, config_from_dict, value_error_reason
 from .errors import UsageError
-from . import safetensors_writer
+from . import safetensors_file
 from .files import atomic_write
 
 FORMAT = 1
@@ -161,7 +161,7 @@ def write_atomic(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, s
     """Write to a temporary file in the same folder, fsync, then rename over the target, so a crash
     or a full disk never leaves a half-written file where a good one was."""
     with atomic_write(path) as tmp:
-        safetensors_writer.write(tmp, tensors, meta)
+        safetensors_file.write(tmp, tensors, meta)
 
 
 # ---- reading -----------------------------------------------------------------------------

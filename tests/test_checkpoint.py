@@ -150,7 +150,7 @@ def test_failed_write_keeps_previous_file(tmp_path, saved, monkeypatch):
             f.write(b"half")
             raise OSError(errno.ENOSPC, "No space left on device")  # from a write: no file name
 
-    monkeypatch.setattr(ck.safetensors_writer, "write", disk_full)
+    monkeypatch.setattr(ck.safetensors_file, "write", disk_full)
     with pytest.raises(OSError) as e:
         ck.write_atomic(path, {"x": torch.zeros(1)}, {"aigc.format": "1"})
     assert e.value.errno == errno.ENOSPC and e.value.filename == str(path)
@@ -163,7 +163,7 @@ def test_disk_full_during_training_stops_cleanly_and_keeps_the_previous_checkpoi
 
     from aigc_cli.training.loop import train
 
-    real, calls = ck.safetensors_writer.write, {"n": 0}
+    real, calls = ck.safetensors_file.write, {"n": 0}
 
     def fails_second_time(*args, **kwargs):
         calls["n"] += 1
@@ -171,7 +171,7 @@ def test_disk_full_during_training_stops_cleanly_and_keeps_the_previous_checkpoi
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(ck.safetensors_writer, "write", fails_second_time)
+    monkeypatch.setattr(ck.safetensors_file, "write", fails_second_time)
     cfg = tiny("dcgan").with_overrides({"train.steps": "10", "train.ckpt_every": "5"})
     with pytest.raises(UsageError) as e:
         train(cfg, tmp_path / "r", Silent())

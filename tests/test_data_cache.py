@@ -247,13 +247,13 @@ def test_making_room_counts_past_an_entry_another_run_removed_and_clears_killed_
 
 def test_an_entry_removed_by_another_run_between_check_and_read_is_a_quiet_miss(photos, monkeypatch):
     load(photos)
-    real_read = cache._read
+    real_read = cache.safetensors_file.read_whole
 
     def removed_first(path):
         os.unlink(path)  # another run making room, just after this one saw the file
         return real_read(path)
 
-    monkeypatch.setattr(cache, "_read", removed_first)
+    monkeypatch.setattr(cache.safetensors_file, "read_whole", removed_first)
     data, warned = load(photos)
     assert not data.cached and not any("damaged" in w for w in warned), warned
 

@@ -30,7 +30,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from .. import safetensors_writer
+from .. import safetensors_file
 from ..files import atomic_write, remove_dead_temps_in
 
 # Bump whenever decoding or conversion changes what a given file turns into, so that entries
@@ -199,50 +199,13 @@ def _path(key: Key) -> str:
     return os.path.join(decoded_dir(), f"{key.digest}.safetensors")
 
 
-def _read(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and metadata of a safetensors file, read whole into memory.
-
-    safetensors' own loader maps the file into memory; a cache entry replaced or truncated by
-    another process while training runs would then kill this one with SIGBUS. One read() into a
-    buffer that the tensors then share costs no more than the copy out of a mapping would.
-    """
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        buf = bytearray(size)
-        if f.readinto(buf) != size:
-            raise ValueError("the file changed while it was read")
-    n = int.from_bytes(buf[:8], "little") if size >= 8 else -1
-    if not 0 < n <= size - 8:
-        raise ValueError("truncated or not a safetensors file")
-    header = json.loads(bytes(buf[8:8 + n]))
-    meta = header.pop("__metadata__", None) or {}
-    base, tensors = 8 + n, {}
-    for name, spec in header.items():
-        dtype = _DTYPES[spec["dtype"]]
-        start, end = (int(v) for v in spec["data_offsets"])
-        shape = [int(d) for d in spec["shape"]]
-        count = 1
-        for d in shape:
-            count *= d
-        if not 0 <= start <= end <= size - base or end - start != count * dtype.itemsize or count == 0:
-            raise ValueError(f"tensor {name!r} does not fit the file (truncated?)")
-        if dtype == torch.uint8:  # a view of the buffer: no copy
-            tensors[name] = torch.frombuffer(buf, dtype=dtype, count=count, offset=base + start).view(shape)
-        else:  # a small, freshly allocated (so aligned) copy
-            tensors[name] = torch.frombuffer(bytearray(buf[base + start:base + end]), dtype=dtype).view(shape)
-    return tensors, meta
-
-
-_DTYPES = {"U8": torch.uint8, "I64": torch.int64}
-
-
 def load(key: Key, warn: Callable[[str], None]) -> Entry | None:
     """The entry for `key`, or None when there is none or it is unusable (then with a warning)."""
     path = _path(key)
     if not os.path.isfile(path):
         return None
     try:
-        tensors, meta = _read(path)
+        tensors, meta = safetensors_file.read_whole(path)
         info = json.loads(meta[_META_KEY])
         if info.get("key") != key.digest or info.get("format") != FORMAT:
             raise ValueError("its metadata does not match its name")
@@ -341,7 +304,7 @@ def store(key: Key, entry: Entry, warn: Callable[[str], None]) -> None:
         # rename: without it, a crash can leave some file systems (XFS) a file of the right size full
         # of zeros, which would pass every check of the entry and train on black images.
         with atomic_write(_path(key)) as tmp:
-            safetensors_writer.write(tmp, tensors, meta)
+            safetensors_file.write(tmp, tensors, meta)
     except Exception as e:  # noqa: BLE001 - read-only home, full disk, ...: run without the cache
         reason = e.strerror if isinstance(e, OSError) and e.strerror else (str(e) or type(e).__name__)
         warn(f"cannot write the decoded-image cache in {folder} ({reason.splitlines()[0]}); "

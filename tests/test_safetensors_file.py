@@ -1,4 +1,4 @@
-"""aigc writes its safetensors files itself: the bytes safetensors writes, into the temporary file aigc
+"""aigc writes its safetensors files itself (and reads cache entries whole): the bytes safetensors writes, into the temporary file aigc
 made and locked, so a kill mid-write leaves nothing that aigc's sweeps do not find."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save
 
 from aigc_cli import checkpoint as ckpt_io
-from aigc_cli import safetensors_writer
+from aigc_cli import safetensors_file
 
 TENSORS = {"b.w": torch.randn(3, 4), "a.h": torch.randn(5).half(), "c": torch.randn(2, 2).bfloat16(),
            "n": torch.tensor(3), "u": torch.arange(7, dtype=torch.uint8), "z": torch.zeros(0, 3),
@@ -33,18 +33,26 @@ def split(data: bytes) -> tuple[dict, bytes]:
 
 def test_the_bytes_are_safetensors_own(tmp_path):
     for meta in ({"x": 'ü"\\/\n'}, None):
-        safetensors_writer.write(tmp_path / "f.safetensors", TENSORS, meta)
+        safetensors_file.write(tmp_path / "f.safetensors", TENSORS, meta)
         assert (tmp_path / "f.safetensors").read_bytes() == save(TENSORS, metadata=meta)
     meta = {"aigc.format": "1", "aigc.config": "{}", "b": "2"}  # safetensors orders these by chance
-    safetensors_writer.write(tmp_path / "f.safetensors", TENSORS, meta)
+    safetensors_file.write(tmp_path / "f.safetensors", TENSORS, meta)
     assert split((tmp_path / "f.safetensors").read_bytes()) == split(save(TENSORS, metadata=meta))
+
+
+def test_read_whole_gives_back_what_was_written(tmp_path):
+    kept = {k: v for k, v in TENSORS.items() if v.numel()}  # read_whole refuses empty tensors (cache entries)
+    safetensors_file.write(tmp_path / "f.safetensors", kept, {"m": "v"})
+    back, meta = safetensors_file.read_whole(tmp_path / "f.safetensors")
+    assert meta == {"m": "v"} and back.keys() == kept.keys()
+    assert all(back[k].dtype == v.dtype and torch.equal(back[k], v) for k, v in kept.items())
 
 
 def test_views_and_shared_memory_are_written_as_their_values(tmp_path):
     """safetensors refuses both (aigc used to clone every tensor first)."""
     base = torch.randn(4, 6)
     tensors = {"t": base.t(), "row": base[1], "same": base, "again": base}
-    safetensors_writer.write(tmp_path / "f.safetensors", tensors)
+    safetensors_file.write(tmp_path / "f.safetensors", tensors)
     back = load_file(tmp_path / "f.safetensors")
     assert back.keys() == tensors.keys() and all(torch.equal(back[k], v) for k, v in tensors.items())
 
@@ -53,7 +61,7 @@ def test_views_and_shared_memory_are_written_as_their_values(tmp_path):
                                            ({"w": torch.zeros(1, dtype=torch.complex64)}, None)])
 def test_what_safetensors_refuses_is_refused_not_written_unreadable(tmp_path, tensors, meta):
     with pytest.raises(TypeError):
-        safetensors_writer.write(tmp_path / "f.safetensors", tensors, meta)
+        safetensors_file.write(tmp_path / "f.safetensors", tensors, meta)
 
 
 def written(folder: Path) -> bool:

@@ -1,4 +1,5 @@
-"""Write a .safetensors file to the path given, streamed from the tensors.
+"""The .safetensors files aigc writes (streamed from the tensors, to the path given) and the cache entries
+it reads whole into memory.
 
 safetensors' own save_file (0.8) writes a temporary file of its own (`.tmpXXXXXX`, in the target's folder)
 and renames it over the target: a process killed meanwhile (SIGKILL after a batch system's grace period)
@@ -48,3 +49,40 @@ def write(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: d
             t = tensors[name].detach().to("cpu")
             if t.numel():  # reshape: a contiguous copy of a view, else the tensor itself
                 f.write(t.reshape(-1).view(torch.uint8).numpy().data)
+
+
+NAMED = {name: dtype for dtype, name in DTYPES.items()}
+
+
+def read_whole(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a safetensors file, read whole into memory.
+
+    safetensors' own loader maps the file into memory; a file replaced or truncated by another process
+    meanwhile (a shared cache entry) would then kill this one with SIGBUS. One read() into a buffer
+    that the tensors then share costs no more than the copy out of a mapping would.
+    """
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        buf = bytearray(size)
+        if f.readinto(buf) != size:
+            raise ValueError("the file changed while it was read")
+    n = int.from_bytes(buf[:8], "little") if size >= 8 else -1
+    if not 0 < n <= size - 8:
+        raise ValueError("truncated or not a safetensors file")
+    header = json.loads(bytes(buf[8:8 + n]))
+    meta = header.pop("__metadata__", None) or {}
+    base, tensors = 8 + n, {}
+    for name, spec in header.items():
+        dtype = NAMED[spec["dtype"]]
+        start, end = (int(v) for v in spec["data_offsets"])
+        shape = [int(d) for d in spec["shape"]]
+        count = 1
+        for d in shape:
+            count *= d
+        if not 0 <= start <= end <= size - base or end - start != count * dtype.itemsize or count == 0:
+            raise ValueError(f"tensor {name!r} does not fit the file (truncated?)")
+        if dtype == torch.uint8:  # a view of the buffer: no copy
+            tensors[name] = torch.frombuffer(buf, dtype=dtype, count=count, offset=base + start).view(shape)
+        else:  # a small, freshly allocated (so aligned) copy
+            tensors[name] = torch.frombuffer(bytearray(buf[base + start:base + end]), dtype=dtype).view(shape)
+    return tensors, meta
