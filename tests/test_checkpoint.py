@@ -311,3 +311,18 @@ def test_checkpoint_minutes_default_and_bad_values():
         tiny("dcgan").with_overrides({"train.ckpt_minutes": "-1"})
     with pytest.raises(UsageError, match="train.ckpt_minutes must be a finite number, got nan"):
         tiny("dcgan").with_overrides({"train.ckpt_minutes": "nan"})
+
+
+def test_a_damaged_file_named_by_its_path_is_the_error_not_swapped_for_another(tmp_path):
+    """Only a run folder falls back to its newest step file that reads; a file the user named is that file."""
+    from conftest import Silent, tiny
+
+    from aigc_cli.training.loop import train
+
+    train(tiny("dcgan").with_overrides({"train.steps": "4", "train.ckpt_every": "2"}), tmp_path / "r", Silent())
+    newest = tmp_path / "r" / "checkpoints" / "step-0000004.safetensors"
+    newest.write_bytes(newest.read_bytes()[:100])
+    said = []
+    with pytest.raises(UsageError):
+        ck.load(newest, warn=said.append)
+    assert ck.load(tmp_path / "r", warn=said.append).step == 2 and len(said) == 1

@@ -157,3 +157,11 @@ def test_bad_stats_and_kid_args_raise():
         kid(x, x, subsets=0)
     with pytest.raises(ValueError, match="subset_size"):
         kid(x, x, subset_size=1)
+
+
+def test_kid_draws_subsets_no_larger_than_the_smaller_side():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(50, 4)), rng.normal(size=(12, 4))
+    for x, y in ((a, b), (b, a)):
+        mean, std = kid(x, y, subsets=5, subset_size=30, seed=0)
+        assert np.isfinite(mean) and np.isfinite(std)

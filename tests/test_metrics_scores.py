@@ -76,3 +76,14 @@ def test_precision_recall_extremes():
     assert precision == 1.0 and recall < 0.2
     with pytest.raises(ValueError):
         precision_recall(real, real, k=80)
+
+
+def test_precision_recall_of_duplicated_large_features_are_exact():
+    """A self-distance that rounds below zero must not become NaN (NaN sorts last: every radius would be
+    the next neighbour's, and both scores too high)."""
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(6, 300)) * 0.3 + 1e4  # (a.a - 2a.b + b.b rounds to -7.6e-6 for some a == b)
+    real = np.repeat(base, 4, axis=0)  # each point 3 times more: its 3rd neighbour is at distance 0
+    fake = base + 0.01  # off every real point: outside radius 0
+    assert precision_recall(real, fake, k=3) == pytest.approx(naive_pr(real, fake, 3))
+    assert precision_recall(real, fake, k=3)[0] == 0.0

@@ -616,3 +616,19 @@ def test_going_back_without_steps_continues_to_the_runs_current_length(tmp_path,
                                 "-q", "--json")
     assert code == 0 and json.loads(stdout)["steps"] == 16 and json.loads(stdout)["start_step"] == 8, err
     assert (out / "checkpoints" / "after-step-0000008" / "step-0000016.safetensors").is_file()
+
+
+def test_an_ema_switched_on_at_a_resume_starts_from_the_trained_g(tmp_path):
+    """Not from the fresh process's random initialisation, which a 0.999 average would keep for thousands of steps."""
+    cfg = tiny("dcgan").with_overrides({"train.steps": "10", "train.lr_g": "0.01", "train.ckpt_every": "10"})
+    train(cfg, tmp_path, Silent())
+    before = ckpt_io.load(tmp_path).net_state("G")
+    train(cfg.with_overrides({"train.steps": "11", "train.ema_decay": "0.999"}), tmp_path, Silent(),
+          resume=find_resume("auto", tmp_path, print))
+    ck = ckpt_io.load(tmp_path)
+    after, ema = ck.net_state("G"), ck.net_state("G_ema")
+    weights = [k for k in after if after[k].is_floating_point() and "running" not in k]
+    assert ck.step == 11 and weights
+    for k in weights:  # the average of steps 10 and 11: between them
+        lo, hi = torch.minimum(before[k], after[k]), torch.maximum(before[k], after[k])
+        assert bool(((ema[k] >= lo - 1e-6) & (ema[k] <= hi + 1e-6)).all()), k

@@ -527,3 +527,38 @@ def test_a_best_metric_the_run_does_not_log_is_pointed_out(tmp_path):
     train(tiny("dcgan").with_overrides({"train.steps": "10", "train.log_every": "5", "train.best_metric": "loss_d"}),
           tmp_path / "ok", rep)
     assert not [n for n in rep.notes if "best_metric" in n] and (tmp_path / "ok" / "checkpoints" / "best.safetensors").exists()
+
+
+def test_color_is_the_reference_s_ops_in_its_order_and_ranges():
+    """DiffAugment's rand_brightness (+U(-0.5, 0.5)), rand_saturation (x U(0, 2) about the pixel's channel mean)
+    and rand_contrast (x U(0.5, 1.5) about the image mean), in that order, one draw per image each."""
+    from aigc_cli.training import augment
+
+    x = torch.rand(64, 3, 4, 4) * 2 - 1
+    got = augment._color(x, torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    b, s, c = (torch.rand((64, 1, 1, 1), generator=g) for _ in range(3))
+    y = x + (b - 0.5)
+    y = (y - y.mean(1, keepdim=True)) * (s * 2) + y.mean(1, keepdim=True)
+    y = (y - y.mean((1, 2, 3), keepdim=True)) * (c + 0.5) + y.mean((1, 2, 3), keepdim=True)
+    assert torch.allclose(got, y, atol=1e-6)
+
+
+def test_translation_zero_fills_and_reaches_every_shift_both_ways():
+    from aigc_cli.training import augment
+
+    out = augment._translation(torch.ones(400, 1, 16, 16), torch.Generator().manual_seed(0))  # shifts of -2..2
+    rows, cols = out[:, 0].amax(2), out[:, 0].amax(1)  # 0 where a row or column is all fill
+    shift = lambda lines: (lines[:, :2] == 0).sum(1) - (lines[:, -2:] == 0).sum(1)  # noqa: E731
+    assert set(shift(rows).tolist()) == set(shift(cols).tolist()) == {-2, -1, 0, 1, 2}
+    assert set(out.unique().tolist()) == {0.0, 1.0}  # zeros, never the edge repeated
+
+
+def test_cutout_centres_reach_the_reference_s_whole_range():
+    """rand_cutout's offset: randint(0, size + (1 - cut % 2)); the square is centred there and clipped."""
+    from aigc_cli.training import augment
+
+    out = augment._cutout(torch.ones(2000, 1, 16, 16), torch.Generator().manual_seed(0))  # 8x8 squares
+    cut_rows = (out[:, 0] == 0).any(2)
+    first = cut_rows.float().argmax(1)
+    assert set(first.tolist()) == set(range(13))  # centre 0..16: the square starts at rows -4..12, clipped
