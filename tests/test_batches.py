@@ -209,6 +209,7 @@ def test_workers_start_with_the_stops_blocked_and_ignore_them_once_started(noise
     monkeypatch.setattr(streaming, "_leave_stops_to_the_parent", recording_worker_init)
     method = multiprocessing.get_start_method(allow_none=True)
     multiprocessing.set_start_method(start_method, force=True)
+    hup = signal.signal(signal.SIGHUP, signal.SIG_DFL)  # pytest under nohup: aigc leaves an ignored SIGHUP be
     try:
         mask_before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
         _, stream = device_and_stream(noise_folder, 1)
@@ -217,6 +218,7 @@ def test_workers_start_with_the_stops_blocked_and_ignore_them_once_started(noise
         stream.close()
     finally:
         multiprocessing.set_start_method(method, force=True)
+        signal.signal(signal.SIGHUP, hup)
     stops = sorted(int(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1))
     seen = json.loads((tmp_path / "worker.json").read_text())
     assert seen["pid"] != os.getpid()
