@@ -326,3 +326,9 @@ def test_a_damaged_file_named_by_its_path_is_the_error_not_swapped_for_another(t
     with pytest.raises(UsageError):
         ck.load(newest, warn=said.append)
     assert ck.load(tmp_path / "r", warn=said.append).step == 2 and len(said) == 1
+
+
+def test_step_files_sort_by_step_also_past_seven_digits(tmp_path):
+    for step in (9_999_999, 10_000_000, 500):
+        (tmp_path / f"step-{step:07d}.safetensors").write_bytes(b"")
+    assert [ck.step_of(p) for p in ck.step_files(tmp_path)] == [10_000_000, 9_999_999, 500]

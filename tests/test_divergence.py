@@ -208,3 +208,14 @@ def test_a_save_between_log_lines_rolls_back_from_losses_that_are_not_finite(mon
     for path in (tmp_path / "r" / "checkpoints").glob("step-*.safetensors"):
         sums = json.loads(ckpt_io.load(path).meta["aigc.log_sums"])["sums"]
         assert all(math.isfinite(v) for v, _ in sums.values()), (path.name, sums)
+
+
+def test_a_non_finite_gradient_is_caught_before_it_reaches_the_weights():
+    from aigc_cli.training.state import all_finite
+
+    net = torch.nn.Linear(2, 2)
+    nets = {"G": net}
+    net.weight.grad = torch.zeros(2, 2)
+    assert all_finite(nets)
+    net.weight.grad[0, 1] = float("nan")
+    assert not all_finite(nets) and all_finite(nets, grads=False)  # fp16: the GradScaler's business

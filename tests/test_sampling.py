@@ -370,3 +370,21 @@ def test_a_grid_out_that_cannot_be_written_is_refused_before_generating(monkeypa
     monkeypatch.setattr(S, "generate", lambda *a, **k: pytest.fail("generated before the --out check"))
     code, _, err = run_cli(monkeypatch, capsys, "sample", runs["gan"], "--out", tmp_path / "one.png" / "x.png")
     assert code == 2 and "--out " in err and "one.png is a file, not a folder" in err, err
+
+
+def test_generate_gives_each_batch_its_own_labels():
+    from aigc_cli.sampling import generate
+    from aigc_cli.training.precision import Precision
+
+    class Echo(torch.nn.Module):  # images whose pixels are the label: which label each image got
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, z, y):
+            return (y.float() / 10 - 0.5).view(-1, 1, 1, 1).expand(-1, 1, 2, 2) + self.w
+
+    labels = torch.arange(10)
+    out = generate(Echo(), torch.zeros(10, 3), Precision("fp32", torch.device("cpu")), batch_size=3, labels=labels)
+    expected = ((labels.float() / 10 - 0.5 + 1) * 127.5).round().to(torch.uint8)
+    assert torch.equal(out[:, 0, 0, 0], expected)
