@@ -632,3 +632,16 @@ def test_an_ema_switched_on_at_a_resume_starts_from_the_trained_g(tmp_path):
     for k in weights:  # the average of steps 10 and 11: between them
         lo, hi = torch.minimum(before[k], after[k]), torch.maximum(before[k], after[k])
         assert bool(((ema[k] >= lo - 1e-6) & (ema[k] <= hi + 1e-6)).all()), k
+
+
+def test_an_fp16_resume_carries_the_grad_scaler_on(tmp_path):
+    """Its scale and growth count, as an uninterrupted run has them (fp16 runs here on the CPU too)."""
+    cfg = tiny("dcgan").with_overrides({"train.steps": "6", "train.precision": "fp16", "train.ckpt_every": "6"})
+    train(cfg, tmp_path / "whole", Silent())
+    with pytest.raises(Interrupted):
+        train(cfg, tmp_path / "cut", StopsAt(3))
+    train(cfg, tmp_path / "cut", Silent(), resume=find_resume("auto", tmp_path / "cut", print))
+    whole, cut = ckpt_io.load(tmp_path / "whole"), ckpt_io.load(tmp_path / "cut")
+    assert cut.step == whole.step == 6
+    assert json.loads(cut.meta["aigc.scaler"]) == json.loads(whole.meta["aigc.scaler"])
+    assert json.loads(whole.meta["aigc.scaler"])["_growth_tracker"] == 12  # two optimizer steps a step
