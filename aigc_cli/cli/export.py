@@ -24,7 +24,8 @@ def export(
     from ..errors import one_line
     from ..export import export_generator
 
-    result = export_generator(ckpt_io.load(checkpoint, warn=warner(quiet)), out, dtype, ema=not no_ema, warn=warner(quiet))
+    warn = warner(quiet)  # one for both: each message once
+    result = export_generator(ckpt_io.load(checkpoint, warn=warn), out, dtype, ema=not no_ema, warn=warn)
     if json_out:
         emit_json(result)
     else:
