@@ -9,7 +9,7 @@ import torch
 
 from . import checkpoint as ckpt_io
 from .errors import UsageError
-from .files import check_writable
+from .files import check_name_lengths, check_writable
 from .models import FAMILIES
 from .sampling import generator_from
 from .training.ema import EMA_NORMS_KEY
@@ -20,6 +20,7 @@ def export_generator(ckpt: ckpt_io.Checkpoint, out: Path, dtype: str, ema: bool 
     if not FAMILIES[ckpt.config.model.kind].generative:
         raise UsageError(f"{ckpt.path}: a {ckpt.config.model.kind} has no generator to export")
     out = Path(out)
+    check_name_lengths(out, "--out")  # before the checks below stat it
     if out.is_dir():
         raise UsageError(f"--out {out}: is a folder; give a file name such as model.safetensors")
     if out.suffix.lower() not in (".safetensors", ".onnx"):

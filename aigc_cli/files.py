@@ -12,6 +12,7 @@ import os
 import re
 import secrets
 import stat
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,12 +32,26 @@ def make_parent(path: Path) -> list[Path]:
         raise
 
 
+NAME_MAX = 255  # bytes in one file or folder name, on every file system Linux and macOS use
+
+
+def check_name_lengths(path: Path, what: str) -> None:
+    """Names past NAME_MAX, said before any stat (which would fail with "File name too long" itself)."""
+    from .errors import UsageError  # noqa: PLC0415
+
+    for part in path.parts:
+        if len(os.fsencode(part)) > NAME_MAX:
+            raise UsageError(f"{what}: the name {part[:30]}... is {len(os.fsencode(part))} bytes long; file systems "
+                             f"allow {NAME_MAX}")
+
+
 def check_writable(path: str | os.PathLike, what: str) -> None:
-    """Fail now, naming the option, where writing `path` after long work would fail: a folder in its
-    place, a file on the way to it, or a folder this user cannot write in."""
+    """Fail now, naming the option, where writing `path` after long work would fail: a name too long, a
+    folder in its place, a file on the way to it, or a folder this user cannot write in."""
     from .errors import UsageError  # noqa: PLC0415
 
     path = Path(path)
+    check_name_lengths(path, what)
     if path.is_dir():
         raise UsageError(f"{what} {path}: is a folder; give a file name")
     nearest = next((p for p in (path.parent, *path.parent.parents) if p.exists()), Path("."))
@@ -44,6 +59,20 @@ def check_writable(path: str | os.PathLike, what: str) -> None:
         raise UsageError(f"{what} {path}: {nearest} is a file, not a folder")
     if not os.access(nearest, os.W_OK | os.X_OK):
         raise UsageError(f"{what} {path}: cannot write in {nearest} (permission denied)")
+    if (why := write_refused(nearest)) is not None:
+        raise UsageError(f"{what} {path}: cannot write in {nearest} ({why})")
+
+
+def write_refused(folder: Path) -> str | None:
+    """Why a file cannot be made in `folder`, found by making one (root passes os.access, and a
+    read-only mount or /proc shows only in a real write); None if it can."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".aigc-", suffix=".probe", dir=folder)
+    except OSError as e:
+        return (e.strerror or str(e)).lower()
+    os.close(fd)
+    os.unlink(probe)
+    return None
 
 
 @functools.cache

@@ -18,7 +18,7 @@ from PIL import Image
 
 from .checkpoint import Checkpoint, build_net
 from .errors import UsageError
-from .files import atomic_write, remove_dead_temps_in
+from .files import atomic_write, check_name_lengths, remove_dead_temps_in, remove_empty
 from .models import FAMILIES
 from .training.ema import EMA_NORMS_KEY, NORM_STATS_IMAGES, settle_norm_stats
 from .training.precision import Precision, resolve_device, resolve_precision, slow_precision_note
@@ -243,12 +243,14 @@ def filling(folder: str | os.PathLike | None, n: int, what: str, warn) -> Iterat
         yield
         return
     folder = Path(folder)
+    check_name_lengths(folder, what)
     made = [p for p in (folder, *folder.parents) if not p.exists()]  # innermost first: removed in that order
-    folder.mkdir(parents=True, exist_ok=True)
-    try:  # a real write: permission bits say nothing for root, and a read-only mount shows only here
-        tempfile.TemporaryFile(dir=folder).close()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()  # a real write: root passes permission bits, a read-only mount shows only here
     except OSError as e:
-        raise OSError(e.errno, e.strerror, str(folder)) from None
+        remove_empty(made)
+        raise UsageError(f"{what}: cannot write there ({e.strerror.lower()})") from None
     # What killed writers (kill -9, the OOM killer) left of their PNGs: hidden files that tools globbing
     # *.png would take for images. Swept once here; each PNG is then written without a sweep of its own.
     remove_dead_temps_in(folder, r"\.[0-9]{6,}\.png\.", ".png")
@@ -259,11 +261,7 @@ def filling(folder: str | os.PathLike | None, n: int, what: str, warn) -> Iterat
         written = _written_since(folder, start)
         if 0 < written < n:
             warn(f"{what}: stopped after {written} of the {n} images were written; the folder holds an incomplete set")
-        for path in made:  # the folders it made, while they are empty (a parent made for nothing too)
-            try:
-                path.rmdir()
-            except OSError:
-                break
+        remove_empty(made)  # the folders it made, while they are empty (a parent made for nothing too)
         raise
 
 

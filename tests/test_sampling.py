@@ -205,8 +205,22 @@ def test_unwritable_outputs_are_named_as_the_user_typed_them(monkeypatch, capsys
     (tmp_path / "a.png").write_text("a file")
     code, _, err = run_cli(monkeypatch, capsys, "sample", runs["gan"], "--n", "2", "--out", tmp_path / "a.png" / "x.png")
     assert code == 2 and err == f"error: --out {tmp_path / 'a.png' / 'x.png'}: {tmp_path / 'a.png'} is a file, not a folder\n"
+    # Where only a real write shows the folder is closed to us (root passes every permission check):
+    # said before generating, naming the option.
     code, _, err = run_cli(monkeypatch, capsys, "sample", runs["gan"], "--n", "2", "--out", "/proc/x.png")
-    assert code == 2 and err.startswith("error: /proc/x.png: ") and err.count("\n") == 1, err
+    assert code == 2 and err.startswith("error: --out /proc/x.png: cannot write in /proc (") and err.count("\n") == 1, err
+    code, _, err = run_cli(monkeypatch, capsys, "sample", runs["gan"], "--n", "2", "--individual", "/proc/imgs")
+    assert code == 2 and err.startswith("error: --individual /proc/imgs: cannot write there (") and err.count("\n") == 1, err
+    long = "x" * 252 + ".png"  # 256 bytes: one past what file systems allow in a name
+    for option in ("--out", "--npz", "--individual"):
+        name = long[:-4] + ".npz" if option == "--npz" else long
+        code, _, err = run_cli(monkeypatch, capsys, "sample", runs["gan"], "--n", "2", option, tmp_path / name)
+        assert code == 2 and err == f"error: {option}: the name {name[:30]}... is 256 bytes long; file systems allow 255\n", err
+    for args in (["export", runs["gan"], "--out", tmp_path / (long[:-4] + ".onnx")],
+                 ["eval", runs["gan"], "--save-fakes", tmp_path / long]):
+        code, _, err = run_cli(monkeypatch, capsys, *args)
+        assert code == 2 and err.startswith(f"error: {args[2]}: the name xxxxx") and err.count("\n") == 1, err
+    assert not list(tmp_path.glob(".aigc-*"))  # the probe leaves nothing
 
 
 def test_class_numbers_win_over_class_folders_named_with_digits_and_say_so():

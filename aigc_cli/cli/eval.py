@@ -70,7 +70,7 @@ def evaluate(
     from ..errors import UsageError
     from ..metrics.evaluate import evaluate as run_eval
     from ..metrics.evaluate import evaluate_folder, parse_metrics
-    from ..files import check_writable
+    from ..files import check_name_lengths, check_writable
     from ..image_npz import check_replaceable, is_npz
     from ..sampling import filling, pngs_in, warn_stale_pngs
 
@@ -91,6 +91,8 @@ def evaluate(
         raise UsageError("nothing to score: give a CHECKPOINT (or run folder), or --fake DIR with --data SOURCE")
     if fake and save_fakes:
         raise UsageError("--save-fakes applies to a checkpoint; --fake images are files already")
+    if save_fakes:
+        check_name_lengths(Path(save_fakes), "--save-fakes")  # before the checks below stat it
     npz_fakes = bool(save_fakes) and is_npz(save_fakes)
     if npz_fakes:
         if ref and Path(ref).expanduser().resolve() == Path(save_fakes).expanduser().resolve():

@@ -97,6 +97,11 @@ def sample(
         raise UsageError(f"--batch-size must be at most {MAX_N:,}")
     if precision not in ("auto", "bf16", "fp16", "fp32"):
         raise UsageError(f"--precision must be auto, bf16, fp16 or fp32, got '{precision}'")
+    from ..files import check_name_lengths, check_writable
+
+    for path, option in ((out, "--out"), (npz, "--npz"), (individual, "--individual")):
+        if path is not None:
+            check_name_lengths(path, option)  # before the checks below stat it
     if out is not None and out.is_dir():
         raise UsageError(f"--out {out}: is a folder; give a file name ending in .png")
     if out is not None and out.suffix.lower() != ".png":
@@ -105,8 +110,6 @@ def sample(
         raise UsageError(f"--individual {individual}: exists and is not a folder")
     if npz is not None and npz.suffix.lower() != ".npz":
         raise UsageError(f"--npz {npz}: use a file name ending in .npz")
-    from ..files import check_writable
-
     for path, option in ((out, "--out"), (npz, "--npz")):
         if path is not None:
             check_writable(path, option)  # now, not after generating every image

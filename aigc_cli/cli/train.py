@@ -108,6 +108,7 @@ def train(
     from ..data import BUILTIN_SOURCES
     from ..data.cache import max_bytes
     from ..errors import Interrupted, UsageError
+    from ..files import check_name_lengths
     from ..training.run_folder import check_writable_run, run_lock
     from ..training.state import find_resume
 
@@ -135,6 +136,7 @@ def train(
         # has just made (run_lock) and says `stopped:`, rather than killing the process on the spot.
         with sigterm_raises():
             if out is not None:
+                check_name_lengths(out, "--out")  # before the checks below stat it
                 if out.exists() and not out.is_dir():
                     raise UsageError(f"--out {out}: exists and is not a folder")
                 check_writable_run(out)

@@ -14,7 +14,7 @@ from typing import Iterator
 from .. import checkpoint as ckpt_io
 from ..config import Config
 from ..errors import UsageError, not_utf8_shown
-from ..files import make_parent, remove_empty, atomic_write, json_line
+from ..files import check_name_lengths, make_parent, remove_empty, atomic_write, json_line, write_refused
 
 
 LOCK_NAME = ".aigc-train.lock"
@@ -129,6 +129,7 @@ def check_writable_run(root: Path) -> None:
     except UnicodeEncodeError:  # bytes that are not UTF-8: checkpoints could be written, never read back
         raise UsageError(f"--out {not_utf8_shown(root)}: its path is not valid UTF-8, and safetensors opens only UTF-8 "
                          "paths (its checkpoints could never be read back); choose another name") from None
+    check_name_lengths(root, "--out")
     for path in (root, root / "checkpoints", root / "samples"):
         for p in (path, *path.parents):  # a link to nothing on the way: mkdir would say only "File exists"
             if p.is_symlink() and not p.exists():
@@ -138,6 +139,10 @@ def check_writable_run(root: Path) -> None:
             raise UsageError(f"--out {root}: {nearest} is a file, not a folder")
         if not os.access(nearest, os.W_OK | os.X_OK):
             raise UsageError(f"--out {root}: cannot write in {nearest} (permission denied)")
+        # A real write where a folder is to be made (made anyway, so nothing a refused command should leave
+        # alone changes); in an existing folder, its use so far vouches for it.
+        if nearest != path and (why := write_refused(nearest)) is not None:
+            raise UsageError(f"--out {root}: cannot write in {nearest} ({why})")
     log = root / "metrics.jsonl"  # appended to: its own mode counts, not the folder's
     if log.exists() and not os.access(log, os.W_OK):
         raise UsageError(f"--out {root}: cannot write to {log} (permission denied)")
