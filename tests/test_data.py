@@ -439,6 +439,14 @@ def test_labelled_training_refuses_one_class_and_notes_label_gaps(tmp_path):
     assert any(n.startswith("held-out accuracy not measured: no t10k-images") for n in reporter.notes), reporter.notes
     assert ("the labels run from 0 to 255 but only 2 of those numbers occur: model 'classifier' gets 256 classes, "
             "254 of them never seen in training") in reporter.notes
+    # t10k images without their labels (a copy cut short): the same note, not a traceback at the very end
+    write_idx(tmp_path / "gappy", "t10k", rng.integers(0, 256, (8, 28, 28), dtype=np.uint8), labels[:8])
+    os.remove(tmp_path / "gappy" / "t10k-labels-idx1-ubyte.gz")
+    reporter = Silent()
+    summary = train(cfg, tmp_path / "gappy run 2", reporter)
+    assert "test_accuracy" not in summary and Path(summary["checkpoint"]).is_file()
+    assert any(n.startswith("held-out accuracy not measured: the held-out images of IDX folder ")
+               and n.endswith(" have no labels") for n in reporter.notes), reporter.notes
 
 
 def test_held_out_accuracy_is_measured_without_autograd():

@@ -632,6 +632,8 @@ def classifier_accuracy(C, cfg: Config, amp: Precision, data) -> tuple[str, floa
 
     if data.held_out:
         test = load_data(cfg, "test", lambda s: None)
+        if test.labels is None:  # an IDX folder with t10k images but no t10k labels
+            raise UsageError(f"the held-out images of {test.name} have no labels")
         key, chunks = "test_accuracy", zip(test.images.split(512), test.labels.split(512))
     else:
         key, picked = "train_accuracy", real_indices(len(data.images), ACCURACY_MAX_TRAINING_IMAGES, cfg.train.seed)
