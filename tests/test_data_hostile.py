@@ -406,6 +406,10 @@ def test_cifar_binary_damaged_files(tmp_path, small_cifar):
     path.unlink()
     with pytest.raises(UsageError, match="lacks data_batch_3.bin"):
         load_images("cifar10", channels=3, resolution=32, root=str(tmp_path))
+    path.mkdir()  # a folder by that name: the same, where the cache key's hashing said "4: Is a directory"
+    with pytest.raises(UsageError, match="lacks data_batch_3.bin"):
+        load_images("cifar10", channels=3, resolution=32, root=str(tmp_path))
+    path.rmdir()
     # The test split needs only test_batch.bin.
     assert load_images("cifar10", channels=3, resolution=32, root=str(tmp_path), split="test").images.shape[0] == 4
 

@@ -102,9 +102,10 @@ def file_digest(path: str) -> str:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except OSError as e:
         return f"error:{e.errno}"
+    if not stat.S_ISREG(os.fstat(fd).st_mode):  # before fdopen, which refuses a folder ("4: Is a directory")
+        os.close(fd)
+        return "not-a-file"
     with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return "not-a-file"
         h = hashlib.sha256()
         try:
             while chunk := f.read(1 << 20):
