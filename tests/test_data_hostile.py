@@ -529,6 +529,20 @@ def test_linked_class_folders_are_followed_once_and_loops_end(tmp_path):
                                               "skipping folder z_link/"}
 
 
+def test_a_link_in_one_class_folder_never_moves_another_class_images_into_it(tmp_path):
+    # a/shortcut -> ../z/inner: depth-first, a/shortcut came before z/inner, so z's images were labelled a
+    d = tmp_path / "d"
+    write(d / "a" / "a1.png", encode(Image.new("RGB", (8, 8), (1, 0, 0)), "PNG"))
+    write(d / "z" / "z1.png", encode(Image.new("RGB", (8, 8), (2, 0, 0)), "PNG"))
+    for i in (3, 4):
+        write(d / "z" / "inner" / f"z{i}.png", encode(Image.new("RGB", (8, 8), (i, 0, 0)), "PNG"))
+    os.symlink(d / "z" / "inner", d / "a" / "shortcut")
+    data, got = load(d)
+    assert data.class_names == ("a", "z")
+    assert data.images[:, 0, 0, 0].tolist() == [1, 3, 4, 2] and data.labels.tolist() == [0, 1, 1, 1]  # by path
+    assert got == ["skipping folder a/shortcut/: the same folder as one listed already (through a link)"]
+
+
 def test_unreadable_subfolders_are_named_and_strict_stops(tmp_path, monkeypatch):
     d = tmp_path / "d"
     for cls in ("cats", "dogs"):

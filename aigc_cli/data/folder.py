@@ -49,8 +49,9 @@ def list_images(folder: str, problems: list[tuple[str, bool]] | None = None) -> 
     """Sorted relative paths of image files under `folder`, skipping hidden files and folders
     (e.g. macOS "._x.jpg" resource forks, which look like images but are not). Links to folders are
     followed (class folders linked in from elsewhere are a common layout), each folder once, so a link
-    loop ends; real folders are walked before links, in name order, so which path a folder keeps does
-    not depend on the file system. What cannot be used goes into `problems` as ("sub/: reason", fatal):
+    loop ends; the whole real tree is walked before any link, in name order, so a folder keeps its real
+    path (and its class), whatever links point into it, and which path it keeps does not depend on the
+    file system. What cannot be used goes into `problems` as ("sub/: reason", fatal):
     a subfolder that cannot be read (fatal under --strict: a class must not vanish unseen) or a folder
     reached again (not fatal). The folder itself unreadable is a UsageError."""
     found: list[str] = []
@@ -62,20 +63,28 @@ def list_images(folder: str, problems: list[tuple[str, bool]] | None = None) -> 
         if problems is not None:
             problems.append((f"{one_line(os.path.relpath(e.filename, folder))}/: {e.strerror}", True))
 
-    for dirpath, dirnames, filenames in os.walk(folder, onerror=unreadable, followlinks=True):
-        st = os.stat(dirpath)
-        if (st.st_dev, st.st_ino) in seen:
-            dirnames[:] = []
-            if problems is not None:
-                problems.append((f"{one_line(os.path.relpath(dirpath, folder))}/: the same folder as one listed "
-                                 "already (through a link)", False))
-            continue
-        seen.add((st.st_dev, st.st_ino))
-        dirnames[:] = sorted((d for d in dirnames if not d.startswith(".")),
-                             key=lambda d: (os.path.islink(os.path.join(dirpath, d)), d))
-        for name in filenames:
-            if not name.startswith(".") and name.lower().endswith(EXTENSIONS):
-                found.append(os.path.relpath(os.path.join(dirpath, name), folder))
+    links: list[str] = []
+
+    def walk(top: str, follow: bool) -> None:
+        for dirpath, dirnames, filenames in os.walk(top, onerror=unreadable, followlinks=follow):
+            st = os.stat(dirpath)
+            if (st.st_dev, st.st_ino) in seen:
+                dirnames[:] = []
+                if problems is not None:
+                    problems.append((f"{one_line(os.path.relpath(dirpath, folder))}/: the same folder as one listed "
+                                     "already (through a link)", False))
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            if not follow:  # links wait until the whole real tree is listed
+                links.extend(os.path.join(dirpath, d) for d in dirnames if os.path.islink(os.path.join(dirpath, d)))
+            for name in filenames:
+                if not name.startswith(".") and name.lower().endswith(EXTENSIONS):
+                    found.append(os.path.relpath(os.path.join(dirpath, name), folder))
+
+    walk(folder, follow=False)
+    for link in links:
+        walk(link, follow=True)
     return sorted(found)
 
 
