@@ -321,6 +321,39 @@ def test_known_datasets_have_their_class_names(tmp_path):
     assert again.cached and again.class_names == first.class_names == fashion.class_names
 
 
+def test_mnist_and_fashion_mnist_are_told_apart_by_their_contents(tmp_path, monkeypatch):
+    # Both name their files alike: `--data mnist --data-root <Fashion-MNIST's folder>` trained on
+    # Fashion-MNIST under MNIST's name and digit class names. The real files' MD5s are not here, so the
+    # table learns a generated test split's (10,000 images, as the real one has); identify() hashes what it
+    # read, so this also checks that it hashes the file's bytes exactly.
+    import hashlib
+
+    from aigc_cli.data import torchvision_sources
+
+    rng = np.random.default_rng(3)
+    images, labels = rng.integers(0, 256, (10_000, 28, 28), dtype=np.uint8), rng.integers(0, 10, 10_000).astype(np.uint8)
+    raw = tmp_path / "root" / "kuzushiji"  # found as root/<anything> only through --data-root root/kuzushiji
+    write_idx(raw, "t10k", images, labels, compress=False)
+    md5 = hashlib.md5((raw / "t10k-images-idx3-ubyte").read_bytes()).hexdigest()
+    monkeypatch.setattr(torchvision_sources, "IMAGES_MD5", {md5: "fashion-mnist"})
+    with pytest.raises(UsageError) as e:
+        load_images("mnist", channels=1, resolution=28, root=str(raw), split="test")
+    assert str(e.value) == (f"{raw} holds Fashion-MNIST, not MNIST (by its files' checksums); use --data fashion-mnist, "
+                            "or --data-root where mnist is")
+    fashion = load_images("fashion-mnist", channels=1, resolution=28, root=str(raw), split="test")
+    assert fashion.class_names[0] == "T-shirt/top"
+    # A folder given by path is named by what it holds, not by what it is called
+    assert load_images(str(raw), channels=1, resolution=28, split="test").class_names[0] == "T-shirt/top"
+    monkeypatch.setattr(torchvision_sources, "IMAGES_MD5", {md5: "mnist"})
+    with pytest.raises(UsageError, match="holds MNIST, not Fashion-MNIST"):
+        load_images("fashion-mnist", channels=1, resolution=32, root=str(raw), split="test")
+    mnist = tmp_path / "Fashion-MNIST-copy"
+    raw.rename(mnist)
+    assert load_images(str(mnist), channels=1, resolution=28, split="test").class_names == tuple("0123456789")
+    write_idx(mnist, "t10k", images[:9_999], labels[:9_999], compress=False)  # not the split whole: by its name
+    assert load_images(str(mnist), channels=1, resolution=28, split="test").class_names[0] == "T-shirt/top"
+
+
 def test_idx_uncompressed_and_wider_types(tmp_path, idx_data):
     write_idx(tmp_path, "train", *idx_data["train"], compress=False)
     data = load_images(str(tmp_path), channels=1, resolution=28)

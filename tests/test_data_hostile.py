@@ -440,6 +440,20 @@ def test_cifar_download_fetches_the_binary_archive(tmp_path, small_cifar, monkey
                       "cifar-10-binary.tar.gz", "c32a1d4ab5d03f1284b67883e8d87530")]
     load_images("cifar10", channels=3, resolution=32, root=str(tmp_path), download=True)
     assert len(calls) == 1  # already there: nothing fetched
+    # What a cut-short unpacking leaves (a batch missing, one truncated): --download repairs it. It used to
+    # say "lacks data_batch_2.bin; fetch the data set (`--data cifar10 --download`)", the command just run.
+    batches = tmp_path / "cifar-10-batches-bin"
+    (batches / "data_batch_2.bin").unlink()
+    for download in (False, True):
+        if not download:
+            with pytest.raises(UsageError, match="lacks data_batch_2.bin"):
+                load_images("cifar10", channels=3, resolution=32, root=str(tmp_path), download=False)
+        else:
+            assert load_images("cifar10", channels=3, resolution=32, root=str(tmp_path), download=True).images.shape[0] == 20
+    assert len(calls) == 2
+    (batches / "test_batch.bin").write_bytes(b"cut")
+    assert load_images("cifar10", channels=3, resolution=32, root=str(tmp_path), split="test", download=True).images.shape[0] == 4
+    assert len(calls) == 3
 
     def failing_fetch(url, root, filename, md5):
         raise RuntimeError("File not found or corrupted.")
@@ -461,6 +475,48 @@ def test_a_failed_mnist_download_leaves_no_empty_folders(tmp_path, monkeypatch):
     with pytest.raises(UsageError, match="could not download mnist file .*name resolution"):
         load_images("mnist", channels=1, resolution=28, root=str(tmp_path / "mine" / "root"), download=True)
     assert os.listdir(tmp_path / "mine") == []  # root/MNIST/raw was left behind; the user's folder stays
+
+
+def test_mnist_download_fetches_only_what_is_missing_or_cut_short(tmp_path, monkeypatch):
+    # An interrupted download (a file missing, one cut short) used to stay broken: --download saw the folder
+    # and fetched nothing, and the read error said to re-download.
+    import gzip
+
+    import torchvision.datasets.utils as tv_utils
+
+    from aigc_cli.data import torchvision_sources
+    from aigc_cli.data.idx import intact
+    from test_data import idx_bytes
+
+    rng = np.random.default_rng(4)
+    contents = {"train-images-idx3-ubyte": rng.integers(0, 256, (6, 28, 28), dtype=np.uint8),
+                "t10k-images-idx3-ubyte": rng.integers(0, 256, (3, 28, 28), dtype=np.uint8),
+                "train-labels-idx1-ubyte": rng.integers(0, 10, 6).astype(np.uint8),
+                "t10k-labels-idx1-ubyte": rng.integers(0, 10, 3).astype(np.uint8)}
+    fetched = []
+
+    def fake(url, download_root, filename, md5):  # torchvision's: fetch (when the .gz is not intact) and unpack
+        fetched.append(filename)
+        name = filename.removesuffix(".gz")
+        with gzip.open(os.path.join(download_root, filename), "wb") as f:
+            f.write(idx_bytes(contents[name]))
+        Path(download_root, name).write_bytes(idx_bytes(contents[name]))
+
+    monkeypatch.setattr(tv_utils, "download_and_extract_archive", fake)
+    raw = tmp_path / "MNIST" / "raw"
+    assert load_images("mnist", channels=1, resolution=28, root=str(tmp_path), download=True).images.shape[0] == 6
+    assert sorted(fetched) == sorted(f"{name}.gz" for name in torchvision_sources.UNPACKED)
+    fetched.clear()
+    load_images("mnist", channels=1, resolution=28, root=str(tmp_path), download=True)
+    assert fetched == []  # all there and whole
+    (raw / "train-labels-idx1-ubyte").unlink()
+    (raw / "t10k-images-idx3-ubyte").write_bytes(idx_bytes(contents["t10k-images-idx3-ubyte"])[:-1])
+    assert not intact(str(raw / "t10k-images-idx3-ubyte")) and intact(str(raw / "train-images-idx3-ubyte"))
+    with pytest.raises(UsageError, match="t10k-images-idx3-ubyte is truncated"):
+        load_images("mnist", channels=1, resolution=28, root=str(tmp_path), split="test")
+    data = load_images("mnist", channels=1, resolution=28, root=str(tmp_path), download=True, split="test")
+    assert data.images.shape[0] == 3 and data.labels is not None
+    assert sorted(fetched) == ["t10k-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"]
 
 
 def test_builtin_sources_stay_offline_without_download(tmp_path):

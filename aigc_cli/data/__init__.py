@@ -143,8 +143,9 @@ def load_images(source: str, *, channels: int, resolution: int, root: str | None
                   "pixel_limit": pixel_limit()}
     else:
         files = idx.split_files(path, split) if kind == "idx" else cifar.split_files(split)
+        # identified: entries from before IDX contents were checked (a "mnist" entry of Fashion-MNIST's files) miss
         params = {"kind": kind, "channels": channels, "resolution": resolution, "limit": limit, "split": split,
-                  "source": source if source in BUILTIN_SOURCES else ""}
+                  "source": source if source in BUILTIN_SOURCES else "", "identified": kind == "idx"}
 
     relist = (lambda: list_images(path)) if kind == "folder" else None
     key = decoded_cache.make_key(path, files, params, relist, read_first=limit if kind == "folder" else 0) if cache else None
@@ -172,6 +173,7 @@ def load_images(source: str, *, channels: int, resolution: int, root: str | None
         warn(line)
 
     class_names: tuple[str, ...] = ()
+    held = ""  # an IDX folder's data set, by its contents
     if kind == "folder":
         images, labels, class_names, _ = load_folder(path, resolution, limit, record, strict=strict)
         num_classes = len(class_names)
@@ -182,11 +184,13 @@ def load_images(source: str, *, channels: int, resolution: int, root: str | None
         else:
             images, labels = idx.load_idx_folder(path, split)
             num_classes = int(labels.max()) + 1 if labels is not None and labels.numel() else 0
+        held = torchvision_sources.identify(images)
+        torchvision_sources.check_identity(source, held, path)
     else:
         images, labels = cifar.load_cifar_bin_folder(path, split)
         num_classes = cifar.NUM_CLASSES
     if kind != "folder" and labels is not None:
-        class_names = torchvision_sources.known_class_names(source, kind, path, num_classes)
+        class_names = torchvision_sources.known_class_names(source, kind, path, num_classes, held)
 
     if limit > 0:
         images = images[:limit]

@@ -36,6 +36,13 @@ def is_cifar_bin_folder(folder: str) -> bool:
                                          for names in FILES.values() for name in names)
 
 
+def complete(folder: str) -> bool:
+    """Whether every batch file of both splits is in `folder`, each of the right size."""
+    expected = RECORDS_PER_FILE * RECORD_BYTES
+    return all(os.path.isfile(p := os.path.join(folder, name)) and os.path.getsize(p) == expected
+               for names in FILES.values() for name in names)
+
+
 def read_batch(path: str) -> tuple[np.ndarray, np.ndarray]:
     """One batch file as images (N, 3, 32, 32) uint8 and labels (N,) uint8."""
     expected = RECORDS_PER_FILE * RECORD_BYTES
@@ -99,8 +106,8 @@ def find_cifar10(root: str, download: bool) -> str:
     """The batches-bin folder under `root`, downloading the archive first when allowed and missing."""
     folders = candidates(root)
     found = next((f for f in folders if is_cifar_bin_folder(f)), None)
-    if found is None and download:
-        _download(root)
+    if download and found in (None, folders[0]) and not complete(folders[0]):  # also what a cut-short unpacking left
+        _download(root)  # the archive is fetched again only when its MD5 is wrong or it is missing
         found = folders[0]
     if found is None:
         python_only = [p for p in (os.path.join(root, PY_FOLDER_NAME), os.path.join(root, "cifar10", PY_FOLDER_NAME))

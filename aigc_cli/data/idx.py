@@ -57,6 +57,20 @@ def read_idx(path: str) -> np.ndarray:
     return np.frombuffer(data, dtype=dtype, offset=header).reshape(dims).astype(dtype.newbyteorder("="))
 
 
+def intact(path: str) -> bool:
+    """Whether the uncompressed IDX file `path` is there and as long as its header says (no data read)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+            if len(head) < 4 or head[:2] != b"\0\0" or head[2] not in _TYPES or head[3] == 0:
+                return False
+            dims = np.frombuffer(f.read(4 * head[3]), dtype=">u4")
+            return len(dims) == head[3] and os.fstat(f.fileno()).st_size == (
+                4 + 4 * head[3] + math.prod(int(d) for d in dims) * _TYPES[head[2]].itemsize)
+    except OSError:
+        return False
+
+
 def _find(folder: str, split: str, kind: str) -> str | None:
     """Path of the `kind` ("images"/"labels") file for `split` in `folder`, or None."""
     idx = "idx3" if kind == "images" else "idx1"

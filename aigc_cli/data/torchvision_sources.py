@@ -8,7 +8,9 @@ the Python version of CIFAR-10; torchvision only downloads (URLs, mirrors and MD
 
 from __future__ import annotations
 
+import hashlib
 import os
+import struct
 from pathlib import Path
 
 import torch
@@ -29,14 +31,43 @@ CLASS_NAMES = {
 }
 
 
-def known_class_names(source: str, kind: str, path: str, num_classes: int) -> tuple[str, ...]:
-    """Class names of a labelled IDX or CIFAR-10 source: by its built-in name, or for a folder given by
-    path by what it holds (CIFAR-10's binary batches) or is called ("fashion" or "mnist" in the path);
-    () where that says nothing (an IDX folder of some other data set)."""
+# MD5s of the uncompressed images files, which say which data set a folder holds: names alone cannot (both
+# sets use the same file names), nor can the .gz files' MD5s (Debian's package recompresses them).
+IMAGES_MD5 = {
+    "6bbc9ace898e44ae57da46a324031adb": "mnist", "2646ac647ad5339dbf082846283269ea": "mnist",
+    "f4a8712d7a061bf5bd6d2ca38dc4d50a": "fashion-mnist", "8181f5470baa50b63fa0f6fddb340f0a": "fashion-mnist",
+}
+SPLIT_SIZES = (60_000, 10_000)
+SHOWN = {"mnist": "MNIST", "fashion-mnist": "Fashion-MNIST"}
+
+
+def identify(images: torch.Tensor) -> str:
+    """"mnist" or "fashion-mnist" when `images` (N, 1, H, W) uint8, as read from an IDX file, are one of
+    that data set's splits whole (the MD5 of the file they were read from); "" otherwise."""
+    n, c, h, w = images.shape
+    if images.dtype != torch.uint8 or (c, h, w) != (1, 28, 28) or n not in SPLIT_SIZES:
+        return ""  # said without hashing
+    digest = hashlib.md5(b"\0\0\x08\x03" + struct.pack(">III", n, h, w), usedforsecurity=False)
+    digest.update(images.contiguous().numpy())
+    return IMAGES_MD5.get(digest.hexdigest(), "")
+
+
+def check_identity(source: str, held: str, folder: str) -> None:
+    """--data mnist must not train on Fashion-MNIST's files (or the other way round) found under its name."""
+    if source in SHOWN and held and held != source:
+        raise UsageError(f"{folder} holds {SHOWN[held]}, not {SHOWN[source]} (by its files' checksums); use "
+                         f"--data {held}, or --data-root where {source} is")
+
+
+def known_class_names(source: str, kind: str, path: str, num_classes: int, held: str = "") -> tuple[str, ...]:
+    """Class names of a labelled IDX or CIFAR-10 source: by what it holds (CIFAR-10's binary batches;
+    `held`, what identify() found), else by its built-in name, else for a folder given by path by what it
+    is called ("fashion" or "mnist" in the path); () where that says nothing (an IDX folder of some other
+    data set)."""
     if kind == "cifar":
         dataset = "cifar10"
-    elif source in CLASS_NAMES:
-        dataset = source
+    elif held or source in CLASS_NAMES:
+        dataset = held or source
     else:
         lower = os.path.abspath(path).lower()
         dataset = "fashion-mnist" if "fashion" in lower else "mnist" if "mnist" in lower else ""
@@ -74,7 +105,7 @@ def find_mnist_like(source: str, root: str, root_given: bool, download: bool) ->
     """The folder holding `source`'s IDX files, downloading them first when allowed and missing."""
     folders = idx_candidates(source, root, root_given)
     found = next((f for f in folders if idx.is_idx_folder(f)), None)
-    if found is None and download:
+    if download and found in (None, folders[0]):  # also what an interrupted download left missing or cut short
         _download_mnist_like(source, root)
         found = folders[0]
     if found is None:
@@ -92,12 +123,7 @@ def load_mnist_from(source: str, found: str, split: str) -> tuple[torch.Tensor, 
     return images, labels
 
 
-def load_mnist_like(source: str, root: str, root_given: bool, download: bool,
-                    split: str) -> tuple[torch.Tensor, torch.Tensor | None, int, str]:
-    """(N, 1, 28, 28) images, labels, 10 classes, and the folder they came from."""
-    found = find_mnist_like(source, root, root_given, download)
-    images, labels = load_mnist_from(source, found, split)
-    return images, labels, 10, found
+UNPACKED = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
 
 def _download_mnist_like(source: str, root: str) -> None:
@@ -105,10 +131,15 @@ def _download_mnist_like(source: str, root: str) -> None:
 
     from ..files import make_parent, remove_empty
 
-    cls = _torchvision_class(source)
     raw = os.path.join(root, _class_name(source), "raw")
+    if all(idx.intact(os.path.join(raw, name)) for name in UNPACKED):
+        return  # nothing to fetch (and torchvision, slow to import, not needed)
+    cls = _torchvision_class(source)
     made = make_parent(Path(raw) / "file")  # removed again while empty if nothing could be fetched
     for filename, md5 in cls.resources:  # same files, checksums and mirrors torchvision uses
+        if idx.intact(os.path.join(raw, filename.removesuffix(".gz"))):
+            continue  # unpacked and whole (its .gz perhaps deleted to save space)
+        # download_url fetches the .gz again only when its MD5 is wrong (cut short) or it is missing
         errors = []
         for mirror in cls.mirrors:
             try:
