@@ -633,3 +633,22 @@ def test_evaluation_folders_skip_a_fifo_instead_of_waiting_on_it(tmp_path):
     assert r.returncode == 0 and r.stdout == "3\n", r.stderr
     assert r.stderr.splitlines() == ["skipping zz.png: not a regular file",
                                      f"skipped 1 of 4 files under {d} (unreadable or not images)"], r.stderr
+
+
+def test_images_of_types_aigc_does_not_read_are_said_not_silently_left_out(tmp_path):
+    d = tmp_path / "d"
+    for name in ("a.png", "b.JFIF", "c.jpe"):
+        write(d / name, encode(Image.new("RGB", (8, 8), (9, 0, 0)), "JPEG" if name != "a.png" else "PNG"))
+    for name in ("scan.tif", "sub/photo.HEIC", "sub/x.tiff", "notes.txt"):
+        write(d / name, b"whatever")
+    data, got = load(d)
+    assert len(data.images) == 3  # .jfif and .jpe are JPEG
+    assert got == ["left out 3 files of types aigc does not read (.heic, .tif, .tiff); convert them to PNG or JPEG"]
+    with pytest.raises(UsageError, match=r"^cannot use image file scan.tif: aigc does not read .tif files; convert"):
+        load(d, strict=True)
+    only = tmp_path / "only"
+    write(only / "x.tif", b"whatever")
+    got = []
+    with pytest.raises(UsageError, match="no images"):
+        load_images(str(only), channels=3, resolution=8, warn=got.append)
+    assert got == ["left out 1 file of a type aigc does not read (.tif); convert it to PNG or JPEG"]

@@ -131,7 +131,7 @@ def load_images(source: str, *, channels: int, resolution: int, root: str | None
         name = {"idx": "IDX folder", "cifar": "CIFAR-10 folder", "folder": "folder"}[kind] + f" {path}"
 
     if kind == "folder":
-        problems: list[tuple[str, bool]] = []
+        problems: list[tuple[str, str | None]] = []
         files = list_images(path, problems)
         report_listing(problems, warn, strict)
         if lazy_above_mb is not None and files:

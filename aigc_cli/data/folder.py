@@ -27,11 +27,15 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from aigc_cli.errors import UsageError, one_line
+from aigc_cli.errors import UsageError, counted, one_line
 
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
-EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
+EXTENSIONS = (".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".bmp", ".gif")
+# Images all the same, which PIL cannot read without plug-ins (HEIC, AVIF, JPEG XL) or reads in modes
+# (TIFF's float and 32-bit ones) that no conversion here is tested for: said, not silently left out.
+UNREAD_EXTENSIONS = (".tif", ".tiff", ".heic", ".heif", ".avif", ".jxl", ".jp2", ".psd", ".dng", ".cr2", ".nef",
+                     ".arw", ".exr", ".hdr", ".svg")
 # PIL format names we let decode a file (content decides, not the extension: a JPEG saved as
 # .png is common and fine). "JPEG" also covers MPO, the JPEG variant some cameras write.
 FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")
@@ -45,15 +49,16 @@ class RejectedImage(Exception):
     """A file that is not a usable image; the message is the one-line reason."""
 
 
-def list_images(folder: str, problems: list[tuple[str, bool]] | None = None) -> list[str]:
+def list_images(folder: str, problems: list[tuple[str, str | None]] | None = None) -> list[str]:
     """Sorted relative paths of image files under `folder`, skipping hidden files and folders
     (e.g. macOS "._x.jpg" resource forks, which look like images but are not). Links to folders are
     followed (class folders linked in from elsewhere are a common layout), each folder once, so a link
     loop ends; the whole real tree is walked before any link, in name order, so a folder keeps its real
     path (and its class), whatever links point into it, and which path it keeps does not depend on the
-    file system. What cannot be used goes into `problems` as ("sub/: reason", fatal):
-    a subfolder that cannot be read (fatal under --strict: a class must not vanish unseen) or a folder
-    reached again (not fatal). The folder itself unreadable is a UsageError."""
+    file system. What cannot be used goes into `problems` as (warning, error under --strict or None): a
+    subfolder that cannot be read (an error: a class must not vanish unseen), files of image types aigc
+    does not read (an error: images must not vanish unseen either) or a folder reached again (no error).
+    The folder itself unreadable is a UsageError."""
     found: list[str] = []
     seen: set[tuple[int, int]] = set()
 
@@ -61,7 +66,8 @@ def list_images(folder: str, problems: list[tuple[str, bool]] | None = None) -> 
         if os.path.abspath(e.filename) == os.path.abspath(folder):
             raise UsageError(f"cannot read the image folder {one_line(folder)}: {e.strerror}")
         if problems is not None:
-            problems.append((f"{one_line(os.path.relpath(e.filename, folder))}/: {e.strerror}", True))
+            what = f"folder {one_line(os.path.relpath(e.filename, folder))}/: {e.strerror}"
+            problems.append((f"skipping {what}", f"cannot use {what}"))
 
     links: list[str] = []
 
@@ -71,8 +77,8 @@ def list_images(folder: str, problems: list[tuple[str, bool]] | None = None) -> 
             if (st.st_dev, st.st_ino) in seen:
                 dirnames[:] = []
                 if problems is not None:
-                    problems.append((f"{one_line(os.path.relpath(dirpath, folder))}/: the same folder as one listed "
-                                     "already (through a link)", False))
+                    problems.append((f"skipping folder {one_line(os.path.relpath(dirpath, folder))}/: the same folder "
+                                     "as one listed already (through a link)", None))
                 continue
             seen.add((st.st_dev, st.st_ino))
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
@@ -81,10 +87,20 @@ def list_images(folder: str, problems: list[tuple[str, bool]] | None = None) -> 
             for name in filenames:
                 if not name.startswith(".") and name.lower().endswith(EXTENSIONS):
                     found.append(os.path.relpath(os.path.join(dirpath, name), folder))
+                elif not name.startswith(".") and name.lower().endswith(UNREAD_EXTENSIONS):
+                    unread.append(os.path.relpath(os.path.join(dirpath, name), folder))
 
+    unread: list[str] = []
     walk(folder, follow=False)
     for link in links:
         walk(link, follow=True)
+    if unread and problems is not None:
+        types = sorted({os.path.splitext(rel)[1].lower() for rel in unread})
+        first = min(unread)
+        problems.append((f"left out {counted(len(unread), 'file')} of {'types' if len(types) > 1 else 'a type'} aigc does "
+                         f"not read ({', '.join(types)}); convert {'them' if len(unread) > 1 else 'it'} to PNG or JPEG",
+                         f"cannot use image file {one_line(first)}: aigc does not read "
+                         f"{os.path.splitext(first)[1]} files; convert them to PNG or JPEG"))
     return sorted(found)
 
 
@@ -93,13 +109,13 @@ def skipped_summary(skipped: int, examined: int, folder: str) -> str:
     return f"skipped {skipped} of {examined} files under {one_line(folder)} (unreadable or not images)"
 
 
-def report_listing(problems: list[tuple[str, bool]], warn: Callable[[str], None], strict: bool) -> None:
-    """The subfolders list_images could not use: one warning each; with strict, an unreadable one is an error."""
-    fatal = [text for text, is_fatal in problems if is_fatal]
-    if fatal and strict:
-        raise UsageError(f"cannot use folder {fatal[0]}")
+def report_listing(problems: list[tuple[str, str | None]], warn: Callable[[str], None], strict: bool) -> None:
+    """What list_images could not use: one warning each; with strict, the first that has an error is it."""
+    errors = [error for _, error in problems if error is not None]
+    if errors and strict:
+        raise UsageError(errors[0])
     for text, _ in problems:
-        warn(f"skipping folder {text}")
+        warn(text)
 
 
 def pixel_limit() -> int:
