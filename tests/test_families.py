@@ -23,6 +23,28 @@ def test_family_trains_with_finite_losses(kind, tmp_path):
     assert json.loads(lines[0])["step"] == 5
 
 
+@pytest.mark.parametrize("kind, overrides", [("mlp_gan", {}), ("dcgan", {"loss.gan": "wgan-gp", "train.n_critic": "2", "model.d_norm": "layer"}),
+                                             ("dcgan", {"loss.r1_gamma": "1.0"}), ("vae", {}), ("classifier", {})])
+def test_best_metric_names_what_training_logs_and_a_typo_is_refused(kind, overrides, tmp_path):
+    # train.best_metric is checked against logged_values() before the data loads; that list must be what
+    # metrics.jsonl holds, or a valid name would be refused (and a wrong one let through to a run without
+    # best.safetensors, as a typo was before).
+    from aigc_cli.config import check_for_training
+    from aigc_cli.errors import UsageError
+    from aigc_cli.models import FAMILIES
+    from aigc_cli.training.steps import logged_values
+
+    cfg = tiny(kind).with_overrides({"train.steps": "5", **overrides})
+    train(cfg, tmp_path / "run", Silent())
+    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    logged = logged_values(cfg, FAMILIES[kind].objective)
+    assert sorted(logged) == sorted(k for k in record if k not in ("step", "images_seen", "elapsed_s"))
+    for name in logged:
+        check_for_training(cfg.with_overrides({"train.best_metric": name}))
+    with pytest.raises(UsageError, match=r"^train.best_metric='los' is not a value this run logs \("):
+        check_for_training(cfg.with_overrides({"train.best_metric": "los"}))
+
+
 def test_vae_loss_goes_down(tmp_path):
     rep = Silent()
     summary = train(tiny("vae").with_overrides({"train.ckpt_every": "10"}), tmp_path / "vae", rep)

@@ -526,10 +526,6 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup, run_lock
                 recover(", ".join(bad) or "non-finite weights")
                 t_log, seen_log = time.perf_counter(), images_seen
                 continue
-            if metric and not metric_from_eval and metric not in record and not last_record:  # once
-                logged = ", ".join(k for k, v in record.items() if isinstance(v, float) and k != "elapsed_s")
-                reporter.note(f"train.best_metric={metric} is not a value this run logs ({logged}): "
-                              "no best.safetensors will be written")
             last_record = record
             log_line(record)
             reporter.log(record)

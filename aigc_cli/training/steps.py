@@ -149,3 +149,14 @@ def classifier_step(nets, opts, amp, next_batch, cfg, step: int, aids: Aids) -> 
 
 
 STEPS = {"gan": gan_step, "vae": vae_step, "classifier": classifier_step}
+
+
+def logged_values(cfg, objective: str) -> list[str]:
+    """The values metrics.jsonl holds at every log interval for this config (what train.best_metric can
+    name besides an eval metric): the step's, each optimizer's learning rate, and the speed."""
+    if objective == "gan":
+        penalty = ["gp"] if cfg.loss.gan == "wgan-gp" else ["r1"] if cfg.loss.r1_gamma > 0 else []
+        return ["loss_d", "loss_g", *penalty, "lr_G", "lr_D", "img_per_s"]
+    if objective == "vae":
+        return ["loss", "neg_elbo", "kl", "mse", "lr_G", "img_per_s"]
+    return ["loss", "acc", "lr_C", "img_per_s"]
