@@ -194,6 +194,23 @@ def test_the_size_remedy_carries_the_inception_weights_and_data_root_given():
     assert shlex.split(command) == ["eval", "stats", "--data", "fashion-mnist", "--resolution", "32", "--channels", "1",
                                     "--inception-weights", "/w/pt_inception.pth", "--data-root", "/data sets",
                                     "--out", "ref-1x32.npz"], command
+    # A --ref made from other data than the model's (its protocol says which, and which split): the remedy
+    # makes that reference again at the new size, not one of the model's data (a CLI review found `--data
+    # shapes` offered for a Fashion-MNIST reference); --fake images, read as RGB, are compared by size only.
+    ref = Reference(np.zeros(2), np.eye(2), None, {"real_shape": [1, 28, 28], "extractor": "inception-v3-fid",
+                                                   "real_source": "fashion-mnist", "real_split": "test"})
+    said.clear()
+    _say_if_sides_differ(ref, [3, 32, 32], "the generator draws", "shapes", said.append)
+    assert said[0].startswith("the real images are 1x28x28, the generator draws 3x32x32: ")
+    assert shlex.split(said[0].split("`aigc ")[2].split("`")[0]) == [
+        "eval", "stats", "--data", "fashion-mnist", "--resolution", "32", "--channels", "3", "--split", "test",
+        "--out", "ref-3x32.npz"], said[0]
+    said.clear()
+    _say_if_sides_differ(ref, [32, 32], "the --fake images are", None, said.append)
+    assert said[0].startswith("the real images are 1x28x28, the --fake images are 32x32: ") and "--channels 1 " in said[0]
+    said.clear()
+    _say_if_sides_differ(ref, [28, 28], "the --fake images are", None, said.append)
+    assert said == []  # grey real images against the same size read as RGB: nothing to say
 
 
 def test_real_and_fake_images_of_different_sizes_are_pointed_out_with_the_remedy(clf, tmp_path, monkeypatch, capsys):
@@ -207,7 +224,7 @@ def test_real_and_fake_images_of_different_sizes_are_pointed_out_with_the_remedy
     code, _, err = run_cli(monkeypatch, capsys, "eval", "--fake", big, "--data", real, *common)
     assert code == 0, err
     said = err.replace("\n", " ")
-    assert "the real images are 3x16x16, the --fake images are 3x24x24: the two sides reach the extractor from " \
+    assert "the real images are 3x16x16, the --fake images are 24x24: the two sides reach the extractor from " \
            f"different sizes; to score as `aigc eval CHECKPOINT` does, make the reference at their size with " \
            f"`aigc eval stats --data {real} --resolution 24 --channels 3 --features " in said, err
     # The remedy as said, word for word: it used to leave out --features (and --channels), so the file it

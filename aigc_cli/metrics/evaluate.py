@@ -213,22 +213,27 @@ def check_reference_extractor(ref: Reference | None, features: str | None) -> No
 def _say_if_sides_differ(ref: Reference, shape: list[int], fake_is: str, data: str | None, warn,
                          root: str | None = None, inception_weights: str | None = None) -> None:
     """Real and generated images resized to the extractor's input from different sizes differ in
-    blur alone, which FID counts (28x28 Fashion-MNIST against the same images at 32x32: 9 against 53)."""
+    blur alone, which FID counts (28x28 Fashion-MNIST against the same images at 32x32: 9 against 53).
+    shape: the generated images' (C, H, W), or (H, W) where their channels are not known (--fake files,
+    read as RGB whatever they were). The remedy makes the reference again from its own data and split."""
     theirs = ref.protocol.get("real_shape")
-    if not theirs or list(theirs) == list(shape):
+    if not theirs or list(theirs)[-len(shape):] == list(shape):
         return
-    what = "channels" if list(theirs[1:]) == list(shape[1:]) else "sizes"
+    what = "channels" if list(theirs[1:]) == list(shape[-2:]) else "sizes"
+    channels = shape[0] if len(shape) == 3 else theirs[0]
+    data = ref.protocol.get("real_source") or data  # a --ref of other data: that data, not the model's
     hint = ""
-    if what == "sizes" and shape[1] == shape[2]:
+    if what == "sizes" and shape[-2] == shape[-1]:
         # The whole command, so that the file it writes passes check_reference_matches; a new name, so that
         # following it overwrites no reference of the user's.
         extractor = str(ref.protocol.get("extractor", ""))
         features = f" --features {shlex.quote(extractor.removeprefix('classifier:'))}" if extractor.startswith("classifier:") else ""
         features += f" --inception-weights {shlex.quote(inception_weights)}" if inception_weights and not features else ""
         features += f" --data-root {shlex.quote(root)}" if root else ""
-        out = f"ref-{shape[0]}x{shape[1]}.npz"
+        features += " --split test" if ref.protocol.get("real_split") == "test" else ""
+        out = f"ref-{channels}x{shape[-1]}.npz"
         hint = (f"; to score as `aigc eval CHECKPOINT` does, make the reference at their size with `aigc eval stats "
-                f"--data {shlex.quote(data) if data else 'SOURCE'} --resolution {shape[1]} --channels {shape[0]}{features} "
+                f"--data {shlex.quote(data) if data else 'SOURCE'} --resolution {shape[-1]} --channels {channels}{features} "
                 f"--out {out}` and pass --ref {out}")
     warn(f"the real images are {'x'.join(map(str, theirs))}, {fake_is} {'x'.join(map(str, shape))}: the two "
          f"sides reach the extractor from different {what}{hint}")
@@ -401,9 +406,9 @@ def evaluate_folder(fake_dir: str, *, data: str | None, root: str | None, downlo
                                        strict=strict, native_resolution=fakes.shape[3])
         else:
             check_reference_matches(reference, extractor, warn)
-        # the --fake images are read as RGB, and a grey image's three equal channels embed as it does
-        _say_if_sides_differ(reference, [reference.protocol.get("real_shape", [3])[0], *fakes.shape[2:]],
-                             "the --fake images are", data, warn, root, inception_weights)
+        # the --fake images are read as RGB whatever they were: only their size is compared
+        _say_if_sides_differ(reference, list(fakes.shape[2:]), "the --fake images are", data, warn, root,
+                             inception_weights)
         protocol.update(_reference_protocol(reference))
     _say_if_few_for_fid(chosen, len(fakes), reference.n if reference is not None else None, extractor, warn)
     fake = FakeEmbedder(extractor, chosen)
