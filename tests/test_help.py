@@ -126,3 +126,13 @@ def test_help_into_a_closed_pipe_exits_0(aigc_env, args):
     _, err = p.communicate(timeout=60)
     assert p.returncode == 0, err.decode()
     assert not err, err.decode()
+
+
+def test_version_is_said_from_the_one_place_it_is_written(aigc_env):
+    import importlib.metadata
+
+    import aigc_cli
+
+    done = subprocess.run([*aigc_command(), "--version"], capture_output=True, text=True, env=aigc_env, timeout=120)
+    assert (done.returncode, done.stdout, done.stderr) == (0, f"aigc {aigc_cli.__version__}\n", "")
+    assert importlib.metadata.version("aigc") == aigc_cli.__version__  # pyproject reads it from there

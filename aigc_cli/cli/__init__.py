@@ -11,6 +11,22 @@ from . import export, info, presets, sample, train
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Train, sample, evaluate and export image generative models (GANs, VAEs).")
+
+
+def _say_version(value: bool) -> None:
+    if value:
+        from .. import __version__
+
+        typer.echo(f"aigc {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: bool = typer.Option(False, "--version", metavar="", callback=_say_version, is_eager=True,
+                                          help="Print aigc's version and exit.")) -> None:
+    """Train, sample, evaluate and export image generative models (GANs, VAEs)."""
+
+
 app.command("train")(train.train)
 app.command("sample")(sample.sample)
 app.command("eval")(eval_cmd.evaluate)

@@ -32,8 +32,9 @@ def _check_common(n: int, batch_size: int, precision: str) -> None:
         raise UsageError(f"--n must be at least 2, got {n}")
     if batch_size < 1:
         raise UsageError(f"--batch-size must be positive, got {batch_size}")
-    if n > MAX_N or batch_size > MAX_N:  # torch fails past 2^63 with a traceback
-        raise UsageError(f"--n and --batch-size must be at most {MAX_N:,}")
+    for option, value in (("--n", n), ("--batch-size", batch_size)):
+        if value > MAX_N:  # torch fails past 2^63 with a traceback
+            raise UsageError(f"{option} must be at most {MAX_N:,}, got {value:,}")
     if precision not in ("auto", "bf16", "fp16", "fp32"):
         raise UsageError(f"--precision must be auto, bf16, fp16 or fp32, got '{precision}'")
 
