@@ -52,6 +52,21 @@ def test_fake_folder_against_real_folders_for_real(aigc, clf, tmp_path):
     assert other.json()["metrics"]["kid"] > 10 * abs(res["metrics"]["kid"])  # unbiased: near 0 for the same set
 
 
+def test_a_run_folder_given_as_images_is_refused_naming_the_option(clf, tmp_path, monkeypatch, capsys):
+    # Its sample grids were scored as the images (with only a size warning), or trained on.
+    run = tmp_path / "run"
+    train(tiny("dcgan", channels=3).with_overrides({"train.steps": "2"}), run, Silent())
+    real = write_pngs(tmp_path / "real", [(16, 16)] * 6, seed=3)
+    common = ["--features", clf, "--stats-dir", tmp_path / "stats", "--metrics", "fid"]
+    said = "is an aigc run folder, whose images are sample grids, not a data set; to score the run, give the folder"
+    for args, what in ((["--fake", run, "--data", real], "--fake folder"), (["--fake", real, "--data", run], "data folder"),
+                       ([run, "--data", run], "data folder")):
+        code, _, err = run_cli(monkeypatch, capsys, "eval", *args, *common)
+        assert code == 2 and err.startswith(f"error: {what} {run}: {said}") and err.count("\n") == 1, err
+    code, _, err = run_cli(monkeypatch, capsys, "train", "--preset", "quickstart", "--data", run, "--out", tmp_path / "r2")
+    assert code == 2 and f"data folder {run}: {said}" in err, err
+
+
 def test_inception_is_the_default_extractor_at_the_images_own_size(tmp_path, monkeypatch, capsys):
     from aigc_cli.metrics import weights as W
     from test_inception import random_state_dict  # the layout's random weights, activations kept O(1)

@@ -16,7 +16,7 @@ import torch
 
 from aigc_cli.data import cache as decoded_cache
 from aigc_cli.data import cifar, idx, torchvision_sources
-from aigc_cli.data.folder import list_images, load_folder, pixel_limit, report_listing, say_limited_classes, say_unseen_classes
+from aigc_cli.data.folder import list_images, load_folder, pixel_limit, refuse_run_folder, report_listing, say_limited_classes, say_unseen_classes
 from aigc_cli.data.lazy import LazyFolder
 from aigc_cli.data.shapes import CLASSES as SHAPE_CLASSES
 from aigc_cli.data.shapes import draw_shapes
@@ -131,6 +131,7 @@ def load_images(source: str, *, channels: int, resolution: int, root: str | None
         name = {"idx": "IDX folder", "cifar": "CIFAR-10 folder", "folder": "folder"}[kind] + f" {path}"
 
     if kind == "folder":
+        refuse_run_folder(path, "data folder")
         problems: list[tuple[str, str | None]] = []
         files = list_images(path, problems)
         report_listing(problems, warn, strict)

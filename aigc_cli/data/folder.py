@@ -104,6 +104,16 @@ def list_images(folder: str, problems: list[tuple[str, str | None]] | None = Non
     return sorted(found)
 
 
+def refuse_run_folder(path: str, what: str) -> None:
+    """An aigc run folder given as images (`eval --data runs/x`, `--fake runs/x`) would be read as its sample
+    grids: a UsageError instead, naming the option that takes a run folder."""
+    checkpoints = os.path.join(path, "checkpoints")
+    if os.path.isfile(os.path.join(path, "config.toml")) and os.path.isdir(checkpoints) and any(
+            name.endswith(".safetensors") for name in os.listdir(checkpoints)):
+        raise UsageError(f"{what} {one_line(path)}: is an aigc run folder, whose images are sample grids, not a "
+                         "data set; to score the run, give the folder as `aigc eval`'s CHECKPOINT")
+
+
 def skipped_summary(skipped: int, examined: int, folder: str) -> str:
     """The line that ends a folder's per-file skip warnings (training's and evaluation's readers)."""
     return f"skipped {skipped} of {examined} files under {one_line(folder)} (unreadable or not images)"

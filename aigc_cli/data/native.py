@@ -73,6 +73,7 @@ def load_folder_native(path: str, *, warn: Callable[[str], None], strict: bool =
     a picked file that fails to decode is replaced by the next one of the seed's order."""
     if not os.path.isdir(path):
         raise UsageError(f"{what} {path} does not exist or is not a folder")
+    folder.refuse_run_folder(path, what)
     problems: list[tuple[str, str | None]] = []
     rels = folder.list_images(path, problems)
     folder.report_listing(problems, warn, strict)
