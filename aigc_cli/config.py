@@ -403,11 +403,14 @@ def check_for_training(cfg: Config, base: Config | None = None) -> None:
         if cap is not None and abs(v) > cap and (base is None or v != _value(base, key)):
             raise UsageError(f"{key} must be at most {cap:,}, got {_count_text(v)}")
     best = cfg.train.best_metric
-    if best not in ("auto", "none", *EVAL_METRICS) and (base is None or best != base.train.best_metric):
+    if best not in ("auto", "none", *EVAL_METRICS):
         from .training.steps import logged_values
 
         logged = logged_values(cfg, FAMILIES[cfg.model.kind].objective)
-        if best not in logged:  # a typo would otherwise leave a run without best.safetensors, said in one note
+        # A typo, or a resume that switches off the penalty it names, would leave best.safetensors unwritten
+        # or stuck; a resumed run that never logged it (checked by older aigc with a note) is let be.
+        if best not in logged and (base is None or best != base.train.best_metric
+                                   or best in logged_values(base, FAMILIES[base.model.kind].objective)):
             raise UsageError(f"train.best_metric={best!r} is not a value this run logs ({', '.join(logged)}; "
                              f"with train.eval_every, its eval_metric); choose one of them, auto or none")
     ops = [op.strip() for op in cfg.train.diffaugment.split(",")]

@@ -60,18 +60,17 @@ def check_writable(path: str | os.PathLike, what: str) -> None:
     if not os.access(nearest, os.W_OK | os.X_OK):
         raise UsageError(f"{what} {path}: cannot write in {nearest} (permission denied)")
     if (why := write_refused(nearest)) is not None:
-        raise UsageError(f"{what} {path}: cannot write in {nearest} ({why})")
+        raise UsageError(f"{what} {path}: cannot create files in {nearest} ({why})")
 
 
 def write_refused(folder: Path) -> str | None:
     """Why a file cannot be made in `folder`, found by making one (root passes os.access, and a
-    read-only mount or /proc shows only in a real write); None if it can."""
+    read-only mount or /proc shows only in a real write); None if it can. The file has no name (Linux's
+    O_TMPFILE; elsewhere one removed at once): nothing to leave behind, nothing for a folder watcher."""
     try:
-        fd, probe = tempfile.mkstemp(prefix=".aigc-", suffix=".probe", dir=folder)
+        tempfile.TemporaryFile(dir=folder).close()
     except OSError as e:
         return (e.strerror or str(e)).lower()
-    os.close(fd)
-    os.unlink(probe)
     return None
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import tempfile
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +17,7 @@ from PIL import Image
 
 from .checkpoint import Checkpoint, build_net
 from .errors import UsageError
-from .files import atomic_write, check_name_lengths, remove_dead_temps_in, remove_empty
+from .files import atomic_write, check_name_lengths, remove_dead_temps_in, remove_empty, write_refused
 from .models import FAMILIES
 from .training.ema import EMA_NORMS_KEY, NORM_STATS_IMAGES, settle_norm_stats
 from .training.precision import Precision, resolve_device, resolve_precision, slow_precision_note
@@ -245,12 +244,17 @@ def filling(folder: str | os.PathLike | None, n: int, what: str, warn) -> Iterat
     folder = Path(folder)
     check_name_lengths(folder, what)
     made = [p for p in (folder, *folder.parents) if not p.exists()]  # innermost first: removed in that order
+    blocker = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise UsageError(f"{what}: {blocker} is a file, not a folder")
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=folder).close()  # a real write: root passes permission bits, a read-only mount shows only here
+        why = write_refused(folder)
     except OSError as e:
+        why = (e.strerror or str(e)).lower()
+    if why is not None:
         remove_empty(made)
-        raise UsageError(f"{what}: cannot write there ({e.strerror.lower()})") from None
+        raise UsageError(f"{what}: cannot create files there ({why})")
     # What killed writers (kill -9, the OOM killer) left of their PNGs: hidden files that tools globbing
     # *.png would take for images. Swept once here; each PNG is then written without a sweep of its own.
     remove_dead_temps_in(folder, r"\.[0-9]{6,}\.png\.", ".png")

@@ -509,14 +509,23 @@ def test_mnist_download_fetches_only_what_is_missing_or_cut_short(tmp_path, monk
     fetched.clear()
     load_images("mnist", channels=1, resolution=28, root=str(tmp_path), download=True)
     assert fetched == []  # all there and whole
-    (raw / "train-labels-idx1-ubyte").unlink()
-    (raw / "t10k-images-idx3-ubyte").write_bytes(idx_bytes(contents["t10k-images-idx3-ubyte"])[:-1])
+    for name in ("train-labels-idx1-ubyte", "train-labels-idx1-ubyte.gz", "t10k-labels-idx1-ubyte"):
+        (raw / name).unlink()  # a file gone both ways, and one whose .gz is left
+    (raw / "t10k-labels-idx1-ubyte.gz").write_bytes((raw / "t10k-labels-idx1-ubyte.gz").read_bytes()[:-9])  # cut short
+    (raw / "t10k-images-idx3-ubyte").write_bytes(idx_bytes(contents["t10k-images-idx3-ubyte"])[:-1])  # its .gz whole
     assert not intact(str(raw / "t10k-images-idx3-ubyte")) and intact(str(raw / "train-images-idx3-ubyte"))
     with pytest.raises(UsageError, match="t10k-images-idx3-ubyte is truncated"):
         load_images("mnist", channels=1, resolution=28, root=str(tmp_path), split="test")
     data = load_images("mnist", channels=1, resolution=28, root=str(tmp_path), download=True, split="test")
-    assert data.images.shape[0] == 3 and data.labels is not None
-    assert sorted(fetched) == ["t10k-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"]
+    assert data.images.shape[0] == 3 and data.labels.tolist() == contents["t10k-labels-idx1-ubyte"].tolist()
+    assert sorted(fetched) == ["t10k-labels-idx1-ubyte.gz", "train-labels-idx1-ubyte.gz"]
+    assert not (raw / "t10k-images-idx3-ubyte").exists()  # the cut-short unpacking went; its whole .gz is read
+    # Only .gz files, whole (Debian's recompressed ones, whose MD5s are not torchvision's): used as they are
+    fetched.clear()
+    for name in torchvision_sources.UNPACKED:
+        (raw / name).unlink(missing_ok=True)
+    assert load_images("mnist", channels=1, resolution=28, root=str(tmp_path), download=True).images.shape[0] == 6
+    assert fetched == []
 
 
 def test_builtin_sources_stay_offline_without_download(tmp_path):

@@ -45,6 +45,19 @@ def test_best_metric_names_what_training_logs_and_a_typo_is_refused(kind, overri
         check_for_training(cfg.with_overrides({"train.best_metric": "los"}))
 
 
+
+def test_a_resume_that_stops_logging_its_best_metric_is_refused():
+    from aigc_cli.config import check_for_training
+    from aigc_cli.errors import UsageError
+
+    r1 = tiny("dcgan").with_overrides({"loss.r1_gamma": "1.0", "train.best_metric": "r1"})
+    check_for_training(r1)
+    with pytest.raises(UsageError, match=r"^train.best_metric='r1' is not a value this run logs \(loss_d, loss_g, lr_G"):
+        check_for_training(r1.with_overrides({"loss.r1_gamma": "0"}), base=r1)  # best.safetensors would stay stuck
+    older = tiny("dcgan").with_overrides({"train.best_metric": "loss_dd"})  # a run older aigc let through, with a note
+    check_for_training(older.with_overrides({"train.steps": "40"}), base=older)
+
+
 def test_vae_loss_goes_down(tmp_path):
     rep = Silent()
     summary = train(tiny("vae").with_overrides({"train.ckpt_every": "10"}), tmp_path / "vae", rep)

@@ -322,7 +322,7 @@ def test_sigterm_is_ignored_once_a_command_has_succeeded(monkeypatch):
 def test_an_out_only_a_real_write_refuses_or_a_name_too_long_is_one_line_naming_out(tmp_path, monkeypatch, capsys):
     # /proc passes os.access for root (and its permission bits for no one say "no"): only a real write tells
     code, _, err = run_cli(monkeypatch, capsys, "train", "--preset", "quickstart", "--out", "/proc/run")
-    assert code == 2 and err.startswith("error: --out /proc/run: cannot write in /proc (") and err.count("\n") == 1, err
+    assert code == 2 and err.startswith("error: --out /proc/run: cannot create files in /proc (") and err.count("\n") == 1, err
     long = tmp_path / ("r" * 256)  # one byte past what file systems allow in a name
     code, _, err = run_cli(monkeypatch, capsys, "train", "--preset", "quickstart", "--out", long)
     assert (code, err) == (2, f"error: --out: the name {'r' * 30}... is 256 bytes long; file systems allow 255\n")

@@ -208,9 +208,11 @@ def test_unwritable_outputs_are_named_as_the_user_typed_them(monkeypatch, capsys
     # Where only a real write shows the folder is closed to us (root passes every permission check):
     # said before generating, naming the option.
     code, _, err = run_cli(monkeypatch, capsys, "sample", runs["gan"], "--n", "2", "--out", "/proc/x.png")
-    assert code == 2 and err.startswith("error: --out /proc/x.png: cannot write in /proc (") and err.count("\n") == 1, err
+    assert code == 2 and err.startswith("error: --out /proc/x.png: cannot create files in /proc (") and err.count("\n") == 1, err
     code, _, err = run_cli(monkeypatch, capsys, "sample", runs["gan"], "--n", "2", "--individual", "/proc/imgs")
-    assert code == 2 and err.startswith("error: --individual /proc/imgs: cannot write there (") and err.count("\n") == 1, err
+    assert code == 2 and err.startswith("error: --individual /proc/imgs: cannot create files there (") and err.count("\n") == 1, err
+    code, _, err = run_cli(monkeypatch, capsys, "sample", runs["gan"], "--n", "2", "--individual", tmp_path / "a.png" / "d")
+    assert (code, err) == (2, f"error: --individual {tmp_path / 'a.png' / 'd'}: {tmp_path / 'a.png'} is a file, not a folder\n")
     long = "x" * 252 + ".png"  # 256 bytes: one past what file systems allow in a name
     for option in ("--out", "--npz", "--individual"):
         name = long[:-4] + ".npz" if option == "--npz" else long

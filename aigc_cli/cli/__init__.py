@@ -9,8 +9,7 @@ import typer
 from . import eval as eval_cmd
 from . import export, info, presets, sample, train
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
-                  help="Train, sample, evaluate and export image generative models (GANs, VAEs).")
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)  # help: _options
 
 
 def _say_version(value: bool) -> None:

@@ -144,9 +144,10 @@ def load_images(source: str, *, channels: int, resolution: int, root: str | None
                   "pixel_limit": pixel_limit()}
     else:
         files = idx.split_files(path, split) if kind == "idx" else cifar.split_files(split)
-        # identified: entries from before IDX contents were checked (a "mnist" entry of Fashion-MNIST's files) miss
         params = {"kind": kind, "channels": channels, "resolution": resolution, "limit": limit, "split": split,
-                  "source": source if source in BUILTIN_SOURCES else "", "identified": kind == "idx"}
+                  "source": source if source in BUILTIN_SOURCES else ""}
+        if kind == "idx":  # entries from before IDX contents were checked (a "mnist" one of Fashion-MNIST's files) miss
+            params["identified"] = True
 
     relist = (lambda: list_images(path)) if kind == "folder" else None
     key = decoded_cache.make_key(path, files, params, relist, read_first=limit if kind == "folder" else 0) if cache else None

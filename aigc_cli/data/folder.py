@@ -32,10 +32,11 @@ from aigc_cli.errors import UsageError, counted, one_line
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".bmp", ".gif")
-# Images all the same, which PIL cannot read without plug-ins (HEIC, AVIF, JPEG XL) or reads in modes
-# (TIFF's float and 32-bit ones) that no conversion here is tested for: said, not silently left out.
-UNREAD_EXTENSIONS = (".tif", ".tiff", ".heic", ".heif", ".avif", ".jxl", ".jp2", ".psd", ".dng", ".cr2", ".nef",
-                     ".arw", ".exr", ".hdr", ".svg")
+# Image files aigc does not read: ones PIL needs plug-ins for (HEIC, AVIF, JPEG XL), has no reader for (raw
+# camera files, EXR, SVG), or reads in modes no conversion here is tested for (TIFF's float and 32-bit ones).
+# Said in a warning, where other files (.txt, .json) are left out silently.
+UNREAD_EXTENSIONS = (".tif", ".tiff", ".heic", ".heif", ".avif", ".jxl", ".dng", ".cr2", ".nef", ".arw", ".exr",
+                     ".hdr", ".svg")
 # PIL format names we let decode a file (content decides, not the extension: a JPEG saved as
 # .png is common and fine). "JPEG" also covers MPO, the JPEG variant some cameras write.
 FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")
@@ -53,9 +54,9 @@ def list_images(folder: str, problems: list[tuple[str, str | None]] | None = Non
     """Sorted relative paths of image files under `folder`, skipping hidden files and folders
     (e.g. macOS "._x.jpg" resource forks, which look like images but are not). Links to folders are
     followed (class folders linked in from elsewhere are a common layout), each folder once, so a link
-    loop ends; the whole real tree is walked before any link, in name order, so a folder keeps its real
-    path (and its class), whatever links point into it, and which path it keeps does not depend on the
-    file system. What cannot be used goes into `problems` as (warning, error under --strict or None): a
+    loop ends. The whole real tree is walked first, in name order, then the links found in it, in the order
+    found (each one's tree in name order): a folder keeps its real path (and its class) whatever links point
+    into it, and which path a folder reached only through links keeps does not depend on the file system. What cannot be used goes into `problems` as (warning, error under --strict or None): a
     subfolder that cannot be read (an error: a class must not vanish unseen), files of image types aigc
     does not read (an error: images must not vanish unseen either) or a folder reached again (no error).
     The folder itself unreadable is a UsageError."""

@@ -71,6 +71,15 @@ def intact(path: str) -> bool:
         return False
 
 
+def whole(path: str) -> bool:
+    """Whether the IDX file `path` (".gz": decompressed to check) reads whole."""
+    try:
+        read_idx(path)
+        return True
+    except UsageError:
+        return False
+
+
 def _find(folder: str, split: str, kind: str) -> str | None:
     """Path of the `kind` ("images"/"labels") file for `split` in `folder`, or None."""
     idx = "idx3" if kind == "images" else "idx1"

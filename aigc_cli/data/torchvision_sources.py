@@ -127,18 +127,30 @@ UNPACKED = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-i
 
 
 def _download_mnist_like(source: str, root: str) -> None:
-    from torchvision.datasets.utils import download_and_extract_archive
-
+    """Fetch into root/<Name>/raw what is missing there or cut short. A file counts as there when it is whole
+    unpacked or packed: a .gz-only copy (Debian's, recompressed, whose MD5s are not torchvision's) is used as it
+    is, and a cut-short unpacked file next to a whole .gz is removed (the .gz is then read)."""
     from ..files import make_parent, remove_empty
 
     raw = os.path.join(root, _class_name(source), "raw")
-    if all(idx.intact(os.path.join(raw, name)) for name in UNPACKED):
+    missing = []
+    for name in UNPACKED:
+        plain = os.path.join(raw, name)
+        if idx.intact(plain):
+            continue
+        if not idx.whole(plain + ".gz"):
+            missing.append(name)
+        elif os.path.lexists(plain):  # an unpacking cut short: read first, it would hide the whole .gz
+            os.remove(plain)
+    if not missing:
         return  # nothing to fetch (and torchvision, slow to import, not needed)
+    from torchvision.datasets.utils import download_and_extract_archive
+
     cls = _torchvision_class(source)
     made = make_parent(Path(raw) / "file")  # removed again while empty if nothing could be fetched
     for filename, md5 in cls.resources:  # same files, checksums and mirrors torchvision uses
-        if idx.intact(os.path.join(raw, filename.removesuffix(".gz"))):
-            continue  # unpacked and whole (its .gz perhaps deleted to save space)
+        if filename.removesuffix(".gz") not in missing:
+            continue
         # download_url fetches the .gz again only when its MD5 is wrong (cut short) or it is missing
         errors = []
         for mirror in cls.mirrors:

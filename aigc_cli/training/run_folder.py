@@ -142,7 +142,7 @@ def check_writable_run(root: Path) -> None:
         # A real write where a folder is to be made (made anyway, so nothing a refused command should leave
         # alone changes); in an existing folder, its use so far vouches for it.
         if nearest != path and (why := write_refused(nearest)) is not None:
-            raise UsageError(f"--out {root}: cannot write in {nearest} ({why})")
+            raise UsageError(f"--out {root}: cannot create files in {nearest} ({why})")
     log = root / "metrics.jsonl"  # appended to: its own mode counts, not the folder's
     if log.exists() and not os.access(log, os.W_OK):
         raise UsageError(f"--out {root}: cannot write to {log} (permission denied)")
