@@ -180,8 +180,55 @@ def test_resume_with_other_eval_features_or_n_starts_the_best_afresh(tmp_path, c
     monkeypatch.setattr(TrainingEvaluator, "__call__", lambda self, G, step, amp=None, **kw: {"fid": values[step]})
     run_with_eval(tmp_path, classifier, "fid")
     summary, rep = resume_to_30(tmp_path, classifier, **{"train.eval_n": "40"})
-    assert any("other train.eval_features or train.eval_n" in n for n in rep.notes), rep.notes
+    assert any("other train.eval_features weights, real images or train.eval_n" in n for n in rep.notes), rep.notes
     assert summary["best"]["value"] == 20.0 and ckpt_io.load(tmp_path / "run" / "checkpoints" / "best.safetensors").step == 30
+
+
+def test_new_weights_at_the_same_eval_features_path_start_the_best_afresh(tmp_path, classifier, monkeypatch):
+    # A classifier run folder trained on: the same path, other features. FIDs in them were compared with the old.
+    import shutil
+
+    from aigc_cli.metrics.evaluate import TrainingEvaluator
+
+    clf = tmp_path / "clf"
+    shutil.copytree(classifier, clf)
+    values = {5: 9.0, 10: 4.0, 15: 6.0, 20: 5.0, 25: 30.0, 30: 20.0}
+    monkeypatch.setattr(TrainingEvaluator, "__call__", lambda self, G, step, amp=None, **kw: {"fid": values[step]})
+    run_with_eval(tmp_path, clf, "fid")
+    train(tiny("classifier").with_overrides({"train.steps": "32"}), clf, Silent(), resume=ckpt_io.load(clf))
+    summary, rep = resume_to_30(tmp_path, clf)
+    assert any("other train.eval_features weights" in n for n in rep.notes), rep.notes
+    assert summary["best"]["value"] == 20.0 and ckpt_io.load(tmp_path / "run" / "checkpoints" / "best.safetensors").step == 30
+
+
+def test_a_resume_with_nothing_to_train_reports_the_best_file_there(tmp_path, classifier, monkeypatch):
+    # It reported the best recorded in the checkpoint resumed from, which came before best.safetensors.
+    from aigc_cli.metrics.evaluate import TrainingEvaluator
+
+    values = {5: 9.0, 10: 4.0, 15: 6.0, 20: 5.0}
+    monkeypatch.setattr(TrainingEvaluator, "__call__", lambda self, G, step, amp=None, **kw: {"fid": values[step]})
+    run_with_eval(tmp_path, classifier, "fid", **{"train.ckpt_every": "5", "train.keep_checkpoints": "0"})
+    early = ckpt_io.load(tmp_path / "run" / "checkpoints" / "step-0000005.safetensors")
+    cfg = early.config.with_overrides({"train.steps": "5"})
+    summary = train(cfg, tmp_path / "run", Silent(), resume=early)
+    assert summary["best"]["value"] == 4.0 and ckpt_io.load(tmp_path / "run" / "checkpoints" / "best.safetensors").step == 10
+
+
+def test_a_resume_without_evaluation_keeps_the_best_for_a_later_one_with_it(tmp_path, classifier, monkeypatch):
+    # Each checkpoint of the run without evaluation recorded no best, so the next resume with evaluation
+    # started afresh and its first FID, worse than the best's, replaced best.safetensors as "new best".
+    from aigc_cli.metrics.evaluate import TrainingEvaluator
+
+    values = {5: 9.0, 10: 4.0, 15: 6.0, 20: 5.0, 30: 7.0}
+    monkeypatch.setattr(TrainingEvaluator, "__call__", lambda self, G, step, amp=None, **kw: {"fid": values[step]})
+    run_with_eval(tmp_path, classifier, "fid")
+    off = tiny("dcgan").with_overrides({"train.steps": "25", "train.ckpt_every": "20", "train.ema_decay": "0.9"})
+    rep = Silent()
+    train(off, tmp_path / "run", rep, resume=ckpt_io.load(tmp_path / "run"))
+    assert any("chosen by fid; no longer updated" in n for n in rep.notes), rep.notes
+    summary, rep = resume_to_30(tmp_path, classifier)
+    assert not any("best.safetensors was chosen" in n for n in rep.notes), rep.notes
+    assert summary["best"]["value"] == 4.0 and ckpt_io.load(tmp_path / "run" / "checkpoints" / "best.safetensors").step == 10
 
 
 def test_evaluation_on_a_streamed_folder_with_no_readable_image_is_one_usage_error(tmp_path, classifier):

@@ -9,6 +9,8 @@ features (and, for IS, class probabilities) are kept, so --n 50000 never holds 5
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import math
 import os
 import shlex
@@ -624,6 +626,12 @@ class TrainingEvaluator:
         _say_if_few_for_fid(self.metrics, self.n, self.reference.n if self.reference is not None else None,
                             self.extractor, warn)
         self.z, self.labels = seeded_inputs(m, self.n, t.seed, class_counts)
+        # What makes two scores comparable: the extractor's weights and input (not its path or precision), the
+        # real images' contents, how many images are scored, and the seed that draws them.
+        same = {k: v for k, v in self.extractor.protocol.items() if k not in ("extractor", "weights", "precision")}
+        real = self.reference.protocol.get("real_content_sha256") if self.reference is not None else None
+        self.setup = hashlib.sha256(json.dumps({"extractor": same, "real": real, "n": self.n, "seed": self.seed},
+                                               sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def __call__(self, G: torch.nn.Module, step: int, amp: Precision | None = None,
                  should_stop: Callable[[], bool] | None = None) -> dict[str, float]:

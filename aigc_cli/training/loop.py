@@ -15,6 +15,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from .. import checkpoint as ckpt_io
 from ..checkpoint import Checkpoint
 from ..config import EVAL_METRICS, MAX_WIDTH, Config, unused_settings
 from ..data import load_images
@@ -85,6 +86,9 @@ def total_steps(cfg: Config, n_images: int, step: int = 0, position: dict | None
     # a resume on data that has shrunk below the images already drawn: that epoch is over, not negative
     left = max(0, n_images - image) // bs + (epochs - epoch - 1) * (n_images // bs)
     return step + left // cfg.train.n_critic if position else max(1, left // cfg.train.n_critic)
+
+
+BEST_SETUP_KEY = "aigc.best_setup"  # TrainingEvaluator.setup of the evaluation that measured the best
 
 
 def best_metric(cfg: Config) -> tuple[str | None, bool]:
@@ -254,6 +258,9 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup, run_lock
     step, images_seen = 0, 0
     metric, higher_is_better = best_metric(cfg)
     best_value = best_step = None  # best_step: the step whose checkpoint set best_value
+    # What best.safetensors is while this run's metric has not replaced it (another metric's, or one measured
+    # another way): carried on in each checkpoint, so that a later resume with that metric takes it up again.
+    kept: dict | None = None
     metric_from_eval = evaluator is not None and metric in EVAL_METRICS
     if resume is not None:
         step, images_seen = state.restore(resume.tensors, resume.meta, nets, opts, amp, batches, resume.path)
@@ -264,14 +271,19 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup, run_lock
         elif scheduled and step < steps:
             schedule_jump_note(opts, step, steps, cfg, reporter.note)
         chosen_by, best_value, best_step = state.best_of(resume.meta, resume.path)
+        chosen_in = resume.meta.get(BEST_SETUP_KEY)  # the evaluation setup that measured it (None: aigc before 2026-11-30)
         if chosen_by != metric and best_value is not None:
             reporter.note(f"best.safetensors was chosen by {chosen_by}; "
                           + (f"from now on by {metric}, starting afresh" if metric else "no longer updated"))
+            kept = {"metric": chosen_by, "value": best_value, "step": best_step, "setup": chosen_in}
             best_value = best_step = None
-        elif metric_from_eval and best_value is not None and eval_setup(resume.config) != eval_setup(cfg):
-            # an FID in other features, or over another number of images, is not comparable
-            reporter.note(f"best.safetensors was chosen by {metric} with other train.eval_features or train.eval_n; "
-                          "starting afresh")
+        elif metric_from_eval and best_value is not None and (
+                chosen_in != evaluator.setup if chosen_in is not None else eval_setup(resume.config) != eval_setup(cfg)):
+            # an FID in other features (other weights at the same path too), over other real images or another
+            # number of them, is not comparable
+            reporter.note(f"best.safetensors was chosen by {metric} with other train.eval_features weights, real "
+                          "images or train.eval_n; starting afresh")
+            kept = {"metric": chosen_by, "value": best_value, "step": best_step, "setup": chosen_in}
             best_value = best_step = None
         reporter.note(f"resumed from {resume.path} at step {step} ({images_seen} images seen)")
     # resumed from this folder's own checkpoints (not a fork from another run's)
@@ -293,6 +305,9 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup, run_lock
         if (best_value is not None and not (run.checkpoints / "best.safetensors").exists()
                 and not run.relink_best(best_value, best_step)):
             best_value = best_step = None  # its checkpoint is not in this branch (or this fork): find its own
+        if (kept is not None and not (run.checkpoints / "best.safetensors").exists()
+                and not run.relink_best(kept["value"], kept["step"])):
+            kept = None
         run.write_config(cfg)
         run.adopt_transient()
         run.prune()  # the resumed checkpoint is the newest step file here: it stays
@@ -396,15 +411,21 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup, run_lock
         """A checkpoint; best.safetensors too when it beats the best so far by the metric. An eval
         metric counts only at the evaluation that measured these weights. The losses summed since the
         last log line go with it, so that a resume logs the same averages as an uninterrupted run."""
-        nonlocal good, good_path, best_value, best_step, good_scale, due
+        nonlocal good, good_path, best_value, best_step, good_scale, due, kept
         # A logged metric is an average over its log interval's steps, never a measure of these exact weights:
         # a save between log lines (a stop, SIGUSR1, train.ckpt_minutes) is judged by the last line, like any.
         value = eval_value if metric_from_eval else last_record.get(metric) if metric else None
         is_best = beats_best(value)
         best_value, best_step = (value, step) if is_best else (best_value, best_step)
-        extra = {"aigc.best_metric": json.dumps(metric), "aigc.best_value": json.dumps(best_value),
-                 "aigc.best_step": json.dumps(best_step), "aigc.log_sums": state.log_sums_meta(sums, n_sum),
+        if best_value is not None:
+            kept = None  # best.safetensors is this metric's now
+        record = kept or {"metric": metric, "value": best_value, "step": best_step,
+                          "setup": evaluator.setup if metric_from_eval else None}
+        extra = {"aigc.best_metric": json.dumps(record["metric"]), "aigc.best_value": json.dumps(record["value"]),
+                 "aigc.best_step": json.dumps(record["step"]), "aigc.log_sums": state.log_sums_meta(sums, n_sum),
                  "aigc.data_images": str(len(data.images)), **names}
+        if record["setup"] is not None:
+            extra[BEST_SETUP_KEY] = record["setup"]
         if aids.ema is not None:  # "copied": a save in a hurry() or by time skips settling (sampling does it)
             extra[EMA_NORMS_KEY] = "settled" if aids.ema.settled else "copied"
         good = state.capture(cfg, nets, opts, amp, batches, step, images_seen, extra)
@@ -457,9 +478,14 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup, run_lock
         grid = run.samples / f"step-{step:07d}.png"
         if family.generative and step > start_step and (stopped_by is None or grid.is_file()):
             summary["samples"] = os.path.abspath(grid)
-        if metric and best_value is not None and (run.checkpoints / "best.safetensors").exists():
-            summary["best"] = {"metric": metric, "value": best_value,
-                               "path": os.path.abspath(run.checkpoints / "best.safetensors")}
+        best_file = run.checkpoints / "best.safetensors"
+        if metric and best_file.exists():
+            try:  # what the file says of itself: a resume with nothing to train may come from before it
+                chosen_by, value, _ = state.best_of(ckpt_io.read_meta(best_file) or {}, best_file)
+            except UsageError:
+                chosen_by = value = None
+            if chosen_by == metric and value is not None:
+                summary["best"] = {"metric": metric, "value": value, "path": os.path.abspath(best_file)}
         if stopped_by is not None:
             summary.update(stopped=stopped_by, exit_code=exit_code)
         return summary
