@@ -645,3 +645,20 @@ def test_an_fp16_resume_carries_the_grad_scaler_on(tmp_path):
     assert cut.step == whole.step == 6
     assert json.loads(cut.meta["aigc.scaler"]) == json.loads(whole.meta["aigc.scaler"])
     assert json.loads(whole.meta["aigc.scaler"])["_growth_tracker"] == 12  # two optimizer steps a step
+
+
+def test_going_back_in_a_run_whose_checkpoints_folder_is_a_link_continues_that_run(tmp_path, monkeypatch, capsys):
+    from conftest import run_cli
+
+    # checkpoints/ linked to a bigger disk: `--resume run/checkpoints/step-N` resolved the link first and
+    # trained a new run inside the link's target (config.toml, samples/ and a nested checkpoints/ there).
+    run, disk = tmp_path / "r", tmp_path / "disk" / "ck"
+    train(tiny("dcgan").with_overrides({"train.ckpt_every": "5", "train.steps": "10"}), run, Silent())
+    disk.parent.mkdir()
+    shutil.move(run / "checkpoints", disk)
+    (run / "checkpoints").symlink_to(disk)
+    code, _, err = run_cli(monkeypatch, capsys, "train", "--resume", run / "checkpoints" / "step-0000005.safetensors", "-q")
+    assert code == 0, err
+    assert sorted(p.name for p in disk.iterdir()) == ["after-step-0000005", "last.safetensors", "step-0000005.safetensors",
+                                                      "step-0000010.safetensors"]
+    assert ckpt_io.load(run).step == 10 and not (disk / "config.toml").exists()

@@ -57,11 +57,16 @@ def _check_outside_data(run_dir: Path, source: str) -> None:
 def resume_run_dir(path: Path) -> Path:
     """The run folder a checkpoint (or a run's checkpoints/ folder) belongs to: run/checkpoints/x.safetensors
     -> run, and run/checkpoints/after-step-N/x.safetensors (a branch set aside) -> run too."""
-    path = path.expanduser().resolve()
-    folder = path if path.is_dir() else path.parent
-    if folder.name.startswith("after-step-") and folder.parent.name == "checkpoints":
-        folder = folder.parent
-    return folder.parent if folder.name == "checkpoints" else folder
+    path = path.expanduser()
+    # As written first: a checkpoints/ that is a link (to a bigger disk) stays in its run. Else where links
+    # lead: a link to a checkpoint of some run.
+    for candidate in (Path(os.path.abspath(path)), path.resolve()):
+        folder = candidate if candidate.is_dir() else candidate.parent
+        if folder.name.startswith("after-step-") and folder.parent.name == "checkpoints":
+            folder = folder.parent
+        if folder.name == "checkpoints":
+            return folder.parent
+    return folder
 
 
 def _run_target(ckpt, out: Path | None, assignments: dict) -> dict:
