@@ -284,6 +284,11 @@ def test_a_run_killed_after_a_checkpoint_by_time_resumes_from_it_and_the_next_sa
     assert code == 0 and "written by train.ckpt_minutes: the run's next checkpoint deletes this step file" in out
     code, out, _ = run_cli(monkeypatch, capsys, "info", run / "checkpoints" / "step-0000005.safetensors", "--json")
     assert code == 0 and "saved_for" not in json.loads(out)
+    os.link(run / "checkpoints" / "step-0000008.safetensors", run / "checkpoints" / "best.safetensors")  # as a best found then
+    code, out, _ = run_cli(monkeypatch, capsys, "info", run / "checkpoints" / "best.safetensors")
+    assert code == 0 and "written by train.ckpt_minutes: the run's next checkpoint deletes its step file; best.safetensors " \
+                         "stays" in out, out  # it said "deletes this step file" of best.safetensors
+    os.remove(run / "checkpoints" / "best.safetensors")
     # A kill between a save and the removal of the transient before it leaves that one behind (made here
     # by copying): the resume removes it, or it would count towards keep and push step 5 out.
     shutil.copyfile(run / "checkpoints" / "step-0000008.safetensors", run / "checkpoints" / "step-0000007.safetensors")

@@ -56,6 +56,10 @@ def test_a_resume_that_stops_logging_its_best_metric_is_refused():
         check_for_training(r1.with_overrides({"loss.r1_gamma": "0"}), base=r1)  # best.safetensors would stay stuck
     older = tiny("dcgan").with_overrides({"train.best_metric": "loss_dd"})  # a run older aigc let through, with a note
     check_for_training(older.with_overrides({"train.steps": "40"}), base=older)
+    from aigc_cli.training.loop import best_metric
+
+    assert best_metric(tiny("dcgan").with_overrides({"train.best_metric": "img_per_s"})) == ("img_per_s", True)
+    assert best_metric(tiny("dcgan").with_overrides({"train.best_metric": "loss_g"})) == ("loss_g", False)
 
 
 def test_vae_loss_goes_down(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import typer
 
@@ -44,9 +45,11 @@ def info(
                 "the EMA generator" if result["weights"] == "G_ema" else "the raw generator")
         lines.append(f"exported {what} "
                      f"from {result['source'] or 'an unrecorded checkpoint'}")
-    if "saved_for" in result:
-        lines.append("written by train.ckpt_minutes: the run's next checkpoint deletes this step file "
-                     "(copy it to keep it)")
+    if "saved_for" in result:  # only the run's own step files are pruned: best.safetensors and set-aside branches stay
+        lines.append("written by train.ckpt_minutes" + (
+            ", in a branch set aside (kept)" if Path(result["path"]).parent.name != "checkpoints" else
+            ": the run's next checkpoint deletes its step file; best.safetensors stays" if Path(ck.path).name == "best.safetensors"
+            else ": the run's next checkpoint deletes this step file (copy it to keep it)"))
     if "class_names" in result:
         sampled = ck.config.model.conditional and FAMILIES[ck.config.model.kind].generative
         lines.append(f"classes{' (for `aigc sample --class`)' if sampled else ''}: {ck.numbered_classes()}")

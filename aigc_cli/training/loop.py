@@ -101,7 +101,7 @@ def best_metric(cfg: Config) -> tuple[str | None, bool]:
             name = cfg.train.eval_metric
         else:
             name = {"vae": "neg_elbo", "classifier": "loss"}.get(FAMILIES[cfg.model.kind].objective, "none")
-    higher = "acc" in name or name in ("is", "precision", "recall")
+    higher = "acc" in name or name in ("is", "precision", "recall", "img_per_s")
     return (None, False) if name == "none" else (name, higher)
 
 
