@@ -337,3 +337,23 @@ def test_step_files_sort_by_step_also_past_seven_digits(tmp_path):
     for step in (9_999_999, 10_000_000, 500):
         (tmp_path / f"step-{step:07d}.safetensors").write_bytes(b"")
     assert [ck.step_of(p) for p in ck.step_files(tmp_path)] == [10_000_000, 9_999_999, 500]
+
+
+def test_info_says_the_runs_best_when_the_checkpoint_was_saved(tmp_path, monkeypatch, capsys):
+    from conftest import Silent, run_cli, tiny
+
+    from aigc_cli.training.loop import train
+
+    run = tmp_path / "r"
+    train(tiny("dcgan").with_overrides({"train.steps": 15, "train.ckpt_every": 5, "train.log_every": 5,
+                                        "train.best_metric": "loss_g"}), run, Silent())
+    losses = {json.loads(line)["step"]: json.loads(line)["loss_g"] for line in (run / "metrics.jsonl").read_text().splitlines()}
+    for step in (5, 10, 15):
+        code, out, _ = run_cli(monkeypatch, capsys, "info", run / "checkpoints" / f"step-{step:07d}.safetensors", "--json")
+        best_step = min((s for s in losses if s <= step), key=losses.get)
+        assert json.loads(out)["best"] == {"metric": "loss_g", "value": losses[best_step], "step": best_step}
+        code, out, _ = run_cli(monkeypatch, capsys, "info", run / "checkpoints" / f"step-{step:07d}.safetensors")
+        said = "(this checkpoint)" if best_step == step else f"at step {best_step}"
+        assert f"the run's best when this was saved: loss_g {losses[best_step]:.6g} {said}\n" in out, out
+    code, out, _ = run_cli(monkeypatch, capsys, "info", run / "checkpoints" / "best.safetensors")
+    assert "(this checkpoint)" in out

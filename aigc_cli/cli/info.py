@@ -19,7 +19,9 @@ def info(
     from .. import checkpoint as ckpt_io
     from ..errors import one_line
     from ..models import FAMILIES
+    from ..errors import UsageError
     from ..training.run_folder import TRANSIENT_KEY
+    from ..training.state import best_of
 
     ck = ckpt_io.load(checkpoint, warn=warn)
     # absolute, as sample and eval name a checkpoint: the step file behind last/best, which the next save replaces
@@ -30,6 +32,12 @@ def info(
               "format": int(ck.meta["aigc.format"]), "config": ck.config.to_dict()}
     if ck.class_names:
         result["class_names"] = ck.class_names
+    try:
+        chosen_by, value, best_step = best_of(ck.meta, ck.path)
+    except UsageError:
+        chosen_by = value = None
+    if chosen_by and value is not None:  # the run's best when this was saved: what best.safetensors then held
+        result["best"] = {"metric": chosen_by, "value": value, "step": best_step}
     if ck.meta.get(TRANSIENT_KEY):  # "time": written by train.ckpt_minutes; the run's next save deletes it
         result["saved_for"] = ck.meta[TRANSIENT_KEY]
     if ck.kind == "export":  # which weights it holds, and where from
@@ -45,6 +53,10 @@ def info(
                 "the EMA generator" if result["weights"] == "G_ema" else "the raw generator")
         lines.append(f"exported {what} "
                      f"from {result['source'] or 'an unrecorded checkpoint'}")
+    if "best" in result:
+        best = result["best"]
+        at = "" if best["step"] is None else " (this checkpoint)" if best["step"] == ck.step else f" at step {best['step']}"
+        lines.append(f"the run's best when this was saved: {best['metric']} {best['value']:.6g}{at}")
     if "saved_for" in result:  # only the run's own step files are pruned: best.safetensors and set-aside branches stay
         lines.append("written by train.ckpt_minutes" + (
             ", in a branch set aside (kept)" if Path(result["path"]).parent.name != "checkpoints" else
