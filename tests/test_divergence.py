@@ -100,7 +100,7 @@ def test_fp16_switches_to_bf16_on_divergence(monkeypatch, tmp_path):
     from aigc_cli.metrics.evaluate import TrainingEvaluator
 
     seen = []  # the precision each evaluation during training generated with
-    monkeypatch.setattr(TrainingEvaluator, "__init__", lambda self, *a, **k: setattr(self, "metric", "fid"))
+    monkeypatch.setattr(TrainingEvaluator, "__init__", lambda self, *a, **k: self.__dict__.update(metric="fid", setup="s"))
     monkeypatch.setattr(TrainingEvaluator, "__call__", lambda self, G, step, amp=None, **kw: seen.append((step, amp.name))
                         or {"fid": 1.0 / step})
     rep = Silent()
