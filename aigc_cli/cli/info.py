@@ -17,9 +17,8 @@ def info(
 ) -> None:
     """Print model kind, step, images seen, parameter counts, precision and config."""
     from .. import checkpoint as ckpt_io
-    from ..errors import one_line
+    from ..errors import UsageError, one_line
     from ..models import FAMILIES
-    from ..errors import UsageError
     from ..training.run_folder import TRANSIENT_KEY
     from ..training.state import best_of
 
