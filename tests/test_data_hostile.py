@@ -661,3 +661,29 @@ def test_images_of_types_aigc_does_not_read_are_said_not_silently_left_out(tmp_p
     with pytest.raises(UsageError, match="no images"):
         load_images(str(only), channels=3, resolution=8, warn=got.append)
     assert got == ["left out 1 file of a type aigc does not read (.tif); convert it to PNG or JPEG"]
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    # A phone photo stored landscape with Orientation=6 (rotate 90 degrees clockwise to view): without
+    # exif_transpose it would train sideways.
+    img = Image.new("RGB", (32, 16), (0, 0, 0))
+    img.paste((255, 0, 0), (0, 0, 16, 16))  # red on the left half as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", exif=exif.tobytes(), quality=100)
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "photo.jpg").write_bytes(buf.getvalue())
+    expected = np.asarray(Image.open(io.BytesIO(buf.getvalue())).transpose(Image.Transpose.ROTATE_270).convert("RGB"))
+    assert expected.shape == (32, 16, 3)  # upright: taller than wide, red on top
+    data = load_images(str(tmp_path / "d"), channels=3, resolution=16, warn=lambda s: None)
+    red = data.images[0, 0].float()
+    assert red[:8].mean() > 200 and red[8:].mean() < 50  # the centre crop of the upright image: red above
+
+
+def test_hidden_subfolders_are_left_out(tmp_path):
+    for folder in ("cats", "dogs", ".ipynb_checkpoints", "cats/.thumbs"):
+        (tmp_path / "d" / folder).mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "d" / folder / "x.png")
+    data = load_images(str(tmp_path / "d"), channels=3, resolution=8, warn=lambda s: None)
+    assert data.class_names == ("cats", "dogs") and len(data.images) == 2

@@ -483,3 +483,11 @@ def test_a_signal_while_the_ema_statistics_are_measured_for_an_evaluation(tmp_pa
             assert len(asked) == 2 * round(ema_mod.NORM_STATS_IMAGES / 16)
             assert [r["step"] for r in lines if "fid" in r] == [5, 6]
             assert ck.meta[ema_mod.EMA_NORMS_KEY] == "settled"
+
+
+def test_best_by_one_eval_metric_while_evaluating_another_is_refused():
+    from aigc_cli.errors import UsageError
+
+    with pytest.raises(UsageError, match="train.best_metric=kid needs train.eval_every > 0 and train.eval_metric=kid"):
+        tiny("dcgan").with_overrides({"train.eval_every": "5", "train.eval_metric": "fid", "train.best_metric": "kid"})
+    tiny("dcgan").with_overrides({"train.eval_every": "5", "train.eval_metric": "kid", "train.best_metric": "kid"})

@@ -234,3 +234,14 @@ def test_an_npz_of_another_kind_is_not_overwritten(runs, tmp_path, monkeypatch, 
     assert code == 0, err  # images by images: as any output file is replaced
     with np.load(images) as z:
         assert z["arr_0"].shape[1:] != (4, 4, 3)  # the model's images now
+
+
+def test_an_npz_of_images_and_labels_is_replaceable_by_images(tmp_path):
+    from aigc_cli.image_npz import check_replaceable, is_npz
+
+    path = tmp_path / "s.npz"
+    np.savez(path, arr_0=np.zeros((2, 4, 4, 3), np.uint8), arr_1=np.array([0, 1]))  # a conditional `sample --npz`
+    check_replaceable(path, "--npz", images=True)
+    with pytest.raises(UsageError, match="holds images"):
+        check_replaceable(path, "--out", images=False)
+    assert is_npz("X.NPZ")

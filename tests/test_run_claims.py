@@ -327,3 +327,14 @@ def test_an_out_only_a_real_write_refuses_or_a_name_too_long_is_one_line_naming_
     code, _, err = run_cli(monkeypatch, capsys, "train", "--preset", "quickstart", "--out", long)
     assert (code, err) == (2, f"error: --out: the name {'r' * 30}... is 256 bytes long; file systems allow 255\n")
     assert not list(tmp_path.iterdir())  # and the probe left nothing
+
+
+def test_has_record_is_about_its_step(tmp_path):
+    import json
+
+    from aigc_cli.training.run_folder import RunFolder
+
+    run = RunFolder(tmp_path / "r", 0)
+    (tmp_path / "r" / "metrics.jsonl").write_text(json.dumps({"step": 10, "fid": 3.0}) + "\n"
+                                                  + json.dumps({"step": 20, "loss_d": 1.0}) + "\n")
+    assert run.has_record(10, "fid") and not run.has_record(20, "fid") and not run.has_record(10, "kid")

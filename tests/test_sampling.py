@@ -404,3 +404,12 @@ def test_generate_gives_each_batch_its_own_labels():
     out = generate(Echo(), torch.zeros(10, 3), Precision("fp32", torch.device("cpu")), batch_size=3, labels=labels)
     expected = ((labels.float() / 10 - 0.5 + 1) * 127.5).round().to(torch.uint8)
     assert torch.equal(out[:, 0, 0, 0], expected)
+
+
+def test_pixel_scale_round_trips_and_clamps():
+    from aigc_cli.sampling import from_uint8, to_uint8
+
+    every = torch.arange(256, dtype=torch.uint8)
+    assert torch.equal(to_uint8(from_uint8(every)), every)
+    assert from_uint8(torch.tensor([0, 255], dtype=torch.uint8)).tolist() == [-1.0, 1.0]
+    assert to_uint8(torch.tensor([-3.0, 3.0])).tolist() == [0, 255]
