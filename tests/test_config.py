@@ -355,3 +355,20 @@ def test_out_of_memory_advice_fits_the_command(capsys):
         with pytest.raises(typer.Exit):
             handles_errors(fn)()
         assert advice in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("key, accepted, refused", [
+    # Each range's edges, as the message states it (a mutation review found every one of these unguarded).
+    ("train.recover_lr_factor", "1", "1.01"), ("model.resolution", "4096", "8192"), ("train.n_critic", "1", "0"),
+    ("train.lr_g", "0.5", "1"), ("train.seed", str(2**32 - 1), str(2**32)), ("train.eval_n", "10", "9"),
+    ("data.translate", "15", "16"),  # resolution 32: [0, 16)
+])
+def test_range_edges_are_as_the_messages_say(key, accepted, refused):
+    from conftest import tiny
+
+    from aigc_cli.errors import UsageError
+
+    cfg = tiny("mlp_gan").with_overrides({"model.resolution": "32"})
+    cfg.with_overrides({key: accepted})
+    with pytest.raises(UsageError, match=key.split(".")[1]):
+        cfg.with_overrides({key: refused})
