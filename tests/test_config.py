@@ -372,3 +372,10 @@ def test_range_edges_are_as_the_messages_say(key, accepted, refused):
     cfg.with_overrides({key: accepted})
     with pytest.raises(UsageError, match=key.split(".")[1]):
         cfg.with_overrides({key: refused})
+
+
+@pytest.mark.parametrize("key, value", [("steps", True), ("lr_g", True), ("steps", 3.0)])
+def test_a_toml_boolean_or_float_for_a_count_is_refused(key, value):
+    # TOML's `steps = true` is a bool, which Python counts as the int 1.
+    with pytest.raises(UsageError, match=f"config key 'train.{key}' expects (int|float), got (bool|float)"):
+        config_from_dict({"model": {"kind": "dcgan"}, "train": {key: value}})
