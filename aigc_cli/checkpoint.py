@@ -25,13 +25,13 @@ from . import safetensors_file
 from .files import atomic_write
 
 FORMAT = 1
-STEP_RE = re.compile(r"step-(\d+)\.safetensors$")
+STEP_RE = re.compile(r"step-(\d+)\.safetensors")
 
 
 def step_of(path: Path) -> int:
     """The step in a step-NNNNNNN.safetensors name (-1 for any other name); sort by this, not by name,
     so that 8+ digit steps come last."""
-    m = STEP_RE.search(path.name)
+    m = STEP_RE.fullmatch(path.name)
     return int(m.group(1)) if m else -1
 
 
@@ -167,7 +167,8 @@ def write_atomic(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, s
 # ---- reading -----------------------------------------------------------------------------
 
 def step_files(folder: Path) -> list[Path]:
-    """The step-N.safetensors files of a checkpoints folder, newest first."""
+    """The step-N.safetensors files of a checkpoints folder, newest first. Other names that the glob
+    matches (a user's step-0000100-copy.safetensors) are not aigc's: never pruned, resumed or replaced."""
     return sorted((f for f in folder.glob("step-*.safetensors") if step_of(f) >= 0), key=step_of, reverse=True)
 
 

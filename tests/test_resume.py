@@ -282,6 +282,25 @@ def test_checkpoints_past_ten_million_steps_sort_by_number(tmp_path):
     assert ckpt_names(tmp_path / "r") == ["step-10000000.safetensors"]
 
 
+def test_a_users_files_named_like_step_files_are_never_pruned_resumed_or_set_aside(tmp_path):
+    """`step-*.safetensors` also matches a user's copy (step-0000004-copy) or step-best: such names are not aigc's
+    step files. Pruning sorted them first (step -1) and deleted them; resume auto warned about their step."""
+    cfg = run_cfg("dcgan", 8, {"train.ckpt_every": "2", "train.keep_checkpoints": "1"})
+    run = tmp_path / "r"
+    train(cfg.with_overrides({"train.steps": "4"}), run, Silent())
+    folder = run / "checkpoints"
+    mine = [folder / "step-0000004-copy.safetensors", folder / "step-best.safetensors", folder / "step-9.safetensors.safetensors"]
+    for path in mine:
+        shutil.copyfile(folder / "step-0000004.safetensors", path)
+    rep = Silent()
+    resume = find_resume("auto", run, rep.note)
+    assert resume.path.name in ("last.safetensors", "step-0000004.safetensors") and resume.step == 4 and not rep.notes
+    train(cfg, run, rep, resume=resume)
+    assert [p.name for p in ckpt_io.step_files(folder)] == ["step-0000008.safetensors"] and all(p.is_file() for p in mine)
+    train(cfg, run, Silent(), resume=ckpt_io.load(mine[0]))  # going back to step 4 sets aside step 8, not the copies
+    assert all(p.is_file() for p in mine) and (folder / "after-step-0000004" / "step-0000008.safetensors").is_file()
+
+
 def test_metrics_with_bytes_cut_mid_character_by_a_crash_are_trimmed_not_a_traceback(tmp_path):
     from aigc_cli.training.run_folder import RunFolder
 

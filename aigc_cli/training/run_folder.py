@@ -235,7 +235,7 @@ class RunFolder:
         metrics.jsonl is trimmed) and sample grids, so that `--resume auto` and pruning follow the
         new branch and nothing is deleted. last.safetensors then points at the source until the next
         save. Returns that folder (None when nothing was later) and whether best.safetensors moved."""
-        later = [p for p in self.checkpoints.glob("step-*.safetensors") if ckpt_io.step_of(p) > step]
+        later = [p for p in ckpt_io.step_files(self.checkpoints) if ckpt_io.step_of(p) > step]
         for name in ("last.safetensors", "best.safetensors"):
             path = self.checkpoints / name
             saved = (ckpt_io.read_meta(path) or {}).get("aigc.step", "") if path.is_file() else "0"
@@ -275,7 +275,7 @@ class RunFolder:
         if best_step is not None:
             candidates = [self.checkpoints / f"step-{best_step:07d}.safetensors"]
         else:
-            candidates = sorted(self.checkpoints.glob("step-*.safetensors"), key=ckpt_io.step_of)
+            candidates = ckpt_io.step_files(self.checkpoints)[::-1]
         for path in candidates:
             meta = (ckpt_io.read_meta(path) or {}) if path.is_file() else {}
             if meta.get("aigc.best_value") == json.dumps(best_value):
@@ -336,7 +336,7 @@ class RunFolder:
         """A resumed run's newest checkpoint, when written by time, is replaced by the next save as it would
         have been had the run gone on. An older one written by time is a leftover: a kill came between the
         save after it and its removal. It goes now, or it would count towards `keep` from here on."""
-        steps = sorted(self.checkpoints.glob("step-*.safetensors"), key=ckpt_io.step_of)
+        steps = ckpt_io.step_files(self.checkpoints)[::-1]
         timed = [p for p in steps if (ckpt_io.read_meta(p) or {}).get(TRANSIENT_KEY) == "time"]
         self.transient = steps[-1] if timed and timed[-1] == steps[-1] else None
         for leftover in timed:
@@ -349,7 +349,7 @@ class RunFolder:
         which a full disk may need."""
         if self.keep <= 0:
             return
-        steps = [p for p in sorted(self.checkpoints.glob("step-*.safetensors"), key=ckpt_io.step_of) if p != self.transient]
+        steps = [p for p in ckpt_io.step_files(self.checkpoints)[::-1] if p != self.transient]
         for old in steps[:-self.keep]:
             old.unlink(missing_ok=True)  # best/last are hard links: their data stays
 

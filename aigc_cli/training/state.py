@@ -311,7 +311,7 @@ def find_resume(resume: str | None, run_dir: Path, warn) -> Checkpoint | None:
             raise UsageError(f"--resume {resume}: an exported generator has no training state to resume from")
         return ck
     folder = Path(run_dir) / "checkpoints"
-    steps = sorted(folder.glob("step-*.safetensors"), key=ckpt_io.step_of, reverse=True)
+    steps = ckpt_io.step_files(folder)
     # last and best take their place by the step they hold: where they are copies rather than links to
     # a step file (`cp -r` or rsync without -H; a file system without hard links), an intact `last` is
     # newer than the step files left when the newest of them is damaged.
