@@ -370,3 +370,22 @@ def test_eval_stats_resolution_alone_sees_the_images_as_a_model_of_that_resoluti
                             channels=own)
         trained = load_images(source, channels=own, resolution=16).images
         assert torch.equal(alone, both) and torch.equal(alone, trained)
+
+
+def test_eval_stats_at_a_resolution_decodes_only_the_picked_images_of_a_folder_too_big_to_hold(runs, tmp_path,
+                                                                                             monkeypatch, capsys):
+    """`eval stats --resolution` read a folder as training does but never streamed it, whatever its size: every
+    file was decoded into memory for --n of them (a folder larger than memory, an out-of-memory kill)."""
+    from aigc_cli.config import DataConfig
+    from aigc_cli.data import folder, lazy
+    from conftest import write_image_folder
+
+    imgs = write_image_folder(tmp_path / "imgs", n_per_class=12)  # 2 classes: 24 files
+    decoded, real = [], folder.decode
+    for module in (folder, lazy):
+        monkeypatch.setattr(module, "decode", lambda path, r: decoded.append(path) or real(path, r))
+    monkeypatch.setattr(DataConfig, "device_max_mb", 0)  # as a folder larger than the default 4096 MB
+    code, _, err = run_cli(monkeypatch, capsys, "eval", "stats", "--data", imgs, "--features", runs / "clf", "--n", 5,
+                           "--resolution", 16, "--out", tmp_path / "s.npz")
+    assert code == 0, err
+    assert len(decoded) == 5 and (tmp_path / "s.npz").is_file()

@@ -439,9 +439,13 @@ def write_stats(data: str, out: str, *, root: str | None, download: bool, featur
     dev = resolve_device(device)
     if extractor is None:
         extractor = open_extractor(features, inception_weights, dev, precision, download_weights, warn)
+    from ..config import DataConfig  # noqa: PLC0415
+
+    # as a default-config training reads the folder: decoded whole (and cached) up to data.device_max_mb,
+    # above that streamed, so that only the n picked images are decoded, not a folder larger than memory
     reference = real_reference(data, extractor=extractor, n=n, seed=seed, batch_size=batch_size, stats_dir=None,
                                warn=warn, split=split, root=root, download=download, strict=strict,
-                               channels=channels, resolution=resolution)
+                               channels=channels, resolution=resolution, lazy_above_mb=DataConfig.device_max_mb)
     from .reference import save_npz  # noqa: PLC0415
 
     path = save_npz(out, reference)
