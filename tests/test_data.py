@@ -501,8 +501,31 @@ def test_held_out_accuracy_is_measured_without_autograd():
 
     cfg = tiny("classifier")
     data = load_images("shapes", channels=1, resolution=16, limit=64)
-    key, accuracy, count = classifier_accuracy(Recording(), cfg, Precision("fp32", torch.device("cpu")), data)
+    key, accuracy, count = classifier_accuracy(Recording(), cfg, Precision("fp32", torch.device("cpu")), data, print)
     assert key == "test_accuracy" and 0 <= accuracy <= 1 and count > 0 and seen and all(seen)
+
+
+def test_training_accuracy_on_a_streamed_folder_says_a_file_it_replaced_and_strict_refuses(tmp_path):
+    """The accuracy's fetch dropped the list of files it had replaced: no warning, and --strict was ignored."""
+    from conftest import tiny, write_image_folder
+
+    from aigc_cli.data.lazy import LazyFolder
+    from aigc_cli.training.loop import classifier_accuracy
+    from aigc_cli.training.precision import Precision
+
+    folder = write_image_folder(tmp_path / "imgs", n_per_class=6, size=16)
+    bad = sorted(folder.rglob("*.png"))[3]
+    bad.write_bytes(b"junk, not a png")
+    data = load_images(str(folder), channels=1, resolution=16, lazy_above_mb=0)
+    assert isinstance(data.images, LazyFolder) and not data.held_out
+    C = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(256, 2))
+    amp, said = Precision("fp32", torch.device("cpu")), []
+    cfg = tiny("classifier").with_overrides({"data.source": str(folder)})
+    key, _, count = classifier_accuracy(C, cfg, amp, data, said.append)
+    assert key == "train_accuracy" and count == 12
+    assert [w for w in said if w.startswith(f"skipping {bad.parent.name}/{bad.name}: ")], said
+    with pytest.raises(UsageError, match="stopped by --strict"):
+        classifier_accuracy(C, cfg.with_overrides({"data.strict": "true"}), amp, data, said.append)
 
 
 def test_a_class_folder_with_no_readable_image_keeps_the_numbering_in_memory_and_streamed(tmp_path):

@@ -278,6 +278,7 @@ def test_eval_of_a_run_that_streamed_its_folder_decodes_only_the_images_it_score
 
 
 def test_a_streamed_real_side_says_which_file_it_replaced_and_strict_refuses(tmp_path):
+    from aigc_cli.data.lazy import pick
     from aigc_cli.metrics.reference import load_real
     from conftest import write_image_folder
 
@@ -288,10 +289,10 @@ def test_a_streamed_real_side_says_which_file_it_replaced_and_strict_refuses(tmp
     args = dict(n=100, seed=0, channels=1, resolution=16, root=None, download=False, lazy_above_mb=0)
     real, _ = load_real(str(folder), split="train", warn=said.append, **args)
     assert len(real) == 12  # streamed: the bad file is still listed, found only when decoded
-    picked = evaluate_mod._fetch_reporting(real, list(range(12)), said.append, strict=False)[0]
+    picked = pick(real, None, torch.arange(12), said.append, strict=False)[0]
     assert len(picked) == 12 and any(f"skipping {bad.parent.name}/{bad.name}" in w for w in said), said
     with pytest.raises(UsageError, match="stopped by --strict"):
-        evaluate_mod._fetch_reporting(real, list(range(12)), said.append, strict=True)
+        pick(real, None, torch.arange(12), said.append, strict=True)
 
 
 def test_a_skipped_file_of_a_folder_eval_reads_twice_is_said_once(runs, tmp_path, monkeypatch, capsys):

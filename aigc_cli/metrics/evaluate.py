@@ -31,7 +31,7 @@ from ..training.ema import norm_layers
 from ..training.precision import Precision, resolve_device, slow_precision_note
 from .extractors import ClassifierFeatures, extractor_precision, make_extractor  # noqa: F401 (re-export)
 from .fid import frechet_distance, kid
-from ..data.lazy import LazyFolder, report_failures
+from ..data.lazy import pick
 from ..data.native import load_folder_native
 from .reference import (EvaluationStopped, FeatureStats, Reference, data_identity, default_stats_dir, load_npz,
                         load_real, real_indices, reference_for)
@@ -462,26 +462,6 @@ def real_reference(data: str, *, extractor, n: int, seed: int, batch_size: int, 
     real = pick(real, None, picked, warn, bool(load.get("strict")))[0]
     return reference_for(real, extractor=extractor, data=data_identity(data), data_name=name, split=split,
                          seed=seed, batch_size=batch_size, stats_dir=stats_dir, warn=warn, should_stop=should_stop)
-
-
-def pick(images, labels: torch.Tensor | None, indices: torch.Tensor, warn,
-         strict: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """images[indices] and labels[indices] (labels may be None), from a tensor or a streamed folder."""
-    if isinstance(images, LazyFolder):  # streamed, as training streamed it: a bad file is found only now
-        return _fetch_reporting(images, indices.tolist(), warn, strict)
-    return images[indices], labels[indices] if labels is not None else None
-
-
-def _fetch_reporting(real: LazyFolder, indices: list[int], warn, strict: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The picked images of a streamed folder, and their labels (those of the files used); a file that
-    does not decode is replaced by the next readable one, as in streamed training, with a warning
-    (--strict: an error)."""
-    images, labels, failures = real.fetch(indices)
-    report_failures(failures, warn, strict)
-    if images is None:
-        raise UsageError(f"none of the image files under {one_line(real.folder)} could be decoded "
-                         f"({failures[0][0]}: {failures[0][1]}); check that they are valid images")
-    return images, labels
 
 
 def _stats_dir(stats_dir):

@@ -20,6 +20,7 @@ from ..checkpoint import Checkpoint
 from ..config import EVAL_METRICS, MAX_WIDTH, Config, unused_settings
 from ..data import load_images
 from ..data.folder import unlabelled_reason
+from ..data.lazy import pick
 from ..errors import DivergedError, Interrupted, UsageError, counted
 from ..models import FAMILIES, build_nets, needs_labels
 from ..sampling import from_uint8, generate, latents, save_grid, to_uint8
@@ -613,7 +614,7 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup, run_lock
     summary = summarize()
     if family.objective == "classifier" and stop.signum is None:
         try:
-            key, value, count = classifier_accuracy(nets["C"], cfg, amp, data)
+            key, value, count = classifier_accuracy(nets["C"], cfg, amp, data, reporter.note)
         except UsageError as e:  # e.g. an IDX folder with no t10k files: the trained classifier still stands
             reporter.note(f"held-out accuracy not measured: {e}")
         else:
@@ -646,10 +647,11 @@ ACCURACY_MAX_TRAINING_IMAGES = 10_000
 
 
 @torch.inference_mode()
-def classifier_accuracy(C, cfg: Config, amp: Precision, data) -> tuple[str, float, int]:
+def classifier_accuracy(C, cfg: Config, amp: Precision, data, note) -> tuple[str, float, int]:
     """(key, accuracy, images): "test_accuracy" on the source's held-out split; "train_accuracy" on a
     seeded subset of the training images where there is none (an image folder: its "test" is its
-    training images, and one large enough to stream would not fit in memory whole)."""
+    training images, and one large enough to stream would not fit in memory whole). A streamed file
+    that does not decode is said as training says it (--strict: the UsageError)."""
     from ..metrics.reference import real_indices  # noqa: PLC0415
 
     if data.held_out:
@@ -659,8 +661,8 @@ def classifier_accuracy(C, cfg: Config, amp: Precision, data) -> tuple[str, floa
         key, chunks = "test_accuracy", zip(test.images.split(512), test.labels.split(512))
     else:
         key, picked = "train_accuracy", real_indices(len(data.images), ACCURACY_MAX_TRAINING_IMAGES, cfg.train.seed)
-        chunks = ((data.images.fetch(ix.tolist())[:2] if data.lazy else (data.images[ix], data.labels[ix]))
-                  for ix in picked.split(512))  # a lazy folder's fetch swaps a bad file for another, labels too
+        chunks = (pick(data.images, data.labels, ix, note, cfg.data.strict)  # a bad file's swap takes its label too
+                  for ix in picked.split(512))
     C.eval()
     device = next(C.parameters()).device
     correct = count = 0
