@@ -1,9 +1,11 @@
 """Checkpoints and exported artifacts: one safetensors file each, JSON metadata, atomic writes.
 
-Tensors are namespaced by what they belong to: `G.*`, `D.*`, `E.*`, `C.*` (network weights and buffers);
-training checkpoints add the resumable state written by training/state.py (`opt.*`, `rng.*`).
-Metadata keys (strings): aigc.format, aigc.kind (checkpoint|export), aigc.model, aigc.config (JSON),
-aigc.step, aigc.images_seen, aigc.precision, aigc.created, aigc.torch. Loading never executes code
+Tensors are namespaced by what they belong to: `G.*`, `G_ema.*`, `D.*`, `E.*`, `C.*` (network weights and
+buffers); training checkpoints add the resumable state written by training/state.py (`opt.*`, `rng.*`).
+Metadata keys (strings) include aigc.format, aigc.kind (checkpoint|export), aigc.model, aigc.config (JSON),
+aigc.step, aigc.images_seen, aigc.precision, aigc.created and aigc.torch; the writers (here,
+training/state.py, training/loop.py, export.py) add the rest (optimizer and RNG state, the best, class
+names, the EMA's statistics). Loading never executes code
 (safetensors holds only tensors) and validates header, metadata and config before anything is built.
 """
 

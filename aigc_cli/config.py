@@ -84,7 +84,7 @@ class TrainConfig:
     ckpt_minutes: float = 30.0  # also a checkpoint when this many minutes have passed since the last (0: by steps only)
     keep_checkpoints: int = 3  # step checkpoints kept besides last.safetensors
     n_samples: int = 64  # images in the training sample grids
-    best_metric: str = "auto"  # logged value that picks best.safetensors (auto: neg_elbo for VAEs, loss for classifiers, none for GANs)
+    best_metric: str = "auto"  # logged value that picks best.safetensors (auto: eval_metric when eval_every > 0; else neg_elbo for VAEs, loss for classifiers, none for GANs)
     eval_every: int = 0  # steps between evaluations of the (EMA) generator during training (0: never)
     eval_metric: str = "fid"  # metric logged at each evaluation that picks best.safetensors: fid | kid | is | precision | recall
     eval_n: int = 5000  # generated (and at most this many real) images per evaluation during training

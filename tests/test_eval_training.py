@@ -442,6 +442,34 @@ def test_sigusr1_with_exit_on_usr1_lets_the_final_evaluation_finish(tmp_path, cl
     assert [r["step"] for r in lines if "fid" in r] == [4]
 
 
+def test_a_pending_sigusr1_with_exit_on_usr1_skips_the_evaluation_as_a_pending_sigterm_does(tmp_path, classifier):
+    """The evaluation started, built the fake side and stopped at its first batch; the README says a pending
+    stop skips it. The resume evaluates that step first, so nothing is lost."""
+    import os
+    import signal
+
+    from aigc_cli.errors import Interrupted
+
+    class Usr1At(Silent):
+        def advance(self, step):
+            if step == 5:
+                os.kill(os.getpid(), signal.SIGUSR1)
+
+    cfg = tiny("dcgan").with_overrides({
+        "train.steps": "8", "train.eval_every": "5", "train.eval_n": "32", "train.eval_metric": "fid",
+        "train.eval_features": str(classifier), "train.ckpt_every": "100", "train.sample_every": "100"})
+    rep = Usr1At()
+    with pytest.raises(Interrupted) as stopped:
+        train(cfg, tmp_path / "run", rep, exit_on_usr1=True)
+    assert stopped.value.exit_code == 75
+    assert not [n for n in rep.notes if "evaluation" in n], rep.notes
+    assert not [r for r in (json.loads(s) for s in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) if "fid" in r]
+    resumed = Silent()
+    train(cfg, tmp_path / "run", resumed, resume=ckpt_io.load(tmp_path / "run"))
+    fids = [r["step"] for r in (json.loads(s) for s in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) if "fid" in r]
+    assert fids == [5, 8], fids
+
+
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGUSR1"])
 def test_a_signal_while_the_ema_statistics_are_measured_for_an_evaluation(tmp_path, classifier, monkeypatch, sig):
     """SIGTERM (or SIGUSR1 with --exit-on-usr1) stops the measuring, and the evaluation, which never scores

@@ -287,7 +287,7 @@ class ImageProgress:
     def __init__(self, console: Console, label: str, every: float | None = None, clock=time.monotonic):
         self.console, self.every, self.clock = console, self.EVERY if every is None else every, clock
         self.label, self.total, self.done = label, None, 0
-        self.bar: Progress | None = None
+        self.bar: FittedProgress | None = None
         if live_display(console):
             self.bar = FittedProgress(SpinnerColumn(), Cut(lambda task: task.description), Bar(),
                                       MofNCompleteColumn(), TextColumn("{task.fields[rate]}", markup=False),
@@ -336,7 +336,7 @@ class ConsoleReporter:
     def __init__(self, console: Console):
         self.console = console
         self.err = _Console(stderr=True, quiet=console.quiet, soft_wrap=True, highlight=False, markup=False)  # warnings
-        self.progress: Progress | None = None
+        self.progress: FittedProgress | None = None
         self.err_above_bar = False
         self.total = 0
         self.t0 = time.perf_counter()

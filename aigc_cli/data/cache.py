@@ -3,8 +3,9 @@
 One safetensors file per (file contents, conversion) pair under $AIGC_CACHE_DIR/decoded (default
 ~/.cache/aigc/decoded): tensors "images" (uint8 N,C,H,W) and, when labelled, "labels" (int64 N),
 with the rest (class count and names, the description, the warnings the decode printed) as JSON in
-the metadata. The file name is a SHA-256 over the files' relative names and the SHA-256 of their bytes,
-plus the conversion parameters: changing, adding or removing a file changes the key, and the stale
+the metadata. The file name is a SHA-256 over the files' relative names and the SHA-256 of their bytes
+(under data.limit, of the first files only; the others by their size, times and inode), plus the
+conversion parameters: changing, adding or removing a file changes the key, and the stale
 entry is simply never read again, while a copy of the same files elsewhere (a job's local scratch
 disk, say) or files merely touched still find it.
 
@@ -52,8 +53,8 @@ def cache_root() -> str:
 
 
 # Each cache folder (decoded images; eval's statistics) is kept under this many GiB ($AIGC_CACHE_MAX_GB;
-# 0: no limit); the entries used longest ago go first. A decoded entry is up to data.device_max_mb (4 GB by
-# default), and a folder that changes between runs (a data set still growing) adds one per run: on a
+# 0: no limit); the entries used longest ago go first. A decoded image folder is up to data.device_max_mb (4 GB
+# by default; IDX and CIFAR-10 files are smaller), and a folder that changes between runs (a data set still growing) adds one per run: on a
 # cluster's home quota the cache would otherwise fill it unseen.
 DEFAULT_MAX_GB = 20.0
 

@@ -90,13 +90,6 @@ def candidates(root: str) -> list[str]:
     return [os.path.join(root, FOLDER_NAME), os.path.join(root, "cifar10", FOLDER_NAME), root]
 
 
-def load_cifar10(root: str, download: bool, split: str) -> tuple[torch.Tensor, torch.Tensor, int, str]:
-    """(N, 3, 32, 32) images, labels, 10 classes, and the folder they came from."""
-    found = find_cifar10(root, download)
-    images, labels = load_cifar_bin_folder(found, split)
-    return images, labels, NUM_CLASSES, found
-
-
 def split_files(split: str) -> list[str]:
     """The batch files that make up `split`, relative to the folder."""
     return list(FILES[split])

@@ -1,4 +1,4 @@
-"""Images from a folder of files (png/jpg/jpeg/webp/bmp/gif), searched recursively.
+"""Images from a folder of files (png/jpg/jpeg/jpe/jfif/webp/bmp/gif), searched recursively.
 
 Files come from users and the internet, so each one is treated as hostile: it is decoded in
 isolation and either gives a correct image or is rejected with a one-line reason. Rejected files

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from aigc_cli.data import cifar, idx
+from aigc_cli.data import idx
 from aigc_cli.errors import UsageError
 
 # Debian/Ubuntu's dataset-fashion-mnist package installs the raw files here.
@@ -163,8 +163,3 @@ def _download_mnist_like(source: str, root: str) -> None:
             remove_empty(made)
             raise UsageError(f"could not download {source} file {filename} into {raw} "
                              f"({'; '.join(errors)}); check the network or copy the files there")
-
-
-def load_cifar10(root: str, download: bool, split: str) -> tuple[torch.Tensor, torch.Tensor, int, str]:
-    """(N, 3, 32, 32) images, labels, 10 classes, and the folder they came from (binary version)."""
-    return cifar.load_cifar10(root, download, split)

@@ -22,6 +22,7 @@ import torch
 
 from .. import checkpoint as ckpt_io
 from .. import progress
+from ..config import EVAL_METRICS
 from ..data import has_test_split, load_images
 from ..errors import UsageError, one_line
 from ..image_npz import image_npz_writer, is_npz, load_images as load_npz_images
@@ -37,7 +38,7 @@ from .reference import (EvaluationStopped, FeatureStats, Reference, data_identit
                         load_real, real_indices, reference_for)
 from .scores import inception_score, precision_recall
 
-GAN_METRICS = ("fid", "kid", "is", "precision", "recall")
+GAN_METRICS = EVAL_METRICS  # what train.eval_metric may name: all of aigc's GAN metrics
 VAE_METRICS = ("recon_mse", "neg_elbo", "bpd")
 METRICS = GAN_METRICS + VAE_METRICS
 NEEDS_REAL = ("fid", "kid", "precision", "recall")
@@ -498,8 +499,8 @@ BPD_FORMULA = "bpd = (neg_elbo + D*ln(127.5)) / (D*ln(2)), D = C*H*W (density on
 @torch.inference_mode()
 def vae_scores(ckpt, *, data, root, n, batch_size, seed, amp, warn) -> dict:
     """Reconstruction MSE (pixel scale [-1, 1], decoding the posterior mean), a one-sample estimate of
-    the negative ELBO in nats per image, and bits per dimension (Gaussian decoder only), on held-out
-    images of the data source."""
+    the negative ELBO in nats per image, and bits per dimension (Gaussian decoder only), on the data
+    source's held-out images (an image folder has none: its training images; `heldout_split` says which)."""
     none = {"recon_mse": None, "neg_elbo": None, "bpd": None}
     if not ckpt.net_state("E"):
         return none  # an exported decoder has no encoder
@@ -572,16 +573,12 @@ class TrainingEvaluator:
 
     def __init__(self, cfg, device: torch.device, amp: Precision, warn: Callable[[str], None],
                  images: torch.Tensor | None = None, stats_dir: str | os.PathLike | None = "default",
-                 batch_size: int | None = None, should_stop: Callable[[], bool] | None = None,
-                 class_counts: list[int] | None = None):
+                 should_stop: Callable[[], bool] | None = None, class_counts: list[int] | None = None):
         t, m = cfg.train, cfg.model
-        self.metric, self.n, self.seed = t.eval_metric, t.eval_n, t.seed
-        if self.metric not in GAN_METRICS:
-            raise UsageError(f"train.eval_metric must be one of {', '.join(GAN_METRICS)}, got {self.metric!r}")
+        self.metric, self.n, self.seed = t.eval_metric, t.eval_n, t.seed  # the metric checked by config.validate
         self.metrics = [self.metric]
         self.amp, self.device = amp, torch.device(device)
-        self.batch_size = batch_size or min(256, max(1, t.batch_size))
-        self.cfg = cfg
+        self.batch_size = min(256, max(1, t.batch_size))
         try:
             self.extractor = make_extractor(t.eval_features or None, None, self.device,
                                             extractor_precision(t.precision), option="train.eval_features", warn=warn)
@@ -619,8 +616,8 @@ class TrainingEvaluator:
 
     def __call__(self, G: torch.nn.Module, step: int, amp: Precision | None = None,
                  should_stop: Callable[[], bool] | None = None) -> dict[str, float]:
-        """Scores of G now; `amp` is the run's current precision (a rollback may have left fp16).
-        Raises EvaluationStopped as soon as `should_stop()` is true (a signal: the save must come first)."""
+        """Scores of G now, at `step` (unread here; the tests' stand-ins score by it); `amp` is the run's
+        current precision (a rollback may have left fp16). Raises EvaluationStopped as soon as `should_stop()` is true (a signal: the save must come first)."""
         was_training = G.training
         G.eval()
         try:

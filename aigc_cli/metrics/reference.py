@@ -336,7 +336,7 @@ def load_real(source: str, *, root: str | None, download: bool, split: str, seed
     so does, with channels and resolution, a folder whose decoded images would exceed lazy_above_mb (as
     training streams it: the images come back lazy, and only those real_reference picks are decoded)."""
     from ..data import cifar, idx, load_images
-    from ..data.transforms import resize_square, to_channels
+    from ..data.transforms import to_channels
 
     if resolution is not None and channels is None:  # as a model of that resolution sees them: by training's path
         channels = _own_channels(source)
@@ -364,8 +364,6 @@ def load_real(source: str, *, root: str | None, download: bool, split: str, seed
         if limit > 0:
             images = images[:limit]  # a no-op on the folder, which applied it before decoding
         name = f"{name} ({len(images)} images, {images.shape[3]}x{images.shape[2]})"
-    if resolution is not None:
-        images = resize_square(images, resolution)
     if channels is not None:
         images = to_channels(images, channels)
     return images.contiguous(), name

@@ -30,7 +30,6 @@ from ..files import atomic_write
 WEIGHTS_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{WEIGHTS_FILENAME}"
 WEIGHTS_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"
-WEIGHTS_BYTES = 95_628_359  # informational (the download's expected size); the hash is what is checked
 ENV_PATH = "AIGC_INCEPTION_WEIGHTS"
 # Lets the test suite load randomly initialised weights of the same layout. Named so that nobody sets it
 # by accident; results computed with it say "weights_verified": false.

@@ -292,7 +292,7 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup, run_lock
     if resume is not None and step >= steps:  # leave the run folder as it is
         reporter.note(f"already at step {step} of {steps}: nothing to train (raise --steps or --epochs)")
     else:
-        aside, _ = run.set_aside_after(step, resume)
+        aside = run.set_aside_after(step, resume)
         # A fresh start, or a fork into a folder without checkpoints, drops the lines and grids left by a
         # run killed there before its first checkpoint (a fork's own history is in its parent's folder).
         run.trim_metrics(step if ours else 0)
@@ -562,8 +562,8 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup, run_lock
             except OSError as e:  # a full disk, a lost mount: save this step's state first, then stop
                 write_error = write_error or (f"sample grid {e.filename or run.samples}", str(e.strerror or e))
         path = None  # the checkpoint written at this step, if any
-        # A pending signal skips the evaluation: the save it asks for must fit in the job's grace period.
-        if evaluator is not None and (step % cfg.train.eval_every == 0 or step == steps) and stop.signum is None:
+        # A pending stop skips the evaluation: the save it asks for must fit in the job's grace period.
+        if evaluator is not None and (step % cfg.train.eval_every == 0 or step == steps) and not hurry():
             scores = evaluate_now()
             value = scores.get(metric) if metric_from_eval and scores is not None else None
             if beats_best(value):

@@ -227,14 +227,14 @@ class RunFolder:
         with atomic_write(path) as tmp:
             tmp.write_text(kept, encoding="utf-8")
 
-    def set_aside_after(self, step: int, source=None) -> tuple[Path | None, bool]:
+    def set_aside_after(self, step: int, source=None) -> Path | None:
         """A resume from an earlier checkpoint of this run (`source`, at `step`) starts a new branch;
         a fresh start (step 0, no source) in a folder whose checkpoints all failed to load starts
         over. Either way the later checkpoints (and last/best when they hold a later step, or cannot
         be read) move to checkpoints/after-step-N/, with their metrics lines (written there before
         metrics.jsonl is trimmed) and sample grids, so that `--resume auto` and pruning follow the
         new branch and nothing is deleted. last.safetensors then points at the source until the next
-        save. Returns that folder (None when nothing was later) and whether best.safetensors moved."""
+        save. Returns that folder (None when nothing was later)."""
         later = [p for p in ckpt_io.step_files(self.checkpoints) if ckpt_io.step_of(p) > step]
         for name in ("last.safetensors", "best.safetensors"):
             path = self.checkpoints / name
@@ -242,7 +242,7 @@ class RunFolder:
             if not saved.isdigit() or int(saved) > step:
                 later.append(path)
         if not later:
-            return None, False
+            return None
         aside, k = self.checkpoints / f"after-step-{step:07d}", 1
         while aside.exists():
             k += 1
@@ -264,7 +264,7 @@ class RunFolder:
             # e.g. resumed from best.safetensors whose step file was pruned: a crash before the next
             # save must still find this branch's newest state
             self._link(Path(source.path), "last.safetensors", source.tensors, source.meta)
-        return aside, self.checkpoints / "best.safetensors" in later
+        return aside
 
     def relink_best(self, best_value, best_step: int | None = None) -> bool:
         """After the best moved aside: point best.safetensors at this branch's checkpoint that set
