@@ -22,7 +22,7 @@ import torch
 from safetensors import safe_open
 
 from .config import Config, config_from_dict, value_error_reason
-from .errors import UsageError
+from .errors import UsageError, first_line
 from . import safetensors_file
 from .files import atomic_write
 
@@ -243,8 +243,7 @@ def _load(path: Path, device: str) -> Checkpoint:
         if path.suffix.lower() == ".npz":
             raise UsageError(f"{path}: an .npz file (images from `aigc sample --npz`, or statistics from `aigc eval "
                              "stats`), not a checkpoint: score images with `aigc eval --fake`") from None
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UsageError(f"{path}: not a readable safetensors checkpoint ({reason})") from None
+        raise UsageError(f"{path}: not a readable safetensors checkpoint ({first_line(e)})") from None
     if meta["aigc.format"] != str(FORMAT):
         raise UsageError(f"{path}: checkpoint format {meta['aigc.format']!r} is not supported (this aigc reads {FORMAT})")
     if meta.get("aigc.kind") not in ("checkpoint", "export"):
@@ -299,7 +298,7 @@ def shapes_of(cfg: Config) -> dict[str, torch.nn.Module]:
     try:
         nets = build_shapes(cfg.model)
     except (RuntimeError, ValueError, TypeError, OverflowError) as e:
-        raise UsageError(f"its model cannot be built from the config ({str(e).strip().splitlines()[0]})") from None
+        raise UsageError(f"its model cannot be built from the config ({first_line(e)})") from None
     if "G" in nets:
         nets["G_ema"] = nets["G"]
     return nets

@@ -16,6 +16,16 @@ def one_line(text: str) -> str:
     return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
+def first_line(e: BaseException, typed: bool = False) -> str:
+    """An exception's message for a one-line report: its first line (at most 200 characters), or its type's
+    name when it has none; typed: "Type: first line" (where the type says what the message does not)."""
+    text = str(e).strip()
+    line = text.splitlines()[0][:200] if text else ""
+    if typed:
+        return f"{type(e).__name__}: {line}" if line else type(e).__name__
+    return line or type(e).__name__
+
+
 def counted(n: int, noun: str) -> str:
     """`1 image`, `2 images`."""
     return f"{n} {noun}{'' if n == 1 else 's'}"

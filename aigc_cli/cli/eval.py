@@ -24,6 +24,7 @@ STATS_DIR_HELP = "Cache of real-data reference statistics (default: $AIGC_CACHE_
 
 
 def _check_common(n: int, batch_size: int, precision: str) -> None:
+    from ..config import PRECISIONS
     from ..errors import UsageError
 
     from .sample import MAX_N
@@ -35,8 +36,8 @@ def _check_common(n: int, batch_size: int, precision: str) -> None:
     for option, value in (("--n", n), ("--batch-size", batch_size)):
         if value > MAX_N:  # torch fails past 2^63 with a traceback
             raise UsageError(f"{option} must be at most {MAX_N:,}, got {value:,}")
-    if precision not in ("auto", "bf16", "fp16", "fp32"):
-        raise UsageError(f"--precision must be auto, bf16, fp16 or fp32, got '{precision}'")
+    if precision not in PRECISIONS:
+        raise UsageError(f"--precision must be {', '.join(PRECISIONS[:-1])} or {PRECISIONS[-1]}, got '{precision}'")
 
 
 @handles_errors

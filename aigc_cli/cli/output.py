@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.progress import MofNCompleteColumn, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from .bars import Bar, Cut, FittedProgress
-from ..errors import AigcError, Interrupted, Terminated, one_line
+from ..errors import AigcError, Interrupted, Terminated, first_line, one_line
 from ..files import json_line
 
 
@@ -194,7 +194,7 @@ def handles_errors(fn):
                 raise
             advice = ("a smaller --batch-size, or less data in memory (data.limit, a smaller model.resolution, or "
                       "data.device_max_mb to stream it)" if fn.__name__ == "train" else "a smaller --batch-size, or fewer images (--n)")
-            fail(f"out of memory ({_first_line(e)}); use {advice}", 2)
+            fail(f"out of memory ({first_line(e)}); use {advice}", 2)
 
     return wrapper
 
@@ -254,11 +254,6 @@ def _out_of_memory(e: BaseException) -> bool:
     RuntimeError, or Python's MemoryError. Told apart without importing torch here."""
     return (isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError"
             or "can't allocate memory" in str(e) or "out of memory" in str(e).lower())
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return (text.splitlines()[0][:200] if text else type(e).__name__)
 
 
 def duration(seconds: float) -> str:

@@ -76,6 +76,7 @@ def sample(
     import torch
 
     from .. import checkpoint as ckpt_io
+    from ..config import PRECISIONS
     from ..errors import UsageError
     from ..errors import one_line
     from .. import progress
@@ -95,8 +96,8 @@ def sample(
         raise UsageError(f"--n must be at most {MAX_N:,} (run again with another --seed for more)")
     if batch_size > MAX_N:  # torch cannot even split by a size past 2^63 (a traceback)
         raise UsageError(f"--batch-size must be at most {MAX_N:,}")
-    if precision not in ("auto", "bf16", "fp16", "fp32"):
-        raise UsageError(f"--precision must be auto, bf16, fp16 or fp32, got '{precision}'")
+    if precision not in PRECISIONS:
+        raise UsageError(f"--precision must be {', '.join(PRECISIONS[:-1])} or {PRECISIONS[-1]}, got '{precision}'")
     from ..files import check_name_lengths, check_writable
 
     for path, option in ((out, "--out"), (npz, "--npz"), (individual, "--individual")):

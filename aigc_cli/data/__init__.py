@@ -16,7 +16,8 @@ import torch
 
 from aigc_cli.data import cache as decoded_cache
 from aigc_cli.data import cifar, idx, torchvision_sources
-from aigc_cli.data.folder import list_images, load_folder, pixel_limit, refuse_run_folder, report_listing, say_limited_classes, say_unseen_classes
+from aigc_cli.data.folder import (folder_kind, list_images, load_folder, pixel_limit, refuse_run_folder, report_listing,
+                                  say_limited_classes, say_unseen_classes)
 from aigc_cli.data.lazy import LazyFolder
 from aigc_cli.data.shapes import CLASSES as SHAPE_CLASSES
 from aigc_cli.data.shapes import draw_shapes
@@ -61,11 +62,6 @@ def has_test_split(source: str) -> bool:
     (test_batch) folders do; an image folder does not ("test" would be the training images again)."""
     path = os.path.expanduser(source)
     return source in BUILTIN_SOURCES or not os.path.isdir(path) or folder_kind(path) != "folder"
-
-
-def folder_kind(path: str) -> str:
-    """What a data folder holds: "idx" (MNIST-like files), "cifar" (CIFAR-10 binary batches) or "folder" (images)."""
-    return "idx" if idx.is_idx_folder(path) else "cifar" if cifar.is_cifar_bin_folder(path) else "folder"
 
 
 def find_builtin(source: str, root: str | None, download: bool) -> tuple[str, str]:
@@ -177,7 +173,7 @@ def load_images(source: str, *, channels: int, resolution: int, root: str | None
     class_names: tuple[str, ...] = ()
     held = ""  # an IDX folder's data set, by its contents
     if kind == "folder":
-        images, labels, class_names, _ = load_folder(path, resolution, limit, record, strict=strict)
+        images, labels, class_names, _ = load_folder(path, resolution, limit, record, strict=strict, paths=files)
         num_classes = len(class_names)
     elif kind == "idx":
         if source in ("mnist", "fashion-mnist"):

@@ -33,6 +33,7 @@ import torch
 
 from .. import safetensors_file
 from ..files import atomic_write, remove_dead_temps_in
+from ..errors import first_line
 
 # Bump whenever decoding or conversion changes what a given file turns into, so that entries
 # written by an older aigc are not reused. 3: a class folder none of whose files decode keeps its number.
@@ -224,8 +225,7 @@ def load(key: Key, warn: Callable[[str], None]) -> Entry | None:
     except FileNotFoundError:  # removed since the check: another run made room (AIGC_CACHE_MAX_GB)
         return None
     except Exception as e:  # noqa: BLE001 - a damaged cache file of any kind is rebuilt, never fatal
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        warn(f"ignoring damaged decoded-image cache file {path} ({reason}); decoding again")
+        warn(f"ignoring damaged decoded-image cache file {path} ({first_line(e)}); decoding again")
         try:
             os.unlink(path)
         except OSError:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from aigc_cli.errors import UsageError
+from aigc_cli.errors import UsageError, first_line
 
 # Only the binary version is read: the "python version" (cifar-10-batches-py, what torchvision's
 # CIFAR10 class loads) is a set of pickle files, and unpickling a downloaded or user-supplied file
@@ -131,8 +131,7 @@ def _download(root: str) -> None:
         _fetch(URL, root, ARCHIVE, MD5)
     except Exception as e:  # noqa: BLE001 - URLError, RuntimeError (bad MD5), OSError, tarfile errors
         remove_empty(made)  # the folders it made for the download, while they are empty
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UsageError(f"could not download cifar10 from {URL} into {root} ({reason}); check the network, "
+        raise UsageError(f"could not download cifar10 from {URL} into {root} ({first_line(e)}); check the network, "
                          f"or unpack {ARCHIVE} into {root} yourself") from None
     if not is_cifar_bin_folder(os.path.join(root, FOLDER_NAME)):
         raise UsageError(f"{ARCHIVE} was downloaded into {root} but held no {FOLDER_NAME} folder; "

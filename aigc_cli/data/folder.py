@@ -267,8 +267,8 @@ def _try_decode(folder: str, rel: str, resolution: int) -> np.ndarray | str:
         return describe_error(e)
 
 
-def load_folder(folder: str, resolution: int, limit: int, warn: Callable[[str], None], *,
-                strict: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, tuple[str, ...], int]:
+def load_folder(folder: str, resolution: int, limit: int, warn: Callable[[str], None], *, strict: bool = False,
+                paths: list[str] | None = None) -> tuple[torch.Tensor, torch.Tensor | None, tuple[str, ...], int]:
     """Decode a folder; returns images (N, 3, R, R), labels or None, class names, skipped count.
 
     Files are taken in sorted order until `limit` (0: all) decode. Each file that does not
@@ -276,11 +276,12 @@ def load_folder(folder: str, resolution: int, limit: int, warn: Callable[[str], 
     counts them; with `strict`, the first such file raises UsageError instead.
     Class folders: when every image sits inside a first-level subfolder, the label is the index
     of that subfolder's name among the sorted names; otherwise there are no labels.
+    `paths`: list_images(folder) when the caller has it already (a million files take seconds to list).
     """
     if not os.path.isdir(folder):
         raise UsageError(f"image folder {one_line(folder)} does not exist; pass an existing folder or one of "
                          "the built-in sources")
-    paths = list_images(folder)
+    paths = list_images(folder) if paths is None else paths
     if not paths:
         raise UsageError(f"no images ({'/'.join(EXTENSIONS)}) found under {one_line(folder)}; "
                          "point at a folder that holds images" + data_folder_hint(folder))
@@ -329,10 +330,16 @@ def load_folder(folder: str, resolution: int, limit: int, warn: Callable[[str], 
     return images, labels, classes, skipped
 
 
+def folder_kind(path: str) -> str:
+    """What a data folder holds: "idx" (MNIST-like files), "cifar" (CIFAR-10 binary batches) or "folder" (images)."""
+    from . import cifar, idx  # noqa: PLC0415
+
+    return "idx" if idx.is_idx_folder(path) else "cifar" if cifar.is_cifar_bin_folder(path) else "folder"
+
+
 def data_folder_hint(folder: str) -> str:
     """"; ...": a subfolder (two levels down at most) that holds IDX or CIFAR-10 files, for a --data that
     names the folder above them (`--data ~/datasets` for ~/datasets/fashion-mnist) and found no images."""
-    from . import cifar, idx  # noqa: PLC0415
 
     def subfolders(path: str) -> list[str]:
         try:
@@ -343,7 +350,7 @@ def data_folder_hint(folder: str) -> str:
 
     for sub in subfolders(folder):
         for candidate in (sub, *subfolders(sub)):
-            kind = "IDX" if idx.is_idx_folder(candidate) else "CIFAR-10" if cifar.is_cifar_bin_folder(candidate) else None
+            kind = {"idx": "IDX", "cifar": "CIFAR-10"}.get(folder_kind(candidate))
             if kind:
                 return f"; {one_line(candidate)} holds {kind} files: pass that folder as --data"
     return ""

@@ -312,12 +312,12 @@ NATIVE = {"mnist": (1, 28), "fashion-mnist": (1, 28), "cifar10": (3, 32)}
 
 def _own_channels(source: str) -> int:
     """The channels a source's images have as load_real reads them natively: folders decode to RGB."""
-    from ..data import idx
+    from ..data.folder import folder_kind
 
     if source in NATIVE:
         return NATIVE[source][0]
     path = os.path.expanduser(source)
-    if source != "shapes" and os.path.isdir(path) and idx.is_idx_folder(path):
+    if source != "shapes" and os.path.isdir(path) and folder_kind(path) == "idx":
         return 1  # IDX images are single-channel (load_idx_folder gives N x 1 x H x W)
     return 3
 
@@ -336,6 +336,7 @@ def load_real(source: str, *, root: str | None, download: bool, split: str, seed
     so does, with channels and resolution, a folder whose decoded images would exceed lazy_above_mb (as
     training streams it: the images come back lazy, and only those real_reference picks are decoded)."""
     from ..data import cifar, idx, load_images
+    from ..data.folder import folder_kind
     from ..data.transforms import to_channels
 
     if resolution is not None and channels is None:  # as a model of that resolution sees them: by training's path
@@ -354,9 +355,10 @@ def load_real(source: str, *, root: str | None, download: bool, split: str, seed
         path = os.path.expanduser(source)
         if not os.path.isdir(path):
             raise UsageError(f"data source {source!r} is not a built-in source or an existing folder")
-        if idx.is_idx_folder(path):
+        kind = folder_kind(path)
+        if kind == "idx":
             images, name = idx.load_idx_folder(path, split)[0], f"IDX folder {path} ({split})"
-        elif cifar.is_cifar_bin_folder(path):
+        elif kind == "cifar":
             images, name = cifar.load_cifar_bin_folder(path, split)[0], f"CIFAR-10 folder {path} ({split})"
         else:
             images = load_folder_native(path, warn=warn, strict=strict, what="data folder", limit=limit, n=n, seed=seed)

@@ -24,7 +24,7 @@ from typing import Mapping
 
 import torch
 
-from ..errors import UsageError
+from ..errors import UsageError, first_line
 from ..files import atomic_write
 
 WEIGHTS_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
@@ -129,11 +129,6 @@ def verified_weights(explicit: str | os.PathLike | None = None) -> WeightsFile:
                      "`aigc eval --download-weights`")
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
-
-
 def _load_error(e: BaseException) -> str:
     """One line out of torch.load's error. Its weights_only refusal is a page of advice (including to
     load without weights_only, which this program never does); keep only the reason."""
@@ -145,7 +140,7 @@ def _load_error(e: BaseException) -> str:
         return f"refused, nothing in it was run ({reason})"
     if isinstance(e, EOFError):
         return "the file is empty or cut short"
-    return _first_line(e)
+    return first_line(e, typed=True)
 
 
 def load_state_dict(info: WeightsFile, reference: Mapping[str, torch.Size]) -> dict[str, torch.Tensor]:
@@ -196,7 +191,7 @@ def load_state_dict(info: WeightsFile, reference: Mapping[str, torch.Size]) -> d
 
 def _download_error(url: str, dest: Path, e: BaseException) -> UsageError:
     reason = getattr(e, "reason", None)
-    why = _first_line(reason) if isinstance(reason, BaseException) else str(reason or "") or _first_line(e)
+    why = first_line(reason, typed=True) if isinstance(reason, BaseException) else str(reason or "") or first_line(e, typed=True)
     return UsageError(f"could not download the Inception weights from {url} ({why}); without network access, "
                       f"download {WEIGHTS_FILENAME} elsewhere and put it at {dest} "
                       f"(or point {ENV_PATH} or --inception-weights at it)")

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import first_line
+
 # Recompiles: one per layer shape and per requires_grad pattern (the generator step freezes D), ten
 # for the 64x64 DCGAN's two networks; dynamo's default limit of 8 per function would silently send
 # the rest back to eager.
@@ -125,9 +127,7 @@ def _triton_usable() -> bool:
 
 def _describe(e: BaseException) -> str:
     """One line for a compile failure: dynamo wraps the backend's own error, which says more."""
-    inner = getattr(e, "inner_exception", None) or e.__cause__ or e
-    text = str(inner).strip()
-    return f"{type(inner).__name__}: {text.splitlines()[0][:200]}" if text else type(inner).__name__
+    return first_line(getattr(e, "inner_exception", None) or e.__cause__ or e, typed=True)
 
 
 def _slope(act: nn.Module) -> float | None:

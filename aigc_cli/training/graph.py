@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import first_line
 from .steps import Aids
 
 WARMUP = 3
@@ -127,7 +128,7 @@ class GraphedStep:
             # Capture records without running, so nothing of this step happened yet: run it eagerly.
             self.failed, self.graph, self.static_in, self.static_out = True, None, None, None
             torch.cuda.synchronize()
-            self.note(f"CUDA graph capture failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+            self.note(f"CUDA graph capture failed ({first_line(e, typed=True)}); "
                       "the training step runs eagerly from here on")
             return self._eager(x, y, step)
         finally:

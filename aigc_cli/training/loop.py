@@ -176,11 +176,6 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup, run_lock
         raise Interrupted(f"{stop.name} while loading the data, before the first step; nothing to save",
                           stop.exit_code) from None
     if needs_labels(cfg.model):
-        if data.labels is None:
-            what = "a conditional model" if cfg.model.conditional else f"model '{family.name}'"
-            raise UsageError(f"data '{cfg.data.source}' has no labels, which {what} needs "
-                             "(use a labelled source, or an image folder with one subfolder per class)"
-                             + unlabelled_reason(os.path.expanduser(cfg.data.source)))
         check_classes(data, cfg, reporter.note)
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_classes=data.num_classes))
     elif cfg.model.num_classes:  # e.g. a conditional run's config.toml with conditional=false: the model has none
@@ -627,9 +622,13 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup, run_lock
 
 
 def check_classes(data, cfg: Config, note) -> None:
-    """The classes a model would get from labelled data: at least two, at most MAX_WIDTH, and a note where
-    IDX labels skip numbers (labels 0 and 255 make 256 classes, 254 of them never seen)."""
+    """The classes a model that needs labels would get from the data: labels at all, at least two classes, at
+    most MAX_WIDTH, and a note where IDX labels skip numbers (labels 0 and 255 make 256 classes, 254 never seen)."""
     what = "a conditional model" if cfg.model.conditional else f"model '{cfg.model.kind}'"
+    if data.labels is None:
+        raise UsageError(f"data '{cfg.data.source}' has no labels, which {what} needs "
+                         "(use a labelled source, or an image folder with one subfolder per class)"
+                         + unlabelled_reason(os.path.expanduser(cfg.data.source)))
     if data.num_classes < 2:
         raise UsageError(f"data '{cfg.data.source}' holds {data.num_classes} class{'es' if data.num_classes != 1 else ''}; "
                          f"{what} needs at least 2" + ("" if FAMILIES[cfg.model.kind].needs_labels

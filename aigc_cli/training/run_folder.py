@@ -353,6 +353,3 @@ class RunFolder:
         for old in steps[:-self.keep]:
             old.unlink(missing_ok=True)  # best/last are hard links: their data stays
 
-    def has_checkpoints(self) -> bool:
-        return any(self.checkpoints.glob("*.safetensors"))
-

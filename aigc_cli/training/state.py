@@ -16,7 +16,7 @@ import torch
 from .. import checkpoint as ckpt_io
 from ..checkpoint import Checkpoint, base_meta, load_net
 from ..config import Config
-from ..errors import UsageError, one_line
+from ..errors import UsageError, first_line, one_line
 from ..models import FAMILIES, needs_labels
 
 
@@ -176,7 +176,7 @@ _INVALID = (KeyError, ValueError, TypeError, RuntimeError, IndexError, OverflowE
 
 def _invalid_state(origin, e: Exception) -> UsageError:
     return UsageError(f"{origin}: cannot resume from it, its training state is incomplete or invalid "
-                      f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+                      f"({first_line(e, typed=True)})")
 
 
 def resume_position(ck: Checkpoint) -> dict[str, int]:
