@@ -127,7 +127,7 @@ def load_images(path: str, *, n: int | None = None, seed: int = 0, what: str = "
 
 
 def _read_rows(zf: zipfile.ZipFile, n: int | None, seed: int, shown: str) -> np.ndarray:
-    from .metrics.reference import real_indices
+    from .data.native import real_indices
 
     member = zf.getinfo(f"{IMAGES}.npy")
     with zf.open(member) as f:

@@ -326,7 +326,7 @@ def test_a_file_that_fails_in_a_worker_is_replaced_once_warned_and_strict_stops(
         x = stream.next()[0]
         assert x.shape == (8, 3, RES, RES)
     stream.close()
-    assert warnings[2:] == [f"skipping 3.png: not a PNG, JPEG, WebP, BMP or GIF image (contents not recognised); "
+    assert warnings[2:] == ["skipping 3.png: not a PNG, JPEG, WebP, BMP or GIF image (contents not recognised); "
                             "4.png is used in its place"]
     # The replacement is the next file in sorted order, so the content is fixed by the seed.
     assert torch.equal(data.images[3], data.images[4])

@@ -171,7 +171,7 @@ def test_a_folder_scored_on_n_images_decodes_only_those(tmp_path, monkeypatch):
     taking its subset. The subset is picked from the headers; a picked file that fails to decode is
     replaced by the next of the seed's order."""
     import aigc_cli.data.native as native
-    from aigc_cli.metrics.reference import real_indices
+    from aigc_cli.data.native import real_indices
 
     rng = np.random.default_rng(0)
     for i in range(30):

@@ -21,7 +21,8 @@ from aigc_cli.data import load_images
 from aigc_cli.errors import UsageError
 from aigc_cli.metrics import evaluate as evaluate_mod
 from aigc_cli.metrics.fid import kid
-from aigc_cli.metrics.reference import FeatureStats, load_npz, real_indices
+from aigc_cli.data.native import real_indices
+from aigc_cli.metrics.reference import FeatureStats, load_npz
 from aigc_cli.training.loop import train
 from conftest import Counting, Silent, run_cli, tiny, write_image_folder
 from test_metrics_scores import naive_is

@@ -146,7 +146,7 @@ def test_sample_npz_bad_names_fail_before_any_work(runs, tmp_path, monkeypatch, 
 def test_a_damaged_member_or_a_header_claiming_too_much_is_one_line(tmp_path):
     import io
 
-    path = write_raw(tmp_path / "f.npz", np.zeros((50, 8, 8, 3), np.uint8))
+    write_raw(tmp_path / "f.npz", np.zeros((50, 8, 8, 3), np.uint8))
     data = bytearray((tmp_path / "f.npz").read_bytes())
     data[2000] ^= 0xFF  # a stored member's pixel byte: the CRC no longer matches
     (tmp_path / "crc.npz").write_bytes(bytes(data))

@@ -11,7 +11,6 @@ from PIL import Image
 
 from aigc_cli import checkpoint as ckpt_io
 from aigc_cli import losses
-from aigc_cli.data import load_images
 from aigc_cli.models import build_nets
 from aigc_cli.sampling import generate, generator_from, latents
 from aigc_cli.training.loop import train

@@ -59,8 +59,15 @@ def seeded_order(total: int, n: int, seed: int) -> list[int]:
 
 
 def seeded_permutation(total: int, seed: int) -> torch.Tensor:
-    """The order both seeded_order and metrics.reference.real_indices take their subset in."""
+    """The order both seeded_order and real_indices take their subset in."""
     return torch.randperm(total, generator=torch.Generator().manual_seed(seed))
+
+
+def real_indices(total: int, n: int, seed: int) -> torch.Tensor:
+    """A seeded subset of at most n indices, in order."""
+    if total <= n:  # the first n of seeded_order, as a tensor (no list of every index)
+        return torch.arange(total)
+    return seeded_permutation(total, seed)[:n].sort().values
 
 
 def load_folder_native(path: str, *, warn: Callable[[str], None], strict: bool = False,
@@ -68,7 +75,7 @@ def load_folder_native(path: str, *, warn: Callable[[str], None], strict: bool =
     """Images of a folder (recursive, sorted) as uint8 (N, 3, H, W) at their own size; when sizes
     differ, each is conformed (scaled, centre-cropped) to the most common one, with a warning.
     limit > 0: the first `limit` readable files only. n: a seeded subset of at most n of them
-    (the first n of seeded_order, as metrics.reference.real_indices), picked from the headers before anything is decoded,
+    (the first n of seeded_order, as real_indices), picked from the headers before anything is decoded,
     so that scoring 2,000 images of a folder of large photos holds 2,000 images, not the folder;
     a picked file that fails to decode is replaced by the next one of the seed's order."""
     if not os.path.isdir(path):

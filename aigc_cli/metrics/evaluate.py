@@ -33,9 +33,9 @@ from ..training.precision import Precision, resolve_device, slow_precision_note
 from .extractors import ClassifierFeatures, extractor_precision, make_extractor  # noqa: F401 (re-export)
 from .fid import frechet_distance, kid
 from ..data.lazy import pick
-from ..data.native import load_folder_native
+from ..data.native import load_folder_native, real_indices
 from .reference import (EvaluationStopped, FeatureStats, Reference, data_identity, default_stats_dir, load_npz,
-                        load_real, real_indices, reference_for)
+                        load_real, reference_for)
 from .scores import inception_score, precision_recall
 
 GAN_METRICS = EVAL_METRICS  # what train.eval_metric may name: all of aigc's GAN metrics

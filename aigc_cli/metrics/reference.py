@@ -29,7 +29,7 @@ import torch
 
 from .. import progress
 from ..data.cache import room_for
-from ..data.native import load_folder_native, seeded_permutation
+from ..data.native import load_folder_native
 from ..errors import UsageError
 from ..files import atomic_write
 
@@ -369,13 +369,6 @@ def load_real(source: str, *, root: str | None, download: bool, split: str, seed
     if channels is not None:
         images = to_channels(images, channels)
     return images.contiguous(), name
-
-
-def real_indices(total: int, n: int, seed: int) -> torch.Tensor:
-    """A seeded subset of at most n indices, in order."""
-    if total <= n:  # the first n of data.native.seeded_order, as a tensor (no list of every index)
-        return torch.arange(total)
-    return seeded_permutation(total, seed)[:n].sort().values
 
 
 def data_identity(source: str) -> str:

@@ -651,7 +651,7 @@ def classifier_accuracy(C, cfg: Config, amp: Precision, data, note) -> tuple[str
     seeded subset of the training images where there is none (an image folder: its "test" is its
     training images, and one large enough to stream would not fit in memory whole). A streamed file
     that does not decode is said as training says it (--strict: the UsageError)."""
-    from ..metrics.reference import real_indices  # noqa: PLC0415
+    from ..data.native import real_indices  # noqa: PLC0415
 
     if data.held_out:
         test = load_data(cfg, "test", lambda s: None)
