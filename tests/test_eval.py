@@ -79,6 +79,9 @@ def test_only_the_requested_metrics_are_computed(runs, tmp_path):
     assert evaluate_mod.parse_metrics(" FID, kid ,fid") == ["fid", "kid"]
     with pytest.raises(UsageError, match="names no metric"):
         evaluate_mod.parse_metrics(",,,")
+    for typo in ("fid,,kid", "fid,", ",fid"):  # a metric left out: said, not passed over
+        with pytest.raises(UsageError, match="an empty item in the comma list"):
+            evaluate_mod.parse_metrics(typo)
 
 
 @pytest.mark.parametrize("likelihood", ["gaussian", "bernoulli"])

@@ -253,6 +253,16 @@ def test_class_text_that_is_no_number_or_name_is_one_line(text, expect):
     assert "'a,b'" in str(e.value) or "matches" in str(e.value)  # odd names are quoted in the listing
 
 
+def test_an_empty_item_in_a_class_list_is_an_error_but_a_name_with_a_comma_is_matched():
+    from aigc_cli.cli.sample import parse_classes
+    from aigc_cli.errors import UsageError
+
+    for typo in ("0,,1", "0,1,", ",0", "0, ,1"):
+        with pytest.raises(UsageError, match="an empty item in the comma list"):
+            parse_classes(typo, ["a", "b"])
+    assert parse_classes("a,b", ["a,b", "c"]) == [0]
+
+
 def test_class_names_with_commas_or_edge_spaces_are_matched_exactly():
     from aigc_cli.cli.sample import parse_classes
 

@@ -30,6 +30,9 @@ def parse_classes(text: str | None, names: list[str], warn=lambda message: None)
     items = [t for t in text.split(",") if t.strip()]
     if not items:
         raise UsageError(f"--class expects a class number or name, or a comma list such as 0,2,5, got {text!r}")
+    if len(items) < len(text.split(",")):  # `0,,2` or `0,2,`: a class left out by a typo more often than a wish
+        raise UsageError(f"--class {class_shown(text)}: an empty item in the comma list; give a class number or "
+                         "name between each two commas")
     out = []
     for item in items:
         t = item.strip()

@@ -53,6 +53,8 @@ def parse_metrics(text: str | None) -> list[str] | None:
     names = [s.strip().lower() for s in text.split(",") if s.strip()]
     if not names:
         raise UsageError(f"--metrics {text!r} names no metric; choose from {', '.join(METRICS)} (or leave it out for all)")
+    if len(names) < len(text.split(",")):  # `fid,,kid`: a metric left out by a typo more often than a wish
+        raise UsageError(f"--metrics {text!r}: an empty item in the comma list; name a metric between each two commas")
     bad = [s for s in names if s not in METRICS]
     if bad:
         raise UsageError(f"--metrics: unknown metric {bad[0]!r}; choose from {', '.join(METRICS)}")
