@@ -6,6 +6,7 @@ without unpickling anything (the npy headers are parsed here, object arrays refu
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import zipfile
 import zlib
@@ -15,7 +16,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from .errors import UsageError
+from .errors import UsageError, first_line
 from .files import atomic_write
 
 IMAGES, LABELS = "arr_0", "arr_1"
@@ -120,8 +121,9 @@ def load_images(path: str, *, n: int | None = None, seed: int = 0, what: str = "
             raise UsageError(f"{shown}: holds no '{IMAGES}' array of images{hint}")
         try:
             out = _read_rows(zf, n, seed, shown)
-        except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:  # a bad CRC, a broken deflate stream
-            raise UsageError(f"{shown}: '{IMAGES}' is damaged ({e})") from None
+        # a bad CRC, a broken deflate stream; RuntimeError: encrypted; NotImplementedError: Deflate64 and the like
+        except (zipfile.BadZipFile, zlib.error, EOFError, OSError, RuntimeError, NotImplementedError) as e:
+            raise UsageError(f"{shown}: '{IMAGES}' is damaged or unreadable ({first_line(e)})") from None
     images = torch.from_numpy(out).permute(0, 3, 1, 2)
     return (images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images).contiguous()
 
@@ -132,7 +134,7 @@ def _read_rows(zf: zipfile.ZipFile, n: int | None, seed: int, shown: str) -> np.
     member = zf.getinfo(f"{IMAGES}.npy")
     with zf.open(member) as f:
         shape, fortran = _read_header(f, shown)
-        total, row = shape[0], int(np.prod(shape[1:]))
+        total, row = shape[0], math.prod(shape[1:])  # Python ints: np.prod wraps in int64 (2**40 * 2**40 * 3 is 0)
         if f.tell() + total * row > member.file_size:  # before allocating what the header claims
             have = max(0, member.file_size - f.tell()) // row
             raise UsageError(f"{shown}: '{IMAGES}' is cut short ({have} of the {total:,} images its header names)")

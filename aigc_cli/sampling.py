@@ -198,8 +198,15 @@ def save_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int = 8) -> N
     save_png(make_grid(images, max(1, nrow)), path)
 
 
-def save_individual(batches: Iterable[torch.Tensor], folder: str | os.PathLike, workers: int | None = None) -> int:
-    """One PNG per image (000000.png, 000001.png, ...) from batches of uint8 images, encoded on a
+def png_name(k: int, n: int) -> str:
+    """The name of image k of n written one PNG per image: 000000.png ..., with more digits past a million
+    (0000000.png ... 1000000.png), so that sorted by name (as --fake and --data list a folder) they are in order."""
+    return f"{k:0{max(6, len(str(n - 1)))}d}.png"
+
+
+def save_individual(batches: Iterable[torch.Tensor], folder: str | os.PathLike, n: int,
+                    workers: int | None = None) -> int:
+    """One PNG per image (png_name: 000000.png, 000001.png, ...) of n, from batches of uint8 images, encoded on a
     thread pool: PIL's zlib compression releases the GIL, so encoding scales with the cores and runs
     while the next batch is generated. At most two batches wait, which bounds memory for any n.
     Returns the number written."""
@@ -209,7 +216,7 @@ def save_individual(batches: Iterable[torch.Tensor], folder: str | os.PathLike, 
     pool = ThreadPoolExecutor(max_workers=workers or min(32, os.cpu_count() or 1))
     try:
         for images in batches:
-            waiting.append([pool.submit(save_png, img, folder / f"{count + i:06d}.png", False) for i, img in enumerate(images)])
+            waiting.append([pool.submit(save_png, img, folder / png_name(count + i, n), False) for i, img in enumerate(images)])
             count += len(images)
             while len(waiting) > 2:
                 for f in waiting.popleft():
@@ -281,7 +288,7 @@ def warn_stale_pngs(before: set[str], n: int, what: str, warn) -> None:
     """After writing 000000.png ... for n images: say if the folder also holds PNGs from before
     (an earlier, larger run), which a later `aigc eval --fake DIR` would score too."""
     stale = [name for name in before if not (name[:-4].isdigit() and int(name[:-4]) < n
-                                             and name == f"{int(name[:-4]):06d}.png")]
+                                             and name == png_name(int(name[:-4]), n))]
     if stale:
         warn(f"{what}: also holds {len(stale)} PNG file{'s' if len(stale) > 1 else ''} this command did not "
              "write (from an earlier run?)")

@@ -5,6 +5,7 @@ folder of the same images, and anything else in such a file is a one-line error,
 from __future__ import annotations
 
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -158,6 +159,37 @@ def test_a_damaged_member_or_a_header_claiming_too_much_is_one_line(tmp_path):
         z.writestr("arr_0.npy", header.getvalue() + bytes(192 * 3))
     with pytest.raises(UsageError, match="cut short .3 of the 100,000,000,000 images its header names"):
         load_images(str(tmp_path / "huge.npz"), n=10)  # said before 10^11 indices are shuffled
+    header = io.BytesIO()  # sizes whose product wraps to 0 in int64 (3 * 2^80): "array is too big", a traceback
+    np.lib.format.write_array_header_1_0(header, {"descr": "|u1", "fortran_order": False, "shape": (1, 2**40, 2**40, 3)})
+    with zipfile.ZipFile(tmp_path / "wraps.npz", "w") as z:
+        z.writestr("arr_0.npy", header.getvalue() + bytes(64))
+    with pytest.raises(UsageError, match="cut short"):
+        load_images(str(tmp_path / "wraps.npz"))
+
+
+def _flag_encrypted(path, out):
+    """The zip's members marked encrypted (bit 0 of the flags, local and central headers), as zip -e writes them."""
+    data = bytearray(path.read_bytes())
+    for magic, offset in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
+        at = data.find(magic)
+        while at >= 0:
+            data[at + offset] |= 1
+            at = data.find(magic, at + 4)
+    out.write_bytes(bytes(data))
+    return str(out)
+
+
+def test_an_encrypted_member_is_one_line_for_fake_and_ref(tmp_path):
+    """zipfile raises RuntimeError ("password required") for an encrypted member and NotImplementedError for
+    Deflate64: both were tracebacks (exit 1)."""
+    from aigc_cli.metrics.reference import load_npz
+
+    images = _flag_encrypted(Path(write_raw(tmp_path / "i.npz", np.zeros((3, 4, 4, 3), np.uint8))), tmp_path / "ie.npz")
+    with pytest.raises(UsageError, match="'arr_0' is damaged or unreadable .* encrypted"):
+        load_images(images)
+    np.savez(tmp_path / "s.npz", mu=np.zeros(2), sigma=np.eye(2))
+    with pytest.raises(UsageError, match="not a readable statistics .npz .* encrypted"):
+        load_npz(_flag_encrypted(tmp_path / "s.npz", tmp_path / "se.npz"))
 
 
 def test_fortran_order_reads_as_numpy_reads_it(tmp_path):

@@ -88,11 +88,22 @@ def test_walks_drawn_in_pieces_equal_one_draw(walks, steps, dim, batch, truncati
 
 def test_individual_files_streamed_from_batches_equal_one_batch(tmp_path):
     images = torch.randint(0, 256, (10, 1, 8, 8), dtype=torch.uint8)
-    assert save_individual(images.split(3), tmp_path / "a", workers=2) == 10
-    assert save_individual([images], tmp_path / "b") == 10
+    assert save_individual(images.split(3), tmp_path / "a", 10, workers=2) == 10
+    assert save_individual([images], tmp_path / "b", 10) == 10
     names = sorted(p.name for p in (tmp_path / "a").iterdir())
     assert names == [f"{i:06d}.png" for i in range(10)]
     assert all((tmp_path / "a" / s).read_bytes() == (tmp_path / "b" / s).read_bytes() for s in names)
+
+
+def test_past_a_million_images_the_png_names_sort_in_order():
+    """000000.png ... 999999.png, then 1000000.png sorted before 999999.png: eval --fake and --data read a folder
+    in name order, so a --n subset of such a folder was not the file's."""
+    from aigc_cli.sampling import png_name
+
+    assert [png_name(k, 10) for k in (0, 9)] == ["000000.png", "000009.png"]
+    assert png_name(999_999, 1_000_000) == "999999.png"
+    names = [png_name(k, 1_000_001) for k in (0, 999_999, 1_000_000)]
+    assert names == ["0000000.png", "0999999.png", "1000000.png"] == sorted(names)
 
 
 @pytest.fixture(scope="module")

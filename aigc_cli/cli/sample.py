@@ -183,7 +183,7 @@ def sample(
             pieces = _passing(pieces, add_to_npz)
             result["npz"] = str(npz)
         if individual is not None:
-            save_individual(pieces, individual)
+            save_individual(pieces, individual, n)
             result["individual"] = str(individual)
         elif add_to_npz is not None:
             for _ in pieces:

@@ -27,7 +27,7 @@ from ..data import has_test_split, load_images
 from ..errors import UsageError, one_line
 from ..image_npz import image_npz_writer, is_npz, load_images as load_npz_images
 from ..losses import decoded_image, vae_terms
-from ..sampling import copied_norms, from_uint8, generate, generator_from, latent_batches, latents, save_png
+from ..sampling import copied_norms, from_uint8, generate, generator_from, latent_batches, latents, png_name, save_png
 from ..training.ema import norm_layers
 from ..training.precision import Precision, resolve_device, slow_precision_note
 from .extractors import ClassifierFeatures, extractor_precision, make_extractor  # noqa: F401 (re-export)
@@ -142,21 +142,21 @@ class FakeEmbedder:
     KID/PR need them) and class probabilities when IS needs them."""
 
     def __init__(self, extractor, metrics: list[str], save_dir: str | os.PathLike | None = None,
-                 sink: Callable[[torch.Tensor], None] | None = None):
-        """save_dir: each image also written as a PNG there; sink: each batch also handed to it, on the CPU."""
+                 sink: Callable[[torch.Tensor], None] | None = None, n: int = 0):
+        """save_dir: each of the n images also written as a PNG there; sink: each batch also handed to it, on the CPU."""
         self.extractor, self.sink = extractor, sink
         self.stats = FeatureStats(keep=any(m in metrics for m in NEEDS_REAL_FEATURES))
         self.want_probs = "is" in metrics
         self.want_feats = any(m in metrics for m in NEEDS_REAL)
         self.probs: list[torch.Tensor] = []
         self.save_dir = Path(save_dir) if save_dir else None
-        self.count = 0
+        self.count, self.n = 0, n
 
     @torch.inference_mode()
     def add(self, images: torch.Tensor, batch_size: int) -> None:
         if self.save_dir is not None:
             for i, img in enumerate(images.cpu()):
-                save_png(img, self.save_dir / f"{self.count + i:06d}.png", sweep=False)  # swept once: filling()
+                save_png(img, self.save_dir / png_name(self.count + i, self.n), sweep=False)  # swept once: filling()
         if self.sink is not None:
             self.sink(images.cpu())
         self.count += len(images)
@@ -352,7 +352,7 @@ def evaluate(ckpt: ckpt_io.Checkpoint, *, data: str, root: str | None, download:
         if save_fakes and is_npz(save_fakes):
             sink = saving.enter_context(image_npz_writer(save_fakes, n, None if labels is None else
                                                          lambda start, stop: labels[start:stop]))
-        fake = FakeEmbedder(extractor, chosen, None if sink else save_fakes, sink)
+        fake = FakeEmbedder(extractor, chosen, None if sink else save_fakes, sink, n)
         if generating:
             progress.phase("generating and embedding" if fake.want_feats or fake.want_probs else "generating", n)
             fake.add_generated(G, z, labels, amp, batch_size)

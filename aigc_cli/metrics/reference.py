@@ -145,8 +145,10 @@ def load_npz(path: str | os.PathLike, what: str = "--ref", check_covariance: boo
             protocol = json.loads(str(z["protocol"])) if "protocol" in z.files else {}
     except UsageError:
         raise
-    # zlib.error: a damaged compressed member; RecursionError: a protocol of deeply nested JSON
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error, KeyError, RecursionError) as e:
+    # zlib.error: a damaged compressed member; RecursionError: a protocol of deeply nested JSON; RuntimeError:
+    # an encrypted member; NotImplementedError: a compression zipfile does not read (Deflate64)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error, KeyError, RecursionError, RuntimeError,
+            NotImplementedError) as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         if "Object arrays cannot be loaded" in reason:  # an npz of object arrays
             reason = "it holds object (pickled) arrays, which aigc does not load"
