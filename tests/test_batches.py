@@ -18,7 +18,7 @@ from aigc_cli.data import load_images
 from aigc_cli.data.lazy import HostImages
 from aigc_cli.errors import UsageError
 from aigc_cli.sampling import from_uint8
-from aigc_cli.training.batches import DeviceBatches, _reflect, make_batches, permutation, to_float
+from aigc_cli.training.batches import Augment, DeviceBatches, _reflect, make_batches, permutation, to_float
 from aigc_cli.training.streaming import StreamBatches
 from aigc_cli.training.streaming import _leave_stops_to_the_parent as real_worker_init  # before a test patches it
 
@@ -412,3 +412,35 @@ def test_streamed_folder_with_worker_processes_resumes_bit_identically(tmp_path)
     whole, split = (ckpt_io.load(tmp_path / name).tensors for name in ("whole", "split"))
     for key in whole:
         assert torch.equal(whole[key], split[key]), key
+
+
+def test_seek_into_a_later_epoch_continues_that_epochs_order():
+    """A resume mid-way through epoch 1 must draw epoch 1's order, not the first epoch's."""
+    images = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 1, 2, 2).contiguous()
+    run = DeviceBatches(images, None, 3, CPU, seed=7)
+    drawn = [run.next()[0] for _ in range(5)]  # epoch 0: 3 batches (one image dropped); epoch 1: 2 so far
+    assert run.position() == {"epoch": 1, "image": 6}
+    resumed = DeviceBatches(images, None, 3, CPU, seed=7)
+    resumed.seek(1, 3)
+    assert torch.equal(resumed.next()[0], drawn[4])
+    assert torch.equal(resumed.next()[0], run.next()[0])
+
+
+def test_flips_and_shifts_are_drawn_afresh_each_epoch():
+    aug = Augment(seed=3, hflip=True, translate=2, device=CPU)
+    r0, c0 = aug.coords(0, 0, 64, 8, 8)
+    r1, c1 = aug.coords(1, 0, 64, 8, 8)
+    assert not (torch.equal(r0, r1) and torch.equal(c0, c1))  # batch 0 of each epoch: other draws
+    again = aug.coords(0, 0, 64, 8, 8)
+    assert torch.equal(again[0], r0) and torch.equal(again[1], c0)  # and the same position, the same draws
+
+
+def test_data_under_device_max_mb_is_kept_on_the_device():
+    images = torch.zeros(12, 3, 8, 8, dtype=torch.uint8)  # 2.3 kB, well under 1 MB
+    data = SimpleNamespace(images=images, labels=None, lazy=False, nbytes=images.numel())
+    cfg = SimpleNamespace(data=DataConfig(device_max_mb=1), train=TrainConfig(batch_size=4))
+    batches = make_batches(data, cfg, CPU)
+    try:
+        assert isinstance(batches, DeviceBatches) and "kept on cpu" in batches.description
+    finally:
+        batches.close()

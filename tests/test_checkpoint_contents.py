@@ -327,3 +327,46 @@ def test_resume_auto_skips_an_export_left_in_the_checkpoints_folder(tmp_path, ba
     assert found.kind == "checkpoint" and found.path.name == "best.safetensors"
     assert warnings == [f"skipping {run / 'last.safetensors'}: an exported generator, with no training state to "
                         "resume from"]
+
+
+@pytest.mark.parametrize("counts, want", [
+    ([3, 5], [3, 5]),
+    ([3], []),          # not one count per class: eval would draw the wrong class mix
+    ([3, 5, 1], []),
+    ([-1, 5], []),      # a negative weight for torch.multinomial
+    ([0, 0], []),       # no images at all
+    ([1.5, 2], []),
+    ("x", []),
+])
+def test_class_counts_are_used_only_when_they_fit_the_models_classes(tmp_path, counts, want):
+    cfg = tiny("dcgan", conditional=True, num_classes=2)
+    meta = {"aigc.kind": "checkpoint", "aigc.step": "1", "aigc.class_counts": json.dumps(counts)}
+    assert ck.Checkpoint(tmp_path / "c.safetensors", {}, meta, cfg).class_counts == want
+
+
+def test_step_file_names_the_step_file_only_when_it_holds_the_same_checkpoint(tmp_path):
+    cfg = tiny("dcgan")
+    meta = {"aigc.kind": "checkpoint", "aigc.step": "5", "aigc.created": "2026-01-01T00:00:00+00:00"}
+    last, twin = tmp_path / "last.safetensors", tmp_path / "step-0000005.safetensors"
+    save_file({"x": torch.zeros(1)}, str(last), metadata=meta)
+    save_file({"x": torch.zeros(1)}, str(twin), metadata=meta)
+    assert ck.Checkpoint(last, {}, meta, cfg).step_file == twin.resolve()
+    save_file({"x": torch.zeros(1)}, str(twin), metadata={**meta, "aigc.created": "2026-01-02T00:00:00+00:00"})
+    assert ck.Checkpoint(last, {}, meta, cfg).step_file == last.resolve()  # another save at that step
+
+
+def test_only_step_numbered_files_are_step_files(tmp_path):
+    for name in ("step-0000010.safetensors", "step-backup.safetensors", "step-.safetensors"):
+        save_file({"x": torch.zeros(1)}, str(tmp_path / name), metadata={})
+    assert ck.step_of(tmp_path / "step-backup.safetensors") == -1
+    assert ck.step_files(tmp_path) == [tmp_path / "step-0000010.safetensors"]
+
+
+def test_a_file_without_aigc_kind_is_a_usage_error(tmp_path):
+    cfg = tiny("dcgan").with_overrides({"train.steps": "1", "train.ckpt_every": "1"})
+    train(cfg, tmp_path / "run", Silent())
+    good = ck.load(tmp_path / "run")
+    bad = tmp_path / "bad.safetensors"
+    save_file(dict(good.tensors), str(bad), metadata={k: v for k, v in good.meta.items() if k != "aigc.kind"})
+    with pytest.raises(UsageError, match="unknown aigc.kind None"):
+        ck.load(bad)

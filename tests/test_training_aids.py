@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from aigc_cli.training import augment
 from aigc_cli.training.augment import OPS, diff_augment, parse_policy
 from aigc_cli.training.ema import EMA
 from aigc_cli.training.schedule import lr_factor, set_lr
@@ -562,3 +563,26 @@ def test_cutout_centres_reach_the_reference_s_whole_range():
     cut_rows = (out[:, 0] == 0).any(2)
     first = cut_rows.float().argmax(1)
     assert set(first.tolist()) == set(range(13))  # centre 0..16: the square starts at rows -4..12, clipped
+
+
+def test_a_tensor_lr_is_scaled_in_place_from_an_unscaled_base():
+    p = torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.Adam([p], lr=torch.tensor(0.01), foreach=False)
+    lr = opt.param_groups[0]["lr"]
+    for _ in range(3):  # the same factor again gives the same rate: the base is not scaled with it
+        set_lr({"G": opt}, 0.5)
+    assert opt.param_groups[0]["lr"] is lr  # a graphed step reads this tensor: it must not be replaced
+    assert lr.item() == pytest.approx(0.005)
+    assert opt.param_groups[0]["base_lr"].item() == pytest.approx(0.01)
+
+
+def test_negative_warmup_is_refused():
+    with pytest.raises(ValueError, match="warm-up steps must be >= 0"):
+        lr_factor(0, 100, -1, "linear")
+
+
+def test_translation_of_28_pixel_images_reaches_four_pixels_each_way():
+    out = augment._translation(torch.ones(600, 1, 28, 28), torch.Generator().manual_seed(0))
+    rows, cols = out[:, 0].amax(2), out[:, 0].amax(1)  # 0 where a row or column is all fill
+    shift = lambda lines: (lines[:, :4] == 0).sum(1) - (lines[:, -4:] == 0).sum(1)  # noqa: E731
+    assert set(shift(rows).tolist()) == set(shift(cols).tolist()) == set(range(-4, 5))
