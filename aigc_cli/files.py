@@ -119,10 +119,14 @@ def atomic_write(path: str | os.PathLike, suffix: str = ".tmp", *, durable: bool
             lock = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             break
         except FileExistsError:
-            continue
+            continue  # another writer's name: not ours to remove
         except OSError as e:
             remove_empty(made)
             raise OSError(e.errno, e.strerror, str(path)) from None
+        except BaseException:  # Ctrl-C or SIGTERM raised as os.open returned (on a slow file system, often):
+            tmp.unlink(missing_ok=True)  # the file is ours (a new random name), and was left behind
+            remove_empty(made)
+            raise
     try:
         with contextlib.suppress(OSError):  # a file system without locks: sweeps cannot lock either
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a new file: nobody else holds it

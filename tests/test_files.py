@@ -60,6 +60,28 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
     assert target.read_text() == "old" and os.listdir(tmp_path) == ["keep.txt"]
 
 
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, SystemExit])
+def test_a_stop_raised_as_the_temporary_file_is_created_removes_it(tmp_path, monkeypatch, stop):
+    """Python runs a signal's handler right after a call returns: Ctrl-C or SIGTERM (raised as an exception) landing
+    as os.open created the temporary file, before the block that removes it, left it behind."""
+    real = os.open
+
+    def open_then_stop(path, *args, **kwargs):
+        real(path, *args, **kwargs)
+        raise stop()
+
+    class Os:  # only files.py's os.open: pytest's own file writes go on as they are
+        open = staticmethod(open_then_stop)
+
+        def __getattr__(self, name):
+            return getattr(os, name)
+
+    monkeypatch.setattr(files, "os", Os())
+    with pytest.raises(stop), atomic_write(tmp_path / "sub" / "f.png", ".png") as tmp:
+        tmp.write_bytes(b"never")
+    assert not (tmp_path / "sub").exists()  # the temporary file gone, and the folder made for it
+
+
 def test_a_full_disk_while_writing_through_an_open_file_names_the_target(tmp_path):
     import errno
 
