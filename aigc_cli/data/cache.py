@@ -55,8 +55,8 @@ def cache_root() -> str:
 
 # Each cache folder (decoded images; eval's statistics) is kept under this many GiB ($AIGC_CACHE_MAX_GB;
 # 0: no limit); the entries used longest ago go first. A decoded image folder is up to data.device_max_mb (4 GB
-# by default; IDX and CIFAR-10 files are smaller), and a folder that changes between runs (a data set still growing) adds one per run: on a
-# cluster's home quota the cache would otherwise fill it unseen.
+# by default; IDX and CIFAR-10 files are smaller), and a folder that changes between runs (a data set still
+# growing) adds one per run: on a cluster's home quota the cache would otherwise fill it unseen.
 DEFAULT_MAX_GB = 20.0
 
 

@@ -143,7 +143,8 @@ class FakeEmbedder:
 
     def __init__(self, extractor, metrics: list[str], save_dir: str | os.PathLike | None = None,
                  sink: Callable[[torch.Tensor], None] | None = None, n: int = 0):
-        """save_dir: each of the n images also written as a PNG there; sink: each batch also handed to it, on the CPU."""
+        """save_dir: each of the n images also written as a PNG there; sink: each batch also handed to it,
+        on the CPU."""
         self.extractor, self.sink = extractor, sink
         self.stats = FeatureStats(keep=any(m in metrics for m in NEEDS_REAL_FEATURES))
         self.want_probs = "is" in metrics
@@ -619,7 +620,8 @@ class TrainingEvaluator:
     def __call__(self, G: torch.nn.Module, step: int, amp: Precision | None = None,
                  should_stop: Callable[[], bool] | None = None) -> dict[str, float]:
         """Scores of G now, at `step` (unread here; the tests' stand-ins score by it); `amp` is the run's
-        current precision (a rollback may have left fp16). Raises EvaluationStopped as soon as `should_stop()` is true (a signal: the save must come first)."""
+        current precision (a rollback may have left fp16). Raises EvaluationStopped as soon as
+        `should_stop()` is true (a signal: the save must come first)."""
         was_training = G.training
         G.eval()
         try:
