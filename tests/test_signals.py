@@ -298,3 +298,20 @@ def test_sigusr1_during_set_up_is_ignored_as_the_readme_says(tmp_path):
                     exit_on_usr1=True)
     assert summary["steps"] == 3 and "SIGUSR1 came before the first step: nothing to save, ignored" in rep.notes
     assert [p.name for p in (tmp_path / "r" / "checkpoints").glob("step-*")] == ["step-0000003.safetensors"]
+
+
+@pytest.mark.parametrize("tail, ends", [("", "with the command"), ("raise ImportError('half a module')\n", "in an error")])
+def test_a_stop_that_landed_in_an_import_is_raised_when_the_command_ends_before_the_retry(tmp_path, monkeypatch, tail,
+                                                                                          ends):
+    """The stop waits for the import (see signals.in_import); a command that ends, or fails, before the retry
+    (RETRY_S) would otherwise exit 0 or with the import's error: the SIGTERM lost."""
+    from aigc_cli.cli.output import sigterm_raises
+    from aigc_cli.errors import Terminated
+    from conftest import module_that_stops_its_import
+
+    module_that_stops_its_import(tmp_path, monkeypatch, f"stops_then_ends_{len(tail)}", tail)
+    with pytest.raises(Terminated) as stopped, sigterm_raises():
+        __import__(f"stops_then_ends_{len(tail)}")
+    assert stopped.value.exit_code == 143
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
