@@ -42,11 +42,13 @@ def test_overrides_convert_types():
                                                      "data.source=/x y", "train.lr_d=0.001"]))
     assert cfg.train.lr_g == 1e-4 and cfg.train.steps == 7 and cfg.data.download is True
     assert cfg.data.source == "/x y" and isinstance(cfg.train.lr_d, float)
+    # integers in base 10, as written: a leading zero is no octal, and 0x10 no 16
+    assert Config().with_overrides(parse_assignments(["train.steps=010"])).train.steps == 10
 
 
 @pytest.mark.parametrize("item, message", [
     ("train.nope=1", "unknown config key"), ("nope.steps=1", "unknown config key"), ("train.steps", "key=value"),
-    ("train.steps=1.5", "expects int"), ("train.lr_g=fast", "expects float"), ("data.download=maybe", "expects bool"),
+    ("train.steps=1.5", "expects int"), ("train.steps=0x10", "expects int"), ("train.lr_g=fast", "expects float"), ("data.download=maybe", "expects bool"),
     ("train.batch_size=-3", "must be positive"), ("model.resolution=48", "power of two"),
     ("model.kind=gpt", "unknown"), ("model.channels=2", "1 or 3"), ("train.device=tpu", "train.device"),
     ("loss.gan=wgan-gp", "d_norm"), ("train.diffaugment=flip", "unknown 'flip'"),
