@@ -64,6 +64,17 @@ def webp_bomb(width: int, height: int) -> bytes:
     return b"RIFF" + struct.pack("<I", 4 + len(vp8x)) + b"WEBP" + vp8x
 
 
+@pytest.mark.parametrize("options", [{"lossless": True}, {"quality": 80}, {"quality": 80, "icc_profile": b"x" * 20}],
+                         ids=["VP8L", "VP8", "VP8X"])
+def test_the_webp_size_read_before_decoding_is_the_images(options):
+    """The canvas size checked against the pixel limit before PIL opens a WebP, in each of its three headers;
+    a wrong bit offset would pass bombs or refuse good files."""
+    from aigc_cli.data.folder import _webp_size
+
+    data = encode(Image.new("RGB", (37, 23), (1, 2, 3)), "WEBP", **options)
+    assert _webp_size(data[:30]) == (37, 23)
+
+
 def gif_bomb() -> bytes:
     data = bytearray(encode(Image.new("RGB", (16, 16)), "GIF"))
     data[6:10] = struct.pack("<HH", 65535, 65535)  # logical screen size
