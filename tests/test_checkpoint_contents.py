@@ -215,7 +215,8 @@ def groups_with(loaded, **change):
                                   "negative adam step", "scalar moment", "negative data position",
                                   "short numpy rng", "bad best value", "lr of a million", "text base_lr",
                                   "no first moment", "negative second moment", "integer moment", "true step",
-                                  "text scaler scale", "odd parameter index"])
+                                  "text scaler scale", "odd parameter index", "huge adam step", "zero scaler scale",
+                                  "scaler backoff above one", "negative best step"])
 def test_tampered_training_state_is_refused_on_resume(tmp_path, base, case):
     cfg, loaded = base
     moment = next(k for k in loaded.tensors if k.startswith("opt.G.") and k.endswith("exp_avg"))
@@ -255,6 +256,14 @@ def test_tampered_training_state_is_refused_on_resume(tmp_path, base, case):
     elif case == "text scaler scale":  # a TypeError in the GradScaler
         meta = {"aigc.scaler": json.dumps({"scale": "x", "growth_factor": 2.0, "backoff_factor": 0.5,
                                            "growth_interval": 2000, "_growth_tracker": 2})}
+    elif case in ("zero scaler scale", "scaler backoff above one"):
+        scale, backoff = (0.0, 0.5) if case == "zero scaler scale" else (1024.0, 1.5)
+        meta = {"aigc.scaler": json.dumps({"scale": scale, "growth_factor": 2.0, "backoff_factor": backoff,
+                                           "growth_interval": 2000, "_growth_tracker": 2})}
+    elif case == "huge adam step":  # Adam's bias correction as if it had run a million times longer
+        tensors = {moment.replace("exp_avg", "step"): torch.tensor(float(loaded.step * 1000 + 1))}
+    elif case == "negative best step":
+        meta = {"aigc.best_step": "-1"}
     elif case == "odd parameter index":  # opt.G.01.* beside opt.G.1.*: one of them won
         tensors = {moment.replace("opt.G.", "opt.G.0", 1): loaded.tensors[moment].clone()}
     message = resume_error(tmp_path, cfg, tampered(tmp_path, loaded, tensors, meta))
@@ -370,3 +379,14 @@ def test_a_file_without_aigc_kind_is_a_usage_error(tmp_path):
     save_file(dict(good.tensors), str(bad), metadata={k: v for k, v in good.meta.items() if k != "aigc.kind"})
     with pytest.raises(UsageError, match="unknown aigc.kind None"):
         ck.load(bad)
+
+
+def test_summed_losses_in_a_checkpoint_are_used_only_when_whole():
+    sums = {"loss_d": torch.tensor(6.0), "loss_g": torch.tensor(3.0)}
+    text = state.log_sums_meta(sums, 3)
+    back, n = state.log_sums({"aigc.log_sums": text}, "cpu")
+    assert n == 3 and {k: float(v) for k, v in back.items()} == {"loss_d": 6.0, "loss_g": 3.0}
+    for bad in (json.dumps({"n": 0, "sums": {"loss_d": [6.0, "float32"]}}), json.dumps({"n": -2, "sums": {"a": [1.0, "float32"]}}),
+                json.dumps({"n": 3, "sums": {"a": [1.0, "int64"]}}), json.dumps({"n": 3, "sums": {}}), "not json"):
+        assert state.log_sums({"aigc.log_sums": bad}, "cpu") == ({}, 0), bad
+
