@@ -172,6 +172,20 @@ def test_a_killed_writers_temporary_file_is_removed_by_the_next_write_and_a_live
     assert target.read_bytes() == b"new"
 
 
+def test_a_dead_writers_temporary_file_of_a_long_name_is_swept_and_a_fifo_is_left(tmp_path):
+    """Temporary names keep the first 80 characters of the target's (NAME_MAX is 255); the sweep matches the same
+    prefix. A FIFO of a temporary's name is no file of ours: opening it would block."""
+    target = tmp_path / ("g" * 120 + ".safetensors")
+    dead = tmp_path / f".{target.name[:80]}.0123abcd.tmp"
+    dead.write_bytes(b"x")
+    _backdate(dead)
+    fifo = tmp_path / ".gen.safetensors.0123abcd.tmp"
+    os.mkfifo(fifo)
+    _backdate(fifo)
+    assert files.remove_dead_temps(target) == 1 and not dead.exists()
+    assert files.remove_dead_temps(tmp_path / "gen.safetensors") == 0 and fifo.exists()
+
+
 @pytest.mark.parametrize("raised", [OSError(28, "No space left on device"), KeyboardInterrupt()])
 def test_a_failed_write_removes_the_folders_it_made(tmp_path, raised):
     """`aigc export --out new/dir/m.onnx` stopped by SIGTERM (or failing) left new/dir behind, empty."""
