@@ -301,6 +301,18 @@ def test_a_users_files_named_like_step_files_are_never_pruned_resumed_or_set_asi
     assert all(p.is_file() for p in mine) and (folder / "after-step-0000004" / "step-0000008.safetensors").is_file()
 
 
+def test_grids_of_a_run_killed_before_its_first_checkpoint_go_and_a_users_pngs_stay(tmp_path):
+    from aigc_cli.training.run_folder import RunFolder
+
+    run = RunFolder(tmp_path / "r", keep=1)
+    run.samples.mkdir()
+    ours, theirs = ["step-0000005.png", "recon-step-0000005.png"], ["my-step-0000005.png", "step-5-copy.png", "cover.png"]
+    for name in ours + theirs:
+        (run.samples / name).write_bytes(b"png")
+    run.remove_grids()
+    assert sorted(p.name for p in run.samples.iterdir()) == sorted(theirs)
+
+
 def test_metrics_with_bytes_cut_mid_character_by_a_crash_are_trimmed_not_a_traceback(tmp_path):
     from aigc_cli.training.run_folder import RunFolder
 
