@@ -313,6 +313,16 @@ def test_grids_of_a_run_killed_before_its_first_checkpoint_go_and_a_users_pngs_s
     assert sorted(p.name for p in run.samples.iterdir()) == sorted(theirs)
 
 
+def test_trimming_metrics_keeps_records_with_a_step_number_only(tmp_path):
+    """Lines that are no aigc record (a string step, a JSON list, a torn line) go; they broke the step comparison."""
+    from aigc_cli.training.run_folder import RunFolder
+
+    run = RunFolder(tmp_path / "r", keep=1)
+    (tmp_path / "r" / "metrics.jsonl").write_text('{"step": 1}\n{"step": "2"}\n[1, 2]\n{"step": 3\n{"step": 3}\n{"step": 9}\n')
+    run.trim_metrics(5)
+    assert (tmp_path / "r" / "metrics.jsonl").read_text() == '{"step": 1}\n{"step": 3}\n'
+
+
 def test_metrics_with_bytes_cut_mid_character_by_a_crash_are_trimmed_not_a_traceback(tmp_path):
     from aigc_cli.training.run_folder import RunFolder
 
