@@ -365,9 +365,10 @@ def test_step_file_names_the_step_file_only_when_it_holds_the_same_checkpoint(tm
 
 
 def test_only_step_numbered_files_are_step_files(tmp_path):
-    for name in ("step-0000010.safetensors", "step-backup.safetensors", "step-.safetensors"):
+    for name in ("step-0000010.safetensors", "step-backup.safetensors", "step-.safetensors",
+                 "step-old-step-0000009.safetensors"):  # the last was step 9 when a search found the number
         save_file({"x": torch.zeros(1)}, str(tmp_path / name), metadata={})
-    assert ck.step_of(tmp_path / "step-backup.safetensors") == -1
+    assert ck.step_of(tmp_path / "step-backup.safetensors") == ck.step_of(tmp_path / "step-old-step-0000009.safetensors") == -1
     assert ck.step_files(tmp_path) == [tmp_path / "step-0000010.safetensors"]
 
 

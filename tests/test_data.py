@@ -558,6 +558,30 @@ def test_a_class_folder_with_no_readable_image_keeps_the_numbering_in_memory_and
     assert sum("class folder a_bad: none of its images could be read" in w for w in said) == 1, said
 
 
+def test_a_classifier_trained_on_a_streamed_folder_says_a_bad_file_once_and_strict_skips_the_accuracy(tmp_path):
+    """Training and the accuracy at the end both met the file: said twice. With --strict the note said "held-out"
+    of an accuracy on the training images."""
+    from conftest import Silent, tiny, write_image_folder
+
+    from aigc_cli.training import loop
+
+    folder = write_image_folder(tmp_path / "imgs", n_per_class=6, size=16)
+    bad = sorted(folder.rglob("*.png"))[3]
+    bad.write_bytes(b"junk, not a png")
+    cfg = tiny("classifier", channels=3).with_overrides({
+        "data.source": str(folder), "train.steps": "3", "train.batch_size": "6", "data.device_max_mb": "0",
+        "data.workers": "0"})
+    rep = Silent()
+    summary = loop.train(cfg, tmp_path / "run", rep)
+    assert "train_accuracy" in summary
+    assert sum(n.startswith(f"skipping {bad.parent.name}/{bad.name}: ") for n in rep.notes) == 1, rep.notes
+    rep = Silent()
+    summary = loop.train(cfg.with_overrides({"train.steps": "1", "train.batch_size": "2", "data.strict": "true"}),
+                         tmp_path / "strict", rep)
+    assert "train_accuracy" not in summary
+    assert [n for n in rep.notes if n.startswith("training accuracy not measured: cannot use image file ")], rep.notes
+
+
 @pytest.mark.parametrize("streamed", [False, True])
 def test_a_classifier_on_a_folder_reports_training_accuracy_without_loading_it_again(tmp_path, monkeypatch, streamed):
     """A folder has no held-out split: the accuracy is on (a subset of) the training images and says so,

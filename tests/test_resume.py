@@ -311,6 +311,12 @@ def test_grids_of_a_run_killed_before_its_first_checkpoint_go_and_a_users_pngs_s
         (run.samples / name).write_bytes(b"png")
     run.remove_grids()
     assert sorted(p.name for p in run.samples.iterdir()) == sorted(theirs)
+    for name in ours:  # a branch set aside takes aigc's grids after its step, and no user's PNG either
+        (run.samples / name.replace("5", "9")).write_bytes(b"png")
+    (run.checkpoints / "step-0000009.safetensors").write_bytes(b"a later checkpoint")
+    aside = run.set_aside_after(4)
+    assert sorted(p.name for p in (aside / "samples").iterdir()) == ["recon-step-0000009.png", "step-0000009.png"]
+    assert sorted(p.name for p in run.samples.iterdir()) == sorted(theirs)
 
 
 def test_trimming_metrics_keeps_records_with_a_step_number_only(tmp_path):

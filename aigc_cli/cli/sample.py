@@ -69,7 +69,7 @@ def sample(
     truncation: Optional[float] = typer.Option(None, "--truncation", metavar="T", help="Truncation trick: each latent value drawn from a normal cut to [-T, T]; a smaller T (0.5 to 1, say) gives more typical, less varied images (default: no truncation; with --interpolate, of the walks' ends)."),
     interpolate: Optional[int] = typer.Option(None, "--interpolate", metavar="STEPS", help="Latent walks: each grid row goes in this many steps from one latent to another (spherical interpolation); --n is rounded to whole rows."),
     no_ema: bool = typer.Option(False, "--no-ema", metavar="", help="Use the raw generator weights, not their EMA."),
-    batch_size: int = typer.Option(512, "--batch-size", "-b", metavar="N", help="Images generated per forward pass (rounded down to a multiple of up to 16 rows, which keeps the images the same at any batch size)."),
+    batch_size: int = typer.Option(512, "--batch-size", "-b", metavar="N", help="Images generated per forward pass (latents are drawn in whole pieces of up to 16 rows, so each image's latent is the same at any batch size)."),
     device: str = typer.Option("auto", "--device", metavar="DEVICE", help="auto, cpu, cuda, cuda:N or mps."),
     precision: str = typer.Option("auto", "--precision", metavar="PRECISION", help="auto, bf16, fp16 or fp32."),
     json_out: bool = typer.Option(False, "--json", metavar="", help="Print one JSON object with the written paths."),

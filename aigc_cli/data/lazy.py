@@ -138,20 +138,22 @@ class LazyFolder:
             yield self[start:start + size]
 
 
-def pick(images, labels: torch.Tensor | None, indices: torch.Tensor, warn,
-         strict: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """images[indices] and labels[indices] (labels may be None), from a tensor or a streamed folder."""
+def pick(images, labels: torch.Tensor | None, indices: torch.Tensor, warn, strict: bool,
+         seen: set[str] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """images[indices] and labels[indices] (labels may be None), from a tensor or a streamed folder (its
+    replaced files said once each, given `seen`: see report_failures)."""
     if isinstance(images, LazyFolder):  # streamed, as training streamed it: a bad file is found only now
-        return _fetch_reporting(images, indices.tolist(), warn, strict)
+        return _fetch_reporting(images, indices.tolist(), warn, strict, seen)
     return images[indices], labels[indices] if labels is not None else None
 
 
-def _fetch_reporting(real: LazyFolder, indices: list[int], warn, strict: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _fetch_reporting(real: LazyFolder, indices: list[int], warn, strict: bool,
+                     seen: set[str] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The picked images of a streamed folder, and their labels (those of the files used); a file that
     does not decode is replaced by the next readable one, as in streamed training, with a warning
     (--strict: an error)."""
     images, labels, failures = real.fetch(indices)
-    report_failures(failures, warn, strict)
+    report_failures(failures, warn, strict, seen)
     if images is None:
         raise UsageError(f"none of the image files under {one_line(real.folder)} could be decoded "
                          f"({failures[0][0]}: {failures[0][1]}); check that they are valid images")

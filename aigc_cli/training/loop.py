@@ -609,9 +609,10 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup, run_lock
     summary = summarize()
     if family.objective == "classifier" and stop.signum is None:
         try:
-            key, value, count = classifier_accuracy(nets["C"], cfg, amp, data, reporter.note)
-        except UsageError as e:  # e.g. an IDX folder with no t10k files: the trained classifier still stands
-            reporter.note(f"held-out accuracy not measured: {e}")
+            key, value, count = classifier_accuracy(nets["C"], cfg, amp, data, reporter.note,
+                                                    getattr(batches, "reported", None))
+        except UsageError as e:  # e.g. an IDX folder with no t10k files, or --strict: the trained classifier stands
+            reporter.note(f"{'held-out' if data.held_out else 'training'} accuracy not measured: {e}")
         else:
             summary[key], summary["accuracy_images"] = value, count
             if step > start_step:  # a resume that trained nothing leaves the run folder as it was
@@ -646,11 +647,11 @@ ACCURACY_MAX_TRAINING_IMAGES = 10_000
 
 
 @torch.inference_mode()
-def classifier_accuracy(C, cfg: Config, amp: Precision, data, note) -> tuple[str, float, int]:
+def classifier_accuracy(C, cfg: Config, amp: Precision, data, note, seen: set[str] | None = None) -> tuple[str, float, int]:
     """(key, accuracy, images): "test_accuracy" on the source's held-out split; "train_accuracy" on a
     seeded subset of the training images where there is none (an image folder: its "test" is its
     training images, and one large enough to stream would not fit in memory whole). A streamed file
-    that does not decode is said as training says it (--strict: the UsageError)."""
+    that does not decode is said as training says it, unless training has (`seen`); --strict: the UsageError."""
     from ..data.native import real_indices  # noqa: PLC0415
 
     if data.held_out:
@@ -660,7 +661,7 @@ def classifier_accuracy(C, cfg: Config, amp: Precision, data, note) -> tuple[str
         key, chunks = "test_accuracy", zip(test.images.split(512), test.labels.split(512))
     else:
         key, picked = "train_accuracy", real_indices(len(data.images), ACCURACY_MAX_TRAINING_IMAGES, cfg.train.seed)
-        chunks = (pick(data.images, data.labels, ix, note, cfg.data.strict)  # a bad file's swap takes its label too
+        chunks = (pick(data.images, data.labels, ix, note, cfg.data.strict, seen)  # a bad file's swap takes its label too
                   for ix in picked.split(512))
     C.eval()
     device = next(C.parameters()).device

@@ -252,8 +252,8 @@ class RunFolder:
         if dropped:
             with atomic_write(aside / "metrics.jsonl") as tmp:
                 tmp.write_text("".join(s + "\n" for s in dropped), encoding="utf-8")
-        grids = [p for p in self.samples.glob("*step-*.png")
-                 if (m := re.search(r"step-(\d+)\.png$", p.name)) and int(m.group(1)) > step]
+        grids = [p for p in self.samples.glob("*step-*.png")  # aigc's grid names only, as remove_grids
+                 if (m := re.fullmatch(r"(recon-)?step-(\d+)\.png", p.name)) and int(m.group(2)) > step]
         if grids:
             (aside / "samples").mkdir()
             for path in grids:

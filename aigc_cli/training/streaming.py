@@ -140,7 +140,7 @@ class StreamBatches:
                 # another step in a resumed run than in the original
                 generator=torch.Generator().manual_seed(seed)))
         self._it: Iterator | None = None
-        self._reported: set[str] = set()
+        self.reported: set[str] = set()  # files said to be replaced (the accuracy at the end says no more)
 
     def position(self) -> dict[str, int]:
         return {"epoch": self.epoch, "image": self.image}
@@ -180,7 +180,7 @@ class StreamBatches:
         return x, y
 
     def _report(self, failures) -> None:
-        for rel in report_failures(failures, self.warn, self.strict, self._reported):
+        for rel in report_failures(failures, self.warn, self.strict, self.reported):
             self._class_lost(rel)
 
     def _class_lost(self, rel: str) -> None:
