@@ -597,6 +597,23 @@ def test_resuming_on_renamed_or_added_class_folders_is_refused(tmp_path):
     assert train(more, tmp_path / "run", Silent(), resume=find_resume("auto", tmp_path / "run", print))["steps"] == 4
 
 
+def test_resuming_on_labels_of_another_class_count_without_class_names_is_refused(tmp_path):
+    """IDX labels carry no class names: only the count tells the data changed under the model."""
+    import numpy as np
+
+    from test_data import write_idx
+
+    rng = np.random.default_rng(0)
+    write_idx(tmp_path / "two", "train", rng.integers(0, 256, (32, 16, 16), dtype=np.uint8), np.arange(32, dtype=np.uint8) % 2)
+    write_idx(tmp_path / "three", "train", rng.integers(0, 256, (32, 16, 16), dtype=np.uint8), np.arange(32, dtype=np.uint8) % 3)
+    cfg = tiny("dcgan", conditional=True).with_overrides({"data.source": str(tmp_path / "two"), "train.steps": "2",
+                                                          "train.batch_size": "8"})
+    train(cfg, tmp_path / "run", Silent())
+    more = cfg.with_overrides({"train.steps": "4", "data.source": str(tmp_path / "three")})
+    with pytest.raises(UsageError, match="the data has 3 classes, the model learnt 2"):
+        train(more, tmp_path / "run", Silent(), resume=find_resume("auto", tmp_path / "run", print))
+
+
 def test_going_back_does_not_crown_a_checkpoint_that_never_set_the_best(tmp_path):
     """best.safetensors after going back: the checkpoint that set the best value known there, when it
     is still here. Every later checkpoint carries that same best-so-far value, so with the setter pruned
