@@ -5,6 +5,7 @@ import pytest
 import scipy.linalg
 
 from aigc_cli.metrics.fid import feature_stats, fid_from_features, frechet_distance, kid
+from aigc_cli.metrics.scores import inception_score, precision_recall
 
 
 def _correlated(rng, n, d, shift=0.0):
@@ -165,3 +166,73 @@ def test_kid_draws_subsets_no_larger_than_the_smaller_side():
     for x, y in ((a, b), (b, a)):
         mean, std = kid(x, y, subsets=5, subset_size=30, seed=0)
         assert np.isfinite(mean) and np.isfinite(std)
+
+
+def test_inception_score_refuses_no_splits_negative_and_unnormalised_probabilities():
+    p = np.full((20, 4), 0.25)
+    for splits in (0, -1):  # range(0): no split, and a mean of nothing (NaN)
+        with pytest.raises(ValueError):
+            inception_score(p, splits)
+    negative = p.copy()
+    negative[0] = [1.5, -0.5, 0.0, 0.0]  # sums to 1
+    with pytest.raises(ValueError, match="probability distributions"):
+        inception_score(negative, 2)
+    with pytest.raises(ValueError, match="probability distributions"):
+        inception_score(p * 1.01, 2)
+
+
+def test_precision_recall_counts_a_point_on_the_ball_boundary_as_inside():
+    """Kynkäänniemi et al.: inside means distance <= the k-NN radius. Exact small integers, so no rounding."""
+    base = np.array([[0.0, 0.0], [4.0, 0.0], [0.0, 4.0], [4.0, 4.0]])
+    real = np.repeat(base, 4, axis=0)  # each point 4 times: its 3rd neighbour is at distance 0
+    assert precision_recall(real, base.repeat(4, axis=0), k=3) == (1.0, 1.0)
+
+
+def test_precision_recall_every_row_of_a_set_with_one_row_past_a_block():
+    rng = np.random.default_rng(0)
+    real = rng.normal(size=(513, 2))  # 512 rows a block: the 513th is a block of its own
+    assert precision_recall(real, real.copy(), k=3) == (1.0, 1.0)
+
+
+def test_precision_recall_refuses_k_zero():
+    x = np.random.default_rng(1).normal(size=(10, 3))
+    with pytest.raises(ValueError, match="k must be"):
+        precision_recall(x, x, k=0)
+
+
+def test_fid_refuses_features_with_no_dimension_or_any_infinite_value():
+    with pytest.raises(ValueError, match="at least 1 feature"):
+        fid_from_features(np.zeros((10, 0)), np.zeros((10, 0)))
+    x = np.random.default_rng(2).normal(size=(10, 3))
+    bad = x.copy()
+    bad[4, 1] = np.inf
+    for f1, f2 in ((bad, x), (x, bad)):
+        with pytest.raises(ValueError, match="NaN or infinite"):
+            fid_from_features(f1, f2)
+        with pytest.raises(ValueError, match="NaN or infinite"):
+            kid(f1, f2, subsets=1, subset_size=5)
+
+
+def test_frechet_distance_refuses_bad_covariances():
+    with pytest.raises(ValueError, match="sigma1 and sigma2"):
+        frechet_distance(np.zeros(3), np.eye(4), np.zeros(3), np.eye(3))
+    s = np.eye(3)
+    s[0, 1] = np.nan
+    with pytest.raises(ValueError, match="sigma2 contains NaN"):
+        frechet_distance(np.zeros(3), np.eye(3), np.zeros(3), s)  # else a NaN FID (max(nan, 0.0) is nan)
+
+
+def test_fid_of_one_feature_is_the_closed_form():
+    """np.cov of one feature is 0-d: the reshape makes it (1, 1)."""
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(size=(50, 1)), rng.normal(size=(40, 1)) * 2 + 1
+    va, vb = a.var(ddof=1), b.var(ddof=1)
+    expected = (a.mean() - b.mean()) ** 2 + va + vb - 2 * np.sqrt(va * vb)
+    assert fid_from_features(a, b) == pytest.approx(expected, rel=1e-9)
+
+
+def test_fid_of_a_set_with_itself_is_never_negative():
+    """Cancellation leaves about -3e-14 for some sets: printed as a negative FID without the clamp."""
+    for seed in range(20):
+        x = np.random.default_rng(seed).normal(size=(50, 8)) * 3 + 5
+        assert fid_from_features(x, x) >= 0.0

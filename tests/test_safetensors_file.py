@@ -119,3 +119,22 @@ def test_a_run_folder_removes_what_save_file_left_an_hour_ago(tmp_path):
     os.utime(other, (time.time() - 7200, time.time() - 7200))
     RunFolder(tmp_path / "r", keep=1)
     assert sorted(f.name for f in folder.iterdir()) == [".tmpQw9rTy", ".tmp_notes"]
+
+
+def forged(path, header: dict, data: bytes) -> None:
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data)
+
+
+@pytest.mark.parametrize("spec", [
+    {"dtype": "U8", "shape": [4], "data_offsets": [0, 2]},     # shape needs 4 bytes, offsets give 2
+    {"dtype": "F32", "shape": [1], "data_offsets": [0, 8]},    # offsets span two floats for one
+    {"dtype": "U8", "shape": [4], "data_offsets": [-4, 0]},    # before the data: header bytes as pixels
+    {"dtype": "F32", "shape": [1], "data_offsets": [-4, 0]},
+    {"dtype": "U8", "shape": [4], "data_offsets": [6, 10]},    # past the end of the file
+])
+def test_tensors_that_do_not_fit_their_offsets_are_refused(tmp_path, spec):
+    forged(tmp_path / "f.safetensors", {"t": spec}, bytes(range(8)))
+    with pytest.raises(ValueError, match="does not fit the file"):
+        safetensors_file.read_whole(tmp_path / "f.safetensors")

@@ -64,8 +64,11 @@ def intact(path: str) -> bool:
             head = f.read(4)
             if len(head) < 4 or head[:2] != b"\0\0" or head[2] not in _TYPES or head[3] == 0:
                 return False
-            dims = np.frombuffer(f.read(4 * head[3]), dtype=">u4")
-            return len(dims) == head[3] and os.fstat(f.fileno()).st_size == (
+            raw = f.read(4 * head[3])
+            if len(raw) != 4 * head[3]:  # cut inside the dimension words (frombuffer would raise on 6 bytes)
+                return False
+            dims = np.frombuffer(raw, dtype=">u4")
+            return os.fstat(f.fileno()).st_size == (
                 4 + 4 * head[3] + math.prod(int(d) for d in dims) * _TYPES[head[2]].itemsize)
     except OSError:
         return False
