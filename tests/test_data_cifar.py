@@ -1,4 +1,4 @@
-"""CIFAR-10 binary folder cases the mutation run found unguarded (aigc_cli/data/cifar.py)."""
+"""CIFAR-10 binary folders (aigc_cli/data/cifar.py): where they are found, cache keys, labels, the download check."""
 
 from __future__ import annotations
 

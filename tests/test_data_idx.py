@@ -1,4 +1,4 @@
-"""IDX parsing edge cases that the mutation run found unguarded (aigc_cli/data/idx.py)."""
+"""IDX parsing edge cases (aigc_cli/data/idx.py): byte orders, short and odd headers, label checks, intact()."""
 
 from __future__ import annotations
 

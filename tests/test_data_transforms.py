@@ -1,4 +1,4 @@
-"""Channel/resize conversions the mutation run found unguarded (aigc_cli/data/transforms.py)."""
+"""Channel and size conversions (aigc_cli/data/transforms.py)."""
 
 from __future__ import annotations
 

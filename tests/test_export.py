@@ -1,4 +1,4 @@
-"""`aigc export` behaviours the mutation run found unguarded (aigc_cli/export.py)."""
+"""`aigc export` (aigc_cli/export.py): --no-ema, integer buffers, the dtype and name checks, what may be exported."""
 
 from __future__ import annotations
 

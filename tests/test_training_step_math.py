@@ -1,6 +1,6 @@
-"""Training-step arithmetic the mutation run found unguarded (aigc_cli/training/steps.py): which
-parameters each optimizer holds at which rate, the penalty and KL weights in the loss that is
-backpropagated, the latent prior and WGAN's fresh sample for G."""
+"""Training-step arithmetic (aigc_cli/training/steps.py): which parameters each optimizer holds at which
+rate, the penalty and KL weights in the loss that is backpropagated, the latent prior and WGAN's fresh
+sample for G."""
 
 from __future__ import annotations
 
