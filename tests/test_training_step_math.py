@@ -110,3 +110,24 @@ def test_g_sees_standard_normal_latents_and_a_fresh_sample_after_the_critic_step
     assert torch.equal(zs[0], expected)
     assert len(zs) == 4 and not any(torch.equal(zs[3], z) for z in zs[:3])
     assert amp.updates == 4
+
+
+def test_a_conditional_vae_step_hands_the_labels_to_encoder_and_decoder():
+    """`model.conditional` passes the batch's labels on; dropping them would train an unconditional VAE
+    under a conditional model's name (its `--class` then meaning nothing)."""
+    cfg = tiny("vae", conditional=True, num_classes=3)
+    nets = build_nets(cfg.model)
+    seen = {}
+
+    def watching(name, real):
+        def call(inputs, y=None):
+            seen[name] = y
+            return real(inputs, y)
+        return call
+
+    nets["E"].forward = watching("E", nets["E"].forward)
+    nets["G"].logits = watching("G", nets["G"].logits)
+    labels = torch.tensor([0, 2, 1, 2])
+    vae_step(nets, make_optimizers("vae", nets, cfg.train), Recording(), lambda: (torch.rand(4, 1, 16, 16), labels),
+             cfg, 1, Aids())
+    assert torch.equal(seen["E"], labels) and torch.equal(seen["G"], labels)
