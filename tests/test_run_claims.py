@@ -338,3 +338,14 @@ def test_has_record_is_about_its_step(tmp_path):
     (tmp_path / "r" / "metrics.jsonl").write_text(json.dumps({"step": 10, "fid": 3.0}) + "\n"
                                                   + json.dumps({"step": 20, "loss_d": 1.0}) + "\n")
     assert run.has_record(10, "fid") and not run.has_record(20, "fid") and not run.has_record(10, "kid")
+
+
+def test_a_dead_runs_lock_file_is_taken_and_names_this_process_alone(tmp_path):
+    """A killed run leaves its lock file (the lock itself dies with it): the next run takes it, and the pid a
+    refused command reads is this one's, not this one's followed by the rest of a longer dead pid."""
+    from aigc_cli.training.run_folder import LOCK_NAME, run_lock
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / LOCK_NAME).write_text("99999999999")
+    with run_lock(tmp_path / "run"):
+        assert (tmp_path / "run" / LOCK_NAME).read_text() == str(os.getpid())
