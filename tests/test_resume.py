@@ -319,6 +319,20 @@ def test_grids_of_a_run_killed_before_its_first_checkpoint_go_and_a_users_pngs_s
     assert sorted(p.name for p in run.samples.iterdir()) == sorted(theirs)
 
 
+def test_going_back_sets_aside_a_last_or_best_that_cannot_be_read(tmp_path):
+    """Their step unknown, they may hold the branch left behind: moved with it, not kept as this branch's."""
+    cfg = run_cfg("dcgan", 4, {"train.ckpt_every": "2", "train.keep_checkpoints": "0"})
+    train(cfg, tmp_path / "run", Silent())
+    folder = tmp_path / "run" / "checkpoints"
+    (folder / "best.safetensors").write_bytes(b"damaged")
+    (folder / "last.safetensors").unlink()
+    (folder / "last.safetensors").write_bytes(b"damaged too")
+    train(cfg, tmp_path / "run", Silent(), resume=ckpt_io.load(folder / "step-0000002.safetensors"))
+    aside = folder / "after-step-0000002"
+    assert (aside / "best.safetensors").read_bytes() == b"damaged" and (aside / "last.safetensors").read_bytes() == b"damaged too"
+    assert ckpt_io.load(tmp_path / "run").step == 4  # the new branch's own
+
+
 def test_trimming_metrics_keeps_records_with_a_step_number_only(tmp_path):
     """Lines that are no aigc record (a string step, a JSON list, a torn line) go; they broke the step comparison."""
     from aigc_cli.training.run_folder import RunFolder
