@@ -121,7 +121,7 @@ class LazyFolder:
 
     def __getitem__(self, key) -> torch.Tensor:
         if isinstance(key, int):
-            return self.fetch([key % len(self)])[0][0]
+            return self[[key % len(self)]][0]  # a folder where nothing decodes: the UsageError below
         if isinstance(key, slice):
             key = range(*key.indices(len(self)))
         elif torch.is_tensor(key):

@@ -26,7 +26,10 @@ def extractor_precision(precision: str | Precision) -> str:
 
 
 def state_sha256(state: dict[str, torch.Tensor]) -> str:
-    """A content hash of a state dict: names, dtypes, shapes and bytes, in sorted order."""
+    """A content hash of a state dict: names, dtypes, element counts and bytes, in sorted order. (Each tensor
+    is flattened before its shape is hashed, so the shape itself is not; the names and the model's config fix
+    the shapes. Left so: hashing them now would change every classifier's weights_sha256, and with it the
+    statistics cache keys, the --ref files' extractor match and a resumed run's best.)"""
     h = hashlib.sha256()
     for key in sorted(state):
         t = state[key].detach().cpu().contiguous().reshape(-1)
