@@ -4,9 +4,9 @@ Tensors are namespaced by what they belong to: `G.*`, `G_ema.*`, `D.*`, `E.*`, `
 buffers); training checkpoints add the resumable state written by training/state.py (`opt.*`, `rng.*`).
 Metadata keys (strings) include aigc.format, aigc.kind (checkpoint|export), aigc.model, aigc.config (JSON),
 aigc.step, aigc.images_seen, aigc.precision, aigc.created and aigc.torch; the writers (here,
-training/state.py, training/loop.py, training/run_folder.py, export.py) add the rest (optimizer and RNG state, the best, class
-names, the EMA's statistics). Loading never executes code
-(safetensors holds only tensors) and validates header, metadata and config before anything is built.
+training/state.py, training/loop.py, training/run_folder.py, export.py) add the rest (optimizer and RNG
+state, the best, class names, the EMA's statistics). Loading never executes code (safetensors holds only
+tensors) and validates header, metadata and config before anything is built.
 """
 
 from __future__ import annotations

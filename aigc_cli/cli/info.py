@@ -17,10 +17,10 @@ def info(
 ) -> None:
     """Print model kind, step, images seen, parameter counts, precision and config."""
     from .. import checkpoint as ckpt_io
-    from ..errors import UsageError, one_line
+    from ..errors import one_line
     from ..models import FAMILIES
     from ..training.run_folder import TRANSIENT_KEY
-    from ..training.state import best_of
+    from ..training.state import recorded_best
 
     ck = ckpt_io.load(checkpoint, warn=warn)
     # absolute, as sample and eval name a checkpoint: the step file behind last/best, which the next save replaces
@@ -31,10 +31,7 @@ def info(
               "format": int(ck.meta["aigc.format"]), "config": ck.config.to_dict()}
     if ck.class_names:
         result["class_names"] = ck.class_names
-    try:
-        chosen_by, value, best_step = best_of(ck.meta, ck.path)
-    except UsageError:
-        chosen_by = value = None
+    chosen_by, value, best_step = recorded_best(ck.meta)
     if chosen_by and value is not None:  # the run's best when this was saved: what best.safetensors then held
         result["best"] = {"metric": chosen_by, "value": value, "step": best_step}
     if ck.meta.get(TRANSIENT_KEY):  # "time": written by train.ckpt_minutes; the run's next save deletes it

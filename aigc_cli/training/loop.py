@@ -476,10 +476,8 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup, run_lock
             summary["samples"] = os.path.abspath(grid)
         best_file = run.checkpoints / "best.safetensors"
         if metric and best_file.exists():
-            try:  # what the file says of itself: a resume with nothing to train may come from before it
-                chosen_by, value, _ = state.best_of(ckpt_io.read_meta(best_file) or {}, best_file)
-            except UsageError:
-                chosen_by = value = None
+            # what the file says of itself: a resume with nothing to train may come from before it
+            chosen_by, value, _ = state.recorded_best(ckpt_io.read_meta(best_file) or {})
             if chosen_by == metric and value is not None:
                 summary["best"] = {"metric": metric, "value": value, "path": os.path.abspath(best_file)}
         if stopped_by is not None:

@@ -269,6 +269,14 @@ def best_of(meta: dict[str, str], origin) -> tuple[str | None, float | None, int
     return metric, value, step
 
 
+def recorded_best(meta: dict[str, str]) -> tuple[str | None, float | None, int | None]:
+    """best_of for a file only shown or reported (`aigc info`, train's summary): invalid records read as none."""
+    try:
+        return best_of(meta, "")
+    except UsageError:
+        return None, None, None
+
+
 def log_sums_meta(sums: dict[str, torch.Tensor], n: int) -> str:
     """The losses summed since the last log line (device tensors: read here, at a save, not per step)."""
     return json.dumps({"n": n, "sums": {k: [float(v), str(v.dtype).removeprefix("torch.")] for k, v in sums.items()}})
