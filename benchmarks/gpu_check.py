@@ -10,7 +10,8 @@ equivalence, train (graphed and eager, at the defaults), train_graphed (the same
 BN + activation at batch 64 and 128), fusion (fused on/off at 1024 and 256), vs_reference
 (benchmarks/train_speed.py), profile (GPU time per kernel family of an eager step at batch 1024), copies
 (GPU time of copies and convolutions by input shape), one_channel (benchmarks/one_channel.py), subpixel
-(train.subpixel_convs on/off at 1024, 256 and 64, each half alone at 1024), cudnn_search (cuDNN's benchmark
+(train.subpixel_convs on/off at 1024, 256 and 64, unpadded and padded to 8 channels, each half alone at 1024),
+adopt_best (the later parts run with subpixel's fastest batch-1024 setting, if any beat it off), cudnn_search (cuDNN's benchmark
 trying all algorithms, not 10, at 1024, each run in its own process: b1024), b1024 (one run at the defaults), rollback, resume, eval (`aigc eval` wall times),
 fid_agreement (needs pytorch-fid), sample. On 2026-11-29 on an H200 one call of fusion, train, vs_reference,
 sample, train_fuse, equivalence, rollback, resume, profile, eval and fid_agreement took 411 s, and one of
@@ -151,11 +152,18 @@ def main() -> None:
                     help="config override, e.g. train.subpixel_convs=on (repeatable), for the trainings this script "
                          "runs itself (not equivalence, and not the other benchmark scripts it calls); it wins over "
                          "a part's own settings, so leave batch sizes and steps to the parts")
+    ap.add_argument("--subpixel-pad", type=int, default=0,
+                    help="aigc_cli.training.subpixel.PAD_CHANNELS for this process (with train.subpixel_convs=on)")
+    ap.add_argument("--subpixel-kinds", default="conv,transposed",
+                    help="aigc_cli.training.subpixel.KINDS for this process: conv, transposed or both")
     ap.add_argument("--cudnn-benchmark-limit", type=int,
                     help="torch.backends.cudnn.benchmark_limit for this process (0: cuDNN tries every algorithm)")
     args = ap.parse_args()
     global DEVICE, STEPS_SCALE
     DEVICE, STEPS_SCALE = args.device, args.steps_scale
+    from aigc_cli.training import subpixel
+
+    subpixel.PAD_CHANNELS, subpixel.KINDS = args.subpixel_pad, tuple(args.subpixel_kinds.split(","))
     if args.cudnn_benchmark_limit is not None:
         torch.backends.cudnn.benchmark_limit = args.cudnn_benchmark_limit
     bad = [item for item in args.aigc_set if "=" not in item]
@@ -264,24 +272,49 @@ def fusion_speed(args, out) -> dict:
 
 
 def subpixel_speed(args, out) -> dict:
-    """train.subpixel_convs on/off at the defaults otherwise (graphed, fused), alternating, and at batch 1024 each
-    rewrite alone: whether `auto` should turn it (or one half) on for CUDA. 1024 first: the 100k img/s goal."""
+    """train.subpixel_convs on/off at the defaults otherwise (graphed, fused), alternating, unpadded and with the
+    narrow side padded to 8 channels (subpixel.PAD_CHANNELS), and at batch 1024 each rewrite alone: whether
+    `auto` should turn it (or one half) on for CUDA, and with which padding. 1024 first: the 100k img/s goal."""
     from aigc_cli.training import subpixel
 
     res = {}
-    runs = [(1024, 150, "on", None), (1024, 150, "off", None), (1024, 150, "on", ("conv",)),
-            (1024, 150, "on", ("transposed",)), (256, 300, "on", None), (256, 300, "off", None),
-            (64, 600, "on", None), (64, 600, "off", None)]
-    for batch, steps, setting, kinds in runs:
-        subpixel.KINDS = kinds or ("conv", "transposed")
+    both = ("conv", "transposed")
+    before = subpixel.KINDS, subpixel.PAD_CHANNELS
+    runs = [(1024, 150, "on", both, 0), (1024, 150, "off", both, 0), (1024, 150, "on", both, 8),
+            (1024, 150, "on", ("conv",), 8), (1024, 150, "on", ("transposed",), 8), (1024, 150, "on", ("conv",), 0),
+            (1024, 150, "on", ("transposed",), 0), (256, 300, "on", both, 8), (256, 300, "off", both, 0),
+            (256, 300, "on", both, 0), (64, 600, "on", both, 8), (64, 600, "off", both, 0), (64, 600, "on", both, 0)]
+    for batch, steps, setting, kinds, pad in runs:
+        subpixel.KINDS, subpixel.PAD_CHANNELS = kinds, pad
+        name = f"b{batch}_{setting}" + ("" if kinds == both else f"_{kinds[0]}") + (f"_pad{pad}" if pad else "")
         try:
             r = aigc_train_speed(args.data, batch, "auto", steps, sets={"train.subpixel_convs": setting})
+            res[name] = {k: r[k] for k in ("img_per_s_median", "wall_s", "peak_gb", "notes")}
+        except Exception as e:  # one setting that fails must not cost the others
+            res[name] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-800:]}
         finally:
-            subpixel.KINDS = ("conv", "transposed")
-        res[f"b{batch}_{setting}{'_' + kinds[0] if kinds else ''}"] = {
-            k: r[k] for k in ("img_per_s_median", "wall_s", "peak_gb", "notes")}
+            subpixel.KINDS, subpixel.PAD_CHANNELS = before
         record(out, "subpixel_so_far", res)  # a lease that ends mid-part keeps what it measured
     return res
+
+
+def adopt_best(args, out) -> dict:
+    """After `subpixel`: the parts after this one (train_graphed, cudnn_search) run with the fastest of its
+    batch-1024 settings, where that beat the rewrites off by more than 2%."""
+    from aigc_cli.training import subpixel
+
+    runs = {k: v["img_per_s_median"] for k, v in RESULTS.get("subpixel", {}).items()
+            if k.startswith("b1024_") and isinstance(v, dict) and v.get("img_per_s_median")}
+    if "b1024_off" not in runs:
+        return {"adopted": None, "why": "no subpixel results at batch 1024"}
+    best = max(runs, key=runs.get)
+    if best == "b1024_off" or runs[best] < 1.02 * runs["b1024_off"]:
+        return {"adopted": None, "runs": runs}
+    words = best.split("_")[2:]  # b1024_on[_conv|_transposed][_padN]
+    pad = int(words.pop()[3:]) if words and words[-1].startswith("pad") else 0
+    subpixel.KINDS, subpixel.PAD_CHANNELS = (tuple(words) or ("conv", "transposed")), pad
+    AIGC_SETS["train.subpixel_convs"] = "on"
+    return {"adopted": best, "kinds": subpixel.KINDS, "pad": pad, "runs": runs}
 
 
 def cudnn_search_speed(args, out) -> dict:
@@ -294,6 +327,9 @@ def cudnn_search_speed(args, out) -> dict:
         sub = out / f"cudnn-search-{limit}-{'ab'[i // 2]}"
         cmd = [sys.executable, "benchmarks/gpu_check.py", "--data", args.data, "--out", str(sub), "--device", DEVICE,
                "--steps-scale", str(STEPS_SCALE), "--parts", "b1024", "--cudnn-benchmark-limit", str(limit)]
+        from aigc_cli.training import subpixel
+
+        cmd += ["--subpixel-pad", str(subpixel.PAD_CHANNELS), "--subpixel-kinds", ",".join(subpixel.KINDS)]
         r = run_cmd(cmd + [f"--aigc-set={k}={v}" for k, v in AIGC_SETS.items()], timeout=240)
         try:
             got = json.loads((sub / "gpu_check.json").read_text())["b1024"]
@@ -439,7 +475,8 @@ PARTS: dict = {
         ("fusion", fusion_speed), ("profile", kernel_profile), ("rollback", rollback_under_graph),
         ("resume", resume_under_graph), ("eval", eval_speed), ("fid_agreement", fid_agreement),
         ("sample", sample_speed), ("vs_reference", vs_reference), ("copies", layout_copies),
-        ("one_channel", one_channel), ("subpixel", subpixel_speed), ("cudnn_search", cudnn_search_speed)]},
+        ("one_channel", one_channel), ("subpixel", subpixel_speed), ("adopt_best", adopt_best),
+        ("cudnn_search", cudnn_search_speed)]},
 }
 
 if __name__ == "__main__":

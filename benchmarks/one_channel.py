@@ -9,8 +9,8 @@ each of the two layers, forward + backward (input and weight gradients) at one b
 - nchw: the layer in the contiguous format, its neighbours' tensors converted (the conversions are timed);
 - s2d / s2d8 (D's first conv): space-to-depth, the same convolution as pad 1 + pixel_unshuffle(2) and a
   2x2 stride-1 convolution over 4 channels (s2d8: zero-padded to 8 channels, which tensor-core kernels want);
-- d2s (G's last conv): depth-to-space, the same transposed convolution as a 3x3 convolution to the 4
-  sub-pixel phases and pixel_shuffle(2).
+- d2s / d2s8 (G's last conv): depth-to-space, the same transposed convolution as a 3x3 convolution to the 4
+  sub-pixel phases and pixel_shuffle(2) (d2s8: zero kernels pad the 4 phases to 8 output channels, sliced off).
 
 Every variant's output is checked against the layer's own in fp32 first (max abs difference printed; one off
 by more than 1e-4 of the output's scale stops the script). s2d and d2s are train.subpixel_convs' rewrites
@@ -53,6 +53,11 @@ def d2s_convt(h: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
     return F.pixel_shuffle(F.conv2d(h, w3, padding=1), 2)
 
 
+def d2s8_convt(h: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
+    """d2s with the 4 phases zero-padded to 8 output channels (w3 padded), the padding sliced off."""
+    return F.pixel_shuffle(F.conv2d(h, w3, padding=1)[:, :4], 2)
+
+
 def variants(n: int, width: int, device: torch.device):
     """(layer, name, make_input, fn(x, w), weight) for each variant; inputs in the format its neighbours use."""
     g = torch.Generator().manual_seed(0)
@@ -68,6 +73,8 @@ def variants(n: int, width: int, device: torch.device):
         ("G last conv", "channels_last", hg.contiguous(memory_format=CL), lambda h, w: F.conv_transpose2d(h, w, None, 2, 1), wg.contiguous(memory_format=CL)),
         ("G last conv", "nchw", hg.contiguous(memory_format=CL), lambda h, w: F.conv_transpose2d(h.contiguous(), w, None, 2, 1), wg),
         ("G last conv", "d2s", hg.contiguous(memory_format=CL), d2s_convt, sub_pixel_weight(wg).contiguous(memory_format=CL)),
+        ("G last conv", "d2s8", hg.contiguous(memory_format=CL), d2s8_convt,
+         F.pad(sub_pixel_weight(wg), (0, 0, 0, 0, 0, 0, 0, 4)).contiguous(memory_format=CL)),
     ]
 
 

@@ -41,7 +41,9 @@ def _layer(transposed: bool, channels: int, bias: bool, spectral: bool) -> nn.Mo
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, CL])
 @pytest.mark.parametrize("spectral", [False, True])
-def test_rewritten_layer_computes_the_same_outputs_and_gradients(transposed, channels, bias, fmt, spectral):
+@pytest.mark.parametrize("pad", [0, 8, 16])
+def test_rewritten_layer_computes_the_same_outputs_and_gradients(transposed, channels, bias, fmt, spectral, pad, monkeypatch):
+    monkeypatch.setattr(subpixel, "PAD_CHANNELS", pad)  # 8 pads 1 channel's 4 to 8 (3 channels' 12 stay); 16 pads both
     torch.manual_seed(0)
     plain = _layer(transposed, channels, bias, spectral).to(memory_format=fmt)
     fast = copy.deepcopy(plain)

@@ -35,6 +35,10 @@ from torch import nn
 MAX_CHANNELS = 4
 # Which rewrites use_subpixel applies; benchmarks/gpu_check.py narrows it to time each one alone.
 KINDS = ("conv", "transposed")
+# The rewritten convolution's narrow side (D's 4C input channels, G's 4O output channels) is zero-padded up to
+# this many channels (0: not padded): cuDNN's 16-bit tensor-core kernels want channel counts that are multiples
+# of 8, and 4 may send it back to a generic kernel. Same function either way; gpu_check.py times both.
+PAD_CHANNELS = 0
 
 
 def space_to_depth_weight(w: torch.Tensor) -> torch.Tensor:
@@ -57,8 +61,12 @@ def _space_to_depth_conv(self, x, weight, bias):
     """Bound to a Conv2d as its _conv_forward, which its forward calls with `weight` after any
     parametrization (spectral norm) has been applied."""
     fmt = self.subpixel_format  # the network's: the layers after this one expect it
-    u = F.pixel_unshuffle(F.pad(x, (1, 1, 1, 1)), 2).contiguous(memory_format=fmt)
-    return F.conv2d(u, space_to_depth_weight(weight).contiguous(memory_format=fmt), bias)
+    u = F.pixel_unshuffle(F.pad(x, (1, 1, 1, 1)), 2)
+    w2 = space_to_depth_weight(weight)
+    extra = PAD_CHANNELS - u.shape[1]
+    if extra > 0:  # zero channels in both: they add nothing
+        u, w2 = F.pad(u, (0, 0, 0, 0, 0, extra)), F.pad(w2, (0, 0, 0, 0, 0, extra))
+    return F.conv2d(u.contiguous(memory_format=fmt), w2.contiguous(memory_format=fmt), bias)
 
 
 def _depth_to_space_forward(self, x, output_size=None):
@@ -66,12 +74,18 @@ def _depth_to_space_forward(self, x, output_size=None):
     if output_size is not None:  # another output size needs output_padding, which the rewrite lacks
         return type(self).forward(self, x, output_size)
     fmt = self.subpixel_format
-    w3 = sub_pixel_weight(self.weight).contiguous(memory_format=fmt)
+    w3 = sub_pixel_weight(self.weight)
     # Each output channel's bias on its 4 phases (expand, not repeat_interleave: nothing a CUDA graph could trip on)
     bias = self.bias.reshape(-1, 1).expand(-1, 4).reshape(-1) if self.bias is not None else None
+    phases = w3.shape[0]
+    extra = PAD_CHANNELS - phases
+    if extra > 0:  # zero kernels (and biases) for the padding channels, sliced off below
+        w3 = F.pad(w3, (0, 0, 0, 0, 0, 0, 0, extra))
+        bias = F.pad(bias, (0, extra)) if bias is not None else None
+    y = F.conv2d(x, w3.contiguous(memory_format=fmt), bias, padding=1)
     # pixel_shuffle keeps channels-last on the CPU only (torch's own meta function says so): back to the
     # network's format, free for one channel, where both formats are the same bytes.
-    return F.pixel_shuffle(F.conv2d(x, w3, bias, padding=1), 2).contiguous(memory_format=fmt)
+    return F.pixel_shuffle(y[:, :phases] if extra > 0 else y, 2).contiguous(memory_format=fmt)
 
 
 # Which method each kind replaces, by an attribute of the instance: the class stays what it was, so that
