@@ -51,7 +51,20 @@ AIGC_SETS: dict = {}  # --aigc-set: over each part's base settings, under what a
 # Scratch runs, caches and weights: one folder, removed at exit (about 1.5 GB per run, on a shared disk here).
 SCRATCH = Path(tempfile.mkdtemp(prefix="aigc-gpu-check-"))
 atexit.register(shutil.rmtree, SCRATCH, ignore_errors=True)
-signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `timeout` stops with SIGTERM: atexit still runs
+STOPPING = []  # set by SIGTERM outside train(); inside, train() turns the signal into its Interrupted
+
+
+def stopped(e: BaseException) -> bool:
+    """Whether `e` is the stop `timeout` asked for, not a part's failure: the script must end, not go on."""
+    return bool(STOPPING) or type(e).__name__ == "Interrupted"
+
+
+def _stop(*_):
+    STOPPING.append(True)
+    sys.exit(143)
+
+
+signal.signal(signal.SIGTERM, _stop)  # `timeout` stops with SIGTERM: atexit still runs
 
 
 def fresh(name: str) -> Path:
@@ -72,6 +85,8 @@ def part(out: Path, name: str, fn, *args) -> None:
     try:
         value = fn(*args)
     except Exception as e:  # a failed part must not stop the others
+        if stopped(e):
+            raise SystemExit(143) from e
         value = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-1500:]}
     if isinstance(value, dict):
         value["seconds"] = round(time.perf_counter() - t0, 1)
@@ -291,6 +306,8 @@ def subpixel_speed(args, out) -> dict:
             r = aigc_train_speed(args.data, batch, "auto", steps, sets={"train.subpixel_convs": setting})
             res[name] = {k: r[k] for k in ("img_per_s_median", "wall_s", "peak_gb", "notes")}
         except Exception as e:  # one setting that fails must not cost the others
+            if stopped(e):
+                raise
             res[name] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-800:]}
         finally:
             subpixel.KINDS, subpixel.PAD_CHANNELS = before
