@@ -160,12 +160,23 @@ def test_training_with_and_without_it_matches_and_saves_the_same_checkpoint(tmp_
     assert all(on[k].shape == off[k].shape for k in off)
 
 
-def test_auto_is_off_for_now_and_on_without_a_candidate_says_so(tmp_path):
-    assert not subpixel.wanted("auto", torch.device("cpu")) and not subpixel.wanted("auto", torch.device("cuda"))
+def test_auto_is_on_for_cuda_only_and_on_without_a_candidate_says_so(tmp_path, monkeypatch):
+    assert subpixel.wanted("auto", torch.device("cuda")) and not subpixel.wanted("auto", torch.device("cpu"))
     assert subpixel.wanted("on", torch.device("cpu")) and not subpixel.wanted("off", torch.device("cuda"))
     assert tiny("dcgan").train.subpixel_convs == "auto"
     rep = Silent()
     train(tiny("mlp_gan").with_overrides({"train.steps": 1, "train.subpixel_convs": "on"}), tmp_path / "mlp", rep)
     assert any("train.subpixel_convs=on: mlp_gan has no 4x4 stride-2 layer" in n for n in rep.notes), rep.notes
+    # auto, where it applies (CUDA, faked here), rewrites what it can and says nothing about a model without such layers
+    monkeypatch.setattr(subpixel, "wanted", lambda setting, device: setting != "off")
+    for kind in ("mlp_gan", "dcgan"):
+        rep = Silent()
+        train(tiny(kind).with_overrides({"train.steps": 1}), tmp_path / f"auto-{kind}", rep)
+        assert not any("subpixel" in n for n in rep.notes), rep.notes
+
+
+def test_the_default_pads_to_8_channels():
+    """The padded form measured at least as fast on an H200 (1.04x at batch 64); a test above checks it is exact."""
+    assert subpixel.PAD_CHANNELS == 8
     with pytest.raises(UsageError, match="subpixel_convs must be auto, on or off, got 'yes'"):
         tiny("dcgan").with_overrides({"train.subpixel_convs": "yes"})

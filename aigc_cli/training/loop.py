@@ -204,7 +204,8 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup, run_lock
     for net in nets.values():
         net.to(memory_format=memory_format)
     if subpixel.wanted(cfg.train.subpixel_convs, device):
-        if not sum(subpixel.use_subpixel(net, memory_format) for net in nets.values()):
+        rewrote = sum(subpixel.use_subpixel(net, memory_format) for net in nets.values())
+        if not rewrote and cfg.train.subpixel_convs == "on":  # auto says nothing where a model has no such layer
             reporter.note(f"train.subpixel_convs=on: {cfg.model.kind} has no 4x4 stride-2 layer on 1-{subpixel.MAX_CHANNELS} "
                           "image channels to rewrite, so it changes nothing")
     if fusion.wanted(cfg.train.fuse_norm_act, device):
