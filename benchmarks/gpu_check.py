@@ -11,7 +11,8 @@ BN + activation at batch 64 and 128), fusion (fused on/off at 1024 and 256), vs_
 (benchmarks/train_speed.py), profile (GPU time per kernel family of an eager step at batch 1024), copies
 (GPU time of copies and convolutions by input shape), one_channel (benchmarks/one_channel.py), subpixel
 (train.subpixel_convs on/off at 1024, 256 and 64, unpadded and padded to 8 channels, each half alone at 1024),
-adopt_best (the later parts run with subpixel's fastest batch-1024 setting, if any beat it off), cudnn_search (cuDNN's benchmark
+adopt_best (the later parts run with subpixel's fastest batch-1024 setting, if any beat it off), presets (three
+other presets at the defaults: the sub-pixel rewrites in them, finite losses), cudnn_search (cuDNN's benchmark
 trying all algorithms, not 10, at 1024, each run in its own process: b1024), b1024 (one run at the defaults), rollback, resume, eval (`aigc eval` wall times),
 fid_agreement (needs pytorch-fid), sample. On 2026-11-29 on an H200 one call of fusion, train, vs_reference,
 sample, train_fuse, equivalence, rollback, resume, profile, eval and fid_agreement took 411 s, and one of
@@ -334,6 +335,42 @@ def adopt_best(args, out) -> dict:
     return {"adopted": best, "kinds": subpixel.KINDS, "pad": pad, "runs": runs}
 
 
+def presets_at_defaults(args, out) -> dict:
+    """Other Fashion-MNIST presets, 30 steps each at the defaults on the device: whether the sub-pixel rewrites
+    (auto: on for CUDA) run in them (WGAN-GP differentiates D twice; a conditional D has more input channels than
+    the rewrite takes), how many layers each rewrote, and that the losses stay finite."""
+    from aigc_cli.config import load_preset
+    from aigc_cli.training import subpixel
+    from aigc_cli.training.loop import train
+    from conftest import Silent
+
+    real = subpixel.use_subpixel
+    res = {}
+    for name in ("fashion-mnist-wgan-gp", "fashion-mnist-cond-dcgan", "fashion-mnist-vae"):
+        counts = []
+        subpixel.use_subpixel = lambda net, fmt: counts.append(real(net, fmt)) or counts[-1]
+        try:
+            cfg = load_preset(name).with_overrides({
+                "data.source": args.data, "data.limit": 4096, "train.epochs": 0, "train.steps": 30,
+                "train.log_every": 10, "train.sample_every": 10**6, "train.ckpt_every": 10**6,
+                "train.device": DEVICE, **AIGC_SETS})
+            rep = Silent()
+            t0 = time.perf_counter()
+            train(cfg, fresh(f"preset-{name}"), rep)
+            losses = [{k: v for k, v in r.items() if k.startswith("loss")} for r in rep.records]
+            res[name] = {"rewritten": sum(counts), "losses": losses, "notes": rep.notes,
+                         "finite": all(math.isfinite(v) for d in losses for v in d.values()),
+                         "wall_s": round(time.perf_counter() - t0, 1)}
+        except Exception as e:
+            if stopped(e):
+                raise
+            res[name] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-800:]}
+        finally:
+            subpixel.use_subpixel = real
+        record(out, "presets_so_far", res)
+    return res
+
+
 def cudnn_search_speed(args, out) -> dict:
     """cuDNN's benchmark mode tries 10 algorithms per convolution by default (torch.backends.cudnn.benchmark_limit);
     0 tries all. At batch 1024, graphed and fused: whether a kernel outside the first 10 is faster. Each run in
@@ -493,7 +530,7 @@ PARTS: dict = {
         ("resume", resume_under_graph), ("eval", eval_speed), ("fid_agreement", fid_agreement),
         ("sample", sample_speed), ("vs_reference", vs_reference), ("copies", layout_copies),
         ("one_channel", one_channel), ("subpixel", subpixel_speed), ("adopt_best", adopt_best),
-        ("cudnn_search", cudnn_search_speed)]},
+        ("cudnn_search", cudnn_search_speed), ("presets", presets_at_defaults)]},
 }
 
 if __name__ == "__main__":
