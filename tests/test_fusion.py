@@ -77,6 +77,20 @@ def test_the_probe_compiles_the_graph_the_real_call_uses(aot_eager):
     assert int(net[1].num_batches_tracked) == 3  # the probe left the statistics alone
 
 
+def test_a_process_can_compile_more_variants_than_four_batch_sizes_of_the_dcgan_need(aot_eager):
+    """About 18 compiled variants per batch size on a GPU: the old limit of 64 ran out at the fourth batch size
+    trained in one process, and every pair ran unfused from then on. 66 shapes here, each its own graph."""
+    from torch._dynamo.utils import counters
+
+    net = nn.Sequential(nn.Conv2d(2, 4, 1), nn.BatchNorm2d(4), nn.ReLU())
+    fuse_norm_act(net)
+    counters.clear()
+    for n in range(2, 68):
+        net(torch.randn(n, 2, 2, 2)).sum().backward()
+    assert fusion._failed is None
+    assert counters["stats"]["unique_graphs"] == 66
+
+
 def test_leaves_conditional_bn_and_unpaired_layers_alone():
     net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Tanh(), nn.BatchNorm2d(4), nn.LeakyReLU(0.1),
                         nn.ReLU(), nn.BatchNorm2d(4, momentum=None), nn.ReLU())
