@@ -12,7 +12,8 @@ BN + activation at batch 64 and 128), fusion (fused on/off at 1024 and 256), vs_
 (GPU time of copies and convolutions by input shape), one_channel (benchmarks/one_channel.py), subpixel
 (train.subpixel_convs on/off at 1024, 256 and 64, unpadded and padded to 8 channels, each half alone at 1024),
 adopt_best (the later parts run with subpixel's fastest batch-1024 setting, if any beat it off), presets (three
-other presets at the defaults: the sub-pixel rewrites in them, finite losses), cudnn_search (cuDNN's benchmark
+other presets at the defaults: the sub-pixel rewrites in them, finite losses), train_eager (the eager step at
+batch 64 and 128 with fusion and the rewrites each on and off), cudnn_search (cuDNN's benchmark
 trying all algorithms, not 10, at 1024, each run in its own process: b1024), b1024 (one run at the defaults), rollback, resume, eval (`aigc eval` wall times),
 fid_agreement (needs pytorch-fid), sample. On 2026-11-29 on an H200 one call of fusion, train, vs_reference,
 sample, train_fuse, equivalence, rollback, resume, profile, eval and fid_agreement took 411 s, and one of
@@ -335,6 +336,22 @@ def adopt_best(args, out) -> dict:
     return {"adopted": best, "kinds": subpixel.KINDS, "pad": pad, "runs": runs}
 
 
+def eager_speed(args, out) -> dict:
+    """The eager step (cuda_graph off, where a gradient penalty or n_critic > 1 sends it) at the launch-bound
+    batch sizes, with the fused pairs and the sub-pixel rewrites each on and off: both add launches and host
+    work per step, which a CUDA graph hides and an eager step pays. Whether `auto` should leave either off there."""
+    res = {}
+    for batch, steps in ((64, 400), (128, 300)):
+        for fuse in ("on", "off"):
+            for sub in ("on", "off"):
+                name = f"b{batch}_fuse_{fuse}_subpixel_{sub}"
+                r = aigc_train_speed(args.data, batch, "off", steps,
+                                     {"train.fuse_norm_act": fuse, "train.subpixel_convs": sub})
+                res[name] = {k: r[k] for k in ("img_per_s_median", "img_per_s_all", "wall_s", "notes")}
+                record(out, "train_eager_so_far", res)
+    return res
+
+
 def presets_at_defaults(args, out) -> dict:
     """Other Fashion-MNIST presets, 30 steps each at the defaults on the device: whether the sub-pixel rewrites
     (auto: on for CUDA) run in them (WGAN-GP differentiates D twice; a conditional D has more input channels than
@@ -530,7 +547,7 @@ PARTS: dict = {
         ("resume", resume_under_graph), ("eval", eval_speed), ("fid_agreement", fid_agreement),
         ("sample", sample_speed), ("vs_reference", vs_reference), ("copies", layout_copies),
         ("one_channel", one_channel), ("subpixel", subpixel_speed), ("adopt_best", adopt_best),
-        ("cudnn_search", cudnn_search_speed), ("presets", presets_at_defaults)]},
+        ("cudnn_search", cudnn_search_speed), ("presets", presets_at_defaults), ("train_eager", eager_speed)]},
 }
 
 if __name__ == "__main__":
