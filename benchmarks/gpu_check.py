@@ -354,7 +354,7 @@ def eager_speed(args, out) -> dict:
 
 def presets_at_defaults(args, out) -> dict:
     """Other Fashion-MNIST presets, 30 steps each at the defaults on the device: whether the sub-pixel rewrites
-    (auto: on for CUDA) run in them (WGAN-GP differentiates D twice; a conditional D has more input channels than
+    (auto: on for graphed CUDA steps; --aigc-set train.subpixel_convs=on for all) run in them (WGAN-GP differentiates D twice; a conditional D has more input channels than
     the rewrite takes), how many layers each rewrote, and that the losses stay finite."""
     from aigc_cli.config import load_preset
     from aigc_cli.training import subpixel

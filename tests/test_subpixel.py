@@ -160,19 +160,33 @@ def test_training_with_and_without_it_matches_and_saves_the_same_checkpoint(tmp_
     assert all(on[k].shape == off[k].shape for k in off)
 
 
-def test_auto_is_on_for_cuda_only_and_on_without_a_candidate_says_so(tmp_path, monkeypatch):
-    assert subpixel.wanted("auto", torch.device("cuda")) and not subpixel.wanted("auto", torch.device("cpu"))
-    assert subpixel.wanted("on", torch.device("cpu")) and not subpixel.wanted("off", torch.device("cuda"))
+def test_auto_is_on_for_graphed_cuda_steps_only_and_on_without_a_candidate_says_so(tmp_path, monkeypatch):
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert subpixel.wanted("auto", cuda, True) and not subpixel.wanted("auto", cuda, False)
+    assert not subpixel.wanted("auto", cpu, True) and not subpixel.wanted("auto", cpu, False)
+    assert subpixel.wanted("on", cpu, False) and not subpixel.wanted("off", cuda, True)
     assert tiny("dcgan").train.subpixel_convs == "auto"
     rep = Silent()
     train(tiny("mlp_gan").with_overrides({"train.steps": 1, "train.subpixel_convs": "on"}), tmp_path / "mlp", rep)
     assert any("train.subpixel_convs=on: mlp_gan has no 4x4 stride-2 layer" in n for n in rep.notes), rep.notes
     # auto, where it applies (CUDA, faked here), rewrites what it can and says nothing about a model without such layers
-    monkeypatch.setattr(subpixel, "wanted", lambda setting, device: setting != "off")
+    monkeypatch.setattr(subpixel, "wanted", lambda setting, device, graphed: setting != "off")
     for kind in ("mlp_gan", "dcgan"):
         rep = Silent()
         train(tiny(kind).with_overrides({"train.steps": 1}), tmp_path / f"auto-{kind}", rep)
         assert not any("subpixel" in n for n in rep.notes), rep.notes
+
+
+def test_the_loop_asks_with_whether_the_step_is_captured(tmp_path, monkeypatch):
+    """auto's choice hangs on the graph decision: the loop must make that first and pass it on."""
+    import aigc_cli.training.loop as loop_mod
+
+    asked = []
+    monkeypatch.setattr(subpixel, "wanted", lambda setting, device, graphed: asked.append(graphed) or False)
+    train(tiny("dcgan").with_overrides({"train.steps": 1}), tmp_path / "cpu", Silent())
+    monkeypatch.setattr(loop_mod, "use_graph", lambda *a: True)  # as on CUDA: the static-buffer step, uncaptured here
+    train(tiny("dcgan").with_overrides({"train.steps": 1}), tmp_path / "graphed", Silent())
+    assert asked == [False, True]
 
 
 def test_the_default_pads_to_8_channels():

@@ -203,7 +203,9 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup, run_lock
     memory_format = torch.channels_last if channels_last(cfg, device, nets, reporter.note) else torch.contiguous_format
     for net in nets.values():
         net.to(memory_format=memory_format)
-    if subpixel.wanted(cfg.train.subpixel_convs, device):
+    scheduled = cfg.train.lr_warmup > 0 or cfg.train.lr_decay != "none"
+    graphed = use_graph(cfg, amp, device, scheduled, reporter.note)
+    if subpixel.wanted(cfg.train.subpixel_convs, device, graphed):
         rewrote = sum(subpixel.use_subpixel(net, memory_format) for net in nets.values())
         if not rewrote and cfg.train.subpixel_convs == "on":  # auto says nothing where a model has no such layer
             reporter.note(f"train.subpixel_convs=on: {cfg.model.kind} has no 4x4 stride-2 layer on 1-{subpixel.MAX_CHANNELS} "
@@ -225,8 +227,6 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup, run_lock
             reporter.note(f"fused {fused} BatchNorm + activation pairs with torch.compile; the first steps compile them"
                           if fused else f"train.fuse_norm_act=on: {cfg.model.kind} has no plain BatchNorm + "
                           "ReLU/LeakyReLU pairs to fuse, so it changes nothing")
-    scheduled = cfg.train.lr_warmup > 0 or cfg.train.lr_decay != "none"
-    graphed = use_graph(cfg, amp, device, scheduled, reporter.note)
     flags = optimizer_flags(device, capturable=graphed)
     opts = make_optimizers(family.objective, nets, cfg.train, flags)
     aids = Aids(augment=parse_policy(cfg.train.diffaugment))

@@ -18,9 +18,11 @@ forward pass derives the rewritten kernel from them, so gradients reach the same
 normalisation, a parametrization of `weight`, applies before the rewrite as before.
 
 On an H200 (torch 2.11, bf16, the whole step in a CUDA graph, fused BN + activation) the DCGAN step ran 1.32x
-faster at batch 1024 (85.6k -> 113k images/s), 1.19x at 256 and 1.07x at 64, so `auto` turns it on for CUDA.
-On 2 CPU cores the step gained nothing measurable (1.00-1.05x, benchmarks/README.md), so `auto` leaves it off
-there.
+faster at batch 1024 (85.6k -> 113k images/s), 1.19x at 256 and 1.07x at 64, so `auto` turns it on for CUDA
+where the step is captured in a graph. An eager step pays the rewrites' extra launches on the host, which a
+graph hides; at small batch, where launches are the bottleneck, that is not measured yet, so `auto` leaves
+eager steps alone (eager at batch 1024 gained 1.31x: `on` for such runs). On 2 CPU cores the step gained
+nothing measurable (1.00-1.05x, benchmarks/README.md), so `auto` leaves it off there.
 """
 
 from __future__ import annotations
@@ -129,6 +131,7 @@ def use_subpixel(net: nn.Module, memory_format: torch.memory_format) -> int:
     return len(found)
 
 
-def wanted(setting: str, device: torch.device) -> bool:
-    """`auto` is on for CUDA (1.07-1.32x on an H200) and off elsewhere (no gain on 2 CPU cores)."""
-    return setting == "on" or (setting == "auto" and device.type == "cuda")
+def wanted(setting: str, device: torch.device, graphed: bool) -> bool:
+    """`auto` is on for a step captured in a CUDA graph (1.07-1.32x on an H200), off for an eager one (not
+    measured at small batch) and on the CPU (no gain on 2 cores)."""
+    return setting == "on" or (setting == "auto" and device.type == "cuda" and graphed)
