@@ -92,7 +92,7 @@ class TrainConfig:
     cuda_graph: str = "auto"  # auto | on | off: capture the whole training step in one CUDA graph (auto: on CUDA where the step allows)
     channels_last: str = "auto"  # auto | on | off: channels-last memory format for conv models (auto: on CUDA and CPU)
     fuse_norm_act: str = "auto"  # auto | on | off: torch.compile each BatchNorm + ReLU/LeakyReLU pair into fused kernels (the first steps compile; auto: on CUDA)
-    subpixel_convs: str = "auto"  # auto | on | off: run D's first and G's last 4x4 stride-2 layers (on the image's 1 or 3 channels) as sub-pixel convolutions, the same function (auto: on for CUDA steps captured in a graph, where it is faster)
+    subpixel_convs: str = "auto"  # auto | on | off: run D's first and G's last 4x4 stride-2 layers (on the image's 1 or 3 channels) as sub-pixel convolutions, the same function (auto: one-channel images in CUDA steps captured in a graph, where it was measured faster)
     max_recoveries: int = 3  # rollbacks after non-finite values before giving up with exit code 3
     recover_lr_factor: float = 0.5  # learning rates are multiplied by this at each rollback
     recover_to_bf16: bool = True  # at a rollback, switch fp16 to bf16 where the device supports it

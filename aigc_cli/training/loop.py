@@ -205,8 +205,8 @@ def _train(cfg, run_dir, reporter, resume, exit_on_usr1, stop, cleanup, run_lock
         net.to(memory_format=memory_format)
     scheduled = cfg.train.lr_warmup > 0 or cfg.train.lr_decay != "none"
     graphed = use_graph(cfg, amp, device, scheduled, reporter.note)
-    if subpixel.wanted(cfg.train.subpixel_convs, device, graphed):
-        rewrote = sum(subpixel.use_subpixel(net, memory_format) for net in nets.values())
+    if limit := subpixel.max_channels(cfg.train.subpixel_convs, device, graphed):
+        rewrote = sum(subpixel.use_subpixel(net, memory_format, limit) for net in nets.values())
         if not rewrote and cfg.train.subpixel_convs == "on":  # auto says nothing where a model has no such layer
             reporter.note(f"train.subpixel_convs=on: {cfg.model.kind} has no 4x4 stride-2 layer on 1-{subpixel.MAX_CHANNELS} "
                           "image channels to rewrite, so it changes nothing")

@@ -17,12 +17,14 @@ parameters stay the 4x4 kernels (checkpoints, EMA copies and sampling see the us
 forward pass derives the rewritten kernel from them, so gradients reach the same parameters. Spectral
 normalisation, a parametrization of `weight`, applies before the rewrite as before.
 
-On an H200 (torch 2.11, bf16, the whole step in a CUDA graph, fused BN + activation) the DCGAN step ran 1.32x
-faster at batch 1024 (85.6k -> 113k images/s), 1.19x at 256 and 1.07x at 64, so `auto` turns it on for CUDA
-where the step is captured in a graph. An eager step pays the rewrites' extra launches on the host, which a
-graph hides; at small batch, where launches are the bottleneck, that is not measured yet, so `auto` leaves
-eager steps alone (eager at batch 1024 gained 1.31x: `on` for such runs). On 2 CPU cores the step gained
-nothing measurable (1.00-1.05x, benchmarks/README.md), so `auto` leaves it off there.
+On an H200 (torch 2.11, bf16, the whole step in a CUDA graph, fused BN + activation) the one-channel DCGAN
+step ran 1.32x faster at batch 1024 (85.6k -> 113k images/s), 1.19x at 256 and 1.07x at 64, so `auto` turns
+it on for CUDA where the step is to be captured in a graph, for one-channel images: what was measured. An eager
+step pays the rewrites' extra launches on the host (302 -> 366 aten calls per DCGAN step), which a graph
+hides; at small batch, where launches are the bottleneck, that is not measured yet, so `auto` leaves eager
+steps alone (eager at batch 1024 gained 1.31x: `on` for such runs). Nor were 3-channel images measured:
+`on` rewrites them too. On 2 CPU cores the step gained nothing measurable (1.00-1.04x, benchmarks/README.md),
+so `auto` leaves it off there.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from torch import nn
 # Image-side layers only (the image's 1 or 3 channels): between wide layers the library's own kernels are
 # fast. A conditional VAE's encoder takes its label maps as channels too, which leaves it out.
 MAX_CHANNELS = 4
+AUTO_MAX_CHANNELS = 1  # what `auto` rewrites: the one-channel layers measured on a GPU
 # Which rewrites use_subpixel applies; benchmarks/gpu_check.py narrows it to time each one alone.
 KINDS = ("conv", "transposed")
 # The rewritten convolution's narrow side (D's 4C input channels, G's 4O output channels) is zero-padded up to
@@ -107,23 +110,23 @@ def rewritten(m: nn.Module) -> bool:
     return "subpixel_format" in m.__dict__
 
 
-def candidates(net: nn.Module) -> list[tuple[nn.Module, str]]:
+def candidates(net: nn.Module, max_channels: int = MAX_CHANNELS) -> list[tuple[nn.Module, str]]:
     """(layer, kind) for what use_subpixel rewrites in `net`: its first Conv2d (D's, an encoder's) when that
-    takes at most MAX_CHANNELS, and its last ConvTranspose2d (G's, a decoder's) when that gives at most
-    MAX_CHANNELS, either only when 4x4 stride-2 and of the KINDS asked for, and not rewritten yet."""
+    takes at most max_channels, and its last ConvTranspose2d (G's, a decoder's) when that gives at most
+    max_channels, either only when 4x4 stride-2 and of the KINDS asked for, and not rewritten yet."""
     convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
     ups = [m for m in net.modules() if isinstance(m, nn.ConvTranspose2d)]
     found = []
-    if "conv" in KINDS and convs and convs[0].in_channels <= MAX_CHANNELS:
+    if "conv" in KINDS and convs and convs[0].in_channels <= max_channels:
         found.append((convs[0], "conv"))
-    if "transposed" in KINDS and ups and ups[-1].out_channels <= MAX_CHANNELS:
+    if "transposed" in KINDS and ups and ups[-1].out_channels <= max_channels:
         found.append((ups[-1], "transposed"))
     return [(m, kind) for m, kind in found if _fits(m) and not rewritten(m)]
 
 
-def use_subpixel(net: nn.Module, memory_format: torch.memory_format) -> int:
+def use_subpixel(net: nn.Module, memory_format: torch.memory_format, max_channels: int = MAX_CHANNELS) -> int:
     """Rewrite the candidate layers of `net` in place; returns how many. The state_dict is unchanged."""
-    found = candidates(net)
+    found = candidates(net, max_channels)
     for m, kind in found:
         name, fn = _METHODS[kind]
         m.subpixel_format = memory_format
@@ -131,7 +134,10 @@ def use_subpixel(net: nn.Module, memory_format: torch.memory_format) -> int:
     return len(found)
 
 
-def wanted(setting: str, device: torch.device, graphed: bool) -> bool:
-    """`auto` is on for a step captured in a CUDA graph (1.07-1.32x on an H200), off for an eager one (not
-    measured at small batch) and on the CPU (no gain on 2 cores)."""
-    return setting == "on" or (setting == "auto" and device.type == "cuda" and graphed)
+def max_channels(setting: str, device: torch.device, graphed: bool) -> int:
+    """How many image channels a layer may have for this run to rewrite it (0: none). `on`: MAX_CHANNELS.
+    `auto`: one-channel layers where the step is to be captured in a CUDA graph (1.07-1.32x on an H200);
+    none in an eager step (not measured at small batch) or on the CPU (no gain on 2 cores)."""
+    if setting == "on":
+        return MAX_CHANNELS
+    return AUTO_MAX_CHANNELS if setting == "auto" and device.type == "cuda" and graphed else 0
