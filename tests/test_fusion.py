@@ -268,3 +268,86 @@ def test_r1_trains_with_fusion_on_leaving_d_unfused(tmp_path, aot_eager):
     train(cfg, tmp_path / "r1", rep)
     assert any("D's pairs are left unfused" in n for n in rep.notes), rep.notes
     assert any(n.startswith("fused ") for n in rep.notes)  # G's still are
+
+
+def test_a_batch_norm_without_running_statistics_runs_eagerly_and_costs_no_one_fusion(aot_eager):
+    """track_running_stats=False has no buffers to pass the compiled pair: that layer runs its eager
+    BatchNorm; it must not count as a compile failure that turns fusion off for every layer of the process."""
+    import copy
+
+    from torch import nn
+
+    from aigc_cli.training import fusion
+
+    plain = nn.Sequential(nn.BatchNorm2d(3, track_running_stats=False), nn.LeakyReLU(0.2))
+    fused = copy.deepcopy(plain)
+    assert fusion.fuse_norm_act(fused) == 1
+    notes = []
+    fusion.report_to(notes.append)
+    x = torch.randn(4, 3, 5, 5)
+    torch.testing.assert_close(fused(x), plain(x))
+    assert fusion._failed is None and notes == []
+
+
+def test_the_probe_runs_once_per_kind_of_input(aot_eager, monkeypatch):
+    """The first call of each kind compiles forward and backward on copies; later calls of that kind run
+    the compiled pair once, not the probe again (a second forward and backward every step)."""
+    from torch import nn
+
+    from aigc_cli.training import fusion
+
+    calls = []
+    real = fusion._kernel
+
+    def counting():
+        kernel = real()
+        return lambda *a: calls.append(1) or kernel(*a)
+
+    monkeypatch.setattr(fusion, "_kernel", counting)
+    net = nn.Sequential(nn.BatchNorm2d(4), nn.ReLU())
+    fusion.fuse_norm_act(net)
+    for _ in range(3):
+        net(torch.randn(5, 4, 3, 3)).sum().backward()
+    assert len(calls) == 1 + 3  # one probe, three real calls
+
+
+def test_a_fused_run_after_a_failure_earlier_in_the_process_says_so(aot_eager):
+    from aigc_cli.training import fusion
+
+    fusion._failed = "RuntimeError: no C++ compiler found"
+    notes = []
+    fusion.report_to(notes.append)
+    assert len(notes) == 1 and "failed earlier in this process" in notes[0] and "no C++ compiler" in notes[0]
+
+
+def test_a_training_mode_forward_without_gradients_stays_fused(aot_eager):
+    """Batch statistics gathered under no_grad (a BatchNorm re-estimate, say): nothing to differentiate, so
+    the probe has no backward to compile; that is not a compile failure."""
+    import copy
+
+    from torch import nn
+
+    from aigc_cli.training import fusion
+
+    plain = nn.Sequential(nn.BatchNorm2d(3), nn.ReLU())
+    fused = copy.deepcopy(plain)
+    fusion.fuse_norm_act(fused)
+    x = torch.randn(4, 3, 5, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), plain(x))
+    torch.testing.assert_close(fused[0].running_mean, plain[0].running_mean)
+    assert fusion._failed is None
+
+
+def test_a_subclass_of_batch_norm_is_not_fused():
+    """Only plain BatchNorm2d: a subclass's own forward (what it is for) would be replaced by the fused pair."""
+    from torch import nn
+
+    from aigc_cli.training import fusion
+
+    class Custom(nn.BatchNorm2d):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    net = nn.Sequential(Custom(3), nn.ReLU())
+    assert fusion.fuse_norm_act(net) == 0 and type(net[0]) is Custom and type(net[1]) is nn.ReLU
