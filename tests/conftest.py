@@ -289,3 +289,18 @@ def module_that_stops_its_import(tmp_path, monkeypatch, name: str, tail: str = "
         "    pass\n" + tail)
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, name, raising=False)
+
+
+@pytest.fixture(scope="module")
+def sample_runs(tmp_path_factory) -> dict[str, Path]:
+    """Two 2-step tiny DCGAN runs to sample from, an unconditional ("gan") and a conditional ("cond") one, made
+    once per test module."""
+    from aigc_cli.training.loop import train
+
+    root = tmp_path_factory.mktemp("sample-runs")
+    out = {}
+    for name, model in (("gan", {}), ("cond", {"conditional": True})):
+        cfg = tiny("dcgan", **model).with_overrides({"train.steps": 2, "train.ckpt_every": 2, "train.sample_every": 2})
+        train(cfg, root / name, Silent())
+        out[name] = root / name
+    return out

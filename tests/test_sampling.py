@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -106,22 +105,11 @@ def test_past_a_million_images_the_png_names_sort_in_order():
     assert names == ["0000000.png", "0999999.png", "1000000.png"] == sorted(names)
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("sampling")
-    out = {}
-    for name, model in (("gan", {}), ("cond", {"conditional": True})):
-        cfg = tiny("dcgan", **model).with_overrides({"train.steps": 2, "train.ckpt_every": 2, "train.sample_every": 2})
-        train(cfg, root / name, Silent())
-        out[name] = root / name
-    return out
-
-
-def test_individual_only_streams_the_same_files_as_with_a_grid(monkeypatch, capsys, runs, tmp_path):
-    code, _, err = run_cli(monkeypatch, capsys, "sample", runs["gan"], "--n", "37", "--batch-size", "5",
+def test_individual_only_streams_the_same_files_as_with_a_grid(monkeypatch, capsys, sample_runs, tmp_path):
+    code, _, err = run_cli(monkeypatch, capsys, "sample", sample_runs["gan"], "--n", "37", "--batch-size", "5",
                            "--individual", tmp_path / "each")
     assert code == 0, err
-    code, _, err = run_cli(monkeypatch, capsys, "sample", runs["gan"], "--n", "37", "--out", tmp_path / "g.png",
+    code, _, err = run_cli(monkeypatch, capsys, "sample", sample_runs["gan"], "--n", "37", "--out", tmp_path / "g.png",
                            "--individual", tmp_path / "both")
     assert code == 0, err
     assert not (tmp_path / "samples.png").exists()  # --individual alone writes no grid
@@ -130,14 +118,14 @@ def test_individual_only_streams_the_same_files_as_with_a_grid(monkeypatch, caps
     assert all((tmp_path / "each" / s).read_bytes() == (tmp_path / "both" / s).read_bytes() for s in names)
 
     # Fewer images into the same folder: the files left from before are pointed out, not scored silently.
-    code, _, err = run_cli(monkeypatch, capsys, "sample", runs["gan"], "--n", "30", "--individual", tmp_path / "each")
+    code, _, err = run_cli(monkeypatch, capsys, "sample", sample_runs["gan"], "--n", "30", "--individual", tmp_path / "each")
     assert code == 0 and "also holds 7 PNG files this command did not write" in err, err
-    code, out, err = run_cli(monkeypatch, capsys, "sample", runs["gan"], "--n", "30", "--individual", tmp_path / "each",
+    code, out, err = run_cli(monkeypatch, capsys, "sample", sample_runs["gan"], "--n", "30", "--individual", tmp_path / "each",
                              "--quiet")
     assert (code, out, err) == (0, "", "")
 
 
-def test_individual_sweeps_what_killed_writers_left(monkeypatch, capsys, runs, tmp_path):
+def test_individual_sweeps_what_killed_writers_left(monkeypatch, capsys, sample_runs, tmp_path):
     """kill -9 mid-write leaves a hidden .NNNNNN.png.XXXXXXXX.png, which a glob of *.png takes for an image;
     the next run into the folder removes it (once, before writing: not per PNG)."""
     each = tmp_path / "each"
@@ -147,37 +135,37 @@ def test_individual_sweeps_what_killed_writers_left(monkeypatch, capsys, runs, t
         f.write_bytes(b"x")
     os.utime(dead, (time.time() - 3600,) * 2)
     os.utime(other, (time.time() - 3600,) * 2)
-    code, _, err = run_cli(monkeypatch, capsys, "sample", runs["gan"], "--n", "3", "--individual", each)
+    code, _, err = run_cli(monkeypatch, capsys, "sample", sample_runs["gan"], "--n", "3", "--individual", each)
     assert code == 0, err
     assert not dead.exists() and live.exists() and other.exists()
     assert "did not write" not in err, err  # hidden files are no images: none of them is "from an earlier run"
 
 
-def test_a_grid_too_large_to_hold_is_one_line_exit_2_before_generating(monkeypatch, capsys, runs, tmp_path):
-    code, _, err = run_cli(monkeypatch, capsys, "sample", runs["gan"], "--n", "1000000000", "--out", tmp_path / "x.png")
+def test_a_grid_too_large_to_hold_is_one_line_exit_2_before_generating(monkeypatch, capsys, sample_runs, tmp_path):
+    code, _, err = run_cli(monkeypatch, capsys, "sample", sample_runs["gan"], "--n", "1000000000", "--out", tmp_path / "x.png")
     assert code == 2 and err.count("\n") == 1 and "--individual" in err and "pixels" in err, err
     assert not (tmp_path / "x.png").exists()
 
 
-def test_conditional_n_rounded_to_whole_rows_says_so(monkeypatch, capsys, runs, tmp_path):
-    k = ckpt_io.load(runs["cond"]).config.model.num_classes
+def test_conditional_n_rounded_to_whole_rows_says_so(monkeypatch, capsys, sample_runs, tmp_path):
+    k = ckpt_io.load(sample_runs["cond"]).config.model.num_classes
     assert k >= 2
-    code, out, err = run_cli(monkeypatch, capsys, "sample", runs["cond"], "--n", str(k + 1), "--json",
+    code, out, err = run_cli(monkeypatch, capsys, "sample", sample_runs["cond"], "--n", str(k + 1), "--json",
                              "--out", tmp_path / "c.png")
     assert code == 0, err
     assert f"--n {k + 1} with {k} classes: 1 image per class, {k} in all" in err
     # What --class K means travels with the checkpoint and its export.
-    code, out, err = run_cli(monkeypatch, capsys, "export", runs["cond"], "--out", tmp_path / "c.safetensors")
+    code, out, err = run_cli(monkeypatch, capsys, "export", sample_runs["cond"], "--out", tmp_path / "c.safetensors")
     assert code == 0, err
-    for path in (runs["cond"], tmp_path / "c.safetensors"):
+    for path in (sample_runs["cond"], tmp_path / "c.safetensors"):
         code, out, err = run_cli(monkeypatch, capsys, "info", path, "--json")
         assert json.loads(out)["class_names"] == list(SHAPE_CLASSES)
     code, out, err = run_cli(monkeypatch, capsys, "sample", tmp_path / "c.safetensors", "--class", str(k))
     assert code == 2 and f"(0 {SHAPE_CLASSES[0]}, 1 {SHAPE_CLASSES[1]}" in err, err
 
 
-def test_a_stored_conditional_config_without_classes_is_refused(runs, tmp_path):
-    ck = ckpt_io.load(runs["cond"])
+def test_a_stored_conditional_config_without_classes_is_refused(sample_runs, tmp_path):
+    ck = ckpt_io.load(sample_runs["cond"])
     cfg = ck.config.with_overrides({"model.num_classes": 0})
     meta = {**ck.meta, "aigc.config": cfg.to_json()}
     ckpt_io.write_atomic(tmp_path / "bad.safetensors", ck.tensors, meta)
@@ -185,24 +173,24 @@ def test_a_stored_conditional_config_without_classes_is_refused(runs, tmp_path):
         ckpt_io.load(tmp_path / "bad.safetensors")
 
 
-def test_export_refuses_other_formats_and_training_checkpoints(monkeypatch, capsys, runs, tmp_path):
-    code, _, err = run_cli(monkeypatch, capsys, "export", runs["gan"], "--out", tmp_path / "g.pt")
+def test_export_refuses_other_formats_and_training_checkpoints(monkeypatch, capsys, sample_runs, tmp_path):
+    code, _, err = run_cli(monkeypatch, capsys, "export", sample_runs["gan"], "--out", tmp_path / "g.pt")
     assert code == 2 and ".safetensors" in err and not (tmp_path / "g.pt").exists()
-    last = runs["gan"] / "checkpoints" / "last.safetensors"
+    last = sample_runs["gan"] / "checkpoints" / "last.safetensors"
     before = last.read_bytes()
-    code, _, err = run_cli(monkeypatch, capsys, "export", runs["gan"], "--out", last)
+    code, _, err = run_cli(monkeypatch, capsys, "export", sample_runs["gan"], "--out", last)
     assert code == 2 and "holds a training checkpoint" in err and last.read_bytes() == before
     foreign = tmp_path / "hub.safetensors"  # another program's weights
     from safetensors.torch import save_file
     save_file({"w": torch.zeros(3)}, str(foreign), metadata={"format": "pt"})
     before = foreign.read_bytes()
-    code, _, err = run_cli(monkeypatch, capsys, "export", runs["gan"], "--out", foreign)
+    code, _, err = run_cli(monkeypatch, capsys, "export", sample_runs["gan"], "--out", foreign)
     assert code == 2 and "holds tensors that aigc did not write" in err and foreign.read_bytes() == before, err
     (tmp_path / "g.safetensors").write_bytes(b"cut sh")  # a write cut short: no safetensors file, replaced
     for quiet in ([], ["-q"]):  # an earlier export is replaced, as asked
-        code, out, err = run_cli(monkeypatch, capsys, "export", runs["gan"], "--out", tmp_path / "g.safetensors", *quiet)
+        code, out, err = run_cli(monkeypatch, capsys, "export", sample_runs["gan"], "--out", tmp_path / "g.safetensors", *quiet)
         assert code == 0 and ("wrote" in out) != bool(quiet) and not err, err
-    step_file = (runs["gan"] / "checkpoints" / "step-0000002.safetensors").resolve()  # what last links to now
+    step_file = (sample_runs["gan"] / "checkpoints" / "step-0000002.safetensors").resolve()  # what last links to now
     assert ckpt_io.load(tmp_path / "g.safetensors").meta["aigc.source"] == str(step_file)
     code, out, err = run_cli(monkeypatch, capsys, "info", tmp_path / "g.safetensors", "--json")
     info = json.loads(out)
@@ -212,25 +200,25 @@ def test_export_refuses_other_formats_and_training_checkpoints(monkeypatch, caps
     assert code == 0 and "weights" not in json.loads(out)  # a training checkpoint holds them all
 
 
-def test_unwritable_outputs_are_named_as_the_user_typed_them(monkeypatch, capsys, runs, tmp_path):
+def test_unwritable_outputs_are_named_as_the_user_typed_them(monkeypatch, capsys, sample_runs, tmp_path):
     (tmp_path / "a.png").write_text("a file")
-    code, _, err = run_cli(monkeypatch, capsys, "sample", runs["gan"], "--n", "2", "--out", tmp_path / "a.png" / "x.png")
+    code, _, err = run_cli(monkeypatch, capsys, "sample", sample_runs["gan"], "--n", "2", "--out", tmp_path / "a.png" / "x.png")
     assert code == 2 and err == f"error: --out {tmp_path / 'a.png' / 'x.png'}: {tmp_path / 'a.png'} is a file, not a folder\n"
     # Where only a real write shows the folder is closed to us (root passes every permission check):
     # said before generating, naming the option.
-    code, _, err = run_cli(monkeypatch, capsys, "sample", runs["gan"], "--n", "2", "--out", "/proc/x.png")
+    code, _, err = run_cli(monkeypatch, capsys, "sample", sample_runs["gan"], "--n", "2", "--out", "/proc/x.png")
     assert code == 2 and err.startswith("error: --out /proc/x.png: cannot create files in /proc (") and err.count("\n") == 1, err
-    code, _, err = run_cli(monkeypatch, capsys, "sample", runs["gan"], "--n", "2", "--individual", "/proc/imgs")
+    code, _, err = run_cli(monkeypatch, capsys, "sample", sample_runs["gan"], "--n", "2", "--individual", "/proc/imgs")
     assert code == 2 and err.startswith("error: --individual /proc/imgs: cannot create files there (") and err.count("\n") == 1, err
-    code, _, err = run_cli(monkeypatch, capsys, "sample", runs["gan"], "--n", "2", "--individual", tmp_path / "a.png" / "d")
+    code, _, err = run_cli(monkeypatch, capsys, "sample", sample_runs["gan"], "--n", "2", "--individual", tmp_path / "a.png" / "d")
     assert (code, err) == (2, f"error: --individual {tmp_path / 'a.png' / 'd'}: {tmp_path / 'a.png'} is a file, not a folder\n")
     long = "x" * 252 + ".png"  # 256 bytes: one past what file systems allow in a name
     for option in ("--out", "--npz", "--individual"):
         name = long[:-4] + ".npz" if option == "--npz" else long
-        code, _, err = run_cli(monkeypatch, capsys, "sample", runs["gan"], "--n", "2", option, tmp_path / name)
+        code, _, err = run_cli(monkeypatch, capsys, "sample", sample_runs["gan"], "--n", "2", option, tmp_path / name)
         assert code == 2 and err == f"error: {option}: the name {name[:30]}... is 256 bytes long; file systems allow 255\n", err
-    for args in (["export", runs["gan"], "--out", tmp_path / (long[:-4] + ".onnx")],
-                 ["eval", runs["gan"], "--save-fakes", tmp_path / long]):
+    for args in (["export", sample_runs["gan"], "--out", tmp_path / (long[:-4] + ".onnx")],
+                 ["eval", sample_runs["gan"], "--save-fakes", tmp_path / long]):
         code, _, err = run_cli(monkeypatch, capsys, *args)
         assert code == 2 and err.startswith(f"error: {args[2]}: the name xxxxx") and err.count("\n") == 1, err
     assert not list(tmp_path.glob(".aigc-*"))  # the probe leaves nothing
@@ -283,23 +271,23 @@ def test_class_names_with_commas_or_edge_spaces_are_matched_exactly():
     assert parse_classes("sp", names) == [5]  # as typed without its space, it is still the one match
 
 
-def test_conditional_labels_are_made_batch_by_batch_one_class_per_row(monkeypatch, capsys, runs, tmp_path):
+def test_conditional_labels_are_made_batch_by_batch_one_class_per_row(monkeypatch, capsys, sample_runs, tmp_path):
     import aigc_cli.sampling as S
 
     seen, real = [], S.generate
     monkeypatch.setattr(S, "generate", lambda G, z, amp, bs, labels=None: seen.append(labels) or real(G, z, amp, bs, labels=labels))
-    code, _, err = run_cli(monkeypatch, capsys, "sample", runs["cond"], "--class", "3,0,2", "--n", "6", "-b", "4",
+    code, _, err = run_cli(monkeypatch, capsys, "sample", sample_runs["cond"], "--class", "3,0,2", "--n", "6", "-b", "4",
                            "--individual", tmp_path / "each")
     assert code == 0, err
     assert [t.tolist() for t in seen] == [[3, 3, 0, 0], [2, 2]]
 
 
-def test_a_grid_of_one_class_is_square_not_one_long_row(monkeypatch, capsys, runs, tmp_path):
+def test_a_grid_of_one_class_is_square_not_one_long_row(monkeypatch, capsys, sample_runs, tmp_path):
     from PIL import Image
 
     res = 16 + 2  # tiny()'s resolution and make_grid's padding
     for classes, n, cells in (("1", 16, (4, 4)), ("1,2", 6, (3, 2))):  # two classes: one a row
-        code, _, err = run_cli(monkeypatch, capsys, "sample", runs["cond"], "--class", classes, "--n", str(n),
+        code, _, err = run_cli(monkeypatch, capsys, "sample", sample_runs["cond"], "--class", classes, "--n", str(n),
                                "--out", tmp_path / "g.png")
         assert code == 0, err
         assert Image.open(tmp_path / "g.png").size == (cells[0] * res + 2, cells[1] * res + 2)
@@ -313,15 +301,15 @@ def test_a_grid_of_one_class_is_square_not_one_long_row(monkeypatch, capsys, run
     (["--individual", "{tmp}/i", "--out", "{tmp}/i/grid.png"], "is inside the --individual folder"),
     (["--individual", "{tmp}/i", "--out", "{tmp}/i/sub/grid.png"], "is inside the --individual folder"),
 ])
-def test_sample_refuses_before_any_work(monkeypatch, capsys, runs, tmp_path, args, expect):
+def test_sample_refuses_before_any_work(monkeypatch, capsys, sample_runs, tmp_path, args, expect):
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
-    code, out, err = run_cli(monkeypatch, capsys, "sample", runs["cond"], *args)
+    code, out, err = run_cli(monkeypatch, capsys, "sample", sample_runs["cond"], *args)
     assert code == 2 and expect in err and err.count("\n") == 1, err
     assert not (tmp_path / "i").exists()
 
 
-def test_class_for_a_model_that_cannot_take_one_says_why(monkeypatch, capsys, runs, tmp_path):
-    code, _, err = run_cli(monkeypatch, capsys, "sample", runs["gan"], "--class", "dog", "--out", tmp_path / "g.png")
+def test_class_for_a_model_that_cannot_take_one_says_why(monkeypatch, capsys, sample_runs, tmp_path):
+    code, _, err = run_cli(monkeypatch, capsys, "sample", sample_runs["gan"], "--class", "dog", "--out", tmp_path / "g.png")
     assert code == 2 and "--class needs a class-conditional model; this dcgan is unconditional" in err, err
 
 
@@ -337,31 +325,31 @@ def test_the_grid_is_laid_out_as_torchvisions_make_grid(n, nrow, channels):
     assert torch.equal(ours, theirs[:channels])
 
 
-def test_fp16_on_the_cpu_is_warned_as_slow_in_sample_and_train(monkeypatch, capsys, runs, tmp_path):
-    code, _, err = run_cli(monkeypatch, capsys, "sample", runs["gan"], "--n", "2", "--precision", "fp16",
+def test_fp16_on_the_cpu_is_warned_as_slow_in_sample_and_train(monkeypatch, capsys, sample_runs, tmp_path):
+    code, _, err = run_cli(monkeypatch, capsys, "sample", sample_runs["gan"], "--n", "2", "--precision", "fp16",
                            "--out", tmp_path / "g.png")
     assert code == 0 and err.count("fp16 on the CPU is emulated and many times slower than fp32") == 1, err
-    code, _, err = run_cli(monkeypatch, capsys, "sample", runs["gan"], "--n", "2", "--out", tmp_path / "h.png")
+    code, _, err = run_cli(monkeypatch, capsys, "sample", sample_runs["gan"], "--n", "2", "--out", tmp_path / "h.png")
     assert code == 0 and "emulated" not in err, err  # auto is fp32 on a CPU
     reporter = Silent()
     train(tiny("dcgan").with_overrides({"train.steps": 1, "train.precision": "fp16"}), tmp_path / "run", reporter)
     assert sum("fp16 on the CPU is emulated" in n for n in reporter.notes) == 1, reporter.notes
 
 
-def test_walks_fill_grid_rows_and_take_the_classes_in_turn(monkeypatch, capsys, runs, tmp_path):
+def test_walks_fill_grid_rows_and_take_the_classes_in_turn(monkeypatch, capsys, sample_runs, tmp_path):
     import aigc_cli.sampling as S
     from PIL import Image
 
     seen, real = [], S.generate
     monkeypatch.setattr(S, "generate", lambda G, z, amp, bs, labels=None: seen.append(labels) or real(G, z, amp, bs, labels=labels))
-    code, _, err = run_cli(monkeypatch, capsys, "sample", runs["cond"], "--class", "3,1", "--n", "14",
+    code, _, err = run_cli(monkeypatch, capsys, "sample", sample_runs["cond"], "--class", "3,1", "--n", "14",
                            "--interpolate", "4", "--out", tmp_path / "w.png")
     assert code == 0 and "--n 14 with --interpolate 4: 3 walks of 4 images, 12 in all" in err, err
     assert torch.cat(seen).tolist() == [3] * 4 + [1] * 4 + [3] * 4
-    code, _, err = run_cli(monkeypatch, capsys, "sample", runs["cond"], "--class", "3,1,0", "--n", "8",
+    code, _, err = run_cli(monkeypatch, capsys, "sample", sample_runs["cond"], "--class", "3,1,0", "--n", "8",
                            "--interpolate", "4", "--out", tmp_path / "w2.png")
     assert code == 0 and "2 walks, so the first 2 of the 3 classes only; --n 12 gives one walk per class" in err, err
-    code, _, err = run_cli(monkeypatch, capsys, "sample", runs["cond"], "--class", "3,1,0", "--n", "5",
+    code, _, err = run_cli(monkeypatch, capsys, "sample", sample_runs["cond"], "--class", "3,1,0", "--n", "5",
                            "--interpolate", "4", "--out", tmp_path / "w3.png")
     # the --n asked for, not the 4 it was rounded to (said in the line before)
     assert code == 0 and "--interpolate 4 with --n 5: 1 walk, so the first 1 of the 3 classes" in err, err
@@ -369,10 +357,10 @@ def test_walks_fill_grid_rows_and_take_the_classes_in_turn(monkeypatch, capsys, 
     assert Image.open(tmp_path / "w.png").size == (4 * (res + 2) + 2, 3 * (res + 2) + 2)  # a walk a row
 
 
-def test_walk_ends_are_the_seeds_images_and_truncation_changes_them(monkeypatch, capsys, runs, tmp_path):
+def test_walk_ends_are_the_seeds_images_and_truncation_changes_them(monkeypatch, capsys, sample_runs, tmp_path):
     def pngs(*args):
         folder = tmp_path / "-".join(args)
-        code, out, err = run_cli(monkeypatch, capsys, "sample", runs["gan"], "--seed", "3", "--json",
+        code, out, err = run_cli(monkeypatch, capsys, "sample", sample_runs["gan"], "--seed", "3", "--json",
                                  "--individual", folder, *args)
         assert code == 0, err
         return json.loads(out), [p.read_bytes() for p in sorted(folder.iterdir())]
@@ -393,19 +381,19 @@ def test_walk_ends_are_the_seeds_images_and_truncation_changes_them(monkeypatch,
     (["--interpolate", "1"], "--interpolate must be at least 2"),
     (["--interpolate", str(10**9 + 1), "--individual", "{tmp}/i"], "and at most 1,000,000,000"),
 ])
-def test_bad_truncation_or_walks_are_refused(monkeypatch, capsys, runs, tmp_path, args, expect):
+def test_bad_truncation_or_walks_are_refused(monkeypatch, capsys, sample_runs, tmp_path, args, expect):
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
-    code, _, err = run_cli(monkeypatch, capsys, "sample", runs["gan"], *args, "--out", tmp_path / "g.png")
+    code, _, err = run_cli(monkeypatch, capsys, "sample", sample_runs["gan"], *args, "--out", tmp_path / "g.png")
     assert code == 2 and expect in err and err.count("\n") == 1, err
     assert not (tmp_path / "g.png").exists()
 
 
-def test_a_grid_out_that_cannot_be_written_is_refused_before_generating(monkeypatch, capsys, runs, tmp_path):
+def test_a_grid_out_that_cannot_be_written_is_refused_before_generating(monkeypatch, capsys, sample_runs, tmp_path):
     import aigc_cli.sampling as S
 
     (tmp_path / "one.png").write_bytes(b"x")
     monkeypatch.setattr(S, "generate", lambda *a, **k: pytest.fail("generated before the --out check"))
-    code, _, err = run_cli(monkeypatch, capsys, "sample", runs["gan"], "--out", tmp_path / "one.png" / "x.png")
+    code, _, err = run_cli(monkeypatch, capsys, "sample", sample_runs["gan"], "--out", tmp_path / "one.png" / "x.png")
     assert code == 2 and "--out " in err and "one.png is a file, not a folder" in err, err
 
 

@@ -12,14 +12,13 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import Silent, run_cli, tiny
+from conftest import run_cli
 from PIL import Image
 
 from aigc_cli import checkpoint as ckpt_io
 from aigc_cli.errors import UsageError
 from aigc_cli.sampling import (check_generates, check_grid_size, class_labels, filling, latents, png_name,
                                sample_latents, slerp, truncate)
-from aigc_cli.training.loop import train
 
 CELL = 16 + 2  # tiny()'s resolution and make_grid's padding
 
@@ -101,17 +100,6 @@ def test_filling_warns_of_an_incomplete_set_only_when_some_were_written(tmp_path
 
 # ---- `aigc sample` in-process ---------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def gens(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("proposed-sampling")
-    out = {}
-    for name, model in (("gan", {}), ("cond", {"conditional": True})):
-        cfg = tiny("dcgan", **model).with_overrides({"train.steps": 2, "train.ckpt_every": 2, "train.sample_every": 2})
-        train(cfg, root / name, Silent())
-        out[name] = root / name
-    return out
-
-
 def grid_cells(path: Path) -> tuple[int, int]:
     w, h = Image.open(path).size
     return (w - 2) // CELL, (h - 2) // CELL
@@ -125,75 +113,75 @@ def grid_cells(path: Path) -> tuple[int, int]:
     (["--out", "{tmp}"], "is a folder; give a file name ending in .png"),
     (["--individual", "{tmp}/file"], "exists and is not a folder"),
 ])
-def test_sample_option_refusals(monkeypatch, capsys, gens, tmp_path, args, expect):
+def test_sample_option_refusals(monkeypatch, capsys, sample_runs, tmp_path, args, expect):
     (tmp_path / "file").write_text("x")
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
-    code, _, err = run_cli(monkeypatch, capsys, "sample", gens["gan"], *args)
+    code, _, err = run_cli(monkeypatch, capsys, "sample", sample_runs["gan"], *args)
     assert code == 2 and expect in err and err.count("\n") == 1, err
 
 
-def test_output_suffixes_are_matched_whatever_their_case(monkeypatch, capsys, gens, tmp_path):
-    code, _, err = run_cli(monkeypatch, capsys, "sample", gens["gan"], "--n", "2", "--out", tmp_path / "G.PNG",
+def test_output_suffixes_are_matched_whatever_their_case(monkeypatch, capsys, sample_runs, tmp_path):
+    code, _, err = run_cli(monkeypatch, capsys, "sample", sample_runs["gan"], "--n", "2", "--out", tmp_path / "G.PNG",
                            "--npz", tmp_path / "A.NPZ")
     assert code == 0, err
     assert (tmp_path / "G.PNG").exists() and (tmp_path / "A.NPZ").exists()
 
 
-def test_npz_alone_writes_no_grid(monkeypatch, capsys, gens, tmp_path):
+def test_npz_alone_writes_no_grid(monkeypatch, capsys, sample_runs, tmp_path):
     monkeypatch.chdir(tmp_path)
-    code, _, err = run_cli(monkeypatch, capsys, "sample", gens["gan"], "--n", "3", "--npz", tmp_path / "a.npz")
+    code, _, err = run_cli(monkeypatch, capsys, "sample", sample_runs["gan"], "--n", "3", "--npz", tmp_path / "a.npz")
     assert code == 0, err
     assert not (tmp_path / "samples.png").exists()
     assert np.load(tmp_path / "a.npz")["arr_0"].shape == (3, 16, 16, 1)
 
 
-def test_default_grid_is_sqrt_n_rounded_up_wide(monkeypatch, capsys, gens, tmp_path):
-    code, _, err = run_cli(monkeypatch, capsys, "sample", gens["gan"], "--n", "5", "--out", tmp_path / "g.png")
+def test_default_grid_is_sqrt_n_rounded_up_wide(monkeypatch, capsys, sample_runs, tmp_path):
+    code, _, err = run_cli(monkeypatch, capsys, "sample", sample_runs["gan"], "--n", "5", "--out", tmp_path / "g.png")
     assert code == 0, err
     assert grid_cells(tmp_path / "g.png") == (3, 2)
 
 
-def test_a_walk_longer_than_n_is_one_walk(monkeypatch, capsys, gens, tmp_path):
-    code, _, err = run_cli(monkeypatch, capsys, "sample", gens["gan"], "--n", "3", "--interpolate", "5",
+def test_a_walk_longer_than_n_is_one_walk(monkeypatch, capsys, sample_runs, tmp_path):
+    code, _, err = run_cli(monkeypatch, capsys, "sample", sample_runs["gan"], "--n", "3", "--interpolate", "5",
                            "--individual", tmp_path / "each")
     assert code == 0, err
     assert "--n 3 with --interpolate 5: 1 walk of 5 images, 5 in all" in err
     assert sorted(p.name for p in (tmp_path / "each").iterdir()) == [png_name(k, 5) for k in range(5)]
 
 
-def test_conditional_n_is_rounded_to_whole_rows_in_the_files_too(monkeypatch, capsys, gens, tmp_path):
-    k = ckpt_io.load(gens["cond"]).config.model.num_classes
-    code, _, err = run_cli(monkeypatch, capsys, "sample", gens["cond"], "--n", str(2 * k + 1),
+def test_conditional_n_is_rounded_to_whole_rows_in_the_files_too(monkeypatch, capsys, sample_runs, tmp_path):
+    k = ckpt_io.load(sample_runs["cond"]).config.model.num_classes
+    code, _, err = run_cli(monkeypatch, capsys, "sample", sample_runs["cond"], "--n", str(2 * k + 1),
                            "--individual", tmp_path / "each", "--npz", tmp_path / "a.npz")
     assert code == 0, err
     assert len(list((tmp_path / "each").iterdir())) == 2 * k
     assert np.load(tmp_path / "a.npz")["arr_1"].tolist() == [c for c in range(k) for _ in range(2)]
 
 
-def test_one_walk_per_class_says_nothing_of_classes_left_out(monkeypatch, capsys, gens, tmp_path):
-    k = ckpt_io.load(gens["cond"]).config.model.num_classes
-    code, _, err = run_cli(monkeypatch, capsys, "sample", gens["cond"], "--n", str(2 * k), "--interpolate", "2",
+def test_one_walk_per_class_says_nothing_of_classes_left_out(monkeypatch, capsys, sample_runs, tmp_path):
+    k = ckpt_io.load(sample_runs["cond"]).config.model.num_classes
+    code, _, err = run_cli(monkeypatch, capsys, "sample", sample_runs["cond"], "--n", str(2 * k), "--interpolate", "2",
                            "--out", tmp_path / "g.png")
     assert code == 0, err
     assert "classes only" not in err, err
     assert grid_cells(tmp_path / "g.png") == (2, k)
 
 
-def test_two_classes_take_a_row_each_and_one_class_walks_a_row_each(monkeypatch, capsys, gens, tmp_path):
-    code, _, err = run_cli(monkeypatch, capsys, "sample", gens["cond"], "--class", "1,2", "--n", "8",
+def test_two_classes_take_a_row_each_and_one_class_walks_a_row_each(monkeypatch, capsys, sample_runs, tmp_path):
+    code, _, err = run_cli(monkeypatch, capsys, "sample", sample_runs["cond"], "--class", "1,2", "--n", "8",
                            "--out", tmp_path / "two.png")
     assert code == 0, err
     assert grid_cells(tmp_path / "two.png") == (4, 2)  # not a square 3x3
-    code, _, err = run_cli(monkeypatch, capsys, "sample", gens["cond"], "--class", "1", "--n", "8",
+    code, _, err = run_cli(monkeypatch, capsys, "sample", sample_runs["cond"], "--class", "1", "--n", "8",
                            "--interpolate", "4", "--out", tmp_path / "walks.png")
     assert code == 0, err
     assert grid_cells(tmp_path / "walks.png") == (4, 2)  # a walk a row, as without --class
 
 
-def test_json_names_the_seed_it_drew_from(monkeypatch, capsys, gens, tmp_path):
+def test_json_names_the_seed_it_drew_from(monkeypatch, capsys, sample_runs, tmp_path):
     import json
 
-    code, out, err = run_cli(monkeypatch, capsys, "sample", gens["gan"], "--n", "2", "--seed", "7", "--json",
+    code, out, err = run_cli(monkeypatch, capsys, "sample", sample_runs["gan"], "--n", "2", "--seed", "7", "--json",
                              "--out", tmp_path / "g.png")
     assert code == 0, err
     assert json.loads(out)["seed"] == 7
