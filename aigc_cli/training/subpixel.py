@@ -110,23 +110,23 @@ def rewritten(m: nn.Module) -> bool:
     return "subpixel_format" in m.__dict__
 
 
-def candidates(net: nn.Module, max_channels: int = MAX_CHANNELS) -> list[tuple[nn.Module, str]]:
+def candidates(net: nn.Module, limit: int = MAX_CHANNELS) -> list[tuple[nn.Module, str]]:
     """(layer, kind) for what use_subpixel rewrites in `net`: its first Conv2d (D's, an encoder's) when that
-    takes at most max_channels, and its last ConvTranspose2d (G's, a decoder's) when that gives at most
-    max_channels, either only when 4x4 stride-2 and of the KINDS asked for, and not rewritten yet."""
+    takes at most `limit` channels, and its last ConvTranspose2d (G's, a decoder's) when that gives at most
+    `limit`, either only when 4x4 stride-2 and of the KINDS asked for, and not rewritten yet."""
     convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
     ups = [m for m in net.modules() if isinstance(m, nn.ConvTranspose2d)]
     found = []
-    if "conv" in KINDS and convs and convs[0].in_channels <= max_channels:
+    if "conv" in KINDS and convs and convs[0].in_channels <= limit:
         found.append((convs[0], "conv"))
-    if "transposed" in KINDS and ups and ups[-1].out_channels <= max_channels:
+    if "transposed" in KINDS and ups and ups[-1].out_channels <= limit:
         found.append((ups[-1], "transposed"))
     return [(m, kind) for m, kind in found if _fits(m) and not rewritten(m)]
 
 
-def use_subpixel(net: nn.Module, memory_format: torch.memory_format, max_channels: int = MAX_CHANNELS) -> int:
+def use_subpixel(net: nn.Module, memory_format: torch.memory_format, limit: int = MAX_CHANNELS) -> int:
     """Rewrite the candidate layers of `net` in place; returns how many. The state_dict is unchanged."""
-    found = candidates(net, max_channels)
+    found = candidates(net, limit)
     for m, kind in found:
         name, fn = _METHODS[kind]
         m.subpixel_format = memory_format
