@@ -51,8 +51,12 @@ def aigc_env(tmp_path_factory) -> dict:
     """Environment for subprocess runs: no GPU, no colour, datasets looked up in an empty folder.
     HOME_FOR_TESTS, unique to this test process, also marks its children (see no_leftover_commands)."""
     home = tmp_path_factory.mktemp("home")
+    # The `aigc` subprocesses import the tree these tests are in, as the in-process tests do, not the one the
+    # venv's editable install points at (a copy of the repository tested with another checkout's venv).
+    path = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")]))
     return {**os.environ, "AIGC_DATA_ROOT": str(home / "datasets"), "AIGC_CACHE_DIR": str(home / "cache"),
-            "CUDA_VISIBLE_DEVICES": "", "NO_COLOR": "1", "COLUMNS": "200", "HOME_FOR_TESTS": str(home)}
+            "CUDA_VISIBLE_DEVICES": "", "NO_COLOR": "1", "COLUMNS": "200", "HOME_FOR_TESTS": str(home),
+            "PYTHONPATH": path}
 
 
 def _processes_with(marker: bytes) -> dict[int, str]:
