@@ -82,14 +82,20 @@ def record(out: Path, name: str, value) -> None:
     print(f"== {name}: {json.dumps(value)[:2000]}", flush=True)
 
 
-def part(out: Path, name: str, fn, *args) -> None:
-    t0 = time.perf_counter()
+def attempt(fn, *args, trace: int = 800):
+    """fn(*args), or {"error", "trace"} where it fails: one failed part, or run within a part, must not cost
+    the others. The stop `timeout` asked for ends the script instead."""
     try:
-        value = fn(*args)
-    except Exception as e:  # a failed part must not stop the others
+        return fn(*args)
+    except Exception as e:
         if stopped(e):
             raise SystemExit(143) from e
-        value = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-1500:]}
+        return {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-trace:]}
+
+
+def part(out: Path, name: str, fn, *args) -> None:
+    t0 = time.perf_counter()
+    value = attempt(fn, *args, trace=1500)
     if isinstance(value, dict):
         value["seconds"] = round(time.perf_counter() - t0, 1)
     record(out, name, value)
@@ -145,6 +151,10 @@ def aigc_train_speed(data_dir: str, batch: int, graph: str, steps: int, sets: di
             "precision": summary["precision"],
             "peak_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if DEVICE == "cuda" else None,
             "notes": rep.notes}
+
+
+def keep(result: dict, *keys: str) -> dict:
+    return {k: result[k] for k in keys}
 
 
 def run_cmd(cmd: list[str], timeout: int, env: dict | None = None) -> dict:
@@ -292,7 +302,7 @@ def fusion_speed(args, out) -> dict:
     for batch, steps in ((1024, 150), (256, 300)):
         for fuse in ("on", "off"):
             r = aigc_train_speed(args.data, batch, "auto", steps, {"train.fuse_norm_act": fuse})  # explicit on/off
-            res[f"b{batch}_fuse_{fuse}"] = {k: r[k] for k in ("img_per_s_median", "wall_s", "peak_gb", "notes")}
+            res[f"b{batch}_fuse_{fuse}"] = keep(r, "img_per_s_median", "wall_s", "peak_gb", "notes")
     return res
 
 
@@ -313,12 +323,9 @@ def subpixel_speed(args, out) -> dict:
         subpixel.KINDS, subpixel.PAD_CHANNELS = kinds, pad
         name = f"b{batch}_{setting}" + ("" if kinds == both else f"_{kinds[0]}") + (f"_pad{pad}" if pad else "")
         try:
-            r = aigc_train_speed(args.data, batch, "auto", steps, sets={"train.subpixel_convs": setting})
-            res[name] = {k: r[k] for k in ("img_per_s_median", "wall_s", "peak_gb", "notes")}
-        except Exception as e:  # one setting that fails must not cost the others
-            if stopped(e):
-                raise
-            res[name] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-800:]}
+            res[name] = attempt(lambda: keep(aigc_train_speed(args.data, batch, "auto", steps,
+                                                              sets={"train.subpixel_convs": setting}),
+                                             "img_per_s_median", "wall_s", "peak_gb", "notes"))
         finally:
             subpixel.KINDS, subpixel.PAD_CHANNELS = before
         record(out, "subpixel_so_far", res)  # a lease that ends mid-part keeps what it measured
@@ -353,48 +360,43 @@ def eager_speed(args, out) -> dict:
         settings = [(f, s) for f in ("on", "off") for s in ("on", "off")]
         for fuse, sub in settings if batch == 64 else settings[::-1]:  # the order turned round against drift
             name = f"b{batch}_fuse_{fuse}_subpixel_{sub}"
-            try:
-                r = aigc_train_speed(args.data, batch, "off", steps,
-                                     {"train.fuse_norm_act": fuse, "train.subpixel_convs": sub})
-                res[name] = {k: r[k] for k in ("img_per_s_median", "img_per_s_all", "wall_s", "notes")}
-            except Exception as e:  # one setting that fails must not cost the others
-                if stopped(e):
-                    raise
-                res[name] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-800:]}
+            res[name] = attempt(lambda: keep(aigc_train_speed(args.data, batch, "off", steps, {
+                "train.fuse_norm_act": fuse, "train.subpixel_convs": sub}), "img_per_s_median", "img_per_s_all",
+                "wall_s", "notes"))
             record(out, "train_eager_so_far", res)
     return res
 
 
 def presets_at_defaults(args, out) -> dict:
     """Other Fashion-MNIST presets, 30 steps each at the defaults on the device: whether the sub-pixel rewrites
-    (auto: one-channel layers of graphed CUDA steps; --aigc-set train.subpixel_convs=on for all) run in them (WGAN-GP differentiates D twice; a conditional D has more input channels than
-    the rewrite takes), how many layers each rewrote, and that the losses stay finite."""
+    (auto: one-channel layers of graphed CUDA steps; --aigc-set train.subpixel_convs=on for all) run in them
+    (WGAN-GP differentiates D twice; a conditional D has more input channels than the rewrite takes), how many
+    layers each rewrote, and that the losses stay finite."""
     from aigc_cli.config import load_preset
     from aigc_cli.training import subpixel
     from aigc_cli.training.loop import train
     from conftest import Silent
 
+    def one(name: str) -> dict:
+        cfg = load_preset(name).with_overrides({
+            "data.source": args.data, "data.limit": 4096, "train.epochs": 0, "train.steps": 30,
+            "train.log_every": 10, "train.sample_every": 10**6, "train.ckpt_every": 10**6,
+            "train.device": DEVICE, **AIGC_SETS})
+        rep = Silent()
+        t0 = time.perf_counter()
+        train(cfg, fresh(f"preset-{name}"), rep)
+        losses = [{k: v for k, v in r.items() if k.startswith("loss")} for r in rep.records]
+        return {"rewritten": sum(counts), "losses": losses, "notes": rep.notes,
+                "finite": all(math.isfinite(v) for d in losses for v in d.values()),
+                "wall_s": round(time.perf_counter() - t0, 1)}
+
     real = subpixel.use_subpixel
     res = {}
     for name in ("fashion-mnist-wgan-gp", "fashion-mnist-cond-dcgan", "fashion-mnist-vae"):
         counts = []
-        subpixel.use_subpixel = lambda net, fmt: counts.append(real(net, fmt)) or counts[-1]
+        subpixel.use_subpixel = lambda *a: counts.append(real(*a)) or counts[-1]  # (net, format, limit)
         try:
-            cfg = load_preset(name).with_overrides({
-                "data.source": args.data, "data.limit": 4096, "train.epochs": 0, "train.steps": 30,
-                "train.log_every": 10, "train.sample_every": 10**6, "train.ckpt_every": 10**6,
-                "train.device": DEVICE, **AIGC_SETS})
-            rep = Silent()
-            t0 = time.perf_counter()
-            train(cfg, fresh(f"preset-{name}"), rep)
-            losses = [{k: v for k, v in r.items() if k.startswith("loss")} for r in rep.records]
-            res[name] = {"rewritten": sum(counts), "losses": losses, "notes": rep.notes,
-                         "finite": all(math.isfinite(v) for d in losses for v in d.values()),
-                         "wall_s": round(time.perf_counter() - t0, 1)}
-        except Exception as e:
-            if stopped(e):
-                raise
-            res[name] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-800:]}
+            res[name] = attempt(one, name)
         finally:
             subpixel.use_subpixel = real
         record(out, "presets_so_far", res)
